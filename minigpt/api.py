@@ -1,0 +1,77 @@
+"""A small Python API, for notebooks and for checking us against other implementations.
+
+    import minigpt
+    m = minigpt.load("out/tiny")          # a run folder or a checkpoint file
+    m.config, m.params                    # params: {Hugging Face GPT-2 name: array}
+    m.logits(tokens)                      # (B, T) ints -> (B, T, V) float32
+    m.loss_and_grads(tokens, targets)     # -> (loss, {name: grad})
+    m.generate(prompt_tokens, max_new_tokens=100, temperature=0.8, top_k=50, seed=1)
+"""
+
+import numpy as np
+
+from minigpt import backend
+from minigpt import config as config_mod
+from minigpt import sampling
+from minigpt.errors import CheckpointError, ConfigError
+from minigpt.nn.model import GPT
+from minigpt.nn.params import FlatBuffer, init, layout
+from minigpt.tokenizer import ByteTokenizer
+from minigpt.tokenizer import from_dict as tokenizer_from_dict
+from minigpt.train import checkpoint
+
+
+class Model:
+    def __init__(self, config, gpt: GPT, tokenizer):
+        self.config = config  # the run's Config (model, data, train, eval)
+        self.gpt = gpt
+        self.tokenizer = tokenizer
+
+    @classmethod
+    def from_config(cls, cfg=None, seed: int = 0, dtype: str = "float32") -> "Model":
+        """A freshly initialised model (cfg: a Config; None for the defaults)."""
+        cfg = cfg or config_mod.Config()
+        params = init(cfg.model, np.random.default_rng(seed), dtype)
+        return cls(cfg, GPT(cfg.model, params), ByteTokenizer())
+
+    @property
+    def params(self) -> dict:
+        """{Hugging Face GPT-2 name: array view into the flat buffer}."""
+        return dict(self.gpt.params.views)
+
+    def logits(self, tokens):
+        """(B, T) token ids -> (B, T, V) next-token logits, on the host."""
+        return backend.to_host(self.gpt.logits(backend.asarray(np.asarray(tokens))))
+
+    def loss_and_grads(self, tokens, targets):
+        """Mean cross-entropy and its gradient for every parameter ({name: array copy})."""
+        g = self.gpt.grads = FlatBuffer(self.gpt.cfg, self.gpt.params.data.dtype)
+        loss, cache = self.gpt.loss(backend.asarray(np.asarray(tokens)), backend.asarray(np.asarray(targets)))
+        self.gpt.backward(cache)
+        return loss, {name: backend.to_host(v).copy() for name, v in g.views.items()}
+
+    def generate(self, prompt_tokens, max_new_tokens=100, temperature=1.0, top_k=None, top_p=None,
+                 seed=None, on_token=None) -> np.ndarray:
+        """New token ids after prompt_tokens (its last block_size tokens are kept)."""
+        prompt = np.asarray(prompt_tokens).reshape(-1)[-self.gpt.cfg.block_size:]
+        return sampling.generate(self.gpt, prompt, max_new_tokens, temperature, top_k, top_p, seed, on_token)
+
+
+def load(path, device: str = "cpu") -> Model:
+    """A trained model from a run folder or a checkpoint file."""
+    meta, arrays = checkpoint.load(path)
+    where = str(checkpoint.resolve(path))
+    try:
+        cfg = config_mod.validate(config_mod.from_dict(meta["config"], where), where)
+    except (ConfigError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{where}: checkpoint config is invalid: {e}") from None
+    expected = [[name, list(shape)] for name, shape in layout(cfg.model)]
+    if [[n, list(s)] for n, s in meta["layout"]] != expected:
+        raise CheckpointError(f"{where}: parameter layout does not match its own [model] config")
+    try:
+        tokenizer = tokenizer_from_dict(meta.get("tokenizer", {}))
+    except ValueError as e:
+        raise CheckpointError(f"{where}: {e}") from None
+    backend.use(device)
+    params = FlatBuffer(cfg.model, arrays["params"].dtype, backend.asarray(arrays["params"]))
+    return Model(cfg, GPT(cfg.model, params), tokenizer)

@@ -1,0 +1,153 @@
+"""`minigpt <command>`: train, generate (and the cost tools). train.py and generate.py at the top of
+the repository are three-line wrappers around the first two.
+
+Bad input of any kind ends in one line on stderr and exit code 2; see minigpt.errors.
+"""
+
+import argparse
+import sys
+
+from minigpt.errors import ConfigError, MiniGPTError
+
+EXIT_BAD_INPUT = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is a ConfigError like any other bad input."""
+
+    def error(self, message):
+        raise ConfigError(f"{self.prog}: {message}")
+
+
+def _train_parser(prog="minigpt train") -> argparse.ArgumentParser:
+    p = _Parser(
+        prog=prog,
+        description="Train a GPT-2 from scratch on a corpus. Writes <out_dir>/log.jsonl (one line per "
+        "evaluation) and <out_dir>/ckpt.npz (everything needed to resume or generate).",
+        epilog="example: python train.py configs/tiny.toml --set train.max_steps=100",
+    )
+    p.add_argument("config", help="a TOML config, e.g. configs/tiny.toml")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one config field (repeatable), e.g. --set train.max_steps=100")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from <out_dir>/ckpt.npz; reproduces the uninterrupted run exactly")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def cmd_train(argv) -> int:
+    from minigpt import config
+    from minigpt.train.trainer import Trainer
+
+    args = _train_parser().parse_args(argv)
+    cfg = config.load(args.config, args.overrides)
+    trainer = Trainer(cfg, resume=args.resume, progress=not args.no_progress)
+    c = trainer.corpus
+    print(f"corpus: {c.source}: {c.n_files} files, {len(c.train):,} training and {len(c.val):,} "
+          f"validation tokens", file=sys.stderr)
+    result = trainer.run()
+    if result.interrupted:
+        print(f"stopped at step {result.steps}; checkpoint saved to {trainer.ckpt_path}. Continue "
+              f"with: python train.py {args.config} --resume", file=sys.stderr)
+        return 130
+    print(f"done: {result.steps} steps, {result.tokens:,} tokens in {result.elapsed_s:.1f} s; "
+          f"val loss {result.val_loss:.4f} nats/token; checkpoint {trainer.ckpt_path}")
+    return 0
+
+
+def _generate_parser(prog="minigpt generate") -> argparse.ArgumentParser:
+    p = _Parser(
+        prog=prog,
+        description="Write text with a trained model, streaming it as it is sampled (KV-cached).",
+        epilog='example: python generate.py out/tiny --prompt "def " --max-new-tokens 300 '
+        "--temperature 0.8 --top-k 50 --top-p 0.95 --seed 1",
+    )
+    p.add_argument("run", help="a run folder (out/tiny) or a checkpoint file")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--prompt", default=None, help="the text to continue (default: a newline)")
+    src.add_argument("--prompt-file", default=None, help="read the prompt from this file")
+    p.add_argument("--max-new-tokens", type=int, default=300, help="tokens to generate (default 300)")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest tokens")
+    p.add_argument("--top-p", type=float, default=None, help="sample within this probability mass")
+    p.add_argument("--seed", type=int, default=None, help="random seed, for repeatable samples")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where to run (default cpu)")
+    return p
+
+
+def cmd_generate(argv) -> int:
+    import minigpt
+
+    args = _generate_parser().parse_args(argv)
+    if args.max_new_tokens < 0:
+        raise ConfigError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    if args.temperature < 0:
+        raise ConfigError(f"--temperature must be >= 0, got {args.temperature}")
+    if args.top_k is not None and args.top_k < 1:
+        raise ConfigError(f"--top-k must be >= 1, got {args.top_k}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise ConfigError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.prompt_file is not None:
+        try:
+            with open(args.prompt_file, "rb") as f:
+                prompt = f.read()
+        except OSError as e:
+            raise ConfigError(f"--prompt-file {args.prompt_file}: cannot read: {e.strerror or e}") from None
+    else:
+        prompt = args.prompt if args.prompt is not None else "\n"
+    model = minigpt.load(args.run, device=args.device)
+    ids = model.tokenizer.encode(prompt)
+    if len(ids) == 0:
+        raise ConfigError("the prompt is empty: give --prompt TEXT or a non-empty --prompt-file")
+    block = model.config.model.block_size
+    if len(ids) > block:
+        print(f"note: the prompt has {len(ids)} tokens; keeping its last {block} (the context length)",
+              file=sys.stderr)
+        ids = ids[-block:]
+    out = sys.stdout
+    out.write(model.tokenizer.decode(ids))
+    decode = model.tokenizer.stream_decoder()
+
+    def emit(token):
+        out.write(decode([token]))
+        out.flush()
+
+    model.generate(ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed, emit)
+    out.write("\n")
+    return 0
+
+
+COMMANDS = {
+    "train": (cmd_train, "train a model from a TOML config"),
+    "generate": (cmd_generate, "write text with a trained model"),
+}
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        lines = ["usage: minigpt <command> [options]   (minigpt <command> --help for each)", "", "commands:"]
+        lines += [f"  {name:10s} {help_}" for name, (_, help_) in COMMANDS.items()]
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"minigpt: unknown command {argv[0]!r}\n" + "\n".join(lines), file=sys.stderr)
+            return EXIT_BAD_INPUT
+        print("\n".join(lines))
+        return 0 if argv else EXIT_BAD_INPUT
+    return run(COMMANDS[argv[0]][0], argv[1:])
+
+
+def run(command, argv) -> int:
+    """Run a command; bad input becomes one line on stderr and exit code 2."""
+    from minigpt.train.trainer import TrainingDiverged
+
+    try:
+        return command(argv)
+    except TrainingDiverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except MiniGPTError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("aborted", file=sys.stderr)
+        return 130

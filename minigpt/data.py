@@ -1,0 +1,105 @@
+"""Corpora -> token arrays -> batches.
+
+The default corpus is one every machine has offline: the running Python's standard-library
+sources (*.py files in sorted order, test suites and site-packages left out, up to
+[data] max_bytes). A config can instead name any text file or folder ([data] path). Folders and
+the standard library split into train and validation by file, a single file by its last bytes.
+"""
+
+import sysconfig
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from minigpt.errors import DataError
+
+_SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "__pycache__", "dist-packages"}
+
+
+@dataclass
+class Corpus:
+    train: np.ndarray  # token ids, uint8 for the byte tokenizer
+    val: np.ndarray
+    source: str  # what was read, for the log
+    n_files: int
+
+
+def stdlib_files() -> tuple[Path, list[Path]]:
+    """The standard library's own sources, in a fixed order."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = [
+        p
+        for p in sorted(root.rglob("*.py"))
+        if not _SKIP_DIRS.intersection(p.relative_to(root).parts[:-1]) and not p.name.startswith("test_")
+    ]
+    return root, files
+
+
+def _is_val(rel: str, fraction: float) -> bool:
+    """A file's split, fixed by a hash of its relative path (the same on every machine)."""
+    return zlib.crc32(rel.encode()) / 2**32 < fraction
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise DataError(f"[data] path: cannot read {path}: {e.strerror or e}") from None
+
+
+def load_corpus(dcfg, tokenizer) -> Corpus:
+    """The train and validation token arrays for a DataConfig."""
+    if dcfg.path:
+        root = Path(dcfg.path).expanduser()
+        if not root.exists():
+            raise DataError(f"[data] path = {dcfg.path!r}: no such file or folder")
+        if root.is_file():
+            files = [root]
+        else:
+            files = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
+        source = str(root)
+    else:
+        root, files = stdlib_files()
+        source = f"Python standard library sources ({root})"
+    if not files:
+        raise DataError(f"[data] path = {str(root)!r}: the folder holds no files")
+
+    train, val, total = [], [], 0
+    for f in files:
+        if total >= dcfg.max_bytes:
+            break
+        blob = _read(f)[: dcfg.max_bytes - total]
+        total += len(blob)
+        rel = f.name if root.is_file() else str(f.relative_to(root))
+        (val if _is_val(rel, dcfg.val_fraction) else train).append(blob)
+    if total == 0:
+        raise DataError(f"[data] path = {str(root)!r}: the corpus is empty")
+    if not train or not val:  # one file, or an unlucky split: split the bytes instead
+        blob = b"".join(train + val)
+        cut = int(len(blob) * (1 - dcfg.val_fraction))
+        train, val = [blob[:cut]], [blob[cut:]]
+    return Corpus(
+        train=tokenizer.encode(b"".join(train)),
+        val=tokenizer.encode(b"".join(val)),
+        source=source,
+        n_files=len(files),
+    )
+
+
+def check_length(corpus: Corpus, block_size: int) -> None:
+    for name, arr in (("training", corpus.train), ("validation", corpus.val)):
+        if len(arr) < block_size + 2:
+            raise DataError(
+                f"[data] {corpus.source}: the {name} split has {len(arr)} tokens, fewer than "
+                f"block_size + 2 = {block_size + 2}"
+            )
+
+
+def get_batch(tokens: np.ndarray, batch_size: int, block_size: int, rng: np.random.Generator):
+    """batch_size random windows: inputs x (B, T) and their next tokens y (B, T), as int64."""
+    windows = np.lib.stride_tricks.sliding_window_view(tokens, block_size + 1)  # (n, T+1) view
+    starts = rng.integers(0, len(windows), size=batch_size)
+    chunk = windows[starts].astype(np.int64)  # (B, T+1)
+    return chunk[:, :-1], chunk[:, 1:]

@@ -1,0 +1,17 @@
+"""Errors a user can cause. The command line prints their message on one line and exits with 2."""
+
+
+class MiniGPTError(Exception):
+    """Bad input: the message names what was wrong and where."""
+
+
+class ConfigError(MiniGPTError):
+    """A config file, a --set override or a command-line value is wrong."""
+
+
+class DataError(MiniGPTError):
+    """A corpus is missing, empty, unreadable, or cannot be encoded."""
+
+
+class CheckpointError(MiniGPTError):
+    """A checkpoint is missing, truncated, corrupt or not ours."""

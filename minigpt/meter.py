@@ -1,0 +1,146 @@
+"""The counted path: every matrix product and every elementwise pass of the model goes through here.
+
+A record is keyed by where the work happened and what it was:
+
+    (scope, op, kind, phase, dtype) -> calls, flops, useful_flops, bytes_read, bytes_written, seconds
+
+- scope: the layer path, e.g. "h3.attn.c_attn", set by `with METER.scope("h3"):` blocks;
+- op:    the operation inside that layer, e.g. "x@w" or "grad_w";
+- kind:  "matmul", or an elementwise kind ("layernorm", "gelu", "softmax", ...);
+- phase: "forward", "backward", "optimizer", "eval", "prefill" or "decode".
+
+Counting conventions (docs/costs.md has the long form, and minigpt.costs predicts every record):
+
+- matmul (..., M, K) @ (..., K, N): 2 * batch * M * N * K FLOPs; A and B read once, C written
+  once, each at its dtype's size. `useful_flops` leaves out the products a causal mask throws away.
+- elementwise kinds: FLOPS_PER_ELEMENT[kind, op] per element of the op's main operand, and
+  inputs read once and outputs written once.
+
+This module imports nothing else from the package: the model uses it, the cost reports read it.
+"""
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+PHASES = ("forward", "backward", "optimizer", "eval", "prefill", "decode")
+
+# FLOPs per element of the main operand, for every elementwise op the model runs. One table, read
+# by the layers when they count and by the closed-form cost model when it predicts.
+FLOPS_PER_ELEMENT = {
+    ("embedding", "lookup"): 1,  # out = wte[idx] + wpe[t]: one add per output element
+    ("embedding", "grad_table"): 1,  # scatter-add of dout into wte rows, one add per element
+    ("embedding", "grad_position"): 1,  # dwpe += sum over the batch
+    ("layernorm", "normalize"): 7,  # mean, center, square, sum, scale, * w, + b
+    ("layernorm", "grad"): 13,  # recompute xhat (2), dw (2), db (1), dxhat (1), two means (3), dx (4)
+    ("bias", "add"): 1,
+    ("bias", "grad"): 1,  # db += column sums of dout
+    ("softmax", "causal"): 6,  # scale, mask, max, subtract, exp, sum + divide (per score)
+    ("softmax", "grad"): 4,  # datt * att, row sum, subtract, * att * scale (fused count)
+    ("gelu", "tanh"): 8,  # x^3, fma, scale, tanh, 1+, *x, *0.5 (tanh counted as one)
+    ("gelu", "grad"): 12,  # recompute tanh argument and tanh (5), derivative (6), * dout (1)
+    ("residual", "add"): 1,
+    ("residual", "grad"): 1,  # the branch gradient added into the stream's
+    ("dropout", "mask"): 2,  # compare against p, multiply by mask / (1 - p)
+    ("dropout", "grad"): 1,
+    ("cross_entropy", "loss"): 5,  # max, subtract, exp, sum, divide (probabilities kept for grad)
+    ("cross_entropy", "grad"): 1,  # probs - onehot, / N (counted per logit)
+    ("clip", "norm"): 2,  # square and sum over every gradient element
+    ("clip", "scale"): 1,
+    ("adamw", "update"): 12,  # decay, two moment updates, bias corrections, sqrt, divide, step
+}
+
+
+@dataclass
+class Record:
+    calls: int = 0
+    flops: int = 0
+    useful_flops: int = 0
+    bytes_read: int = 0
+    bytes_written: int = 0
+    seconds: float = 0.0
+
+
+class Counter:
+    """What an elementwise block reports before it closes (see Meter.op)."""
+
+    __slots__ = ("flops", "bytes_read", "bytes_written", "dtype")
+
+    def __init__(self):
+        self.flops = self.bytes_read = self.bytes_written = 0
+        self.dtype = "float32"
+
+    def count(self, flops: int, bytes_read: int, bytes_written: int, dtype) -> None:
+        self.flops, self.bytes_read, self.bytes_written = int(flops), int(bytes_read), int(bytes_written)
+        self.dtype = str(dtype)
+
+
+class Meter:
+    def __init__(self):
+        self.records: dict[tuple, Record] = {}
+        self.scope_path = ""
+        self.phase = "forward"
+        self.enabled = True
+        self.clock = time.perf_counter  # a GPU profiling mode swaps in a synchronizing clock
+
+    def reset(self) -> None:
+        self.records = {}
+
+    @contextmanager
+    def scope(self, name: str):
+        outer = self.scope_path
+        self.scope_path = f"{outer}.{name}" if outer else name
+        try:
+            yield
+        finally:
+            self.scope_path = outer
+
+    @contextmanager
+    def in_phase(self, phase: str):
+        assert phase in PHASES, phase
+        outer, self.phase = self.phase, phase
+        try:
+            yield
+        finally:
+            self.phase = outer
+
+    def add(self, op, kind, dtype, flops, bytes_read, bytes_written, seconds, useful_flops=None):
+        key = (self.scope_path, op, kind, self.phase, str(dtype))
+        r = self.records.get(key)
+        if r is None:
+            r = self.records[key] = Record()
+        r.calls += 1
+        r.flops += flops
+        r.useful_flops += flops if useful_flops is None else useful_flops
+        r.bytes_read += bytes_read
+        r.bytes_written += bytes_written
+        r.seconds += seconds
+
+    def matmul(self, a, b, op: str = "matmul", useful_flops=None):
+        """a @ b, counted: the one matrix product in the package."""
+        if not self.enabled:
+            return a @ b
+        t0 = self.clock()
+        out = a @ b
+        seconds = self.clock() - t0
+        m, k = a.shape[-2:]
+        n = b.shape[-1]
+        flops = 2 * (out.size // (m * n)) * m * n * k
+        self.add(op, "matmul", out.dtype, flops, a.nbytes + b.nbytes, out.nbytes, seconds, useful_flops)
+        return out
+
+    @contextmanager
+    def op(self, kind: str, op: str):
+        """Time an elementwise block; the block calls counter.count(...) with its sizes."""
+        if not self.enabled:
+            yield Counter()
+            return
+        counter = Counter()
+        t0 = self.clock()
+        yield counter
+        seconds = self.clock() - t0
+        self.add(op, kind, counter.dtype, counter.flops, counter.bytes_read,
+                 counter.bytes_written, seconds)
+
+
+METER = Meter()

@@ -1,0 +1,1 @@
+"""The model: layer pairs (forward, backward), the flat parameter buffer, the GPT itself."""

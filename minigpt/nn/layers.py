@@ -1,0 +1,331 @@
+"""Layer pairs. Each forward returns (out, cache); each backward takes (dout, cache), returns the
+input gradient and *adds* into its parameter gradients (views into one flat buffer), so tied
+weights and residual branches need no special case.
+
+Every matrix product goes through METER.matmul and every elementwise pass is counted with
+METER.op, under the scope the caller has set. Arrays come from backend.xp (NumPy or CuPy).
+"""
+
+import math
+from functools import lru_cache
+
+from minigpt import backend
+from minigpt.meter import FLOPS_PER_ELEMENT as FPE
+from minigpt.meter import METER
+
+
+def _nbytes(*arrays) -> int:
+    return sum(a.nbytes for a in arrays)
+
+
+# ----------------------------------------------------------------------------- embedding
+
+
+def embedding_forward(idx, wte, wpe, pos0=0):
+    """Token plus position embedding. idx (B, T) ints; wte (V, C); wpe (block_size, C)."""
+    B, T = idx.shape
+    with METER.op("embedding", "lookup") as c:
+        out = wte[idx] + wpe[pos0 : pos0 + T]  # (B, T, C)
+        row = wte.itemsize * wte.shape[1]
+        c.count(FPE["embedding", "lookup"] * out.size, idx.nbytes + (B * T + T) * row, out.nbytes, out.dtype)
+    return out, (idx, pos0)
+
+
+def embedding_backward(dout, cache, dwte, dwpe):
+    idx, pos0 = cache
+    B, T, C = dout.shape
+    with METER.op("embedding", "grad_table") as c:
+        backend.scatter_add(dwte, idx.reshape(-1), dout.reshape(-1, C))
+        c.count(FPE["embedding", "grad_table"] * dout.size, idx.nbytes + 2 * dout.nbytes,
+                dout.nbytes, dout.dtype)
+    with METER.op("embedding", "grad_position") as c:
+        dwpe[pos0 : pos0 + T] += dout.sum(axis=0)
+        c.count(FPE["embedding", "grad_position"] * dout.size, dout.nbytes + 2 * T * C * dout.itemsize,
+                T * C * dout.itemsize, dout.dtype)
+
+
+# ----------------------------------------------------------------------------- layernorm
+
+
+def layernorm_forward(x, w, b, eps=1e-5):
+    """x (..., C) normalised over C, then scaled by w and shifted by b."""
+    xp = backend.xp
+    with METER.op("layernorm", "normalize") as c:
+        mean = x.mean(axis=-1, keepdims=True)  # (..., 1)
+        xc = x - mean
+        var = (xc * xc).mean(axis=-1, keepdims=True)
+        rstd = 1.0 / xp.sqrt(var + eps)  # (..., 1)
+        out = xc
+        out *= rstd
+        out *= w
+        out += b
+        c.count(FPE["layernorm", "normalize"] * x.size, _nbytes(x, w, b), _nbytes(out, mean, rstd), x.dtype)
+    return out, (x, w, mean, rstd)
+
+
+def layernorm_backward(dout, cache, dw, db):
+    x, w, mean, rstd = cache
+    with METER.op("layernorm", "grad") as c:
+        xhat = (x - mean) * rstd  # recomputed: cheaper than keeping it
+        red = tuple(range(x.ndim - 1))
+        dw += (dout * xhat).sum(axis=red)
+        db += dout.sum(axis=red)
+        dxhat = dout * w
+        dx = dxhat - dxhat.mean(axis=-1, keepdims=True)
+        dx -= xhat * (dxhat * xhat).mean(axis=-1, keepdims=True)
+        dx *= rstd
+        c.count(FPE["layernorm", "grad"] * x.size, _nbytes(dout, x, w, mean, rstd, dw, db),
+                _nbytes(dx, dw, db), x.dtype)
+    return dx
+
+
+# ----------------------------------------------------------------------------- linear
+
+
+def linear_forward(x, w, b):
+    """x (..., C) @ w (C, OC) + b (OC,), under the caller's scope (e.g. h3.attn.c_attn)."""
+    C, OC = w.shape
+    x2 = x.reshape(-1, C)  # (N, C)
+    out = METER.matmul(x2, w, op="x@w")  # (N, OC)
+    with METER.op("bias", "add") as c:
+        out += b
+        c.count(FPE["bias", "add"] * out.size, out.nbytes + b.nbytes, out.nbytes, out.dtype)
+    return out.reshape(*x.shape[:-1], OC), (x2, w)
+
+
+def linear_backward(dout, cache, dw, db):
+    x2, w = cache
+    C, OC = w.shape
+    d2 = dout.reshape(-1, OC)  # (N, OC)
+    dw += METER.matmul(x2.T, d2, op="grad_w")  # (C, OC)
+    with METER.op("bias", "grad") as c:
+        db += d2.sum(axis=0)
+        c.count(FPE["bias", "grad"] * d2.size, d2.nbytes + db.nbytes, db.nbytes, d2.dtype)
+    dx = METER.matmul(d2, w.T, op="grad_x")  # (N, C)
+    return dx.reshape(*dout.shape[:-1], C)
+
+
+# ----------------------------------------------------------------------------- attention
+
+
+@lru_cache(maxsize=16)
+def _causal_mask(T, Tk, pos0, dtype, device):
+    """(T, Tk) additive mask: 0 where query pos0+i may see key j (j <= pos0 + i), else -inf."""
+    xp = backend.xp
+    i = xp.arange(T)[:, None] + pos0
+    j = xp.arange(Tk)[None, :]
+    return xp.where(j <= i, 0.0, -xp.inf).astype(dtype)
+
+
+def causal_softmax_forward(scores, scale, pos0=0):
+    """Softmax over keys of scale * scores, with the causal mask. scores (B, H, T, Tk), in place."""
+    xp = backend.xp
+    T, Tk = scores.shape[-2:]
+    with METER.op("softmax", "causal") as c:
+        att = scores
+        att *= scale
+        if Tk > 1 or T > 1:
+            att += _causal_mask(T, Tk, pos0, str(att.dtype), backend.device)
+        att -= att.max(axis=-1, keepdims=True)
+        xp.exp(att, out=att)
+        att /= att.sum(axis=-1, keepdims=True)
+        c.count(FPE["softmax", "causal"] * att.size, att.nbytes, att.nbytes, att.dtype)
+    return att
+
+
+def causal_softmax_backward(datt, att, scale):
+    with METER.op("softmax", "grad") as c:
+        dscores = datt * att
+        dscores -= att * dscores.sum(axis=-1, keepdims=True)
+        dscores *= scale
+        c.count(FPE["softmax", "grad"] * att.size, datt.nbytes + att.nbytes, dscores.nbytes, att.dtype)
+    return dscores
+
+
+def _useful_causal_flops(B, H, T, Tk, pos0, inner):
+    """Products a causal mask keeps: query pos0+i sees min(pos0+i+1, Tk) keys."""
+    visible = sum(min(pos0 + i + 1, Tk) for i in range(T))
+    return 2 * B * H * visible * inner
+
+
+def attention_forward(x, p, n_head, kv=None, dropout=0.0, rng=None):
+    """Causal multi-head self-attention. x (B, T, C); p: this block's parameter views.
+
+    kv: a KVCache layer slot for cached decoding (keys and values of earlier positions), or None.
+    """
+    B, T, C = x.shape
+    hs = C // n_head
+    with METER.scope("c_attn"):
+        qkv, c_attn = linear_forward(x, p["attn.c_attn.weight"], p["attn.c_attn.bias"])  # (B, T, 3C)
+    qkv = qkv.reshape(B, T, 3, n_head, hs).transpose(2, 0, 3, 1, 4)  # (3, B, H, T, hs)
+    q, k, v = qkv[0], qkv[1], qkv[2]  # each (B, H, T, hs)
+    pos0 = 0
+    if kv is not None:
+        pos0 = kv.length
+        k, v = kv.append(k, v)  # (B, H, pos0 + T, hs)
+    Tk = k.shape[2]
+    useful = _useful_causal_flops(B, n_head, T, Tk, pos0, hs)
+    with METER.scope("scores"):
+        att = METER.matmul(q, k.swapaxes(-1, -2), op="q@kT", useful_flops=useful)  # (B, H, T, Tk)
+    with METER.scope("softmax"):
+        att = causal_softmax_forward(att, 1.0 / math.sqrt(hs), pos0)
+    probs, drop = att, None
+    if dropout > 0.0:
+        with METER.scope("attn_dropout"):
+            att, drop = dropout_forward(probs, dropout, rng)
+    with METER.scope("mix"):
+        y = METER.matmul(att, v, op="att@v", useful_flops=useful)  # (B, H, T, hs)
+    y = y.transpose(0, 2, 1, 3).reshape(B, T, C)  # heads side by side again
+    with METER.scope("c_proj"):
+        out, c_proj = linear_forward(y, p["attn.c_proj.weight"], p["attn.c_proj.bias"])
+    return out, (c_attn, q, k, v, probs, att, drop, c_proj)
+
+
+def attention_backward(dout, cache, p, g):
+    """g: this block's gradient views."""
+    xp = backend.xp
+    c_attn, q, k, v, probs, att, drop, c_proj = cache
+    B, H, T, hs = q.shape
+    C = H * hs
+    useful = _useful_causal_flops(B, H, T, T, 0, hs)
+    with METER.scope("c_proj"):
+        dy = linear_backward(dout, c_proj, g["attn.c_proj.weight"], g["attn.c_proj.bias"])
+    dy = dy.reshape(B, T, H, hs).transpose(0, 2, 1, 3)  # (B, H, T, hs)
+    with METER.scope("mix"):
+        datt = METER.matmul(dy, v.swapaxes(-1, -2), op="grad_att", useful_flops=useful)  # (B,H,T,T)
+        dv = METER.matmul(att.swapaxes(-1, -2), dy, op="grad_v", useful_flops=useful)  # (B,H,T,hs)
+    if drop is not None:
+        with METER.scope("attn_dropout"):
+            datt = dropout_backward(datt, drop)
+    with METER.scope("softmax"):
+        dscores = causal_softmax_backward(datt, probs, 1.0 / math.sqrt(hs))
+    with METER.scope("scores"):
+        dq = METER.matmul(dscores, k, op="grad_q", useful_flops=useful)  # (B, H, T, hs)
+        dk = METER.matmul(dscores.swapaxes(-1, -2), q, op="grad_k", useful_flops=useful)
+    dqkv = xp.stack([dq, dk, dv])  # (3, B, H, T, hs)
+    dqkv = dqkv.transpose(1, 3, 0, 2, 4).reshape(B, T, 3 * C)
+    with METER.scope("c_attn"):
+        return linear_backward(dqkv, c_attn, g["attn.c_attn.weight"], g["attn.c_attn.bias"])
+
+
+# ----------------------------------------------------------------------------- MLP
+
+
+_GELU_K = math.sqrt(2.0 / math.pi)
+
+
+def gelu_forward(x):
+    """GPT-2's tanh approximation: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))."""
+    xp = backend.xp
+    with METER.op("gelu", "tanh") as c:
+        t = x * x
+        t *= 0.044715 * _GELU_K
+        t += _GELU_K
+        t *= x
+        xp.tanh(t, out=t)
+        t += 1.0
+        t *= x
+        t *= 0.5
+        c.count(FPE["gelu", "tanh"] * x.size, x.nbytes, t.nbytes, x.dtype)
+    return t, x
+
+
+def gelu_backward(dout, x):
+    xp = backend.xp
+    with METER.op("gelu", "grad") as c:
+        x2 = x * x
+        th = xp.tanh(_GELU_K * x * (1.0 + 0.044715 * x2))
+        # d/dx = 0.5 (1 + th) + 0.5 x (1 - th^2) sqrt(2/pi) (1 + 3 * 0.044715 x^2)
+        dx = (1.0 - th * th) * (_GELU_K * 0.5) * x * (1.0 + 3 * 0.044715 * x2)
+        dx += 0.5 * (1.0 + th)
+        dx *= dout
+        c.count(FPE["gelu", "grad"] * x.size, x.nbytes + dout.nbytes, dx.nbytes, x.dtype)
+    return dx
+
+
+def mlp_forward(x, p):
+    with METER.scope("c_fc"):
+        h, c_fc = linear_forward(x, p["mlp.c_fc.weight"], p["mlp.c_fc.bias"])  # (B, T, 4C)
+    with METER.scope("gelu"):
+        h, gelu = gelu_forward(h)
+    with METER.scope("c_proj"):
+        out, c_proj = linear_forward(h, p["mlp.c_proj.weight"], p["mlp.c_proj.bias"])  # (B, T, C)
+    return out, (c_fc, gelu, c_proj)
+
+
+def mlp_backward(dout, cache, p, g):
+    c_fc, gelu, c_proj = cache
+    with METER.scope("c_proj"):
+        dh = linear_backward(dout, c_proj, g["mlp.c_proj.weight"], g["mlp.c_proj.bias"])
+    with METER.scope("gelu"):
+        dh = gelu_backward(dh, gelu)
+    with METER.scope("c_fc"):
+        return linear_backward(dh, c_fc, g["mlp.c_fc.weight"], g["mlp.c_fc.bias"])
+
+
+# ----------------------------------------------------------------------------- small pieces
+
+
+def residual_forward(x, branch):
+    """x + branch: a new array, since the layer that read x keeps it for its backward."""
+    with METER.op("residual", "add") as c:
+        out = x + branch
+        c.count(FPE["residual", "add"] * x.size, 2 * x.nbytes, out.nbytes, x.dtype)
+    return out
+
+
+def residual_backward(dx, dbranch):
+    """The stream's gradient plus the branch's gradient, in place on dx."""
+    with METER.op("residual", "grad") as c:
+        dx += dbranch
+        c.count(FPE["residual", "grad"] * dx.size, 2 * dx.nbytes, dx.nbytes, dx.dtype)
+    return dx
+
+
+def dropout_forward(x, p, rng):
+    """Inverted dropout: keep each element with probability 1 - p, scaled by 1 / (1 - p)."""
+    with METER.op("dropout", "mask") as c:
+        mask = (backend.asarray(rng.random(x.shape, dtype="float32")) >= p).astype(x.dtype)
+        mask *= 1.0 / (1.0 - p)
+        out = x * mask
+        c.count(FPE["dropout", "mask"] * x.size, x.nbytes, out.nbytes + mask.nbytes, x.dtype)
+    return out, mask
+
+
+def dropout_backward(dout, mask):
+    with METER.op("dropout", "grad") as c:
+        dx = dout * mask
+        c.count(FPE["dropout", "grad"] * dout.size, dout.nbytes + mask.nbytes, dx.nbytes, dx.dtype)
+    return dx
+
+
+def cross_entropy_forward(logits, targets):
+    """Mean negative log-likelihood of targets (B, T) under logits (B, T, V)."""
+    xp = backend.xp
+    V = logits.shape[-1]
+    with METER.op("cross_entropy", "loss") as c:
+        probs = logits - logits.max(axis=-1, keepdims=True)  # (B, T, V), shifted logits for now
+        rows = xp.arange(targets.size)
+        picked = probs.reshape(-1, V)[rows, targets.reshape(-1)]  # shifted logit of each target
+        xp.exp(probs, out=probs)
+        total = probs.sum(axis=-1, keepdims=True)  # (B, T, 1)
+        probs /= total
+        # -log p(target) = log(sum exp) - shifted target logit; averaged in float64
+        loss = (xp.log(total.reshape(-1).astype(xp.float64)) - picked).mean()
+        c.count(FPE["cross_entropy", "loss"] * logits.size, logits.nbytes + targets.nbytes,
+                probs.nbytes, logits.dtype)
+    return loss, (probs, targets)
+
+
+def cross_entropy_backward(cache, dloss=1.0):
+    """dlogits = (probs - onehot(targets)) * dloss / N, written over the cached probabilities."""
+    xp = backend.xp
+    probs, targets = cache
+    V = probs.shape[-1]
+    with METER.op("cross_entropy", "grad") as c:
+        flat = probs.reshape(-1, V)
+        flat[xp.arange(flat.shape[0]), targets.reshape(-1)] -= 1.0
+        probs *= dloss / flat.shape[0]
+        c.count(FPE["cross_entropy", "grad"] * probs.size, probs.nbytes + targets.nbytes,
+                probs.nbytes, probs.dtype)
+    return probs

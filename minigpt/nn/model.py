@@ -1,0 +1,173 @@
+"""GPT-2: embeddings, n_layer pre-LayerNorm blocks, final LayerNorm, LM head tied to wte.
+
+The forward runs the layer pairs of layers.py in order, keeping each one's cache; the backward
+runs them in reverse (llm.c's gpt2_backward, read as the forward in reverse).
+"""
+
+from minigpt import backend
+from minigpt.meter import METER
+from minigpt.nn import layers as nn
+from minigpt.nn.params import FlatBuffer
+
+
+class KVCache:
+    """Keys and values of every earlier position, per layer, for cached decoding."""
+
+    def __init__(self, cfg, batch: int, dtype="float32"):
+        xp = backend.xp
+        hs = cfg.n_embd // cfg.n_head
+        shape = (cfg.n_layer, batch, cfg.n_head, cfg.block_size, hs)  # (L, B, H, Tmax, hs)
+        self.k = xp.zeros(shape, dtype=dtype)
+        self.v = xp.zeros(shape, dtype=dtype)
+        self.length = 0  # positions filled, the same in every layer
+        self.capacity = cfg.block_size
+
+    def layer(self, i: int) -> "_LayerSlot":
+        return _LayerSlot(self, i)
+
+
+class _LayerSlot:
+    def __init__(self, cache: KVCache, i: int):
+        self.cache, self.i, self.length = cache, i, cache.length
+
+    def append(self, k, v):
+        """Store k, v (B, H, T, hs) after the filled positions; return all keys and values so far."""
+        c, t0 = self.cache, self.length
+        t1 = t0 + k.shape[2]
+        c.k[self.i, :, :, t0:t1] = k
+        c.v[self.i, :, :, t0:t1] = v
+        return c.k[self.i, :, :, :t1], c.v[self.i, :, :, :t1]  # (B, H, t1, hs)
+
+
+def block_forward(x, p, cfg, kv=None, rng=None):
+    """x + attn(ln_1(x)), then + mlp(ln_2(.)). x (B, T, C)."""
+    drop = cfg.dropout if rng is not None else 0.0
+    with METER.scope("ln_1"):
+        h, ln_1 = nn.layernorm_forward(x, p["ln_1.weight"], p["ln_1.bias"])
+    with METER.scope("attn"):
+        a, attn = nn.attention_forward(h, p, cfg.n_head, kv, drop, rng)
+    a, d_1 = _maybe_dropout(a, drop, rng, "attn.resid_dropout")
+    with METER.scope("residual_1"):
+        x = nn.residual_forward(x, a)
+    with METER.scope("ln_2"):
+        h, ln_2 = nn.layernorm_forward(x, p["ln_2.weight"], p["ln_2.bias"])
+    with METER.scope("mlp"):
+        m, mlp = nn.mlp_forward(h, p)
+    m, d_2 = _maybe_dropout(m, drop, rng, "mlp.resid_dropout")
+    with METER.scope("residual_2"):
+        x = nn.residual_forward(x, m)
+    return x, (ln_1, attn, d_1, ln_2, mlp, d_2)
+
+
+def block_backward(dx, cache, p, g):
+    ln_1, attn, d_1, ln_2, mlp, d_2 = cache
+    dm = _maybe_dropout_backward(dx, d_2, "mlp.resid_dropout")
+    with METER.scope("mlp"):
+        dh = nn.mlp_backward(dm, mlp, p, g)
+    with METER.scope("ln_2"):
+        dh = nn.layernorm_backward(dh, ln_2, g["ln_2.weight"], g["ln_2.bias"])
+    with METER.scope("residual_2"):
+        dx = nn.residual_backward(dx, dh)
+    da = _maybe_dropout_backward(dx, d_1, "attn.resid_dropout")
+    with METER.scope("attn"):
+        dh = nn.attention_backward(da, attn, p, g)
+    with METER.scope("ln_1"):
+        dh = nn.layernorm_backward(dh, ln_1, g["ln_1.weight"], g["ln_1.bias"])
+    with METER.scope("residual_1"):
+        return nn.residual_backward(dx, dh)
+
+
+def _maybe_dropout(x, p, rng, scope):
+    if p == 0.0:
+        return x, None
+    with METER.scope(scope):
+        return nn.dropout_forward(x, p, rng)
+
+
+def _maybe_dropout_backward(dx, mask, scope):
+    if mask is None:
+        return dx
+    with METER.scope(scope):
+        return nn.dropout_backward(dx, mask)
+
+
+class GPT:
+    """The model: a config (ModelConfig), parameters and, once backward has run, gradients."""
+
+    def __init__(self, cfg, params: FlatBuffer):
+        self.cfg = cfg
+        self.params = params
+        self.grads: FlatBuffer | None = None
+
+    def hidden(self, idx, kv: KVCache | None = None, rng=None):
+        """The final LayerNorm's output (B, T, C) for tokens idx (B, T), and the caches.
+
+        kv: continue from a KV cache (positions kv.length, ...); rng: a numpy Generator turns
+        dropout on (training only)."""
+        cfg, p = self.cfg, self.params
+        B, T = idx.shape
+        pos0 = kv.length if kv is not None else 0
+        if pos0 + T > cfg.block_size:
+            raise ValueError(f"positions {pos0}..{pos0 + T - 1} exceed block_size {cfg.block_size}")
+        with METER.scope("embedding"):
+            x, emb = nn.embedding_forward(idx, p["transformer.wte.weight"], p["transformer.wpe.weight"], pos0)
+        drop = cfg.dropout if rng is not None else 0.0
+        x, d_emb = _maybe_dropout(x, drop, rng, "embedding.dropout")
+        blocks = []
+        for i in range(cfg.n_layer):
+            with METER.scope(f"h{i}"):
+                x, cache = block_forward(x, p.block(i), cfg, kv.layer(i) if kv else None, rng)
+            blocks.append(cache)
+        if kv is not None:
+            kv.length += T
+        with METER.scope("ln_f"):
+            x, ln_f = nn.layernorm_forward(x, p["transformer.ln_f.weight"], p["transformer.ln_f.bias"])
+        return x, (emb, d_emb, blocks, ln_f)
+
+    def logits(self, idx, kv: KVCache | None = None, last_only: bool = False):
+        """Next-token logits (B, T, V) for tokens idx (B, T); last_only: just the last position."""
+        x, _ = self.hidden(idx, kv)
+        if last_only:
+            x = x[:, -1:]
+        return self._lm_head(x)[0]
+
+    def _lm_head(self, x):
+        B, T, C = x.shape
+        x2 = x.reshape(-1, C)
+        with METER.scope("lm_head"):
+            logits = METER.matmul(x2, self.params["transformer.wte.weight"].T, op="x@wte.T")  # (B*T, V)
+        return logits.reshape(B, T, -1), x2
+
+    def loss(self, idx, targets, rng=None):
+        """Mean cross-entropy of targets (B, T) after tokens idx (B, T); returns (loss, cache)."""
+        x, trunk = self.hidden(idx, rng=rng)
+        logits, x2 = self._lm_head(x)
+        with METER.scope("loss"):
+            loss, ce = nn.cross_entropy_forward(logits, targets)
+        return float(loss), (trunk, x2, ce)
+
+    def backward(self, cache, dloss: float = 1.0) -> FlatBuffer:
+        """Add d(dloss * loss)/d(params) into self.grads (zero them between steps yourself)."""
+        cfg, p = self.cfg, self.params
+        if self.grads is None:
+            self.grads = FlatBuffer(cfg, p.data.dtype)
+        g = self.grads
+        (emb, d_emb, blocks, ln_f), x2, ce = cache
+        wte = p["transformer.wte.weight"]
+        with METER.scope("loss"):
+            dlogits = nn.cross_entropy_backward(ce, dloss)  # (B, T, V)
+        B, T, V = dlogits.shape
+        d2 = dlogits.reshape(-1, V)
+        with METER.scope("lm_head"):
+            dwte = g["transformer.wte.weight"]
+            dwte += METER.matmul(d2.T, x2, op="grad_w")  # (V, C)
+            dx = METER.matmul(d2, wte, op="grad_x").reshape(B, T, -1)  # (B, T, C)
+        with METER.scope("ln_f"):
+            dx = nn.layernorm_backward(dx, ln_f, g["transformer.ln_f.weight"], g["transformer.ln_f.bias"])
+        for i in reversed(range(cfg.n_layer)):
+            with METER.scope(f"h{i}"):
+                dx = block_backward(dx, blocks[i], p.block(i), g.block(i))
+        dx = _maybe_dropout_backward(dx, d_emb, "embedding.dropout")
+        with METER.scope("embedding"):
+            nn.embedding_backward(dx, emb, g["transformer.wte.weight"], g["transformer.wpe.weight"])
+        return g

@@ -1,0 +1,64 @@
+"""Text generation: prefill the prompt into a KV cache, then decode one token at a time.
+
+Sampling follows the usual order: temperature, then top-k, then top-p (nucleus); temperature 0
+is greedy. The prefill runs under the meter's "prefill" phase and each new token under "decode".
+"""
+
+import numpy as np
+
+from minigpt import backend
+from minigpt.meter import METER
+from minigpt.nn.model import KVCache
+
+
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None, rng=None) -> int:
+    """One token id from next-token logits (V,), on the host in float64."""
+    z = np.asarray(backend.to_host(logits), dtype=np.float64)
+    if temperature == 0:
+        return int(np.argmax(z))
+    z = z / temperature
+    if top_k is not None and 0 < top_k < z.size:
+        kth = np.partition(z, -top_k)[-top_k]
+        z[z < kth] = -np.inf
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    if top_p is not None and top_p < 1.0:
+        order = np.argsort(-p, kind="stable")
+        before = np.cumsum(p[order]) - p[order]  # probability mass ahead of each token
+        p[order[before >= top_p]] = 0.0  # the most likely token always stays
+        p /= p.sum()
+    return int(rng.choice(p.size, p=p))
+
+
+def generate(model, prompt, max_new_tokens: int, temperature=1.0, top_k=None, top_p=None,
+             seed=None, on_token=None) -> np.ndarray:
+    """New token ids after prompt (1-D ids, at most block_size of them), batch 1, KV-cached.
+
+    on_token(id) is called as each token is chosen (for streaming). When the cache is full, it is
+    rebuilt from the last block_size // 2 tokens, so generation can run past the context."""
+    cfg = model.cfg
+    rng = np.random.default_rng(seed)
+    ids = [int(t) for t in prompt]
+    assert 0 < len(ids) <= cfg.block_size, "the caller trims the prompt to block_size"
+    dtype = model.params.data.dtype
+    kv = KVCache(cfg, 1, dtype)
+    with METER.in_phase("prefill"):
+        logits = model.logits(backend.asarray(np.array([ids])), kv, last_only=True)
+    new = []
+    for i in range(max_new_tokens):
+        token = sample_next(logits[0, -1], temperature, top_k, top_p, rng)
+        new.append(token)
+        ids.append(token)
+        if on_token is not None:
+            on_token(token)
+        if i == max_new_tokens - 1:
+            break
+        if kv.length == kv.capacity:
+            kv = KVCache(cfg, 1, dtype)
+            with METER.in_phase("prefill"):
+                context = backend.asarray(np.array([ids[-(cfg.block_size // 2):]]))
+                logits = model.logits(context, kv, last_only=True)
+        else:
+            with METER.in_phase("decode"):
+                logits = model.logits(backend.asarray(np.array([[token]])), kv)
+    return np.array(new, dtype=np.int64)

@@ -1,0 +1,1 @@
+"""Training: AdamW and the schedule (optim), checkpoints (checkpoint), the loop (trainer)."""

@@ -1,0 +1,64 @@
+"""AdamW on the flat buffers, global-norm gradient clipping, and the learning-rate schedule."""
+
+import math
+
+from minigpt import backend
+from minigpt.meter import FLOPS_PER_ELEMENT as FPE
+from minigpt.meter import METER
+
+
+def lr_at(step: int, t) -> float:
+    """Linear warmup over warmup_steps, then cosine decay to min_lr at max_steps (0-based step)."""
+    if step < t.warmup_steps:
+        return t.learning_rate * (step + 1) / t.warmup_steps
+    if step >= t.max_steps:
+        return t.min_lr
+    ratio = (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps)
+    return t.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (t.learning_rate - t.min_lr)
+
+
+def clip_grad_norm(g, max_norm: float) -> float:
+    """Scale the flat gradient g so its global L2 norm is at most max_norm (as torch's
+    clip_grad_norm_: coefficient max_norm / (norm + 1e-6), capped at 1). Returns the norm before."""
+    xp = backend.xp
+    with METER.scope("clip"), METER.op("clip", "norm") as c:
+        norm = float(xp.sqrt((g * g).sum()))
+        c.count(FPE["clip", "norm"] * g.size, g.nbytes, 0, g.dtype)
+    coef = max_norm / (norm + 1e-6)
+    if max_norm > 0 and coef < 1.0:
+        with METER.scope("clip"), METER.op("clip", "scale") as c:
+            g *= coef
+            c.count(FPE["clip", "scale"] * g.size, g.nbytes, g.nbytes, g.dtype)
+    return norm
+
+
+class AdamW:
+    """Adam with bias correction and decoupled weight decay on the first n_decay elements
+    (the matrices: FlatBuffer puts them first). State: the two moments and the step count."""
+
+    def __init__(self, params, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1):
+        xp = backend.xp
+        self.params = params
+        self.m = xp.zeros_like(params.data)
+        self.v = xp.zeros_like(params.data)
+        self.t = 0
+        self.beta1, self.beta2, self.eps, self.weight_decay = beta1, beta2, eps, weight_decay
+
+    def step(self, g, lr: float) -> None:
+        """One update of params.data from the flat gradient g."""
+        xp = backend.xp
+        p, m, v = self.params.data, self.m, self.v
+        b1, b2 = self.beta1, self.beta2
+        self.t += 1
+        with METER.scope("adamw"), METER.op("adamw", "update") as c:
+            p[: self.params.n_decay] *= 1.0 - lr * self.weight_decay  # decoupled decay, matrices only
+            m *= b1
+            m += (1.0 - b1) * g
+            v *= b2
+            v += (1.0 - b2) * (g * g)
+            denom = xp.sqrt(v)
+            denom /= math.sqrt(1.0 - b2**self.t)
+            denom += self.eps
+            p -= (lr / (1.0 - b1**self.t)) * (m / denom)
+            c.count(FPE["adamw", "update"] * p.size, p.nbytes + g.nbytes + m.nbytes + v.nbytes,
+                    p.nbytes + m.nbytes + v.nbytes, p.dtype)

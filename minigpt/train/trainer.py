@@ -1,0 +1,244 @@
+"""The training loop: batches -> forward -> backward -> clip -> AdamW, with evaluation, a JSON-lines
+log, atomic checkpoints, exact resumption, and a clean stop on Ctrl-C.
+
+Each step runs under the meter's phases (forward, backward, optimizer); evaluation runs under
+"eval", so the training phases count training alone.
+"""
+
+import json
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from minigpt import backend
+from minigpt.data import check_length, get_batch, load_corpus
+from minigpt.errors import CheckpointError, ConfigError, MiniGPTError
+from minigpt.meter import METER
+from minigpt.nn.model import GPT
+from minigpt.nn.params import FlatBuffer, init
+from minigpt.tokenizer import ByteTokenizer
+from minigpt.train import checkpoint
+from minigpt.train.optim import AdamW, clip_grad_norm, lr_at
+
+
+class TrainingDiverged(MiniGPTError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+@dataclass
+class RunState:
+    """What a checkpoint carries besides the arrays, so a resumed run continues exactly."""
+
+    step: int = 0
+    tokens: int = 0
+    elapsed_s: float = 0.0
+    loss_sum: float = 0.0  # training losses since the last evaluation, for the log's train_loss
+    loss_count: int = 0
+    data_rng: dict = field(default_factory=dict)
+    dropout_rng: dict = field(default_factory=dict)
+
+
+@dataclass
+class Result:
+    steps: int
+    tokens: int
+    elapsed_s: float
+    val_loss: float
+    train_loss: float
+    out_dir: str
+    interrupted: bool = False
+
+
+class Trainer:
+    def __init__(self, cfg, resume: bool = False, progress: bool = True, on_step=None):
+        self.cfg = cfg
+        self.progress = progress
+        self.on_step = on_step  # called as on_step(trainer) after every step
+        self._stop = False
+        backend.use(cfg.train.device)
+        self.tokenizer = ByteTokenizer()
+        if cfg.model.vocab_size < self.tokenizer.vocab_size:
+            raise ConfigError(
+                f"[model] vocab_size = {cfg.model.vocab_size} is smaller than the byte tokenizer's 256"
+            )
+        self.corpus = load_corpus(cfg.data, self.tokenizer)
+        check_length(self.corpus, cfg.model.block_size)
+        self.out_dir = cfg.out_dir
+        self.ckpt_path = self.out_dir / checkpoint.FILENAME
+        self.log_path = self.out_dir / "log.jsonl"
+
+        t = cfg.train
+        self.data_rng = np.random.default_rng(t.seed)
+        self.dropout_rng = np.random.default_rng(t.seed + 1)
+        val_rng = np.random.default_rng(t.seed + 2)  # fixed validation and train-eval batches
+        self.val_batches = [
+            get_batch(self.corpus.val, t.batch_size, cfg.model.block_size, val_rng)
+            for _ in range(cfg.eval.batches)
+        ]
+        params = init(cfg.model, np.random.default_rng(t.seed), t.dtype)
+        self.model = GPT(cfg.model, params)
+        self.model.grads = FlatBuffer(cfg.model, t.dtype)
+        self.opt = AdamW(params, t.beta1, t.beta2, t.eps, t.weight_decay)
+        self.state = RunState()
+        if resume:
+            self._restore()
+
+    # --------------------------------------------------------------------------- checkpoints
+
+    def _restore(self) -> None:
+        meta, arrays = checkpoint.load(self.ckpt_path)
+        saved = meta.get("config", {})
+        now = self.cfg.to_dict()
+        for section in ("model", "data"):
+            for key, value in saved.get(section, {}).items():
+                if now[section].get(key) != value:
+                    raise ConfigError(
+                        f"--resume: [{section}] {key} = {now[section].get(key)!r} differs from the "
+                        f"checkpoint's {value!r} ({self.ckpt_path})"
+                    )
+        if "adam_m" not in arrays:
+            raise CheckpointError(f"{self.ckpt_path}: holds no optimizer state; cannot resume from it")
+        dtype = self.model.params.data.dtype
+        self.model.params.data[...] = backend.asarray(arrays["params"].astype(dtype))
+        self.opt.m[...] = backend.asarray(arrays["adam_m"].astype(dtype))
+        self.opt.v[...] = backend.asarray(arrays["adam_v"].astype(dtype))
+        self.state = RunState(**meta["run"])
+        self.opt.t = self.state.step
+        self.data_rng.bit_generator.state = self.state.data_rng
+        self.dropout_rng.bit_generator.state = self.state.dropout_rng
+
+    def save(self) -> None:
+        s = self.state
+        s.data_rng = self.data_rng.bit_generator.state
+        s.dropout_rng = self.dropout_rng.bit_generator.state
+        meta = {
+            "config": self.cfg.to_dict(),
+            "tokenizer": self.tokenizer.to_dict(),
+            "layout": self.model.params.layout,
+            "run": s.__dict__,
+        }
+        arrays = {
+            "params": backend.to_host(self.model.params.data),
+            "adam_m": backend.to_host(self.opt.m),
+            "adam_v": backend.to_host(self.opt.v),
+        }
+        checkpoint.save(self.ckpt_path, meta, arrays)
+
+    # --------------------------------------------------------------------------- the loop
+
+    def train_step(self) -> float:
+        """One optimizer step over grad_accum micro-batches; returns the mean loss."""
+        cfg, t = self.cfg, self.cfg.train
+        model, g = self.model, self.model.grads
+        drop_rng = self.dropout_rng if cfg.model.dropout > 0 else None
+        g.data.fill(0)
+        loss = 0.0
+        for _ in range(t.grad_accum):
+            x, y = get_batch(self.corpus.train, t.batch_size, cfg.model.block_size, self.data_rng)
+            x, y = backend.asarray(x), backend.asarray(y)
+            with METER.in_phase("forward"):
+                micro_loss, cache = model.loss(x, y, drop_rng)
+            with METER.in_phase("backward"):
+                model.backward(cache, dloss=1.0 / t.grad_accum)
+            loss += micro_loss / t.grad_accum
+        if not math.isfinite(loss):
+            raise TrainingDiverged(
+                f"loss became {loss} at step {self.state.step + 1}; stopped. The last good "
+                f"checkpoint is kept at {self.ckpt_path} (try a lower [train] learning_rate)"
+            )
+        with METER.in_phase("optimizer"):
+            if t.grad_clip > 0:
+                clip_grad_norm(g.data, t.grad_clip)
+            self.opt.step(g.data, lr_at(self.state.step, t))
+        self.state.step += 1
+        self.state.tokens += t.grad_accum * t.batch_size * cfg.model.block_size
+        return loss
+
+    def evaluate(self) -> float:
+        """Mean loss over the fixed validation batches (phase "eval")."""
+        losses = []
+        with METER.in_phase("eval"):
+            for x, y in self.val_batches:
+                loss, _ = self.model.loss(backend.asarray(x), backend.asarray(y))
+                losses.append(loss)
+        return float(np.mean(losses))
+
+    def _log(self, val_loss: float) -> dict:
+        s = self.state
+        entry = {
+            "step": s.step,
+            "train_loss": s.loss_sum / s.loss_count if s.loss_count else None,
+            "val_loss": val_loss,
+            "lr": lr_at(max(s.step - 1, 0), self.cfg.train),
+            "tokens": s.tokens,
+            "elapsed_s": round(s.elapsed_s, 3),
+        }
+        with open(self.log_path, "a") as f:
+            f.write(json.dumps(entry) + "\n")
+        s.loss_sum, s.loss_count = 0.0, 0
+        return entry
+
+    def _prepare_log(self, resumed: bool) -> None:
+        """A fresh run starts a new log; a resumed one keeps the lines up to its checkpoint."""
+        keep = []
+        if resumed and self.log_path.exists():
+            for line in self.log_path.read_text().splitlines():
+                if line.strip() and json.loads(line)["step"] <= self.state.step:
+                    keep.append(line)
+        tmp = self.log_path.with_name(self.log_path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in keep))
+        os.replace(tmp, self.log_path)
+
+    def request_stop(self) -> None:
+        """Finish the current step, save a checkpoint and return (what Ctrl-C does)."""
+        self._stop = True
+
+    def run(self) -> Result:
+        cfg, t = self.cfg, self.cfg.train
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self._prepare_log(resumed=self.state.step > 0)
+        tokens_per_step = t.grad_accum * t.batch_size * cfg.model.block_size
+        entry = {"val_loss": float("nan"), "train_loss": float("nan")}
+        previous = signal.getsignal(signal.SIGINT)
+        if previous is signal.default_int_handler:  # only when we own the terminal's Ctrl-C
+            signal.signal(signal.SIGINT, self._on_sigint)
+        bar = tqdm(total=t.max_steps, initial=self.state.step, desc="train", unit="step",
+                   disable=not self.progress, dynamic_ncols=True)
+        try:
+            while self.state.step < t.max_steps and not self._stop:
+                t0 = time.perf_counter()
+                loss = self.train_step()
+                dt = time.perf_counter() - t0
+                self.state.elapsed_s += dt
+                self.state.loss_sum += loss
+                self.state.loss_count += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_step / dt:,.0f}", refresh=False)
+                if self.state.step % cfg.eval.interval == 0 or self.state.step == t.max_steps:
+                    entry = self._log(self.evaluate())
+                    bar.write(f"step {entry['step']:5d}  train {entry['train_loss']:.4f}  "
+                              f"val {entry['val_loss']:.4f}  lr {entry['lr']:.2e}")
+                    self.save()
+                if self.on_step is not None:
+                    self.on_step(self)
+            if self._stop:
+                self.save()
+        finally:
+            bar.close()
+            if previous is signal.default_int_handler:
+                signal.signal(signal.SIGINT, previous)
+        s = self.state
+        return Result(s.step, s.tokens, s.elapsed_s, entry["val_loss"], entry["train_loss"],
+                      str(self.out_dir), interrupted=self._stop)
+
+    def _on_sigint(self, signum, frame):
+        if self._stop:  # a second Ctrl-C: stop now, without a checkpoint
+            raise KeyboardInterrupt
+        self._stop = True
+        tqdm.write("Ctrl-C: finishing this step and saving a checkpoint (Ctrl-C again to abort)")
+
