@@ -31,14 +31,14 @@ FLOPS_PER_ELEMENT = {
     ("embedding", "lookup"): 1,  # out = wte[idx] + wpe[t]: one add per output element
     ("embedding", "grad_table"): 1,  # scatter-add of dout into wte rows, one add per element
     ("embedding", "grad_position"): 1,  # dwpe += sum over the batch
-    ("layernorm", "normalize"): 7,  # mean, center, square, sum, scale, * w, + b
-    ("layernorm", "grad"): 13,  # recompute xhat (2), dw (2), db (1), dxhat (1), two means (3), dx (4)
+    ("layernorm", "normalize"): 7,  # mean, centre, square, sum, scale, * w, + b
+    ("layernorm", "grad"): 11,  # dw (2), db (1), dxhat (1), two means (3), dx (4)
     ("bias", "add"): 1,
     ("bias", "grad"): 1,  # db += column sums of dout
     ("softmax", "causal"): 6,  # scale, mask, max, subtract, exp, sum + divide (per score)
     ("softmax", "grad"): 4,  # datt * att, row sum, subtract, * att * scale (fused count)
-    ("gelu", "tanh"): 8,  # x^3, fma, scale, tanh, 1+, *x, *0.5 (tanh counted as one)
-    ("gelu", "grad"): 12,  # recompute tanh argument and tanh (5), derivative (6), * dout (1)
+    ("gelu", "tanh"): 8,  # x*x, scale, +, *x, tanh (counted as one), 1+, *x, *0.5
+    ("gelu", "grad"): 11,  # polynomial (4), 1 - th^2 (2), *, th/2 (1), + (2), * dout
     ("residual", "add"): 1,
     ("residual", "grad"): 1,  # the branch gradient added into the stream's
     ("dropout", "mask"): 2,  # compare against p, multiply by mask / (1 - p)

@@ -51,32 +51,35 @@ def layernorm_forward(x, w, b, eps=1e-5):
     """x (..., C) normalised over C, then scaled by w and shifted by b."""
     xp = backend.xp
     with METER.op("layernorm", "normalize") as c:
-        mean = x.mean(axis=-1, keepdims=True)  # (..., 1)
-        xc = x - mean
-        var = (xc * xc).mean(axis=-1, keepdims=True)
+        xhat = x - x.mean(axis=-1, keepdims=True)  # (..., C), centred
+        var = (xhat * xhat).mean(axis=-1, keepdims=True)
         rstd = 1.0 / xp.sqrt(var + eps)  # (..., 1)
-        out = xc
-        out *= rstd
-        out *= w
+        xhat *= rstd
+        out = xhat * w
         out += b
-        c.count(FPE["layernorm", "normalize"] * x.size, _nbytes(x, w, b), _nbytes(out, mean, rstd), x.dtype)
-    return out, (x, w, mean, rstd)
+        c.count(FPE["layernorm", "normalize"] * x.size, _nbytes(x, w, b), _nbytes(out, xhat, rstd), x.dtype)
+    return out, (xhat, w, rstd)
 
 
 def layernorm_backward(dout, cache, dw, db):
-    x, w, mean, rstd = cache
+    xp = backend.xp
+    xhat, w, rstd = cache
     with METER.op("layernorm", "grad") as c:
-        xhat = (x - mean) * rstd  # recomputed: cheaper than keeping it
-        red = tuple(range(x.ndim - 1))
-        dw += (dout * xhat).sum(axis=red)
-        db += dout.sum(axis=red)
-        dxhat = dout * w
+        C = xhat.shape[-1]
+        d2, xhat2 = dout.reshape(-1, C), xhat.reshape(-1, C)  # (N, C)
+        dxhat = d2 * xhat2
+        dw += dxhat.sum(axis=0)
+        db += d2.sum(axis=0)
+        xp.multiply(d2, w, out=dxhat)  # dL/dxhat, reusing the buffer
+        # dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))
+        proj = (dxhat * xhat2).mean(axis=-1, keepdims=True)  # (N, 1)
         dx = dxhat - dxhat.mean(axis=-1, keepdims=True)
-        dx -= xhat * (dxhat * xhat).mean(axis=-1, keepdims=True)
-        dx *= rstd
-        c.count(FPE["layernorm", "grad"] * x.size, _nbytes(dout, x, w, mean, rstd, dw, db),
-                _nbytes(dx, dw, db), x.dtype)
-    return dx
+        xhat_proj = xhat2 * proj
+        dx -= xhat_proj
+        dx *= rstd.reshape(-1, 1)
+        c.count(FPE["layernorm", "grad"] * xhat.size, _nbytes(dout, xhat, w, rstd, dw, db),
+                _nbytes(dx, dw, db), xhat.dtype)
+    return dx.reshape(dout.shape)
 
 
 # ----------------------------------------------------------------------------- linear
@@ -218,28 +221,35 @@ def gelu_forward(x):
     """GPT-2's tanh approximation: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))."""
     xp = backend.xp
     with METER.op("gelu", "tanh") as c:
-        t = x * x
-        t *= 0.044715 * _GELU_K
-        t += _GELU_K
-        t *= x
-        xp.tanh(t, out=t)
-        t += 1.0
-        t *= x
-        t *= 0.5
-        c.count(FPE["gelu", "tanh"] * x.size, x.nbytes, t.nbytes, x.dtype)
-    return t, x
+        th = x * x
+        th *= _GELU_K * 0.044715
+        th += _GELU_K
+        th *= x
+        xp.tanh(th, out=th)  # kept for the backward
+        out = th + 1.0
+        out *= x
+        out *= 0.5
+        c.count(FPE["gelu", "tanh"] * x.size, x.nbytes, out.nbytes + th.nbytes, x.dtype)
+    return out, (x, th)
 
 
-def gelu_backward(dout, x):
+def gelu_backward(dout, cache):
+    """d/dx = 0.5 (1 + th) + 0.5 x (1 - th^2) sqrt(2/pi) (1 + 3 * 0.044715 x^2), times dout."""
     xp = backend.xp
+    x, th = cache
     with METER.op("gelu", "grad") as c:
-        x2 = x * x
-        th = xp.tanh(_GELU_K * x * (1.0 + 0.044715 * x2))
-        # d/dx = 0.5 (1 + th) + 0.5 x (1 - th^2) sqrt(2/pi) (1 + 3 * 0.044715 x^2)
-        dx = (1.0 - th * th) * (_GELU_K * 0.5) * x * (1.0 + 3 * 0.044715 * x2)
-        dx += 0.5 * (1.0 + th)
+        dx = x * x
+        dx *= 0.5 * _GELU_K * 3 * 0.044715
+        dx += 0.5 * _GELU_K
+        dx *= x  # 0.5 x sqrt(2/pi) (1 + 3 * 0.044715 x^2)
+        tmp = th * th
+        xp.subtract(1.0, tmp, out=tmp)
+        dx *= tmp
+        xp.multiply(th, 0.5, out=tmp)
+        dx += tmp
+        dx += 0.5
         dx *= dout
-        c.count(FPE["gelu", "grad"] * x.size, x.nbytes + dout.nbytes, dx.nbytes, x.dtype)
+        c.count(FPE["gelu", "grad"] * x.size, _nbytes(x, th, dout), dx.nbytes, x.dtype)
     return dx
 
 

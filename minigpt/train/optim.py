@@ -24,11 +24,10 @@ def clip_grad_norm(g, max_norm: float) -> float:
     with METER.scope("clip"), METER.op("clip", "norm") as c:
         norm = float(xp.sqrt((g * g).sum()))
         c.count(FPE["clip", "norm"] * g.size, g.nbytes, 0, g.dtype)
-    coef = max_norm / (norm + 1e-6)
-    if max_norm > 0 and coef < 1.0:
-        with METER.scope("clip"), METER.op("clip", "scale") as c:
-            g *= coef
-            c.count(FPE["clip", "scale"] * g.size, g.nbytes, g.nbytes, g.dtype)
+    coef = min(1.0, max_norm / (norm + 1e-6))
+    with METER.scope("clip"), METER.op("clip", "scale") as c:  # always: counts never depend on data
+        g *= coef
+        c.count(FPE["clip", "scale"] * g.size, g.nbytes, g.nbytes, g.dtype)
     return norm
 
 

@@ -1,0 +1,212 @@
+"""The closed-form cost model: every record the meter would write, predicted from shapes alone.
+
+predict_training_step(cfg, batch, seq)   forward + backward + optimizer of one optimizer step
+predict_forward(cfg, batch, seq, phase)  one forward pass ("forward", "eval" or "prefill")
+predict_decode(cfg, batch, position)     one KV-cached decode step for the token at `position`
+
+Each returns {(scope, op, kind, phase, dtype): Record}, the meter's own format, so a test can
+compare prediction and measurement key by key. The formulas follow minigpt.meter's conventions:
+a matmul (..., M, K) @ (..., K, N) is 2*batch*M*N*K FLOPs and moves A, B and C once; an
+elementwise op is FLOPS_PER_ELEMENT per element and moves its inputs and outputs once.
+"""
+
+from dataclasses import dataclass
+
+from minigpt.meter import FLOPS_PER_ELEMENT as FPE
+from minigpt.meter import Record
+
+INDEX_BYTES = 8  # token ids are int64
+
+
+@dataclass
+class _Sheet:
+    """Accumulates predicted records for one phase."""
+
+    phase: str
+    itemsize: int = 4
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        self.records: dict[tuple, Record] = {}
+
+    def _add(self, scope, op, kind, flops, read, written, useful=None, dtype=None):
+        key = (scope, op, kind, self.phase, dtype or self.dtype)
+        r = self.records.setdefault(key, Record())
+        r.calls += 1
+        r.flops += flops
+        r.useful_flops += flops if useful is None else useful
+        r.bytes_read += read
+        r.bytes_written += written
+
+    def matmul(self, scope, op, batch, m, k, n, a_elems, b_elems, useful=None):
+        """(batch, m, k) @ (k, n) products; A and B hold a_elems and b_elems elements."""
+        s = self.itemsize
+        self._add(scope, op, "matmul", 2 * batch * m * n * k, (a_elems + b_elems) * s,
+                  batch * m * n * s, useful)
+
+    def elementwise(self, scope, kind, op, n, read_elems, written_elems, extra_read_bytes=0):
+        s = self.itemsize
+        self._add(scope, op, kind, FPE[kind, op] * n, read_elems * s + extra_read_bytes, written_elems * s)
+
+
+def _causal_useful(B, H, T, Tk, pos0, inner):
+    visible = sum(min(pos0 + i + 1, Tk) for i in range(T))
+    return 2 * B * H * visible * inner
+
+
+def _linear_forward(sh, scope, N, C, OC):
+    sh.matmul(scope, "x@w", 1, N, C, OC, N * C, C * OC)
+    sh.elementwise(scope, "bias", "add", N * OC, N * OC + OC, N * OC)
+
+
+def _linear_backward(sh, scope, N, C, OC):
+    sh.matmul(scope, "grad_w", 1, C, N, OC, N * C, N * OC)
+    sh.elementwise(scope, "bias", "grad", N * OC, N * OC + OC, OC)
+    sh.matmul(scope, "grad_x", 1, N, OC, C, N * OC, C * OC)
+
+
+def _layernorm_forward(sh, scope, N, C):
+    sh.elementwise(scope, "layernorm", "normalize", N * C, N * C + 2 * C, 2 * N * C + N)
+
+
+def _layernorm_backward(sh, scope, N, C):
+    sh.elementwise(scope, "layernorm", "grad", N * C, 2 * N * C + N + 3 * C, N * C + 2 * C)
+
+
+def _dropout_forward(sh, scope, n):
+    sh.elementwise(scope, "dropout", "mask", n, n, 2 * n)
+
+
+def _dropout_backward(sh, scope, n):
+    sh.elementwise(scope, "dropout", "grad", n, 2 * n, n)
+
+
+def _forward(sh, cfg, B, T, pos0=0, last_only=False, targets=False, dropout=False):
+    """Records of GPT.hidden + lm head (+ loss) for B sequences of T new tokens after pos0."""
+    C, H, V = cfg.n_embd, cfg.n_head, cfg.vocab_size
+    hs, N, Tk = C // H, B * T, pos0 + T
+    useful = _causal_useful(B, H, T, Tk, pos0, hs)
+    sh.elementwise("embedding", "embedding", "lookup", N * C, 0, N * C,
+                   extra_read_bytes=N * INDEX_BYTES + (N + T) * C * sh.itemsize)
+    if dropout:
+        _dropout_forward(sh, "embedding.dropout", N * C)
+    for i in range(cfg.n_layer):
+        h = f"h{i}"
+        _layernorm_forward(sh, f"{h}.ln_1", N, C)
+        _linear_forward(sh, f"{h}.attn.c_attn", N, C, 3 * C)
+        sh.matmul(f"{h}.attn.scores", "q@kT", B * H, T, hs, Tk, B * H * T * hs, B * H * Tk * hs, useful)
+        n_att = B * H * T * Tk
+        sh.elementwise(f"{h}.attn.softmax", "softmax", "causal", n_att, n_att, n_att)
+        if dropout:
+            _dropout_forward(sh, f"{h}.attn.attn_dropout", n_att)
+        sh.matmul(f"{h}.attn.mix", "att@v", B * H, T, Tk, hs, n_att, B * H * Tk * hs, useful)
+        _linear_forward(sh, f"{h}.attn.c_proj", N, C, C)
+        if dropout:
+            _dropout_forward(sh, f"{h}.attn.resid_dropout", N * C)
+        sh.elementwise(f"{h}.residual_1", "residual", "add", N * C, 2 * N * C, N * C)
+        _layernorm_forward(sh, f"{h}.ln_2", N, C)
+        _linear_forward(sh, f"{h}.mlp.c_fc", N, C, 4 * C)
+        sh.elementwise(f"{h}.mlp.gelu", "gelu", "tanh", 4 * N * C, 4 * N * C, 8 * N * C)
+        _linear_forward(sh, f"{h}.mlp.c_proj", N, 4 * C, C)
+        if dropout:
+            _dropout_forward(sh, f"{h}.mlp.resid_dropout", N * C)
+        sh.elementwise(f"{h}.residual_2", "residual", "add", N * C, 2 * N * C, N * C)
+    _layernorm_forward(sh, "ln_f", N, C)
+    M = B if last_only else N
+    sh.matmul("lm_head", "x@wte.T", 1, M, C, V, M * C, V * C)
+    if targets:
+        sh.elementwise("loss", "cross_entropy", "loss", N * V, N * V, N * V,
+                       extra_read_bytes=N * INDEX_BYTES)
+
+
+def _backward(sh, cfg, B, T, dropout=False):
+    C, H, V = cfg.n_embd, cfg.n_head, cfg.vocab_size
+    hs, N = C // H, B * T
+    useful = _causal_useful(B, H, T, T, 0, hs)
+    n_att = B * H * T * T
+    sh.elementwise("loss", "cross_entropy", "grad", N * V, N * V, N * V, extra_read_bytes=N * INDEX_BYTES)
+    sh.matmul("lm_head", "grad_w", 1, V, N, C, N * V, N * C)
+    sh.matmul("lm_head", "grad_x", 1, N, V, C, N * V, V * C)
+    _layernorm_backward(sh, "ln_f", N, C)
+    for i in reversed(range(cfg.n_layer)):
+        h = f"h{i}"
+        if dropout:
+            _dropout_backward(sh, f"{h}.mlp.resid_dropout", N * C)
+        _linear_backward(sh, f"{h}.mlp.c_proj", N, 4 * C, C)
+        sh.elementwise(f"{h}.mlp.gelu", "gelu", "grad", 4 * N * C, 12 * N * C, 4 * N * C)
+        _linear_backward(sh, f"{h}.mlp.c_fc", N, C, 4 * C)
+        _layernorm_backward(sh, f"{h}.ln_2", N, C)
+        sh.elementwise(f"{h}.residual_2", "residual", "grad", N * C, 2 * N * C, N * C)
+        if dropout:
+            _dropout_backward(sh, f"{h}.attn.resid_dropout", N * C)
+        _linear_backward(sh, f"{h}.attn.c_proj", N, C, C)
+        sh.matmul(f"{h}.attn.mix", "grad_att", B * H, T, hs, T, B * H * T * hs, B * H * T * hs, useful)
+        sh.matmul(f"{h}.attn.mix", "grad_v", B * H, T, T, hs, n_att, B * H * T * hs, useful)
+        if dropout:
+            _dropout_backward(sh, f"{h}.attn.attn_dropout", n_att)
+        sh.elementwise(f"{h}.attn.softmax", "softmax", "grad", n_att, 2 * n_att, n_att)
+        sh.matmul(f"{h}.attn.scores", "grad_q", B * H, T, T, hs, n_att, B * H * T * hs, useful)
+        sh.matmul(f"{h}.attn.scores", "grad_k", B * H, T, T, hs, n_att, B * H * T * hs, useful)
+        _linear_backward(sh, f"{h}.attn.c_attn", N, C, 3 * C)
+        _layernorm_backward(sh, f"{h}.ln_1", N, C)
+        sh.elementwise(f"{h}.residual_1", "residual", "grad", N * C, 2 * N * C, N * C)
+    if dropout:
+        _dropout_backward(sh, "embedding.dropout", N * C)
+    sh.elementwise("embedding", "embedding", "grad_table", N * C, 2 * N * C, N * C,
+                   extra_read_bytes=N * INDEX_BYTES)
+    sh.elementwise("embedding", "embedding", "grad_position", N * C, N * C + 2 * T * C, T * C)
+
+
+def n_params(cfg) -> int:
+    C, L = cfg.n_embd, cfg.n_layer
+    return cfg.vocab_size * C + cfg.block_size * C + L * (12 * C * C + 13 * C) + 2 * C
+
+
+def _optimizer(sh, cfg):
+    P = n_params(cfg)
+    sh.elementwise("clip", "clip", "norm", P, P, 0)
+    sh.elementwise("clip", "clip", "scale", P, P, P)
+    sh.elementwise("adamw", "adamw", "update", P, 4 * P, 3 * P)
+
+
+def _merge(*sheets) -> dict:
+    out = {}
+    for sh in sheets:
+        out.update(sh.records)
+    return out
+
+
+def _sheet(phase, dtype):
+    return _Sheet(phase, itemsize=4 if dtype == "float32" else 8, dtype=dtype)
+
+
+def predict_training_step(cfg, batch: int, seq: int | None = None, grad_accum: int = 1,
+                          clip: bool = True, dtype: str = "float32") -> dict:
+    """One optimizer step: grad_accum micro-batches of (batch, seq) tokens, then clip + AdamW."""
+    T = seq or cfg.block_size
+    drop = cfg.dropout > 0
+    fwd, bwd, opt = _sheet("forward", dtype), _sheet("backward", dtype), _sheet("optimizer", dtype)
+    for _ in range(grad_accum):
+        _forward(fwd, cfg, batch, T, targets=True, dropout=drop)
+        _backward(bwd, cfg, batch, T, dropout=drop)
+    if clip:
+        _optimizer(opt, cfg)
+    else:
+        P = n_params(cfg)
+        opt.elementwise("adamw", "adamw", "update", P, 4 * P, 3 * P)
+    return _merge(fwd, bwd, opt)
+
+
+def predict_forward(cfg, batch: int, seq: int, phase: str = "forward", targets: bool = False,
+                    dtype: str = "float32") -> dict:
+    """A forward pass of (batch, seq) tokens; phase "prefill" keeps only the last position's logits."""
+    sh = _sheet(phase, dtype)
+    _forward(sh, cfg, batch, seq, last_only=phase == "prefill", targets=targets)
+    return sh.records
+
+
+def predict_decode(cfg, batch: int, position: int, dtype: str = "float32") -> dict:
+    """One decode step: the token at `position` attends to the position + 1 cached keys."""
+    sh = _sheet("decode", dtype)
+    _forward(sh, cfg, batch, 1, pos0=position)
+    return sh.records
