@@ -113,7 +113,7 @@ def cmd_generate(argv) -> int:
         out.flush()
 
     model.generate(ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed, emit)
-    out.write("\n")
+    out.write(decode([], final=True) + "\n")
     return 0
 
 

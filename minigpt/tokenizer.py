@@ -19,9 +19,10 @@ class ByteTokenizer:
         return bytes(np.asarray(ids, dtype=np.uint8)).decode("utf-8", errors="replace")
 
     def stream_decoder(self):
-        """A callable ids -> text that holds back an incomplete UTF-8 sequence until it completes."""
+        """A callable (ids, final=False) -> text that holds back an incomplete UTF-8 sequence until
+        it completes; final=True flushes what is left."""
         dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        return lambda ids: dec.decode(bytes(np.asarray(ids, dtype=np.uint8)))
+        return lambda ids, final=False: dec.decode(bytes(np.asarray(ids, dtype=np.uint8)), final)
 
     def to_dict(self) -> dict:
         return {"kind": self.kind, "vocab_size": self.vocab_size}

@@ -45,11 +45,14 @@ def load(path) -> tuple[dict, dict]:
     path = resolve(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such checkpoint")
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(f"{path}: not a minigpt checkpoint (not an .npz archive; truncated or foreign?)")
     try:
         with np.load(path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
     except (zipfile.BadZipFile, EOFError, ValueError, OSError, KeyError) as e:
-        raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt?): {e}") from None
+        reason = "holds pickled objects" if "pickle" in str(e) else str(e).split("\n")[0]
+        raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt?): {reason}") from None
     if "meta" not in arrays:
         raise CheckpointError(f"{path}: not a minigpt checkpoint (no 'meta' entry)")
     try:

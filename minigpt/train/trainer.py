@@ -85,6 +85,8 @@ class Trainer:
         self.model.grads = FlatBuffer(cfg.model, t.dtype)
         self.opt = AdamW(params, t.beta1, t.beta2, t.eps, t.weight_decay)
         self.state = RunState()
+        self.resumed = resume
+        self._log_started = False
         if resume:
             self._restore()
 
@@ -113,6 +115,7 @@ class Trainer:
         self.dropout_rng.bit_generator.state = self.state.dropout_rng
 
     def save(self) -> None:
+        self._start_log()
         s = self.state
         s.data_rng = self.data_rng.bit_generator.state
         s.dropout_rng = self.dropout_rng.bit_generator.state
@@ -141,15 +144,18 @@ class Trainer:
         for _ in range(t.grad_accum):
             x, y = get_batch(self.corpus.train, t.batch_size, cfg.model.block_size, self.data_rng)
             x, y = backend.asarray(x), backend.asarray(y)
-            with METER.in_phase("forward"):
-                micro_loss, cache = model.loss(x, y, drop_rng)
-            with METER.in_phase("backward"):
-                model.backward(cache, dloss=1.0 / t.grad_accum)
+            with np.errstate(over="ignore", invalid="ignore"):  # a diverged loss is reported below
+                with METER.in_phase("forward"):
+                    micro_loss, cache = model.loss(x, y, drop_rng)
+                with METER.in_phase("backward"):
+                    model.backward(cache, dloss=1.0 / t.grad_accum)
             loss += micro_loss / t.grad_accum
         if not math.isfinite(loss):
+            kept = (f"{self.ckpt_path} is unchanged" if self.ckpt_path.exists()
+                    else "no checkpoint was written")
             raise TrainingDiverged(
-                f"loss became {loss} at step {self.state.step + 1}; stopped. The last good "
-                f"checkpoint is kept at {self.ckpt_path} (try a lower [train] learning_rate)"
+                f"loss became {loss} at step {self.state.step + 1}; stopped ({kept}); "
+                f"try a lower [train] learning_rate"
             )
         with METER.in_phase("optimizer"):
             if t.grad_clip > 0:
@@ -169,6 +175,7 @@ class Trainer:
         return float(np.mean(losses))
 
     def _log(self, val_loss: float) -> dict:
+        self._start_log()
         s = self.state
         entry = {
             "step": s.step,
@@ -183,10 +190,14 @@ class Trainer:
         s.loss_sum, s.loss_count = 0.0, 0
         return entry
 
-    def _prepare_log(self, resumed: bool) -> None:
-        """A fresh run starts a new log; a resumed one keeps the lines up to its checkpoint."""
+    def _start_log(self) -> None:
+        """Before the first log line or checkpoint: a fresh run starts a new log; a resumed one
+        keeps the lines up to its checkpoint. Until then an earlier run's files stay untouched."""
+        if self._log_started:
+            return
+        self._log_started = True
         keep = []
-        if resumed and self.log_path.exists():
+        if self.resumed and self.log_path.exists():
             for line in self.log_path.read_text().splitlines():
                 if line.strip() and json.loads(line)["step"] <= self.state.step:
                     keep.append(line)
@@ -201,7 +212,6 @@ class Trainer:
     def run(self) -> Result:
         cfg, t = self.cfg, self.cfg.train
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        self._prepare_log(resumed=self.state.step > 0)
         tokens_per_step = t.grad_accum * t.batch_size * cfg.model.block_size
         entry = {"val_loss": float("nan"), "train_loss": float("nan")}
         previous = signal.getsignal(signal.SIGINT)

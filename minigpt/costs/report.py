@@ -1,0 +1,113 @@
+"""Reports of the meter's records: grouped tables, phase totals, costs.json and costs.csv.
+
+Rows are plain dicts with the record fields (scope, op, kind, phase, dtype, calls, flops,
+useful_flops, bytes_read, bytes_written, seconds), so measured and predicted records print alike.
+"""
+
+import csv
+import io
+import json
+import os
+from pathlib import Path
+
+FIELDS = ("scope", "op", "kind", "phase", "dtype", "calls", "flops", "useful_flops",
+          "bytes_read", "bytes_written", "seconds")
+NUMBERS = ("calls", "flops", "useful_flops", "bytes_read", "bytes_written", "seconds")
+GROUPINGS = ("scope", "op", "kind", "layer", "phase")
+
+CONVENTIONS = (
+    "conventions: matmul (..., M, K) @ (..., K, N) = 2*batch*M*N*K FLOPs, A, B and C moved once each; "
+    "elementwise = documented FLOPs per element, inputs read and outputs written once (docs/costs.md); "
+    "useful = FLOPs a causal mask keeps"
+)
+
+
+def rows_from_records(records: dict) -> list[dict]:
+    """The meter's {(scope, op, kind, phase, dtype): Record} as a list of dicts."""
+    rows = []
+    for (scope, op, kind, phase, dtype), r in records.items():
+        rows.append({"scope": scope, "op": op, "kind": kind, "phase": phase, "dtype": dtype,
+                     "calls": r.calls, "flops": r.flops, "useful_flops": r.useful_flops,
+                     "bytes_read": r.bytes_read, "bytes_written": r.bytes_written,
+                     "seconds": r.seconds})
+    return rows
+
+
+def layer_of(scope: str) -> str:
+    """"h3.attn.c_attn" -> "h3"; "lm_head" -> "lm_head"."""
+    return scope.split(".", 1)[0]
+
+
+def group(rows, by: str = "scope", phase: str | None = None) -> list[dict]:
+    """Sum rows by scope, op, kind, layer or phase (optionally one phase only), biggest first."""
+    if by not in GROUPINGS:
+        raise ValueError(f"by must be one of {GROUPINGS}")
+    out: dict[str, dict] = {}
+    for r in rows:
+        if phase is not None and r["phase"] != phase:
+            continue
+        name = layer_of(r["scope"]) if by == "layer" else r[by]
+        g = out.setdefault(name, {"name": name} | {k: 0 for k in NUMBERS})
+        for k in NUMBERS:
+            g[k] += r[k]
+    return sorted(out.values(), key=lambda g: (-g["flops"], -g["bytes_read"], g["name"]))
+
+
+def totals(rows) -> dict:
+    """{phase: summed numbers}, plus "all"."""
+    t = {g["name"]: {k: g[k] for k in NUMBERS} for g in group(rows, "phase")}
+    t["all"] = {k: sum(r[k] for r in rows) for k in NUMBERS}
+    return t
+
+
+def _si(x: float, unit: str = "") -> str:
+    for factor, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(x) >= factor:
+            return f"{x / factor:.2f} {prefix}{unit}"
+    return f"{x:.0f} {unit}".rstrip()
+
+
+def format_table(groups, title: str = "", top: int | None = None) -> str:
+    """A fixed-width table: name, FLOPs, % of FLOPs, bytes, FLOP/byte, seconds, GFLOP/s."""
+    total = sum(g["flops"] for g in groups) or 1
+    shown = groups[:top] if top else groups
+    width = max([len("name")] + [len(g["name"]) for g in shown])
+    head = (f"{'name':<{width}}  {'FLOPs':>11}  {'%':>5}  {'bytes':>10}  {'FLOP/B':>7}  "
+            f"{'seconds':>8}  {'GFLOP/s':>8}")
+    lines = ([title] if title else []) + [head, "-" * len(head)]
+    for g in shown:
+        nbytes = g["bytes_read"] + g["bytes_written"]
+        intensity = g["flops"] / nbytes if nbytes else 0.0
+        rate = g["flops"] / g["seconds"] / 1e9 if g["seconds"] > 0 else 0.0
+        lines.append(f"{g['name']:<{width}}  {_si(g['flops']):>11}  {100 * g['flops'] / total:5.1f}  "
+                     f"{_si(nbytes, 'B'):>10}  {intensity:7.1f}  {g['seconds']:8.3f}  {rate:8.2f}")
+    if top and len(groups) > top:
+        lines.append(f"... {len(groups) - top} more")
+    return "\n".join(lines)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def save(out_dir, rows, steps: int, tokens: int) -> tuple[Path, Path]:
+    """<out_dir>/costs.json ({steps, tokens, conventions, records, totals}) and costs.csv."""
+    out_dir = Path(out_dir)
+    doc = {"steps": steps, "tokens": tokens, "conventions": CONVENTIONS,
+           "records": [{k: r[k] for k in FIELDS} for r in rows], "totals": totals(rows)}
+    jpath, cpath = out_dir / "costs.json", out_dir / "costs.csv"
+    _atomic_write(jpath, json.dumps(doc, indent=1) + "\n")
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=FIELDS, lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: r[k] for k in FIELDS})
+    _atomic_write(cpath, buf.getvalue())
+    return jpath, cpath
+
+
+def load(run_dir) -> dict:
+    """A run's costs.json."""
+    return json.loads((Path(run_dir) / "costs.json").read_text())

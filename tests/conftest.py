@@ -1,0 +1,98 @@
+"""Shared test helpers: the repository root, a tiny model config, a runner for the real commands,
+and one tiny training run (trained once per session through train.py) that other tests reuse."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from minigpt import config
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_TOML = ROOT / "configs" / "tiny.toml"
+FABLES = ROOT / "corpora" / "fables.txt"
+
+# A model and run small enough that training a few steps takes well under a second.
+TINY = {
+    "model": {"n_layer": 1, "n_embd": 16, "n_head": 2, "block_size": 16},
+    "data": {"path": str(FABLES)},
+    "train": {"batch_size": 4, "max_steps": 6},
+    "eval": {"interval": 3, "batches": 2},
+}
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return json.dumps(str(value))  # a TOML basic string (JSON escapes are valid TOML)
+
+
+def overrides(sections: dict) -> list[str]:
+    """{"train": {"max_steps": 6}} -> ["train.max_steps=6"], values written as TOML."""
+    return [f"{s}.{k}={_toml_value(v)}" for s, table in sections.items() for k, v in table.items()]
+
+
+def set_args(sections: dict) -> list[str]:
+    """The same as command-line arguments: ["--set", "train.max_steps=6", ...]."""
+    return [arg for o in overrides(sections) for arg in ("--set", o)]
+
+
+def merge(base: dict, extra: dict) -> dict:
+    """A copy of base with extra's sections merged in, key by key."""
+    out = {s: dict(t) for s, t in base.items()}
+    for s, t in extra.items():
+        out.setdefault(s, {}).update(t)
+    return out
+
+
+def write_toml(path: Path, sections: dict) -> Path:
+    """Write {section: {key: value}} as a TOML file."""
+    lines = []
+    for section, table in sections.items():
+        lines.append(f"[{section}]")
+        lines += [f"{k} = {_toml_value(v)}" for k, v in table.items()]
+        lines.append("")
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path
+
+
+def tiny_config(out_dir, **sections):
+    """configs/tiny.toml shrunk to the TINY model, writing to out_dir, plus sections' overrides."""
+    extra = merge(merge(TINY, {"train": {"out_dir": str(out_dir)}}), sections)
+    return config.load(TINY_TOML, overrides(extra))
+
+
+def run_cli(script: str, *args, timeout: float = 60) -> subprocess.CompletedProcess:
+    """Run train.py or generate.py from the repository root; text output, never raises on failure."""
+    return subprocess.run(
+        [sys.executable, script, *map(str, args)],
+        cwd=ROOT, capture_output=True, text=True, encoding="utf-8", timeout=timeout, check=False,
+    )
+
+
+def snapshot(folder: Path) -> dict:
+    """{relative path: bytes} of every file under folder, to check that nothing changed."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory) -> Path:
+    """A run folder (ckpt.npz and log.jsonl) from `python train.py configs/tiny.toml` on TINY.
+    Shared: tests must not modify it (copy it with the run_copy fixture instead)."""
+    out = tmp_path_factory.mktemp("trained") / "run"
+    r = run_cli("train.py", TINY_TOML, "--no-progress",
+                *set_args(merge(TINY, {"train": {"out_dir": str(out)}})))
+    assert r.returncode == 0, r.stderr
+    assert (out / "ckpt.npz").is_file() and (out / "log.jsonl").is_file()
+    return out
+
+
+@pytest.fixture
+def run_copy(trained_run, tmp_path) -> Path:
+    """A private copy of the trained run, free to be resumed, overwritten or damaged."""
+    return Path(shutil.copytree(trained_run, tmp_path / "run"))

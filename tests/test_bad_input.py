@@ -1,0 +1,152 @@
+"""Bad input to train.py and generate.py, run as real commands.
+
+Every case must end the same way: exit code 2, exactly one non-empty line on stderr that names what
+was wrong and where (the key, the file, the option), nothing on stdout, no traceback, and every file
+already on disk (a previous run's checkpoint and log, the damaged input itself) byte-identical.
+"""
+
+import shutil
+
+import numpy as np
+from conftest import TINY, TINY_TOML, merge, run_cli, snapshot, write_toml
+
+
+def reject(script, *args, names=(), keep=()):
+    """Run script with args; assert it fails as bad input naming every string in names, and that
+    the folders in keep are unchanged."""
+    before = [snapshot(folder) for folder in keep]
+    r = run_cli(script, *args)
+    output = r.stdout + r.stderr
+    assert "Traceback" not in output, output
+    assert r.returncode == 2, f"exit code {r.returncode}\n{output}"
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].strip(), f"expected one line on stderr, got:\n{r.stderr}"
+    assert r.stdout == "", f"unexpected stdout:\n{r.stdout}"
+    for name in names:
+        assert str(name) in lines[0], f"{name!r} not named in: {lines[0]}"
+    for folder, files in zip(keep, before):
+        assert snapshot(folder) == files, f"files under {folder} changed"
+    return lines[0]
+
+
+def config_file(tmp_path, run_dir, change=None):
+    """The TINY config writing to run_dir, with change merged in, as tmp_path/bad.toml."""
+    sections = merge(merge(TINY, {"train": {"out_dir": str(run_dir)}}), change or {})
+    return write_toml(tmp_path / "bad.toml", sections)
+
+
+def reject_config(cfg, run_dir, *names, args=()):
+    """train.py cfg must fail as bad input naming names, leaving run_dir (a previous run) intact."""
+    return reject("train.py", cfg, "--no-progress", *args, names=names, keep=[run_dir])
+
+
+# --------------------------------------------------------------------------- train.py: the config
+
+
+def test_unknown_key_names_it_and_suggests_the_nearest(tmp_path, run_copy):
+    cfg = config_file(tmp_path, run_copy, {"model": {"n_embed": 16}})
+    reject_config(cfg, run_copy, cfg, "'n_embed'", "did you mean 'n_embd'")
+
+
+def test_unknown_section(tmp_path, run_copy):
+    cfg = config_file(tmp_path, run_copy, {"modle": {"n_layer": 1}})
+    reject_config(cfg, run_copy, cfg, "[modle]", "did you mean 'model'")
+
+
+def test_wrong_type(tmp_path, run_copy):
+    cfg = config_file(tmp_path, run_copy, {"model": {"n_layer": "four"}})
+    reject_config(cfg, run_copy, cfg, "n_layer", "int", "'four'")
+
+
+def test_negative_size(tmp_path, run_copy):
+    cfg = config_file(tmp_path, run_copy, {"model": {"n_layer": -1}})
+    reject_config(cfg, run_copy, cfg, "n_layer", "-1")
+
+
+def test_n_embd_not_divisible_by_n_head(tmp_path, run_copy):
+    cfg = config_file(tmp_path, run_copy, {"model": {"n_embd": 16, "n_head": 3}})
+    reject_config(cfg, run_copy, cfg, "n_embd", "n_head", "16", "3")
+
+
+def test_missing_corpus_path(tmp_path, run_copy):
+    corpus = tmp_path / "no_such_corpus.txt"
+    cfg = config_file(tmp_path, run_copy, {"data": {"path": str(corpus)}})
+    reject_config(cfg, run_copy, "[data] path", corpus)
+
+
+def test_empty_corpus_file(tmp_path, run_copy):
+    corpus = tmp_path / "empty.txt"
+    corpus.write_bytes(b"")
+    cfg = config_file(tmp_path, run_copy, {"data": {"path": str(corpus)}})
+    reject_config(cfg, run_copy, "[data] path", corpus, "empty")
+
+
+def test_empty_corpus_folder(tmp_path, run_copy):
+    corpus = tmp_path / "empty_folder"
+    corpus.mkdir()
+    cfg = config_file(tmp_path, run_copy, {"data": {"path": str(corpus)}})
+    reject_config(cfg, run_copy, "[data] path", corpus, "no files")
+
+
+def test_missing_config_file(tmp_path, run_copy):
+    reject_config(tmp_path / "no_such_config.toml", run_copy, tmp_path / "no_such_config.toml")
+
+
+def test_invalid_toml(tmp_path, run_copy):
+    cfg = tmp_path / "broken.toml"
+    cfg.write_text(f'[train\nout_dir = "{run_copy}"\n', encoding="utf-8")
+    reject_config(cfg, run_copy, cfg, "TOML")
+
+
+def test_set_without_equals(run_copy):
+    reject_config(TINY_TOML, run_copy, "--set", "train.max_steps",
+                  args=["--set", f"train.out_dir={run_copy}", "--set", "train.max_steps"])
+
+
+def test_resume_without_a_checkpoint(tmp_path, run_copy):
+    (run_copy / "ckpt.npz").unlink()  # a run folder that has a log but no checkpoint
+    cfg = config_file(tmp_path, run_copy)
+    reject_config(cfg, run_copy, run_copy / "ckpt.npz", args=["--resume"])
+    assert not (run_copy / "ckpt.npz").exists()
+
+
+# --------------------------------------------------------------------------- generate.py
+
+
+def test_generate_from_a_missing_checkpoint(tmp_path, trained_run):
+    missing = tmp_path / "no_such_run"
+    reject("generate.py", missing, names=[missing], keep=[tmp_path])
+    assert not missing.exists()
+
+
+def test_generate_from_a_truncated_checkpoint(tmp_path, trained_run):
+    ckpt = tmp_path / "ckpt.npz"
+    shutil.copyfile(trained_run / "ckpt.npz", ckpt)
+    data = ckpt.read_bytes()
+    ckpt.write_bytes(data[: len(data) // 2])
+    reject("generate.py", ckpt, names=[ckpt], keep=[tmp_path, trained_run])
+
+
+def test_generate_from_a_foreign_npz(tmp_path):
+    rng = np.random.default_rng(0)
+    foreign = tmp_path / "weights.npz"
+    np.savez(foreign, w=rng.normal(size=(4, 4)), b=rng.normal(size=4))
+    reject("generate.py", foreign, names=[foreign], keep=[tmp_path])
+
+
+def test_generate_from_random_bytes_named_ckpt_npz(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "ckpt.npz").write_bytes(np.random.default_rng(0).bytes(4096))
+    reject("generate.py", run_dir, names=[run_dir / "ckpt.npz"], keep=[tmp_path])
+
+
+def test_generate_negative_max_new_tokens(trained_run):
+    reject("generate.py", trained_run, "--max-new-tokens", "-5",
+           names=["--max-new-tokens", "-5"], keep=[trained_run])
+
+
+def test_generate_unreadable_prompt_file(tmp_path, trained_run):
+    missing = tmp_path / "no_such_prompt.txt"
+    reject("generate.py", trained_run, "--prompt-file", missing,
+           names=["--prompt-file", missing], keep=[trained_run])
