@@ -33,6 +33,14 @@ def rows_from_records(records: dict) -> list[dict]:
     return rows
 
 
+def records_from_rows(rows) -> dict:
+    """The inverse of rows_from_records (for restoring a resumed run's meter)."""
+    from minigpt.meter import Record
+
+    return {(r["scope"], r["op"], r["kind"], r["phase"], r["dtype"]): Record(**{k: r[k] for k in NUMBERS})
+            for r in rows}
+
+
 def layer_of(scope: str) -> str:
     """"h3.attn.c_attn" -> "h3"; "lm_head" -> "lm_head"."""
     return scope.split(".", 1)[0]
@@ -111,3 +119,32 @@ def save(out_dir, rows, steps: int, tokens: int) -> tuple[Path, Path]:
 def load(run_dir) -> dict:
     """A run's costs.json."""
     return json.loads((Path(run_dir) / "costs.json").read_text())
+
+
+def summary(rows, steps: int, tokens: int, peak_flops: float | None = None,
+            peak_source: str = "") -> str:
+    """The end-of-training report: a per-layer table of the training phases, phase totals,
+    and model FLOPs utilisation against a measured peak (when one is given)."""
+    train_rows = [r for r in rows if r["phase"] in ("forward", "backward", "optimizer")]
+    t = totals(train_rows)
+    lines = [format_table(group(train_rows, "layer"),
+                          title=f"cost per layer, training phases, {steps} steps, {tokens:,} tokens"),
+             "",
+             f"{'phase':<10}  {'FLOPs':>11}  {'bytes':>10}  {'seconds':>8}  {'GFLOP/s':>8}"]
+    for phase in ("forward", "backward", "optimizer", "all"):
+        if phase not in t:
+            continue
+        p = t[phase]
+        rate = p["flops"] / p["seconds"] / 1e9 if p["seconds"] > 0 else 0.0
+        lines.append(f"{phase:<10}  {_si(p['flops']):>11}  {_si(p['bytes_read'] + p['bytes_written'], 'B'):>10}"
+                     f"  {p['seconds']:8.2f}  {rate:8.2f}")
+    if steps:
+        mm = sum(r["flops"] for r in train_rows if r["kind"] == "matmul")
+        lines.append(f"matmul FLOPs per token: {mm / tokens:,.0f}  (all FLOPs per token: "
+                     f"{t['all']['flops'] / tokens:,.0f})")
+    if peak_flops and t["all"]["seconds"] > 0:
+        achieved = t["all"]["flops"] / t["all"]["seconds"]
+        lines.append(f"model FLOPs utilisation: {100 * achieved / peak_flops:.1f}% of "
+                     f"{peak_flops / 1e9:,.1f} GFLOP/s {peak_source}".rstrip())
+    lines.append(CONVENTIONS)
+    return "\n".join(lines)

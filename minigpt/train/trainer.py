@@ -16,6 +16,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from minigpt import backend
+from minigpt.costs import report
 from minigpt.data import check_length, get_batch, load_corpus
 from minigpt.errors import CheckpointError, ConfigError, MiniGPTError
 from minigpt.meter import METER
@@ -85,6 +86,7 @@ class Trainer:
         self.model.grads = FlatBuffer(cfg.model, t.dtype)
         self.opt = AdamW(params, t.beta1, t.beta2, t.eps, t.weight_decay)
         self.state = RunState()
+        self.meter_rows = []  # a resumed run's counts so far
         self.resumed = resume
         self._log_started = False
         if resume:
@@ -110,6 +112,7 @@ class Trainer:
         self.opt.m[...] = backend.asarray(arrays["adam_m"].astype(dtype))
         self.opt.v[...] = backend.asarray(arrays["adam_v"].astype(dtype))
         self.state = RunState(**meta["run"])
+        self.meter_rows = meta.get("meter", [])
         self.opt.t = self.state.step
         self.data_rng.bit_generator.state = self.state.data_rng
         self.dropout_rng.bit_generator.state = self.state.dropout_rng
@@ -124,6 +127,7 @@ class Trainer:
             "tokenizer": self.tokenizer.to_dict(),
             "layout": self.model.params.layout,
             "run": s.__dict__,
+            "meter": report.rows_from_records(METER.records),
         }
         arrays = {
             "params": backend.to_host(self.model.params.data),
@@ -212,6 +216,7 @@ class Trainer:
     def run(self) -> Result:
         cfg, t = self.cfg, self.cfg.train
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        METER.records = report.records_from_rows(self.meter_rows)  # the whole run's counts
         tokens_per_step = t.grad_accum * t.batch_size * cfg.model.block_size
         entry = {"val_loss": float("nan"), "train_loss": float("nan")}
         previous = signal.getsignal(signal.SIGINT)
@@ -238,6 +243,8 @@ class Trainer:
                     self.on_step(self)
             if self._stop:
                 self.save()
+            report.save(self.out_dir, report.rows_from_records(METER.records), self.state.step,
+                        self.state.tokens)
         finally:
             bar.close()
             if previous is signal.default_int_handler:
