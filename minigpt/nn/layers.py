@@ -156,20 +156,23 @@ def attention_forward(x, p, n_head, kv=None, dropout=0.0, rng=None):
 
     kv: a KVCache layer slot for cached decoding (keys and values of earlier positions), or None.
     """
+    xp = backend.xp
     B, T, C = x.shape
     hs = C // n_head
     with METER.scope("c_attn"):
         qkv, c_attn = linear_forward(x, p["attn.c_attn.weight"], p["attn.c_attn.bias"])  # (B, T, 3C)
-    qkv = qkv.reshape(B, T, 3, n_head, hs).transpose(2, 0, 3, 1, 4)  # (3, B, H, T, hs)
-    q, k, v = qkv[0], qkv[1], qkv[2]  # each (B, H, T, hs)
+    qkv = qkv.reshape(B, T, 3, n_head, hs).transpose(2, 0, 3, 1, 4)  # (3, B, H, T, hs) view
+    # Contiguous copies: BLAS multiplies them several times faster than strided views.
+    q, k, v = (xp.ascontiguousarray(a) for a in qkv)  # each (B, H, T, hs)
     pos0 = 0
     if kv is not None:
         pos0 = kv.length
         k, v = kv.append(k, v)  # (B, H, pos0 + T, hs)
-    Tk = k.shape[2]
+    kT = xp.ascontiguousarray(k.swapaxes(-1, -2))  # (B, H, hs, Tk)
+    Tk = kT.shape[-1]
     useful = _useful_causal_flops(B, n_head, T, Tk, pos0, hs)
     with METER.scope("scores"):
-        att = METER.matmul(q, k.swapaxes(-1, -2), op="q@kT", useful_flops=useful)  # (B, H, T, Tk)
+        att = METER.matmul(q, kT, op="q@kT", useful_flops=useful)  # (B, H, T, Tk)
     with METER.scope("softmax"):
         att = causal_softmax_forward(att, 1.0 / math.sqrt(hs), pos0)
     probs, drop = att, None
@@ -193,10 +196,11 @@ def attention_backward(dout, cache, p, g):
     useful = _useful_causal_flops(B, H, T, T, 0, hs)
     with METER.scope("c_proj"):
         dy = linear_backward(dout, c_proj, g["attn.c_proj.weight"], g["attn.c_proj.bias"])
-    dy = dy.reshape(B, T, H, hs).transpose(0, 2, 1, 3)  # (B, H, T, hs)
+    dy = xp.ascontiguousarray(dy.reshape(B, T, H, hs).transpose(0, 2, 1, 3))  # (B, H, T, hs)
+    vT = xp.ascontiguousarray(v.swapaxes(-1, -2))  # (B, H, hs, T)
     with METER.scope("mix"):
-        datt = METER.matmul(dy, v.swapaxes(-1, -2), op="grad_att", useful_flops=useful)  # (B,H,T,T)
-        dv = METER.matmul(att.swapaxes(-1, -2), dy, op="grad_v", useful_flops=useful)  # (B,H,T,hs)
+        datt = METER.matmul(dy, vT, op="grad_att", useful_flops=useful)  # (B, H, T, T)
+        dv = METER.matmul(att.swapaxes(-1, -2), dy, op="grad_v", useful_flops=useful)  # (B, H, T, hs)
     if drop is not None:
         with METER.scope("attn_dropout"):
             datt = dropout_backward(datt, drop)

@@ -62,6 +62,7 @@ class Trainer:
         self.on_step = on_step  # called as on_step(trainer) after every step
         self._stop = False
         backend.use(cfg.train.device)
+        backend.keep_freed_memory()
         self.tokenizer = ByteTokenizer()
         if cfg.model.vocab_size < self.tokenizer.vocab_size:
             raise ConfigError(
