@@ -117,9 +117,84 @@ def cmd_generate(argv) -> int:
     return 0
 
 
+def _costs_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="minigpt costs",
+        description="Where the FLOPs, bytes and seconds went: a run's measured records "
+        "(<run>/costs.json), or the closed-form prediction for a config with no run at all.",
+        epilog="examples: minigpt costs out/tiny --by layer;  minigpt costs out/tiny --by op "
+        "--phase backward --top 10;  minigpt costs --config configs/tiny.toml --batch 32 --seq 128",
+    )
+    p.add_argument("run", nargs="?", help="a run folder holding costs.json")
+    p.add_argument("--config", help="predict for this config instead of reading a run")
+    p.add_argument("--batch", type=int, default=None, help="with --config: batch size (default: the config's)")
+    p.add_argument("--seq", type=int, default=None, help="with --config: tokens per sequence (default block_size)")
+    p.add_argument("--mode", choices=("train", "prefill", "decode"), default="train",
+                   help="with --config: one training step, a prefill of --seq tokens, or one decode "
+                   "step at position --seq (default train)")
+    p.add_argument("--by", choices=("scope", "op", "kind", "layer", "phase"), default="scope",
+                   help="group records by this (default scope)")
+    p.add_argument("--phase", default=None, help="only this phase (forward, backward, optimizer, eval, ...)")
+    p.add_argument("--top", type=int, default=None, help="show the N biggest groups")
+    p.add_argument("--format", choices=("table", "json", "csv"), default="table")
+    return p
+
+
+def cmd_costs(argv) -> int:
+    import json
+
+    from minigpt import config
+    from minigpt.costs import model as cost_model
+    from minigpt.costs import report
+
+    args = _costs_parser().parse_args(argv)
+    if (args.run is None) == (args.config is None):
+        raise ConfigError("minigpt costs: give a run folder, or --config (not both)")
+    if args.config is not None:
+        cfg = config.load(args.config)
+        B = args.batch if args.batch is not None else cfg.train.batch_size
+        T = args.seq if args.seq is not None else cfg.model.block_size
+        if B < 1 or T < 1:
+            raise ConfigError(f"--batch and --seq must be >= 1, got {B} and {T}")
+        if T > cfg.model.block_size and args.mode != "decode" or T >= cfg.model.block_size and args.mode == "decode":
+            raise ConfigError(f"--seq {T} does not fit block_size {cfg.model.block_size} of {args.config}")
+        if args.mode == "train":
+            records = cost_model.predict_training_step(cfg.model, B, T, cfg.train.grad_accum)
+            what = f"predicted: one training step of {args.config}, batch {B} x {T} tokens"
+        elif args.mode == "prefill":
+            records = cost_model.predict_forward(cfg.model, B, T, "prefill")
+            what = f"predicted: prefill of {T} tokens, batch {B}, {args.config}"
+        else:
+            records = cost_model.predict_decode(cfg.model, B, T)
+            what = f"predicted: one decode step at position {T}, batch {B}, {args.config}"
+        rows = report.rows_from_records(records)
+    else:
+        try:
+            doc = report.load(args.run)
+        except FileNotFoundError:
+            raise ConfigError(f"{args.run}: no costs.json here (train a run first)") from None
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{args.run}/costs.json: unreadable: {e}") from None
+        rows = doc["records"]
+        what = f"measured: {args.run}, {doc['steps']} steps, {doc['tokens']:,} training tokens"
+    groups = report.group(rows, args.by, args.phase)
+    if args.top:
+        groups = groups[: args.top]
+    if args.format == "json":
+        print(json.dumps({"what": what, "by": args.by, "phase": args.phase, "groups": groups}, indent=1))
+    elif args.format == "csv":
+        print(report.groups_csv(groups), end="")
+    else:
+        title = f"{what}; by {args.by}" + (f", phase {args.phase}" if args.phase else "")
+        print(report.format_table(groups, title=title))
+        print(report.CONVENTIONS)
+    return 0
+
+
 COMMANDS = {
     "train": (cmd_train, "train a model from a TOML config"),
     "generate": (cmd_generate, "write text with a trained model"),
+    "costs": (cmd_costs, "FLOPs, bytes and seconds by layer, op or phase (measured or predicted)"),
 }
 
 

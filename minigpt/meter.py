@@ -16,12 +16,14 @@ Counting conventions (docs/costs.md has the long form, and minigpt.costs predict
 - elementwise kinds: FLOPS_PER_ELEMENT[kind, op] per element of the op's main operand, and
   inputs read once and outputs written once.
 
-This module imports nothing else from the package: the model uses it, the cost reports read it.
+This module imports only the backend: the model uses it, the cost reports read it.
 """
 
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
+
+from minigpt import backend
 
 PHASES = ("forward", "backward", "optimizer", "eval", "prefill", "decode")
 
@@ -33,21 +35,21 @@ FLOPS_PER_ELEMENT = {
     ("embedding", "grad_position"): 1,  # dwpe += sum over the batch
     ("layernorm", "normalize"): 7,  # mean, centre, square, sum, scale, * w, + b
     ("layernorm", "grad"): 11,  # dw (2), db (1), dxhat (1), two means (3), dx (4)
-    ("bias", "add"): 1,
+    ("bias", "add"): 1,  # out += b
     ("bias", "grad"): 1,  # db += column sums of dout
-    ("softmax", "causal"): 6,  # scale, mask, max, subtract, exp, sum + divide (per score)
-    ("softmax", "grad"): 4,  # datt * att, row sum, subtract, * att * scale (fused count)
+    ("softmax", "causal"): 7,  # scale, mask, max, subtract, exp, sum, divide (per score)
+    ("softmax", "grad"): 5,  # datt * att, row sum, att * sum, subtract, * scale
     ("gelu", "tanh"): 8,  # x*x, scale, +, *x, tanh (counted as one), 1+, *x, *0.5
     ("gelu", "grad"): 11,  # polynomial (4), 1 - th^2 (2), *, th/2 (1), + (2), * dout
-    ("residual", "add"): 1,
+    ("residual", "add"): 1,  # x + branch
     ("residual", "grad"): 1,  # the branch gradient added into the stream's
     ("dropout", "mask"): 2,  # compare against p, multiply by mask / (1 - p)
-    ("dropout", "grad"): 1,
+    ("dropout", "grad"): 1,  # dout * mask
     ("cross_entropy", "loss"): 5,  # max, subtract, exp, sum, divide (probabilities kept for grad)
     ("cross_entropy", "grad"): 1,  # probs - onehot, / N (counted per logit)
     ("clip", "norm"): 2,  # square and sum over every gradient element
-    ("clip", "scale"): 1,
-    ("adamw", "update"): 12,  # decay, two moment updates, bias corrections, sqrt, divide, step
+    ("clip", "scale"): 1,  # g *= min(1, max_norm / norm), run every step
+    ("adamw", "update"): 14,  # decay (1), first moment (3), second (4), denominator (3), step (3)
 }
 
 
@@ -119,9 +121,9 @@ class Meter:
     def matmul(self, a, b, op: str = "matmul", useful_flops=None):
         """a @ b, counted: the one matrix product in the package."""
         if not self.enabled:
-            return a @ b
+            return backend.xp.matmul(a, b)
         t0 = self.clock()
-        out = a @ b
+        out = backend.xp.matmul(a, b)
         seconds = self.clock() - t0
         m, k = a.shape[-2:]
         n = b.shape[-1]
@@ -144,3 +146,4 @@ class Meter:
 
 
 METER = Meter()
+matmul = METER.matmul  # the package's one matrix product: `from minigpt.meter import matmul`

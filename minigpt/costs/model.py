@@ -38,7 +38,7 @@ class _Sheet:
         r.bytes_read += read
         r.bytes_written += written
 
-    def matmul(self, scope, op, batch, m, k, n, a_elems, b_elems, useful=None):
+    def product(self, scope, op, batch, m, k, n, a_elems, b_elems, useful=None):
         """(batch, m, k) @ (k, n) products; A and B hold a_elems and b_elems elements."""
         s = self.itemsize
         self._add(scope, op, "matmul", 2 * batch * m * n * k, (a_elems + b_elems) * s,
@@ -49,20 +49,20 @@ class _Sheet:
         self._add(scope, op, kind, FPE[kind, op] * n, read_elems * s + extra_read_bytes, written_elems * s)
 
 
-def _causal_useful(B, H, T, Tk, pos0, inner):
+def _causal_useful(B, H, T, Tk, pos0, head_size):
     visible = sum(min(pos0 + i + 1, Tk) for i in range(T))
-    return 2 * B * H * visible * inner
+    return 2 * B * H * visible * head_size
 
 
 def _linear_forward(sh, scope, N, C, OC):
-    sh.matmul(scope, "x@w", 1, N, C, OC, N * C, C * OC)
+    sh.product(scope, "x@w", 1, N, C, OC, N * C, C * OC)
     sh.elementwise(scope, "bias", "add", N * OC, N * OC + OC, N * OC)
 
 
 def _linear_backward(sh, scope, N, C, OC):
-    sh.matmul(scope, "grad_w", 1, C, N, OC, N * C, N * OC)
+    sh.product(scope, "grad_w", 1, C, N, OC, N * C, N * OC)
     sh.elementwise(scope, "bias", "grad", N * OC, N * OC + OC, OC)
-    sh.matmul(scope, "grad_x", 1, N, OC, C, N * OC, C * OC)
+    sh.product(scope, "grad_x", 1, N, OC, C, N * OC, C * OC)
 
 
 def _layernorm_forward(sh, scope, N, C):
@@ -94,12 +94,12 @@ def _forward(sh, cfg, B, T, pos0=0, last_only=False, targets=False, dropout=Fals
         h = f"h{i}"
         _layernorm_forward(sh, f"{h}.ln_1", N, C)
         _linear_forward(sh, f"{h}.attn.c_attn", N, C, 3 * C)
-        sh.matmul(f"{h}.attn.scores", "q@kT", B * H, T, hs, Tk, B * H * T * hs, B * H * Tk * hs, useful)
+        sh.product(f"{h}.attn.scores", "q@kT", B * H, T, hs, Tk, B * H * T * hs, B * H * Tk * hs, useful)
         n_att = B * H * T * Tk
         sh.elementwise(f"{h}.attn.softmax", "softmax", "causal", n_att, n_att, n_att)
         if dropout:
             _dropout_forward(sh, f"{h}.attn.attn_dropout", n_att)
-        sh.matmul(f"{h}.attn.mix", "att@v", B * H, T, Tk, hs, n_att, B * H * Tk * hs, useful)
+        sh.product(f"{h}.attn.mix", "att@v", B * H, T, Tk, hs, n_att, B * H * Tk * hs, useful)
         _linear_forward(sh, f"{h}.attn.c_proj", N, C, C)
         if dropout:
             _dropout_forward(sh, f"{h}.attn.resid_dropout", N * C)
@@ -113,7 +113,7 @@ def _forward(sh, cfg, B, T, pos0=0, last_only=False, targets=False, dropout=Fals
         sh.elementwise(f"{h}.residual_2", "residual", "add", N * C, 2 * N * C, N * C)
     _layernorm_forward(sh, "ln_f", N, C)
     M = B if last_only else N
-    sh.matmul("lm_head", "x@wte.T", 1, M, C, V, M * C, V * C)
+    sh.product("lm_head", "x@wte.T", 1, M, C, V, M * C, V * C)
     if targets:
         sh.elementwise("loss", "cross_entropy", "loss", N * V, N * V, N * V,
                        extra_read_bytes=N * INDEX_BYTES)
@@ -125,8 +125,8 @@ def _backward(sh, cfg, B, T, dropout=False):
     useful = _causal_useful(B, H, T, T, 0, hs)
     n_att = B * H * T * T
     sh.elementwise("loss", "cross_entropy", "grad", N * V, N * V, N * V, extra_read_bytes=N * INDEX_BYTES)
-    sh.matmul("lm_head", "grad_w", 1, V, N, C, N * V, N * C)
-    sh.matmul("lm_head", "grad_x", 1, N, V, C, N * V, V * C)
+    sh.product("lm_head", "grad_w", 1, V, N, C, N * V, N * C)
+    sh.product("lm_head", "grad_x", 1, N, V, C, N * V, V * C)
     _layernorm_backward(sh, "ln_f", N, C)
     for i in reversed(range(cfg.n_layer)):
         h = f"h{i}"
@@ -140,13 +140,13 @@ def _backward(sh, cfg, B, T, dropout=False):
         if dropout:
             _dropout_backward(sh, f"{h}.attn.resid_dropout", N * C)
         _linear_backward(sh, f"{h}.attn.c_proj", N, C, C)
-        sh.matmul(f"{h}.attn.mix", "grad_att", B * H, T, hs, T, B * H * T * hs, B * H * T * hs, useful)
-        sh.matmul(f"{h}.attn.mix", "grad_v", B * H, T, T, hs, n_att, B * H * T * hs, useful)
+        sh.product(f"{h}.attn.mix", "grad_att", B * H, T, hs, T, B * H * T * hs, B * H * T * hs, useful)
+        sh.product(f"{h}.attn.mix", "grad_v", B * H, T, T, hs, n_att, B * H * T * hs, useful)
         if dropout:
             _dropout_backward(sh, f"{h}.attn.attn_dropout", n_att)
         sh.elementwise(f"{h}.attn.softmax", "softmax", "grad", n_att, 2 * n_att, n_att)
-        sh.matmul(f"{h}.attn.scores", "grad_q", B * H, T, T, hs, n_att, B * H * T * hs, useful)
-        sh.matmul(f"{h}.attn.scores", "grad_k", B * H, T, T, hs, n_att, B * H * T * hs, useful)
+        sh.product(f"{h}.attn.scores", "grad_q", B * H, T, T, hs, n_att, B * H * T * hs, useful)
+        sh.product(f"{h}.attn.scores", "grad_k", B * H, T, T, hs, n_att, B * H * T * hs, useful)
         _linear_backward(sh, f"{h}.attn.c_attn", N, C, 3 * C)
         _layernorm_backward(sh, f"{h}.ln_1", N, C)
         sh.elementwise(f"{h}.residual_1", "residual", "grad", N * C, 2 * N * C, N * C)

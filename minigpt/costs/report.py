@@ -76,22 +76,36 @@ def _si(x: float, unit: str = "") -> str:
 
 
 def format_table(groups, title: str = "", top: int | None = None) -> str:
-    """A fixed-width table: name, FLOPs, % of FLOPs, bytes, FLOP/byte, seconds, GFLOP/s."""
+    """A fixed-width table: name, FLOPs, % of FLOPs, bytes, FLOP/byte, and (for measured records)
+    seconds and achieved GFLOP/s."""
     total = sum(g["flops"] for g in groups) or 1
+    timed = any(g["seconds"] > 0 for g in groups)
     shown = groups[:top] if top else groups
     width = max([len("name")] + [len(g["name"]) for g in shown])
-    head = (f"{'name':<{width}}  {'FLOPs':>11}  {'%':>5}  {'bytes':>10}  {'FLOP/B':>7}  "
-            f"{'seconds':>8}  {'GFLOP/s':>8}")
+    head = f"{'name':<{width}}  {'FLOPs':>11}  {'%':>5}  {'bytes':>10}  {'FLOP/B':>7}"
+    if timed:
+        head += f"  {'seconds':>8}  {'GFLOP/s':>8}"
     lines = ([title] if title else []) + [head, "-" * len(head)]
     for g in shown:
         nbytes = g["bytes_read"] + g["bytes_written"]
         intensity = g["flops"] / nbytes if nbytes else 0.0
-        rate = g["flops"] / g["seconds"] / 1e9 if g["seconds"] > 0 else 0.0
-        lines.append(f"{g['name']:<{width}}  {_si(g['flops']):>11}  {100 * g['flops'] / total:5.1f}  "
-                     f"{_si(nbytes, 'B'):>10}  {intensity:7.1f}  {g['seconds']:8.3f}  {rate:8.2f}")
+        line = (f"{g['name']:<{width}}  {_si(g['flops']):>11}  {100 * g['flops'] / total:5.1f}  "
+                f"{_si(nbytes, 'B'):>10}  {intensity:7.1f}")
+        if timed:
+            rate = g["flops"] / g["seconds"] / 1e9 if g["seconds"] > 0 else 0.0
+            line += f"  {g['seconds']:8.3f}  {rate:8.2f}"
+        lines.append(line)
     if top and len(groups) > top:
         lines.append(f"... {len(groups) - top} more")
     return "\n".join(lines)
+
+
+def groups_csv(groups) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=("name", *NUMBERS), lineterminator="\n")
+    w.writeheader()
+    w.writerows(groups)
+    return buf.getvalue()
 
 
 def _atomic_write(path: Path, text: str) -> None:

@@ -11,7 +11,7 @@ from functools import lru_cache
 
 from minigpt import backend
 from minigpt.meter import FLOPS_PER_ELEMENT as FPE
-from minigpt.meter import METER
+from minigpt.meter import METER, matmul
 
 
 def _nbytes(*arrays) -> int:
@@ -89,7 +89,7 @@ def linear_forward(x, w, b):
     """x (..., C) @ w (C, OC) + b (OC,), under the caller's scope (e.g. h3.attn.c_attn)."""
     C, OC = w.shape
     x2 = x.reshape(-1, C)  # (N, C)
-    out = METER.matmul(x2, w, op="x@w")  # (N, OC)
+    out = matmul(x2, w, op="x@w")  # (N, OC)
     with METER.op("bias", "add") as c:
         out += b
         c.count(FPE["bias", "add"] * out.size, out.nbytes + b.nbytes, out.nbytes, out.dtype)
@@ -100,11 +100,11 @@ def linear_backward(dout, cache, dw, db):
     x2, w = cache
     C, OC = w.shape
     d2 = dout.reshape(-1, OC)  # (N, OC)
-    dw += METER.matmul(x2.T, d2, op="grad_w")  # (C, OC)
+    dw += matmul(x2.T, d2, op="grad_w")  # (C, OC)
     with METER.op("bias", "grad") as c:
         db += d2.sum(axis=0)
         c.count(FPE["bias", "grad"] * d2.size, d2.nbytes + db.nbytes, db.nbytes, d2.dtype)
-    dx = METER.matmul(d2, w.T, op="grad_x")  # (N, C)
+    dx = matmul(d2, w.T, op="grad_x")  # (N, C)
     return dx.reshape(*dout.shape[:-1], C)
 
 
@@ -145,10 +145,10 @@ def causal_softmax_backward(datt, att, scale):
     return dscores
 
 
-def _useful_causal_flops(B, H, T, Tk, pos0, inner):
+def _useful_causal_flops(B, H, T, Tk, pos0, head_size):
     """Products a causal mask keeps: query pos0+i sees min(pos0+i+1, Tk) keys."""
     visible = sum(min(pos0 + i + 1, Tk) for i in range(T))
-    return 2 * B * H * visible * inner
+    return 2 * B * H * visible * head_size
 
 
 def attention_forward(x, p, n_head, kv=None, dropout=0.0, rng=None):
@@ -172,7 +172,7 @@ def attention_forward(x, p, n_head, kv=None, dropout=0.0, rng=None):
     Tk = kT.shape[-1]
     useful = _useful_causal_flops(B, n_head, T, Tk, pos0, hs)
     with METER.scope("scores"):
-        att = METER.matmul(q, kT, op="q@kT", useful_flops=useful)  # (B, H, T, Tk)
+        att = matmul(q, kT, op="q@kT", useful_flops=useful)  # (B, H, T, Tk)
     with METER.scope("softmax"):
         att = causal_softmax_forward(att, 1.0 / math.sqrt(hs), pos0)
     probs, drop = att, None
@@ -180,7 +180,7 @@ def attention_forward(x, p, n_head, kv=None, dropout=0.0, rng=None):
         with METER.scope("attn_dropout"):
             att, drop = dropout_forward(probs, dropout, rng)
     with METER.scope("mix"):
-        y = METER.matmul(att, v, op="att@v", useful_flops=useful)  # (B, H, T, hs)
+        y = matmul(att, v, op="att@v", useful_flops=useful)  # (B, H, T, hs)
     y = y.transpose(0, 2, 1, 3).reshape(B, T, C)  # heads side by side again
     with METER.scope("c_proj"):
         out, c_proj = linear_forward(y, p["attn.c_proj.weight"], p["attn.c_proj.bias"])
@@ -199,16 +199,16 @@ def attention_backward(dout, cache, p, g):
     dy = xp.ascontiguousarray(dy.reshape(B, T, H, hs).transpose(0, 2, 1, 3))  # (B, H, T, hs)
     vT = xp.ascontiguousarray(v.swapaxes(-1, -2))  # (B, H, hs, T)
     with METER.scope("mix"):
-        datt = METER.matmul(dy, vT, op="grad_att", useful_flops=useful)  # (B, H, T, T)
-        dv = METER.matmul(att.swapaxes(-1, -2), dy, op="grad_v", useful_flops=useful)  # (B, H, T, hs)
+        datt = matmul(dy, vT, op="grad_att", useful_flops=useful)  # (B, H, T, T)
+        dv = matmul(att.swapaxes(-1, -2), dy, op="grad_v", useful_flops=useful)  # (B, H, T, hs)
     if drop is not None:
         with METER.scope("attn_dropout"):
             datt = dropout_backward(datt, drop)
     with METER.scope("softmax"):
         dscores = causal_softmax_backward(datt, probs, 1.0 / math.sqrt(hs))
     with METER.scope("scores"):
-        dq = METER.matmul(dscores, k, op="grad_q", useful_flops=useful)  # (B, H, T, hs)
-        dk = METER.matmul(dscores.swapaxes(-1, -2), q, op="grad_k", useful_flops=useful)
+        dq = matmul(dscores, k, op="grad_q", useful_flops=useful)  # (B, H, T, hs)
+        dk = matmul(dscores.swapaxes(-1, -2), q, op="grad_k", useful_flops=useful)
     dqkv = xp.stack([dq, dk, dv])  # (3, B, H, T, hs)
     dqkv = dqkv.transpose(1, 3, 0, 2, 4).reshape(B, T, 3 * C)
     with METER.scope("c_attn"):

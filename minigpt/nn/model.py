@@ -5,7 +5,7 @@ runs them in reverse (llm.c's gpt2_backward, read as the forward in reverse).
 """
 
 from minigpt import backend
-from minigpt.meter import METER
+from minigpt.meter import METER, matmul
 from minigpt.nn import layers as nn
 from minigpt.nn.params import FlatBuffer
 
@@ -135,7 +135,7 @@ class GPT:
         B, T, C = x.shape
         x2 = x.reshape(-1, C)
         with METER.scope("lm_head"):
-            logits = METER.matmul(x2, self.params["transformer.wte.weight"].T, op="x@wte.T")  # (B*T, V)
+            logits = matmul(x2, self.params["transformer.wte.weight"].T, op="x@wte.T")  # (B*T, V)
         return logits.reshape(B, T, -1), x2
 
     def loss(self, idx, targets, rng=None):
@@ -160,8 +160,8 @@ class GPT:
         d2 = dlogits.reshape(-1, V)
         with METER.scope("lm_head"):
             dwte = g["transformer.wte.weight"]
-            dwte += METER.matmul(d2.T, x2, op="grad_w")  # (V, C)
-            dx = METER.matmul(d2, wte, op="grad_x").reshape(B, T, -1)  # (B, T, C)
+            dwte += matmul(d2.T, x2, op="grad_w")  # (V, C)
+            dx = matmul(d2, wte, op="grad_x").reshape(B, T, -1)  # (B, T, C)
         with METER.scope("ln_f"):
             dx = nn.layernorm_backward(dx, ln_f, g["transformer.ln_f.weight"], g["transformer.ln_f.bias"])
         for i in reversed(range(cfg.n_layer)):
