@@ -52,7 +52,19 @@ def cmd_train(argv) -> int:
         return 130
     print(f"done: {result.steps} steps, {result.tokens:,} tokens in {result.elapsed_s:.1f} s; "
           f"val loss {result.val_loss:.4f} nats/token; checkpoint {trainer.ckpt_path}")
+    _print_training_costs(trainer, result)
     return 0
+
+
+def _print_training_costs(trainer, result) -> None:
+    from minigpt.costs import calibrate, report
+    from minigpt.meter import METER
+
+    peak, where = calibrate.local_peak() if trainer.cfg.train.device == "cpu" else (None, "")
+    rows = report.rows_from_records(METER.records)
+    print()
+    print(report.summary(rows, result.steps, result.tokens, peak, where))
+    print(f"details: minigpt costs {trainer.out_dir} --by op  (also {trainer.out_dir}/costs.json, costs.csv)")
 
 
 def _generate_parser(prog="minigpt generate") -> argparse.ArgumentParser:
@@ -191,10 +203,53 @@ def cmd_costs(argv) -> int:
     return 0
 
 
+def cmd_calibrate(argv) -> int:
+    from minigpt.costs import calibrate
+
+    p = _Parser(prog="minigpt calibrate",
+                description="Measure this machine's float32/float64 matmul FLOP/s and memory bandwidth "
+                "and save them as the local-cpu hardware profile ($MINIGPT_HOME/hardware, default "
+                "~/.minigpt/hardware), used for utilisation and roofline figures.")
+    p.add_argument("--quick", action="store_true", help="smaller, faster benchmarks (less exact)")
+    p.add_argument("--no-save", action="store_true", help="print the figures only")
+    args = p.parse_args(argv)
+    print("measuring (a few seconds)...", file=sys.stderr)
+    m = calibrate.measure(quick=args.quick)
+    print(f"float32 matmul: {m['fp32'] / 1e9:8.1f} GFLOP/s")
+    print(f"float64 matmul: {m['fp64'] / 1e9:8.1f} GFLOP/s")
+    print(f"memory copy:    {m['bandwidth'] / 1e9:8.1f} GB/s (read + write)")
+    if not args.no_save:
+        print(f"saved {calibrate.save(calibrate.profile_toml(m))}")
+    return 0
+
+
+def cmd_hardware(argv) -> int:
+    from minigpt.costs import hardware
+
+    p = _Parser(prog="minigpt hardware",
+                description="List the hardware profiles (packaged, and yours in $MINIGPT_HOME/hardware), "
+                "or show one with its sources.")
+    p.add_argument("name", nargs="?", help="show this profile's figures and sources")
+    args = p.parse_args(argv)
+    if args.name is None:
+        print(hardware.format_profiles_table(hardware.list_profiles()))
+        return 0
+    prof = hardware.load_profile(args.name)
+    print(f"{prof.name}: {prof.description}  ({prof.path})")
+    figures = [(f"peak_flops.{t}", v) for t, v in prof.peak_flops.items()]
+    figures += [(f, getattr(prof, f)) for f in hardware.FIGURES]
+    for key, value in figures:
+        shown = f"{value:.4g}" if value is not None else prof.missing.get(key, "unknown")
+        print(f"  {key:<18} {shown:>12}  {prof.sources.get(key, '')}")
+    return 0
+
+
 COMMANDS = {
     "train": (cmd_train, "train a model from a TOML config"),
     "generate": (cmd_generate, "write text with a trained model"),
     "costs": (cmd_costs, "FLOPs, bytes and seconds by layer, op or phase (measured or predicted)"),
+    "calibrate": (cmd_calibrate, "measure this machine's matmul FLOP/s and memory bandwidth"),
+    "hardware": (cmd_hardware, "list hardware profiles, or show one with its sources"),
 }
 
 

@@ -63,9 +63,9 @@ def test_every_packaged_profile_loads_with_sources():
     assert set(profiles) == NAMES
     for name, p in profiles.items():
         assert p.path.stem == name and p.description
-        assert set(p.peak_flops) == set(DTYPES)
+        assert set(p.peak_flops) == set(DTYPES) | {"fp64"}
         keys = [f"peak_flops.{t}" for t in DTYPES] + list(FIGURES)
-        values = list(p.peak_flops.values()) + [getattr(p, f) for f in FIGURES]
+        values = [p.peak_flops[t] for t in DTYPES] + [getattr(p, f) for f in FIGURES]
         for key, value in zip(keys, values):
             if value is None:
                 assert p.missing[key] in ("unknown", "unsupported"), (name, key)
@@ -103,8 +103,8 @@ def test_unknowns_are_none_and_peak_refuses_them():
         peak(load_profile("tpu-v3"), "fp32")
     with pytest.raises(ConfigError, match=r"tpu-v4: power_watts is unknown"):
         require(load_profile("tpu-v4"), "power_watts")
-    with pytest.raises(ConfigError, match="no peak for dtype 'fp64'"):
-        peak(v100, "fp64")
+    with pytest.raises(ConfigError, match=r"v100-sxm2: peak fp64 FLOP/s is unknown"):
+        peak(v100, "fp64")  # optional in a profile: absent means unknown
     assert require(load_profile("tpu-v3"), "power_watts") == 450  # TDP, not the measured 220
 
 
@@ -131,8 +131,8 @@ def test_unknown_name_suggests():
 
 
 @pytest.mark.parametrize("edit, field, words", [
-    (("[peak_flops.int8]", "[peak_flops.fp64]\nvalue = 1e12\nsource = \"x\"\n\n[peak_flops.int8]"),
-     "peak_flops.fp64", "unknown dtype"),
+    (("[peak_flops.int8]", "[peak_flops.fp8]\nvalue = 1e12\nsource = \"x\"\n\n[peak_flops.int8]"),
+     "peak_flops.fp8", "unknown dtype"),
     (("value = 1e12", "value = -1e12"), "memory_bandwidth.value", "must be positive"),
     (("[power_watts]\nvalue = 300\nsource = \"vendor sheet\"", ""), "power_watts",
      "missing required"),

@@ -39,8 +39,9 @@ else:  # pragma: no cover
 
 from minigpt.errors import ConfigError
 
-DTYPES = ("fp32", "tf32", "fp16", "int8")
-DTYPE_ALIASES = {"float32": "fp32", "float16": "fp16", "half": "fp16", "bf16": "fp16",
+DTYPES = ("fp32", "tf32", "fp16", "int8")  # required in every profile
+OPTIONAL_DTYPES = ("fp64",)  # measured by `minigpt calibrate`; "unknown" when absent
+DTYPE_ALIASES = {"float32": "fp32", "float64": "fp64", "float16": "fp16", "half": "fp16", "bf16": "fp16",
                  "bfloat16": "fp16"}
 FIGURES = ("memory_bandwidth", "memory_bytes", "power_watts")
 PROFILE_KEYS = ("name", "description", "peak_flops") + FIGURES
@@ -145,15 +146,17 @@ def profile_from_dict(d: dict, path: Path) -> Profile:
         raise ConfigError(f"{path}: peak_flops: expected tables [peak_flops.fp32] ... "
                           f"[peak_flops.int8]")
     for dtype in peaks:
-        if dtype not in DTYPES:
+        if dtype not in DTYPES + OPTIONAL_DTYPES:
             raise ConfigError(f"{path}: peak_flops.{dtype}: unknown dtype (expected one of "
-                              f"{', '.join(DTYPES)}; bf16 goes under fp16)")
+                              f"{', '.join(DTYPES + OPTIONAL_DTYPES)}; bf16 goes under fp16)")
     raws = {}
     for dtype in DTYPES:
         if dtype not in peaks:
             raise ConfigError(f"{path}: missing required field 'peak_flops.{dtype}' "
                               f"(write value = \"unknown\" when no figure is published)")
         raws[f"peak_flops.{dtype}"] = peaks[dtype]
+    for dtype in OPTIONAL_DTYPES:
+        raws[f"peak_flops.{dtype}"] = peaks.get(dtype, {"value": "unknown"})
     raws.update({key: d[key] for key in FIGURES})
     values, sources, notes, missing = {}, {}, {}, {}
     for key, raw in raws.items():
@@ -165,7 +168,7 @@ def profile_from_dict(d: dict, path: Path) -> Profile:
         if values[key] is None:
             missing[key] = raw["value"]
     return Profile(name=d["name"], description=d["description"],
-                   peak_flops={t: values[f"peak_flops.{t}"] for t in DTYPES},
+                   peak_flops={t: values[f"peak_flops.{t}"] for t in DTYPES + OPTIONAL_DTYPES},
                    memory_bandwidth=values["memory_bandwidth"], memory_bytes=values["memory_bytes"],
                    power_watts=values["power_watts"], sources=sources, notes=notes,
                    missing=missing, path=path)
@@ -238,9 +241,9 @@ def _why(profile: Profile, key: str) -> str:
 def peak(profile: Profile, dtype: str) -> float:
     """Dense peak FLOP/s for a dtype ("fp32", "bf16", "float16"...); ConfigError when unknown."""
     key = DTYPE_ALIASES.get(dtype, dtype)
-    if key not in DTYPES:
+    if key not in DTYPES + OPTIONAL_DTYPES:
         raise ConfigError(f"{profile.name}: no peak for dtype {dtype!r} (profiles give "
-                          f"{', '.join(DTYPES)})")
+                          f"{', '.join(DTYPES + OPTIONAL_DTYPES)})")
     value = profile.peak_flops.get(key)
     if value is None:
         raise ConfigError(f"{profile.name}: peak {key} FLOP/s {_why(profile, f'peak_flops.{key}')}")

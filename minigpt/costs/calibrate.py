@@ -1,0 +1,123 @@
+"""`minigpt calibrate`: measure this machine's matmul FLOP/s and memory bandwidth, and save them as
+the local hardware profile ($MINIGPT_HOME/hardware/local-cpu.toml), so utilisation and roofline
+figures for the CPU rest on measurement, not on a guess.
+
+Micro-benchmarks, best of several runs each (the best run is the one least disturbed):
+- matmul: an n x n x n product in float32 and in float64, through NumPy (the BLAS the model uses);
+- bandwidth: copying a 256 MiB array, counting the bytes read and the bytes written.
+"""
+
+import datetime
+import os
+import platform
+import time
+
+import numpy as np
+
+from minigpt.costs import hardware
+
+
+def matmul_flops(dtype="float32", n=2048, repeats=5) -> float:
+    """Best FLOP/s of an (n, n) @ (n, n) product; 2 n^3 FLOPs each."""
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((n, n)).astype(dtype)
+    b = rng.standard_normal((n, n)).astype(dtype)
+    out = np.empty((n, n), dtype=dtype)
+    np.matmul(a, b, out=out)  # warm up the BLAS threads
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        np.matmul(a, b, out=out)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
+
+
+def copy_bandwidth(nbytes=256 << 20, repeats=5) -> float:
+    """Best bytes/s of copying nbytes: each copy reads nbytes and writes nbytes."""
+    src = np.ones(nbytes // 8, dtype=np.float64)
+    dst = np.empty_like(src)
+    np.copyto(dst, src)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        np.copyto(dst, src)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * src.nbytes / best
+
+
+def _cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _environment() -> str:
+    blas = {k: v for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OPENBLAS_NUM_THREADS",
+                           "OMP_NUM_THREADS") if (v := os.environ.get(k))}
+    return ", ".join(f"{k}={v}" for k, v in blas.items()) or "no BLAS variables set"
+
+
+def measure(quick: bool = False) -> dict:
+    """The measured figures: fp32 and fp64 matmul FLOP/s, copy bandwidth (bytes/s)."""
+    n, repeats = (1024, 3) if quick else (2048, 5)
+    return {
+        "fp32": matmul_flops("float32", n, repeats),
+        "fp64": matmul_flops("float64", n // 2 if quick else n, repeats),
+        "bandwidth": copy_bandwidth((64 if quick else 256) << 20, repeats),
+        "n": n,
+    }
+
+
+def profile_toml(m: dict) -> str:
+    """A hardware profile file (hardware.py's schema) for the measured figures."""
+    today = datetime.date.today().isoformat()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    src = f"measured by minigpt calibrate on {today} ({_environment()})"
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else None
+    n = m["n"]
+
+    def entry(table, value, source, note=""):
+        lines = [f"[{table}]", f"value = {value!r}" if not isinstance(value, str) else f'value = "{value}"',
+                 f'source = "{source}"']
+        return "\n".join(lines + ([f'note = "{note}"'] if note else [])) + "\n"
+
+    return "\n".join([
+        "# minigpt hardware profile of this machine, written by `minigpt calibrate`.",
+        "# Run it again after changing BLAS settings (OPENBLAS_CORETYPE changes the matmul peak).",
+        'name = "local-cpu"',
+        f'description = "{_cpu_name()}, {cores} cores, NumPy {np.__version__}"',
+        "",
+        entry("peak_flops.fp32", m["fp32"], src, f"best of a {n}x{n}x{n} float32 matmul"),
+        entry("peak_flops.fp64", m["fp64"], src, f"best of a {n}x{n}x{n} float64 matmul"),
+        entry("peak_flops.tf32", "unsupported", "a CPU has no TF32 format"),
+        entry("peak_flops.fp16", "unknown", "not measured: NumPy has no fast float16 matmul"),
+        entry("peak_flops.int8", "unknown", "not measured: NumPy has no int8 matmul kernel"),
+        entry("memory_bandwidth", m["bandwidth"], src, "copy of 256 MiB: bytes read + bytes written"),
+        entry("memory_bytes", float(memory), "os.sysconf: physical pages x page size") if memory
+        else entry("memory_bytes", "unknown", "not exposed"),
+        entry("power_watts", "unknown", "not measured: give the CPU's rated power in your own profile"),
+    ])
+
+
+def save(text: str) -> "os.PathLike":
+    folder = hardware.user_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "local-cpu.toml"
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path
+
+
+def local_peak(quick_if_missing: bool = True) -> tuple[float | None, str]:
+    """This machine's float32 matmul peak: from local-cpu.toml, else a quick measurement."""
+    try:
+        return hardware.peak(hardware.load_profile("local-cpu"), "fp32"), "(local-cpu profile)"
+    except Exception:  # noqa: BLE001 - no profile, or an unreadable one: measure instead
+        if not quick_if_missing:
+            return None, ""
+        return matmul_flops("float32", 1024, 3), "(quick measurement; `minigpt calibrate` saves one)"
