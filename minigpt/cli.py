@@ -84,6 +84,8 @@ def _generate_parser(prog="minigpt generate") -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=None, help="sample within this probability mass")
     p.add_argument("--seed", type=int, default=None, help="random seed, for repeatable samples")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where to run (default cpu)")
+    p.add_argument("--costs", action="store_true",
+                   help="after the text, print the prefill's and each decode step's FLOPs and bytes")
     return p
 
 
@@ -124,9 +126,41 @@ def cmd_generate(argv) -> int:
         out.write(decode([token]))
         out.flush()
 
+    from minigpt.meter import METER
+
+    METER.reset()
     model.generate(ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed, emit)
     out.write(decode([], final=True) + "\n")
+    if args.costs:
+        _print_generation_costs(len(ids), args.max_new_tokens)
     return 0
+
+
+def _print_generation_costs(prompt_tokens: int, new_tokens: int) -> None:
+    from minigpt.costs import report
+    from minigpt.meter import METER
+
+    rows = report.rows_from_records(METER.records)
+    t = report.totals(rows)
+    print(f"\ncosts: prompt of {prompt_tokens} tokens, {new_tokens} new tokens (batch 1, KV cache)")
+    print(f"{'phase':<8}  {'calls':>6}  {'FLOPs':>11}  {'bytes':>10}  {'seconds':>8}  per token")
+    decode_steps = max(1, new_tokens - 1)  # the first new token comes from the prefill's logits
+    for phase in ("prefill", "decode"):
+        if phase not in t:
+            continue
+        p = t[phase]
+        nbytes = p["bytes_read"] + p["bytes_written"]
+        per = (f"{report.si(p['flops'] / decode_steps)}FLOP, {report.si(nbytes / decode_steps, 'B')}"
+               if phase == "decode" else "")
+        calls = sum(1 for r in rows if r["phase"] == phase and r["scope"] == "embedding")
+        print(f"{phase:<8}  {calls:>6}  {report.si(p['flops']):>11}  {report.si(nbytes, 'B'):>10}  "
+              f"{p['seconds']:8.3f}  {per}")
+    if "decode" in t:
+        d = t["decode"]
+        print(f"bytes per generated token: {report.si((d['bytes_read'] + d['bytes_written']) / decode_steps, 'B')}"
+              f"; decode speed here: {decode_steps / d['seconds']:,.0f} tokens/s (metered seconds)"
+              if d["seconds"] > 0 else "")
+    print(report.CONVENTIONS)
 
 
 def _costs_parser() -> argparse.ArgumentParser:

@@ -1,8 +1,9 @@
 """Corpora -> token arrays -> batches.
 
 The default corpus is one every machine has offline: the running Python's standard-library
-sources (*.py files in sorted order, test suites and site-packages left out, up to
-[data] max_bytes). A config can instead name any text file or folder ([data] path). Folders and
+sources (*.py files; test suites, site-packages and the generated data tables of encodings/ and
+pydoc_data/ left out; in a fixed order shuffled by a hash of each path, so a byte cap samples the
+whole library rather than its alphabetical start; up to [data] max_bytes). A config can instead name any text file or folder ([data] path). Folders and
 the standard library split into train and validation by file, a single file by its last bytes.
 """
 
@@ -15,7 +16,8 @@ import numpy as np
 
 from minigpt.errors import DataError
 
-_SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "__pycache__", "dist-packages"}
+_SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "__pycache__", "dist-packages",
+              "encodings", "pydoc_data"}  # the last two: generated tables and docs, not code
 
 
 @dataclass
@@ -31,9 +33,10 @@ def stdlib_files() -> tuple[Path, list[Path]]:
     root = Path(sysconfig.get_paths()["stdlib"])
     files = [
         p
-        for p in sorted(root.rglob("*.py"))
+        for p in root.rglob("*.py")
         if not _SKIP_DIRS.intersection(p.relative_to(root).parts[:-1]) and not p.name.startswith("test_")
     ]
+    files.sort(key=lambda p: (zlib.adler32(p.relative_to(root).as_posix().encode()), p.as_posix()))
     return root, files
 
 
@@ -72,7 +75,7 @@ def load_corpus(dcfg, tokenizer) -> Corpus:
             break
         blob = _read(f)[: dcfg.max_bytes - total]
         total += len(blob)
-        rel = f.name if root.is_file() else str(f.relative_to(root))
+        rel = f.name if root.is_file() else f.relative_to(root).as_posix()
         (val if _is_val(rel, dcfg.val_fraction) else train).append(blob)
     if total == 0:
         raise DataError(f"[data] path = {str(root)!r}: the corpus is empty")

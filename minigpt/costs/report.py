@@ -68,7 +68,7 @@ def totals(rows) -> dict:
     return t
 
 
-def _si(x: float, unit: str = "") -> str:
+def si(x: float, unit: str = "") -> str:
     for factor, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
         if abs(x) >= factor:
             return f"{x / factor:.2f} {prefix}{unit}"
@@ -89,8 +89,8 @@ def format_table(groups, title: str = "", top: int | None = None) -> str:
     for g in shown:
         nbytes = g["bytes_read"] + g["bytes_written"]
         intensity = g["flops"] / nbytes if nbytes else 0.0
-        line = (f"{g['name']:<{width}}  {_si(g['flops']):>11}  {100 * g['flops'] / total:5.1f}  "
-                f"{_si(nbytes, 'B'):>10}  {intensity:7.1f}")
+        line = (f"{g['name']:<{width}}  {si(g['flops']):>11}  {100 * g['flops'] / total:5.1f}  "
+                f"{si(nbytes, 'B'):>10}  {intensity:7.1f}")
         if timed:
             rate = g["flops"] / g["seconds"] / 1e9 if g["seconds"] > 0 else 0.0
             line += f"  {g['seconds']:8.3f}  {rate:8.2f}"
@@ -150,7 +150,7 @@ def summary(rows, steps: int, tokens: int, peak_flops: float | None = None,
             continue
         p = t[phase]
         rate = p["flops"] / p["seconds"] / 1e9 if p["seconds"] > 0 else 0.0
-        lines.append(f"{phase:<10}  {_si(p['flops']):>11}  {_si(p['bytes_read'] + p['bytes_written'], 'B'):>10}"
+        lines.append(f"{phase:<10}  {si(p['flops']):>11}  {si(p['bytes_read'] + p['bytes_written'], 'B'):>10}"
                      f"  {p['seconds']:8.2f}  {rate:8.2f}")
     if steps:
         mm = sum(r["flops"] for r in train_rows if r["kind"] == "matmul")
