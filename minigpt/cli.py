@@ -278,12 +278,43 @@ def cmd_hardware(argv) -> int:
     return 0
 
 
+def _scale_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="minigpt scale",
+        description="What a model costs at full size: training FLOPs (our closed form beside 6ND), "
+        "days, MWh, tCO2e, households; serving bytes, tokens/s ceilings, Wh per query; with every "
+        "assumption and where it came from, and a utilisation x PUE sensitivity table.",
+        epilog="examples: minigpt scale gpt3-175b;  minigpt scale configs/scale/dense-70b-h100.toml "
+        "--set inference.weight_bits=8;  shipped scenarios: configs/scale/*.toml (docs/energy.md)",
+    )
+    p.add_argument("scenario", help="a scenario TOML file, or a shipped one's name (gpt3-175b)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one field (repeatable), e.g. --set hardware.mfu=0.4")
+    p.add_argument("--format", choices=("table", "json"), default="table")
+    return p
+
+
+def cmd_scale(argv) -> int:
+    import json
+
+    from minigpt.costs import scale_report, scenario
+
+    args = _scale_parser().parse_args(argv)
+    result = scale_report.estimate(scenario.load(args.scenario, args.overrides))
+    if args.format == "json":
+        print(json.dumps(scale_report.to_json(result), indent=1))
+    else:
+        print(scale_report.format_table(result))
+    return 0
+
+
 COMMANDS = {
     "train": (cmd_train, "train a model from a TOML config"),
     "generate": (cmd_generate, "write text with a trained model"),
     "costs": (cmd_costs, "FLOPs, bytes and seconds by layer, op or phase (measured or predicted)"),
     "calibrate": (cmd_calibrate, "measure this machine's matmul FLOP/s and memory bandwidth"),
     "hardware": (cmd_hardware, "list hardware profiles, or show one with its sources"),
+    "scale": (cmd_scale, "training and serving cost, energy and carbon of a model at full size"),
 }
 
 

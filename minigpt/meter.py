@@ -49,6 +49,9 @@ FLOPS_PER_ELEMENT = {
     ("cross_entropy", "grad"): 1,  # probs - onehot, / N (counted per logit)
     ("clip", "norm"): 2,  # square and sum over every gradient element
     ("clip", "scale"): 1,  # g *= min(1, max_norm / norm), run every step
+    ("quant", "quantize"): 4,  # |x|, row max, divide by the scale, round (clip free)
+    ("quant", "rescale"): 1,  # per scale factor applied to each output element
+    ("embedding", "lookup_int8"): 2,  # widen-and-scale the int8 row, add the position
     ("adamw", "update"): 14,  # decay (1), first moment (3), second (4), denominator (3), step (3)
 }
 
@@ -129,6 +132,40 @@ class Meter:
         n = b.shape[-1]
         flops = 2 * (out.size // (m * n)) * m * n * k
         self.add(op, "matmul", out.dtype, flops, a.nbytes + b.nbytes, out.nbytes, seconds, useful_flops)
+        return out
+
+    def matmul_int8(self, a, b, op: str = "matmul", useful_flops=None):
+        """The exact integer product of int8 arrays a and b, as an int32-accumulating kernel gives.
+
+        NumPy has no int8 matrix kernel, so this runs on the float64 BLAS, which is exact here:
+        each product of symmetric int8 values is at most 127 * 127 = 16,129 in magnitude, so a sum
+        of K of them stays below 2**53 (the largest range float64 holds exactly) for any K under
+        5e11. (float32 holds integers exactly only to 2**24: K of about 1,000 such products.)
+        Returns float64 holding those integers. Recorded as dtype "int8": A and B at one byte an
+        element, C at four (int32); `flops` counts integer operations."""
+        xp = backend.xp
+        t0 = self.clock()
+        out = xp.matmul(a.astype(xp.float64), b.astype(xp.float64))
+        seconds = self.clock() - t0
+        if self.enabled:
+            m, k = a.shape[-2:]
+            n = b.shape[-1]
+            flops = 2 * (out.size // (m * n)) * m * n * k
+            self.add(op, "matmul", "int8", flops, a.nbytes + b.nbytes, 4 * out.size, seconds, useful_flops)
+        return out
+
+    def matmul_w8(self, a, b, op: str = "matmul", useful_flops=None):
+        """Float activations a times int8 weights b, the weights widened inside the product (the
+        caller applies their per-channel scales to the result). Recorded as dtype "w8a32": B at
+        one byte an element, A and C at the activations' width."""
+        t0 = self.clock()
+        out = backend.xp.matmul(a, b.astype(a.dtype))
+        seconds = self.clock() - t0
+        if self.enabled:
+            m, k = a.shape[-2:]
+            n = b.shape[-1]
+            flops = 2 * (out.size // (m * n)) * m * n * k
+            self.add(op, "matmul", "w8a32", flops, a.nbytes + b.nbytes, out.nbytes, seconds, useful_flops)
         return out
 
     @contextmanager

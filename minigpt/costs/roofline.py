@@ -77,7 +77,7 @@ def ridge_point(profile: Profile, dtype: str = "float32") -> float:
 
 
 def decode_ceiling(bytes_per_token: float, bandwidth: float) -> float:
-    """Tokens/s when each token must stream bytes_per_token at `bandwidth` bytes/s (memory bound)."""
+    """Tokens/s when each token streams bytes_per_token at `bandwidth` bytes/s (memory bound)."""
     if bytes_per_token <= 0 or bandwidth <= 0:
         raise ValueError("bytes per token and bandwidth must be positive")
     return bandwidth / bytes_per_token

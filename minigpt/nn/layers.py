@@ -12,6 +12,7 @@ from functools import lru_cache
 from minigpt import backend
 from minigpt.meter import FLOPS_PER_ELEMENT as FPE
 from minigpt.meter import METER, matmul
+from minigpt.nn import quant
 
 
 def _nbytes(*arrays) -> int:
@@ -50,33 +51,48 @@ def embedding_backward(dout, cache, dwte, dwpe):
 def layernorm_forward(x, w, b, eps=1e-5):
     """x (..., C) normalised over C, then scaled by w and shifted by b."""
     xp = backend.xp
+    C = x.shape[-1]
+    x2 = x.reshape(-1, C)  # (N, C)
+    xhat, out = xp.empty_like(x2), xp.empty_like(x2)
+    rstd = xp.empty((x2.shape[0], 1), dtype=x.dtype)  # (N, 1)
+
+    def rows(r):
+        xh = xhat[r]
+        xp.subtract(x2[r], x2[r].mean(axis=-1, keepdims=True), out=xh)  # centred
+        var = (xh * xh).mean(axis=-1, keepdims=True)
+        xp.divide(1.0, xp.sqrt(var + eps), out=rstd[r])
+        xh *= rstd[r]
+        xp.multiply(xh, w, out=out[r])
+        out[r] += b
+
     with METER.op("layernorm", "normalize") as c:
-        xhat = x - x.mean(axis=-1, keepdims=True)  # (..., C), centred
-        var = (xhat * xhat).mean(axis=-1, keepdims=True)
-        rstd = 1.0 / xp.sqrt(var + eps)  # (..., 1)
-        xhat *= rstd
-        out = xhat * w
-        out += b
+        backend.map_rows(rows, x2.shape[0], C * x.itemsize)
         c.count(FPE["layernorm", "normalize"] * x.size, _nbytes(x, w, b), _nbytes(out, xhat, rstd), x.dtype)
-    return out, (xhat, w, rstd)
+    return out.reshape(x.shape), (xhat, w, rstd)
 
 
 def layernorm_backward(dout, cache, dw, db):
     xp = backend.xp
-    xhat, w, rstd = cache
-    with METER.op("layernorm", "grad") as c:
-        C = xhat.shape[-1]
-        d2, xhat2 = dout.reshape(-1, C), xhat.reshape(-1, C)  # (N, C)
-        dxhat = d2 * xhat2
-        dw += dxhat.sum(axis=0)
-        db += d2.sum(axis=0)
-        xp.multiply(d2, w, out=dxhat)  # dL/dxhat, reusing the buffer
+    xhat, w, rstd = cache  # xhat (N, C), rstd (N, 1)
+    d2 = dout.reshape(xhat.shape)  # (N, C)
+    dx = xp.empty_like(xhat)
+
+    def rows(r):
+        d, xh, g = d2[r], xhat[r], dx[r]
+        xp.multiply(d, xh, out=g)
+        dw_part, db_part = g.sum(axis=0), d.sum(axis=0)
+        xp.multiply(d, w, out=g)  # dL/dxhat
         # dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))
-        proj = (dxhat * xhat2).mean(axis=-1, keepdims=True)  # (N, 1)
-        dx = dxhat - dxhat.mean(axis=-1, keepdims=True)
-        xhat_proj = xhat2 * proj
-        dx -= xhat_proj
-        dx *= rstd.reshape(-1, 1)
+        proj = (g * xh).mean(axis=-1, keepdims=True)  # (rows, 1)
+        g -= g.mean(axis=-1, keepdims=True)
+        g -= xh * proj
+        g *= rstd[r]
+        return dw_part, db_part
+
+    with METER.op("layernorm", "grad") as c:
+        for dw_part, db_part in backend.map_rows(rows, xhat.shape[0], xhat.shape[1] * xhat.itemsize):
+            dw += dw_part
+            db += db_part
         c.count(FPE["layernorm", "grad"] * xhat.size, _nbytes(dout, xhat, w, rstd, dw, db),
                 _nbytes(dx, dw, db), xhat.dtype)
     return dx.reshape(dout.shape)
@@ -86,7 +102,10 @@ def layernorm_backward(dout, cache, dw, db):
 
 
 def linear_forward(x, w, b):
-    """x (..., C) @ w (C, OC) + b (OC,), under the caller's scope (e.g. h3.attn.c_attn)."""
+    """x (..., C) @ w (C, OC) + b (OC,), under the caller's scope (e.g. h3.attn.c_attn).
+    An int8 weight (quant.Int8Weight) runs the quantized product instead (inference only)."""
+    if isinstance(w, quant.Int8Weight):
+        return quant.linear_forward(x, w, b)
     C, OC = w.shape
     x2 = x.reshape(-1, C)  # (N, C)
     out = matmul(x2, w, op="x@w")  # (N, OC)
@@ -124,25 +143,40 @@ def causal_softmax_forward(scores, scale, pos0=0):
     """Softmax over keys of scale * scores, with the causal mask. scores (B, H, T, Tk), in place."""
     xp = backend.xp
     T, Tk = scores.shape[-2:]
+    mask = _causal_mask(T, Tk, pos0, str(scores.dtype), backend.device)  # (T, Tk)
+    att = scores.reshape(-1, T, Tk)  # (B*H, T, Tk)
+
+    def rows(r):
+        a = att[r]
+        a *= scale
+        a += mask
+        a -= a.max(axis=-1, keepdims=True)
+        xp.exp(a, out=a)
+        a /= a.sum(axis=-1, keepdims=True)
+
     with METER.op("softmax", "causal") as c:
-        att = scores
-        att *= scale
-        if Tk > 1 or T > 1:
-            att += _causal_mask(T, Tk, pos0, str(att.dtype), backend.device)
-        att -= att.max(axis=-1, keepdims=True)
-        xp.exp(att, out=att)
-        att /= att.sum(axis=-1, keepdims=True)
+        backend.map_rows(rows, att.shape[0], T * Tk * att.itemsize)
         c.count(FPE["softmax", "causal"] * att.size, att.nbytes, att.nbytes, att.dtype)
-    return att
+    return scores
 
 
 def causal_softmax_backward(datt, att, scale):
+    """dscores = scale * att * (datt - sum(datt * att)), per row of keys."""
+    xp = backend.xp
+    T, Tk = att.shape[-2:]
+    a3, d3 = att.reshape(-1, T, Tk), datt.reshape(-1, T, Tk)  # (B*H, T, Tk)
+    dscores = xp.empty_like(a3)
+
+    def rows(r):
+        ds = dscores[r]
+        xp.multiply(d3[r], a3[r], out=ds)
+        ds -= a3[r] * ds.sum(axis=-1, keepdims=True)
+        ds *= scale
+
     with METER.op("softmax", "grad") as c:
-        dscores = datt * att
-        dscores -= att * dscores.sum(axis=-1, keepdims=True)
-        dscores *= scale
+        backend.map_rows(rows, a3.shape[0], T * Tk * att.itemsize)
         c.count(FPE["softmax", "grad"] * att.size, datt.nbytes + att.nbytes, dscores.nbytes, att.dtype)
-    return dscores
+    return dscores.reshape(att.shape)
 
 
 def _useful_causal_flops(B, H, T, Tk, pos0, head_size):
@@ -165,6 +199,8 @@ def attention_forward(x, p, n_head, kv=None, dropout=0.0, rng=None):
     # Contiguous copies: BLAS multiplies them several times faster than strided views.
     q, k, v = (xp.ascontiguousarray(a) for a in qkv)  # each (B, H, T, hs)
     pos0 = 0
+    if kv is not None and kv.int8:
+        return _attention_int8_kv(q, k, v, kv, p, B, T, C, n_head), None
     if kv is not None:
         pos0 = kv.length
         k, v = kv.append(k, v)  # (B, H, pos0 + T, hs)
@@ -185,6 +221,29 @@ def attention_forward(x, p, n_head, kv=None, dropout=0.0, rng=None):
     with METER.scope("c_proj"):
         out, c_proj = linear_forward(y, p["attn.c_proj.weight"], p["attn.c_proj.bias"])
     return out, (c_attn, q, k, v, probs, att, drop, c_proj)
+
+
+def _attention_int8_kv(q, k, v, kv, p, B, T, C, n_head):
+    """Cached attention with keys and values stored in int8 (one scale per vector): the products
+    read the cache at one byte an element and apply the scales to their float side."""
+    xp = backend.xp
+    hs = C // n_head
+    pos0 = kv.length
+    kq, ks, vq, vs = kv.append(k, v)  # (B, H, Tk, hs) int8 and (B, H, Tk, 1) scales
+    Tk = kq.shape[2]
+    useful = _useful_causal_flops(B, n_head, T, Tk, pos0, hs)
+    with METER.scope("scores"):
+        att = METER.matmul_w8(q, xp.ascontiguousarray(kq.swapaxes(-1, -2)), op="q@kT", useful_flops=useful)
+        att = quant.rescale(att, (ks.swapaxes(-1, -2),), att.dtype)  # one scale per key
+    with METER.scope("softmax"):
+        att = causal_softmax_forward(att, 1.0 / math.sqrt(hs), pos0)
+    with METER.scope("mix"):
+        att = quant.rescale(att, (vs.swapaxes(-1, -2),), att.dtype)  # fold value scales into att
+        y = METER.matmul_w8(att, xp.ascontiguousarray(vq), op="att@v", useful_flops=useful)
+    y = y.transpose(0, 2, 1, 3).reshape(B, T, C)
+    with METER.scope("c_proj"):
+        out, _ = linear_forward(y, p["attn.c_proj.weight"], p["attn.c_proj.bias"])
+    return out
 
 
 def attention_backward(dout, cache, p, g):
@@ -224,37 +283,51 @@ _GELU_K = math.sqrt(2.0 / math.pi)
 def gelu_forward(x):
     """GPT-2's tanh approximation: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))."""
     xp = backend.xp
+    x2 = x.reshape(-1, x.shape[-1])  # (N, 4C)
+    th, out = xp.empty_like(x2), xp.empty_like(x2)
+
+    def rows(r):
+        xs, t, o = x2[r], th[r], out[r]
+        xp.multiply(xs, xs, out=t)
+        t *= _GELU_K * 0.044715
+        t += _GELU_K
+        t *= xs
+        xp.tanh(t, out=t)  # kept for the backward
+        xp.add(t, 1.0, out=o)
+        o *= xs
+        o *= 0.5
+
     with METER.op("gelu", "tanh") as c:
-        th = x * x
-        th *= _GELU_K * 0.044715
-        th += _GELU_K
-        th *= x
-        xp.tanh(th, out=th)  # kept for the backward
-        out = th + 1.0
-        out *= x
-        out *= 0.5
+        backend.map_rows(rows, x2.shape[0], x2.shape[1] * x.itemsize)
         c.count(FPE["gelu", "tanh"] * x.size, x.nbytes, out.nbytes + th.nbytes, x.dtype)
-    return out, (x, th)
+    return out.reshape(x.shape), (x2, th)
 
 
 def gelu_backward(dout, cache):
     """d/dx = 0.5 (1 + th) + 0.5 x (1 - th^2) sqrt(2/pi) (1 + 3 * 0.044715 x^2), times dout."""
     xp = backend.xp
-    x, th = cache
-    with METER.op("gelu", "grad") as c:
-        dx = x * x
-        dx *= 0.5 * _GELU_K * 3 * 0.044715
-        dx += 0.5 * _GELU_K
-        dx *= x  # 0.5 x sqrt(2/pi) (1 + 3 * 0.044715 x^2)
-        tmp = th * th
+    x2, th = cache  # (N, 4C) each
+    d2 = dout.reshape(x2.shape)
+    dx = xp.empty_like(x2)
+
+    def rows(r):
+        xs, t, g = x2[r], th[r], dx[r]
+        xp.multiply(xs, xs, out=g)
+        g *= 0.5 * _GELU_K * 3 * 0.044715
+        g += 0.5 * _GELU_K
+        g *= xs  # 0.5 x sqrt(2/pi) (1 + 3 * 0.044715 x^2)
+        tmp = t * t
         xp.subtract(1.0, tmp, out=tmp)
-        dx *= tmp
-        xp.multiply(th, 0.5, out=tmp)
-        dx += tmp
-        dx += 0.5
-        dx *= dout
-        c.count(FPE["gelu", "grad"] * x.size, _nbytes(x, th, dout), dx.nbytes, x.dtype)
-    return dx
+        g *= tmp
+        xp.multiply(t, 0.5, out=tmp)
+        g += tmp
+        g += 0.5
+        g *= d2[r]
+
+    with METER.op("gelu", "grad") as c:
+        backend.map_rows(rows, x2.shape[0], x2.shape[1] * x2.itemsize)
+        c.count(FPE["gelu", "grad"] * x2.size, _nbytes(x2, th, dout), dx.nbytes, x2.dtype)
+    return dx.reshape(dout.shape)
 
 
 def mlp_forward(x, p):

@@ -7,18 +7,25 @@ runs them in reverse (llm.c's gpt2_backward, read as the forward in reverse).
 from minigpt import backend
 from minigpt.meter import METER, matmul
 from minigpt.nn import layers as nn
+from minigpt.nn import quant
 from minigpt.nn.params import FlatBuffer
 
 
 class KVCache:
-    """Keys and values of every earlier position, per layer, for cached decoding."""
+    """Keys and values of every earlier position, per layer, for cached decoding.
 
-    def __init__(self, cfg, batch: int, dtype="float32"):
+    int8: store them as int8 with one float32 scale per key or value vector (see nn/quant.py)."""
+
+    def __init__(self, cfg, batch: int, dtype="float32", int8: bool = False):
         xp = backend.xp
         hs = cfg.n_embd // cfg.n_head
         shape = (cfg.n_layer, batch, cfg.n_head, cfg.block_size, hs)  # (L, B, H, Tmax, hs)
-        self.k = xp.zeros(shape, dtype=dtype)
-        self.v = xp.zeros(shape, dtype=dtype)
+        self.int8 = int8
+        self.k = xp.zeros(shape, dtype="int8" if int8 else dtype)
+        self.v = xp.zeros(shape, dtype="int8" if int8 else dtype)
+        if int8:
+            self.k_scale = xp.zeros(shape[:-1] + (1,), dtype="float32")
+            self.v_scale = xp.zeros(shape[:-1] + (1,), dtype="float32")
         self.length = 0  # positions filled, the same in every layer
         self.capacity = cfg.block_size
 
@@ -29,14 +36,20 @@ class KVCache:
 class _LayerSlot:
     def __init__(self, cache: KVCache, i: int):
         self.cache, self.i, self.length = cache, i, cache.length
+        self.int8 = cache.int8
 
     def append(self, k, v):
-        """Store k, v (B, H, T, hs) after the filled positions; return all keys and values so far."""
-        c, t0 = self.cache, self.length
+        """Store k, v (B, H, T, hs) after the filled positions; return all keys and values so far
+        (with an int8 cache: keys, their scales, values, their scales)."""
+        c, i, t0 = self.cache, self.i, self.length
         t1 = t0 + k.shape[2]
-        c.k[self.i, :, :, t0:t1] = k
-        c.v[self.i, :, :, t0:t1] = v
-        return c.k[self.i, :, :, :t1], c.v[self.i, :, :, :t1]  # (B, H, t1, hs)
+        if not c.int8:
+            c.k[i, :, :, t0:t1] = k
+            c.v[i, :, :, t0:t1] = v
+            return c.k[i, :, :, :t1], c.v[i, :, :, :t1]  # (B, H, t1, hs)
+        c.k[i, :, :, t0:t1], c.k_scale[i, :, :, t0:t1] = quant.quantize_vectors(k)
+        c.v[i, :, :, t0:t1], c.v_scale[i, :, :, t0:t1] = quant.quantize_vectors(v)
+        return c.k[i, :, :, :t1], c.k_scale[i, :, :, :t1], c.v[i, :, :, :t1], c.v_scale[i, :, :, :t1]
 
 
 def block_forward(x, p, cfg, kv=None, rng=None):
@@ -98,6 +111,12 @@ class GPT:
         self.cfg = cfg
         self.params = params
         self.grads: FlatBuffer | None = None
+        self.quant: quant.QuantizedWeights | None = None  # set for int8 inference
+
+    def block_params(self, i: int) -> dict:
+        """Block i's parameters by short name; int8 weights in place of the float ones if quantized."""
+        p = self.params.block(i)
+        return p if self.quant is None else {**p, **self.quant.blocks[i]}
 
     def hidden(self, idx, kv: KVCache | None = None, rng=None):
         """The final LayerNorm's output (B, T, C) for tokens idx (B, T), and the caches.
@@ -110,13 +129,17 @@ class GPT:
         if pos0 + T > cfg.block_size:
             raise ValueError(f"positions {pos0}..{pos0 + T - 1} exceed block_size {cfg.block_size}")
         with METER.scope("embedding"):
-            x, emb = nn.embedding_forward(idx, p["transformer.wte.weight"], p["transformer.wpe.weight"], pos0)
+            if self.quant is not None and self.quant.qcfg.quantize_embedding:
+                x, emb = quant.embedding_forward(
+                    idx, self.quant.wte_q, self.quant.wte_scale, p["transformer.wpe.weight"], pos0), None
+            else:
+                x, emb = nn.embedding_forward(idx, p["transformer.wte.weight"], p["transformer.wpe.weight"], pos0)
         drop = cfg.dropout if rng is not None else 0.0
         x, d_emb = _maybe_dropout(x, drop, rng, "embedding.dropout")
         blocks = []
         for i in range(cfg.n_layer):
             with METER.scope(f"h{i}"):
-                x, cache = block_forward(x, p.block(i), cfg, kv.layer(i) if kv else None, rng)
+                x, cache = block_forward(x, self.block_params(i), cfg, kv.layer(i) if kv else None, rng)
             blocks.append(cache)
         if kv is not None:
             kv.length += T
@@ -135,7 +158,10 @@ class GPT:
         B, T, C = x.shape
         x2 = x.reshape(-1, C)
         with METER.scope("lm_head"):
-            logits = matmul(x2, self.params["transformer.wte.weight"].T, op="x@wte.T")  # (B*T, V)
+            if self.quant is not None:
+                logits = quant.matmul_int8_weight(x2, self.quant.lm_head, op="x@wte.T")  # (B*T, V)
+            else:
+                logits = matmul(x2, self.params["transformer.wte.weight"].T, op="x@wte.T")
         return logits.reshape(B, T, -1), x2
 
     def loss(self, idx, targets, rng=None):

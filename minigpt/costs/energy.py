@@ -1,0 +1,280 @@
+"""Energy, in four layers, each shown where it can be given and each saying why where it cannot:
+
+1. measured        RAPL / NVML energy counters (minigpt.costs.power), × PUE;
+2. time × power    measured seconds × the profile's (or your) power per chip, × PUE;
+3. roofline        Σ max(FLOPs / peak, bytes / bandwidth) on a profile (minigpt.costs.roofline),
+                   × power × PUE: the ideal machine at that power;
+4. physics floor   FLOPs × pJ per FLOP + bytes × pJ per byte (Horowitz's 45 nm table in
+                   profiles/constants.toml, or your own figures): the arithmetic and the memory
+                   traffic alone, no PUE.
+
+PUE, grid carbon (kgCO2e/kWh) and household electricity use come with sourced defaults from
+constants.toml; water (litres/kWh) has none and is reported only when you give one. For a finished
+run (train.py, generate.py --costs):
+
+    lines = report_lines(rows, seconds, profile="local-cpu", measured=m, watts=None, tokens=n)
+    line = gpt3_projection_line(tokens_trained, rows, joules=None)
+
+rows are minigpt.costs.report rows (report.rows_from_records(METER.records)); m is a
+power.Measurement or None. The scaling estimates (minigpt.costs.scaling) use the same Settings.
+"""
+
+from dataclasses import dataclass, field
+
+from minigpt.costs import hardware, roofline
+from minigpt.costs.hardware import Profile
+from minigpt.costs.power import NOT_MEASURED, Measurement
+from minigpt.errors import ConfigError
+
+J_PER_KWH = 3.6e6
+PJ = 1e-12  # joules per picojoule
+# a record's dtype -> the 45 nm per-FLOP energy used for its floor (float64 has no published
+# figure: fp32's is used, a lower bound, since a 64-bit operation costs more than a 32-bit one)
+FLOP_ENERGY_OF_DTYPE = {"float32": "fp32", "float64": "fp32", "float16": "fp16",
+                        "bfloat16": "fp16", "int8": "int8", "int32": "int8"}
+
+
+@dataclass
+class Settings:
+    """The parameters energy figures rest on, and where each came from ("default: <source>")."""
+
+    pue: float  # facility energy / IT energy
+    carbon_kg_per_kwh: float  # kg CO2e per kWh
+    household_kwh_per_year: float  # kWh per US household per year
+    water_l_per_kwh: float | None  # litres per kWh; None: not estimated
+    pj_per_flop: dict[str, float]  # "fp32" -> pJ per FLOP (the physics floor)
+    pj_per_byte: float  # pJ per byte moved (floor; default DRAM, low end)
+    pj_per_byte_sram: float  # pJ per byte from SRAM, shown beside the floor
+    origins: dict[str, str] = field(default_factory=dict)
+
+
+def _const(consts: dict, name: str) -> float | None:
+    return consts[name].value
+
+
+def settings(pue: float | None = None, carbon_kg_per_kwh: float | None = None,
+             water_l_per_kwh: float | None = None, household_kwh_per_year: float | None = None,
+             pj_per_flop: float | None = None, pj_per_byte: float | None = None,
+             given_by: str = "given") -> Settings:
+    """Settings from constants.toml, each given argument replacing its default (and noted)."""
+    c = hardware.load_constants()
+    given = {"pue": pue, "carbon_kg_per_kwh": carbon_kg_per_kwh, "water_l_per_kwh": water_l_per_kwh,
+             "household_kwh_per_year": household_kwh_per_year, "pj_per_flop": pj_per_flop,
+             "pj_per_byte": pj_per_byte}
+    for name, value in given.items():
+        if value is not None and not value >= 0:
+            raise ConfigError(f"{given_by}: {name} must be >= 0, got {value!r}")
+    if pue is not None and pue < 1:
+        raise ConfigError(f"{given_by}: pue must be >= 1 (facility over IT energy), got {pue!r}")
+    flop = {k: _const(c, f"energy_per_flop.{k}") for k in ("fp32", "fp16", "int8")}
+    if pj_per_flop is not None:
+        flop = dict.fromkeys(flop, pj_per_flop)
+    s = Settings(
+        pue=pue if pue is not None else _const(c, "pue"),
+        carbon_kg_per_kwh=carbon_kg_per_kwh if carbon_kg_per_kwh is not None
+        else _const(c, "carbon_kg_per_kwh"),
+        household_kwh_per_year=household_kwh_per_year if household_kwh_per_year is not None
+        else _const(c, "household_kwh_per_year"),
+        water_l_per_kwh=water_l_per_kwh if water_l_per_kwh is not None
+        else _const(c, "water_l_per_kwh"),
+        pj_per_flop=flop,
+        pj_per_byte=pj_per_byte if pj_per_byte is not None
+        else _const(c, "energy_per_byte.dram_read_low"),
+        pj_per_byte_sram=_const(c, "energy_per_byte.sram_read"))
+    sources = {"pue": "pue", "carbon_kg_per_kwh": "carbon_kg_per_kwh",
+               "household_kwh_per_year": "household_kwh_per_year",
+               "water_l_per_kwh": "water_l_per_kwh", "pj_per_flop": "energy_per_flop.fp32",
+               "pj_per_byte": "energy_per_byte.dram_read_low"}
+    for name, const in sources.items():
+        src = c[const].source or c[const].note
+        s.origins[name] = given_by if given[name] is not None else f"default: {src}"
+    return s
+
+
+# ---- conversions -------------------------------------------------------------------------------
+
+def joules_text(j: float) -> str:
+    """12.3 kJ, 45.6 mJ: three significant figures with an SI prefix."""
+    for factor, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k"), (1, ""), (1e-3, "m"),
+                           (1e-6, "µ")):
+        if abs(j) >= factor:
+            return f"{j / factor:.3g} {prefix}J"
+    return f"{j:.3g} J"
+
+
+def kwh(joules: float) -> float:
+    return joules / J_PER_KWH
+
+
+def co2_kg(joules: float, s: Settings) -> float:
+    return kwh(joules) * s.carbon_kg_per_kwh
+
+
+def water_litres(joules: float, s: Settings) -> float | None:
+    return None if s.water_l_per_kwh is None else kwh(joules) * s.water_l_per_kwh
+
+
+def household_years(joules: float, s: Settings) -> float:
+    return kwh(joules) / s.household_kwh_per_year
+
+
+# ---- the four layers ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Layer:
+    """One way to put a number on the energy: joules (None when it cannot), and how or why not."""
+
+    name: str
+    joules: float | None
+    basis: str
+
+
+def measured_layer(measured: Measurement | None, s: Settings) -> Layer:
+    if measured is None or not measured.measured:
+        why = measured.describe().removeprefix("energy: ") if measured else NOT_MEASURED
+        return Layer("measured", None, why)
+    j = measured.total_joules * s.pue
+    readers = ", ".join(n for n, v in measured.joules.items() if v is not None)
+    return Layer("measured", j, f"{readers} counters, {measured.total_joules:.4g} J × PUE "
+                                f"{s.pue:.2f} (CPU packages and GPUs only: not DRAM, fans, PSU)")
+
+
+def power_of(profile: Profile | None, watts: float | None) -> tuple[float | None, str]:
+    """Watts to use, and where they came from (or why there are none)."""
+    if watts is not None:
+        if watts <= 0:
+            raise ConfigError(f"--watts must be > 0, got {watts!r}")
+        return watts, f"{watts:g} W given"
+    if profile is not None and profile.power_watts is not None:
+        return profile.power_watts, f"{profile.power_watts:g} W ({profile.name} rated power)"
+    who = f"{profile.name} has none" if profile is not None else "no hardware profile"
+    return None, (f"needs a power figure ({who}: pass --watts or add power_watts to your "
+                  f"profile)")
+
+
+def time_power_layer(seconds: float, watts: float | None, why: str, s: Settings) -> Layer:
+    if watts is None:
+        return Layer("time x power", None, why)
+    return Layer("time x power", seconds * watts * s.pue,
+                 f"{seconds:.4g} s × {why} × PUE {s.pue:.2f}")
+
+
+def roofline_layer(rows: list[dict], profile: Profile | None, watts: float | None, why: str,
+                   s: Settings, seconds: float | None = None) -> Layer:
+    if profile is None:
+        return Layer("roofline", None, why)
+    try:
+        ideal = roofline.roofline_seconds(rows, profile)  # s
+    except ConfigError as e:
+        return Layer("roofline", None, f"needs {e}")
+    share = f" ({100 * ideal / seconds:.3g}% of the measured time)" if seconds else ""
+    where = f"ideal time on {profile.name} {ideal:.4g} s{share}"
+    if watts is None:
+        return Layer("roofline", None, f"{why}; {where}")
+    return Layer("roofline", ideal * watts * s.pue, f"{where} × {watts:g} W × PUE {s.pue:.2f}")
+
+
+def floor_joules(rows: list[dict], s: Settings, pj_per_byte: float | None = None) -> float:
+    """Σ FLOPs × pJ per FLOP of the row's dtype + bytes × pJ per byte, in joules."""
+    per_byte = s.pj_per_byte if pj_per_byte is None else pj_per_byte
+    total = 0.0
+    for r in rows:
+        key = FLOP_ENERGY_OF_DTYPE.get(r["dtype"])
+        if key is None:
+            raise ConfigError(f"no per-operation energy for records of dtype {r['dtype']!r}")
+        total += r["flops"] * s.pj_per_flop[key] + (r["bytes_read"] + r["bytes_written"]) * per_byte
+    return total * PJ
+
+
+def floor_layer(rows: list[dict], s: Settings) -> Layer:
+    try:
+        j = floor_joules(rows, s)
+        sram = floor_joules(rows, s, s.pj_per_byte_sram)
+    except ConfigError as e:
+        return Layer("physics floor", None, str(e))
+    f = s.pj_per_flop
+    return Layer("physics floor", j,
+                 f"45 nm (Horowitz 2014): {f['fp32']:g} pJ/FLOP fp32, {f['fp16']:g} fp16, bytes at "
+                 f"{s.pj_per_byte:g} pJ/B (DRAM; {joules_text(sram)} if every byte came from "
+                 f"SRAM); no PUE")
+
+
+def _load(profile: Profile | str | None) -> tuple[Profile | None, str]:
+    if profile is None or isinstance(profile, Profile):
+        return profile, ""
+    try:
+        return hardware.load_profile(profile), ""
+    except ConfigError as e:
+        if str(profile) == "local-cpu":
+            return None, "no local-cpu profile (`minigpt calibrate` measures one)"
+        return None, f"no hardware profile: {e}"
+
+
+def run_layers(rows: list[dict], seconds: float, profile: Profile | str | None = "local-cpu",
+               measured: Measurement | None = None, watts: float | None = None,
+               s: Settings | None = None) -> list[Layer]:
+    """The four layers for a finished run's rows and its measured seconds."""
+    s = s or settings()
+    prof, missing = _load(profile)
+    w, why = power_of(prof, watts)
+    if prof is None and w is None:
+        why = f"needs a power figure ({missing or 'no hardware profile'}; or pass --watts)"
+    return [measured_layer(measured, s), time_power_layer(seconds, w, why, s),
+            roofline_layer(rows, prof, w, why if prof else missing or why, s, seconds),
+            floor_layer(rows, s)]
+
+
+def format_layers(layers: list[Layer], s: Settings, title: str,
+                  tokens: int | None = None) -> list[str]:
+    """Side by side: energy, Wh, gCO2e (and J per token) for each layer, or why it is missing."""
+    head = f"{'layer':<14}  {'energy':>10}  {'Wh':>10}  {'gCO2e':>9}"
+    head += f"  {'J/token':>9}" if tokens else ""
+    out = [title, head + "  how", "-" * (len(head) + 5)]
+    for layer in layers:
+        if layer.joules is None:
+            out.append(f"{layer.name:<14}  {layer.basis}")
+            continue
+        j = layer.joules
+        wh, grams = kwh(j) * 1e3, co2_kg(j, s) * 1e3
+        row = f"{layer.name:<14}  {joules_text(j):>10}  {wh:10.4g}  {grams:9.3g}"
+        row += f"  {j / tokens:9.3g}" if tokens else ""
+        out.append(f"{row}  {layer.basis}")
+    out.append(f"PUE {s.pue:.2f} ({s.origins['pue']}); grid {s.carbon_kg_per_kwh:g} kgCO2e/kWh "
+               f"({s.origins['carbon_kg_per_kwh']})")
+    return out
+
+
+def report_lines(rows: list[dict], seconds: float, profile: Profile | str | None = "local-cpu",
+                 measured: Measurement | None = None, watts: float | None = None,
+                 tokens: int | None = None, s: Settings | None = None) -> list[str]:
+    """The end-of-run energy report: each layer it can give, side by side, and why not the rest."""
+    s = s or settings()
+    layers = run_layers(rows, seconds, profile, measured, watts, s)
+    name = profile.name if isinstance(profile, Profile) else profile or "no profile"
+    return format_layers(layers, s, f"energy, four ways ({seconds:.4g} s measured; profile {name})",
+                         tokens)
+
+
+def gpt3_projection_line(tokens_trained: int, rows: list[dict], joules: float | None = None,
+                         scenario: str = "gpt3-175b") -> str:
+    """One line: this run's training FLOPs per token beside GPT-3 175B's counted the same way (our
+    closed form), and what that count over its 300B tokens costs on the scenario's hardware
+    (Patterson et al. 2021's V100 row by default); with joules, also at this run's J per FLOP."""
+    from minigpt.costs import scaling  # scaling builds on this module
+
+    if tokens_trained <= 0:
+        raise ValueError("tokens_trained must be positive")
+    flops = sum(r["flops"] for r in rows if r["phase"] in ("forward", "backward", "optimizer"))
+    scn = scaling.load_scenario(scenario)
+    a, D = scaling.arch_of(scn), scn.get("training", "tokens")
+    big = scaling.training_step_flops(a, 1, a.block_size) * D / a.block_size  # FLOPs, closed form
+    cost = scaling.training_costs(big, scaling.chip_of(scn), scaling.settings_of(scn))
+    mine = f"this run {flops / tokens_trained:.3g} FLOP/token over {tokens_trained:,} tokens"
+    if joules and flops:
+        per_flop = joules / flops  # J/FLOP on this machine
+        gwh = kwh(per_flop * big) / 1e6
+        mine += f" ({per_flop / PJ:.3g} pJ/FLOP: GPT-3 at that rate {gwh:,.0f} GWh)"
+    return (f"at GPT-3 scale: {mine}; GPT-3 175B counted the same way: "
+            f"{big / D:.3g} FLOP/token × {D:.3g} tokens = {big:.3g} "
+            f"FLOPs, on {cost['hardware']}: {cost['days']:.3g} days, "
+            f"{cost['energy_mwh']:,.0f} MWh, {cost['co2_tonnes']:,.0f} tCO2e")

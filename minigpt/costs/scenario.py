@@ -1,0 +1,232 @@
+"""Scaling scenarios: a TOML file naming a model, a workload and hardware, read and checked here.
+
+    name = "gpt3-175b"            # optional; description = "..." too
+    [model]      n_layer, n_embd, n_head, block_size, vocab_size   (an architecture), and/or
+                 params (a stated parameter count), active_params; d_head (shown, not used);
+                 n_experts, experts_per_token (mixture of experts: scaling only)
+    [training]   tokens, flops (a published total, used instead of the computed one)
+    [inference]  prompt_tokens, output_tokens, batch, weight_bits, kv_bits, chips,
+                 queries_per_day, wh_per_query (a stated figure, used instead of the roofline's)
+    [hardware]   profile, chips, achieved_flops_per_chip | mfu, dtype, watts_per_chip,
+                 memory_bandwidth, pue, carbon_kg_per_kwh, water_l_per_kwh, household_kwh_per_year
+
+configs/scale/*.toml are the shipped scenarios (load them by name: "gpt3-175b"); their comments cite
+every figure. `--set section.key=value` overrides a field. Anything wrong (an unknown key, with the
+nearest one suggested; a negative number; a missing profile) raises ConfigError naming the file or
+the --set and the field.
+"""
+
+import difflib
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from minigpt.config import _parse_override  # the same section.key=value syntax as training configs
+from minigpt.errors import ConfigError
+
+SCENARIO_DIR = Path(__file__).resolve().parents[2] / "configs" / "scale"
+TOP_LEVEL = ("name", "description")
+ARCH = ("n_layer", "n_embd", "n_head", "block_size", "vocab_size")
+PEAK_DTYPES = ("fp32", "tf32", "fp16", "int8")
+
+# section -> key -> (type, rule): "int" / "num" / "str"; rule ">0", ">=0", "(0,1]", ">=1", "bits"
+SCHEMA: dict[str, dict[str, tuple[str, str]]] = {
+    "model": {**{k: ("int", ">0") for k in ARCH}, "d_head": ("int", ">0"),
+              "n_experts": ("int", ">0"), "experts_per_token": ("int", ">0"),
+              "params": ("num", ">0"), "active_params": ("num", ">0")},
+    "training": {"tokens": ("num", ">0"), "flops": ("num", ">0")},
+    "inference": {"prompt_tokens": ("int", ">=0"), "output_tokens": ("int", ">0"),
+                  "batch": ("int", ">0"), "weight_bits": ("int", "bits"),
+                  "kv_bits": ("int", "bits"),
+                  "chips": ("int", ">0"), "queries_per_day": ("num", ">=0"),
+                  "wh_per_query": ("num", ">0")},
+    "hardware": {"profile": ("str", ""), "chips": ("int", ">0"),
+                 "achieved_flops_per_chip": ("num", ">0"), "mfu": ("num", "(0,1]"),
+                 "dtype": ("str", "dtype"), "watts_per_chip": ("num", ">0"),
+                 "memory_bandwidth": ("num", ">0"), "pue": ("num", ">=1"),
+                 "carbon_kg_per_kwh": ("num", ">=0"), "water_l_per_kwh": ("num", ">=0"),
+                 "household_kwh_per_year": ("num", ">0")},
+}
+RULES = {">0": "must be > 0", ">=0": "must be >= 0", "(0,1]": "must be in (0, 1]",
+         ">=1": "must be >= 1 (facility energy over IT energy)", "bits": "must be 1 to 32 bits"}
+
+
+@dataclass
+class Scenario:
+    """A checked scenario: values by section, and where each one came from (file or --set)."""
+
+    name: str
+    description: str = ""
+    path: Path | None = None
+    values: dict[str, dict] = field(default_factory=dict)
+    origins: dict[str, str] = field(default_factory=dict)  # "hardware.mfu" -> "--set ..."
+
+    def get(self, section: str, key: str, default=None):
+        return self.values.get(section, {}).get(key, default)
+
+    def has(self, section: str) -> bool:
+        return bool(self.values.get(section))
+
+    def where(self, section: str, key: str | None = None) -> str:
+        """The file or --set that gave a field (the file, for a missing one)."""
+        return self.origins.get(f"{section}.{key}", str(self.path or "scenario"))
+
+
+def _nearest(name: str, options) -> str:
+    close = difflib.get_close_matches(name, list(options), n=1, cutoff=0.5)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _check(where: str, section: str, key: str, value):
+    """Type and range of one field; integral floats (300e9 written for an int) become ints."""
+    if section not in SCHEMA:
+        raise ConfigError(f"{where}: unknown section [{section}]{_nearest(section, SCHEMA)}")
+    if key not in SCHEMA[section]:
+        raise ConfigError(f"{where}: unknown key {key!r} in [{section}]"
+                          f"{_nearest(key, SCHEMA[section])}")
+    kind, rule = SCHEMA[section][key]
+    label = f"{where}: [{section}] {key}"
+    if kind == "str":
+        if not isinstance(value, str) or not value.strip():
+            raise ConfigError(f"{label}: expected a non-empty string, got {value!r}")
+        if rule == "dtype" and value not in PEAK_DTYPES:
+            raise ConfigError(f"{label}: must be one of {', '.join(PEAK_DTYPES)}, not {value!r}"
+                              f"{_nearest(value, PEAK_DTYPES)}")
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        raise ConfigError(f"{label}: expected a number, got {value!r}")
+    if kind == "int":
+        if value != int(value):
+            raise ConfigError(f"{label}: expected a whole number, got {value!r}")
+        value = int(value)
+    ok = {">0": value > 0, ">=0": value >= 0, "(0,1]": 0 < value <= 1, ">=1": value >= 1,
+          "bits": 1 <= value <= 32}[rule]
+    if not ok or math.isinf(value):
+        raise ConfigError(f"{label}: {RULES[rule]}, got {value!r}")
+    return value
+
+
+def _require(scn: Scenario, section: str, keys) -> None:
+    for key in keys:
+        if scn.get(section, key) is None:
+            raise ConfigError(f"{scn.where(section)}: [{section}] missing required field {key!r}")
+
+
+def _validate_model(scn: Scenario) -> None:
+    m = scn.values.get("model", {})
+    arch = [k for k in ARCH if k in m]
+    if not arch and "params" not in m:
+        raise ConfigError(f"{scn.where('model')}: [model] needs an architecture "
+                          f"({', '.join(ARCH)}) or params = <count>")
+    if arch:
+        _require(scn, "model", ARCH)
+    moe = "n_experts" in m or "experts_per_token" in m
+    if moe:
+        _require(scn, "model", ("n_experts", "experts_per_token"))
+        if m["experts_per_token"] > m["n_experts"]:
+            raise ConfigError(f"{scn.where('model', 'experts_per_token')}: [model] "
+                              f"experts_per_token = {m['experts_per_token']} exceeds n_experts = "
+                              f"{m['n_experts']}")
+    if "params" in m and "active_params" not in m and moe:
+        raise ConfigError(f"{scn.where('model', 'params')}: [model] a stated params count of a "
+                          f"mixture of experts needs active_params too")
+    if "active_params" in m and m["active_params"] > m.get("params", float("inf")):
+        raise ConfigError(f"{scn.where('model', 'active_params')}: [model] active_params exceeds "
+                          f"params")
+    if "active_params" in m and "params" not in m:
+        raise ConfigError(f"{scn.where('model', 'active_params')}: [model] active_params needs "
+                          f"params (the total)")
+
+
+def validate(scn: Scenario) -> Scenario:
+    """Checks that involve more than one field."""
+    _validate_model(scn)
+    if scn.has("training"):
+        _require(scn, "training", ("tokens",))
+    if scn.has("inference"):
+        _require(scn, "inference", ("prompt_tokens", "output_tokens"))
+        block = scn.get("model", "block_size")
+        used = scn.get("inference", "prompt_tokens") + scn.get("inference", "output_tokens")
+        if block is not None and used > block:
+            raise ConfigError(f"{scn.where('inference', 'output_tokens')}: [inference] "
+                              f"prompt_tokens + output_tokens = {used} exceeds block_size = "
+                              f"{block}")
+    _require(scn, "hardware", ("profile",))
+    hw = scn.values["hardware"]
+    if "achieved_flops_per_chip" in hw and "mfu" in hw:
+        raise ConfigError(f"{scn.where('hardware', 'mfu')}: [hardware] give achieved_flops_per_chip"
+                          f" or mfu, not both")
+    if scn.has("training") and "achieved_flops_per_chip" not in hw and "mfu" not in hw:
+        raise ConfigError(f"{scn.where('hardware')}: [hardware] training needs "
+                          f"achieved_flops_per_chip or mfu (the share of peak reached)")
+    return scn
+
+
+def resolve(name_or_path: str | Path) -> Path:
+    """A scenario file by path, or a shipped one by name ("gpt3-175b")."""
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        return path
+    shipped = SCENARIO_DIR / f"{name_or_path}.toml"
+    if shipped.is_file():
+        try:
+            return shipped.relative_to(Path.cwd())  # shorter to read in reports
+        except ValueError:
+            return shipped
+    names = sorted(p.stem for p in SCENARIO_DIR.glob("*.toml")) if SCENARIO_DIR.is_dir() else []
+    hint = _nearest(str(name_or_path), names)
+    raise ConfigError(f"{name_or_path}: no such scenario file{hint}; shipped: "
+                      f"{', '.join(names) or 'none found'} (in {SCENARIO_DIR})")
+
+
+def from_dict(d: dict, where: str = "scenario", path: Path | None = None) -> Scenario:
+    """A parsed scenario (sections of key = value) -> Scenario, each field checked."""
+    scn = Scenario(name=str(d.get("name") or (path.stem if path else "scenario")), path=path)
+    scn.description = str(d.get("description", ""))
+    for section, table in d.items():
+        if section in TOP_LEVEL:
+            if not isinstance(table, str):
+                raise ConfigError(f"{where}: {section}: expected a string, got {table!r}")
+            continue
+        if not isinstance(table, dict):
+            raise ConfigError(f"{where}: {section!r} must be a [section] table"
+                              f"{_nearest(section, [*SCHEMA, *TOP_LEVEL])}")
+        for key, value in table.items():
+            set_value(scn, section, key, value, where)
+    return scn
+
+
+EITHER_OR = {"mfu": "achieved_flops_per_chip", "achieved_flops_per_chip": "mfu"}
+
+
+def set_value(scn: Scenario, section: str, key: str, value, where: str) -> None:
+    """Set one field; an override of mfu drops the file's achieved_flops_per_chip (and back)."""
+    table = scn.values.setdefault(section, {})
+    table[key] = _check(where, section, key, value)
+    other = EITHER_OR.get(key) if section == "hardware" else None
+    if other in table and where.startswith("--set") and scn.where(section, other) == str(scn.path):
+        del table[other]
+        scn.origins.pop(f"{section}.{other}")
+    scn.origins[f"{section}.{key}"] = where
+
+
+def load(name_or_path: str | Path, overrides=()) -> Scenario:
+    """Read a scenario (a path or a shipped name) and apply 'section.key=value' overrides."""
+    path = resolve(name_or_path)
+    try:
+        d = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read: {e}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    scn = from_dict(d, str(path), path)
+    for text in overrides:
+        section, key, value, where = _parse_override(text)
+        set_value(scn, section, key, value, where)
+    return validate(scn)
