@@ -29,9 +29,10 @@ from minigpt.errors import ConfigError
 J_PER_KWH = 3.6e6
 PJ = 1e-12  # joules per picojoule
 # a record's dtype -> the 45 nm per-FLOP energy used for its floor (float64 has no published
-# figure: fp32's is used, a lower bound, since a 64-bit operation costs more than a 32-bit one)
+# figure: fp32's is used, a lower bound, since a 64-bit operation costs more than a 32-bit one;
+# w8a32 is int8 weights widened into a float32 product, so float32 arithmetic)
 FLOP_ENERGY_OF_DTYPE = {"float32": "fp32", "float64": "fp32", "float16": "fp16",
-                        "bfloat16": "fp16", "int8": "int8", "int32": "int8"}
+                        "bfloat16": "fp16", "int8": "int8", "int32": "int8", "w8a32": "fp32"}
 
 
 @dataclass

@@ -38,15 +38,30 @@ class _Sheet:
         r.bytes_read += read
         r.bytes_written += written
 
-    def product(self, scope, op, batch, m, k, n, a_elems, b_elems, useful=None):
-        """(batch, m, k) @ (k, n) products; A and B hold a_elems and b_elems elements."""
-        s = self.itemsize
-        self._add(scope, op, "matmul", 2 * batch * m * n * k, (a_elems + b_elems) * s,
-                  batch * m * n * s, useful)
+    def product(self, scope, op, batch, m, k, n, a_elems, b_elems, useful=None, dtype=None):
+        """(batch, m, k) @ (k, n) products; A and B hold a_elems and b_elems elements.
 
-    def elementwise(self, scope, kind, op, n, read_elems, written_elems, extra_read_bytes=0):
+        dtype "int8": A and B at one byte, C at four (int32 sums); "w8a32": B at one byte."""
         s = self.itemsize
-        self._add(scope, op, kind, FPE[kind, op] * n, read_elems * s + extra_read_bytes, written_elems * s)
+        a_size, b_size, c_size = {"int8": (1, 1, 4), "w8a32": (s, 1, s)}.get(dtype, (s, s, s))
+        self._add(scope, op, "matmul", 2 * batch * m * n * k, a_elems * a_size + b_elems * b_size,
+                  batch * m * n * c_size, useful, dtype)
+
+    def elementwise(self, scope, kind, op, n, read_elems, written_elems, extra_read_bytes=0,
+                    factor=1, dtype=None, extra_written_bytes=0):
+        s = self.itemsize
+        self._add(scope, op, kind, factor * FPE[kind, op] * n, read_elems * s + extra_read_bytes,
+                  written_elems * s + extra_written_bytes, dtype=dtype)
+
+    def quantize(self, scope, rows, cols):
+        """Per-row int8 quantization of a (rows, cols) float array: int8 values and row scales."""
+        self.elementwise(scope, "quant", "quantize", rows * cols, rows * cols, 0,
+                         extra_written_bytes=rows * cols + rows * 4, dtype="int8")
+
+    def rescale(self, scope, n_out, factor_elems, n_factors=1):
+        """n_out accumulators (read at 4 bytes) times n_factors float32 scales (factor_elems)."""
+        self._add(scope, "rescale", "quant", n_factors * FPE["quant", "rescale"] * n_out,
+                  4 * n_out + 4 * factor_elems, n_out * self.itemsize)
 
 
 def _causal_useful(B, H, T, Tk, pos0, head_size):
@@ -54,8 +69,22 @@ def _causal_useful(B, H, T, Tk, pos0, head_size):
     return 2 * B * H * visible * head_size
 
 
-def _linear_forward(sh, scope, N, C, OC):
-    sh.product(scope, "x@w", 1, N, C, OC, N * C, C * OC)
+def _int8_product(sh, scope, op, N, C, OC, mode):
+    """x (N, C) @ an int8 weight (C, OC) with per-column scales, by mode (nn/quant.py)."""
+    if mode == "w8a32":
+        sh.product(scope, op, 1, N, C, OC, N * C, C * OC, dtype="w8a32")
+        sh.rescale(scope, N * OC, OC)
+    else:
+        sh.quantize(scope, N, C)
+        sh.product(scope, op, 1, N, C, OC, N * C, C * OC, dtype="int8")
+        sh.rescale(scope, N * OC, N + OC, n_factors=2)
+
+
+def _linear_forward(sh, scope, N, C, OC, mode=None):
+    if mode is None:
+        sh.product(scope, "x@w", 1, N, C, OC, N * C, C * OC)
+    else:
+        _int8_product(sh, scope, "x@w", N, C, OC, mode)
     sh.elementwise(scope, "bias", "add", N * OC, N * OC + OC, N * OC)
 
 
@@ -81,39 +110,63 @@ def _dropout_backward(sh, scope, n):
     sh.elementwise(scope, "dropout", "grad", n, 2 * n, n)
 
 
-def _forward(sh, cfg, B, T, pos0=0, last_only=False, targets=False, dropout=False):
-    """Records of GPT.hidden + lm head (+ loss) for B sequences of T new tokens after pos0."""
+def _forward(sh, cfg, B, T, pos0=0, last_only=False, targets=False, dropout=False, q=None):
+    """Records of GPT.hidden + lm head (+ loss) for B sequences of T new tokens after pos0.
+
+    q: a quant.QuantConfig for int8 inference (outlier_threshold is data-dependent: not predicted)."""
     C, H, V = cfg.n_embd, cfg.n_head, cfg.vocab_size
     hs, N, Tk = C // H, B * T, pos0 + T
+    s = sh.itemsize
+    mode = q.mode if q is not None else None
     useful = _causal_useful(B, H, T, Tk, pos0, hs)
-    sh.elementwise("embedding", "embedding", "lookup", N * C, 0, N * C,
-                   extra_read_bytes=N * INDEX_BYTES + (N + T) * C * sh.itemsize)
+    if q is not None and q.quantize_embedding:
+        sh.elementwise("embedding", "embedding", "lookup_int8", N * C, 0, N * C,
+                       extra_read_bytes=N * INDEX_BYTES + N * (C + 4) + T * C * s)
+    else:
+        sh.elementwise("embedding", "embedding", "lookup", N * C, 0, N * C,
+                       extra_read_bytes=N * INDEX_BYTES + (N + T) * C * s)
     if dropout:
         _dropout_forward(sh, "embedding.dropout", N * C)
+    kv_int8 = q is not None and q.kv_int8
+    n_att = B * H * T * Tk
     for i in range(cfg.n_layer):
         h = f"h{i}"
         _layernorm_forward(sh, f"{h}.ln_1", N, C)
-        _linear_forward(sh, f"{h}.attn.c_attn", N, C, 3 * C)
-        sh.product(f"{h}.attn.scores", "q@kT", B * H, T, hs, Tk, B * H * T * hs, B * H * Tk * hs, useful)
-        n_att = B * H * T * Tk
+        _linear_forward(sh, f"{h}.attn.c_attn", N, C, 3 * C, mode)
+        if kv_int8:  # new keys and values quantized into the cache, read back at one byte
+            sh.quantize(f"{h}.attn", B * H * T, hs)
+            sh.quantize(f"{h}.attn", B * H * T, hs)
+            sh.product(f"{h}.attn.scores", "q@kT", B * H, T, hs, Tk, B * H * T * hs, B * H * Tk * hs,
+                       useful, dtype="w8a32")
+            sh.rescale(f"{h}.attn.scores", n_att, B * H * Tk)
+        else:
+            sh.product(f"{h}.attn.scores", "q@kT", B * H, T, hs, Tk, B * H * T * hs, B * H * Tk * hs, useful)
         sh.elementwise(f"{h}.attn.softmax", "softmax", "causal", n_att, n_att, n_att)
         if dropout:
             _dropout_forward(sh, f"{h}.attn.attn_dropout", n_att)
-        sh.product(f"{h}.attn.mix", "att@v", B * H, T, Tk, hs, n_att, B * H * Tk * hs, useful)
-        _linear_forward(sh, f"{h}.attn.c_proj", N, C, C)
+        if kv_int8:
+            sh.rescale(f"{h}.attn.mix", n_att, B * H * Tk)
+            sh.product(f"{h}.attn.mix", "att@v", B * H, T, Tk, hs, n_att, B * H * Tk * hs, useful,
+                       dtype="w8a32")
+        else:
+            sh.product(f"{h}.attn.mix", "att@v", B * H, T, Tk, hs, n_att, B * H * Tk * hs, useful)
+        _linear_forward(sh, f"{h}.attn.c_proj", N, C, C, mode)
         if dropout:
             _dropout_forward(sh, f"{h}.attn.resid_dropout", N * C)
         sh.elementwise(f"{h}.residual_1", "residual", "add", N * C, 2 * N * C, N * C)
         _layernorm_forward(sh, f"{h}.ln_2", N, C)
-        _linear_forward(sh, f"{h}.mlp.c_fc", N, C, 4 * C)
+        _linear_forward(sh, f"{h}.mlp.c_fc", N, C, 4 * C, mode)
         sh.elementwise(f"{h}.mlp.gelu", "gelu", "tanh", 4 * N * C, 4 * N * C, 8 * N * C)
-        _linear_forward(sh, f"{h}.mlp.c_proj", N, 4 * C, C)
+        _linear_forward(sh, f"{h}.mlp.c_proj", N, 4 * C, C, mode)
         if dropout:
             _dropout_forward(sh, f"{h}.mlp.resid_dropout", N * C)
         sh.elementwise(f"{h}.residual_2", "residual", "add", N * C, 2 * N * C, N * C)
     _layernorm_forward(sh, "ln_f", N, C)
     M = B if last_only else N
-    sh.product("lm_head", "x@wte.T", 1, M, C, V, M * C, V * C)
+    if mode is None:
+        sh.product("lm_head", "x@wte.T", 1, M, C, V, M * C, V * C)
+    else:
+        _int8_product(sh, "lm_head", "x@wte.T", M, C, V, mode)
     if targets:
         sh.elementwise("loss", "cross_entropy", "loss", N * V, N * V, N * V,
                        extra_read_bytes=N * INDEX_BYTES)
@@ -198,15 +251,16 @@ def predict_training_step(cfg, batch: int, seq: int | None = None, grad_accum: i
 
 
 def predict_forward(cfg, batch: int, seq: int, phase: str = "forward", targets: bool = False,
-                    dtype: str = "float32") -> dict:
-    """A forward pass of (batch, seq) tokens; phase "prefill" keeps only the last position's logits."""
+                    dtype: str = "float32", quant=None) -> dict:
+    """A forward pass of (batch, seq) tokens; phase "prefill" keeps only the last position's logits.
+    quant: a QuantConfig (int8 inference), or None for float."""
     sh = _sheet(phase, dtype)
-    _forward(sh, cfg, batch, seq, last_only=phase == "prefill", targets=targets)
+    _forward(sh, cfg, batch, seq, last_only=phase == "prefill", targets=targets, q=quant)
     return sh.records
 
 
-def predict_decode(cfg, batch: int, position: int, dtype: str = "float32") -> dict:
+def predict_decode(cfg, batch: int, position: int, dtype: str = "float32", quant=None) -> dict:
     """One decode step: the token at `position` attends to the position + 1 cached keys."""
     sh = _sheet("decode", dtype)
-    _forward(sh, cfg, batch, 1, pos0=position)
+    _forward(sh, cfg, batch, 1, pos0=position, q=quant)
     return sh.records

@@ -8,7 +8,8 @@ by arithmetic or by memory traffic, whichever takes longer:
 and a set of records takes the sum. Real kernels are slower (launch overhead, caches, imperfect
 overlap), so this is a lower bound on time, and with a power figure a lower bound on energy at that
 power. A record's dtype picks the peak: float32 -> fp32, float64 -> fp64, float16/bfloat16 -> fp16,
-and int8 or int32 (an int8 product's accumulator) -> int8.
+int8 or int32 (integer products) -> int8, and w8a32 (int8 weights widened into a float32 product,
+minigpt.nn.quant) -> fp32.
 
     roofline_seconds(rows, profile)       total ideal seconds
     split(rows, profile)                  {"compute": s, "memory": s}: which bound each record hit
@@ -24,7 +25,7 @@ from minigpt.errors import ConfigError
 
 # a record's dtype (the meter writes the result's dtype) -> the profile's peak table
 PEAK_OF_DTYPE = {"float32": "fp32", "float64": "fp64", "float16": "fp16", "bfloat16": "fp16",
-                 "int8": "int8", "int32": "int8"}
+                 "int8": "int8", "int32": "int8", "w8a32": "fp32"}
 
 
 @dataclass(frozen=True)
