@@ -19,11 +19,11 @@ import numpy as np
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from minigpt import backend, config  # noqa: E402
-from minigpt.meter import METER  # noqa: E402
-from minigpt.nn.model import GPT  # noqa: E402
-from minigpt.nn.params import FlatBuffer, init  # noqa: E402
-from minigpt.train.optim import AdamW, clip_grad_norm  # noqa: E402
+from minigpt import backend, config
+from minigpt.meter import METER
+from minigpt.nn.model import GPT
+from minigpt.nn.params import FlatBuffer, init
+from minigpt.train.optim import AdamW, clip_grad_norm
 
 
 def main() -> None:

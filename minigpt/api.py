@@ -10,10 +10,10 @@
 
 import numpy as np
 
-from minigpt import backend
+from minigpt import backend, sampling
 from minigpt import config as config_mod
-from minigpt import sampling
 from minigpt.errors import CheckpointError, ConfigError
+from minigpt.nn import quant
 from minigpt.nn.model import GPT
 from minigpt.nn.params import FlatBuffer, init, layout
 from minigpt.tokenizer import ByteTokenizer
@@ -54,7 +54,27 @@ class Model:
                  seed=None, on_token=None) -> np.ndarray:
         """New token ids after prompt_tokens (its last block_size tokens are kept)."""
         prompt = np.asarray(prompt_tokens).reshape(-1)[-self.gpt.cfg.block_size:]
-        return sampling.generate(self.gpt, prompt, max_new_tokens, temperature, top_k, top_p, seed, on_token)
+        kv_int8 = self.gpt.quant is not None and self.gpt.quant.qcfg.kv_int8
+        return sampling.generate(self.gpt, prompt, max_new_tokens, temperature, top_k, top_p, seed,
+                                 on_token, kv_int8=kv_int8)
+
+    def quantize(self, mode: str = "w8a8", quantize_embedding: bool = False, kv_int8: bool = False,
+                 outlier_threshold: float | None = None) -> "Model":
+        """Switch to int8 inference (see minigpt.nn.quant); returns self."""
+        qcfg = quant.QuantConfig(mode, quantize_embedding, kv_int8, outlier_threshold)
+        self.gpt.quant = quant.quantize_model(self.gpt.params, self.gpt.cfg, qcfg)
+        return self
+
+    def save_int8(self, path) -> None:
+        """Write an int8 checkpoint (quantize first)."""
+        if self.gpt.quant is None:
+            raise ValueError("quantize the model before saving an int8 checkpoint")
+        q = self.gpt.quant
+        tables = {n: (backend.to_host(a), backend.to_host(s)) for n, (a, s) in q.tables.items()}
+        floats = {n: backend.to_host(v) for n, v in self.gpt.params.views.items() if n not in tables}
+        meta = {"config": self.config.to_dict(), "tokenizer": self.tokenizer.to_dict(),
+                "layout": self.gpt.params.layout, "quant": q.qcfg.__dict__}
+        checkpoint.save_int8(path, meta, tables, floats)
 
 
 def load(path, device: str = "cpu") -> Model:
@@ -73,5 +93,25 @@ def load(path, device: str = "cpu") -> Model:
     except ValueError as e:
         raise CheckpointError(f"{where}: {e}") from None
     backend.use(device)
+    backend.keep_freed_memory()
+    if meta["format"] == checkpoint.INT8_FORMAT:
+        return _load_int8(meta, arrays, cfg, tokenizer)
     params = FlatBuffer(cfg.model, arrays["params"].dtype, backend.asarray(arrays["params"]))
     return Model(cfg, GPT(cfg.model, params), tokenizer)
+
+
+def _load_int8(meta, arrays, cfg, tokenizer) -> Model:
+    """An int8 checkpoint: int8 weights for inference, and their dequantized values in params."""
+    params = FlatBuffer(cfg.model, "float32")
+    tables = {}
+    for name, view in params.views.items():
+        if name in meta["int8_names"]:
+            q, scale = arrays[f"int8/{name}"], arrays[f"scale/{name}"]
+            per_row = name == "transformer.wte.weight"
+            view[...] = backend.asarray(q * (scale[:, None] if per_row else scale))
+            tables[name] = (backend.asarray(q), backend.asarray(scale))
+        else:
+            view[...] = backend.asarray(arrays[f"float/{name}"])
+    gpt = GPT(cfg.model, params)
+    gpt.quant = quant.QuantizedWeights(cfg.model, quant.QuantConfig(**meta["quant"]), tables)
+    return Model(cfg, gpt, tokenizer)

@@ -5,6 +5,7 @@ model, trainer and meters run on either. CuPy is imported here and nowhere else,
 GPU is asked for: the package imports and runs without it.
 """
 
+import itertools
 import os
 from concurrent.futures import ThreadPoolExecutor
 
@@ -18,7 +19,7 @@ device = "cpu"
 # once per pass, and the blocks are shared among THREADS threads (NumPy releases the GIL inside
 # its loops, but runs each one on a single core).
 BLOCK_BYTES = 256 << 10
-THREADS = int(os.environ.get("MINIGPT_THREADS", 0)) or len(os.sched_getaffinity(0))
+THREADS = int(os.environ.get("MINIGPT_THREADS", "0")) or len(os.sched_getaffinity(0))
 _pool = None
 
 
@@ -110,6 +111,6 @@ def map_rows(kernel, n_rows: int, row_bytes: int) -> list:
     if _pool is None:
         _pool = ThreadPoolExecutor(THREADS, thread_name_prefix="minigpt")
     cuts = [len(blocks) * i // THREADS for i in range(THREADS + 1)]
-    groups = [blocks[a:b] for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
+    groups = [blocks[a:b] for a, b in itertools.pairwise(cuts) if b > a]
     futures = [_pool.submit(lambda g: [kernel(b) for b in g], g) for g in groups]
     return [r for f in futures for r in f.result()]

@@ -6,6 +6,7 @@ Bad input of any kind ends in one line on stderr and exit code 2; see minigpt.er
 
 import argparse
 import sys
+from pathlib import Path
 
 from minigpt.errors import ConfigError, MiniGPTError
 
@@ -32,7 +33,17 @@ def _train_parser(prog="minigpt train") -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="continue from <out_dir>/ckpt.npz; reproduces the uninterrupted run exactly")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _energy_arguments(p)
     return p
+
+
+def _energy_arguments(p) -> None:
+    p.add_argument("--watts", type=float, default=None,
+                   help="this machine's power draw in W, for the time x power and roofline energy "
+                   "estimates (default: the hardware profile's rated power, where it has one)")
+    p.add_argument("--hardware", default=None,
+                   help="hardware profile for the energy report (default local-cpu on the CPU; see "
+                   "minigpt hardware)")
 
 
 def cmd_train(argv) -> int:
@@ -45,19 +56,26 @@ def cmd_train(argv) -> int:
     c = trainer.corpus
     print(f"corpus: {c.source}: {c.n_files} files, {len(c.train):,} training and {len(c.val):,} "
           f"validation tokens", file=sys.stderr)
-    result = trainer.run()
+    from minigpt.costs import power
+
+    with power.measure() as measured:
+        result = trainer.run()
     if result.interrupted:
         print(f"stopped at step {result.steps}; checkpoint saved to {trainer.ckpt_path}. Continue "
               f"with: python train.py {args.config} --resume", file=sys.stderr)
         return 130
     print(f"done: {result.steps} steps, {result.tokens:,} tokens in {result.elapsed_s:.1f} s; "
           f"val loss {result.val_loss:.4f} nats/token; checkpoint {trainer.ckpt_path}")
-    _print_training_costs(trainer, result)
+    _print_training_costs(trainer, result, measured, args)
     return 0
 
 
-def _print_training_costs(trainer, result) -> None:
-    from minigpt.costs import calibrate, report
+def _hardware_for(args, device: str):
+    return args.hardware or ("local-cpu" if device == "cpu" else None)
+
+
+def _print_training_costs(trainer, result, measured, args) -> None:
+    from minigpt.costs import calibrate, energy, report
     from minigpt.meter import METER
 
     peak, where = calibrate.local_peak() if trainer.cfg.train.device == "cpu" else (None, "")
@@ -65,6 +83,10 @@ def _print_training_costs(trainer, result) -> None:
     print()
     print(report.summary(rows, result.steps, result.tokens, peak, where))
     print(f"details: minigpt costs {trainer.out_dir} --by op  (also {trainer.out_dir}/costs.json, costs.csv)")
+    print()
+    print("\n".join(energy.report_lines(rows, result.elapsed_s, _hardware_for(args, trainer.cfg.train.device),
+                                       measured=measured, watts=args.watts, tokens=result.tokens)))
+    print(energy.gpt3_projection_line(result.tokens, rows, joules=measured.total_joules))
 
 
 def _generate_parser(prog="minigpt generate") -> argparse.ArgumentParser:
@@ -86,7 +108,28 @@ def _generate_parser(prog="minigpt generate") -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where to run (default cpu)")
     p.add_argument("--costs", action="store_true",
                    help="after the text, print the prefill's and each decode step's FLOPs and bytes")
+    _int8_arguments(p)
+    _energy_arguments(p)
     return p
+
+
+def _int8_arguments(p, mode_flag="--int8") -> None:
+    p.add_argument(mode_flag, dest="int8", choices=("w8a32", "w8a8"), default=None,
+                   help="quantize on load: w8a32 = int8 weights, w8a8 = int8 weights and activations")
+    p.add_argument("--int8-embedding", action="store_true", help="also read the token embedding from int8")
+    p.add_argument("--kv-int8", action="store_true", help="keep the KV cache in int8")
+    p.add_argument("--outlier-threshold", type=float, default=None,
+                   help="w8a8: multiply feature dimensions with any |x| above this in float (LLM.int8()-like)")
+
+
+def _apply_int8(model, args) -> None:
+    if args.outlier_threshold is not None and args.outlier_threshold <= 0:
+        raise ConfigError(f"--outlier-threshold must be > 0, got {args.outlier_threshold}")
+    if args.int8 is None:
+        if args.int8_embedding or args.kv_int8 or args.outlier_threshold is not None:
+            raise ConfigError("--int8-embedding, --kv-int8 and --outlier-threshold need --int8 MODE")
+        return
+    model.quantize(args.int8, args.int8_embedding, args.kv_int8, args.outlier_threshold)
 
 
 def cmd_generate(argv) -> int:
@@ -110,6 +153,7 @@ def cmd_generate(argv) -> int:
     else:
         prompt = args.prompt if args.prompt is not None else "\n"
     model = minigpt.load(args.run, device=args.device)
+    _apply_int8(model, args)
     ids = model.tokenizer.encode(prompt)
     if len(ids) == 0:
         raise ConfigError("the prompt is empty: give --prompt TEXT or a non-empty --prompt-file")
@@ -128,16 +172,19 @@ def cmd_generate(argv) -> int:
 
     from minigpt.meter import METER
 
+    from minigpt.costs import power
+
     METER.reset()
-    model.generate(ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed, emit)
+    with power.measure() as measured:
+        model.generate(ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed, emit)
     out.write(decode([], final=True) + "\n")
     if args.costs:
-        _print_generation_costs(len(ids), args.max_new_tokens)
+        _print_generation_costs(len(ids), args.max_new_tokens, measured, args)
     return 0
 
 
-def _print_generation_costs(prompt_tokens: int, new_tokens: int) -> None:
-    from minigpt.costs import report
+def _print_generation_costs(prompt_tokens: int, new_tokens: int, measured, args) -> None:
+    from minigpt.costs import energy, report
     from minigpt.meter import METER
 
     rows = report.rows_from_records(METER.records)
@@ -152,7 +199,7 @@ def _print_generation_costs(prompt_tokens: int, new_tokens: int) -> None:
         nbytes = p["bytes_read"] + p["bytes_written"]
         per = (f"{report.si(p['flops'] / decode_steps)}FLOP, {report.si(nbytes / decode_steps, 'B')}"
                if phase == "decode" else "")
-        calls = sum(1 for r in rows if r["phase"] == phase and r["scope"] == "embedding")
+        calls = sum(r["calls"] for r in rows if r["phase"] == phase and r["scope"] == "embedding")
         print(f"{phase:<8}  {calls:>6}  {report.si(p['flops']):>11}  {report.si(nbytes, 'B'):>10}  "
               f"{p['seconds']:8.3f}  {per}")
     if "decode" in t:
@@ -161,6 +208,9 @@ def _print_generation_costs(prompt_tokens: int, new_tokens: int) -> None:
               f"; decode speed here: {decode_steps / d['seconds']:,.0f} tokens/s (metered seconds)"
               if d["seconds"] > 0 else "")
     print(report.CONVENTIONS)
+    print()
+    print("\n".join(energy.report_lines(rows, measured.seconds, _hardware_for(args, args.device),
+                                       measured=measured, watts=args.watts, tokens=new_tokens)))
 
 
 def _costs_parser() -> argparse.ArgumentParser:
@@ -257,6 +307,74 @@ def cmd_calibrate(argv) -> int:
     return 0
 
 
+def cmd_quantize(argv) -> int:
+    import minigpt
+    from minigpt.train import checkpoint
+
+    p = _Parser(prog="minigpt quantize",
+                description="Write an int8 checkpoint of a trained run: every linear layer's weights and "
+                "the (tied) token table in int8 with one float32 scale per output channel.",
+                epilog="example: minigpt quantize out/tiny -o out/tiny-int8 && "
+                "python generate.py out/tiny-int8 --prompt 'def '")
+    p.add_argument("run", help="a run folder or checkpoint file")
+    p.add_argument("-o", "--output", required=True, help="a folder (gets ckpt.npz) or a .npz file")
+    p.add_argument("--mode", choices=("w8a32", "w8a8"), default="w8a8", help="inference mode stored (default w8a8)")
+    p.add_argument("--int8-embedding", action="store_true", help="read the token embedding from int8 too")
+    p.add_argument("--kv-int8", action="store_true", help="keep the KV cache in int8 when generating")
+    p.add_argument("--outlier-threshold", type=float, default=None, help="w8a8 outlier threshold")
+    args = p.parse_args(argv)
+    model = minigpt.load(args.run)
+    if model.gpt.quant is not None:
+        raise ConfigError(f"{args.run}: already an int8 checkpoint")
+    model.quantize(args.mode, args.int8_embedding, args.kv_int8, args.outlier_threshold)
+    path = Path(args.output)
+    if path.suffix != ".npz":
+        path = path / checkpoint.FILENAME
+    model.save_int8(path)
+    from minigpt.evaluate import weight_bytes
+
+    fp32 = model.gpt.params.data.nbytes
+    print(f"wrote {path}: {args.mode}, weights {weight_bytes(model.gpt):,} bytes (fp32: {fp32:,})")
+    return 0
+
+
+def cmd_eval(argv) -> int:
+    import json
+
+    import minigpt
+    from minigpt.evaluate import evaluate
+
+    p = _Parser(prog="minigpt eval",
+                description="Validation loss and perplexity of a run; with --int8, the quantized model "
+                "against fp32: relative loss change, KL divergence of the next-token distributions, "
+                "top-1 agreement, weight bytes and bytes moved per generated token.",
+                epilog="example: minigpt eval out/tiny --int8 w8a8 --format json")
+    p.add_argument("run", help="a run folder or checkpoint file")
+    _int8_arguments(p)
+    p.add_argument("--max-tokens", type=int, default=1 << 17, help="validation tokens to use (default 131072)")
+    p.add_argument("--format", choices=("table", "json"), default="table")
+    args = p.parse_args(argv)
+    if args.max_tokens < 1:
+        raise ConfigError(f"--max-tokens must be >= 1, got {args.max_tokens}")
+    model = minigpt.load(args.run)
+    reference = None
+    if args.int8 is not None:
+        if model.gpt.quant is not None:
+            raise ConfigError(f"{args.run}: already an int8 checkpoint; evaluate it without --int8")
+        reference = minigpt.load(args.run)
+        _apply_int8(model, args)
+    result = evaluate(model, reference, args.max_tokens)
+    mode = (model.gpt.quant.qcfg.mode if model.gpt.quant is not None else "fp32")
+    result = {"run": str(args.run), "mode": mode} | result
+    if args.format == "json":
+        print(json.dumps(result, indent=1))
+    else:
+        for k, v in result.items():
+            shown = f"{v:.6g}" if isinstance(v, float) else (f"{v:,}" if isinstance(v, int) else v)
+            print(f"{k:<16} {shown}")
+    return 0
+
+
 def cmd_hardware(argv) -> int:
     from minigpt.costs import hardware
 
@@ -315,6 +433,8 @@ COMMANDS = {
     "calibrate": (cmd_calibrate, "measure this machine's matmul FLOP/s and memory bandwidth"),
     "hardware": (cmd_hardware, "list hardware profiles, or show one with its sources"),
     "scale": (cmd_scale, "training and serving cost, energy and carbon of a model at full size"),
+    "quantize": (cmd_quantize, "write an int8 checkpoint of a run"),
+    "eval": (cmd_eval, "validation loss, perplexity, and int8 against fp32"),
 }
 
 

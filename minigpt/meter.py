@@ -69,7 +69,7 @@ class Record:
 class Counter:
     """What an elementwise block reports before it closes (see Meter.op)."""
 
-    __slots__ = ("flops", "bytes_read", "bytes_written", "dtype")
+    __slots__ = ("bytes_read", "bytes_written", "dtype", "flops")
 
     def __init__(self):
         self.flops = self.bytes_read = self.bytes_written = 0
@@ -99,6 +99,15 @@ class Meter:
             yield
         finally:
             self.scope_path = outer
+
+    @contextmanager
+    def paused(self):
+        """Products and ops inside run uncounted (for micro-benchmarks such as calibrate)."""
+        outer, self.enabled = self.enabled, False
+        try:
+            yield
+        finally:
+            self.enabled = outer
 
     @contextmanager
     def in_phase(self, phase: str):

@@ -31,17 +31,18 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, rng=None) -> in
 
 
 def generate(model, prompt, max_new_tokens: int, temperature=1.0, top_k=None, top_p=None,
-             seed=None, on_token=None) -> np.ndarray:
+             seed=None, on_token=None, kv_int8: bool = False) -> np.ndarray:
     """New token ids after prompt (1-D ids, at most block_size of them), batch 1, KV-cached.
 
     on_token(id) is called as each token is chosen (for streaming). When the cache is full, it is
-    rebuilt from the last block_size // 2 tokens, so generation can run past the context."""
+    rebuilt from the last block_size // 2 tokens, so generation can run past the context.
+    kv_int8: keep the KV cache in int8."""
     cfg = model.cfg
     rng = np.random.default_rng(seed)
     ids = [int(t) for t in prompt]
     assert 0 < len(ids) <= cfg.block_size, "the caller trims the prompt to block_size"
     dtype = model.params.data.dtype
-    kv = KVCache(cfg, 1, dtype)
+    kv = KVCache(cfg, 1, dtype, int8=kv_int8)
     with METER.in_phase("prefill"):
         logits = model.logits(backend.asarray(np.array([ids])), kv, last_only=True)
     new = []
@@ -54,7 +55,7 @@ def generate(model, prompt, max_new_tokens: int, temperature=1.0, top_k=None, to
         if i == max_new_tokens - 1:
             break
         if kv.length == kv.capacity:
-            kv = KVCache(cfg, 1, dtype)
+            kv = KVCache(cfg, 1, dtype, int8=kv_int8)
             with METER.in_phase("prefill"):
                 context = backend.asarray(np.array([ids[-(cfg.block_size // 2):]]))
                 logits = model.logits(context, kv, last_only=True)

@@ -49,8 +49,10 @@ class Settings:
     origins: dict[str, str] = field(default_factory=dict)
 
 
-def _const(consts: dict, name: str) -> float | None:
-    return consts[name].value
+# each setting -> its default in constants.toml
+DEFAULTS = {"pue": "pue", "carbon_kg_per_kwh": "carbon_kg_per_kwh",
+            "household_kwh_per_year": "household_kwh_per_year",
+            "water_l_per_kwh": "water_l_per_kwh", "pj_per_byte": "energy_per_byte.dram_read_low"}
 
 
 def settings(pue: float | None = None, carbon_kg_per_kwh: float | None = None,
@@ -60,33 +62,19 @@ def settings(pue: float | None = None, carbon_kg_per_kwh: float | None = None,
     """Settings from constants.toml, each given argument replacing its default (and noted)."""
     c = hardware.load_constants()
     given = {"pue": pue, "carbon_kg_per_kwh": carbon_kg_per_kwh, "water_l_per_kwh": water_l_per_kwh,
-             "household_kwh_per_year": household_kwh_per_year, "pj_per_flop": pj_per_flop,
-             "pj_per_byte": pj_per_byte}
+             "household_kwh_per_year": household_kwh_per_year, "pj_per_byte": pj_per_byte,
+             "pj_per_flop": pj_per_flop}
     for name, value in given.items():
         if value is not None and not value >= 0:
             raise ConfigError(f"{given_by}: {name} must be >= 0, got {value!r}")
     if pue is not None and pue < 1:
         raise ConfigError(f"{given_by}: pue must be >= 1 (facility over IT energy), got {pue!r}")
-    flop = {k: _const(c, f"energy_per_flop.{k}") for k in ("fp32", "fp16", "int8")}
-    if pj_per_flop is not None:
-        flop = dict.fromkeys(flop, pj_per_flop)
-    s = Settings(
-        pue=pue if pue is not None else _const(c, "pue"),
-        carbon_kg_per_kwh=carbon_kg_per_kwh if carbon_kg_per_kwh is not None
-        else _const(c, "carbon_kg_per_kwh"),
-        household_kwh_per_year=household_kwh_per_year if household_kwh_per_year is not None
-        else _const(c, "household_kwh_per_year"),
-        water_l_per_kwh=water_l_per_kwh if water_l_per_kwh is not None
-        else _const(c, "water_l_per_kwh"),
-        pj_per_flop=flop,
-        pj_per_byte=pj_per_byte if pj_per_byte is not None
-        else _const(c, "energy_per_byte.dram_read_low"),
-        pj_per_byte_sram=_const(c, "energy_per_byte.sram_read"))
-    sources = {"pue": "pue", "carbon_kg_per_kwh": "carbon_kg_per_kwh",
-               "household_kwh_per_year": "household_kwh_per_year",
-               "water_l_per_kwh": "water_l_per_kwh", "pj_per_flop": "energy_per_flop.fp32",
-               "pj_per_byte": "energy_per_byte.dram_read_low"}
-    for name, const in sources.items():
+    values = {k: c[name].value if given[k] is None else given[k] for k, name in DEFAULTS.items()}
+    flop = {k: c[f"energy_per_flop.{k}"].value if pj_per_flop is None else pj_per_flop
+            for k in ("fp32", "fp16", "int8")}
+    s = Settings(**values, pj_per_flop=flop,
+                 pj_per_byte_sram=c["energy_per_byte.sram_read"].value)
+    for name, const in {**DEFAULTS, "pj_per_flop": "energy_per_flop.fp32"}.items():
         src = c[const].source or c[const].note
         s.origins[name] = given_by if given[name] is not None else f"default: {src}"
     return s
@@ -97,7 +85,7 @@ def settings(pue: float | None = None, carbon_kg_per_kwh: float | None = None,
 def joules_text(j: float) -> str:
     """12.3 kJ, 45.6 mJ: three significant figures with an SI prefix."""
     for factor, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k"), (1, ""), (1e-3, "m"),
-                           (1e-6, "µ")):
+                           (1e-6, "µ"), (1e-9, "n")):
         if abs(j) >= factor:
             return f"{j / factor:.3g} {prefix}J"
     return f"{j:.3g} J"
@@ -131,6 +119,7 @@ class Layer:
 
 
 def measured_layer(measured: Measurement | None, s: Settings) -> Layer:
+    """The counters' joules × PUE, or "not measured here" with each reader's reason."""
     if measured is None or not measured.measured:
         why = measured.describe().removeprefix("energy: ") if measured else NOT_MEASURED
         return Layer("measured", None, why)
@@ -153,15 +142,17 @@ def power_of(profile: Profile | None, watts: float | None) -> tuple[float | None
                   f"profile)")
 
 
-def time_power_layer(seconds: float, watts: float | None, why: str, s: Settings) -> Layer:
+def time_power_layer(seconds: float, watts: float | None, power_note: str, s: Settings) -> Layer:
+    """seconds × watts × PUE; power_note says where the watts came from, or why there are none."""
     if watts is None:
-        return Layer("time x power", None, why)
+        return Layer("time x power", None, power_note)
     return Layer("time x power", seconds * watts * s.pue,
-                 f"{seconds:.4g} s × {why} × PUE {s.pue:.2f}")
+                 f"{seconds:.4g} s × {power_note} × PUE {s.pue:.2f}")
 
 
 def roofline_layer(rows: list[dict], profile: Profile | None, watts: float | None, why: str,
                    s: Settings, seconds: float | None = None) -> Layer:
+    """Ideal seconds on profile × watts × PUE; `why` is said when there is no profile or power."""
     if profile is None:
         return Layer("roofline", None, why)
     try:
@@ -188,6 +179,7 @@ def floor_joules(rows: list[dict], s: Settings, pj_per_byte: float | None = None
 
 
 def floor_layer(rows: list[dict], s: Settings) -> Layer:
+    """The physics floor, with the SRAM-bytes variant beside it."""
     try:
         j = floor_joules(rows, s)
         sram = floor_joules(rows, s, s.pj_per_byte_sram)
@@ -268,6 +260,9 @@ def gpt3_projection_line(tokens_trained: int, rows: list[dict], joules: float | 
     flops = sum(r["flops"] for r in rows if r["phase"] in ("forward", "backward", "optimizer"))
     scn = scaling.load_scenario(scenario)
     a, D = scaling.arch_of(scn), scn.get("training", "tokens")
+    if a is None or D is None:
+        raise ConfigError(f"{scn.where('model')}: a projection needs an architecture and "
+                          f"[training] tokens")
     big = scaling.training_step_flops(a, 1, a.block_size) * D / a.block_size  # FLOPs, closed form
     cost = scaling.training_costs(big, scaling.chip_of(scn), scaling.settings_of(scn))
     mine = f"this run {flops / tokens_trained:.3g} FLOP/token over {tokens_trained:,} tokens"

@@ -107,9 +107,10 @@ def experts_touched(a: Arch, tokens: int) -> float:
 
 
 def weights_read(a: Arch | None, params: float, active: float, tokens: int) -> float:
-    """Parameters one forward step over `tokens` tokens must read (all, bar unpicked experts)."""
+    """Parameters one forward step over `tokens` tokens must read (all, bar unpicked experts).
+    Without an expert layout (a stated count), one token reads the active ones, more read all."""
     if a is None or a.n_experts == 1:
-        return params if a is None or active == params else active
+        return active if tokens == 1 else params
     experts = a.n_layer * mlp_params(a.n_embd)  # one expert in every layer
     return params - (a.n_experts - experts_touched(a, tokens)) * experts
 

@@ -124,7 +124,7 @@ class GPT:
         kv: continue from a KV cache (positions kv.length, ...); rng: a numpy Generator turns
         dropout on (training only)."""
         cfg, p = self.cfg, self.params
-        B, T = idx.shape
+        T = idx.shape[1]
         pos0 = kv.length if kv is not None else 0
         if pos0 + T > cfg.block_size:
             raise ValueError(f"positions {pos0}..{pos0 + T - 1} exceed block_size {cfg.block_size}")

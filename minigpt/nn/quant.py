@@ -52,6 +52,14 @@ class Int8Weight:
         return self.q.astype(self.scale.dtype) * self.scale
 
 
+def _scale_of(absmax):
+    """absmax / 127 as float32; 1 for an all-zero slice, and never below the smallest normal
+    float32 (a subnormal absmax would otherwise give a zero scale)."""
+    xp = backend.xp
+    scale = xp.where(absmax > 0, absmax / 127.0, 1.0).astype(xp.float32)
+    return xp.maximum(scale, xp.finfo(xp.float32).tiny)
+
+
 def quantize(w, axis: int = 0):
     """Symmetric absmax quantization of w, one scale per slice along the other axis.
 
@@ -59,7 +67,7 @@ def quantize(w, axis: int = 0):
     Returns (q int8 like w, scale float32 of w.shape[1 - axis])."""
     xp = backend.xp
     absmax = xp.abs(w).max(axis=axis, keepdims=True)
-    scale = xp.where(absmax > 0, absmax / 127.0, 1.0).astype(xp.float32)
+    scale = _scale_of(absmax)
     q = xp.clip(xp.rint(w / scale), -127, 127).astype(xp.int8)
     return q, scale.reshape(-1)
 
@@ -73,8 +81,7 @@ def quantize_vectors(x):
     """Per-vector (last axis) int8 quantization for the KV cache: (q int8, scale (..., 1))."""
     xp = backend.xp
     with METER.op("quant", "quantize") as c:
-        absmax = xp.abs(x).max(axis=-1, keepdims=True)
-        s = xp.where(absmax > 0, absmax / 127.0, 1.0).astype(xp.float32)
+        s = _scale_of(xp.abs(x).max(axis=-1, keepdims=True))
         q = xp.clip(xp.rint(x / s), -127, 127).astype(xp.int8)
         c.count(FPE["quant", "quantize"] * x.size, x.nbytes, q.nbytes + s.nbytes, "int8")
     return q, s
@@ -152,7 +159,7 @@ class QuantizedWeights:
         (q (V, C) per row)."""
         self.cfg, self.qcfg = cfg, qcfg
         self.tables = tables
-        mk = lambda q, s: Int8Weight(q, s, qcfg.mode, qcfg.outlier_threshold)  # noqa: E731
+        mk = lambda q, s: Int8Weight(q, s, qcfg.mode, qcfg.outlier_threshold)
         self.blocks = [
             {short: mk(*tables[f"transformer.h.{i}.{short}"]) for short in LINEAR_WEIGHTS}
             for i in range(cfg.n_layer)

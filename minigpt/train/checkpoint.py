@@ -16,6 +16,7 @@ import numpy as np
 from minigpt.errors import CheckpointError
 
 FORMAT = "minigpt-checkpoint-v1"
+INT8_FORMAT = "minigpt-int8-v1"  # written by `minigpt quantize`: see save_int8
 FILENAME = "ckpt.npz"
 
 
@@ -25,12 +26,12 @@ def resolve(path) -> Path:
     return path / FILENAME if path.is_dir() else path
 
 
-def save(path, meta: dict, arrays: dict) -> None:
+def save(path, meta: dict, arrays: dict, fmt: str = FORMAT) -> None:
     """Write arrays and meta to path through a temporary file and a rename: a crash mid-write
     leaves the previous checkpoint whole."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"meta": np.frombuffer(json.dumps({"format": FORMAT, **meta}).encode(), dtype=np.uint8)}
+    payload = {"meta": np.frombuffer(json.dumps({"format": fmt, **meta}).encode(), dtype=np.uint8)}
     payload.update(arrays)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
@@ -59,10 +60,13 @@ def load(path) -> tuple[dict, dict]:
         meta = json.loads(arrays.pop("meta").tobytes().decode())
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path}: corrupt checkpoint header: {e}") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+    if not isinstance(meta, dict) or meta.get("format") not in (FORMAT, INT8_FORMAT):
         found = meta.get("format") if isinstance(meta, dict) else None
-        raise CheckpointError(f"{path}: not a {FORMAT} checkpoint (format {found!r})")
-    _check_arrays(path, meta, arrays)
+        raise CheckpointError(f"{path}: not a minigpt checkpoint (format {found!r})")
+    if meta["format"] == INT8_FORMAT:
+        _check_int8_arrays(path, meta, arrays)
+    else:
+        _check_arrays(path, meta, arrays)
     return meta, arrays
 
 
@@ -81,3 +85,47 @@ def _check_arrays(path, meta, arrays) -> None:
             raise CheckpointError(f"{path}: '{name}' has shape {a.shape}, the layout needs ({size},)")
         if a.dtype not in (np.float32, np.float64):
             raise CheckpointError(f"{path}: '{name}' has dtype {a.dtype}, expected float32 or float64")
+
+
+# ----------------------------------------------------------------------------- int8 checkpoints
+#
+# An int8 checkpoint stores each quantized matrix as "int8/<name>" (int8, the layout's shape) and
+# "scale/<name>" (float32, one per output channel: the last axis for linear weights, the rows for
+# the token table), and every other parameter as "float/<name>" (float32). meta["quant"] holds the
+# QuantConfig and meta["int8_names"] the quantized names.
+
+
+def _int8_scale_shape(name, shape):
+    return (shape[0],) if name == "transformer.wte.weight" else (shape[-1],)
+
+
+def _check_int8_arrays(path, meta, arrays) -> None:
+    try:
+        layout = [(n, tuple(s)) for n, s in meta["layout"]]
+        int8_names = set(meta["int8_names"])
+        meta["quant"]["mode"]
+    except (KeyError, TypeError, ValueError):
+        raise CheckpointError(f"{path}: int8 checkpoint header lacks layout, int8_names or quant") from None
+    for name, shape in layout:
+        if name in int8_names:
+            want = [(f"int8/{name}", shape, np.int8), (f"scale/{name}", _int8_scale_shape(name, shape), np.float32)]
+        else:
+            want = [(f"float/{name}", shape, np.float32)]
+        for key, wshape, wdtype in want:
+            a = arrays.get(key)
+            if a is None:
+                raise CheckpointError(f"{path}: missing '{key}' (an int8 checkpoint needs every weight and its scales)")
+            if a.dtype != wdtype:
+                raise CheckpointError(f"{path}: '{key}' has dtype {a.dtype}, expected {np.dtype(wdtype).name}")
+            if a.shape != wshape:
+                raise CheckpointError(f"{path}: '{key}' has shape {a.shape}, expected {wshape}")
+
+
+def save_int8(path, meta: dict, tables: dict, floats: dict) -> None:
+    """tables: {name: (q int8, scale float32)}; floats: {name: float32 array} for the rest."""
+    arrays = {}
+    for name, (q, scale) in tables.items():
+        arrays[f"int8/{name}"], arrays[f"scale/{name}"] = q, scale
+    for name, a in floats.items():
+        arrays[f"float/{name}"] = a
+    save(path, {**meta, "int8_names": sorted(tables)}, arrays, fmt=INT8_FORMAT)

@@ -1,0 +1,149 @@
+"""Energy in four layers: each given where it can be (by hand-checked arithmetic), each saying why
+where it cannot; sourced defaults; the roofline; the one-line GPT-3 projection."""
+
+import pytest
+
+from minigpt.config import ModelConfig
+from minigpt.costs import energy, report, roofline
+from minigpt.costs import model as cost_model
+from minigpt.costs.hardware import load_profile
+from minigpt.costs.power import Measurement
+from minigpt.errors import ConfigError
+
+NO_POWER = ("needs a power figure (local-cpu has none: pass --watts or add power_watts to your "
+            "profile)")
+
+LOCAL_CPU = """
+name = "local-cpu"
+description = "a test machine"
+[peak_flops.fp32]
+value = 100e9
+source = "measured by minigpt calibrate"
+[peak_flops.fp64]
+value = 50e9
+source = "measured by minigpt calibrate"
+[peak_flops.tf32]
+value = "unsupported"
+[peak_flops.fp16]
+value = "unknown"
+[peak_flops.int8]
+value = "unknown"
+[memory_bandwidth]
+value = 10e9
+source = "measured by minigpt calibrate"
+[memory_bytes]
+value = 8e9
+source = "os.sysconf"
+[power_watts]
+value = "unknown"
+"""
+
+
+@pytest.fixture(autouse=True)
+def home(tmp_path, monkeypatch):
+    """A $MINIGPT_HOME with a calibrated local-cpu profile that has no power figure."""
+    folder = tmp_path / "home" / "hardware"
+    folder.mkdir(parents=True)
+    (folder / "local-cpu.toml").write_text(LOCAL_CPU)
+    monkeypatch.setenv("MINIGPT_HOME", str(tmp_path / "home"))
+    return folder
+
+
+def _row(flops, nbytes, dtype="float32", phase="forward"):
+    return {"scope": "x", "op": "y", "kind": "matmul", "phase": phase, "dtype": dtype, "calls": 1,
+            "flops": flops, "useful_flops": flops, "bytes_read": nbytes, "bytes_written": 0,
+            "seconds": 0.0}
+
+
+ROWS = [_row(2e9, 1e6), _row(1e6, 1e9)]  # one compute-bound, one memory-bound on local-cpu
+
+
+def test_defaults_are_the_sourced_constants():
+    s = energy.settings()
+    assert (s.pue, s.carbon_kg_per_kwh, s.household_kwh_per_year) == (1.10, 0.367, 10715)
+    assert s.water_l_per_kwh is None  # no sourced default
+    assert s.pj_per_flop["fp32"] == 2.3 and s.pj_per_byte == 162.5
+    assert s.origins["pue"].startswith("default: Patterson")
+    given = energy.settings(pue=1.5, given_by="--pue")
+    assert given.pue == 1.5 and given.origins["pue"] == "--pue"
+    with pytest.raises(ConfigError, match="pue must be >= 1"):
+        energy.settings(pue=0.5)
+
+
+def test_roofline_takes_the_slower_bound_of_each_record():
+    prof = load_profile("local-cpu")
+    assert roofline.bound(ROWS[0], prof).kind == "compute"
+    assert roofline.bound(ROWS[1], prof).kind == "memory"
+    ideal = 2e9 / 100e9 + 1e9 / 10e9  # s
+    assert roofline.roofline_seconds(ROWS, prof) == pytest.approx(ideal)
+    assert roofline.split(ROWS, prof) == pytest.approx({"compute": 0.02, "memory": 0.1})
+    assert roofline.decode_ceiling(140e9, 3.35e12) == pytest.approx(23.93, abs=0.01)
+    with pytest.raises(ConfigError, match="peak fp16 FLOP/s is unknown"):
+        roofline.bound(_row(1, 1, "float16"), prof)
+
+
+def test_without_power_or_counters_each_layer_says_why():
+    lines = energy.report_lines(ROWS, 10.0, measured=Measurement(reasons={"rapl": "no RAPL"}))
+    text = "\n".join(lines)
+    assert "measured        not measured here (rapl: no RAPL)" in text
+    assert f"time x power    {NO_POWER}" in text
+    assert f"roofline        {NO_POWER}; ideal time on local-cpu 0.12 s" in text
+    floor = (2e9 + 1e6) * 2.3e-12 + (1e6 + 1e9) * 162.5e-12
+    layers = energy.run_layers(ROWS, 10.0)
+    assert [layer.name for layer in layers] == ["measured", "time x power", "roofline",
+                                                "physics floor"]
+    assert layers[3].joules == pytest.approx(floor)
+    assert energy.run_layers(ROWS, 10.0, profile=None)[0].basis == "not measured here"
+
+
+def test_with_a_power_figure_every_layer_is_given():
+    m = Measurement(joules={"rapl": 500.0, "nvml": None}, reasons={"nvml": "no GPU"}, seconds=10.0)
+    layers = {layer.name: layer for layer in energy.run_layers(ROWS, 10.0, measured=m, watts=60)}
+    assert layers["measured"].joules == pytest.approx(500 * 1.10)
+    assert layers["time x power"].joules == pytest.approx(10 * 60 * 1.10)
+    assert layers["roofline"].joules == pytest.approx(0.12 * 60 * 1.10)
+    assert all(layer.joules is not None for layer in layers.values())
+    lines = energy.report_lines(ROWS, 10.0, measured=m, watts=60, tokens=1000)
+    assert "J/token" in lines[1] and "660 J" in "\n".join(lines)
+    assert lines[-1].startswith("PUE 1.10 (default: Patterson")
+
+
+def test_a_profile_with_power_needs_no_watts():
+    layers = energy.run_layers(ROWS, 2.0, profile="h100-sxm")
+    assert layers[1].joules == pytest.approx(2.0 * 700 * 1.10)
+    assert layers[2].joules is not None and layers[2].joules < layers[1].joules
+
+
+def test_no_local_profile_says_how_to_get_one(home):
+    (home / "local-cpu.toml").unlink()
+    text = "\n".join(energy.report_lines(ROWS, 1.0))
+    assert "no local-cpu profile (`minigpt calibrate` measures one)" in text
+    assert "physics floor" in text
+
+
+def test_floor_dtypes_and_unknowns():
+    s = energy.settings()
+    assert energy.floor_joules([_row(1e12, 0, "float16")], s) == pytest.approx(0.75)
+    assert energy.floor_joules([_row(1e12, 0, "float64")], s) == pytest.approx(2.3)  # fp32 bound
+    assert energy.floor_joules([_row(1e12, 0, "int8")], s) == pytest.approx(0.115)
+    assert energy.floor_joules([_row(1e12, 0, "w8a32")], s) == pytest.approx(2.3)
+    layer = energy.floor_layer([_row(1, 1, "complex64")], s)
+    assert layer.joules is None and "complex64" in layer.basis
+
+
+def test_report_on_a_real_training_step():
+    cfg = ModelConfig(n_layer=2, n_head=2, n_embd=16, block_size=16, vocab_size=64)
+    rows = report.rows_from_records(cost_model.predict_training_step(cfg, 4, 16))
+    lines = energy.report_lines(rows, 0.5, watts=15, tokens=64)
+    assert len(lines) == 8 and all("needs" not in line for line in lines)
+
+
+def test_gpt3_projection_line():
+    rows = [_row(6e9, 0, phase=p) for p in ("forward", "backward", "optimizer")] + [
+        _row(1e20, 0, phase="eval")]  # evaluation is not training
+    line = energy.gpt3_projection_line(1000, rows, joules=90.0)
+    assert "\n" not in line and line.startswith("at GPT-3 scale: this run 1.8e+07 FLOP/token")
+    assert "(5e+03 pJ/FLOP" in line and "GPT-3 175B counted the same way" in line
+    assert "3.23e+23 FLOPs" in line and "10,000 v100-sxm2" in line and "tCO2e" in line
+    with pytest.raises(ValueError):
+        energy.gpt3_projection_line(0, rows)

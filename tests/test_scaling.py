@@ -1,0 +1,239 @@
+"""Scaling: the closed form equals the predictor (and so the meter), GPT-3 175B on Patterson's V100
+row reproduces the published FLOPs, MWh and tCO2e, the popular claims come out with the numbers
+they state, mixture-of-experts counts, and bad scenarios fail in one line naming file and field."""
+
+import json
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from minigpt import cli
+from minigpt.config import ModelConfig
+from minigpt.costs import model as cost_model
+from minigpt.costs import scale_report, scaling, scenario
+from minigpt.errors import ConfigError
+from minigpt.meter import METER
+from minigpt.nn.model import GPT
+from minigpt.nn.params import FlatBuffer, init
+from minigpt.train.optim import AdamW, clip_grad_norm
+
+
+@pytest.fixture(autouse=True)
+def _empty_home(tmp_path, monkeypatch):
+    """No test sees the developer's own ~/.minigpt (its local-cpu profile)."""
+    monkeypatch.setenv("MINIGPT_HOME", str(tmp_path / "home"))
+
+
+def estimate(name: str, *overrides: str) -> dict:
+    return scale_report.estimate(scenario.load(name, overrides))
+
+
+def _flops(records) -> int:
+    return sum(r.flops for r in records.values())
+
+
+def _arch(cfg: ModelConfig) -> scaling.Arch:
+    return scaling.Arch(cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.block_size, cfg.vocab_size)
+
+
+# ---- the closed form --------------------------------------------------------------------------
+
+configs = st.builds(
+    lambda L, H, hs, block, V: ModelConfig(n_layer=L, n_head=H, n_embd=H * hs, block_size=block,
+                                           vocab_size=V),
+    st.integers(1, 4), st.integers(1, 4), st.integers(1, 8), st.integers(2, 24), st.integers(2, 60))
+
+
+@settings(max_examples=60, deadline=None)
+@given(cfg=configs, batch=st.integers(1, 3), data=st.data())
+def test_closed_form_equals_the_predictor(cfg, batch, data):
+    a = _arch(cfg)
+    T = data.draw(st.integers(1, cfg.block_size), label="T")
+    assert scaling.training_step_flops(a, batch, T) == _flops(
+        cost_model.predict_training_step(cfg, batch, T))
+    assert scaling.forward_flops(a, batch, T, last_only=True) == _flops(
+        cost_model.predict_forward(cfg, batch, T, "prefill"))
+    pos = data.draw(st.integers(0, cfg.block_size - 1), label="position")
+    assert scaling.forward_flops(a, batch, 1, pos0=pos) == _flops(
+        cost_model.predict_decode(cfg, batch, pos))
+    assert scaling.arch_params(a) == (cost_model.n_params(cfg),) * 2
+
+
+def test_closed_form_equals_the_meter_on_this_machine():
+    cfg = ModelConfig(n_layer=2, n_head=2, n_embd=8, block_size=6, vocab_size=13)
+    model = GPT(cfg, init(cfg, np.random.default_rng(0)))
+    model.grads = FlatBuffer(cfg)
+    idx = np.random.default_rng(1).integers(0, 13, (2, 6))
+    METER.reset()
+    with METER.in_phase("forward"):
+        _, cache = model.loss(idx, idx)
+    with METER.in_phase("backward"):
+        model.backward(cache)
+    with METER.in_phase("optimizer"):
+        clip_grad_norm(model.grads.data, 1.0)
+        AdamW(model.params).step(model.grads.data, 1e-3)
+    assert _flops(METER.records) == scaling.training_step_flops(_arch(cfg), 2, 6)
+
+
+def test_closed_form_equals_the_predictor_at_gpt3_size():
+    cfg = ModelConfig(n_layer=96, n_head=96, n_embd=12288, block_size=2048, vocab_size=50257)
+    assert scaling.training_step_flops(_arch(cfg), 1, 2048) == _flops(
+        cost_model.predict_training_step(cfg, 1, 2048))
+
+
+def test_mixture_of_experts_counts():
+    dense = scaling.Arch(2, 16, 2, 8, 30)
+    assert scaling.arch_params(scaling.Arch(2, 16, 2, 8, 30, 1, 1)) == scaling.arch_params(dense)
+    moe = scaling.Arch(2, 16, 2, 8, 30, n_experts=8, experts_per_token=2)
+    total, active = scaling.arch_params(moe)
+    mlp, router = scaling.mlp_params(16), 2 * 16 * 8
+    assert total == scaling.arch_params(dense)[0] + 2 * 7 * mlp + router
+    assert active == scaling.arch_params(dense)[0] + 2 * 1 * mlp + router
+    assert scaling.weights_read(moe, total, active, 1) == active  # batch 1: its 2 experts only
+    assert active < scaling.weights_read(moe, total, active, 16) < total
+    r = estimate("gpt4-class-moe")
+    assert r["active_params"] < r["params"]
+    assert r["train_flops_6nd"] == pytest.approx(6 * r["active_params"] * r["train_tokens"])
+    assert 1.0 < r["train_flops"] / r["train_flops_6nd"] < 1.15  # attention at 8k context
+
+
+# ---- GPT-3 175B on Patterson et al. 2021's V100 row -------------------------------------------
+
+def test_gpt3_175b_reproduces_patterson():
+    r = estimate("gpt3-175b")
+    assert r["params"] == pytest.approx(174.6e9, rel=1e-3)  # Brown et al. Table D.1's N
+    assert r["train_flops_6nd"] == pytest.approx(3.14e23, rel=0.02)
+    assert r["energy_mwh"] == pytest.approx(1287, rel=0.02)
+    assert r["co2_tonnes"] == pytest.approx(552, rel=0.02)
+    assert r["days"] == pytest.approx(14.8, rel=0.02)
+    assert 1.02 < r["train_flops"] / r["train_flops_6nd"] < 1.04  # ours is higher: attention
+    assert r["water_m3"] is None  # no sourced default
+    assert r["households_year"] == pytest.approx(1287e3 / 10715, rel=0.02)
+    layers = r["training_layers"]
+    assert layers["floor_mwh"] < layers["roofline_mwh"] < layers["time_x_power_mwh"]
+
+
+def test_gpt3_family_matches_table_2_1():
+    nominal = {"125m": 125e6, "350m": 350e6, "760m": 760e6, "1.3b": 1.3e9, "2.7b": 2.7e9,
+               "6.7b": 6.7e9, "13b": 13.0e9, "175b": 175e9}
+    for tag, n in nominal.items():
+        r = estimate(f"gpt3-{tag}")
+        assert r["params"] == pytest.approx(n, rel=0.025), tag
+        assert r["train_tokens"] == 300e9 and r["energy_mwh"] > 0, tag
+
+
+def test_sensitivity_moves_with_utilisation_and_pue():
+    r = estimate("gpt3-175b")
+    sens = r["sensitivity"]
+    base = next(row for row in sens["rows"] if row["factor"] == 1.0)
+    assert base["energy_mwh"][sens["pue"].index(1.1)] == pytest.approx(r["energy_mwh"])
+    half = next(row for row in sens["rows"] if row["factor"] == 0.5)
+    assert half["energy_mwh"][0] == pytest.approx(2 * base["energy_mwh"][0])
+
+
+def test_water_only_when_given():
+    r = estimate("gpt3-175b", "hardware.water_l_per_kwh=2")
+    assert r["water_m3"] == pytest.approx(2 * r["energy_mwh"])
+
+
+# ---- popular claims, checked ------------------------------------------------------------------
+
+def test_70b_in_16_bits_is_140_gb_and_streams_about_24_times_a_second():
+    r = estimate("dense-70b-h100")
+    assert r["weight_bytes"] == 140e9
+    assert r["weights_only_tokens_per_s"] == pytest.approx(3.35e12 / 140e9)
+    assert round(r["weights_only_tokens_per_s"]) == 24
+    assert r["decode_tokens_per_s_ceiling"] == pytest.approx(24, rel=0.03)  # KV cache adds a little
+    assert r["fits_in_memory"] is False  # 140 GB > one H100's 80 GB, and the report says so
+    at3 = estimate("dense-70b-h100", "hardware.memory_bandwidth=3e12")
+    assert round(at3["weights_only_tokens_per_s"]) == 21
+
+
+def test_int8_doubles_the_ceiling_and_4_bits_work():
+    r16 = estimate("dense-70b-h100")
+    r8 = estimate("dense-70b-h100", "inference.weight_bits=8")
+    assert r8["weight_bytes"] == 70e9 and r8["fits_in_memory"] is True
+    assert r8["weights_only_tokens_per_s"] == pytest.approx(2 * r16["weights_only_tokens_per_s"])
+    ratio = r8["decode_tokens_per_s_ceiling"] / r16["decode_tokens_per_s_ceiling"]
+    assert ratio == pytest.approx(2, rel=0.03)
+    r4 = estimate("dense-70b-h100", "model.params=7e9", "inference.weight_bits=4")
+    assert r4["weight_bytes"] == 3.5e9  # a 7B model in 4-bit weights
+
+
+def test_100_million_1_wh_queries_a_day_is_36_5_gwh_a_year():
+    r = estimate("dense-70b-h100", "inference.wh_per_query=1", "inference.queries_per_day=100e6")
+    assert r["gwh_per_year"] == pytest.approx(36.5)
+    assert r["wh_per_query_is"] == "stated" and r["wh_per_query_roofline"] > 0
+
+
+# ---- the command ------------------------------------------------------------------------------
+
+KEYS = ("params", "active_params", "train_flops", "train_flops_6nd", "chip_hours", "days",
+        "energy_mwh", "co2_tonnes", "water_m3", "households_year", "weight_bytes",
+        "kv_bytes_per_token", "prefill_s_per_token", "decode_s_per_token",
+        "decode_tokens_per_s_ceiling", "wh_per_query", "gwh_per_year", "assumptions")
+
+
+def test_cli_json_and_table(capsys):
+    assert cli.main(["scale", "configs/scale/gpt3-175b.toml", "--format", "json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert set(KEYS) <= set(doc)
+    origins = {a["field"]: a["origin"] for a in doc["assumptions"]}
+    assert origins["hardware.pue"].endswith("gpt3-175b.toml")
+    assert origins["hardware.dtype"].startswith("default:")
+    for bits in ("8", "4"):
+        assert cli.main(["scale", "gpt3-175b", "--set", f"inference.weight_bits={bits}"]) == 0
+        out = capsys.readouterr().out
+        assert f"{bits}-bit weights" in out and "sensitivity" in out and "not measured here" in out
+
+
+@pytest.mark.parametrize("override, words", [
+    ("hardware.muf=0.3",
+     "--set hardware.muf=0.3: unknown key 'muf' in [hardware] (did you mean 'mfu'?)"),
+    ("hardware.chips=-3", "[hardware] chips: must be > 0, got -3"),
+    ("training.tokens=-1", "[training] tokens: must be > 0"),
+    ("hardware.pue=0.9", "[hardware] pue: must be >= 1"),
+    ("hardware.profile=v100", "did you mean 'v100-sxm2'"),
+    ("traning.tokens=1", "unknown section [traning] (did you mean 'training'?)"),
+    ("inference.weight_bits=0", "weight_bits: must be 1 to 32 bits"),
+])
+def test_bad_overrides_name_the_set_and_the_field(override, words):
+    with pytest.raises(ConfigError) as e:
+        estimate("gpt3-175b", override)
+    assert words in str(e.value) and "\n" not in str(e.value)
+
+
+def test_bad_files_name_the_file_and_the_field(tmp_path, capsys):
+    path = tmp_path / "s.toml"
+    path.write_text("[model]\nparams = 7e9\n[inference]\nprompt_tokens = 1\noutput_tokens = 1\n")
+    with pytest.raises(ConfigError, match=r"s\.toml: \[hardware\] missing required field"):
+        scenario.load(path)
+    path.write_text('[model]\nparams = 7e9\nn_layers = 2\n[hardware]\nprofile = "h100-sxm"\n')
+    with pytest.raises(ConfigError, match=r"s\.toml: unknown key 'n_layers' .*'n_layer'"):
+        scenario.load(path)
+    assert cli.main(["scale", "no-such-scenario"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: no-such-scenario: no such scenario") and err.count("\n") == 1
+
+
+def test_a_set_of_mfu_replaces_the_files_achieved_rate():
+    r = estimate("gpt3-175b", "hardware.mfu=0.4", "training.flops=3.14e23")
+    assert r["days"] == pytest.approx(14.8 * 0.197 / 0.4, rel=0.01)
+
+
+def test_this_machines_measured_rate_is_reported(tmp_path, monkeypatch, capsys):
+    folder = tmp_path / "home" / "hardware"
+    folder.mkdir(parents=True)
+    peaks = "".join(f'[peak_flops.{t}]\nvalue = "unknown"\n' for t in ("tf32", "fp16", "int8"))
+    figures = "".join(f'[{f}]\nvalue = "unknown"\n' for f in ("memory_bandwidth", "memory_bytes",
+                                                              "power_watts"))
+    (folder / "local-cpu.toml").write_text(
+        'name = "local-cpu"\ndescription = "test"\n[peak_flops.fp32]\nvalue = 1e11\n'
+        'source = "measured by minigpt calibrate"\n' + peaks + figures)
+    r = estimate("gpt3-175b")
+    assert r["this_machine"]["flops_per_s"] == 1e11
+    assert r["this_machine"]["years"] == pytest.approx(3.14e23 / 1e11 / (365.25 * 86400))
+    assert cli.main(["scale", "gpt3-175b"]) == 0
+    assert "this machine's float32 matmul: 100.0 GFLOP/s" in capsys.readouterr().out
