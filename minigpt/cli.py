@@ -233,7 +233,26 @@ def _costs_parser() -> argparse.ArgumentParser:
     p.add_argument("--phase", default=None, help="only this phase (forward, backward, optimizer, eval, ...)")
     p.add_argument("--top", type=int, default=None, help="show the N biggest groups")
     p.add_argument("--format", choices=("table", "json", "csv"), default="table")
+    p.add_argument("--plot", action="store_true",
+                   help="with a run: also write layers.png and roofline.png into it (needs matplotlib)")
     return p
+
+
+def _plot_run(run, rows) -> None:
+    from minigpt.costs import calibrate, hardware, plots
+
+    try:
+        prof = hardware.load_profile("local-cpu")
+        peak, bandwidth = hardware.peak(prof, "fp32"), hardware.require(prof, "memory_bandwidth")
+        source = "local-cpu profile"
+    except ConfigError:
+        m = calibrate.measure(quick=True)
+        peak, bandwidth, source = m["fp32"], m["bandwidth"], "quick measurement"
+    run = Path(run)
+    a = plots.layers_chart(rows, run / "layers.png", f"{run}: training cost per layer")
+    b = plots.roofline_chart(rows, run / "roofline.png", peak, bandwidth,
+                             f"{run}: training ops against this machine's ceilings ({source})")
+    print(f"wrote {a} and {b}")
 
 
 def cmd_costs(argv) -> int:
@@ -284,6 +303,10 @@ def cmd_costs(argv) -> int:
         title = f"{what}; by {args.by}" + (f", phase {args.phase}" if args.phase else "")
         print(report.format_table(groups, title=title))
         print(report.CONVENTIONS)
+    if args.plot:
+        if args.run is None:
+            raise ConfigError("--plot draws a run's measured costs: give a run folder")
+        _plot_run(args.run, rows)
     return 0
 
 
