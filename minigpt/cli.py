@@ -292,16 +292,17 @@ def cmd_costs(argv) -> int:
             raise ConfigError(f"{args.run}/costs.json: unreadable: {e}") from None
         rows = doc["records"]
         what = f"measured: {args.run}, {doc['steps']} steps, {doc['tokens']:,} training tokens"
+    if args.top is not None and args.top < 1:
+        raise ConfigError(f"--top must be >= 1, got {args.top}")
     groups = report.group(rows, args.by, args.phase)
-    if args.top:
-        groups = groups[: args.top]
     if args.format == "json":
-        print(json.dumps({"what": what, "by": args.by, "phase": args.phase, "groups": groups}, indent=1))
+        shown = groups[: args.top] if args.top else groups
+        print(json.dumps({"what": what, "by": args.by, "phase": args.phase, "groups": shown}, indent=1))
     elif args.format == "csv":
-        print(report.groups_csv(groups), end="")
+        print(report.groups_csv(groups[: args.top] if args.top else groups), end="")
     else:
         title = f"{what}; by {args.by}" + (f", phase {args.phase}" if args.phase else "")
-        print(report.format_table(groups, title=title))
+        print(report.format_table(groups, title=title, top=args.top))
         print(report.CONVENTIONS)
     if args.plot:
         if args.run is None:

@@ -1,0 +1,101 @@
+"""The cost commands as a user runs them: minigpt costs (measured and predicted), calibrate,
+hardware, and the reports a training run leaves behind."""
+
+import csv
+import io
+import json
+
+import pytest
+
+from minigpt.costs import report
+from tests.conftest import TINY_TOML, run_cli
+
+
+def test_a_run_leaves_costs_json_and_csv_with_the_schema(trained_run):
+    doc = json.loads((trained_run / "costs.json").read_text())
+    assert set(doc) == {"steps", "tokens", "conventions", "records", "totals"}
+    assert doc["steps"] == 6 and doc["tokens"] == 6 * 4 * 16
+    assert set(doc["records"][0]) == set(report.FIELDS)
+    assert {r["phase"] for r in doc["records"]} == {"forward", "backward", "optimizer", "eval"}
+    train = [r for r in doc["records"] if r["phase"] != "eval"]
+    assert doc["totals"]["forward"]["flops"] == sum(r["flops"] for r in train if r["phase"] == "forward")
+    rows = list(csv.DictReader(io.StringIO((trained_run / "costs.csv").read_text())))
+    assert len(rows) == len(doc["records"])
+
+
+@pytest.mark.parametrize("by", ["scope", "op", "kind", "layer", "phase"])
+def test_costs_groups_a_run(trained_run, by):
+    r = run_cli("-m", "minigpt", "costs", trained_run, "--by", by, "--format", "json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    doc = json.loads((trained_run / "costs.json").read_text())
+    assert sum(g["flops"] for g in out["groups"]) == doc["totals"]["all"]["flops"]
+
+
+def test_costs_table_phase_top_and_csv(trained_run):
+    r = run_cli("-m", "minigpt", "costs", trained_run, "--by", "op", "--phase", "backward", "--top", "3")
+    assert r.returncode == 0 and "phase backward" in r.stdout and "conventions:" in r.stdout
+    assert "more" in r.stdout  # --top cut the list
+    c = run_cli("-m", "minigpt", "costs", trained_run, "--by", "kind", "--format", "csv")
+    assert c.stdout.splitlines()[0].startswith("name,calls,flops")
+
+
+def test_costs_predicts_without_a_run():
+    r = run_cli("-m", "minigpt", "costs", "--config", TINY_TOML, "--batch", "2", "--seq", "16",
+                "--by", "kind", "--format", "json")
+    assert r.returncode == 0, r.stderr
+    matmul = next(g for g in json.loads(r.stdout)["groups"] if g["name"] == "matmul")
+    C, L, V, N = 128, 4, 256, 2 * 16
+    assert matmul["flops"] == (6 * (12 * L * C * C + V * C) + 12 * L * 16 * C) * N
+    d = run_cli("-m", "minigpt", "costs", "--config", TINY_TOML, "--mode", "decode", "--seq", "10")
+    assert d.returncode == 0 and "decode step at position 10" in d.stdout
+
+
+@pytest.mark.parametrize("args, words", [
+    ((), "give a run folder"),
+    (("--config", "configs/nope.toml"), "no such config"),
+    (("/no/such/run",), "no costs.json"),
+    (("--config", str(TINY_TOML), "--seq", "999"), "does not fit block_size"),
+])
+def test_costs_bad_input_is_one_line(args, words):
+    r = run_cli("-m", "minigpt", "costs", *args)
+    assert r.returncode == 2 and words in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_calibrate_saves_a_local_profile(tmp_path, monkeypatch):
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    env = dict(os.environ, MINIGPT_HOME=str(tmp_path))
+    r = subprocess.run([sys.executable, "-m", "minigpt", "calibrate", "--quick"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=120, check=False)
+    assert r.returncode == 0, r.stderr
+    assert "GFLOP/s" in r.stdout
+    monkeypatch.setenv("MINIGPT_HOME", str(tmp_path))
+    from minigpt.costs import hardware
+
+    prof = hardware.load_profile("local-cpu")
+    assert prof.peak_flops["fp32"] > 1e9 and prof.memory_bandwidth > 1e8
+    assert "measured by minigpt calibrate" in prof.sources["peak_flops.fp32"]
+
+
+def test_hardware_lists_and_shows_profiles():
+    r = run_cli("-m", "minigpt", "hardware")
+    assert r.returncode == 0 and "h100-sxm" in r.stdout and "v100-sxm2" in r.stdout
+    s = run_cli("-m", "minigpt", "hardware", "h100-sxm")
+    assert s.returncode == 0 and "power_watts" in s.stdout and "source" not in s.stderr
+
+
+def test_training_prints_the_cost_and_energy_report(trained_run):
+    # The fixture's own run: train.py printed it; run a 2-step one here to read its stdout.
+    r = run_cli("train.py", TINY_TOML, "--no-progress", "--set", f"train.out_dir={trained_run.parent / 'r2'!s}",
+                "--set", "model.n_layer=1", "--set", "model.n_embd=16", "--set", "model.block_size=16",
+                "--set", "train.batch_size=2", "--set", "train.max_steps=2", "--set", "eval.batches=1",
+                "--set", 'data.path="corpora/tiny.txt"', "--watts", "50")
+    assert r.returncode == 0, r.stderr
+    for words in ("cost per layer", "model FLOPs utilisation", "energy, four ways", "time x power",
+                  "at GPT-3 scale"):
+        assert words in r.stdout, words
