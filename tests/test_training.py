@@ -84,6 +84,12 @@ def test_resume_after_a_stop_mid_interval_reproduces_the_uninterrupted_run(tmp_p
     arrays_a, arrays_b = checkpoint.load(tmp_path / "a")[1], checkpoint.load(tmp_path / "b")[1]
     for name in ("params", "adam_m", "adam_v"):
         assert np.array_equal(arrays_a[name], arrays_b[name]), name
+    # the cost report covers the whole run, across the stop: the same counts as the uninterrupted one
+    costs_a, costs_b = (json.loads((tmp_path / d / "costs.json").read_text()) for d in "ab")
+    counted = ("scope", "op", "kind", "phase", "dtype", "calls", "flops", "bytes_read", "bytes_written")
+    assert (costs_a["steps"], costs_a["tokens"]) == (costs_b["steps"], costs_b["tokens"])
+    assert sorted(tuple(r[k] for k in counted) for r in costs_a["records"]) == sorted(
+        tuple(r[k] for k in counted) for r in costs_b["records"])
 
 
 def wait_for(predicate, timeout: float, what: str):
