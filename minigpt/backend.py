@@ -44,6 +44,14 @@ def use(name: str) -> None:
         raise ConfigError(f'device must be "cpu" or "cuda", not {name!r}')
 
 
+def cupy():
+    """The CuPy module, imported on first use (ImportError where it is not installed). For code that
+    needs CuPy's own API (fused kernels, memory pools), so that no module but this one imports it."""
+    import cupy as cp
+
+    return cp
+
+
 def to_host(a):
     """A NumPy copy (or the array itself) of an array from the active module."""
     if isinstance(a, np.ndarray) or np.isscalar(a):

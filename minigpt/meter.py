@@ -118,6 +118,28 @@ class Meter:
         finally:
             self.phase = outer
 
+    @contextmanager
+    def synchronizing(self, on: bool = True):
+        """Profiling mode: inside, each record's clock reads wait for backend.synchronize() first.
+
+        On a GPU the normal path only times the launches: a kernel returns before its work is
+        done, and its time lands on whichever later op waits. Synchronizing around every op puts
+        each kernel's time on its own record, at the price of the overlap between host and device
+        (steps run slower), so use it to see where time goes, not to time steps. On the CPU it
+        changes nothing. `on=False` leaves the clock as it is (for `with METER.synchronizing(flag)`)."""
+
+        def clock() -> float:
+            backend.synchronize()
+            return time.perf_counter()
+
+        outer = self.clock
+        if on:
+            self.clock = clock
+        try:
+            yield
+        finally:
+            self.clock = outer
+
     def add(self, op, kind, dtype, flops, bytes_read, bytes_written, seconds, useful_flops=None):
         key = (self.scope_path, op, kind, self.phase, str(dtype))
         r = self.records.get(key)

@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
@@ -72,13 +72,15 @@ def test_per_channel_scales_are_absmax_over_127():
 
 
 @settings(max_examples=50, deadline=None)
+@example(np.array([[1.9], [0.95]], np.float32), 0)  # a tie: 0.95 / scale rounds to 63.50001
 @given(arrays(np.float32, st.tuples(st.integers(1, 6), st.integers(1, 6)),
               elements=st.floats(-1e4, 1e4, width=32)), st.sampled_from([0, 1]))
 def test_round_trip_error_is_at_most_half_a_step(w, axis):
     q, scale = quant.quantize(w, axis=axis)
     s = scale[None, :] if axis == 0 else scale[:, None]
     err = np.abs(w.astype(np.float64) - q.astype(np.float64) * s)
-    assert (err <= s / 2 * (1 + 1e-6) + 1e-30).all()
+    # scale / 2, plus the float32 rounding of w / scale (relative 2**-24 of at most 127 steps)
+    assert (err <= s * (0.5 + 127 * 2.0**-24)).all()
     assert (np.abs(q) <= 127).all()
 
 

@@ -12,7 +12,7 @@ from functools import lru_cache
 from minigpt import backend
 from minigpt.meter import FLOPS_PER_ELEMENT as FPE
 from minigpt.meter import METER, matmul
-from minigpt.nn import quant
+from minigpt.nn import cuda_kernels, quant
 
 
 def _nbytes(*arrays) -> int:
@@ -141,6 +141,8 @@ def _causal_mask(T, Tk, pos0, dtype, device):
 
 def causal_softmax_forward(scores, scale, pos0=0):
     """Softmax over keys of scale * scores, with the causal mask. scores (B, H, T, Tk), in place."""
+    if cuda_kernels.active():
+        return cuda_kernels.causal_softmax_forward(scores, scale, pos0)
     xp = backend.xp
     T, Tk = scores.shape[-2:]
     mask = _causal_mask(T, Tk, pos0, str(scores.dtype), backend.device)  # (T, Tk)
@@ -162,6 +164,8 @@ def causal_softmax_forward(scores, scale, pos0=0):
 
 def causal_softmax_backward(datt, att, scale):
     """dscores = scale * att * (datt - sum(datt * att)), per row of keys."""
+    if cuda_kernels.active():
+        return cuda_kernels.causal_softmax_backward(datt, att, scale)
     xp = backend.xp
     T, Tk = att.shape[-2:]
     a3, d3 = att.reshape(-1, T, Tk), datt.reshape(-1, T, Tk)  # (B*H, T, Tk)
@@ -282,6 +286,8 @@ _GELU_K = math.sqrt(2.0 / math.pi)
 
 def gelu_forward(x):
     """GPT-2's tanh approximation: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))."""
+    if cuda_kernels.active():
+        return cuda_kernels.gelu_forward(x)
     xp = backend.xp
     x2 = x.reshape(-1, x.shape[-1])  # (N, 4C)
     th, out = xp.empty_like(x2), xp.empty_like(x2)
@@ -305,6 +311,8 @@ def gelu_forward(x):
 
 def gelu_backward(dout, cache):
     """d/dx = 0.5 (1 + th) + 0.5 x (1 - th^2) sqrt(2/pi) (1 + 3 * 0.044715 x^2), times dout."""
+    if cuda_kernels.active():
+        return cuda_kernels.gelu_backward(dout, cache)
     xp = backend.xp
     x2, th = cache  # (N, 4C) each
     d2 = dout.reshape(x2.shape)

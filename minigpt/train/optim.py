@@ -5,6 +5,7 @@ import math
 from minigpt import backend
 from minigpt.meter import FLOPS_PER_ELEMENT as FPE
 from minigpt.meter import METER
+from minigpt.nn import cuda_kernels
 
 
 def lr_at(step: int, t) -> float:
@@ -49,6 +50,9 @@ class AdamW:
         p, m, v = self.params.data, self.m, self.v
         b1, b2 = self.beta1, self.beta2
         self.t += 1
+        if cuda_kernels.active():
+            return cuda_kernels.adamw_update(p, g, m, v, self.params.n_decay, lr, b1, b2, self.eps,
+                                             self.weight_decay, self.t)
         with METER.scope("adamw"), METER.op("adamw", "update") as c:
             p[: self.params.n_decay] *= 1.0 - lr * self.weight_decay  # decoupled decay, matrices only
             m *= b1
