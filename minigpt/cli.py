@@ -170,9 +170,8 @@ def cmd_generate(argv) -> int:
         out.write(decode([token]))
         out.flush()
 
-    from minigpt.meter import METER
-
     from minigpt.costs import power
+    from minigpt.meter import METER
 
     METER.reset()
     with power.measure() as measured:
