@@ -36,7 +36,7 @@ def params_from(flat) -> dict:
 
 def _block(P: dict, i: int) -> dict:
     prefix = f"transformer.h.{i}."
-    return {k[len(prefix):]: v for k, v in P.items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in P.items() if k.startswith(prefix)}
 
 
 def _linear(x, w, b):
@@ -117,7 +117,10 @@ def adamw(P: dict, lr: float, betas, eps: float, weight_decay: float):
     """torch.optim.AdamW with weight decay on the matrices (ndim >= 2) only."""
     decay = [p for p in P.values() if p.ndim >= 2]
     rest = [p for p in P.values() if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    groups = [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": rest, "weight_decay": 0.0},
+    ]
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
 
 
@@ -141,7 +144,7 @@ def generate(P: dict, cfg, prompt, max_new_tokens: int, path: str = "eager") -> 
             break
         if kv.length == kv.capacity:  # full: rebuild from the last half context, as ours does
             kv = KVCache(cfg, 1)
-            logits = _last_logits(P, cfg, ids[-(cfg.block_size // 2):], path, kv)
+            logits = _last_logits(P, cfg, ids[-(cfg.block_size // 2) :], path, kv)
         else:
             logits = _last_logits(P, cfg, [token], path, kv)
     return new

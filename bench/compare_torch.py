@@ -3,7 +3,7 @@
     python bench/compare_torch.py [--shapes tiny,baby] [--steps N] [--rounds 7] [--baby-batch 16]
                                   [--gen-tokens 256] [--peak profile|measure] [--quick] [--json PATH]
 
-The defaults take about 3 minutes on our 2-core machine; --quick (a smoke run) about 40 seconds.
+The defaults take 3 to 4 minutes on our 2-core machine; --quick (a smoke run) under a minute.
 
 What runs. The identical GPT-2 in both frameworks: the same config, the same initial weights (ours,
 copied into PyTorch leaf tensors; bench/_torch_gpt.py is the PyTorch model), the same batch of
@@ -114,9 +114,11 @@ def matmul_peak(source: str) -> tuple[float, str, str]:
         return now, f"(measured now; {both})", ""
     warning = ""
     if now > 1.2 * profile:
-        warning = (f"warning: a float32 matmul runs {now / profile:.1f}x faster now than "
-                   f"local_peak() says, so every MFU reads high: rerun `minigpt calibrate` on an "
-                   f"idle machine, or pass --peak measure")
+        warning = (
+            f"warning: a float32 matmul runs {now / profile:.1f}x faster now than "
+            f"local_peak() says, so every MFU reads high: rerun `minigpt calibrate` on an "
+            f"idle machine, or pass --peak measure"
+        )
     return profile, f"({both})", warning
 
 
@@ -130,20 +132,23 @@ def cpu_name() -> str:
 
 def header(threads: int, blas: str, peak: float, peak_note: str) -> str:
     """Date, CPU, threads, versions and the BLAS environment variables, in two lines."""
-    env = "  ".join(f"{k}={os.environ.get(k, '(unset)')}"
-                    for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE"))
+    env = "  ".join(
+        f"{k}={os.environ.get(k, '(unset)')}" for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
+    )
     try:
         torch_version = importlib.metadata.version("torch")
     except importlib.metadata.PackageNotFoundError:
         torch_version = "not installed"
     from minigpt import backend
 
-    return (f"{datetime.datetime.now():%Y-%m-%d %H:%M}  {cpu_name()}, "
-            f"{len(os.sched_getaffinity(0))} cores, load average {os.getloadavg()[0]:.2f}  "
-            f"threads {threads} (numpy's BLAS; torch.set_num_threads({threads}); minigpt "
-            f"elementwise pool {backend.THREADS})\n"
-            f"numpy {np.__version__} ({blas})  torch {torch_version}  {env}  "
-            f"MFU's fp32 matmul peak {peak / 1e9:.1f} GFLOP/s {peak_note}")
+    return (
+        f"{datetime.datetime.now():%Y-%m-%d %H:%M}  {cpu_name()}, "
+        f"{len(os.sched_getaffinity(0))} cores, load average {os.getloadavg()[0]:.2f}  "
+        f"threads {threads} (numpy's BLAS; torch.set_num_threads({threads}); minigpt "
+        f"elementwise pool {backend.THREADS})\n"
+        f"numpy {np.__version__} ({blas})  torch {torch_version}  {env}  "
+        f"MFU's fp32 matmul peak {peak / 1e9:.1f} GFLOP/s {peak_note}"
+    )
 
 
 # ----------------------------------------------------------------------------- what is timed
@@ -296,9 +301,13 @@ class Worker:
 
     def __init__(self, spec: dict):
         self.spec = spec
-        self.proc = subprocess.Popen([sys.executable, __file__, "--worker", json.dumps(spec)],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                                     bufsize=1)
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__, "--worker", json.dumps(spec)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            bufsize=1,
+        )
         self.ready = self.receive()
 
     def receive(self) -> dict:
@@ -328,15 +337,23 @@ def run_task(task: str, shape: str, cfg, B: int, T: int, n: int, args, threads: 
     workers = []
     try:
         for framework, attention in VARIANTS:
-            spec = {"task": task, "framework": framework, "attention": attention,
-                    "label": LABELS[attention or framework], "cfg": vars(cfg), "batch": B,
-                    "seq": T, "threads": threads, "warmup": args.warmup,
-                    "gen_tokens": args.gen_tokens}
+            spec = {
+                "task": task,
+                "framework": framework,
+                "attention": attention,
+                "label": LABELS[attention or framework],
+                "cfg": vars(cfg),
+                "batch": B,
+                "seq": T,
+                "threads": threads,
+                "warmup": args.warmup,
+                "gen_tokens": args.gen_tokens,
+            }
             workers.append(Worker(spec))
         seconds = {w.spec["label"]: [] for w in workers}
         meters = []  # minigpt's metered seconds by kind, one dict per round
         for r in range(args.rounds):
-            for w in workers[r % 3:] + workers[: r % 3]:
+            for w in workers[r % 3 :] + workers[: r % 3]:
                 time.sleep(PAUSE_S)
                 reply = w.ask({"run": n})
                 seconds[w.spec["label"]].append(reply["seconds"])
@@ -352,32 +369,52 @@ def run_task(task: str, shape: str, cfg, B: int, T: int, n: int, args, threads: 
     rows = []
     for w, end in zip(workers, final):
         tps = [tokens / s for s in seconds[w.spec["label"]]]
-        rows.append({
-            "shape": shape, "task": task, "framework": w.spec["label"],
-            "batch": f"{B} x {T}" if task == "train" else f"1, {args.gen_tokens} new",
-            "tokens_per_s": statistics.median(tps),
-            "spread": (max(tps) - min(tps)) / statistics.median(tps),
-            "ratio": statistics.median(o / x for o, x in zip(ours, tps)),
-            "round_seconds": seconds[w.spec["label"]], "calls_per_round": n,
-            "import_rss_mib": w.ready["import_rss"], "peak_rss_mib": end["peak_rss"],
-            "check": w.ready["check"],
-            "meter_s_per_call": {k: statistics.median(m.get(k, 0.0) for m in meters) / n
-                                 for k in meters[0]} if meters and w is workers[0] else None,
-        })
+        rows.append(
+            {
+                "shape": shape,
+                "task": task,
+                "framework": w.spec["label"],
+                "batch": f"{B} x {T}" if task == "train" else f"1, {args.gen_tokens} new",
+                "tokens_per_s": statistics.median(tps),
+                "spread": (max(tps) - min(tps)) / statistics.median(tps),
+                "ratio": statistics.median(o / x for o, x in zip(ours, tps)),
+                "round_seconds": seconds[w.spec["label"]],
+                "calls_per_round": n,
+                "import_rss_mib": w.ready["import_rss"],
+                "peak_rss_mib": end["peak_rss"],
+                "check": w.ready["check"],
+                "meter_s_per_call": {
+                    k: statistics.median(m.get(k, 0.0) for m in meters) / n for k in meters[0]
+                }
+                if meters and w is workers[0]
+                else None,
+            }
+        )
     return rows
 
 
 def table(rows: list) -> str:
     """The results, one line per row."""
-    cols = ["shape", "framework", "batch", "tokens/s", "spread", "ours/torch", "import MiB",
-            "peak RSS MiB", "MFU"]
+    cols = [
+        "shape",
+        "framework",
+        "batch",
+        "tokens/s",
+        "spread",
+        "ours/torch",
+        "import MiB",
+        "peak RSS MiB",
+        "MFU",
+    ]
     lines = [f"{cols[0]:<9} {cols[1]:<16} {cols[2]:<12} " + " ".join(f"{c:>12}" for c in cols[3:])]
     for r in rows:
         ratio = "" if r["framework"] == LABELS["ours"] else f"{r['ratio']:.2f}"
-        lines.append(f"{r['shape']:<9} {r['framework']:<16} {r['batch']:<12} "
-                     f"{r['tokens_per_s']:>12,.0f} {100 * r['spread']:>11.0f}% {ratio:>12} "
-                     f"{r['import_rss_mib']:>12.0f} {r['peak_rss_mib']:>12.0f} "
-                     f"{100 * r['mfu']:>11.1f}%")
+        lines.append(
+            f"{r['shape']:<9} {r['framework']:<16} {r['batch']:<12} "
+            f"{r['tokens_per_s']:>12,.0f} {100 * r['spread']:>11.0f}% {ratio:>12} "
+            f"{r['import_rss_mib']:>12.0f} {r['peak_rss_mib']:>12.0f} "
+            f"{100 * r['mfu']:>11.1f}%"
+        )
     return "\n".join(lines)
 
 
@@ -390,14 +427,18 @@ def notes(rows: list) -> list:
             losses = ", ".join(f"{r['framework']} {r['check']:.6f}" for r in group)
             out.append(f"{shape}: first-step loss (same weights, same batch): {losses}")
             kinds = sorted(group[0]["meter_s_per_call"].items(), key=lambda kv: -kv[1])
-            out.append(f"{shape}: minigpt's metered seconds per step: " + ", ".join(
-                f"{k} {v:.3f}" for k, v in kinds[:8]) + f" (of {group[0]['s_per_call']:.3f}; "
-                f"medians of the rounds)")
+            out.append(
+                f"{shape}: minigpt's metered seconds per step: "
+                + ", ".join(f"{k} {v:.3f}" for k, v in kinds[:8])
+                + f" (of {group[0]['s_per_call']:.3f}; "
+                f"medians of the rounds)"
+            )
         else:
             ref = group[0]["check"]
             same = ", ".join(
                 f"{r['framework']} {sum(a == b for a, b in zip(ref, r['check']))}/{len(ref)}"
-                for r in group[1:])
+                for r in group[1:]
+            )
             out.append(f"{shape}: greedy tokens equal to minigpt's: {same}")
     return out
 
@@ -411,9 +452,13 @@ def main() -> None:
     ap.add_argument("--gen-tokens", type=int, default=256, help="tokens to generate; 0: skip")
     ap.add_argument("--gen-runs", type=int, default=2, help="generations per round")
     ap.add_argument("--warmup", type=int, default=2, help="untimed calls first")
-    ap.add_argument("--peak", choices=("profile", "measure"), default="profile",
-                    help="MFU's matmul peak: calibrate's local_peak() (the local-cpu profile), "
-                         "or a measurement now")
+    ap.add_argument(
+        "--peak",
+        choices=("profile", "measure"),
+        default="profile",
+        help="MFU's matmul peak: calibrate's local_peak() (the local-cpu profile), "
+        "or a measurement now",
+    )
     ap.add_argument("--quick", action="store_true", help="a smoke run: few steps and rounds")
     ap.add_argument("--json", help="also write the results to this file")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -425,8 +470,10 @@ def main() -> None:
     steps = {"tiny": 10, "baby": 3} if not args.quick else {"tiny": 2, "baby": 1}
     shapes = args.shapes.split(",") if args.shapes else []
     if set(shapes) - set(steps):
-        ap.error(f"--shapes: unknown {', '.join(sorted(set(shapes) - set(steps)))} "
-                 f"(choose from tiny, baby)")
+        ap.error(
+            f"--shapes: unknown {', '.join(sorted(set(shapes) - set(steps)))} "
+            f"(choose from tiny, baby)"
+        )
 
     threads, blas = blas_threads()
     peak, peak_note, warning = matmul_peak(args.peak)
@@ -456,17 +503,23 @@ def main() -> None:
     print()
     print(head)
     print(table(rows))
-    print("tokens/s: median of the rounds; spread: their range / median; ours/torch: median of the "
-          "paired rounds' ratios (> 1: ours faster); MFU: cost-model FLOPs / time / peak above")
-    print(f"{args.rounds} rounds; steps per round: " + ", ".join(
-        f"{s} {args.steps or steps[s]}" for s in shapes) +
-        f"; {args.gen_runs} generation(s) per round; {args.warmup} warm-up call(s) each; "
-        f"took {elapsed:.0f} s; load average at the end {os.getloadavg()[0]:.2f}")
+    print(
+        "tokens/s: median of the rounds; spread: their range / median; ours/torch: median of the "
+        "paired rounds' ratios (> 1: ours faster); MFU: cost-model FLOPs / time / peak above"
+    )
+    print(
+        f"{args.rounds} rounds; steps per round: "
+        + ", ".join(f"{s} {args.steps or steps[s]}" for s in shapes)
+        + f"; {args.gen_runs} generation(s) per round; {args.warmup} warm-up call(s) each; "
+        f"took {elapsed:.0f} s; load average at the end {os.getloadavg()[0]:.2f}"
+    )
     if args.gen_tokens:
-        print(f"tiny-gen: {args.gen_tokens} new tokens after a {len(PROMPT)}-token prompt, greedy, "
-              f"batch 1; torch keeps its own preallocated KV cache (L, B, H, block_size, hs) as "
-              f"ours does, and both rebuild it from the last {cfg.block_size // 2} tokens when "
-              f"it is full (block_size {cfg.block_size})")
+        print(
+            f"tiny-gen: {args.gen_tokens} new tokens after a {len(PROMPT)}-token prompt, greedy, "
+            f"batch 1; torch keeps its own preallocated KV cache (L, B, H, block_size, hs) as "
+            f"ours does, and both rebuild it from the last {cfg.block_size // 2} tokens when "
+            f"it is full (block_size {cfg.block_size})"
+        )
     for line in notes(rows) + ([warning] if warning else []):
         print(line)
     if args.json:
