@@ -139,13 +139,11 @@ def header(threads: int, blas: str, peak: float, peak_note: str) -> str:
         torch_version = importlib.metadata.version("torch")
     except importlib.metadata.PackageNotFoundError:
         torch_version = "not installed"
-    from minigpt import backend
-
     return (
         f"{datetime.datetime.now():%Y-%m-%d %H:%M}  {cpu_name()}, "
         f"{len(os.sched_getaffinity(0))} cores, load average {os.getloadavg()[0]:.2f}  "
-        f"threads {threads} (numpy's BLAS; torch.set_num_threads({threads}); minigpt "
-        f"elementwise pool {backend.THREADS})\n"
+        f"threads {threads} (numpy's BLAS; torch.set_num_threads({threads}); minigpt's "
+        f"elementwise passes run on one thread, as NumPy's do)\n"
         f"numpy {np.__version__} ({blas})  torch {torch_version}  {env}  "
         f"MFU's fp32 matmul peak {peak / 1e9:.1f} GFLOP/s {peak_note}"
     )

@@ -5,10 +5,6 @@ model, trainer and meters run on either. CuPy is imported here and nowhere else,
 GPU is asked for: the package imports and runs without it.
 """
 
-import itertools
-import os
-from concurrent.futures import ThreadPoolExecutor
-
 import numpy as np
 
 xp = np  # the active array module
@@ -16,11 +12,9 @@ device = "cpu"
 
 # Elementwise chains (GELU, softmax, LayerNorm) run block by block on the CPU: each block of rows
 # stays in cache through all of a chain's passes instead of streaming the whole array from memory
-# once per pass, and the blocks are shared among THREADS threads (NumPy releases the GIL inside
-# its loops, but runs each one on a single core).
+# once per pass (about 1.6x faster for GELU here). Splitting the blocks among threads did not pay
+# on our 2-core machine: the passes are memory-bound, and BLAS's threads hold the other core.
 BLOCK_BYTES = 256 << 10
-THREADS = int(os.environ.get("MINIGPT_THREADS", "0")) or len(os.sched_getaffinity(0))
-_pool = None
 
 
 def use(name: str) -> None:
@@ -106,19 +100,10 @@ def map_rows(kernel, n_rows: int, row_bytes: int) -> list:
     """Run kernel(rows) over slices of range(n_rows) and return the results in order.
 
     On the CPU the slices are blocks of about BLOCK_BYTES per array (row_bytes: one row's bytes
-    in the kernel's largest array), split among THREADS threads; on a GPU the kernel sees all rows
-    at once. Kernels write their outputs through the slice they are given and return any partial
-    results the caller combines (column sums, for example)."""
-    global _pool
+    in the kernel's largest array); on a GPU the kernel sees all rows at once. Kernels write their
+    outputs through the slice they are given and return any partial results the caller combines
+    (column sums, for example)."""
     if device != "cpu":
         return [kernel(slice(0, n_rows))]
     step = max(1, BLOCK_BYTES // max(1, row_bytes))
-    blocks = [slice(i, min(i + step, n_rows)) for i in range(0, n_rows, step)]
-    if THREADS < 2 or len(blocks) < 2:
-        return [kernel(b) for b in blocks]
-    if _pool is None:
-        _pool = ThreadPoolExecutor(THREADS, thread_name_prefix="minigpt")
-    cuts = [len(blocks) * i // THREADS for i in range(THREADS + 1)]
-    groups = [blocks[a:b] for a, b in itertools.pairwise(cuts) if b > a]
-    futures = [_pool.submit(lambda g: [kernel(b) for b in g], g) for g in groups]
-    return [r for f in futures for r in f.result()]
+    return [kernel(slice(i, min(i + step, n_rows))) for i in range(0, n_rows, step)]
