@@ -23,7 +23,7 @@ def clip_grad_norm(g, max_norm: float) -> float:
     clip_grad_norm_: coefficient max_norm / (norm + 1e-6), capped at 1). Returns the norm before."""
     xp = backend.xp
     with METER.scope("clip"), METER.op("clip", "norm") as c:
-        norm = float(xp.sqrt((g * g).sum()))
+        norm = float(xp.linalg.norm(g))  # sqrt of the sum of squares, without a temporary
         c.count(FPE["clip", "norm"] * g.size, g.nbytes, 0, g.dtype)
     coef = min(1.0, max_norm / (norm + 1e-6))
     with METER.scope("clip"), METER.op("clip", "scale") as c:  # always: counts never depend on data
@@ -53,15 +53,27 @@ class AdamW:
         if cuda_kernels.active():
             return cuda_kernels.adamw_update(p, g, m, v, self.params.n_decay, lr, b1, b2, self.eps,
                                              self.weight_decay, self.t)
+        step_size = lr / (1.0 - b1**self.t)
+        root_bc2 = math.sqrt(1.0 - b2**self.t)
+
+        def block(r):  # one cache-sized block of the flat buffers through every pass
+            gr, mr, vr = g[r], m[r], v[r]
+            mr *= b1
+            tmp = gr * (1.0 - b1)
+            mr += tmp
+            vr *= b2
+            xp.multiply(gr, gr, out=tmp)
+            tmp *= 1.0 - b2
+            vr += tmp
+            xp.sqrt(vr, out=tmp)  # the denominator: sqrt(v) / sqrt(1 - b2^t) + eps
+            tmp /= root_bc2
+            tmp += self.eps
+            xp.divide(mr, tmp, out=tmp)
+            tmp *= step_size
+            p[r] -= tmp
+
         with METER.scope("adamw"), METER.op("adamw", "update") as c:
             p[: self.params.n_decay] *= 1.0 - lr * self.weight_decay  # decoupled decay, matrices only
-            m *= b1
-            m += (1.0 - b1) * g
-            v *= b2
-            v += (1.0 - b2) * (g * g)
-            denom = xp.sqrt(v)
-            denom /= math.sqrt(1.0 - b2**self.t)
-            denom += self.eps
-            p -= (lr / (1.0 - b1**self.t)) * (m / denom)
+            backend.map_rows(block, p.size, p.itemsize)
             c.count(FPE["adamw", "update"] * p.size, p.nbytes + g.nbytes + m.nbytes + v.nbytes,
                     p.nbytes + m.nbytes + v.nbytes, p.dtype)
