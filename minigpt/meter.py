@@ -56,6 +56,17 @@ FLOPS_PER_ELEMENT = {
 }
 
 
+_DTYPE_NAMES: dict = {}
+
+
+def dtype_name(dtype) -> str:
+    """str(dtype), cached: NumPy's own conversion is slow enough to show in a decode step."""
+    name = _DTYPE_NAMES.get(dtype)
+    if name is None:
+        name = _DTYPE_NAMES[dtype] = str(dtype)
+    return name
+
+
 @dataclass
 class Record:
     calls: int = 0
@@ -67,17 +78,49 @@ class Record:
 
 
 class Counter:
-    """What an elementwise block reports before it closes (see Meter.op)."""
+    """An elementwise block being timed (see Meter.op): it reports its sizes with count(), and the
+    record is added when the block closes. A class rather than a generator context manager: a
+    decode step enters a few hundred of these, and the difference shows."""
 
-    __slots__ = ("bytes_read", "bytes_written", "dtype", "flops")
+    __slots__ = ("bytes_read", "bytes_written", "dtype", "flops", "kind", "meter", "op", "t0")
 
-    def __init__(self):
+    def __init__(self, meter, kind: str, op: str):
+        self.meter, self.kind, self.op = meter, kind, op
         self.flops = self.bytes_read = self.bytes_written = 0
         self.dtype = "float32"
 
     def count(self, flops: int, bytes_read: int, bytes_written: int, dtype) -> None:
         self.flops, self.bytes_read, self.bytes_written = int(flops), int(bytes_read), int(bytes_written)
-        self.dtype = str(dtype)
+        self.dtype = dtype_name(dtype)
+
+    def __enter__(self):
+        self.t0 = self.meter.clock()
+        return self
+
+    def __exit__(self, *exc):
+        m = self.meter
+        if m.enabled and exc[0] is None:
+            m.add(self.op, self.kind, self.dtype, self.flops, self.bytes_read, self.bytes_written,
+                  m.clock() - self.t0)
+        return False
+
+
+class _Scope:
+    """`with METER.scope("h3"):` appends a name to the scope path for the block."""
+
+    __slots__ = ("meter", "name", "outer")
+
+    def __init__(self, meter, name: str):
+        self.meter, self.name = meter, name
+
+    def __enter__(self):
+        m = self.meter
+        self.outer = m.scope_path
+        m.scope_path = f"{self.outer}.{self.name}" if self.outer else self.name
+
+    def __exit__(self, *exc):
+        self.meter.scope_path = self.outer
+        return False
 
 
 class Meter:
@@ -91,14 +134,8 @@ class Meter:
     def reset(self) -> None:
         self.records = {}
 
-    @contextmanager
-    def scope(self, name: str):
-        outer = self.scope_path
-        self.scope_path = f"{outer}.{name}" if outer else name
-        try:
-            yield
-        finally:
-            self.scope_path = outer
+    def scope(self, name: str) -> _Scope:
+        return _Scope(self, name)
 
     @contextmanager
     def paused(self):
@@ -141,7 +178,7 @@ class Meter:
             self.clock = outer
 
     def add(self, op, kind, dtype, flops, bytes_read, bytes_written, seconds, useful_flops=None):
-        key = (self.scope_path, op, kind, self.phase, str(dtype))
+        key = (self.scope_path, op, kind, self.phase, dtype_name(dtype))
         r = self.records.get(key)
         if r is None:
             r = self.records[key] = Record()
@@ -199,18 +236,9 @@ class Meter:
             self.add(op, "matmul", "w8a32", flops, a.nbytes + b.nbytes, out.nbytes, seconds, useful_flops)
         return out
 
-    @contextmanager
-    def op(self, kind: str, op: str):
+    def op(self, kind: str, op: str) -> Counter:
         """Time an elementwise block; the block calls counter.count(...) with its sizes."""
-        if not self.enabled:
-            yield Counter()
-            return
-        counter = Counter()
-        t0 = self.clock()
-        yield counter
-        seconds = self.clock() - t0
-        self.add(op, kind, counter.dtype, counter.flops, counter.bytes_read,
-                 counter.bytes_written, seconds)
+        return Counter(self, kind, op)
 
 
 METER = Meter()

@@ -54,6 +54,7 @@ class FlatBuffer:
         self.data = xp.zeros(self.size, dtype=dtype) if data is None else data
         assert self.data.shape == (self.size,), (self.data.shape, self.size)
         self.views = {}
+        self._blocks: dict[int, dict] = {}
         offset = 0
         for name, shape in self.layout:
             n = math.prod(shape)
@@ -65,8 +66,10 @@ class FlatBuffer:
 
     def block(self, i: int) -> dict:
         """Views of block i, by their short names ("attn.c_attn.weight", "ln_1.bias", ...)."""
-        prefix = f"transformer.h.{i}."
-        return {k[len(prefix):]: v for k, v in self.views.items() if k.startswith(prefix)}
+        if i not in self._blocks:
+            prefix = f"transformer.h.{i}."
+            self._blocks[i] = {k[len(prefix):]: v for k, v in self.views.items() if k.startswith(prefix)}
+        return self._blocks[i]
 
 
 def init(cfg, rng, dtype="float32") -> FlatBuffer:
