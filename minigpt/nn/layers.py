@@ -2,8 +2,9 @@
 input gradient and *adds* into its parameter gradients (views into one flat buffer), so tied
 weights and residual branches need no special case.
 
-Every matrix product goes through METER.matmul and every elementwise pass is counted with
-METER.op, under the scope the caller has set. Arrays come from backend.xp (NumPy or CuPy).
+Every matrix product goes through minigpt.meter.matmul (the int8 ones through METER.matmul_int8
+and METER.matmul_w8) and every elementwise pass is counted with METER.op, under the scope the
+caller has set. Arrays come from backend.xp (NumPy or CuPy).
 """
 
 import math
