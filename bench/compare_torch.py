@@ -193,7 +193,8 @@ def ours_task(spec: dict):
     from minigpt.nn.model import GPT
     from minigpt.nn.params import FlatBuffer, init
     from minigpt.sampling import generate
-    from minigpt.train.optim import AdamW, clip_grad_norm
+    from minigpt.train.optim import AdamW
+    from minigpt.train.trainer import training_step
 
     backend.keep_freed_memory()
     spec["import_rss"] = rss_mib("VmRSS")
@@ -204,21 +205,12 @@ def ours_task(spec: dict):
         return lambda: generate(model, PROMPT, spec["gen_tokens"], temperature=0).tolist(), None
 
     model.grads = FlatBuffer(cfg)
-    g = model.grads
     opt = AdamW(model.params, t.beta1, t.beta2, t.eps, t.weight_decay)
     rng = np.random.default_rng(SEED)
     x, y = rng.integers(0, cfg.vocab_size, (B, T)), rng.integers(0, cfg.vocab_size, (B, T))
 
     def step():  # minigpt.train.trainer.Trainer.train_step, less data loading and the schedule
-        g.data.fill(0)
-        with METER.in_phase("forward"):
-            loss, cache = model.loss(x, y)
-        with METER.in_phase("backward"):
-            model.backward(cache)
-        with METER.in_phase("optimizer"):
-            clip_grad_norm(g.data, t.grad_clip)
-            opt.step(g.data, t.min_lr)
-        return loss
+        return training_step(model, opt, [(x, y)], t.min_lr, t.grad_clip)
 
     def breakdown() -> dict:
         """Seconds by 'phase kind' since the last call (the meter is reset after each)."""

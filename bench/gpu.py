@@ -70,7 +70,8 @@ from minigpt.meter import METER
 from minigpt.nn import cuda_kernels
 from minigpt.nn.model import GPT
 from minigpt.nn.params import FlatBuffer, init
-from minigpt.train.optim import AdamW, clip_grad_norm
+from minigpt.train.optim import AdamW
+from minigpt.train.trainer import training_step
 
 SEED = 1337
 LR, BETAS, EPS, WEIGHT_DECAY = 6e-4, (0.9, 0.99), 1e-8, 0.1  # tiny.toml's, constant lr
@@ -220,15 +221,7 @@ def run_ours(s: Shape, host: FlatBuffer, x, y, device: str, fused: bool, args) -
         xb, yb = backend.asarray(x), backend.asarray(y)
 
         def step() -> float:
-            model.grads.data.fill(0)
-            with METER.in_phase("forward"):
-                loss, cache = model.loss(xb, yb)
-            with METER.in_phase("backward"):
-                model.backward(cache)
-            with METER.in_phase("optimizer"):
-                clip_grad_norm(model.grads.data, 1.0)
-                opt.step(model.grads.data, LR)
-            return loss
+            return training_step(model, opt, [(xb, yb)], LR)
 
         calls = Counter(cuda_kernels.CALLS)
         first, step_s = warm_up(step, args.warmup, backend.synchronize)

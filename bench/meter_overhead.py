@@ -23,7 +23,8 @@ from minigpt import backend, config
 from minigpt.meter import METER
 from minigpt.nn.model import GPT
 from minigpt.nn.params import FlatBuffer, init
-from minigpt.train.optim import AdamW, clip_grad_norm
+from minigpt.train.optim import AdamW
+from minigpt.train.trainer import training_step
 
 
 def main() -> None:
@@ -43,14 +44,7 @@ def main() -> None:
     idx, targets = rng.integers(0, m.vocab_size, (B, T)), rng.integers(0, m.vocab_size, (B, T))
 
     def step():
-        model.grads.data.fill(0)
-        with METER.in_phase("forward"):
-            _, cache = model.loss(idx, targets)
-        with METER.in_phase("backward"):
-            model.backward(cache)
-        with METER.in_phase("optimizer"):
-            clip_grad_norm(model.grads.data, 1.0)
-            opt.step(model.grads.data, 1e-4)
+        training_step(model, opt, [(idx, targets)], lr=1e-4)
 
     for _ in range(3):
         step()

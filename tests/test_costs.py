@@ -20,7 +20,8 @@ from minigpt.costs import model as cost_model
 from minigpt.meter import METER
 from minigpt.nn.model import GPT, KVCache
 from minigpt.nn.params import FlatBuffer, init
-from minigpt.train.optim import AdamW, clip_grad_norm
+from minigpt.train.optim import AdamW
+from minigpt.train.trainer import training_step
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "minigpt"
 MATMUL_NAMES = {"matmul", "dot", "einsum", "tensordot", "inner", "vdot"}
@@ -93,13 +94,7 @@ def _model(cfg, seed=0, dtype="float32"):
 
 
 def _training_step(model, idx, targets, rng=None):
-    with METER.in_phase("forward"):
-        _, cache = model.loss(idx, targets, rng)
-    with METER.in_phase("backward"):
-        model.backward(cache)
-    with METER.in_phase("optimizer"):
-        clip_grad_norm(model.grads.data, 1.0)
-        AdamW(model.params).step(model.grads.data, 1e-3)
+    training_step(model, AdamW(model.params), [(idx, targets)], lr=1e-3, rng=rng)
 
 
 def _metered_matmuls():

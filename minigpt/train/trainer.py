@@ -27,6 +27,35 @@ from minigpt.train import checkpoint
 from minigpt.train.optim import AdamW, clip_grad_norm, lr_at
 
 
+def accumulate(model, batches, n: int, rng=None) -> float:
+    """Zero the gradients, then forward and backward over n micro-batches (an iterable of (x, y)),
+    each loss weighted 1 / n, under the meter's forward and backward phases. Returns the mean loss."""
+    model.grads.data.fill(0)
+    loss = 0.0
+    for x, y in batches:
+        with METER.in_phase("forward"):
+            micro_loss, cache = model.loss(x, y, rng)
+        with METER.in_phase("backward"):
+            model.backward(cache, dloss=1.0 / n)
+        loss += micro_loss / n
+    return loss
+
+
+def update(model, opt, lr: float, grad_clip: float) -> None:
+    """Clip the gradients' global norm (grad_clip > 0) and take one AdamW step (phase optimizer)."""
+    with METER.in_phase("optimizer"):
+        if grad_clip > 0:
+            clip_grad_norm(model.grads.data, grad_clip)
+        opt.step(model.grads.data, lr)
+
+
+def training_step(model, opt, batches, lr: float, grad_clip: float = 1.0, rng=None) -> float:
+    """One optimizer step over a list of micro-batches [(x, y), ...]; returns the mean loss."""
+    loss = accumulate(model, batches, len(batches), rng)
+    update(model, opt, lr, grad_clip)
+    return loss
+
+
 class TrainingDiverged(MiniGPTError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 
@@ -142,19 +171,10 @@ class Trainer:
     def train_step(self) -> float:
         """One optimizer step over grad_accum micro-batches; returns the mean loss."""
         cfg, t = self.cfg, self.cfg.train
-        model, g = self.model, self.model.grads
         drop_rng = self.dropout_rng if cfg.model.dropout > 0 else None
-        g.data.fill(0)
-        loss = 0.0
-        for _ in range(t.grad_accum):
-            x, y = get_batch(self.corpus.train, t.batch_size, cfg.model.block_size, self.data_rng)
-            x, y = backend.asarray(x), backend.asarray(y)
-            with np.errstate(over="ignore", invalid="ignore"):  # a diverged loss is reported below
-                with METER.in_phase("forward"):
-                    micro_loss, cache = model.loss(x, y, drop_rng)
-                with METER.in_phase("backward"):
-                    model.backward(cache, dloss=1.0 / t.grad_accum)
-            loss += micro_loss / t.grad_accum
+        batches = (self._batch() for _ in range(t.grad_accum))  # drawn one at a time, as used
+        with np.errstate(over="ignore", invalid="ignore"):  # a diverged loss is reported below
+            loss = accumulate(self.model, batches, t.grad_accum, drop_rng)
         if not math.isfinite(loss):
             kept = (f"{self.ckpt_path} is unchanged" if self.ckpt_path.exists()
                     else "no checkpoint was written")
@@ -162,13 +182,15 @@ class Trainer:
                 f"loss became {loss} at step {self.state.step + 1}; stopped ({kept}); "
                 f"try a lower [train] learning_rate"
             )
-        with METER.in_phase("optimizer"):
-            if t.grad_clip > 0:
-                clip_grad_norm(g.data, t.grad_clip)
-            self.opt.step(g.data, lr_at(self.state.step, t))
+        update(self.model, self.opt, lr_at(self.state.step, t), t.grad_clip)
         self.state.step += 1
         self.state.tokens += t.grad_accum * t.batch_size * cfg.model.block_size
         return loss
+
+    def _batch(self):
+        t, T = self.cfg.train, self.cfg.model.block_size
+        x, y = get_batch(self.corpus.train, t.batch_size, T, self.data_rng)
+        return backend.asarray(x), backend.asarray(y)
 
     def evaluate(self) -> float:
         """Mean loss over the fixed validation batches (phase "eval")."""
