@@ -96,6 +96,16 @@ def keep_freed_memory() -> None:
     mallopt(M_TOP_PAD, 64 << 20)  # and grown 64 MiB at a time
 
 
+def row_sum(a):
+    """Sums over the last axis, kept as a length-1 axis: (..., n) -> (..., 1).
+
+    On the CPU through einsum's one-operand loop (a reduction, not a product): ndarray.sum adds
+    each short row pairwise and runs about 3x slower on our rows (384 features, 256 keys)."""
+    if device == "cpu":
+        return xp.einsum("...i->...", a)[..., None]
+    return a.sum(axis=-1, keepdims=True)
+
+
 def map_rows(kernel, n_rows: int, row_bytes: int) -> list:
     """Run kernel(rows) over slices of range(n_rows) and return the results in order.
 

@@ -189,12 +189,13 @@ class Meter:
         r.bytes_written += bytes_written
         r.seconds += seconds
 
-    def matmul(self, a, b, op: str = "matmul", useful_flops=None):
-        """a @ b, counted: the one matrix product in the package."""
+    def matmul(self, a, b, op: str = "matmul", useful_flops=None, out=None):
+        """a @ b, counted: the one matrix product in the package. out: write it there (a strided
+        view is fine: BLAS takes row strides, so a product can land in a layout's slot directly)."""
         if not self.enabled:
-            return backend.xp.matmul(a, b)
+            return backend.xp.matmul(a, b, out=out)
         t0 = self.clock()
-        out = backend.xp.matmul(a, b)
+        out = backend.xp.matmul(a, b, out=out)
         seconds = self.clock() - t0
         m, k = a.shape[-2:]
         n = b.shape[-1]

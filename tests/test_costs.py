@@ -33,13 +33,26 @@ def _imports_meter_matmul(tree) -> bool:
                and any(a.name == "matmul" and a.asname is None for a in n.names) for n in ast.walk(tree))
 
 
+def _one_operand_einsums(tree) -> set:
+    """The .einsum attributes of calls like xp.einsum("...i->...", a): one operand, so a sum
+    over an axis (backend.row_sum), not a product."""
+    return {id(n.func) for n in ast.walk(tree)
+            if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.func.attr == "einsum"
+            and len(n.args) == 2 and isinstance(n.args[0], ast.Constant)
+            and isinstance(n.args[0].value, str) and "," not in n.args[0].value}
+
+
 def _products(source: str) -> list[int]:
     """Lines of source that multiply matrices other than through the meter: `@`, any
-    .matmul/.dot/.einsum/... attribute, or such a name unless it is the meter's own matmul."""
+    .matmul/.dot/.einsum/... attribute (bar a one-operand einsum, which only sums), or such a
+    name unless it is the meter's own matmul."""
     tree = ast.parse(source)
     counted_name = _imports_meter_matmul(tree)
+    reductions = _one_operand_einsums(tree)
     lines = []
     for node in ast.walk(tree):
+        if id(node) in reductions:
+            continue
         operator = isinstance(node, ast.BinOp | ast.AugAssign) and isinstance(node.op, ast.MatMult)
         attribute = isinstance(node, ast.Attribute) and node.attr in MATMUL_NAMES
         name = isinstance(node, ast.Name) and node.id in MATMUL_NAMES
@@ -60,13 +73,15 @@ def test_no_matrix_product_outside_the_meter():
 @pytest.mark.parametrize("source", [
     "c = a @ b", "c @= b", "c = np.matmul(a, b)", "c = a.dot(b)", "c = xp.einsum('ij,jk', a, b)",
     "from numpy import matmul\nc = matmul(a, b)", "from numpy import tensordot",
+    "c = xp.einsum('ij,jk->ik', a, b)", "c = xp.einsum('ij', a, b)", "c = xp.einsum(s, a)",
 ])
 def test_the_source_walk_catches_every_form(source):
     assert _products(source)
 
 
-def test_the_source_walk_allows_the_meters_matmul():
+def test_the_source_walk_allows_the_meters_matmul_and_sums():
     assert _products("from minigpt.meter import matmul\nc = matmul(a, b)") == []
+    assert _products("s = xp.einsum('...i->...', a)") == []
 
 
 class CountingNumpy:

@@ -58,13 +58,13 @@ def layernorm_forward(x, w, b, eps=1e-5):
     rstd = xp.empty((x2.shape[0], 1), dtype=x.dtype)  # (N, 1)
 
     def rows(r):
-        xh = xhat[r]
-        xp.subtract(x2[r], x2[r].mean(axis=-1, keepdims=True), out=xh)  # centred
-        var = (xh * xh).mean(axis=-1, keepdims=True)
-        xp.divide(1.0, xp.sqrt(var + eps), out=rstd[r])
+        xs, xh, o = x2[r], xhat[r], out[r]
+        xp.subtract(xs, backend.row_sum(xs) * (1.0 / C), out=xh)  # centred
+        xp.multiply(xh, xh, out=o)  # squares, in the output block until it is written
+        xp.divide(1.0, xp.sqrt(backend.row_sum(o) * (1.0 / C) + eps), out=rstd[r])
         xh *= rstd[r]
-        xp.multiply(xh, w, out=out[r])
-        out[r] += b
+        xp.multiply(xh, w, out=o)
+        o += b
 
     with METER.op("layernorm", "normalize") as c:
         backend.map_rows(rows, x2.shape[0], C * x.itemsize)
@@ -75,18 +75,21 @@ def layernorm_forward(x, w, b, eps=1e-5):
 def layernorm_backward(dout, cache, dw, db):
     xp = backend.xp
     xhat, w, rstd = cache  # xhat (N, C), rstd (N, 1)
+    C = xhat.shape[1]
     d2 = dout.reshape(xhat.shape)  # (N, C)
     dx = xp.empty_like(xhat)
 
     def rows(r):
         d, xh, g = d2[r], xhat[r], dx[r]
-        xp.multiply(d, xh, out=g)
-        dw_part, db_part = g.sum(axis=0), d.sum(axis=0)
+        tmp = xp.multiply(d, xh)
+        dw_part, db_part = tmp.sum(axis=0), d.sum(axis=0)
         xp.multiply(d, w, out=g)  # dL/dxhat
         # dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))
-        proj = (g * xh).mean(axis=-1, keepdims=True)  # (rows, 1)
-        g -= g.mean(axis=-1, keepdims=True)
-        g -= xh * proj
+        xp.multiply(g, xh, out=tmp)
+        proj = backend.row_sum(tmp) * (1.0 / C)  # (rows, 1)
+        g -= backend.row_sum(g) * (1.0 / C)
+        xp.multiply(xh, proj, out=tmp)
+        g -= tmp
         g *= rstd[r]
         return dw_part, db_part
 
@@ -155,7 +158,7 @@ def causal_softmax_forward(scores, scale, pos0=0):
         a += mask
         a -= a.max(axis=-1, keepdims=True)
         xp.exp(a, out=a)
-        a /= a.sum(axis=-1, keepdims=True)
+        a /= backend.row_sum(a)
 
     with METER.op("softmax", "causal") as c:
         backend.map_rows(rows, att.shape[0], T * Tk * att.itemsize)
@@ -175,7 +178,7 @@ def causal_softmax_backward(datt, att, scale):
     def rows(r):
         ds = dscores[r]
         xp.multiply(d3[r], a3[r], out=ds)
-        ds -= a3[r] * ds.sum(axis=-1, keepdims=True)
+        ds -= a3[r] * backend.row_sum(ds)
         ds *= scale
 
     with METER.op("softmax", "grad") as c:
@@ -200,31 +203,29 @@ def attention_forward(x, p, n_head, kv=None, dropout=0.0, rng=None):
     hs = C // n_head
     with METER.scope("c_attn"):
         qkv, c_attn = linear_forward(x, p["attn.c_attn.weight"], p["attn.c_attn.bias"])  # (B, T, 3C)
-    qkv = qkv.reshape(B, T, 3, n_head, hs).transpose(2, 0, 3, 1, 4)  # (3, B, H, T, hs) view
-    # Contiguous copies: BLAS multiplies them several times faster than strided views.
-    q, k, v = (xp.ascontiguousarray(a) for a in qkv)  # each (B, H, T, hs)
+    # Heads as strided views, no copies: BLAS reads a matrix whose rows lie 3C apart as fast.
+    q, k, v = qkv.reshape(B, T, 3, n_head, hs).transpose(2, 0, 3, 1, 4)  # each (B, H, T, hs)
     pos0 = 0
     if kv is not None and kv.int8:
         return _attention_int8_kv(q, k, v, kv, p, B, T, C, n_head), None
     if kv is not None:
         pos0 = kv.length
         k, v = kv.append(k, v)  # (B, H, pos0 + T, hs)
-    kT = xp.ascontiguousarray(k.swapaxes(-1, -2))  # (B, H, hs, Tk)
-    Tk = kT.shape[-1]
+    Tk = k.shape[2]
     useful = _useful_causal_flops(B, n_head, T, Tk, pos0, hs)
     with METER.scope("scores"):
-        att = matmul(q, kT, op="q@kT", useful_flops=useful)  # (B, H, T, Tk)
+        att = matmul(q, k.swapaxes(-1, -2), op="q@kT", useful_flops=useful)  # (B, H, T, Tk)
     with METER.scope("softmax"):
         att = causal_softmax_forward(att, 1.0 / math.sqrt(hs), pos0)
     probs, drop = att, None
     if dropout > 0.0:
         with METER.scope("attn_dropout"):
             att, drop = dropout_forward(probs, dropout, rng)
+    y = xp.empty((B, T, n_head, hs), dtype=x.dtype)  # heads side by side again
     with METER.scope("mix"):
-        y = matmul(att, v, op="att@v", useful_flops=useful)  # (B, H, T, hs)
-    y = y.transpose(0, 2, 1, 3).reshape(B, T, C)  # heads side by side again
+        matmul(att, v, op="att@v", useful_flops=useful, out=y.transpose(0, 2, 1, 3))
     with METER.scope("c_proj"):
-        out, c_proj = linear_forward(y, p["attn.c_proj.weight"], p["attn.c_proj.bias"])
+        out, c_proj = linear_forward(y.reshape(B, T, C), p["attn.c_proj.weight"], p["attn.c_proj.bias"])
     return out, (c_attn, q, k, v, probs, att, drop, c_proj)
 
 
@@ -260,23 +261,24 @@ def attention_backward(dout, cache, p, g):
     useful = _useful_causal_flops(B, H, T, T, 0, hs)
     with METER.scope("c_proj"):
         dy = linear_backward(dout, c_proj, g["attn.c_proj.weight"], g["attn.c_proj.bias"])
-    dy = xp.ascontiguousarray(dy.reshape(B, T, H, hs).transpose(0, 2, 1, 3))  # (B, H, T, hs)
-    vT = xp.ascontiguousarray(v.swapaxes(-1, -2))  # (B, H, hs, T)
+    dy = dy.reshape(B, T, H, hs).transpose(0, 2, 1, 3)  # (B, H, T, hs) view
+    # The three gradients land in their slots of one (B, T, 3, H, hs) buffer: c_attn's layout.
+    dqkv = xp.empty((B, T, 3, H, hs), dtype=q.dtype)
+    dq, dk, dv = dqkv.transpose(2, 0, 3, 1, 4)  # each (B, H, T, hs), views
     with METER.scope("mix"):
-        datt = matmul(dy, vT, op="grad_att", useful_flops=useful)  # (B, H, T, T)
-        dv = matmul(att.swapaxes(-1, -2), dy, op="grad_v", useful_flops=useful)  # (B, H, T, hs)
+        datt = matmul(dy, v.swapaxes(-1, -2), op="grad_att", useful_flops=useful)  # (B, H, T, T)
+        matmul(att.swapaxes(-1, -2), dy, op="grad_v", useful_flops=useful, out=dv)
     if drop is not None:
         with METER.scope("attn_dropout"):
             datt = dropout_backward(datt, drop)
     with METER.scope("softmax"):
         dscores = causal_softmax_backward(datt, probs, 1.0 / math.sqrt(hs))
     with METER.scope("scores"):
-        dq = matmul(dscores, k, op="grad_q", useful_flops=useful)  # (B, H, T, hs)
-        dk = matmul(dscores.swapaxes(-1, -2), q, op="grad_k", useful_flops=useful)
-    dqkv = xp.stack([dq, dk, dv])  # (3, B, H, T, hs)
-    dqkv = dqkv.transpose(1, 3, 0, 2, 4).reshape(B, T, 3 * C)
+        matmul(dscores, k, op="grad_q", useful_flops=useful, out=dq)
+        matmul(dscores.swapaxes(-1, -2), q, op="grad_k", useful_flops=useful, out=dk)
     with METER.scope("c_attn"):
-        return linear_backward(dqkv, c_attn, g["attn.c_attn.weight"], g["attn.c_attn.bias"])
+        return linear_backward(dqkv.reshape(B, T, 3 * C), c_attn, g["attn.c_attn.weight"],
+                               g["attn.c_attn.bias"])
 
 
 # ----------------------------------------------------------------------------- MLP
