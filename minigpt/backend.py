@@ -113,7 +113,7 @@ def map_rows(kernel, n_rows: int, row_bytes: int) -> list:
     in the kernel's largest array); on a GPU the kernel sees all rows at once. Kernels write their
     outputs through the slice they are given and return any partial results the caller combines
     (column sums, for example)."""
-    if device != "cpu":
+    if device != "cpu" or n_rows * row_bytes <= BLOCK_BYTES:
         return [kernel(slice(0, n_rows))]
     step = max(1, BLOCK_BYTES // max(1, row_bytes))
     return [kernel(slice(i, min(i + step, n_rows))) for i in range(0, n_rows, step)]

@@ -73,17 +73,17 @@ def layernorm_forward(x, w, b, eps=1e-5):
 
 
 def layernorm_backward(dout, cache, dw, db):
+    """dx, written over dout (the model hands each backward a gradient nothing else reads)."""
     xp = backend.xp
     xhat, w, rstd = cache  # xhat (N, C), rstd (N, 1)
     C = xhat.shape[1]
-    d2 = dout.reshape(xhat.shape)  # (N, C)
-    dx = xp.empty_like(xhat)
+    dx = dout.reshape(xhat.shape)  # (N, C)
 
     def rows(r):
-        d, xh, g = d2[r], xhat[r], dx[r]
-        tmp = xp.multiply(d, xh)
-        dw_part, db_part = tmp.sum(axis=0), d.sum(axis=0)
-        xp.multiply(d, w, out=g)  # dL/dxhat
+        g, xh = dx[r], xhat[r]  # g: dout coming in, dx going out
+        tmp = xp.multiply(g, xh)
+        dw_part, db_part = tmp.sum(axis=0), g.sum(axis=0)
+        g *= w  # dL/dxhat
         # dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))
         xp.multiply(g, xh, out=tmp)
         proj = backend.row_sum(tmp) * (1.0 / C)  # (rows, 1)
@@ -99,7 +99,7 @@ def layernorm_backward(dout, cache, dw, db):
             db += db_part
         c.count(FPE["layernorm", "grad"] * xhat.size, _nbytes(dout, xhat, w, rstd, dw, db),
                 _nbytes(dx, dw, db), xhat.dtype)
-    return dx.reshape(dout.shape)
+    return dx.reshape(dout.shape)  # dout itself (a copy's result if dout was not contiguous)
 
 
 # ----------------------------------------------------------------------------- linear
@@ -149,7 +149,7 @@ def causal_softmax_forward(scores, scale, pos0=0):
         return cuda_kernels.causal_softmax_forward(scores, scale, pos0)
     xp = backend.xp
     T, Tk = scores.shape[-2:]
-    mask = _causal_mask(T, Tk, pos0, str(scores.dtype), backend.device)  # (T, Tk)
+    mask = _causal_mask(T, Tk, pos0, scores.dtype, backend.device)  # (T, Tk)
     att = scores.reshape(-1, T, Tk)  # (B*H, T, Tk)
 
     def rows(r):
@@ -167,24 +167,22 @@ def causal_softmax_forward(scores, scale, pos0=0):
 
 
 def causal_softmax_backward(datt, att, scale):
-    """dscores = scale * att * (datt - sum(datt * att)), per row of keys."""
+    """dscores = scale * att * (datt - sum(datt * att)), per row of keys, written over datt."""
     if cuda_kernels.active():
         return cuda_kernels.causal_softmax_backward(datt, att, scale)
-    xp = backend.xp
     T, Tk = att.shape[-2:]
     a3, d3 = att.reshape(-1, T, Tk), datt.reshape(-1, T, Tk)  # (B*H, T, Tk)
-    dscores = xp.empty_like(a3)
 
     def rows(r):
-        ds = dscores[r]
-        xp.multiply(d3[r], a3[r], out=ds)
-        ds -= a3[r] * backend.row_sum(ds)
+        ds, a = d3[r], a3[r]
+        ds *= a
+        ds -= a * backend.row_sum(ds)
         ds *= scale
 
     with METER.op("softmax", "grad") as c:
         backend.map_rows(rows, a3.shape[0], T * Tk * att.itemsize)
-        c.count(FPE["softmax", "grad"] * att.size, datt.nbytes + att.nbytes, dscores.nbytes, att.dtype)
-    return dscores.reshape(att.shape)
+        c.count(FPE["softmax", "grad"] * att.size, datt.nbytes + att.nbytes, datt.nbytes, att.dtype)
+    return d3.reshape(att.shape)
 
 
 def _useful_causal_flops(B, H, T, Tk, pos0, head_size):
@@ -313,17 +311,17 @@ def gelu_forward(x):
 
 
 def gelu_backward(dout, cache):
-    """d/dx = 0.5 (1 + th) + 0.5 x (1 - th^2) sqrt(2/pi) (1 + 3 * 0.044715 x^2), times dout."""
+    """d/dx = 0.5 (1 + th) + 0.5 x (1 - th^2) sqrt(2/pi) (1 + 3 * 0.044715 x^2), times dout;
+    written over dout."""
     if cuda_kernels.active():
         return cuda_kernels.gelu_backward(dout, cache)
     xp = backend.xp
     x2, th = cache  # (N, 4C) each
-    d2 = dout.reshape(x2.shape)
-    dx = xp.empty_like(x2)
+    dx = dout.reshape(x2.shape)
 
     def rows(r):
-        xs, t, g = x2[r], th[r], dx[r]
-        xp.multiply(xs, xs, out=g)
+        xs, t = x2[r], th[r]
+        g = xs * xs
         g *= 0.5 * _GELU_K * 3 * 0.044715
         g += 0.5 * _GELU_K
         g *= xs  # 0.5 x sqrt(2/pi) (1 + 3 * 0.044715 x^2)
@@ -333,7 +331,7 @@ def gelu_backward(dout, cache):
         xp.multiply(t, 0.5, out=tmp)
         g += tmp
         g += 0.5
-        g *= d2[r]
+        dx[r] *= g
 
     with METER.op("gelu", "grad") as c:
         backend.map_rows(rows, x2.shape[0], x2.shape[1] * x2.itemsize)
@@ -365,9 +363,10 @@ def mlp_backward(dout, cache, p, g):
 
 
 def residual_forward(x, branch):
-    """x + branch: a new array, since the layer that read x keeps it for its backward."""
+    """x + branch, written over branch (the branch's fresh output: nothing else keeps it; x is
+    kept by the layer that read it, for its backward)."""
     with METER.op("residual", "add") as c:
-        out = x + branch
+        out = backend.xp.add(x, branch, out=branch)
         c.count(FPE["residual", "add"] * x.size, 2 * x.nbytes, out.nbytes, x.dtype)
     return out
 
