@@ -67,7 +67,7 @@ def dtype_name(dtype) -> str:
     return name
 
 
-@dataclass
+@dataclass(slots=True)
 class Record:
     calls: int = 0
     flops: int = 0
@@ -105,6 +105,9 @@ class Counter:
         return False
 
 
+_PATHS: dict = {}  # (outer path, name) -> joined path: a decode step enters a few hundred scopes
+
+
 class _Scope:
     """`with METER.scope("h3"):` appends a name to the scope path for the block."""
 
@@ -116,7 +119,10 @@ class _Scope:
     def __enter__(self):
         m = self.meter
         self.outer = m.scope_path
-        m.scope_path = f"{self.outer}.{self.name}" if self.outer else self.name
+        path = _PATHS.get((self.outer, self.name))
+        if path is None:
+            path = _PATHS[self.outer, self.name] = f"{self.outer}.{self.name}" if self.outer else self.name
+        m.scope_path = path
 
     def __exit__(self, *exc):
         self.meter.scope_path = self.outer
