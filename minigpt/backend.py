@@ -99,9 +99,10 @@ def keep_freed_memory() -> None:
 def row_sum(a):
     """Sums over the last axis, kept as a length-1 axis: (..., n) -> (..., 1).
 
-    On the CPU through einsum's one-operand loop (a reduction, not a product): ndarray.sum adds
-    each short row pairwise and runs about 3x slower on our rows (384 features, 256 keys)."""
-    if device == "cpu":
+    On the CPU, for many rows, through einsum's one-operand loop (a reduction, not a product):
+    ndarray.sum adds each short row pairwise and runs about 3x slower on our rows (384 features,
+    256 keys). For a few rows (a decode step's) einsum's own call costs more than that saves."""
+    if device == "cpu" and a.size > 4096:
         return xp.einsum("...i->...", a)[..., None]
     return a.sum(axis=-1, keepdims=True)
 
