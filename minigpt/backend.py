@@ -103,8 +103,15 @@ def row_sum(a):
     ndarray.sum adds each short row pairwise and runs about 3x slower on our rows (384 features,
     256 keys). For a few rows (a decode step's) einsum's own call costs more than that saves."""
     if device == "cpu" and a.size > 4096:
+        # Not a matrix product: one operand and no second factor, so einsum only adds along i
+        # (the meter counts these additions in the caller's elementwise op, e.g. LayerNorm's).
         return xp.einsum("...i->...", a)[..., None]
     return a.sum(axis=-1, keepdims=True)
+
+
+def row_mean(a):
+    """Means over the last axis, kept as a length-1 axis (row_sum's, over the axis length)."""
+    return row_sum(a) * (1.0 / a.shape[-1])
 
 
 def map_rows(kernel, n_rows: int, row_bytes: int) -> list:

@@ -59,9 +59,9 @@ def layernorm_forward(x, w, b, eps=1e-5):
 
     def rows(r):
         xs, xh, o = x2[r], xhat[r], out[r]
-        xp.subtract(xs, backend.row_sum(xs) * (1.0 / C), out=xh)  # centred
+        xp.subtract(xs, backend.row_mean(xs), out=xh)  # centred
         xp.multiply(xh, xh, out=o)  # squares, in the output block until it is written
-        xp.divide(1.0, xp.sqrt(backend.row_sum(o) * (1.0 / C) + eps), out=rstd[r])
+        xp.divide(1.0, xp.sqrt(backend.row_mean(o) + eps), out=rstd[r])
         xh *= rstd[r]
         xp.multiply(xh, w, out=o)
         o += b
@@ -76,7 +76,6 @@ def layernorm_backward(dout, cache, dw, db):
     """dx, written over dout (the model hands each backward a gradient nothing else reads)."""
     xp = backend.xp
     xhat, w, rstd = cache  # xhat (N, C), rstd (N, 1)
-    C = xhat.shape[1]
     dx = dout.reshape(xhat.shape)  # (N, C)
 
     def rows(r):
@@ -86,8 +85,8 @@ def layernorm_backward(dout, cache, dw, db):
         g *= w  # dL/dxhat
         # dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))
         xp.multiply(g, xh, out=tmp)
-        proj = backend.row_sum(tmp) * (1.0 / C)  # (rows, 1)
-        g -= backend.row_sum(g) * (1.0 / C)
+        proj = backend.row_mean(tmp)  # (rows, 1)
+        g -= backend.row_mean(g)
         xp.multiply(xh, proj, out=tmp)
         g -= tmp
         g *= rstd[r]
