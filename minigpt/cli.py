@@ -87,6 +87,18 @@ def _print_training_costs(trainer, result, measured, args) -> None:
     print("\n".join(energy.report_lines(rows, result.elapsed_s, _hardware_for(args, trainer.cfg.train.device),
                                        measured=measured, watts=args.watts, tokens=result.tokens)))
     print(energy.gpt3_projection_line(result.tokens, rows, joules=measured.total_joules))
+    _print_moe_summary(trainer, result)
+
+
+def _print_moe_summary(trainer, result) -> None:
+    """A MoE run's parameters, FLOPs per token and expert load (nothing for a dense model)."""
+    from minigpt.meter import METER
+    from minigpt.train import moe_stats
+
+    lines = moe_stats.summary_lines(trainer.cfg, trainer.state, METER.records, result.tokens)
+    if lines:
+        print()
+        print("\n".join(lines))
 
 
 def _generate_parser(prog="minigpt generate") -> argparse.ArgumentParser:

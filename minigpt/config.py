@@ -6,6 +6,7 @@ a wrong type, a value out of range) raises ConfigError naming the file or --set 
 
 import dataclasses
 import difflib
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,31 @@ class ModelConfig:
     block_size: int = _f(128, lo=1)
     vocab_size: int = _f(256, lo=1)
     dropout: float = _f(0.0, lo=0.0, hi=0.95)
+    # Mixture of experts (minigpt/nn/moe.py). n_experts = 1 is the dense MLP (no router).
+    n_experts: int = _f(1, lo=1)
+    experts_per_token: int = _f(1, lo=1)  # top-k: experts each token is sent to
+    moe_every: int = _f(1, lo=1)  # blocks moe_every-1, 2*moe_every-1, ... are MoE; the rest dense
+    capacity_factor: float = _f(0.0, lo=0.0)  # 0 = dropless; else each expert takes at most
+    # ceil(capacity_factor * tokens * experts_per_token / n_experts) tokens, the rest are dropped
+    aux_loss_coef: float = _f(0.01, lo=0.0)  # Switch Transformer load-balancing loss weight
+
+    def moe_block(self, i: int) -> bool:
+        """Is block i a mixture-of-experts block?"""
+        return is_moe_block(self, i)
+
+
+def expert_capacity(cfg, n_tokens: int) -> int | None:
+    """Most tokens one expert computes in a forward of n_tokens tokens; None when dropless."""
+    if cfg.capacity_factor <= 0:
+        return None
+    return math.ceil(cfg.capacity_factor * n_tokens * cfg.experts_per_token / cfg.n_experts)
+
+
+def is_moe_block(cfg, i: int) -> bool:
+    """Block i is MoE when the config has several experts and i is a multiple of moe_every less
+    one (every block when moe_every = 1; blocks 1, 3, 5, ... when it is 2). cfg: anything with
+    n_experts (and optionally moe_every), such as a ModelConfig or costs.scaling.Arch."""
+    return cfg.n_experts > 1 and (i + 1) % getattr(cfg, "moe_every", 1) == 0
 
 
 @dataclass
@@ -151,6 +177,12 @@ def validate(cfg: Config, where: str = "config") -> Config:
     m, t = cfg.model, cfg.train
     if m.n_embd % m.n_head:
         raise ConfigError(f"{where}: [model] n_embd = {m.n_embd} is not divisible by n_head = {m.n_head}")
+    if m.experts_per_token > m.n_experts:
+        raise ConfigError(f"{where}: [model] experts_per_token = {m.experts_per_token} exceeds "
+                          f"n_experts = {m.n_experts}")
+    if m.n_experts > 1 and m.moe_every > m.n_layer:
+        raise ConfigError(f"{where}: [model] moe_every = {m.moe_every} exceeds n_layer = {m.n_layer}:"
+                          f" no block would be a mixture of experts")
     if t.min_lr > t.learning_rate:
         raise ConfigError(f"{where}: [train] min_lr = {t.min_lr} exceeds learning_rate = {t.learning_rate}")
     return cfg

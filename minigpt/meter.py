@@ -52,6 +52,16 @@ FLOPS_PER_ELEMENT = {
     ("quant", "quantize"): 4,  # |x|, row max, divide by the scale, round (clip free)
     ("quant", "rescale"): 1,  # per scale factor applied to each output element
     ("embedding", "lookup_int8"): 2,  # widen-and-scale the int8 row, add the position
+    ("router", "softmax"): 5,  # max, subtract, exp, sum, divide (per router logit)
+    ("router", "top_k"): 1,  # one comparison per logit to pick each token's experts
+    ("router", "renormalize"): 2,  # sum of the picked probabilities, divide (per pick)
+    ("router", "aux_loss"): 1,  # the mean router probability of each expert (per logit)
+    ("router", "renormalize_grad"): 4,  # dg * gate, row sum, subtract, divide (per pick)
+    ("router", "softmax_grad"): 5,  # + aux-loss gradient, dp * p, row sum, subtract, * p
+    ("dispatch", "gather"): 0,  # copy a token's row to its expert: bytes only (per element)
+    ("dispatch", "grad"): 1,  # scatter-add the expert's dx into the token's row
+    ("combine", "scatter"): 2,  # gate * expert output, added into the token's row
+    ("combine", "grad"): 3,  # dout * gate for the expert; dout . output for the gate (2)
     ("adamw", "update"): 14,  # decay (1), first moment (3), second (4), denominator (3), step (3)
 }
 

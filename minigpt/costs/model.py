@@ -12,6 +12,7 @@ elementwise op is FLOPS_PER_ELEMENT per element and moves its inputs and outputs
 
 from dataclasses import dataclass
 
+from minigpt.config import expert_capacity, is_moe_block
 from minigpt.meter import FLOPS_PER_ELEMENT as FPE
 from minigpt.meter import Record
 
@@ -65,7 +66,11 @@ class _Sheet:
 
 
 def _causal_useful(B, H, T, Tk, pos0, head_size):
-    visible = sum(min(pos0 + i + 1, Tk) for i in range(T))
+    """Products a causal mask keeps: query pos0 + i sees min(pos0 + i + 1, Tk) keys."""
+    if Tk >= pos0 + T:  # every query sees all keys up to its own position (the model's case)
+        visible = T * pos0 + T * (T + 1) // 2
+    else:
+        visible = sum(min(pos0 + i + 1, Tk) for i in range(T))
     return 2 * B * H * visible * head_size
 
 
@@ -110,10 +115,83 @@ def _dropout_backward(sh, scope, n):
     sh.elementwise(scope, "dropout", "grad", n, 2 * n, n)
 
 
-def _forward(sh, cfg, B, T, pos0=0, last_only=False, targets=False, dropout=False, q=None):
+def _mlp_forward(sh, scope, N, C, mode=None):
+    _linear_forward(sh, f"{scope}.c_fc", N, C, 4 * C, mode)
+    sh.elementwise(f"{scope}.gelu", "gelu", "tanh", 4 * N * C, 4 * N * C, 8 * N * C)
+    _linear_forward(sh, f"{scope}.c_proj", N, 4 * C, C, mode)
+
+
+def _mlp_backward(sh, scope, N, C):
+    _linear_backward(sh, f"{scope}.c_proj", N, 4 * C, C)
+    sh.elementwise(f"{scope}.gelu", "gelu", "grad", 4 * N * C, 12 * N * C, 4 * N * C)
+    _linear_backward(sh, f"{scope}.c_fc", N, C, 4 * C)
+
+
+# ----------------------------------------------------------------------------- mixture of experts
+
+
+def balanced_routing(cfg, n_tokens: int) -> list[int]:
+    """Tokens each expert computes when the n_tokens * k assignments are spread evenly (the first
+    n_tokens * k % E experts take one more), capped at the capacity. Products are linear in these
+    counts, so their FLOPs are the expectation under uniform routing exactly."""
+    E, k = cfg.n_experts, cfg.experts_per_token
+    base, extra = divmod(n_tokens * k, E)
+    cap = expert_capacity(cfg, n_tokens)
+    tokens = [base + (e < extra) for e in range(E)]
+    return tokens if cap is None else [min(t, cap) for t in tokens]
+
+
+def _tokens(cfg, routing, i, N):
+    return balanced_routing(cfg, N) if routing is None else routing[i]
+
+
+def _moe_forward(sh, scope, cfg, N, tokens):
+    """nn/moe.py's forward: router, then each expert that computed n > 0 tokens."""
+    C, E, k = cfg.n_embd, cfg.n_experts, cfg.experts_per_token
+    r = f"{scope}.router"
+    sh.product(r, "x@w", 1, N, C, E, N * C, C * E)
+    sh.elementwise(r, "router", "softmax", N * E, N * E, N * E)
+    sh.elementwise(r, "router", "top_k", N * E, N * E, 0, extra_written_bytes=N * k * INDEX_BYTES)
+    sh.elementwise(r, "router", "renormalize", N * k, N * k, N * k + N, extra_read_bytes=N * k * INDEX_BYTES)
+    sh.elementwise(r, "router", "aux_loss", N * E, N * E, 2 * E, extra_read_bytes=N * k * INDEX_BYTES)
+    for e, n in enumerate(tokens):
+        if n == 0:
+            continue
+        x = f"{scope}.expert{e}"
+        sh.elementwise(x, "dispatch", "gather", n * C, n * C, n * C, extra_read_bytes=n * INDEX_BYTES)
+        _mlp_forward(sh, x, n, C)
+        sh.elementwise(x, "combine", "scatter", n * C, 2 * n * C + n, n * C,
+                       extra_read_bytes=n * INDEX_BYTES)
+
+
+def _moe_backward(sh, scope, cfg, N, tokens):
+    C, E, k = cfg.n_embd, cfg.n_experts, cfg.experts_per_token
+    r = f"{scope}.router"
+    for e, n in enumerate(tokens):
+        if n:
+            sh.elementwise(f"{scope}.expert{e}", "combine", "grad", n * C, 2 * n * C + n, n * C + n,
+                           extra_read_bytes=n * INDEX_BYTES)
+    sh.elementwise(r, "router", "renormalize_grad", N * k, 2 * N * k + N, N * E,
+                   extra_read_bytes=N * k * INDEX_BYTES)
+    sh.elementwise(r, "router", "softmax_grad", N * E, 2 * N * E + E, N * E)
+    sh.product(r, "grad_w", 1, C, N, E, N * C, N * E)
+    sh.product(r, "grad_x", 1, N, E, C, N * E, C * E)
+    for e, n in enumerate(tokens):
+        if n:
+            x = f"{scope}.expert{e}"
+            _mlp_backward(sh, x, n, C)
+            sh.elementwise(x, "dispatch", "grad", n * C, 2 * n * C, n * C, extra_read_bytes=n * INDEX_BYTES)
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+def _forward(sh, cfg, B, T, pos0=0, last_only=False, targets=False, dropout=False, q=None,
+             routing=None):
     """Records of GPT.hidden + lm head (+ loss) for B sequences of T new tokens after pos0.
 
-    q: a quant.QuantConfig for int8 inference (outlier_threshold is data-dependent: not predicted)."""
+    q: a quant.QuantConfig for int8 inference (outlier_threshold is data-dependent: not predicted).
+    routing: {MoE block index: tokens each expert computed}, or None for balanced routing."""
     C, H, V = cfg.n_embd, cfg.n_head, cfg.vocab_size
     hs, N, Tk = C // H, B * T, pos0 + T
     s = sh.itemsize
@@ -155,9 +233,10 @@ def _forward(sh, cfg, B, T, pos0=0, last_only=False, targets=False, dropout=Fals
             _dropout_forward(sh, f"{h}.attn.resid_dropout", N * C)
         sh.elementwise(f"{h}.residual_1", "residual", "add", N * C, 2 * N * C, N * C)
         _layernorm_forward(sh, f"{h}.ln_2", N, C)
-        _linear_forward(sh, f"{h}.mlp.c_fc", N, C, 4 * C, mode)
-        sh.elementwise(f"{h}.mlp.gelu", "gelu", "tanh", 4 * N * C, 4 * N * C, 8 * N * C)
-        _linear_forward(sh, f"{h}.mlp.c_proj", N, 4 * C, C, mode)
+        if is_moe_block(cfg, i):
+            _moe_forward(sh, f"{h}.mlp", cfg, N, _tokens(cfg, routing, i, N))
+        else:
+            _mlp_forward(sh, f"{h}.mlp", N, C, mode)
         if dropout:
             _dropout_forward(sh, f"{h}.mlp.resid_dropout", N * C)
         sh.elementwise(f"{h}.residual_2", "residual", "add", N * C, 2 * N * C, N * C)
@@ -172,7 +251,7 @@ def _forward(sh, cfg, B, T, pos0=0, last_only=False, targets=False, dropout=Fals
                        extra_read_bytes=N * INDEX_BYTES)
 
 
-def _backward(sh, cfg, B, T, dropout=False):
+def _backward(sh, cfg, B, T, dropout=False, routing=None):
     C, H, V = cfg.n_embd, cfg.n_head, cfg.vocab_size
     hs, N = C // H, B * T
     useful = _causal_useful(B, H, T, T, 0, hs)
@@ -185,9 +264,10 @@ def _backward(sh, cfg, B, T, dropout=False):
         h = f"h{i}"
         if dropout:
             _dropout_backward(sh, f"{h}.mlp.resid_dropout", N * C)
-        _linear_backward(sh, f"{h}.mlp.c_proj", N, 4 * C, C)
-        sh.elementwise(f"{h}.mlp.gelu", "gelu", "grad", 4 * N * C, 12 * N * C, 4 * N * C)
-        _linear_backward(sh, f"{h}.mlp.c_fc", N, C, 4 * C)
+        if is_moe_block(cfg, i):
+            _moe_backward(sh, f"{h}.mlp", cfg, N, _tokens(cfg, routing, i, N))
+        else:
+            _mlp_backward(sh, f"{h}.mlp", N, C)
         _layernorm_backward(sh, f"{h}.ln_2", N, C)
         sh.elementwise(f"{h}.residual_2", "residual", "grad", N * C, 2 * N * C, N * C)
         if dropout:
@@ -210,9 +290,27 @@ def _backward(sh, cfg, B, T, dropout=False):
     sh.elementwise("embedding", "embedding", "grad_position", N * C, N * C + 2 * T * C, T * C)
 
 
+def mlp_params(C: int) -> int:
+    """One GPT-2 MLP (or one expert): c_fc (C, 4C) + bias 4C, c_proj (4C, C) + bias C."""
+    return 8 * C * C + 5 * C
+
+
+def moe_blocks(cfg) -> int:
+    """How many blocks are mixture-of-experts blocks (config.is_moe_block)."""
+    return sum(is_moe_block(cfg, i) for i in range(cfg.n_layer))
+
+
 def n_params(cfg) -> int:
-    C, L = cfg.n_embd, cfg.n_layer
-    return cfg.vocab_size * C + cfg.block_size * C + L * (12 * C * C + 13 * C) + 2 * C
+    """Every parameter (all experts, routers), as nn/params.py's layout holds them."""
+    C, L, E = cfg.n_embd, cfg.n_layer, cfg.n_experts
+    dense = cfg.vocab_size * C + cfg.block_size * C + L * (12 * C * C + 13 * C) + 2 * C
+    return dense + moe_blocks(cfg) * ((E - 1) * mlp_params(C) + C * E)
+
+
+def n_active_params(cfg) -> int:
+    """The parameters one token's forward uses: experts_per_token experts of each MoE block."""
+    unused = cfg.n_experts - cfg.experts_per_token
+    return n_params(cfg) - moe_blocks(cfg) * unused * mlp_params(cfg.n_embd)
 
 
 def _optimizer(sh, cfg):
@@ -234,14 +332,18 @@ def _sheet(phase, dtype):
 
 
 def predict_training_step(cfg, batch: int, seq: int | None = None, grad_accum: int = 1,
-                          clip: bool = True, dtype: str = "float32") -> dict:
-    """One optimizer step: grad_accum micro-batches of (batch, seq) tokens, then clip + AdamW."""
+                          clip: bool = True, dtype: str = "float32", routing=None) -> dict:
+    """One optimizer step: grad_accum micro-batches of (batch, seq) tokens, then clip + AdamW.
+
+    routing: for a MoE model, one {block index: tokens each expert computed} per micro-batch (as
+    GPT.routing holds after each forward: Routing.computed), or None for balanced routing."""
     T = seq or cfg.block_size
     drop = cfg.dropout > 0
     fwd, bwd, opt = _sheet("forward", dtype), _sheet("backward", dtype), _sheet("optimizer", dtype)
-    for _ in range(grad_accum):
-        _forward(fwd, cfg, batch, T, targets=True, dropout=drop)
-        _backward(bwd, cfg, batch, T, dropout=drop)
+    for micro in range(grad_accum):
+        r = None if routing is None else routing[micro]
+        _forward(fwd, cfg, batch, T, targets=True, dropout=drop, routing=r)
+        _backward(bwd, cfg, batch, T, dropout=drop, routing=r)
     if clip:
         _optimizer(opt, cfg)
     else:
@@ -251,16 +353,38 @@ def predict_training_step(cfg, batch: int, seq: int | None = None, grad_accum: i
 
 
 def predict_forward(cfg, batch: int, seq: int, phase: str = "forward", targets: bool = False,
-                    dtype: str = "float32", quant=None) -> dict:
+                    dtype: str = "float32", quant=None, routing=None) -> dict:
     """A forward pass of (batch, seq) tokens; phase "prefill" keeps only the last position's logits.
-    quant: a QuantConfig (int8 inference), or None for float."""
+    quant: a QuantConfig (int8 inference), or None for float; routing: as predict_training_step's
+    (one micro-batch's dict)."""
     sh = _sheet(phase, dtype)
-    _forward(sh, cfg, batch, seq, last_only=phase == "prefill", targets=targets, q=quant)
+    _forward(sh, cfg, batch, seq, last_only=phase == "prefill", targets=targets, q=quant,
+             routing=routing)
     return sh.records
 
 
-def predict_decode(cfg, batch: int, position: int, dtype: str = "float32", quant=None) -> dict:
+def predict_decode(cfg, batch: int, position: int, dtype: str = "float32", quant=None,
+                   routing=None) -> dict:
     """One decode step: the token at `position` attends to the position + 1 cached keys."""
     sh = _sheet("decode", dtype)
-    _forward(sh, cfg, batch, 1, pos0=position, q=quant)
+    _forward(sh, cfg, batch, 1, pos0=position, q=quant, routing=routing)
     return sh.records
+
+
+def forward_records(cfg, batch: int, seq: int, pos0: int = 0, last_only: bool = False,
+                    targets: bool = False, routing=None) -> dict:
+    """A forward of `seq` new tokens after `pos0` cached ones (the general case of the above)."""
+    sh = _sheet("forward", "float32")
+    _forward(sh, cfg, batch, seq, pos0=pos0, last_only=last_only, targets=targets, routing=routing)
+    return sh.records
+
+
+def backward_records(cfg, batch: int, seq: int, routing=None) -> dict:
+    """The backward of a (batch, seq) training forward, dropout as the config says."""
+    sh = _sheet("backward", "float32")
+    _backward(sh, cfg, batch, seq, dropout=cfg.dropout > 0, routing=routing)
+    return sh.records
+
+
+def total_flops(records: dict) -> int:
+    return sum(r.flops for r in records.values())

@@ -1,18 +1,22 @@
 """Scaling: what a scenario (minigpt.costs.scenario) costs at full size, training and serving.
 
 Training FLOPs are our closed form: every FLOP the meter would count in a training step of one
-sequence of block_size tokens (forward, backward, clip + AdamW), times tokens / block_size. It is
-written out below term by term and tested equal to minigpt.costs.model.predict_training_step, which
-the meter's own counts equal; beside it, the 6·N·D convention. The days, MWh and tCO2e follow
+sequence of block_size tokens (forward, backward, clip + AdamW), times tokens / block_size. The
+functions below (forward_flops, backward_flops, training_step_flops, arch_params) are thin wrappers
+over minigpt.costs.model, the one closed form, whose records the meter's own counts equal; beside
+it, the 6·N·D convention. The days, MWh and tCO2e follow
 Patterson et al. 2021's identity:
 
     chip-hours = FLOPs / achieved FLOP/s per chip / 3600     days = chip-hours / chips / 24
     MWh = chip-hours × W per chip × PUE / 1e6                tCO2e = MWh × kgCO2e/kWh
 
-Mixture of experts (n_experts, experts_per_token; scaling only: the NumPy model has none): every
-block's MLP becomes n_experts MLPs plus a linear router (n_embd × n_experts, no bias). Total params
-count all experts, active params only experts_per_token of them; training FLOPs use the active ones
-(the optimizer still updates every parameter). Routing's elementwise work is not counted.
+Mixture of experts (n_experts, experts_per_token, moe_every; minigpt/nn/moe.py trains them): each
+MoE block's MLP becomes n_experts MLPs plus a linear router (n_embd × n_experts, no bias). Total
+params count all experts, active params only experts_per_token of them; training FLOPs are the
+closed form's under balanced routing (every expert computes N·k/E tokens), so they use the active
+experts (the optimizer still updates every parameter). Routing's elementwise work (router softmax,
+top-k, gate renormalisation, the load-balancing loss, and the dispatch/combine passes that move each
+token to its experts and back) is counted too, exactly as the meter counts it in the NumPy model.
 
 Inference is a roofline (the ideal machine, a lower bound on time): a decode step streams the
 weights it uses (all experts that any of the batch's tokens picks, under uniform routing) plus the
@@ -22,6 +26,7 @@ KV cache, and does a forward's FLOPs; a token takes max(bytes / bandwidth, FLOPs
 from dataclasses import dataclass
 
 from minigpt.costs import energy, hardware
+from minigpt.costs import model as cost_model
 from minigpt.costs.hardware import Profile
 from minigpt.costs.scenario import Scenario
 from minigpt.costs.scenario import load as load_scenario  # noqa: F401  (re-exported)
@@ -35,7 +40,8 @@ PUE_DELTAS = (-0.1, 0.0, 0.1, 0.5)  # sensitivity columns: + the scenario's PUE 
 
 @dataclass(frozen=True)
 class Arch:
-    """A GPT-2 architecture, optionally with mixture-of-experts MLPs."""
+    """A GPT-2 architecture, optionally with mixture-of-experts MLPs: the fields
+    minigpt.costs.model reads from a ModelConfig, so the one closed form serves both."""
 
     n_layer: int
     n_embd: int
@@ -44,6 +50,9 @@ class Arch:
     vocab_size: int
     n_experts: int = 1
     experts_per_token: int = 1
+    moe_every: int = 1
+    capacity_factor: float = 0.0  # 0: dropless (balanced routing drops nothing then anyway)
+    dropout: float = 0.0
 
 
 def arch_of(scn: Scenario) -> Arch | None:
@@ -51,49 +60,33 @@ def arch_of(scn: Scenario) -> Arch | None:
     if "n_layer" not in m:
         return None
     return Arch(m["n_layer"], m["n_embd"], m["n_head"], m["block_size"], m["vocab_size"],
-                m.get("n_experts", 1), m.get("experts_per_token", 1))
+                m.get("n_experts", 1), m.get("experts_per_token", 1), m.get("moe_every", 1))
 
 
 def mlp_params(C: int) -> int:
-    return 8 * C * C + 5 * C  # c_fc (C, 4C) + bias 4C, c_proj (4C, C) + bias C
+    return cost_model.mlp_params(C)
 
 
 def arch_params(a: Arch) -> tuple[int, int]:
-    """(total, active) parameters: wte, wpe, blocks, ln_f, as minigpt.costs.model.n_params."""
-    C, L, E, k = a.n_embd, a.n_layer, a.n_experts, a.experts_per_token
-    dense = a.vocab_size * C + a.block_size * C + L * (12 * C * C + 13 * C) + 2 * C
-    router = L * C * E if E > 1 else 0
-    total = dense + L * (E - 1) * mlp_params(C) + router
-    return total, dense + L * (k - 1) * mlp_params(C) + router
+    """(total, active) parameters: minigpt.costs.model.n_params and n_active_params."""
+    return cost_model.n_params(a), cost_model.n_active_params(a)
 
 
 def forward_flops(a: Arch, B: int, T: int, pos0: int = 0, last_only: bool = False,
                   targets: bool = False) -> int:
-    """FLOPs of a forward of B sequences of T new tokens after pos0 (all kinds, dropout 0)."""
-    C, H, V, L, k = a.n_embd, a.n_head, a.vocab_size, a.n_layer, a.experts_per_token
-    N, Tk = B * T, pos0 + T  # tokens, keys attended to
-    attn = 4 * B * T * Tk * C + 7 * B * H * T * Tk  # q@kT + att@v (over all heads) + softmax
-    # ln_1 7, c_attn bias 3, c_proj bias 1, residual 1, ln_2 7, residual 1 (per token x channel)
-    block = 8 * N * C * C + 20 * N * C + attn + k * (16 * N * C * C + 37 * N * C)
-    block += 2 * N * C * a.n_experts if a.n_experts > 1 else 0  # router
-    head = 2 * (B if last_only else N) * C * V + (5 * N * V if targets else 0)  # lm_head, loss
-    return N * C + L * block + 7 * N * C + head  # embedding, blocks, ln_f, head
+    """FLOPs of a forward of B sequences of T new tokens after pos0 (all kinds, dropout 0;
+    MoE blocks under balanced routing)."""
+    return cost_model.total_flops(cost_model.forward_records(a, B, T, pos0, last_only, targets))
 
 
 def backward_flops(a: Arch, B: int, T: int) -> int:
     """FLOPs of the backward of a B x T training forward (all kinds, dropout 0)."""
-    C, H, V, L, k = a.n_embd, a.n_head, a.vocab_size, a.n_layer, a.experts_per_token
-    N = B * T
-    attn = 8 * B * T * T * C + 5 * B * H * T * T  # grad_att, grad_v, grad_q, grad_k + softmax
-    # ln_2 11, residual 1, c_proj bias 1, c_attn bias 3, ln_1 11, residual 1
-    block = 16 * N * C * C + 28 * N * C + attn + k * (32 * N * C * C + 49 * N * C)
-    block += 4 * N * C * a.n_experts if a.n_experts > 1 else 0  # router
-    return N * V + 4 * N * V * C + 11 * N * C + L * block + 2 * N * C  # loss, head, ln_f, ..., wte
+    return cost_model.total_flops(cost_model.backward_records(a, B, T))
 
 
 def training_step_flops(a: Arch, B: int, T: int) -> int:
     """One optimizer step on B x T tokens: forward with loss, backward, clip (3) + AdamW (14)."""
-    return forward_flops(a, B, T, targets=True) + backward_flops(a, B, T) + 17 * arch_params(a)[0]
+    return cost_model.total_flops(cost_model.predict_training_step(a, B, T))
 
 
 def kv_bytes_per_token(a: Arch, kv_bits: int) -> float:

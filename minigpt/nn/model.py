@@ -7,7 +7,7 @@ runs them in reverse (llm.c's gpt2_backward, read as the forward in reverse).
 from minigpt import backend
 from minigpt.meter import METER, matmul
 from minigpt.nn import layers as nn
-from minigpt.nn import quant
+from minigpt.nn import moe, quant
 from minigpt.nn.params import FlatBuffer
 
 
@@ -65,18 +65,25 @@ def block_forward(x, p, cfg, kv=None, rng=None):
     with METER.scope("ln_2"):
         h, ln_2 = nn.layernorm_forward(x, p["ln_2.weight"], p["ln_2.bias"])
     with METER.scope("mlp"):
-        m, mlp = nn.mlp_forward(h, p)
+        if "mlp.router.weight" in p:  # a mixture-of-experts block (config.is_moe_block)
+            m, mlp = moe.moe_forward(h, p, cfg)
+        else:
+            m, mlp = nn.mlp_forward(h, p)
     m, d_2 = _maybe_dropout(m, drop, rng, "mlp.resid_dropout")
     with METER.scope("residual_2"):
         x = nn.residual_forward(x, m)
     return x, (ln_1, attn, d_1, ln_2, mlp, d_2)
 
 
-def block_backward(dx, cache, p, g):
+def block_backward(dx, cache, p, g, daux: float = 1.0):
+    """daux: the weight of a MoE block's auxiliary loss in the objective (the model's dloss)."""
     ln_1, attn, d_1, ln_2, mlp, d_2 = cache
     dm = _maybe_dropout_backward(dx, d_2, "mlp.resid_dropout")
     with METER.scope("mlp"):
-        dh = nn.mlp_backward(dm, mlp, p, g)
+        if isinstance(mlp, moe.MoECache):
+            dh = moe.moe_backward(dm, mlp, p, g, daux)
+        else:
+            dh = nn.mlp_backward(dm, mlp, p, g)
     with METER.scope("ln_2"):
         dh = nn.layernorm_backward(dh, ln_2, g["ln_2.weight"], g["ln_2.bias"])
     with METER.scope("residual_2"):
@@ -112,6 +119,7 @@ class GPT:
         self.params = params
         self.grads: FlatBuffer | None = None
         self.quant: quant.QuantizedWeights | None = None  # set for int8 inference
+        self.routing: dict[int, moe.Routing] = {}  # the last forward's MoE blocks, by index
 
     def block_params(self, i: int) -> dict:
         """Block i's parameters by short name; int8 weights in place of the float ones if quantized."""
@@ -137,10 +145,13 @@ class GPT:
         drop = cfg.dropout if rng is not None else 0.0
         x, d_emb = _maybe_dropout(x, drop, rng, "embedding.dropout")
         blocks = []
+        self.routing = {}
         for i in range(cfg.n_layer):
             with METER.scope(f"h{i}"):
                 x, cache = block_forward(x, self.block_params(i), cfg, kv.layer(i) if kv else None, rng)
             blocks.append(cache)
+            if isinstance(cache[4], moe.MoECache):
+                self.routing[i] = cache[4].routing
         if kv is not None:
             kv.length += T
         with METER.scope("ln_f"):
@@ -164,6 +175,13 @@ class GPT:
                 logits = matmul(x2, self.params["transformer.wte.weight"].T, op="x@wte.T")
         return logits.reshape(B, T, -1), x2
 
+    @property
+    def aux_loss(self) -> float:
+        """The last forward's MoE load-balancing loss, summed over blocks (0 for a dense model).
+        The objective backward differentiates is loss + aux_loss; loss() returns the first alone,
+        so a MoE model's loss compares with a dense one's."""
+        return sum(r.aux_loss for r in self.routing.values())
+
     def loss(self, idx, targets, rng=None):
         """Mean cross-entropy of targets (B, T) after tokens idx (B, T); returns (loss, cache)."""
         x, trunk = self.hidden(idx, rng=rng)
@@ -173,7 +191,8 @@ class GPT:
         return float(loss), (trunk, x2, ce)
 
     def backward(self, cache, dloss: float = 1.0) -> FlatBuffer:
-        """Add d(dloss * loss)/d(params) into self.grads (zero them between steps yourself)."""
+        """Add d(dloss * (loss + aux_loss))/d(params) into self.grads (zero them between steps
+        yourself)."""
         cfg, p = self.cfg, self.params
         if self.grads is None:
             self.grads = FlatBuffer(cfg, p.data.dtype)
@@ -192,7 +211,7 @@ class GPT:
             dx = nn.layernorm_backward(dx, ln_f, g["transformer.ln_f.weight"], g["transformer.ln_f.bias"])
         for i in reversed(range(cfg.n_layer)):
             with METER.scope(f"h{i}"):
-                dx = block_backward(dx, blocks[i], p.block(i), g.block(i))
+                dx = block_backward(dx, blocks[i], p.block(i), g.block(i), dloss)
         dx = _maybe_dropout_backward(dx, d_emb, "embedding.dropout")
         with METER.scope("embedding"):
             nn.embedding_backward(dx, emb, g["transformer.wte.weight"], g["transformer.wpe.weight"])

@@ -7,24 +7,22 @@ Matrices (ndim >= 2: the ones weight decay applies to) come first, so decay is o
 import math
 
 from minigpt import backend
+from minigpt.config import is_moe_block
 
 
 def layout(cfg) -> list[tuple[str, tuple[int, ...]]]:
     """(name, shape) of every parameter, in buffer order: all matrices, then all vectors.
 
-    The LM head is tied to transformer.wte.weight and has no entry of its own.
+    The LM head is tied to transformer.wte.weight and has no entry of its own. A mixture-of-experts
+    block (cfg.n_experts > 1, see config.is_moe_block) has mlp.router.weight (C, n_experts) and
+    mlp.experts.<e>.c_fc / c_proj in place of mlp.c_fc / c_proj.
     """
     C, L = cfg.n_embd, cfg.n_layer
     mats = [("transformer.wte.weight", (cfg.vocab_size, C)), ("transformer.wpe.weight", (cfg.block_size, C))]
     vecs = []
     for i in range(L):
         h = f"transformer.h.{i}."
-        mats += [
-            (h + "attn.c_attn.weight", (C, 3 * C)),
-            (h + "attn.c_proj.weight", (C, C)),
-            (h + "mlp.c_fc.weight", (C, 4 * C)),
-            (h + "mlp.c_proj.weight", (4 * C, C)),
-        ]
+        mats += [(h + "attn.c_attn.weight", (C, 3 * C)), (h + "attn.c_proj.weight", (C, C))]
         vecs += [
             (h + "ln_1.weight", (C,)),
             (h + "ln_1.bias", (C,)),
@@ -32,9 +30,17 @@ def layout(cfg) -> list[tuple[str, tuple[int, ...]]]:
             (h + "attn.c_proj.bias", (C,)),
             (h + "ln_2.weight", (C,)),
             (h + "ln_2.bias", (C,)),
-            (h + "mlp.c_fc.bias", (4 * C,)),
-            (h + "mlp.c_proj.bias", (C,)),
         ]
+        if is_moe_block(cfg, i):  # a router (no bias) and n_experts MLPs, each GPT-2's own shape
+            E = cfg.n_experts
+            mats.append((h + "mlp.router.weight", (C, E)))
+            for e in range(E):
+                x = f"{h}mlp.experts.{e}."
+                mats += [(x + "c_fc.weight", (C, 4 * C)), (x + "c_proj.weight", (4 * C, C))]
+                vecs += [(x + "c_fc.bias", (4 * C,)), (x + "c_proj.bias", (C,))]
+        else:
+            mats += [(h + "mlp.c_fc.weight", (C, 4 * C)), (h + "mlp.c_proj.weight", (4 * C, C))]
+            vecs += [(h + "mlp.c_fc.bias", (4 * C,)), (h + "mlp.c_proj.bias", (C,))]
     vecs += [("transformer.ln_f.weight", (C,)), ("transformer.ln_f.bias", (C,))]
     return mats + vecs
 

@@ -25,6 +25,7 @@ integer products as dtype "int8", the KV cache's bytes at one byte.
 from dataclasses import dataclass
 
 from minigpt import backend
+from minigpt.errors import ConfigError
 from minigpt.meter import FLOPS_PER_ELEMENT as FPE
 from minigpt.meter import METER
 
@@ -177,6 +178,9 @@ def quantize_model(params, cfg, qcfg: QuantConfig) -> QuantizedWeights:
     """Quantize a FlatBuffer's matrices (not the position table) for inference."""
     if qcfg.mode not in MODES:
         raise ValueError(f"int8 mode must be one of {MODES}, not {qcfg.mode!r}")
+    if cfg.n_experts > 1:
+        raise ConfigError(f"int8 quantization of a mixture-of-experts model (n_experts = "
+                          f"{cfg.n_experts}) is not supported; run it in float32")
     tables = {"transformer.wte.weight": quantize(params["transformer.wte.weight"], axis=1)}
     for i in range(cfg.n_layer):
         for short in LINEAR_WEIGHTS:

@@ -23,18 +23,22 @@ from minigpt.meter import METER
 from minigpt.nn.model import GPT
 from minigpt.nn.params import FlatBuffer, init
 from minigpt.tokenizer import ByteTokenizer
-from minigpt.train import checkpoint
+from minigpt.train import checkpoint, moe_stats
 from minigpt.train.optim import AdamW, clip_grad_norm, lr_at
 
 
-def accumulate(model, batches, n: int, rng=None) -> float:
+def accumulate(model, batches, n: int, rng=None, routings: list | None = None) -> float:
     """Zero the gradients, then forward and backward over n micro-batches (an iterable of (x, y)),
-    each loss weighted 1 / n, under the meter's forward and backward phases. Returns the mean loss."""
+    each loss weighted 1 / n, under the meter's forward and backward phases. Returns the mean loss
+    (cross-entropy; a MoE model's auxiliary loss is in the gradient, and each micro-batch's
+    routing is appended to `routings` when given)."""
     model.grads.data.fill(0)
     loss = 0.0
     for x, y in batches:
         with METER.in_phase("forward"):
             micro_loss, cache = model.loss(x, y, rng)
+        if routings is not None:
+            routings.append(model.routing)
         with METER.in_phase("backward"):
             model.backward(cache, dloss=1.0 / n)
         loss += micro_loss / n
@@ -71,6 +75,13 @@ class RunState:
     loss_count: int = 0
     data_rng: dict = field(default_factory=dict)
     dropout_rng: dict = field(default_factory=dict)
+    # mixture of experts (train/moe_stats.py): aux loss since the last log, assignments per expert
+    # ({"h0": [n, ...]}) over the whole run and since the last log, capacity drops
+    aux_sum: float = 0.0
+    expert_load: dict = field(default_factory=dict)
+    load_since_log: dict = field(default_factory=dict)
+    dropped: int = 0
+    dropped_since_log: int = 0
 
 
 @dataclass
@@ -173,8 +184,9 @@ class Trainer:
         cfg, t = self.cfg, self.cfg.train
         drop_rng = self.dropout_rng if cfg.model.dropout > 0 else None
         batches = (self._batch() for _ in range(t.grad_accum))  # drawn one at a time, as used
+        routings = []
         with np.errstate(over="ignore", invalid="ignore"):  # a diverged loss is reported below
-            loss = accumulate(self.model, batches, t.grad_accum, drop_rng)
+            loss = accumulate(self.model, batches, t.grad_accum, drop_rng, routings)
         if not math.isfinite(loss):
             kept = (f"{self.ckpt_path} is unchanged" if self.ckpt_path.exists()
                     else "no checkpoint was written")
@@ -183,6 +195,7 @@ class Trainer:
                 f"try a lower [train] learning_rate"
             )
         update(self.model, self.opt, lr_at(self.state.step, t), t.grad_clip)
+        moe_stats.add_step(self.state, routings)
         self.state.step += 1
         self.state.tokens += t.grad_accum * t.batch_size * cfg.model.block_size
         return loss
@@ -211,7 +224,7 @@ class Trainer:
             "lr": lr_at(max(s.step - 1, 0), self.cfg.train),
             "tokens": s.tokens,
             "elapsed_s": round(s.elapsed_s, 3),
-        }
+        } | moe_stats.log_fields(s)
         with open(self.log_path, "a") as f:
             f.write(json.dumps(entry) + "\n")
         s.loss_sum, s.loss_count = 0.0, 0
