@@ -303,6 +303,20 @@ def test_prediction_equals_measurement_prefill_and_decode(cfg, batch, data):
                      METER.records)
 
 
+def test_prediction_equals_measurement_with_capacity_drops_and_moe_every():
+    """The property tests above draw these too; here a case sure to drop assignments."""
+    cfg = ModelConfig(n_layer=3, n_head=2, n_embd=8, block_size=8, vocab_size=20, n_experts=4,
+                      experts_per_token=2, moe_every=2, capacity_factor=0.5)
+    idx = np.random.default_rng(4).integers(0, 20, (3, 8))
+    model = _model(cfg)
+    routings = []
+    METER.reset()
+    accumulate(model, [(idx, idx)], 1, routings=routings)
+    update(model, AdamW(model.params), 1e-3, 1.0)
+    assert list(model.routing) == [1] and model.routing[1].dropped > 0
+    _assert_same(cost_model.predict_training_step(cfg, 3, 8, routing=[_computed(model)]), METER.records)
+
+
 def test_dropless_flops_do_not_depend_on_the_routing():
     """Products are linear in tokens per expert and dropless routing computes N * k of them, so the
     balanced prediction's FLOPs are any routing's: here, the measured ones."""

@@ -5,7 +5,9 @@ predict_forward(cfg, batch, seq, phase)  one forward pass ("forward", "eval" or 
 predict_decode(cfg, batch, position)     one KV-cached decode step for the token at `position`
 
 Each returns {(scope, op, kind, phase, dtype): Record}, the meter's own format, so a test can
-compare prediction and measurement key by key. The formulas follow minigpt.meter's conventions:
+compare prediction and measurement key by key. Mixture-of-experts blocks take a `routing` (tokens
+each expert computed, per block: what GPT.routing records) and predict exactly that forward; with
+none they assume balanced routing, the expectation the projections (costs/scaling.py) use. The formulas follow minigpt.meter's conventions:
 a matmul (..., M, K) @ (..., K, N) is 2*batch*M*N*K FLOPs and moves A, B and C once; an
 elementwise op is FLOPS_PER_ELEMENT per element and moves its inputs and outputs once.
 """
