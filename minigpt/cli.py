@@ -65,7 +65,7 @@ def cmd_train(argv) -> int:
               f"with: python train.py {args.config} --resume", file=sys.stderr)
         return 130
     print(f"done: {result.steps} steps, {result.tokens:,} tokens in {result.elapsed_s:.1f} s; "
-          f"val loss {result.val_loss:.4f} nats/token; checkpoint {trainer.ckpt_path}")
+          f"val loss {result.val_loss:.4f} nats/token ({result.val_bpb:.4f} bits/byte); checkpoint {trainer.ckpt_path}")
     _print_training_costs(trainer, result, measured, args)
     return 0
 

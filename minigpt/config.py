@@ -38,6 +38,9 @@ class DataConfig:
     path: str = ""  # "" = the running Python's standard-library sources
     max_bytes: int = _f(4_000_000, lo=1)
     val_fraction: float = _f(0.1, lo=0.0, hi=0.9, lo_open=True)
+    tokenizer: str = _f("bytes", choices=("bytes", "bpe"))
+    vocab_size: int = _f(0, lo=0)  # bpe: learn this many tokens from the corpus (0 = [model] vocab_size)
+    tokenizer_path: str = ""  # bpe: a folder with GPT-2's vocab.json + merges.txt, instead of learning
 
 
 @dataclass
@@ -151,6 +154,12 @@ def validate(cfg: Config, where: str = "config") -> Config:
     m, t = cfg.model, cfg.train
     if m.n_embd % m.n_head:
         raise ConfigError(f"{where}: [model] n_embd = {m.n_embd} is not divisible by n_head = {m.n_head}")
+    d = cfg.data
+    if d.tokenizer == "bytes" and (d.vocab_size or d.tokenizer_path):
+        raise ConfigError(f"{where}: [data] vocab_size and tokenizer_path are for tokenizer = \"bpe\"")
+    if d.tokenizer == "bpe" and not d.tokenizer_path and (d.vocab_size or m.vocab_size) > m.vocab_size:
+        raise ConfigError(f"{where}: [data] vocab_size = {d.vocab_size} exceeds [model] vocab_size = "
+                          f"{m.vocab_size}: the model needs a row for every token")
     if t.min_lr > t.learning_rate:
         raise ConfigError(f"{where}: [train] min_lr = {t.min_lr} exceeds learning_rate = {t.learning_rate}")
     return cfg

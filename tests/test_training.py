@@ -20,7 +20,7 @@ from minigpt.nn.model import GPT
 from minigpt.train import checkpoint
 from minigpt.train.trainer import Trainer, TrainingDiverged
 
-LOG_KEYS = {"step", "train_loss", "val_loss", "lr", "tokens", "elapsed_s"}
+LOG_KEYS = {"step", "train_loss", "val_loss", "val_bpb", "lr", "tokens", "elapsed_s"}
 
 
 def read_log(run_dir) -> list[dict]:

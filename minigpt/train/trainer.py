@@ -17,12 +17,11 @@ from tqdm.auto import tqdm
 
 from minigpt import backend
 from minigpt.costs import report
-from minigpt.data import check_length, get_batch, load_corpus
+from minigpt.data import check_length, get_batch, load_corpus, make_tokenizer, read_splits
 from minigpt.errors import CheckpointError, ConfigError, MiniGPTError
 from minigpt.meter import METER
 from minigpt.nn.model import GPT
 from minigpt.nn.params import FlatBuffer, init
-from minigpt.tokenizer import ByteTokenizer
 from minigpt.train import checkpoint
 from minigpt.train.optim import AdamW, clip_grad_norm, lr_at
 
@@ -82,6 +81,7 @@ class Result:
     train_loss: float
     out_dir: str
     interrupted: bool = False
+    val_bpb: float = float("nan")  # validation loss in bits per byte of text
 
 
 class Trainer:
@@ -92,12 +92,9 @@ class Trainer:
         self._stop = False
         backend.use(cfg.train.device)
         backend.keep_freed_memory()
-        self.tokenizer = ByteTokenizer()
-        if cfg.model.vocab_size < self.tokenizer.vocab_size:
-            raise ConfigError(
-                f"[model] vocab_size = {cfg.model.vocab_size} is smaller than the byte tokenizer's 256"
-            )
-        self.corpus = load_corpus(cfg.data, self.tokenizer)
+        raw = read_splits(cfg.data)
+        self.tokenizer = make_tokenizer(cfg, raw, progress)
+        self.corpus = load_corpus(cfg.data, self.tokenizer, raw)
         check_length(self.corpus, cfg.model.block_size)
         self.out_dir = cfg.out_dir
         self.ckpt_path = self.out_dir / checkpoint.FILENAME
@@ -201,6 +198,11 @@ class Trainer:
                 losses.append(loss)
         return float(np.mean(losses))
 
+    def bits_per_byte(self, loss_nats_per_token: float) -> float:
+        """A loss per token as bits per byte of text (the validation split's bytes per token), so
+        runs with different tokenizers compare: nats/token x tokens / bytes / ln 2."""
+        return loss_nats_per_token / self.corpus.val_bytes_per_token / math.log(2)
+
     def _log(self, val_loss: float) -> dict:
         self._start_log()
         s = self.state
@@ -208,6 +210,7 @@ class Trainer:
             "step": s.step,
             "train_loss": s.loss_sum / s.loss_count if s.loss_count else None,
             "val_loss": val_loss,
+            "val_bpb": self.bits_per_byte(val_loss),
             "lr": lr_at(max(s.step - 1, 0), self.cfg.train),
             "tokens": s.tokens,
             "elapsed_s": round(s.elapsed_s, 3),
@@ -241,7 +244,8 @@ class Trainer:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         METER.records = report.records_from_rows(self.meter_rows)  # the whole run's counts
         tokens_per_step = t.grad_accum * t.batch_size * cfg.model.block_size
-        entry = {"val_loss": float("nan"), "train_loss": float("nan")}
+        entry = {"val_loss": float("nan"), "train_loss": float("nan"), "val_bpb": float("nan")}
+        self._save_tokenizer()
         previous = signal.getsignal(signal.SIGINT)
         if previous is signal.default_int_handler:  # only when we own the terminal's Ctrl-C
             signal.signal(signal.SIGINT, self._on_sigint)
@@ -274,7 +278,13 @@ class Trainer:
                 signal.signal(signal.SIGINT, previous)
         s = self.state
         return Result(s.step, s.tokens, s.elapsed_s, entry["val_loss"], entry["train_loss"],
-                      str(self.out_dir), interrupted=self._stop)
+                      str(self.out_dir), interrupted=self._stop, val_bpb=entry["val_bpb"])
+
+    def _save_tokenizer(self) -> None:
+        """A BPE run's vocab.json + merges.txt beside its checkpoint (the checkpoint's meta holds
+        them too, so generate needs nothing else)."""
+        if self.tokenizer.kind == "bpe":
+            self.tokenizer.save(self.out_dir)
 
     def _on_sigint(self, signum, frame):
         if self._stop:  # a second Ctrl-C: stop now, without a checkpoint
