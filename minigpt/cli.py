@@ -100,6 +100,8 @@ def _generate_parser(prog="minigpt generate") -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", default=None, help="the text to continue (default: a newline)")
     src.add_argument("--prompt-file", default=None, help="read the prompt from this file")
+    src.add_argument("--prompt-ids", default=None, metavar="ID,ID,...",
+                     help="the prompt as token ids (for a run with no tokenizer)")
     p.add_argument("--max-new-tokens", type=int, default=300, help="tokens to generate (default 300)")
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
     p.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest tokens")
@@ -154,7 +156,7 @@ def cmd_generate(argv) -> int:
         prompt = args.prompt if args.prompt is not None else "\n"
     model = minigpt.load(args.run, device=args.device)
     _apply_int8(model, args)
-    ids = model.tokenizer.encode(prompt)
+    ids = _prompt_ids(args.prompt_ids, model) if args.prompt_ids else model.tokenizer.encode(prompt)
     if len(ids) == 0:
         raise ConfigError("the prompt is empty: give --prompt TEXT or a non-empty --prompt-file")
     block = model.config.model.block_size
@@ -180,6 +182,18 @@ def cmd_generate(argv) -> int:
     if args.costs:
         _print_generation_costs(len(ids), args.max_new_tokens, measured, args)
     return 0
+
+
+def _prompt_ids(text: str, model) -> list[int]:
+    try:
+        ids = [int(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise ConfigError(f"--prompt-ids {text!r}: expected comma-separated integers") from None
+    V = model.config.model.vocab_size
+    bad = [i for i in ids if not 0 <= i < V]
+    if bad:
+        raise ConfigError(f"--prompt-ids: {bad[0]} is not a token id of this model (0..{V - 1})")
+    return ids
 
 
 def _print_generation_costs(prompt_tokens: int, new_tokens: int, measured, args) -> None:
@@ -254,18 +268,29 @@ def _plot_run(run, rows) -> None:
     print(f"wrote {a} and {b}")
 
 
+def _costs_config(where: str):
+    """A TOML config, or the config inside a run folder's checkpoint."""
+    from minigpt import config, interop
+
+    if Path(where).is_dir() or where.endswith(".npz"):
+        return interop.run_config(where)
+    return config.load(where)
+
+
 def cmd_costs(argv) -> int:
     import json
 
-    from minigpt import config
     from minigpt.costs import model as cost_model
     from minigpt.costs import report
 
     args = _costs_parser().parse_args(argv)
     if (args.run is None) == (args.config is None):
         raise ConfigError("minigpt costs: give a run folder, or --config (not both)")
+    if args.run is not None and not (Path(args.run) / "costs.json").exists() and \
+            (Path(args.run) / "ckpt.npz").exists():
+        args.config = args.run  # an imported or initialised run: predict from its checkpoint's config
     if args.config is not None:
-        cfg = config.load(args.config)
+        cfg = _costs_config(args.config)
         B = args.batch if args.batch is not None else cfg.train.batch_size
         T = args.seq if args.seq is not None else cfg.model.block_size
         if B < 1 or T < 1:
@@ -449,6 +474,99 @@ def cmd_scale(argv) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- GPT-2 interop (issue 13)
+
+
+def cmd_import(argv) -> int:
+    from minigpt import interop
+
+    p = _Parser(prog="minigpt import",
+                description="Turn a Hugging Face GPT-2 folder (config.json + model.safetensors, any of "
+                "the four sizes; fp32, fp16 or bf16; vocab.json + merges.txt if present) into a run "
+                "folder that generate.py, minigpt costs/eval/quantize and minigpt.load accept. "
+                "Pickled pytorch_model.bin files are refused.",
+                epilog="example: minigpt import ~/gpt2 out/gpt2 && python generate.py out/gpt2 "
+                "--prompt 'Hello' && minigpt costs out/gpt2 --mode decode")
+    p.add_argument("hf_dir", help="a folder holding config.json and model.safetensors")
+    p.add_argument("run_dir", help="the run folder to write (gets ckpt.npz)")
+    args = p.parse_args(argv)
+    info = interop.import_hf(args.hf_dir, args.run_dir)
+    c = info["config"]
+    print(f"imported {info['params']:,} parameters ({', '.join(info['dtypes'])} -> float32): "
+          f"{c['n_layer']} layers, {c['n_head']} heads, width {c['n_embd']}, context {c['block_size']}, "
+          f"vocab {c['vocab_size']} -> {args.run_dir}")
+    if info["tokenizer"] == "none":
+        print("note: no vocab.json + merges.txt in the folder: the run has no tokenizer, so text "
+              "prompts cannot be encoded (generate --prompt-ids works)", file=sys.stderr)
+    return 0
+
+
+def cmd_export(argv) -> int:
+    import minigpt
+    from minigpt import interop
+
+    p = _Parser(prog="minigpt export",
+                description="Write a run as a Hugging Face GPT-2 folder: config.json, model.safetensors "
+                "(fp32) and the tokenizer's vocab.json + merges.txt, which "
+                "transformers.GPT2LMHeadModel.from_pretrained(OUT_DIR) loads.",
+                epilog="example: minigpt export out/tiny out/tiny-hf --format hf")
+    p.add_argument("run", help="a run folder or checkpoint file")
+    p.add_argument("out_dir", help="the folder to write")
+    p.add_argument("--format", choices=("hf",), default="hf", help="hf: Hugging Face GPT-2 (the only one)")
+    args = p.parse_args(argv)
+    for path in interop.export_hf(minigpt.load(args.run), args.out_dir):
+        print(f"wrote {path}")
+    return 0
+
+
+def cmd_init(argv) -> int:
+    import numpy as np
+
+    from minigpt import config, interop
+    from minigpt.nn.params import init
+
+    p = _Parser(prog="minigpt init",
+                description="A run folder of GPT-2-initialised weights for a config, no training and no "
+                "optimizer state (so a 1558M model needs its 6.2 GB of fp32 parameters, not three "
+                "times that): for generate, minigpt costs and bench/decode.py at real size.",
+                epilog="example: minigpt init configs/gpt2-124m.toml out/gpt2-124m-random && "
+                "python bench/decode.py out/gpt2-124m-random")
+    p.add_argument("config", help="a TOML config, e.g. configs/gpt2-124m.toml")
+    p.add_argument("run_dir", help="the run folder to write (gets ckpt.npz)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one config field (repeatable)")
+    p.add_argument("--seed", type=int, default=None, help="weights' seed (default: [train] seed)")
+    args = p.parse_args(argv)
+    cfg = config.load(args.config, args.overrides)
+    cfg.train.out_dir = args.run_dir
+    tokenizer = _init_tokenizer(cfg)
+    seed = cfg.train.seed if args.seed is None else args.seed
+    params = init(cfg.model, np.random.default_rng(seed), "float32")
+    path = interop.write_run(args.run_dir, cfg, params.data, tokenizer, {"initialised_seed": seed})
+    print(f"wrote {path}: {params.size:,} parameters, GPT-2 initialisation (seed {seed}), untrained")
+    return 0
+
+
+def _init_tokenizer(cfg):
+    """bytes; a BPE from [data] tokenizer_path; with neither, no tokenizer (learning 50,000 merges
+    is a training job, not an init)."""
+    from minigpt.tokenizer import ByteTokenizer, NoTokenizer
+
+    if cfg.data.tokenizer == "bytes":
+        return ByteTokenizer()
+    if not cfg.data.tokenizer_path:
+        print("note: [data] tokenizer = \"bpe\" with no tokenizer_path: the run has no tokenizer, so "
+              "text prompts cannot be encoded (generate --prompt-ids works)", file=sys.stderr)
+        return NoTokenizer(cfg.model.vocab_size)
+    from minigpt.tokenizer_bpe import BPETokenizer
+
+    tok = BPETokenizer.load(Path(cfg.data.tokenizer_path).expanduser())
+    if tok.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(f"[model] vocab_size = {cfg.model.vocab_size} is smaller than the tokenizer's "
+                          f"{tok.vocab_size}")
+    return tok
+
+
 COMMANDS = {
     "train": (cmd_train, "train a model from a TOML config"),
     "generate": (cmd_generate, "write text with a trained model"),
@@ -458,6 +576,9 @@ COMMANDS = {
     "scale": (cmd_scale, "training and serving cost, energy and carbon of a model at full size"),
     "quantize": (cmd_quantize, "write an int8 checkpoint of a run"),
     "eval": (cmd_eval, "validation loss, perplexity, and int8 against fp32"),
+    "import": (cmd_import, "a Hugging Face GPT-2 folder (safetensors) -> a run folder"),
+    "export": (cmd_export, "a run folder -> a Hugging Face GPT-2 folder"),
+    "init": (cmd_init, "a run folder of GPT-2-initialised weights for a config (no training)"),
 }
 
 
