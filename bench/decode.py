@@ -1,0 +1,200 @@
+"""Batch-1 KV-cached decode against the memory-bandwidth ceiling, and prefill against the compute
+ceiling, on a run folder (e.g. `minigpt init configs/gpt2-124m.toml out/gpt2-124m`).
+
+    python bench/decode.py RUN [--tokens N] [--prompt P] [--int8 MODE] [--format json]
+
+Generating one token at batch 1 reads every weight once and does two FLOPs per weight: far too
+little arithmetic to keep the cores busy, so its speed is bounded by memory bandwidth. The ceiling
+is bandwidth / bytes moved per token, where:
+- bytes per token is the meter's count (bytes read + bytes written by every op of the decode
+  steps, divided by the steps: the weights, the KV cache, the activations);
+- bandwidth is calibrate's copy measurement (bytes read + bytes written per second copying a
+  256 MiB array, best of 5), taken in this process right before the decode and again right after,
+  so the ceiling is measured under the same load as the decode (other processes on a shared
+  machine slow both); the ceiling uses the mean of the two, and both are printed.
+Everything runs with --blas-threads OpenBLAS threads (default 1; minigpt/blas.py says why).
+Prefill (the prompt in one forward) is compared with the compute ceiling: calibrate's float32
+matmul FLOP/s over the meter's FLOPs per prompt token, also measured in this process.
+
+--int8 MODE quantizes on load. NumPy has no int8 matrix kernel: w8a32 widens each int8 weight
+matrix to float32 inside every product (reading 1 byte, writing 4 and reading 4 again per weight),
+w8a8 runs its integer products on the float64 BLAS. The table then says what a kernel that reads
+the int8 weights directly would move (the meter's bytes) and its ceiling, beside what the widening
+moves here, and where the decode step's time went (the meter's seconds by op kind).
+"""
+
+import argparse
+import json
+import pathlib
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import minigpt
+from minigpt import blas
+from minigpt.costs import calibrate
+from minigpt.meter import METER
+from minigpt.nn.model import KVCache
+
+
+def decode_run(gpt, prompt: np.ndarray, tokens: int, kv_int8: bool):
+    """Prefill prompt, then `tokens` greedy decode steps; (prefill seconds, decode seconds)."""
+    kv = KVCache(gpt.cfg, 1, gpt.params.data.dtype, int8=kv_int8)
+    t0 = time.perf_counter()
+    with METER.in_phase("prefill"):
+        logits = gpt.logits(prompt[None, :], kv, last_only=True)
+    t1 = time.perf_counter()
+    token = np.empty((1, 1), dtype=np.int64)
+    with METER.in_phase("decode"):
+        for _ in range(tokens):
+            token[0, 0] = int(np.argmax(logits[0, -1]))
+            logits = gpt.logits(token, kv)
+    return t1 - t0, time.perf_counter() - t1
+
+
+def phase_totals(phase: str) -> dict:
+    out = {"flops": 0, "bytes": 0, "seconds": 0.0, "by_kind": {}}
+    for (_scope, op, kind, ph, dtype), r in METER.records.items():
+        if ph != phase:
+            continue
+        out["flops"] += r.flops
+        out["bytes"] += r.bytes_read + r.bytes_written
+        out["seconds"] += r.seconds
+        key = f"{kind}/{dtype}" if kind == "matmul" else kind
+        out["by_kind"][key] = out["by_kind"].get(key, 0.0) + r.seconds
+    return out
+
+
+def widened_bytes(gpt) -> int:
+    """Bytes a w8a32 decode step moves here beyond the meter's count: each int8 weight matrix is
+    widened to a float32 copy (4 bytes written) that the product then reads (4 bytes)."""
+    if gpt.quant is None or gpt.quant.qcfg.mode != "w8a32":
+        return 0
+    return sum(8 * q.size for q, _ in gpt.quant.tables.values())
+
+
+def read_bandwidth(nbytes=256 << 20, repeats=5) -> float:
+    """Best bytes/s of summing a float32 array: a pure read stream, for comparison with the
+    decode step's reads (which are most of its bytes)."""
+    a = np.ones(nbytes // 4, dtype=np.float32)
+    a.sum()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a.sum()
+        best = min(best, time.perf_counter() - t0)
+    return a.nbytes / best
+
+
+def measure(args) -> dict:
+    with blas.threads(args.blas_threads) as applied:
+        r = _measure(args)
+    r["blas_threads"] = args.blas_threads if applied else blas.current()
+    return r
+
+
+def _measure(args) -> dict:
+    model = minigpt.load(args.run)
+    if args.int8:
+        model.quantize(args.int8, kv_int8=args.kv_int8)
+    gpt, cfg = model.gpt, model.config.model
+    if args.prompt + args.tokens > cfg.block_size:
+        raise SystemExit(f"--prompt {args.prompt} + --tokens {args.tokens} exceed block_size {cfg.block_size}")
+    prompt = np.random.default_rng(0).integers(0, cfg.vocab_size, size=args.prompt)
+    with METER.paused():
+        decode_run(gpt, prompt[:8], 2, args.kv_int8)  # warm up: page faults, BLAS buffers
+    bw_before = calibrate.copy_bandwidth(256 << 20, 5)
+    METER.reset()
+    prefill_s, decode_s = decode_run(gpt, prompt, args.tokens, args.kv_int8)
+    bw_after = calibrate.copy_bandwidth(256 << 20, 5)
+    read_bw = read_bandwidth()
+    peak = calibrate.matmul_flops("float32", 2048, 3)
+    pre, dec = phase_totals("prefill"), phase_totals("decode")
+    bandwidth = (bw_before + bw_after) / 2
+    bytes_per_token = dec["bytes"] / args.tokens
+    tokens_per_s = args.tokens / decode_s
+    ceiling = bandwidth / bytes_per_token
+    here_bytes = bytes_per_token + widened_bytes(gpt)
+    prefill_flops_per_token = pre["flops"] / args.prompt
+    return {
+        "run": str(args.run), "mode": args.int8 or "fp32", "kv_int8": args.kv_int8,
+        "params": gpt.params.size, "prompt_tokens": args.prompt, "new_tokens": args.tokens,
+        "tokens_per_s": tokens_per_s, "bytes_per_token": bytes_per_token,
+        "ceiling_tokens_per_s": ceiling, "fraction_of_ceiling": tokens_per_s / ceiling,
+        "bandwidth": bandwidth, "bandwidth_before": bw_before, "bandwidth_after": bw_after,
+        "bandwidth_source": "calibrate.copy_bandwidth: 256 MiB copy, (read + written bytes) / s, "
+                            "best of 5, measured in this process right before and after the decode",
+        "bytes_per_token_here": here_bytes,
+        "ceiling_here_tokens_per_s": bandwidth / here_bytes,
+        "achieved_bandwidth": tokens_per_s * here_bytes,
+        "decode_seconds_by_kind": {k: v / args.tokens for k, v in sorted(
+            dec["by_kind"].items(), key=lambda kv: -kv[1])},
+        "decode_metered_fraction": dec["seconds"] / decode_s,
+        "prefill_tokens_per_s": args.prompt / prefill_s,
+        "prefill_flops_per_token": prefill_flops_per_token,
+        "matmul_peak_flops": peak,
+        "prefill_ceiling_tokens_per_s": peak / prefill_flops_per_token,
+        "prefill_fraction_of_ceiling": (args.prompt / prefill_s) / (peak / prefill_flops_per_token),
+        "environment": calibrate._environment(),
+        "read_bandwidth": read_bw,
+        "fraction_of_read_ceiling": tokens_per_s * bytes_per_token / read_bw,
+    }
+
+
+def print_table(r: dict) -> None:
+    gb = 1e9
+    print(f"{r['run']}: {r['params']:,} parameters, {r['mode']}"
+          f"{' + int8 KV cache' if r['kv_int8'] else ''}, batch 1, prompt {r['prompt_tokens']} tokens, "
+          f"{r['new_tokens']} decoded ({r['environment']}; OpenBLAS threads: {r['blas_threads']})")
+    print(f"bandwidth (copy, read + written): {r['bandwidth_before'] / gb:.2f} GB/s before the decode, "
+          f"{r['bandwidth_after'] / gb:.2f} GB/s after; ceiling uses the mean {r['bandwidth'] / gb:.2f} GB/s")
+    print()
+    print(f"decode    {r['tokens_per_s']:10.2f} tokens/s   {r['bytes_per_token'] / 1e6:9.2f} MB/token (meter)"
+          f"   ceiling {r['ceiling_tokens_per_s']:8.2f} tokens/s   achieved {100 * r['fraction_of_ceiling']:5.1f}%")
+    print(f"          a pure read stream (sum of 256 MiB) ran at {r['read_bandwidth'] / gb:.2f} GB/s: the decode "
+          f"moved {100 * r['fraction_of_read_ceiling']:.1f}% of that")
+    if r["bytes_per_token_here"] != r["bytes_per_token"]:
+        print(f"          the int8 widening here moves {r['bytes_per_token_here'] / 1e6:.2f} MB/token: "
+              f"ceiling {r['ceiling_here_tokens_per_s']:.2f} tokens/s for that traffic; a kernel reading "
+              f"int8 directly moves the meter's {r['bytes_per_token'] / 1e6:.2f} MB")
+    print(f"prefill   {r['prefill_tokens_per_s']:10.1f} tokens/s   {r['prefill_flops_per_token'] / 1e9:9.3f} "
+          f"GFLOP/token       ceiling {r['prefill_ceiling_tokens_per_s']:8.1f} tokens/s   achieved "
+          f"{100 * r['prefill_fraction_of_ceiling']:5.1f}%  (matmul peak {r['matmul_peak_flops'] / 1e9:.0f} GFLOP/s)")
+    print()
+    print(f"one decode step's time by op kind (the meter's seconds; {100 * r['decode_metered_fraction']:.0f}% "
+          "of the step is inside metered ops):")
+    for kind, s in r["decode_seconds_by_kind"].items():
+        print(f"  {kind:<22} {1e3 * s:8.3f} ms")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 epilog="example: python bench/decode.py out/gpt2-124m --tokens 64")
+    ap.add_argument("run", help="a run folder or checkpoint file")
+    ap.add_argument("--tokens", type=int, default=64, help="tokens to decode (default 64)")
+    ap.add_argument("--prompt", type=int, default=64, help="prompt length in tokens (default 64)")
+    ap.add_argument("--int8", choices=("w8a32", "w8a8"), default=None, help="quantize on load")
+    ap.add_argument("--kv-int8", action="store_true", help="with --int8: keep the KV cache in int8")
+    ap.add_argument("--blas-threads", type=int, default=1,
+                    help="OpenBLAS threads for the whole measurement, ceilings included (default 1: "
+                    "see minigpt/blas.py; 0 leaves OpenBLAS's own count). The copy that measures "
+                    "bandwidth is NumPy's, single-threaded either way")
+    ap.add_argument("--format", choices=("table", "json"), default="table")
+    args = ap.parse_args(argv)
+    if args.tokens < 1 or args.prompt < 1:
+        ap.error("--tokens and --prompt must be >= 1")
+    if args.kv_int8 and not args.int8:
+        ap.error("--kv-int8 needs --int8 MODE")
+    r = measure(args)
+    if args.format == "json":
+        print(json.dumps(r, indent=1))
+    else:
+        print_table(r)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
