@@ -93,24 +93,23 @@ def read_bandwidth(nbytes=256 << 20, repeats=5) -> float:
     return a.nbytes / best
 
 
-def plain_matvec(gpt, repeats: int = 3) -> float:
-    """Seconds for one token's worth of plain NumPy matrix-vector products over the same weights
-    (every block's four matrices, then the tied LM head), nothing else: the reference the model's
-    decode step is compared with, in the same process and conditions."""
+def plain_matvec(gpt, passes: int) -> float:
+    """Mean seconds for one token's worth of plain NumPy matrix-vector products over the same
+    weights (every block's four matrices, then the tied LM head), nothing else, over as many
+    passes as tokens decoded (a mean, like the decode's): the reference the model's decode step
+    is compared with, in the same process and conditions."""
     p, C = gpt.params, gpt.cfg.n_embd
     mats = [w for name, w in p.views.items() if w.ndim == 2 and ".h." in name]
     xs = {w.shape[0]: np.ones(w.shape[0], dtype=w.dtype) for w in mats}
     wte = p["transformer.wte.weight"]
     x_head = np.ones(C, dtype=wte.dtype)
-    best = float("inf")
     with METER.paused():
-        for _ in range(repeats):
-            t0 = time.perf_counter()
+        t0 = time.perf_counter()
+        for _ in range(passes):
             for w in mats:
                 matmul(xs[w.shape[0]], w)
             matmul(x_head, wte.T)
-            best = min(best, time.perf_counter() - t0)
-    return best
+        return (time.perf_counter() - t0) / passes
 
 
 def int8_split(gpt, repeats: int = 3) -> dict | None:
@@ -191,9 +190,9 @@ def _measure(gpt, cfg, args) -> dict:
     before = bandwidths()
     METER.reset()
     prefill_s, decode_s = decode_run(gpt, prompt, args.tokens, args.kv_int8)
+    plain_s = plain_matvec(gpt, args.tokens) if gpt.quant is None else None
     after = bandwidths()
     read_bw = read_bandwidth()
-    plain_s = plain_matvec(gpt) if gpt.quant is None else None
     peak = calibrate.matmul_flops("float32", 2048, 3)
     pre, dec = phase_totals("prefill"), phase_totals("decode")
     means = {k: (before[k] + after[k]) / 2 for k in before}
