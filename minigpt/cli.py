@@ -47,12 +47,53 @@ def _energy_arguments(p) -> None:
 
 
 def cmd_train(argv) -> int:
+    from minigpt.train import dist
+
+    if dist.launched_size() > 1:  # under mpiexec -n N: see _train_on_ranks
+        return _train_on_ranks(argv)
+    return _train(argv)
+
+
+def _train_on_ranks(argv) -> int:
+    """`mpiexec -n N python train.py ...`: rank 0 trains and prints as one process would, the
+    others train quietly; an error on any rank prints its one line and aborts every rank (MPI
+    exits with the code), so no rank waits forever in an allreduce."""
+    import traceback
+
+    from minigpt.train import dist
+    from minigpt.train.trainer import TrainingDiverged
+
+    try:
+        return _train(argv)
+    except SystemExit:  # --help
+        raise
+    except BaseException as e:  # any failure must take the other ranks down
+        try:
+            w = dist.world()
+        except MiniGPTError as missing:  # no mpi4py: no communicator to abort
+            print(f"error: {missing}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        if isinstance(e, MiniGPTError):
+            code = 1 if isinstance(e, TrainingDiverged) else EXIT_BAD_INPUT
+            dist.fail(w, f"error: {e}", code)
+        elif isinstance(e, KeyboardInterrupt):
+            dist.fail(w, "aborted", 130)
+        else:
+            traceback.print_exc()
+            dist.fail(w, f"error: {type(e).__name__}: {e}", 1)
+        raise
+
+
+def _train(argv) -> int:
     from minigpt import config
     from minigpt.train.trainer import Trainer
 
     args = _train_parser().parse_args(argv)
     cfg = config.load(args.config, args.overrides)
     trainer = Trainer(cfg, resume=args.resume, progress=not args.no_progress)
+    if trainer.world.rank != 0:  # the other ranks of mpiexec -n N: quiet
+        trainer.run()
+        return 0
     c = trainer.corpus
     print(f"corpus: {c.source}: {c.n_files} files, {len(c.train):,} training and {len(c.val):,} "
           f"validation tokens", file=sys.stderr)
@@ -80,8 +121,14 @@ def _print_training_costs(trainer, result, measured, args) -> None:
 
     peak, where = calibrate.local_peak() if trainer.cfg.train.device == "cpu" else (None, "")
     rows = report.rows_from_records(METER.records)
+    ranks = trainer.world.size
+    if ranks > 1:  # the counts are rank 0's: its share of the tokens goes with them
+        result.tokens //= ranks
     print()
     print(report.summary(rows, result.steps, result.tokens, peak, where))
+    if ranks > 1:
+        print(f"data parallel over {ranks} MPI ranks: the counts above are rank 0's, on its "
+              f"{result.tokens:,} of the {result.tokens * ranks:,} tokens (every rank did the same)")
     print(f"details: minigpt costs {trainer.out_dir} --by op  (also {trainer.out_dir}/costs.json, costs.csv)")
     print()
     print("\n".join(energy.report_lines(rows, result.elapsed_s, _hardware_for(args, trainer.cfg.train.device),
