@@ -54,43 +54,62 @@ def cmd_train(argv) -> int:
     return _train(argv)
 
 
-def _train_on_ranks(argv) -> int:
-    """`mpiexec -n N python train.py ...`: rank 0 trains and prints as one process would, the
-    others train quietly; an error on any rank prints its one line and aborts every rank (MPI
-    exits with the code), so no rank waits forever in an allreduce."""
-    import traceback
-
-    from minigpt.train import dist
-    from minigpt.train.trainer import TrainingDiverged
-
-    try:
-        return _train(argv)
-    except SystemExit:  # --help
-        raise
-    except BaseException as e:  # any failure must take the other ranks down
-        try:
-            w = dist.world()
-        except MiniGPTError as missing:  # no mpi4py: no communicator to abort
-            print(f"error: {missing}", file=sys.stderr)
-            return EXIT_BAD_INPUT
-        if isinstance(e, MiniGPTError):
-            code = 1 if isinstance(e, TrainingDiverged) else EXIT_BAD_INPUT
-            dist.fail(w, f"error: {e}", code)
-        elif isinstance(e, KeyboardInterrupt):
-            dist.fail(w, "aborted", 130)
-        else:
-            traceback.print_exc()
-            dist.fail(w, f"error: {type(e).__name__}: {e}", 1)
-        raise
-
-
-def _train(argv) -> int:
+def _train_setup(argv):
+    """Parse the arguments, load the config, build the trainer: (args, trainer)."""
     from minigpt import config
     from minigpt.train.trainer import Trainer
 
     args = _train_parser().parse_args(argv)
     cfg = config.load(args.config, args.overrides)
-    trainer = Trainer(cfg, resume=args.resume, progress=not args.no_progress)
+    return args, Trainer(cfg, resume=args.resume, progress=not args.no_progress)
+
+
+def _train_on_ranks(argv) -> int:
+    """`mpiexec -n N python train.py ...`: rank 0 trains and prints as one process would, the
+    others train quietly. A failure while setting up (the same bad config on every rank, or a file
+    one rank cannot read): the ranks compare notes, rank 0 prints the first one's line, and all
+    exit 2. A failure while training: that rank prints its line and aborts every rank (MPI exits
+    with the code), so none waits forever in an allreduce."""
+    import traceback
+
+    from minigpt.train import dist
+    from minigpt.train.trainer import TrainingDiverged
+
+    w = dist.world()  # without mpi4py: a ConfigError on each rank, and nothing yet to wait for
+    failure = None
+    try:
+        args, trainer = _train_setup(argv)
+    except SystemExit:  # --help
+        raise
+    except MiniGPTError as e:
+        failure = f"error: {e}"
+    except Exception as e:  # noqa: BLE001 - a bug: its traceback, then the same agreement
+        traceback.print_exc()
+        failure = f"error: {type(e).__name__}: {e}"
+    first = dist.first_failure(w, failure)
+    if first is not None:
+        if w.rank == 0:
+            print(first, file=sys.stderr)
+        return EXIT_BAD_INPUT
+    try:
+        return _train(argv, args, trainer)
+    except SystemExit:
+        raise
+    except TrainingDiverged as e:  # the summed loss: every rank sees it, rank 0 says it
+        dist.fail(w, f"error: {e}", 1, say=w.rank == 0)
+    except MiniGPTError as e:
+        dist.fail(w, f"error: {e}", EXIT_BAD_INPUT)
+    except KeyboardInterrupt:
+        dist.fail(w, "aborted", 130)
+    except Exception as e:  # noqa: BLE001 - a bug on one rank must stop them all
+        traceback.print_exc()
+        dist.fail(w, f"error: {type(e).__name__}: {e}", 1)
+    return 1  # (not reached: fail aborts)
+
+
+def _train(argv, args=None, trainer=None) -> int:
+    if trainer is None:
+        args, trainer = _train_setup(argv)
     if trainer.world.rank != 0:  # the other ranks of mpiexec -n N: quiet
         trainer.run()
         return 0

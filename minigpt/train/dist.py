@@ -29,6 +29,7 @@ communicator's id handed out over MPI; each rank uses GPU local_rank % device co
 
 import os
 import sys
+import time
 
 import numpy as np
 
@@ -115,7 +116,7 @@ class NCCLWorld(MPIWorld):
         backend.use("cuda")  # a one-line ConfigError where CuPy is missing
         cp = backend.cupy()
         try:
-            from cupy.cuda import nccl
+            nccl = backend.nccl()
         except ImportError as e:
             raise ConfigError(f"device = \"cuda\" on {size} MPI ranks needs CuPy's NCCL "
                               f"(cupy.cuda.nccl): {e}") from None
@@ -152,7 +153,7 @@ def world(device: str = "cpu") -> Single:
     """This process's world, made once: Single unless an MPI launcher started more than one rank.
     On "cuda" the GPU is chosen by local rank and gradients go through NCCL."""
     global _WORLD
-    if _WORLD is None:
+    if _WORLD is None or (device == "cuda" and type(_WORLD) is MPIWorld):
         size = launched_size()
         if size <= 1:
             _WORLD = Single()
@@ -171,9 +172,24 @@ def local_batch(batch_size: int, ranks: int) -> int:
     return batch_size // ranks
 
 
-def fail(w: Single, message: str, code: int) -> None:
-    """An error on one rank: print its line (rank-tagged when not rank 0) and abort every rank, so
-    none waits forever in a collective the failed one will never join."""
+def first_failure(w: Single, failure: str | None) -> str | None:
+    """Every rank says whether its setup failed (a collective: all ranks must call it); returns
+    the first failure's line (tagged with its rank when not rank 0), or None if all went well."""
+    if w.size == 1:
+        return failure
+    lines = w.comm.allgather(failure)
+    for rank, line in enumerate(lines):
+        if line is not None:
+            return line if rank == 0 else f"rank {rank}: {line}"
+    return None
+
+
+def fail(w: Single, message: str, code: int, say: bool = True) -> None:
+    """An error on one rank while training: print its line (rank-tagged when not rank 0) and abort
+    every rank, so none waits forever in a collective the failed one will never join."""
     if w.size > 1:
-        print(message if w.rank == 0 else f"rank {w.rank}: {message}", file=sys.stderr, flush=True)
+        if say:
+            print(message if w.rank == 0 else f"rank {w.rank}: {message}", file=sys.stderr,
+                  flush=True)
+        time.sleep(0.2)  # let the launcher forward the line before the abort tears the job down
         w.abort(code)
