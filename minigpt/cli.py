@@ -479,6 +479,7 @@ def cmd_hardware(argv) -> int:
     print(f"{prof.name}: {prof.description}  ({prof.path})")
     figures = [(f"peak_flops.{t}", v) for t, v in prof.peak_flops.items()]
     figures += [(f, getattr(prof, f)) for f in hardware.FIGURES]
+    figures += [(f"interconnect.{k}", v) for k, v in prof.interconnect.items()]  # bytes/s each way
     for key, value in figures:
         shown = f"{value:.4g}" if value is not None else prof.missing.get(key, "unknown")
         print(f"  {key:<18} {shown:>12}  {prof.sources.get(key, '')}")

@@ -13,6 +13,10 @@ holds a name, a description and one table per figure:
 
     [memory_bandwidth]       # bytes/s      [memory_bytes]  bytes      [power_watts]  TDP/TGP, W
 
+    [interconnect.nvlink]    # optional: nvlink, pcie, infiniband; bytes/s EACH WAY per chip (a
+    value = 450e9            # link sends this much while it receives as much; NVIDIA's headline
+                             # NVLink figures count both directions and are twice these)
+
 A value may instead be the string "unknown" (nobody published it) or "unsupported" (the device has
 no such format): both load as None, and `peak` / `require` refuse them with a message rather than
 guessing. A number needs a source. A user directory, $MINIGPT_HOME/hardware (default
@@ -44,7 +48,9 @@ OPTIONAL_DTYPES = ("fp64",)  # measured by `minigpt calibrate`; "unknown" when a
 DTYPE_ALIASES = {"float32": "fp32", "float64": "fp64", "float16": "fp16", "half": "fp16", "bf16": "fp16",
                  "bfloat16": "fp16"}
 FIGURES = ("memory_bandwidth", "memory_bytes", "power_watts")
+LINKS = ("nvlink", "pcie", "infiniband")  # [interconnect.*], optional: absent = unknown
 PROFILE_KEYS = ("name", "description", "peak_flops") + FIGURES
+OPTIONAL_KEYS = ("interconnect",)
 MISSING = ("unknown", "unsupported")
 ENTRY_KEYS = ("value", "source", "note")
 CONSTANT_KEYS = ("value", "unit", "source", "note", "arithmetic")
@@ -62,6 +68,7 @@ class Profile:
     memory_bandwidth: float | None
     memory_bytes: float | None
     power_watts: float | None
+    interconnect: dict[str, float | None] = field(default_factory=dict)  # link -> bytes/s each way
     sources: dict[str, str] = field(default_factory=dict)  # "peak_flops.fp16" -> source
     notes: dict[str, str] = field(default_factory=dict)
     missing: dict[str, str] = field(default_factory=dict)  # field -> "unknown" | "unsupported"
@@ -133,8 +140,8 @@ def _unknown_key(path: Path, key: str, expected) -> ConfigError:
 def profile_from_dict(d: dict, path: Path) -> Profile:
     """A parsed profile file -> Profile, validated; errors name `path` and the field."""
     for key in d:
-        if key not in PROFILE_KEYS:
-            raise _unknown_key(path, key, PROFILE_KEYS)
+        if key not in PROFILE_KEYS + OPTIONAL_KEYS:
+            raise _unknown_key(path, key, PROFILE_KEYS + OPTIONAL_KEYS)
     for key in PROFILE_KEYS:
         if key not in d:
             raise ConfigError(f"{path}: missing required field '{key}'")
@@ -158,6 +165,7 @@ def profile_from_dict(d: dict, path: Path) -> Profile:
     for dtype in OPTIONAL_DTYPES:
         raws[f"peak_flops.{dtype}"] = peaks.get(dtype, {"value": "unknown"})
     raws.update({key: d[key] for key in FIGURES})
+    raws.update(_interconnect_raws(d.get("interconnect", {}), path))
     values, sources, notes, missing = {}, {}, {}, {}
     for key, raw in raws.items():
         values[key] = _entry(path, key, raw, ENTRY_KEYS)
@@ -170,8 +178,33 @@ def profile_from_dict(d: dict, path: Path) -> Profile:
     return Profile(name=d["name"], description=d["description"],
                    peak_flops={t: values[f"peak_flops.{t}"] for t in DTYPES + OPTIONAL_DTYPES},
                    memory_bandwidth=values["memory_bandwidth"], memory_bytes=values["memory_bytes"],
-                   power_watts=values["power_watts"], sources=sources, notes=notes,
+                   power_watts=values["power_watts"],
+                   interconnect={k: values[f"interconnect.{k}"] for k in LINKS},
+                   sources=sources, notes=notes,
                    missing=missing, path=path)
+
+
+def _interconnect_raws(table, path: Path) -> dict:
+    """[interconnect.nvlink] ... as {"interconnect.nvlink": raw}; a link not given is unknown."""
+    if not isinstance(table, dict):
+        raise ConfigError(f"{path}: interconnect: expected tables [interconnect.nvlink] ... "
+                          f"[interconnect.infiniband]")
+    for link in table:
+        if link not in LINKS:
+            raise _unknown_key(path, f"interconnect.{link}", [f"interconnect.{k}" for k in LINKS])
+    return {f"interconnect.{k}": table.get(k, {"value": "unknown"}) for k in LINKS}
+
+
+def link_bandwidth(profile: Profile, link: str) -> float:
+    """A link's bytes/s each way (nvlink, pcie, infiniband); ConfigError when unknown."""
+    if link not in LINKS:
+        raise ConfigError(f"{profile.name}: no interconnect {link!r} (expected "
+                          f"{', '.join(LINKS)})")
+    value = profile.interconnect.get(link)
+    if value is None:
+        raise ConfigError(f"{profile.name}: interconnect.{link} "
+                          f"{_why(profile, f'interconnect.{link}')}")
+    return value
 
 
 def _profile_paths() -> dict[str, Path]:

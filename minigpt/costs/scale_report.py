@@ -7,7 +7,7 @@ energy layers, sensitivity, assumptions (each with where it came from), measured
 measurement), notes}. Keys of a part the scenario lacks ([training] or [inference]) are None.
 """
 
-from minigpt.costs import energy, hardware, scaling, serving
+from minigpt.costs import communication, energy, hardware, scaling, serving
 from minigpt.costs.report import si
 from minigpt.costs.scenario import Scenario
 from minigpt.errors import ConfigError
@@ -69,6 +69,7 @@ def estimate(scn: Scenario) -> dict:
     notes = []
     if scn.has("training"):
         out |= scaling.training(scn, a, active, chip, s)
+        out |= communication.communication(scn, params, chip, s, out["chip_hours"])
     if scn.has("inference"):
         out |= serving.inference(scn, a, params, active, chip, s)
         notes += [out["fit_note"]] if out["fit_note"] else []
@@ -181,7 +182,7 @@ def format_table(r: dict) -> str:
     lines += [_row("params", si(r["params"]), closed.strip()),
               _row("active_params", si(r["active_params"])), ""]
     if r["train_tokens"] is not None:
-        lines += _training_lines(r) + [""]
+        lines += _training_lines(r) + communication.lines(r) + [""]
     if r["weight_bytes"] is not None:
         lines += _inference_lines(r) + [""]
     lines.append("rests on measurement:")

@@ -4,11 +4,13 @@
     [model]      n_layer, n_embd, n_head, block_size, vocab_size   (an architecture), and/or
                  params (a stated parameter count), active_params; d_head (shown, not used);
                  n_experts, experts_per_token (mixture of experts: scaling only)
-    [training]   tokens, flops (a published total, used instead of the computed one)
+    [training]   tokens, flops (a published total, used instead of the computed one),
+                 batch_tokens, gradient_bytes (the data-parallel allreduce: costs/communication.py)
     [inference]  prompt_tokens, output_tokens, batch, weight_bits, kv_bits, chips,
                  queries_per_day, wh_per_query (a stated figure, used instead of the roofline's)
     [hardware]   profile, chips, achieved_flops_per_chip | mfu, dtype, watts_per_chip,
-                 memory_bandwidth, pue, carbon_kg_per_kwh, water_l_per_kwh, household_kwh_per_year
+                 memory_bandwidth, pue, carbon_kg_per_kwh, water_l_per_kwh, household_kwh_per_year,
+                 interconnect (nvlink | pcie | infiniband), interconnect_bandwidth (bytes/s each way)
 
 configs/scale/*.toml are the shipped scenarios (load them by name: "gpt3-175b"); their comments cite
 every figure. `--set section.key=value` overrides a field. Anything wrong (an unknown key, with the
@@ -40,7 +42,8 @@ SCHEMA: dict[str, dict[str, tuple[str, str]]] = {
     "model": {**{k: ("int", ">0") for k in ARCH}, "d_head": ("int", ">0"),
               "n_experts": ("int", ">0"), "experts_per_token": ("int", ">0"),
               "params": ("num", ">0"), "active_params": ("num", ">0")},
-    "training": {"tokens": ("num", ">0"), "flops": ("num", ">0")},
+    "training": {"tokens": ("num", ">0"), "flops": ("num", ">0"),
+                 "batch_tokens": ("num", ">0"), "gradient_bytes": ("num", ">0")},
     "inference": {"prompt_tokens": ("int", ">=0"), "output_tokens": ("int", ">0"),
                   "batch": ("int", ">0"), "weight_bits": ("int", "bits"),
                   "kv_bits": ("int", "bits"),
@@ -51,7 +54,8 @@ SCHEMA: dict[str, dict[str, tuple[str, str]]] = {
                  "dtype": ("str", "dtype"), "watts_per_chip": ("num", ">0"),
                  "memory_bandwidth": ("num", ">0"), "pue": ("num", ">=1"),
                  "carbon_kg_per_kwh": ("num", ">=0"), "water_l_per_kwh": ("num", ">=0"),
-                 "household_kwh_per_year": ("num", ">0")},
+                 "household_kwh_per_year": ("num", ">0"),
+                 "interconnect": ("str", ""), "interconnect_bandwidth": ("num", ">0")},
 }
 RULES = {">0": "must be > 0", ">=0": "must be >= 0", "(0,1]": "must be in (0, 1]",
          ">=1": "must be >= 1 (facility energy over IT energy)", "bits": "must be 1 to 32 bits"}
