@@ -18,7 +18,7 @@ from conftest import ROOT, TINY, merge, write_toml
 from minigpt.costs import model as cost_model
 from minigpt.costs import report
 from minigpt.errors import ConfigError
-from minigpt.train import dist
+from minigpt.train import checkpoint, dist
 
 WORKER = Path(__file__).with_name("mpi_worker.py")
 # float64, so "equal to rounding" is a tight tolerance; eval at the end only
@@ -183,6 +183,28 @@ def test_resume_on_another_number_of_ranks(tmp_path, runs):
     np.testing.assert_allclose(_rank(tmp_path)["losses"], reference[2:], rtol=1e-12, atol=0)
     w_resumed, w_one = np.load(tmp_path / "rank0.npy"), np.load(runs["one"] / "rank0.npy")
     np.testing.assert_allclose(w_resumed, w_one, rtol=1e-9, atol=1e-12)
+
+
+@needs_mpi
+def test_a_stop_on_one_rank_stops_every_rank_after_the_same_step(tmp_path):
+    cfg = write_toml(tmp_path / "c.toml", merge(RUN, {"train": {"out_dir": str(tmp_path)}}))
+    proc = _ranks(2, cfg, tmp_path, "--stop-at", 2, "--stop-rank", 1, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    # rank 1 asked after step 2's allreduce; the flag goes round with step 3's: both stop there
+    assert [len(_rank(tmp_path, r)["losses"]) for r in (0, 1)] == [3, 3]
+    meta, _ = checkpoint.load(tmp_path / checkpoint.FILENAME)  # rank 0 saved the stop
+    assert meta["run"]["step"] == 3
+
+
+@needs_mpi
+def test_the_command_prints_once_with_compute_and_communication_side_by_side(tmp_path):
+    cfg = write_toml(tmp_path / "c.toml", merge(RUN, {"train": {"out_dir": str(tmp_path)}}))
+    proc = _ranks(2, "--fail-rank", 9, cfg, "--no-progress", timeout=60)  # no rank fails
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count("done: 4 steps") == 1
+    assert "communic." in proc.stdout and "went to the allreduces" in proc.stdout
+    assert "data parallel over 2 MPI ranks" in proc.stdout
+    assert proc.stderr.count("corpus:") == 1  # rank 1 is quiet
 
 
 @needs_mpi
