@@ -122,8 +122,11 @@ class NCCLWorld(MPIWorld):
                               f"(cupy.cuda.nccl): {e}") from None
 
         cp.cuda.Device(self.local_rank % cp.cuda.runtime.getDeviceCount()).use()
-        uid = nccl.get_unique_id() if self.rank == 0 else None
-        uid = self.comm.bcast(uid, root=0)
+        uid = np.zeros(128, dtype=np.int8)  # NCCL's unique id: 128 bytes (NCCL_UNIQUE_ID_BYTES)
+        if self.rank == 0:
+            uid[...] = np.array(nccl.get_unique_id(), dtype=np.int8)
+        self.comm.Bcast(uid, root=0)  # a plain buffer: nothing pickled crosses between ranks
+        uid = tuple(int(b) for b in uid)
         self.nccl, self.cp = nccl, cp
         self.nccl_comm = nccl.NcclCommunicator(self.size, uid, self.rank)
         self.nccl_types = {"float32": nccl.NCCL_FLOAT32, "float64": nccl.NCCL_FLOAT64}
@@ -147,6 +150,7 @@ def _env_int(names, default: int) -> int:
 
 
 _WORLD: Single | None = None
+MESSAGE_BYTES = 1024  # a setup failure's line, as the ranks compare notes (longer ones are cut)
 
 
 def world(device: str = "cpu") -> Single:
@@ -177,9 +181,16 @@ def first_failure(w: Single, failure: str | None) -> str | None:
     the first failure's line (tagged with its rank when not rank 0), or None if all went well."""
     if w.size == 1:
         return failure
-    lines = w.comm.allgather(failure)
-    for rank, line in enumerate(lines):
-        if line is not None:
+    mine = np.zeros(MESSAGE_BYTES, dtype=np.uint8)  # byte 0: failed?; then the line, UTF-8
+    if failure is not None:
+        text = failure.encode()[: MESSAGE_BYTES - 1]
+        mine[0] = 1
+        mine[1:1 + len(text)] = np.frombuffer(text, dtype=np.uint8)
+    every = np.zeros((w.size, MESSAGE_BYTES), dtype=np.uint8)
+    w.comm.Allgather(mine, every)  # plain buffers: nothing pickled crosses between ranks
+    for rank, row in enumerate(every):
+        if row[0]:
+            line = row[1:].tobytes().rstrip(b"\0").decode(errors="replace")
             return line if rank == 0 else f"rank {rank}: {line}"
     return None
 
