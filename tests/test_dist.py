@@ -21,8 +21,8 @@ from minigpt.errors import ConfigError
 from minigpt.train import checkpoint, dist
 
 WORKER = Path(__file__).with_name("mpi_worker.py")
-# float64, so "equal to rounding" is a tight tolerance; eval at the end only
-RUN = merge(TINY, {"train": {"dtype": "float64", "max_steps": 4, "batch_size": 4},
+# float64, so "equal to rounding" is a tight tolerance; two micro-batches a step; eval at the end
+RUN = merge(TINY, {"train": {"dtype": "float64", "max_steps": 4, "batch_size": 4, "grad_accum": 2},
                    "eval": {"interval": 100, "batches": 1}})
 
 
@@ -154,7 +154,7 @@ def test_counted_communication_equals_predicted(runs):
 
     m = ModelConfig(**RUN["model"])
     steps, batch = RUN["train"]["max_steps"], RUN["train"]["batch_size"]
-    step = cost_model.predict_training_step(m, batch // 2, dtype="float64", ranks=2)
+    step = cost_model.predict_training_step(m, batch // 2, grad_accum=2, dtype="float64", ranks=2)
     for rank in (0, 1):
         rows = _rank(runs["two"], rank)["rows"]
         measured = {(x["scope"], x["op"], x["kind"], x["phase"], x["dtype"]): x for x in rows
@@ -187,13 +187,16 @@ def test_resume_on_another_number_of_ranks(tmp_path, runs):
 
 @needs_mpi
 def test_a_stop_on_one_rank_stops_every_rank_after_the_same_step(tmp_path):
-    cfg = write_toml(tmp_path / "c.toml", merge(RUN, {"train": {"out_dir": str(tmp_path)}}))
+    # with dropout: each rank draws its own masks, and the weights must still agree
+    cfg = write_toml(tmp_path / "c.toml", merge(RUN, {"train": {"out_dir": str(tmp_path)},
+                                                      "model": {"dropout": 0.1}}))
     proc = _ranks(2, cfg, tmp_path, "--stop-at", 2, "--stop-rank", 1, timeout=60)
     assert proc.returncode == 0, proc.stderr[-2000:]
     # rank 1 asked after step 2's allreduce; the flag goes round with step 3's: both stop there
     assert [len(_rank(tmp_path, r)["losses"]) for r in (0, 1)] == [3, 3]
     meta, _ = checkpoint.load(tmp_path / checkpoint.FILENAME)  # rank 0 saved the stop
     assert meta["run"]["step"] == 3
+    np.testing.assert_array_equal(np.load(tmp_path / "rank0.npy"), np.load(tmp_path / "rank1.npy"))
 
 
 @needs_mpi
