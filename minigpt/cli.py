@@ -293,6 +293,9 @@ def _costs_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=("train", "prefill", "decode"), default="train",
                    help="with --config: one training step, a prefill of --seq tokens, or one decode "
                    "step at position --seq (default train)")
+    p.add_argument("--ranks", type=int, default=1,
+                   help="with --config --mode train: one rank's step of data-parallel training over "
+                   "this many MPI ranks (its batch / ranks sequences, and the allreduces)")
     p.add_argument("--by", choices=("scope", "op", "kind", "layer", "phase"), default="scope",
                    help="group records by this (default scope)")
     p.add_argument("--phase", default=None, help="only this phase (forward, backward, optimizer, eval, ...)")
@@ -338,7 +341,16 @@ def cmd_costs(argv) -> int:
             raise ConfigError(f"--batch and --seq must be >= 1, got {B} and {T}")
         if T > cfg.model.block_size and args.mode != "decode" or T >= cfg.model.block_size and args.mode == "decode":
             raise ConfigError(f"--seq {T} does not fit block_size {cfg.model.block_size} of {args.config}")
-        if args.mode == "train":
+        if args.ranks < 1:
+            raise ConfigError(f"--ranks must be >= 1, got {args.ranks}")
+        if args.mode == "train" and args.ranks > 1:
+            from minigpt.train.dist import local_batch
+
+            records = cost_model.predict_training_step(cfg.model, local_batch(B, args.ranks), T,
+                                                       cfg.train.grad_accum, ranks=args.ranks)
+            what = (f"predicted: one rank's training step of {args.config}, batch {B} x {T} tokens "
+                    f"over {args.ranks} ranks")
+        elif args.mode == "train":
             records = cost_model.predict_training_step(cfg.model, B, T, cfg.train.grad_accum)
             what = f"predicted: one training step of {args.config}, batch {B} x {T} tokens"
         elif args.mode == "prefill":
@@ -357,6 +369,8 @@ def cmd_costs(argv) -> int:
             raise ConfigError(f"{args.run}/costs.json: unreadable: {e}") from None
         rows = doc["records"]
         what = f"measured: {args.run}, {doc['steps']} steps, {doc['tokens']:,} training tokens"
+        if doc.get("ranks", 1) > 1:
+            what += f" (rank 0's share, of {doc['ranks']} data-parallel ranks)"
     if args.top is not None and args.top < 1:
         raise ConfigError(f"--top must be >= 1, got {args.top}")
     groups = report.group(rows, args.by, args.phase)

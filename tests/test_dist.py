@@ -63,6 +63,20 @@ def test_one_rank_predicts_no_communication():
     assert grad.bytes_read == grad.bytes_written == cost_model.n_params(m) * 4  # 2 (N-1)/N = 1
 
 
+def test_costs_predicts_one_ranks_step(capsys, tmp_path):
+    from minigpt import cli
+
+    cfg = write_toml(tmp_path / "c.toml", RUN)
+    assert cli.main(["costs", "--config", str(cfg), "--ranks", "2", "--format", "json"]) == 0
+    groups = {g["name"]: g for g in json.loads(capsys.readouterr().out)["groups"]}
+    from minigpt.config import ModelConfig
+
+    P = cost_model.n_params(ModelConfig(**RUN["model"]))
+    assert groups["dist"]["bytes_read"] == P * 4 + 2 * 8  # (costs predicts float32) + two scalars
+    assert cli.main(["costs", "--config", str(cfg), "--ranks", "3"]) == 2  # 4 does not split in 3
+    assert "does not split over 3 MPI ranks" in capsys.readouterr().err
+
+
 def test_the_launcher_is_found_by_its_environment(monkeypatch):
     for var in dist.SIZE_VARS:
         monkeypatch.delenv(var, raising=False)
