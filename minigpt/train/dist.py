@@ -25,6 +25,13 @@ by convention, as the bandwidth-optimal figure a large buffer approaches.)
 
 On a GPU (device = "cuda") the gradient allreduce goes through NCCL (cupy.cuda.nccl), with the
 communicator's id handed out over MPI; each rank uses GPU local_rank % device count.
+
+The gradients go in one allreduce after the whole backward pass, not in buckets overlapped with
+it: on the CPU, MPICH makes progress on a non-blocking allreduce only inside MPI calls (unless an
+asynchronous progress thread is configured), so overlap would need the backward pass to poll MPI
+between layers, and the flat buffer keeps a layer's matrices and vectors in separate regions, so a
+layer's gradients are not one contiguous bucket. One call also keeps the count simple: one record
+per step.
 """
 
 import os
@@ -37,9 +44,9 @@ from minigpt import backend
 from minigpt.errors import ConfigError
 from minigpt.meter import METER
 
-# environment variables an MPI launcher sets to the number of ranks, and to this rank's number
+# environment variables an MPI launcher sets to the number of ranks, and to this rank's number on
+# its node (the rank itself comes from MPI)
 SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
-RANK_VARS = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK")
 LOCAL_RANK_VARS = ("MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK", "MV2_COMM_WORLD_LOCAL_RANK")
 
 
