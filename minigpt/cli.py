@@ -140,14 +140,14 @@ def _print_training_costs(trainer, result, measured, args) -> None:
 
     peak, where = calibrate.local_peak() if trainer.cfg.train.device == "cpu" else (None, "")
     rows = report.rows_from_records(METER.records)
-    ranks = trainer.world.size
+    ranks, everyone = trainer.world.size, result.tokens
     if ranks > 1:  # the counts are rank 0's: its share of the tokens goes with them
-        result.tokens //= ranks
+        result.tokens = trainer.state.counted_tokens
     print()
     print(report.summary(rows, result.steps, result.tokens, peak, where))
     if ranks > 1:
         print(f"data parallel over {ranks} MPI ranks: the counts above are rank 0's, on its "
-              f"{result.tokens:,} of the {result.tokens * ranks:,} tokens (every rank did the same)")
+              f"{result.tokens:,} of the {everyone:,} tokens (every rank did the same)")
     print(f"details: minigpt costs {trainer.out_dir} --by op  (also {trainer.out_dir}/costs.json, costs.csv)")
     print()
     print("\n".join(energy.report_lines(rows, result.elapsed_s, _hardware_for(args, trainer.cfg.train.device),

@@ -197,6 +197,19 @@ def test_resume_on_another_number_of_ranks(tmp_path, runs):
     np.testing.assert_allclose(_rank(tmp_path)["losses"], reference[2:], rtol=1e-12, atol=0)
     w_resumed, w_one = np.load(tmp_path / "rank0.npy"), np.load(runs["one"] / "rank0.npy")
     np.testing.assert_allclose(w_resumed, w_one, rtol=1e-9, atol=1e-12)
+    # the report's counts: two whole-batch steps, then two of rank 0's half, and its tokens to match
+    from minigpt.config import ModelConfig
+
+    m, T, accum = ModelConfig(**RUN["model"]), RUN["model"]["block_size"], 2
+    one = cost_model.predict_training_step(m, 4, grad_accum=accum, dtype="float64")
+    half = cost_model.predict_training_step(m, 2, grad_accum=accum, dtype="float64", ranks=2)
+    doc = json.loads((tmp_path / "costs.json").read_text())
+    assert doc["tokens"] == 2 * accum * 4 * T + 2 * accum * 2 * T and doc["ranks"] == 2
+    flops = {(r["scope"], r["op"], r["phase"]): r["flops"] for r in doc["records"]}
+    for key in one:
+        if key[3] != "eval":
+            want = 2 * one[key].flops + 2 * half[key].flops
+            assert flops[key[0], key[1], key[3]] == want, key
 
 
 @needs_mpi

@@ -70,6 +70,7 @@ class RunState:
 
     step: int = 0
     tokens: int = 0
+    counted_tokens: int | None = None  # the tokens rank 0's meter counts cover (its share of them)
     elapsed_s: float = 0.0
     loss_sum: float = 0.0  # training losses since the last evaluation, for the log's train_loss
     loss_count: int = 0
@@ -149,6 +150,8 @@ class Trainer:
         self.opt.m[...] = backend.asarray(arrays["adam_m"].astype(dtype))
         self.opt.v[...] = backend.asarray(arrays["adam_v"].astype(dtype))
         self.state = RunState(**meta["run"])
+        if self.state.counted_tokens is None:  # a checkpoint from before data parallelism
+            self.state.counted_tokens = self.state.tokens
         self.meter_rows = meta.get("meter", [])
         self.opt.t = self.state.step
         self.data_rng.bit_generator.state = self.state.data_rng
@@ -208,6 +211,8 @@ class Trainer:
         update(self.model, self.opt, lr_at(self.state.step, t), t.grad_clip)
         self.state.step += 1
         self.state.tokens += t.grad_accum * t.batch_size * cfg.model.block_size
+        self.state.counted_tokens = (self.state.counted_tokens or 0) + (
+            t.grad_accum * self.local_batch * cfg.model.block_size)
         return loss
 
     def _batch(self):
@@ -313,7 +318,7 @@ class Trainer:
                 self.save()
             if self.world.rank == 0:
                 report.save(self.out_dir, report.rows_from_records(METER.records), self.state.step,
-                            self.state.tokens // self.world.size, ranks=self.world.size)
+                            self.state.counted_tokens or 0, ranks=self.world.size)
         finally:
             bar.close()
             if previous is signal.default_int_handler:
