@@ -38,6 +38,8 @@ def test_gpt3_on_10000_v100s_by_hand():
     compute_days = 3.14e23 / 24.6e12 / N / 86400
     assert c["share"] == pytest.approx(c["days"] / (c["days"] + compute_days))
     assert c["energy_mwh"] == pytest.approx(per_step * steps * N * 330 * 1.10 / 3.6e9)
+    assert c["total_days"] == pytest.approx(c["days"] + compute_days)
+    assert c["total_mwh"] == pytest.approx(c["energy_mwh"] + r["energy_mwh"])
     text = scale_report.format_table(r)
     assert "pure data parallel over all chips" in text and "share of training time" in text
 

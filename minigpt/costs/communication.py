@@ -89,13 +89,16 @@ def communication(scn, params: float, chip, s, compute_hours: float | None) -> d
     chip_hours = comm_s * N / 3600
     mwh = chip_hours * chip.watts * s.pue / 1e6
     share = comm_s / (compute_s + comm_s) if compute_s else None
+    compute_mwh = compute_hours * chip.watts * s.pue / 1e6 if compute_hours else None
     return {"communication": {
         "layout": LAYOUT, "chips": N, "gradient_bytes": grad_bytes, "buffer_bytes": buffer,
         "sent_bytes_per_chip_per_step": sent, "link_bytes_per_s": link, "link": link_is,
         "seconds_per_step": step_s, "steps": steps, "batch_tokens": t["batch_tokens"],
         "days": comm_s / 86400, "compute_days": compute_s / 86400 if compute_s else None,
         "chip_hours": chip_hours, "energy_mwh": mwh, "co2_tonnes": mwh * s.carbon_kg_per_kwh,
-        "share": share}, "communication_why": None}
+        "share": share,
+        "total_days": (compute_s + comm_s) / 86400 if compute_s else None,
+        "total_mwh": compute_mwh + mwh if compute_mwh else None}, "communication_why": None}
 
 
 def lines(r: dict) -> list[str]:
@@ -120,5 +123,7 @@ def lines(r: dict) -> list[str]:
         f"communication), no overlap"),
         (f"  {'energy_mwh':<28} {c['energy_mwh']:12,.1f}  chips x W x PUE while they exchange "
         f"({c['co2_tonnes']:,.1f} tCO2e)"),
+        *([(f"  {'with compute':<28} {c['total_days']:12,.1f}  days, {c['total_mwh']:,.1f} MWh "
+            f"(compute + communication, one after the other)")] if c["total_days"] else []),
         ("  (an upper bound for this layout: overlap with the backward pass, one ring per network "
         "card, NVLink inside servers and model parallelism all shrink it; docs/costs.md)")]
