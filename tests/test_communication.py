@@ -63,6 +63,10 @@ def test_without_batch_tokens_nothing_is_guessed():
 def test_a_bad_link_name_is_one_line():
     with pytest.raises(ConfigError, match="interconnect must be one of nvlink, pcie, infiniband"):
         scale_report.estimate(load("gpt3-175b", ["hardware.interconnect=ethernet"]))
+    unused = load("gpt3-175b", ["hardware.interconnect=pcie4"])
+    del unused.values["training"]["batch_tokens"]
+    with pytest.raises(ConfigError, match="interconnect must be one of"):  # even when unused
+        scale_report.estimate(unused)
     scn = load("gpt3-175b", ["hardware.profile=tpu-v4", "hardware.mfu=0.5"])
     with pytest.raises(ConfigError, match="no interconnect figure"):
         communication.communication(scn, 1e9, scaling.chip_of(scn), scaling.settings_of(scn), 1.0)

@@ -46,9 +46,6 @@ def _link(scn, chip) -> tuple[float, str]:
     prof = chip.profile
     name = hw.get("interconnect")
     if name is not None:
-        if name not in hardware.LINKS:
-            raise ConfigError(f"{scn.where('hardware', 'interconnect')}: [hardware] interconnect "
-                              f"must be one of {', '.join(hardware.LINKS)}, not {name!r}")
         try:
             return hardware.link_bandwidth(prof, name), _describe(prof, name)
         except ConfigError as e:
@@ -70,6 +67,10 @@ def communication(scn, params: float, chip, s, compute_hours: float | None) -> d
     """The allreduce's share of a training projection; {"communication": None, ...} with the reason
     when the scenario lacks what it needs (batch_tokens, a chip count, a link)."""
     t = scn.values.get("training", {})
+    name = scn.get("hardware", "interconnect")
+    if name is not None and name not in hardware.LINKS:  # checked even when nothing is estimated
+        raise ConfigError(f"{scn.where('hardware', 'interconnect')}: [hardware] interconnect "
+                          f"must be one of {', '.join(hardware.LINKS)}, not {name!r}")
     if "batch_tokens" not in t:
         return {"communication": None,
                 "communication_why": "give [training] batch_tokens (the global batch in tokens) to "
