@@ -75,7 +75,7 @@ def _hardware_for(args, device: str):
 
 
 def _print_training_costs(trainer, result, measured, args) -> None:
-    from minigpt.costs import calibrate, energy, report
+    from minigpt.costs import calibrate, energy, projection, report
     from minigpt.meter import METER
 
     peak, where = calibrate.local_peak() if trainer.cfg.train.device == "cpu" else (None, "")
@@ -86,7 +86,7 @@ def _print_training_costs(trainer, result, measured, args) -> None:
     print()
     print("\n".join(energy.report_lines(rows, result.elapsed_s, _hardware_for(args, trainer.cfg.train.device),
                                        measured=measured, watts=args.watts, tokens=result.tokens)))
-    print(energy.gpt3_projection_line(result.tokens, rows, joules=measured.total_joules))
+    print(projection.gpt3_projection_line(result.tokens, rows, joules=measured.total_joules))
 
 
 def _generate_parser(prog="minigpt generate") -> argparse.ArgumentParser:
@@ -412,7 +412,7 @@ def cmd_hardware(argv) -> int:
     prof = hardware.load_profile(args.name)
     print(f"{prof.name}: {prof.description}  ({prof.path})")
     figures = [(f"peak_flops.{t}", v) for t, v in prof.peak_flops.items()]
-    figures += [(f, getattr(prof, f)) for f in hardware.FIGURES]
+    figures += [(f, getattr(prof, f)) for f in hardware.FIGURES + hardware.OPTIONAL_FIGURES]
     for key, value in figures:
         shown = f"{value:.4g}" if value is not None else prof.missing.get(key, "unknown")
         print(f"  {key:<18} {shown:>12}  {prof.sources.get(key, '')}")
