@@ -18,7 +18,7 @@ from minigpt.costs.hardware import (
 from minigpt.errors import ConfigError
 
 NAMES = {"v100-sxm2", "a100-sxm-40gb", "a100-sxm-80gb", "h100-sxm", "h100-pcie", "h200", "b200",
-         "tpu-v3", "tpu-v4", "m2-ultra"}
+         "tpu-v2", "tpu-v3", "tpu-v4", "m2-ultra"}
 
 GOOD = """
 name = "my-gpu"
@@ -64,8 +64,9 @@ def test_every_packaged_profile_loads_with_sources():
     for name, p in profiles.items():
         assert p.path.stem == name and p.description
         assert set(p.peak_flops) == set(DTYPES) | {"fp64"}
-        keys = [f"peak_flops.{t}" for t in DTYPES] + list(FIGURES)
+        keys = [f"peak_flops.{t}" for t in DTYPES] + list(FIGURES) + ["system_power_watts"]
         values = [p.peak_flops[t] for t in DTYPES] + [getattr(p, f) for f in FIGURES]
+        values.append(p.system_power_watts)
         for key, value in zip(keys, values):
             if value is None:
                 assert p.missing[key] in ("unknown", "unsupported"), (name, key)

@@ -33,7 +33,7 @@ class Chip:
     dtype: str  # which peak: fp16 by default
     peak: float | None  # FLOP/s
     achieved: float | None  # FLOP/s per chip in training (given; see training for implied)
-    rating: float  # W per chip before power_fraction
+    rating: float | None  # W per chip before power_fraction (None: not needed, not given)
     basis: str  # "chip", "system", or "given" / "given (system)": where rating came from
     power_source: str  # the profile's source of the rating, or the scenario's field
     power_fraction: float  # average draw / rating
@@ -41,12 +41,14 @@ class Chip:
     chips: int | None
 
     @property
-    def watts(self) -> float:
+    def watts(self) -> float | None:
         """W per chip charged: the rating × power_fraction."""
-        return self.rating * self.power_fraction
+        return None if self.rating is None else self.rating * self.power_fraction
 
     def power_text(self) -> str:
         """'812.5 W per chip (system basis) × power_fraction 0.7 = 568.75 W'."""
+        if self.rating is None:
+            return f"power not given ({self.power_source})"
         frac = (f" × power_fraction {self.power_fraction:g} = {self.watts:g} W"
                 if self.power_fraction != 1 else "")
         return f"{self.rating:g} W per chip ({self.basis} basis){frac}"
@@ -59,7 +61,7 @@ class Chip:
         return f"{n}{self.profile.name}{rate}{mfu}, {self.power_text()}"
 
 
-def _rating(scn: Scenario, prof: Profile) -> tuple[float, str, str]:
+def _rating(scn: Scenario, prof: Profile, need: bool) -> tuple[float | None, str, str]:
     """(W per chip, basis, where from): watts_per_chip if given, else the basis's profile figure."""
     hw = scn.values["hardware"]
     basis = hw.get("power_basis")
@@ -69,6 +71,8 @@ def _rating(scn: Scenario, prof: Profile) -> tuple[float, str, str]:
     basis = basis or "chip"
     figure = BASIS_FIGURE[basis]
     watts = getattr(prof, figure)
+    if watts is None and not need:
+        return None, basis, f"{prof.name} has no {figure}; not needed for a stated Wh per query"
     if watts is None:
         note = prof.notes.get(figure, "")
         raise ConfigError(f"{scn.where('hardware', 'power_basis')}: [hardware] power_basis = "
@@ -78,6 +82,8 @@ def _rating(scn: Scenario, prof: Profile) -> tuple[float, str, str]:
 
 
 def chip_of(scn: Scenario) -> Chip:
+    """The scenario's chip; its power is required unless nothing is computed from it (a stated
+    Wh per query with no model and no training)."""
     hw = scn.values["hardware"]
     try:
         prof = hardware.load_profile(hw["profile"])
@@ -96,7 +102,7 @@ def chip_of(scn: Scenario) -> Chip:
         raise ConfigError(f"{scn.where('hardware', 'achieved_flops_per_chip')}: [hardware] "
                           f"achieved_flops_per_chip {achieved:.3g} exceeds {prof.name}'s {dtype} "
                           f"peak {peak:.3g}")
-    rating, basis, source = _rating(scn, prof)
+    rating, basis, source = _rating(scn, prof, scn.has("training") or scn.has("model"))
     bandwidth = hw.get("memory_bandwidth", prof.memory_bandwidth)  # bytes/s
     return Chip(prof, dtype, peak, achieved, rating, basis, source, hw.get("power_fraction", 1.0),
                 bandwidth, hw.get("chips"))

@@ -85,6 +85,11 @@ def estimate(scn: Scenario) -> dict:
         notes += [inf["fit_note"]] if inf["fit_note"] else []
         if inf["wh_per_query_basis"] == "stated":
             notes.append("wh_per_query: the scenario's stated figure, not a computed one")
+        floor = inf.get("inference_layers", {}).get("floor_wh_per_query")
+        if inf["wh_per_query_basis"] == "compute-bound" and floor and floor > inf["wh_per_query"]:
+            notes.append(f"the compute-bound Wh per query is below the bytes floor of batch "
+                         f"{inf['batch']} ({floor:.3g} Wh): it assumes the weight reads are "
+                         f"shared by a larger batch (try --set inference.batch=64)")
     if s.water_onsite_l_per_kwh is None and s.water_offsite_l_per_kwh is None:
         notes.append("water: not estimated (give hardware.water_onsite_l_per_kwh or "
                      "water_offsite_l_per_kwh)")
@@ -105,6 +110,10 @@ def estimate(scn: Scenario) -> dict:
          "(tests/test_costs.py, tests/test_scaling.py)"), here,
         "per-chip figures marked as measured in the scenario's comments (e.g. Patterson's)"]
     out["assumptions"] = _assumptions(scn, chip, s)
+    out["published"] = [{"key": k, "published": v, "ours": out.get(k),
+                         "difference": out[k] / v - 1 if out.get(k) is not None else None}
+                        for k, v in scn.published.items()]
+    out["published_source"] = scn.published_source
     out["notes"] = notes
     out["settings"] = s
     return out
@@ -210,8 +219,8 @@ def _query_lines(r: dict) -> list[str]:
 
 def _inference_lines(r: dict) -> list[str]:
     if r["weight_bytes"] is None:
-        return [f"inference: a stated energy per query on {r['hardware']} (no model: the "
-                f"roofline is not given)"] + _query_lines(r)
+        title = "inference: a stated energy per query (no model: the roofline is not given)"
+        return [title, *_query_lines(r)]
     L = r["inference_layers"]
     kv = si(r["kv_bytes_per_token"], "B") if r["kv_bytes_per_token"] else "-"
     fits = {True: "fit", False: "DO NOT FIT", None: "fit: not checked"}[r["fits_in_memory"]]
@@ -250,6 +259,11 @@ def format_table(r: dict) -> str:
         lines += _training_lines(r) + [""]
     if r["wh_per_query"] is not None:
         lines += _inference_lines(r) + [""]
+    if r["published"]:
+        lines += [f"published ({r['published_source']}) beside ours:"]
+        lines += [f"  {p['key']:<22} {p['published']:>14,.6g} {_n(p['ours'], ',.6g'):>14}  "
+                  + ("not given" if p["difference"] is None else f"{100 * p['difference']:+.2f}%")
+                  for p in r["published"]] + [""]
     lines.append("rests on measurement:")
     lines += [f"  - {m}" for m in r["measured"]]
     if r["this_machine"] and r["this_machine"]["years"]:

@@ -50,6 +50,11 @@ from minigpt.errors import ConfigError
 
 SCENARIO_DIR = Path(__file__).resolve().parents[2] / "configs" / "scale"
 TOP_LEVEL = ("name", "description")
+PUBLISHED = "published"  # [published]: the figures the scenario's source gives, to compare with
+PUBLISHED_KEYS = ("train_flops_used", "chip_hours", "days", "flops_per_chip", "mfu",
+                  "energy_it_mwh", "energy_mwh", "co2_tonnes", "co2_net_tonnes", "water_onsite_m3",
+                  "water_offsite_m3", "water_m3", "flops_per_query", "wh_per_query",
+                  "co2_g_per_query", "water_ml_per_query", "gwh_per_year")
 ARCH = ("n_layer", "n_embd", "n_head", "block_size", "vocab_size")
 PEAK_DTYPES = ("fp32", "tf32", "fp16", "int8")
 POWER_BASES = ("chip", "system")
@@ -91,6 +96,8 @@ class Scenario:
     path: Path | None = None
     values: dict[str, dict] = field(default_factory=dict)
     origins: dict[str, str] = field(default_factory=dict)  # "hardware.mfu" -> "--set ..."
+    published: dict[str, float] = field(default_factory=dict)  # output key -> the source's figure
+    published_source: str = ""
 
     def get(self, section: str, key: str, default=None):
         return self.values.get(section, {}).get(key, default)
@@ -256,6 +263,9 @@ def from_dict(d: dict, where: str = "scenario", path: Path | None = None) -> Sce
     scn = Scenario(name=str(d.get("name") or (path.stem if path else "scenario")), path=path)
     scn.description = str(d.get("description", ""))
     for section, table in d.items():
+        if section == PUBLISHED:
+            _published(scn, table, where)
+            continue
         if section in TOP_LEVEL:
             if not isinstance(table, str):
                 raise ConfigError(f"{where}: {section}: expected a string, got {table!r}")
@@ -266,6 +276,28 @@ def from_dict(d: dict, where: str = "scenario", path: Path | None = None) -> Sce
         for key, value in table.items():
             set_value(scn, section, key, value, where)
     return scn
+
+
+def _published(scn: Scenario, table, where: str) -> None:
+    """[published] source = "...", then output keys (energy_mwh = 1287, ...) with the source's
+    figures: shown beside ours in the report and checked by the tests (within 2%)."""
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where}: published must be a [published] table")
+    for key, value in table.items():
+        label = f"{where}: [published] {key}"
+        if key == "source":
+            if not isinstance(value, str) or not value.strip():
+                raise ConfigError(f"{label}: expected a non-empty string")
+            scn.published_source = value
+        elif key not in PUBLISHED_KEYS:
+            raise ConfigError(f"{where}: unknown key {key!r} in [published]"
+                              f"{_nearest(key, PUBLISHED_KEYS)}")
+        elif isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise ConfigError(f"{label}: expected a positive number, got {value!r}")
+        else:
+            scn.published[key] = float(value)
+    if scn.published and not scn.published_source:
+        raise ConfigError(f"{where}: [published] missing required field 'source'")
 
 
 EITHER_OR = RATES + DURATIONS  # one of these fixes the others (with FLOPs)
