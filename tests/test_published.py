@@ -138,6 +138,12 @@ def test_power_basis_chip_or_system_and_every_report_names_it(capsys):
         assert " basis" in out or "stated energy per query" in out, name
 
 
+def test_a_set_of_power_basis_replaces_the_files_watts():
+    r = estimate("patterson-gpt3", "hardware.power_basis=chip")
+    assert r["watts_per_chip"] == 300 and r["power_basis"] == "chip"  # the V100's TDP
+    assert r["energy_mwh"] == pytest.approx(1287 * 300 / 330, rel=0.01)
+
+
 def test_a_set_of_mfu_replaces_the_files_days():
     r = estimate("gpt4-class-moe", "hardware.mfu=0.5")
     assert r["chip_hours_is"].startswith("FLOPs") and r["mfu"] == pytest.approx(0.5)

@@ -305,11 +305,14 @@ EITHER_OR = RATES + DURATIONS  # one of these fixes the others (with FLOPs)
 
 def set_value(scn: Scenario, section: str, key: str, value, where: str) -> None:
     """Set one field; a --set of a rate (mfu, achieved_flops_per_chip) or a duration (chip_hours,
-    days) drops the file's other rate and durations, so the override takes effect."""
+    days) drops the file's other rate and durations, and a --set of power_basis the file's
+    watts_per_chip, so the override takes effect."""
     table = scn.values.setdefault(section, {})
     table[key] = _check(where, section, key, value)
-    if (section, key) in EITHER_OR and where.startswith("--set"):
-        for sec, other in EITHER_OR:
+    replaces = EITHER_OR if (section, key) in EITHER_OR else (
+        (("hardware", "watts_per_chip"),) if (section, key) == ("hardware", "power_basis") else ())
+    if replaces and where.startswith("--set"):
+        for sec, other in replaces:
             if other != key and other in scn.values.get(sec, {}) and (
                     scn.where(sec, other) == str(scn.path)):
                 del scn.values[sec][other]
