@@ -3,7 +3,7 @@ figures: the projection worked by hand, the link choice, and bad input in one li
 
 import pytest
 
-from minigpt.costs import communication, hardware, scale_report, scaling
+from minigpt.costs import chips, communication, footprint, hardware, scale_report
 from minigpt.costs.scenario import load
 from minigpt.errors import ConfigError
 
@@ -69,4 +69,5 @@ def test_a_bad_link_name_is_one_line():
         scale_report.estimate(unused)
     scn = load("gpt3-175b", ["hardware.profile=tpu-v4", "hardware.mfu=0.5"])
     with pytest.raises(ConfigError, match="no interconnect figure"):
-        communication.communication(scn, 1e9, scaling.chip_of(scn), scaling.settings_of(scn), 1.0)
+        communication.communication(scn, 1e9, chips.chip_of(scn), footprint.settings_of(scn),
+                                    {"chip_hours": 1.0})

@@ -63,9 +63,10 @@ def _describe(prof, link: str) -> str:
     return f"{prof.name} {link} (`minigpt hardware {prof.name}` shows its source)"
 
 
-def communication(scn, params: float, chip, s, compute_hours: float | None) -> dict:
-    """The allreduce's share of a training projection; {"communication": None, ...} with the reason
-    when the scenario lacks what it needs (batch_tokens, a chip count, a link)."""
+def communication(scn, params: float | None, chip, s, projection: dict) -> dict:
+    """The allreduce's share of a training projection (the dict of costs.training.training: its
+    chip_hours and energy_mwh are the compute's); {"communication": None, ...} with the reason
+    when the scenario lacks what it needs (batch_tokens, tokens, params, a chip count, a link)."""
     t = scn.values.get("training", {})
     name = scn.get("hardware", "interconnect")
     if name is not None and name not in hardware.LINKS:  # checked even when nothing is estimated
@@ -75,6 +76,10 @@ def communication(scn, params: float, chip, s, compute_hours: float | None) -> d
         return {"communication": None,
                 "communication_why": "give [training] batch_tokens (the global batch in tokens) to "
                                      "estimate the gradient allreduce"}
+    if "tokens" not in t or not params:
+        return {"communication": None,
+                "communication_why": "the gradient allreduce needs [training] tokens and the "
+                                     "model's parameter count"}
     N = chip.chips
     if not N or N < 2:
         return {"communication": None,
@@ -86,20 +91,23 @@ def communication(scn, params: float, chip, s, compute_hours: float | None) -> d
     step_s = sent / link
     steps = t["tokens"] / t["batch_tokens"]
     comm_s = steps * step_s
+    compute_hours = projection.get("chip_hours")
     compute_s = compute_hours * 3600 / N if compute_hours else None
     chip_hours = comm_s * N / 3600
-    mwh = chip_hours * chip.watts * s.pue / 1e6
+    mwh = chip_hours * chip.watts * s.pue / 1e6 if chip.watts else None
     share = comm_s / (compute_s + comm_s) if compute_s else None
-    compute_mwh = compute_hours * chip.watts * s.pue / 1e6 if compute_hours else None
+    compute_mwh = projection.get("energy_mwh")
     return {"communication": {
         "layout": LAYOUT, "chips": N, "gradient_bytes": grad_bytes, "buffer_bytes": buffer,
         "sent_bytes_per_chip_per_step": sent, "link_bytes_per_s": link, "link": link_is,
         "seconds_per_step": step_s, "steps": steps, "batch_tokens": t["batch_tokens"],
         "days": comm_s / 86400, "compute_days": compute_s / 86400 if compute_s else None,
-        "chip_hours": chip_hours, "energy_mwh": mwh, "co2_tonnes": mwh * s.carbon_kg_per_kwh,
+        "chip_hours": chip_hours, "energy_mwh": mwh,
+        "co2_tonnes": mwh * s.carbon_kg_per_kwh if mwh is not None else None,
         "share": share,
         "total_days": (compute_s + comm_s) / 86400 if compute_s else None,
-        "total_mwh": compute_mwh + mwh if compute_mwh else None}, "communication_why": None}
+        "total_mwh": compute_mwh + mwh if compute_mwh and mwh else None},
+        "communication_why": None}
 
 
 def lines(r: dict) -> list[str]:
@@ -108,23 +116,31 @@ def lines(r: dict) -> list[str]:
     if c is None:
         why = r.get("communication_why")
         return [f"  communication: not estimated ({why})"] if why else []
-    share = f"{100 * c['share']:.1f}%" if c["share"] is not None else "-"
-    return [
-        f"communication (gradient allreduce), assuming {c['layout']}:",
-        (f"  {'gradients per step':<28} {si(c['buffer_bytes'], 'B'):>12}  params x "
-        f"{c['gradient_bytes']:g} bytes"),
-        (f"  {'sent per chip per step':<28} {si(c['sent_bytes_per_chip_per_step'], 'B'):>12}  "
-        f"2 (N-1)/N x gradients, N = {c['chips']:,} (ring; received: as much)"),
-        f"  {'link, each way':<28} {si(c['link_bytes_per_s'], 'B/s'):>12}  {c['link']}",
-        f"  {'seconds per step':<28} {c['seconds_per_step']:12.4g}  sent / link",
-        f"  {'steps':<28} {c['steps']:12,.0f}  tokens / batch_tokens ({c['batch_tokens']:.4g})",
-        f"  {'days':<28} {c['days']:12,.1f}  beside {c['compute_days']:,.1f} days of compute"
-        if c["compute_days"] is not None else f"  {'days':<28} {c['days']:12,.1f}",
-        (f"  {'share of training time':<28} {share:>12}  communication / (compute + "
-        f"communication), no overlap"),
-        (f"  {'energy_mwh':<28} {c['energy_mwh']:12,.1f}  chips x W x PUE while they exchange "
-        f"({c['co2_tonnes']:,.1f} tCO2e)"),
-        *([(f"  {'with compute':<28} {c['total_days']:12,.1f}  days, {c['total_mwh']:,.1f} MWh "
-            f"(compute + communication, one after the other)")] if c["total_days"] else []),
-        ("  (an upper bound for this layout: overlap with the backward pass, one ring per network "
-        "card, NVLink inside servers and model parallelism all shrink it; docs/costs.md)")]
+
+    def row(name: str, value: str, how: str) -> str:
+        return f"  {name:<28} {value:>12}  {how}"
+
+    out = [f"communication (gradient allreduce), assuming {c['layout']}:",
+           row("gradients per step", si(c["buffer_bytes"], "B"),
+               f"params x {c['gradient_bytes']:g} bytes"),
+           row("sent per chip per step", si(c["sent_bytes_per_chip_per_step"], "B"),
+               f"2 (N-1)/N x gradients, N = {c['chips']:,} (ring; received: as much)"),
+           row("link, each way", si(c["link_bytes_per_s"], "B/s"), c["link"]),
+           row("seconds per step", f"{c['seconds_per_step']:.4g}", "sent / link"),
+           row("steps", f"{c['steps']:,.0f}", f"tokens / batch_tokens ({c['batch_tokens']:.4g})"),
+           row("days", f"{c['days']:,.1f}", f"beside {c['compute_days']:,.1f} days of compute"
+               if c["compute_days"] is not None else "(compute days: not given)")]
+    if c["share"] is not None:
+        out.append(row("share of training time", f"{100 * c['share']:.1f}%",
+                       "communication / (compute + communication), no overlap"))
+    if c["energy_mwh"] is not None:
+        out.append(row("energy_mwh", f"{c['energy_mwh']:,.1f}",
+                       f"chips x W x PUE while they exchange ({c['co2_tonnes']:,.1f} tCO2e)"))
+    if c["total_days"] is not None:
+        mwh = f", {c['total_mwh']:,.1f} MWh" if c["total_mwh"] is not None else ""
+        out.append(row("with compute", f"{c['total_days']:,.1f}",
+                       f"days{mwh} (compute + communication, one after the other)"))
+    out.append("  (an upper bound for this layout: overlap with the backward pass, one ring per "
+               "network card, NVLink inside servers and model parallelism all shrink it; "
+               "docs/costs.md)")
+    return out
