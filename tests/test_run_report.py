@@ -1,0 +1,142 @@
+"""A finished run's own energy and report: energy.json (an estimated time x power figure and a
+roofline figure on a machine without counters, floor <= roofline <= time x power), joules in every
+grouping of `minigpt costs` adding up to the run's totals (table, JSON, CSV), generate --costs
+split into prefill and decode, and report.html, rendered by headless Chromium where installed."""
+
+import csv
+import io
+import json
+import shutil
+import subprocess
+
+import pytest
+from conftest import run_cli
+
+from minigpt import report_html
+from minigpt.costs import report, run_energy
+
+GROUPINGS = ("scope", "op", "kind", "layer", "phase")
+
+
+def _doc(run):
+    return json.loads((run / "energy.json").read_text())
+
+
+def test_a_run_writes_energy_json_with_every_layer(trained_run):
+    doc = _doc(trained_run)
+    assert set(doc["layers"]) == {"measured", "time_x_power", "roofline", "floor"}
+    for key in ("seconds", "watts", "watts_basis", "pue", "pue_source", "grid_kg_co2e_per_kwh",
+                "grid_source", "tokens", "metered", "profile"):
+        assert key in doc, key
+    layers = {k: v["joules"] for k, v in doc["layers"].items()}
+    assert all(v["why"] for v in doc["layers"].values())
+    if layers["measured"] is None:  # this machine's case: no readable counters
+        assert doc["watts_basis"].startswith("estimated: ")
+        assert "logical cores busy" in doc["watts_basis"]
+    assert layers["time_x_power"] is not None and layers["roofline"] is not None
+    assert 0 < layers["floor"] <= layers["roofline"] <= layers["time_x_power"]
+    tp = doc["layers"]["time_x_power"]
+    assert tp["joules"] == pytest.approx(doc["seconds"] * doc["watts"] * doc["pue"])
+    assert tp["wh"] == pytest.approx(tp["joules"] / 3600)
+    assert tp["j_per_token"] == pytest.approx(tp["joules"] / doc["tokens"])
+    assert tp["gco2e"] == pytest.approx(tp["joules"] / 3.6e6 * doc["grid_kg_co2e_per_kwh"] * 1e3)
+    assert doc["profile"]["peak_flops"]["fp32"] > 0  # the roofline used, stored with the run
+
+
+def test_the_run_prints_an_estimated_time_x_power_line(trained_run):
+    r = run_cli("train.py", "configs/tiny.toml", "--no-progress", "--set",
+                f"train.out_dir={trained_run.parent / 'printed'!s}", "--set", "model.n_layer=1",
+                "--set", "model.n_embd=16", "--set", "model.block_size=16", "--set",
+                "train.batch_size=2", "--set", "train.max_steps=2", "--set", "eval.batches=1",
+                "--set", 'data.path="corpora/tiny.txt"')
+    assert r.returncode == 0, r.stderr
+    lines = {line.split()[0]: line for line in r.stdout.splitlines() if line.strip()}
+    if "not measured here" in lines["measured"]:
+        assert "estimated: " in lines["time"] and "logical cores busy" in lines["time"]
+    assert "ideal time on" in lines["roofline"] and "J" in lines["roofline"]
+    assert "no local-cpu profile" not in r.stdout and "report.html" in r.stdout
+
+
+@pytest.mark.parametrize("by", GROUPINGS)
+def test_joules_of_every_grouping_add_up(trained_run, by):
+    doc, rows = _doc(trained_run), report.load(trained_run)["records"]
+    groups = report.group(rows, by, extra=run_energy.row_joules(doc))
+    total = sum(g["joules"] for g in groups)
+    assert total == pytest.approx(doc["metered"]["joules"])
+    assert total == pytest.approx(doc["metered"]["seconds"] * doc["watts"] * doc["pue"])
+    assert sum(g["joules_roofline"] for g in groups) == pytest.approx(
+        doc["layers"]["roofline"]["joules"])
+    assert doc["metered"]["joules"] <= doc["layers"]["time_x_power"]["joules"]
+    for g in groups:
+        assert g["joules"] == pytest.approx(g["seconds"] * doc["watts"] * doc["pue"])
+    # the command, in each format
+    js = json.loads(run_cli("-m", "minigpt", "costs", trained_run, "--by", by, "--format",
+                            "json").stdout)
+    assert sum(g["joules"] for g in js["groups"]) == pytest.approx(total)
+    assert js["energy"]["watts_basis"] == doc["watts_basis"]
+    rows_csv = list(csv.DictReader(io.StringIO(run_cli("-m", "minigpt", "costs", trained_run,
+                                                        "--by", by, "--format", "csv").stdout)))
+    assert sum(float(r["joules_roofline"]) for r in rows_csv) == pytest.approx(
+        doc["layers"]["roofline"]["joules"])
+    table = run_cli("-m", "minigpt", "costs", trained_run, "--by", by).stdout
+    assert "joules" in table and "J roofline" in table and "x PUE" in table
+
+
+def test_a_run_without_energy_json_says_so(run_copy):
+    (run_copy / "energy.json").unlink()
+    r = run_cli("-m", "minigpt", "costs", run_copy, "--by", "layer")
+    assert r.returncode == 0 and "no joules: this run has no energy.json" in r.stdout
+    (run_copy / "energy.json").write_text("{not json")
+    r = run_cli("-m", "minigpt", "costs", run_copy)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "energy.json" in r.stderr
+
+
+def test_generate_costs_splits_energy_into_prefill_and_decode(trained_run, tmp_path):
+    out = tmp_path / "gen.json"
+    r = run_cli("generate.py", trained_run, "--prompt", "The fox", "--max-new-tokens", "8",
+                "--seed", "1", "--costs", "--energy-json", out)
+    assert r.returncode == 0, r.stderr
+    assert "energy by phase" in r.stdout and "J/token" in r.stdout
+    doc = json.loads(out.read_text())
+    assert doc["phases"]["prefill"]["tokens"] == 7 and doc["phases"]["decode"]["tokens"] == 7
+    for p in doc["phases"].values():
+        assert p["j_per_token"] == pytest.approx(p["joules"] / p["tokens"])
+    assert sum(p["joules"] for p in doc["phases"].values()) == pytest.approx(
+        doc["metered"]["joules"])
+    bad = run_cli("generate.py", trained_run, "--max-new-tokens", "2", "--energy-json", out)
+    assert bad.returncode == 2 and "--energy-json needs --costs" in bad.stderr
+
+
+def test_report_html_is_self_contained(trained_run, run_copy):
+    text = (trained_run / "report.html").read_text()
+    for part in ("<svg", "loss against tokens seen", "FLOPs", "bytes moved", "metered seconds",
+                 "joules (seconds x power x PUE)", "against the roofline", "time x power",
+                 "physics floor", "at GPT-3 scale", "PUE"):
+        assert part in text, part
+    assert "<script" not in text and "src=" not in text and "<link" not in text
+    assert "http://" not in text.replace('xmlns="http://www.w3.org/2000/svg"', "")
+    assert "https://" not in text
+    (run_copy / "energy.json").unlink()
+    (run_copy / "report.html").unlink()
+    r = run_cli("-m", "minigpt", "report", run_copy)
+    assert r.returncode == 0 and (run_copy / "report.html").is_file()
+    assert "no energy.json" in (run_copy / "report.html").read_text()
+    bad = run_cli("-m", "minigpt", "report", run_copy / "nothing")
+    assert bad.returncode == 2 and "no costs.json" in bad.stderr
+
+
+def test_report_html_renders_in_headless_chromium(trained_run, tmp_path):
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("no chromium installed (apt-get install chromium)")
+    shot = tmp_path / "report.png"
+    html = tmp_path / "report.html"
+    html.write_text(report_html.render(trained_run))
+    r = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu",
+                        "--disable-background-networking", "--disable-component-update",
+                        "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'p'}",
+                        f"--screenshot={shot}", "--window-size=1100,2400", html.as_uri()],
+                       capture_output=True, text=True, timeout=120, check=False)
+    assert r.returncode == 0, r.stderr[-2000:]
+    data = shot.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000  # a drawn page, not blank
