@@ -24,7 +24,8 @@ def _train_parser(prog="minigpt train") -> argparse.ArgumentParser:
     p = _Parser(
         prog=prog,
         description="Train a GPT-2 from scratch on a corpus. Writes <out_dir>/log.jsonl (one line per "
-        "evaluation) and <out_dir>/ckpt.npz (everything needed to resume or generate).",
+        "evaluation) and <out_dir>/ckpt.npz (everything needed to resume or generate), then the "
+        "costs (costs.json, costs.csv), the run's energy (energy.json) and report.html.",
         epilog="example: python train.py configs/tiny.toml --set train.max_steps=100",
     )
     p.add_argument("config", help="a TOML config, e.g. configs/tiny.toml")
@@ -40,7 +41,9 @@ def _train_parser(prog="minigpt train") -> argparse.ArgumentParser:
 def _energy_arguments(p) -> None:
     p.add_argument("--watts", type=float, default=None,
                    help="this machine's power draw in W, for the time x power and roofline energy "
-                   "estimates (default: the hardware profile's rated power, where it has one)")
+                   "figures where no energy counter was read (default: the hardware profile's power "
+                   "where it has one, else an estimate from the CPU's rated power and the run's "
+                   "CPU time, marked 'estimated')")
     p.add_argument("--hardware", default=None,
                    help="hardware profile for the energy report (default local-cpu on the CPU; see "
                    "minigpt hardware)")

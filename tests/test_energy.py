@@ -139,6 +139,8 @@ def test_no_local_profile_uses_the_cached_quick_measurement(home, monkeypatch):
     assert calibrate.cache_path() != first
     calibrate.quick_profile()
     assert calls == [True, True] and calibrate.cache_path().is_file()
+    calibrate.cache_path().write_text("name = [")  # damaged: measured again, not trusted
+    assert calibrate.quick_profile().name == "quick-cpu" and calls == [True, True, True]
 
 
 def test_floor_dtypes_and_unknowns():

@@ -10,7 +10,7 @@ import shutil
 import subprocess
 
 import pytest
-from conftest import run_cli
+from conftest import TINY, TINY_TOML, merge, run_cli, set_args
 
 from minigpt import report_html
 from minigpt.costs import report, run_energy
@@ -80,6 +80,19 @@ def test_joules_of_every_grouping_add_up(trained_run, by):
         doc["layers"]["roofline"]["joules"])
     table = run_cli("-m", "minigpt", "costs", trained_run, "--by", by).stdout
     assert "joules" in table and "J roofline" in table and "x PUE" in table
+
+
+def test_a_resumed_run_reports_this_session_energy(run_copy):
+    before = report.load(run_copy)
+    r = run_cli("train.py", TINY_TOML, "--no-progress", "--resume",
+                *set_args(merge(TINY, {"train": {"out_dir": str(run_copy), "max_steps": 9}})))
+    assert r.returncode == 0, r.stderr
+    doc, after = _doc(run_copy), report.load(run_copy)
+    step_tokens = TINY["train"]["batch_size"] * TINY["model"]["block_size"]
+    assert doc["tokens"] == 3 * step_tokens  # steps 7 to 9, not the whole run
+    session = sum(r["seconds"] for r in after["records"]) - sum(
+        r["seconds"] for r in before["records"])
+    assert doc["metered"]["seconds"] == pytest.approx(session)
 
 
 def test_a_run_without_energy_json_says_so(run_copy):
