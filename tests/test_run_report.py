@@ -34,7 +34,7 @@ def test_a_run_writes_energy_json_with_every_layer(trained_run):
         assert doc["watts_basis"].startswith("estimated: ")
         assert "logical cores busy" in doc["watts_basis"]
     assert layers["time_x_power"] is not None and layers["roofline"] is not None
-    assert 0 < layers["floor"] <= layers["roofline"] <= layers["time_x_power"]
+    assert 0 < layers["floor"] and layers["roofline"] <= layers["time_x_power"]
     tp = doc["layers"]["time_x_power"]
     assert tp["joules"] == pytest.approx(doc["seconds"] * doc["watts"] * doc["pue"])
     assert tp["wh"] == pytest.approx(tp["joules"] / 3600)
@@ -43,18 +43,24 @@ def test_a_run_writes_energy_json_with_every_layer(trained_run):
     assert doc["profile"]["peak_flops"]["fp32"] > 0  # the roofline used, stored with the run
 
 
-def test_the_run_prints_an_estimated_time_x_power_line(trained_run):
-    r = run_cli("train.py", "configs/tiny.toml", "--no-progress", "--set",
-                f"train.out_dir={trained_run.parent / 'printed'!s}", "--set", "model.n_layer=1",
-                "--set", "model.n_embd=16", "--set", "model.block_size=16", "--set",
-                "train.batch_size=2", "--set", "train.max_steps=2", "--set", "eval.batches=1",
-                "--set", 'data.path="corpora/tiny.txt"')
+def test_the_tiny_model_prints_an_estimate_and_floor_roofline_time_x_power_in_order(tmp_path):
+    # configs/tiny.toml's model (4 x 128, 64 tokens), two small steps. The order below is a fact
+    # about this model on a CPU, not a law: the floor uses 45 nm energies per FLOP and byte, which
+    # a modern chip at a small power figure can beat on a model this narrow (a 16-wide one is
+    # memory bound at ~250 pJ/B here against the floor's 162.5).
+    out = tmp_path / "tiny"
+    r = run_cli("train.py", "configs/tiny.toml", "--no-progress", "--set", f"train.out_dir={out!s}",
+                "--set", "train.batch_size=8", "--set", "train.max_steps=2", "--set",
+                "eval.batches=1", "--set", "eval.interval=2", "--set",
+                'data.path="corpora/fables.txt"', timeout=120)
     assert r.returncode == 0, r.stderr
     lines = {line.split()[0]: line for line in r.stdout.splitlines() if line.strip()}
     if "not measured here" in lines["measured"]:
         assert "estimated: " in lines["time"] and "logical cores busy" in lines["time"]
     assert "ideal time on" in lines["roofline"] and "J" in lines["roofline"]
     assert "no local-cpu profile" not in r.stdout and "report.html" in r.stdout
+    layers = {k: v["joules"] for k, v in _doc(out)["layers"].items()}
+    assert 0 < layers["floor"] <= layers["roofline"] <= layers["time_x_power"]
 
 
 @pytest.mark.parametrize("by", GROUPINGS)

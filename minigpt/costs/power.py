@@ -7,7 +7,8 @@ Two readers, each with `name`, `available()` (False with `reason` saying why) an
   It adds the top-level *package* domains and every *dram* domain (a top-level one, or a package's
   subdomain named "dram": RAPL meters DRAM separately from the package, so the two add up without
   overlap). It never adds the other subdomains (core, uncore: parts of a package) nor "psys" (the
-  whole platform, which contains the packages): either would count energy twice. Each counter
+  whole platform, which contains the packages), nor intel-rapl-mmio:* (the same package counter
+  seen through MMIO on some laptops): any of them would count energy twice. Each counter
   wraps at its max_energy_range_uj; `read_joules` keeps a running total from the reader's first
   read, right as long as it is read at least once per wrap, which `measure` ensures by reading
   every counter from a small background thread every `interval` seconds (a wrap takes minutes
