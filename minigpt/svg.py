@@ -37,8 +37,9 @@ def si(x: float) -> str:
 
 def nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
     """Round tick values covering [lo, hi] (1, 2 or 5 times a power of ten apart)."""
-    if hi <= lo:
-        hi = lo + 1.0
+    if hi <= lo:  # one value: a range around it
+        pad = abs(lo) * 0.1 or 1.0
+        lo, hi = lo - pad, hi + pad
     raw = (hi - lo) / n
     mag = 10 ** math.floor(math.log10(raw))
     step = next(m * mag for m in (1, 2, 5, 10) if m * mag >= raw)

@@ -159,3 +159,15 @@ def test_report_html_renders_in_headless_chromium(trained_run, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     data = shot.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000  # a drawn page, not blank
+
+
+def test_svg_ticks_and_labels():
+    from minigpt import svg
+
+    assert svg.nice_ticks(3.5, 5.4) == [3.5, 4.0, 4.5, 5.0, 5.5]
+    one = svg.nice_ticks(1024, 1024)  # a single evaluation: a range around it, not a point
+    assert one[0] < 1024 < one[-1] and len(set(one)) == len(one)
+    assert svg.log_ticks(0.3, 250) == [0.1, 1.0, 10.0, 100.0, 1000.0]
+    assert [svg.si(x) for x in (0, 2.5e9, 4.2e-3, 999)] == ["0", "2.5G", "4.2m", "999"]
+    chart = svg.bar_chart(["a<b", "c"], [1.0, None], "t & u")
+    assert "a&lt;b" in chart and "t &amp; u" in chart and "n/a" in chart
