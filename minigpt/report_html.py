@@ -59,7 +59,10 @@ def _loss_section(log: list[dict]) -> str:
 def _layer_section(rows: list[dict], doc: dict | None) -> str:
     train = [r for r in rows if r["phase"] in TRAIN_PHASES]
     groups = report.group(train, "layer", extra=run_energy.row_joules(doc) if doc else None)
-    groups.sort(key=lambda g: g["name"])
+    order = {}
+    for r in train:  # the model's order: the meter records in the order they first ran
+        order.setdefault(report.layer_of(r["scope"]), len(order))
+    groups.sort(key=lambda g: order[g["name"]])
     names = [g["name"] for g in groups]
     charts = [svg.bar_chart(names, [g["flops"] for g in groups], "FLOPs", svg.si, svg.COLORS[0]),
               svg.bar_chart(names, [g["bytes_read"] + g["bytes_written"] for g in groups],

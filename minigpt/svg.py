@@ -140,7 +140,7 @@ def bar_chart(labels: Sequence[str], values: Sequence[float], title: str,
               width: int = 420, notes: Sequence[str] | None = None) -> str:
     """Horizontal bars, one per label, with the value (fmt) at the end of each; `log` spaces the
     bars' lengths by decades (for values that span orders of magnitude; zero or None: no bar)."""
-    row, left, top = 22, max([60] + [7 * len(label) + 10 for label in labels]), 28
+    row, left, top = 22, max([60] + [int(7.5 * len(label)) + 16 for label in labels]), 28
     height = top + row * len(labels) + 10
     plot_w = width - left - 90
     shown = [v for v in values if v]
@@ -184,8 +184,9 @@ def roofline_chart(points: list[tuple[str, float, float]], peak: float, bandwidt
         roof[0] = (yt[0] / bandwidth, yt[0])
     body.append('<polyline fill="none" stroke="#333" stroke-width="2" points="'
                 + " ".join(f"{f.x(a):.1f},{f.y(b):.1f}" for a, b in roof) + '"/>')
-    body.append(f'<text x="{f.x(ridge) + 6:.1f}" y="{f.y(peak) - 6:.1f}">peak {si(peak)}FLOP/s, '
-                f'{si(bandwidth)}B/s</text>')
+    body.append(f'<text x="{width - f.right - 6}" y="{height - f.bottom - 8}" text-anchor="end">'
+                f'ceilings: peak {si(peak)}FLOP/s, {si(bandwidth)}B/s (ridge {ridge:.3g} FLOP/B)'
+                f'</text>')
     for k, (name, i, r) in enumerate(pts):
         color = COLORS[k % len(COLORS)]
         body.append(f'<circle cx="{f.x(i):.1f}" cy="{f.y(r):.1f}" r="5" fill="{color}" '
