@@ -171,3 +171,27 @@ def test_svg_ticks_and_labels():
     assert [svg.si(x) for x in (0, 2.5e9, 4.2e-3, 999)] == ["0", "2.5G", "4.2m", "999"]
     chart = svg.bar_chart(["a<b", "c"], [1.0, None], "t & u")
     assert "a&lt;b" in chart and "t &amp; u" in chart and "n/a" in chart
+
+
+def test_a_measured_run_stores_measured_power(monkeypatch):
+    from minigpt.costs.power import Measurement
+
+    rows = [{"scope": "h0", "op": "x@w", "kind": "matmul", "phase": "forward", "dtype": "float32",
+             "calls": 1, "flops": 2e9, "useful_flops": 2e9, "bytes_read": 1e6, "bytes_written": 0,
+             "seconds": 0.5}]
+    m = Measurement(joules={"rapl": 40.0, "nvml": None}, reasons={"nvml": "no GPU"}, seconds=2.0,
+                    cpu_seconds=1.0)
+    doc = run_energy.build(rows, 2.0, "h100-sxm", m, watts=None, tokens=100)
+    assert doc["watts"] == pytest.approx(20.0) and doc["watts_basis"] == "measured: rapl"
+    assert doc["layers"]["measured"]["joules"] == pytest.approx(40.0 * doc["pue"])
+    assert doc["layers"]["time_x_power"]["joules"] == pytest.approx(40.0 * doc["pue"])
+    assert doc["metered"]["joules"] == pytest.approx(0.5 * 20.0 * doc["pue"])
+
+
+def test_report_needs_no_plotting_package(trained_run, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now fails
+    monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
+    text = report_html.render(trained_run)
+    assert text.count("<svg") >= 6 and "</html>" in text
