@@ -274,6 +274,8 @@ def report_lines(rows: list[dict], seconds: float, profile: Profile | str | None
     layers = run_layers(rows, seconds, profile, measured, watts, s, estimate)
     prof, _ = _load(profile)
     name = prof.name if prof is not None else profile or "no profile"
+    if name == "quick-cpu":
+        name += " (this machine's cached quick measurement; `minigpt calibrate` measures carefully)"
     return format_layers(layers, s, f"energy, four ways ({seconds:.4g} s measured; profile {name})",
                          tokens)
 
