@@ -178,6 +178,12 @@ def cmd_generate(argv) -> int:
         raise ConfigError(f"--top-k must be >= 1, got {args.top_k}")
     if args.top_p is not None and not 0 < args.top_p <= 1:
         raise ConfigError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.energy_json is not None:
+        if not args.costs:
+            raise ConfigError("--energy-json needs --costs")
+        if not Path(args.energy_json).parent.is_dir():
+            raise ConfigError(f"--energy-json {args.energy_json}: no folder "
+                              f"{Path(args.energy_json).parent}")
     if args.prompt_file is not None:
         try:
             with open(args.prompt_file, "rb") as f:
@@ -213,8 +219,6 @@ def cmd_generate(argv) -> int:
     out.write(decode([], final=True) + "\n")
     if args.costs:
         _print_generation_costs(len(ids), args.max_new_tokens, measured, args)
-    elif args.energy_json:
-        raise ConfigError("--energy-json needs --costs")
     return 0
 
 
@@ -268,15 +272,12 @@ def _print_generation_energy(rows, measured, args, prompt_tokens, decode_steps, 
         print(f"{phase:<8}  {p['tokens'] or 0:>5} tokens  {p['joules']:9.4g} J  {per}  "
               f"(roofline {p['joules_roofline']:.3g} J)")
     if args.energy_json:
-        from pathlib import Path as _Path
+        import json
 
         from minigpt.costs import report
 
-        path = _Path(args.energy_json)
-        if not path.parent.is_dir():
-            raise ConfigError(f"--energy-json {path}: no folder {path.parent}")
-        report._atomic_write(path, __import__("json").dumps(doc, indent=1) + "\n")
-        print(f"wrote {path}")
+        report._atomic_write(Path(args.energy_json), json.dumps(doc, indent=1) + "\n")
+        print(f"wrote {args.energy_json}")
 
 
 def _costs_parser() -> argparse.ArgumentParser:

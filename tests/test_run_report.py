@@ -124,6 +124,8 @@ def test_generate_costs_splits_energy_into_prefill_and_decode(trained_run, tmp_p
         doc["metered"]["joules"])
     bad = run_cli("generate.py", trained_run, "--max-new-tokens", "2", "--energy-json", out)
     assert bad.returncode == 2 and "--energy-json needs --costs" in bad.stderr
+    bad = run_cli("generate.py", trained_run, "--costs", "--energy-json", tmp_path / "no" / "x.json")
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "no folder" in bad.stderr
 
 
 def test_report_html_is_self_contained(trained_run, run_copy):
