@@ -127,7 +127,9 @@ def _energy_section(doc: dict | None) -> str:
                           notes=[("" if v is not None else "not available") for v in values])
     watts = (f"{doc['watts']:.3g} W ({doc['watts_basis']})" if doc["watts"] is not None
              else f"none: {doc['watts_basis']}")
-    return (f"<p>power: {escape(watts)}; {doc['seconds']:.4g} s of wall time</p>{chart}"
+    source = f"power figure's source: {doc['watts_source']}" if doc.get("watts_source") else ""
+    return (f"<p>power: {escape(watts)}; {doc['seconds']:.4g} s of wall time</p>"
+            f'<p class="note">{escape(source)}</p>{chart}'
             "<table><tr><th class=l>layer</th><th>energy</th><th>Wh</th><th>gCO2e</th>"
             f"<th>J/token</th><th class=l>how</th></tr>{''.join(rows)}</table>"
             f'<p class="note">PUE {doc["pue"]:.2f} ({escape(doc["pue_source"])}); grid '

@@ -32,7 +32,7 @@ def test_a_run_writes_energy_json_with_every_layer(trained_run):
     assert all(v["why"] for v in doc["layers"].values())
     if layers["measured"] is None:  # this machine's case: no readable counters
         assert doc["watts_basis"].startswith("estimated: ")
-        assert "logical cores busy" in doc["watts_basis"]
+        assert "logical cores busy" in doc["watts_basis"] and doc["watts_source"]
     assert layers["time_x_power"] is not None and layers["roofline"] is not None
     assert 0 < layers["floor"] and layers["roofline"] <= layers["time_x_power"]
     tp = doc["layers"]["time_x_power"]

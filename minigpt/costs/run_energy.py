@@ -6,6 +6,7 @@ energy.json holds what the end-of-run report printed, as numbers:
     seconds, watts, watts_basis        wall seconds of the run; the power figure and its basis
                                        ("measured: rapl", "--watts", "profile local-cpu",
                                        "estimated: <CPU>, 15 W rated, 1.9 of 12 logical cores busy")
+    watts_source                       where an estimated or profile figure was published
     layers  {measured, time_x_power, roofline, floor}: {joules (or null), why, wh, gco2e,
             j_per_token}
     pue, pue_source, grid_kg_co2e_per_kwh, grid_source, tokens
@@ -76,7 +77,8 @@ def build(rows: list[dict], seconds: float, profile: Profile | str | None = "loc
     w, basis = energy.power_figure(prof, watts, measured, estimate)
     layers = energy.run_layers(rows, seconds, prof if prof is not None else profile, measured,
                                watts, s, estimate)
-    doc = {"seconds": seconds, "watts": w, "watts_basis": basis, "tokens": tokens,
+    doc = {"seconds": seconds, "watts": w, "watts_basis": basis,
+           "watts_source": _power_source(basis, prof, measured), "tokens": tokens,
            "pue": s.pue, "pue_source": s.origins["pue"],
            "grid_kg_co2e_per_kwh": s.carbon_kg_per_kwh, "grid_source": s.origins["carbon_kg_per_kwh"],
            "layers": {LAYER_KEYS[layer.name]: _layer_doc(layer, s, tokens) for layer in layers},
@@ -89,6 +91,17 @@ def build(rows: list[dict], seconds: float, profile: Profile | str | None = "loc
         metered["joules_roofline"] = sum(p["joules_roofline"] for p in parts)
     doc["metered"] = metered
     return doc
+
+
+def _power_source(basis: str, prof: Profile | None, measured) -> str:
+    """Where an estimated or profile power figure was published ("" for measured or given)."""
+    if basis.startswith("estimated"):
+        from minigpt.costs import cpu_power
+
+        return cpu_power.estimate(measured.cpu_seconds, measured.seconds).source
+    if basis.startswith("profile") and prof is not None:
+        return prof.sources.get("power_watts", "")
+    return ""
 
 
 def row_joules(doc: dict):
