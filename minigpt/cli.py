@@ -80,7 +80,7 @@ def _hardware_for(args, device: str):
 
 def _print_training_costs(trainer, result, measured, args, start_tokens: int = 0) -> None:
     from minigpt import report_html
-    from minigpt.costs import calibrate, energy, report, run_energy
+    from minigpt.costs import calibrate, energy, projection, report, run_energy
     from minigpt.meter import METER
 
     on_cpu = trainer.cfg.train.device == "cpu"
@@ -98,7 +98,7 @@ def _print_training_costs(trainer, result, measured, args, start_tokens: int = 0
     doc = run_energy.build(session, measured.seconds, hw, measured, args.watts, tokens,
                            estimate=on_cpu)
     print(f"wrote {run_energy.save(trainer.out_dir, doc)}")
-    print(energy.gpt3_projection_line(result.tokens, rows, joules=measured.total_joules))
+    print(projection.gpt3_projection_line(result.tokens, rows, joules=measured.total_joules))
     print(f"report: {report_html.write(trainer.out_dir)}  (open it in a browser)")
 
 
@@ -507,21 +507,50 @@ def cmd_hardware(argv) -> int:
     prof = hardware.load_profile(args.name)
     print(f"{prof.name}: {prof.description}  ({prof.path})")
     figures = [(f"peak_flops.{t}", v) for t, v in prof.peak_flops.items()]
-    figures += [(f, getattr(prof, f)) for f in hardware.FIGURES]
+    figures += [(f, getattr(prof, f)) for f in hardware.FIGURES + hardware.OPTIONAL_FIGURES]
     for key, value in figures:
         shown = f"{value:.4g}" if value is not None else prof.missing.get(key, "unknown")
         print(f"  {key:<18} {shown:>12}  {prof.sources.get(key, '')}")
     return 0
 
 
+SCALE_HELP = """scenario keys (full list: minigpt/costs/scenario.py's docstring; docs/energy.md):
+  [model]      n_layer, n_embd, n_head, block_size, vocab_size (an architecture) and/or params,
+               active_params; n_experts, experts_per_token. Not needed for [training] flops alone
+  [training]   the work in the source's own terms: flops (a published total), tokens (FLOPs by
+               our closed form, or 6ND), chip_hours (GPU-hours), or days (with hardware.chips).
+               With FLOPs give a rate (hardware.mfu / achieved_flops_per_chip) or a duration;
+               the other is derived (implied FLOP/s per chip, MFU). Missing: "not given"
+  [inference]  prompt_tokens, output_tokens, batch, weight_bits, kv_bits, chips, queries_per_day;
+               mfu: compute-bound Wh/query (FLOPs / (peak x mfu) x W x PUE), else the roofline;
+               wh_per_query: a stated figure, used instead of both (wh_per_query_basis says which)
+  [hardware]   profile, chips, mfu | achieved_flops_per_chip, dtype, memory_bandwidth;
+               watts_per_chip, or power_basis = "chip" (rated TDP, default) | "system" (whole
+               system per accelerator, e.g. DGX A100 6.5 kW / 8); power_fraction (average draw
+               as a share of the rating, default 1); pue; carbon_kg_per_kwh (gross),
+               carbon_net_kg_per_kwh (net: co2_net_tonnes); water_onsite_l_per_kwh (per IT kWh,
+               before PUE; alias water_l_per_kwh), water_offsite_l_per_kwh (per kWh drawn)
+  [published]  source and the figures the source gives: shown beside ours with the difference
+energy = chip-hours x W x power_fraction x PUE; tCO2e = MWh x grid; water = IT MWh x on-site
++ MWh x off-site (m3). Every report names the power basis.
+examples: minigpt scale gpt3-175b;  minigpt scale patterson-t5 (FLOPs alone);  minigpt scale
+llama-65b (GPU-hours);  minigpt scale gpt4-class-moe --set hardware.power_basis=chip;  minigpt
+scale epoch-chatgpt-2025 (compute-bound Wh/query);  minigpt scale dense-70b-h100 --set
+inference.weight_bits=8;  shipped scenarios: configs/scale/*.toml (docs/energy.md)"""
+
+
 def _scale_parser() -> argparse.ArgumentParser:
+    import textwrap
+
     p = _Parser(
         prog="minigpt scale",
-        description="What a model costs at full size: training FLOPs (our closed form beside 6ND), "
-        "days, MWh, tCO2e, households; serving bytes, tokens/s ceilings, Wh per query; with every "
-        "assumption and where it came from, and a utilisation x PUE sensitivity table.",
-        epilog="examples: minigpt scale gpt3-175b;  minigpt scale configs/scale/dense-70b-h100.toml "
-        "--set inference.weight_bits=8;  shipped scenarios: configs/scale/*.toml (docs/energy.md)",
+        description=textwrap.fill("What a model costs at full size, from a published estimate's own inputs "
+        "(FLOPs, GPU-hours or days; chips, rate, watts on a stated power basis, PUE, grid): "
+        "training FLOPs (our closed form beside 6ND), days, MWh, tCO2e gross and net, water "
+        "on-site and off-site, households; serving bytes, tokens/s ceilings, Wh, gCO2e and mL "
+        "per query; with every assumption and where it came from, a utilisation x PUE "
+        "sensitivity table, and the source's own figures beside ours.", 96),
+        epilog=SCALE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("scenario", help="a scenario TOML file, or a shipped one's name (gpt3-175b)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",

@@ -15,7 +15,7 @@ from html import escape
 from pathlib import Path
 
 from minigpt import svg
-from minigpt.costs import energy, report, run_energy
+from minigpt.costs import energy, projection, report, run_energy
 from minigpt.errors import ConfigError
 
 FILENAME = "report.html"
@@ -140,7 +140,7 @@ def _projection(rows: list[dict], tokens: int, doc: dict | None) -> str:
     measured = ((doc or {}).get("layers", {}).get("measured") or {}).get("joules")
     joules = measured / doc["pue"] if measured is not None else None  # the counters' own joules
     try:
-        return escape(energy.gpt3_projection_line(tokens, rows, joules=joules))
+        return escape(projection.gpt3_projection_line(tokens, rows, joules=joules))
     except (ConfigError, ValueError) as e:
         return f'<span class="missing">no projection: {escape(str(e))}</span>'
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from minigpt.costs import hardware
+from minigpt.costs import hardware, report
 from minigpt.errors import ConfigError
 from minigpt.meter import METER, matmul
 
@@ -139,8 +139,6 @@ def cache_path() -> Path:
 
 def quick_profile() -> hardware.Profile:
     """The cached quick measurement of this machine as a profile, measured on first use."""
-    from minigpt.costs import report  # report writes files atomically
-
     path = cache_path()
     if path.is_file():
         try:

@@ -35,6 +35,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from minigpt.costs import cpu_power
+
 NOT_MEASURED = "not measured here"
 SAMPLE_INTERVAL_S = 10.0  # how often `measure` reads every counter, far below a wrap's minutes
 
@@ -235,8 +237,6 @@ def measure(readers: list[EnergyReader] | None = None,
             interval: float = SAMPLE_INTERVAL_S) -> Iterator[Measurement]:
     """Read each available counter before and after the block, and every `interval` seconds in
     between (a background thread); fill the Measurement, CPU seconds included, on exit."""
-    from minigpt.costs import cpu_power  # the CPU-time clock the estimate uses
-
     readers = default_readers() if readers is None else list(readers)
     m = Measurement()
     started = []

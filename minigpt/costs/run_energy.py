@@ -26,7 +26,7 @@ profile × watts × PUE; over all groups they add up to the roofline layer.
 import json
 from pathlib import Path
 
-from minigpt.costs import energy, report, roofline
+from minigpt.costs import calibrate, cpu_power, energy, report, roofline
 from minigpt.costs.hardware import Profile
 from minigpt.errors import ConfigError
 
@@ -71,8 +71,6 @@ def build(rows: list[dict], seconds: float, profile: Profile | str | None = "loc
     prof, _ = energy._load(profile)
     note = ""
     if prof is not None and prof.name != "local-cpu" and str(profile) == "local-cpu":
-        from minigpt.costs import calibrate
-
         note = calibrate.QUICK_NOTE
     w, basis = energy.power_figure(prof, watts, measured, estimate)
     layers = energy.run_layers(rows, seconds, prof if prof is not None else profile, measured,
@@ -96,8 +94,6 @@ def build(rows: list[dict], seconds: float, profile: Profile | str | None = "loc
 def _power_source(basis: str, prof: Profile | None, measured) -> str:
     """Where an estimated or profile power figure was published ("" for measured or given)."""
     if basis.startswith("estimated"):
-        from minigpt.costs import cpu_power
-
         return cpu_power.estimate(measured.cpu_seconds, measured.seconds).source
     if basis.startswith("profile") and prof is not None:
         return prof.sources.get("power_watts", "")
