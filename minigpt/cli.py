@@ -284,7 +284,8 @@ def _costs_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="minigpt costs",
         description="Where the FLOPs, bytes and seconds went: a run's measured records "
-        "(<run>/costs.json), or the closed-form prediction for a config with no run at all.",
+        "(<run>/costs.json), with each group's joules at the run's power (<run>/energy.json), or "
+        "the closed-form prediction for a config with no run at all.",
         epilog="examples: minigpt costs out/tiny --by layer;  minigpt costs out/tiny --by op "
         "--phase backward --top 10;  minigpt costs --config configs/tiny.toml --batch 32 --seq 128",
     )
