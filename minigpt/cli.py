@@ -24,7 +24,8 @@ def _train_parser(prog="minigpt train") -> argparse.ArgumentParser:
     p = _Parser(
         prog=prog,
         description="Train a GPT-2 from scratch on a corpus. Writes <out_dir>/log.jsonl (one line per "
-        "evaluation) and <out_dir>/ckpt.npz (everything needed to resume or generate).",
+        "evaluation) and <out_dir>/ckpt.npz (everything needed to resume or generate), then the "
+        "costs (costs.json, costs.csv), the run's energy (energy.json) and report.html.",
         epilog="example: python train.py configs/tiny.toml --set train.max_steps=100",
     )
     p.add_argument("config", help="a TOML config, e.g. configs/tiny.toml")
@@ -40,24 +41,87 @@ def _train_parser(prog="minigpt train") -> argparse.ArgumentParser:
 def _energy_arguments(p) -> None:
     p.add_argument("--watts", type=float, default=None,
                    help="this machine's power draw in W, for the time x power and roofline energy "
-                   "estimates (default: the hardware profile's rated power, where it has one)")
+                   "figures where no energy counter was read (default: the hardware profile's power "
+                   "where it has one, else an estimate from the CPU's rated power and the run's "
+                   "CPU time, marked 'estimated')")
     p.add_argument("--hardware", default=None,
                    help="hardware profile for the energy report (default local-cpu on the CPU; see "
                    "minigpt hardware)")
 
 
 def cmd_train(argv) -> int:
+    from minigpt.train import dist
+
+    if dist.launched_size() > 1:  # under mpiexec -n N: see _train_on_ranks
+        return _train_on_ranks(argv)
+    return _train(argv)
+
+
+def _train_setup(argv):
+    """Parse the arguments, load the config, build the trainer: (args, trainer)."""
     from minigpt import config
     from minigpt.train.trainer import Trainer
 
     args = _train_parser().parse_args(argv)
     cfg = config.load(args.config, args.overrides)
-    trainer = Trainer(cfg, resume=args.resume, progress=not args.no_progress)
+    return args, Trainer(cfg, resume=args.resume, progress=not args.no_progress)
+
+
+def _train_on_ranks(argv) -> int:
+    """`mpiexec -n N python train.py ...`: rank 0 trains and prints as one process would, the
+    others train quietly. A failure while setting up (the same bad config on every rank, or a file
+    one rank cannot read): the ranks compare notes, rank 0 prints the first one's line, and all
+    exit 2. A failure while training: that rank prints its line and aborts every rank (MPI exits
+    with the code), so none waits forever in an allreduce."""
+    import traceback
+
+    from minigpt.train import dist
+    from minigpt.train.trainer import TrainingDiverged
+
+    w = dist.world()  # without mpi4py: a ConfigError on each rank, and nothing yet to wait for
+    failure = None
+    try:
+        args, trainer = _train_setup(argv)
+    except SystemExit:  # --help
+        raise
+    except MiniGPTError as e:
+        failure = f"error: {e}"
+    except Exception as e:  # noqa: BLE001 - a bug: its traceback, then the same agreement
+        traceback.print_exc()
+        failure = f"error: {type(e).__name__}: {e}"
+    first = dist.first_failure(w, failure)
+    if first is not None:
+        if w.rank == 0:
+            print(first, file=sys.stderr)
+        return EXIT_BAD_INPUT
+    try:
+        return _train(argv, args, trainer)
+    except SystemExit:
+        raise
+    except TrainingDiverged as e:  # the summed loss: every rank sees it, rank 0 says it
+        dist.fail(w, f"error: {e}", 1, say=w.rank == 0)
+    except MiniGPTError as e:
+        dist.fail(w, f"error: {e}", EXIT_BAD_INPUT)
+    except KeyboardInterrupt:
+        dist.fail(w, "aborted", 130)
+    except Exception as e:  # noqa: BLE001 - a bug on one rank must stop them all
+        traceback.print_exc()
+        dist.fail(w, f"error: {type(e).__name__}: {e}", 1)
+    return 1  # (not reached: fail aborts)
+
+
+def _train(argv, args=None, trainer=None) -> int:
+    if trainer is None:
+        args, trainer = _train_setup(argv)
+    if trainer.world.rank != 0:  # the other ranks of mpiexec -n N: quiet
+        trainer.run()
+        return 0
     c = trainer.corpus
     print(f"corpus: {c.source}: {c.n_files} files, {len(c.train):,} training and {len(c.val):,} "
           f"validation tokens", file=sys.stderr)
     from minigpt.costs import power
 
+    start_tokens = trainer.state.tokens  # > 0 when resumed
     with power.measure() as measured:
         result = trainer.run()
     if result.interrupted:
@@ -66,7 +130,7 @@ def cmd_train(argv) -> int:
         return 130
     print(f"done: {result.steps} steps, {result.tokens:,} tokens in {result.elapsed_s:.1f} s; "
           f"val loss {result.val_loss:.4f} nats/token ({result.val_bpb:.4f} bits/byte); checkpoint {trainer.ckpt_path}")
-    _print_training_costs(trainer, result, measured, args)
+    _print_training_costs(trainer, result, measured, args, start_tokens)
     return 0
 
 
@@ -74,19 +138,52 @@ def _hardware_for(args, device: str):
     return args.hardware or ("local-cpu" if device == "cpu" else None)
 
 
-def _print_training_costs(trainer, result, measured, args) -> None:
-    from minigpt.costs import calibrate, energy, report
+def _print_training_costs(trainer, result, measured, args, start_tokens: int = 0) -> None:
+    from minigpt import report_html
+    from minigpt.costs import calibrate, energy, projection, report, run_energy
     from minigpt.meter import METER
 
-    peak, where = calibrate.local_peak() if trainer.cfg.train.device == "cpu" else (None, "")
+    on_cpu = trainer.cfg.train.device == "cpu"
+    peak, where = calibrate.local_peak() if on_cpu else (None, "")
     rows = report.rows_from_records(METER.records)
+    ranks, everyone = trainer.world.size, result.tokens
+    if ranks > 1:  # the counts are rank 0's: its share of the tokens goes with them
+        result.tokens = trainer.state.counted_tokens
     print()
     print(report.summary(rows, result.steps, result.tokens, peak, where))
+    if ranks > 1:
+        print(f"data parallel over {ranks} MPI ranks: the counts above are rank 0's, on its "
+              f"{result.tokens:,} of the {everyone:,} tokens (every rank did the same)")
     print(f"details: minigpt costs {trainer.out_dir} --by op  (also {trainer.out_dir}/costs.json, costs.csv)")
     print()
-    print("\n".join(energy.report_lines(rows, result.elapsed_s, _hardware_for(args, trainer.cfg.train.device),
-                                       measured=measured, watts=args.watts, tokens=result.tokens)))
-    print(energy.gpt3_projection_line(result.tokens, rows, joules=measured.total_joules))
+    # this session's energy: a resumed run's earlier sessions were reported when they ran
+    session = _session_rows(rows, trainer.meter_rows)
+    hw = _hardware_for(args, trainer.cfg.train.device)
+    tokens = (everyone - start_tokens) // ranks  # this session's tokens (rank 0's share of them)
+    print("\n".join(energy.report_lines(session, measured.seconds, hw, measured=measured,
+                                       watts=args.watts, tokens=tokens, estimate=on_cpu)))
+    doc = run_energy.build(session, measured.seconds, hw, measured, args.watts, tokens,
+                           estimate=on_cpu)
+    print(f"wrote {run_energy.save(trainer.out_dir, doc)}")
+    print(projection.gpt3_projection_line(result.tokens, rows, joules=measured.total_joules))
+    print(f"report: {report_html.write(trainer.out_dir)}  (open it in a browser)")
+
+
+def _session_rows(rows, before) -> list[dict]:
+    """rows minus a resumed run's rows at its start (the counts this session added)."""
+    from minigpt.costs import report
+
+    if not before:
+        return rows
+    old = report.records_from_rows(before)
+    out = []
+    for r in rows:
+        key = (r["scope"], r["op"], r["kind"], r["phase"], r["dtype"])
+        o = old.get(key)
+        d = dict(r) if o is None else r | {k: r[k] - getattr(o, k) for k in report.NUMBERS}
+        if d["calls"] > 0:
+            out.append(d)
+    return out
 
 
 def _generate_parser(prog="minigpt generate") -> argparse.ArgumentParser:
@@ -109,7 +206,11 @@ def _generate_parser(prog="minigpt generate") -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="random seed, for repeatable samples")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where to run (default cpu)")
     p.add_argument("--costs", action="store_true",
-                   help="after the text, print the prefill's and each decode step's FLOPs and bytes")
+                   help="after the text, print the prefill's and each decode step's FLOPs and bytes, "
+                   "and the energy, split into prefill and decode (J/token each)")
+    p.add_argument("--energy-json", default=None, metavar="PATH",
+                   help="with --costs: also write the generation's energy (energy.json's schema plus "
+                   "phases) to PATH")
     _int8_arguments(p)
     _energy_arguments(p)
     return p
@@ -146,6 +247,12 @@ def cmd_generate(argv) -> int:
         raise ConfigError(f"--top-k must be >= 1, got {args.top_k}")
     if args.top_p is not None and not 0 < args.top_p <= 1:
         raise ConfigError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.energy_json is not None:
+        if not args.costs:
+            raise ConfigError("--energy-json needs --costs")
+        if not Path(args.energy_json).parent.is_dir():
+            raise ConfigError(f"--energy-json {args.energy_json}: no folder "
+                              f"{Path(args.energy_json).parent}")
     if args.prompt_file is not None:
         try:
             with open(args.prompt_file, "rb") as f:
@@ -222,15 +329,44 @@ def _print_generation_costs(prompt_tokens: int, new_tokens: int, measured, args)
               if d["seconds"] > 0 else "")
     print(report.CONVENTIONS)
     print()
-    print("\n".join(energy.report_lines(rows, measured.seconds, _hardware_for(args, args.device),
-                                       measured=measured, watts=args.watts, tokens=new_tokens)))
+    hw, on_cpu = _hardware_for(args, args.device), args.device == "cpu"
+    print("\n".join(energy.report_lines(rows, measured.seconds, hw, measured=measured,
+                                       watts=args.watts, tokens=new_tokens, estimate=on_cpu)))
+    _print_generation_energy(rows, measured, args, prompt_tokens, decode_steps, new_tokens)
+
+
+def _print_generation_energy(rows, measured, args, prompt_tokens, decode_steps, new_tokens) -> None:
+    """Prefill and decode joules (metered seconds x power x PUE) and J/token; --energy-json."""
+    from minigpt.costs import run_energy
+
+    hw, on_cpu = _hardware_for(args, args.device), args.device == "cpu"
+    doc = run_energy.build(rows, measured.seconds, hw, measured, args.watts, new_tokens,
+                           estimate=on_cpu)
+    run_energy.add_phases(doc, rows, {"prefill": prompt_tokens,
+                                      "decode": decode_steps if new_tokens > 1 else 0})
+    print(f"energy by phase ({run_energy.summary_line(doc)})")
+    for phase in ("prefill", "decode"):
+        p = doc["phases"].get(phase)
+        if p is None or p["joules"] is None:
+            continue
+        per = f"{p['j_per_token']:.3g} J/token" if p["j_per_token"] is not None else "-"
+        print(f"{phase:<8}  {p['tokens'] or 0:>5} tokens  {p['joules']:9.4g} J  {per}  "
+              f"(roofline {p['joules_roofline']:.3g} J)")
+    if args.energy_json:
+        import json
+
+        from minigpt.costs import report
+
+        report._atomic_write(Path(args.energy_json), json.dumps(doc, indent=1) + "\n")
+        print(f"wrote {args.energy_json}")
 
 
 def _costs_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="minigpt costs",
         description="Where the FLOPs, bytes and seconds went: a run's measured records "
-        "(<run>/costs.json), or the closed-form prediction for a config with no run at all.",
+        "(<run>/costs.json), with each group's joules at the run's power (<run>/energy.json), or "
+        "the closed-form prediction for a config with no run at all.",
         epilog="examples: minigpt costs out/tiny --by layer;  minigpt costs out/tiny --by op "
         "--phase backward --top 10;  minigpt costs --config configs/tiny.toml --batch 32 --seq 128",
     )
@@ -241,6 +377,9 @@ def _costs_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=("train", "prefill", "decode"), default="train",
                    help="with --config: one training step, a prefill of --seq tokens, or one decode "
                    "step at position --seq (default train)")
+    p.add_argument("--ranks", type=int, default=1,
+                   help="with --config --mode train: one rank's step of data-parallel training over "
+                   "this many MPI ranks (its batch / ranks sequences, and the allreduces)")
     p.add_argument("--by", choices=("scope", "op", "kind", "layer", "phase"), default="scope",
                    help="group records by this (default scope)")
     p.add_argument("--phase", default=None, help="only this phase (forward, backward, optimizer, eval, ...)")
@@ -251,16 +390,17 @@ def _costs_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _run_energy_doc(run):
+    from minigpt.costs import run_energy
+
+    return run_energy.load(run)
+
+
 def _plot_run(run, rows) -> None:
     from minigpt.costs import calibrate, hardware, plots
 
-    try:
-        prof = hardware.load_profile("local-cpu")
-        peak, bandwidth = hardware.peak(prof, "fp32"), hardware.require(prof, "memory_bandwidth")
-        source = "local-cpu profile"
-    except ConfigError:
-        m = calibrate.measure(quick=True)
-        peak, bandwidth, source = m["fp32"], m["bandwidth"], "quick measurement"
+    prof, source = calibrate.local_profile()
+    peak, bandwidth = hardware.peak(prof, "fp32"), hardware.require(prof, "memory_bandwidth")
     run = Path(run)
     a = plots.layers_chart(rows, run / "layers.png", f"{run}: training cost per layer")
     b = plots.roofline_chart(rows, run / "roofline.png", peak, bandwidth,
@@ -286,9 +426,10 @@ def cmd_costs(argv) -> int:
     args = _costs_parser().parse_args(argv)
     if (args.run is None) == (args.config is None):
         raise ConfigError("minigpt costs: give a run folder, or --config (not both)")
+    run_doc = None
     if args.run is not None and not (Path(args.run) / "costs.json").exists() and \
             (Path(args.run) / "ckpt.npz").exists():
-        args.config = args.run  # an imported or initialised run: predict from its checkpoint's config
+        args.config, args.run = args.run, None  # an imported or initialised run: predict from its config
     if args.config is not None:
         cfg = _costs_config(args.config)
         B = args.batch if args.batch is not None else cfg.train.batch_size
@@ -297,7 +438,16 @@ def cmd_costs(argv) -> int:
             raise ConfigError(f"--batch and --seq must be >= 1, got {B} and {T}")
         if T > cfg.model.block_size and args.mode != "decode" or T >= cfg.model.block_size and args.mode == "decode":
             raise ConfigError(f"--seq {T} does not fit block_size {cfg.model.block_size} of {args.config}")
-        if args.mode == "train":
+        if args.ranks < 1:
+            raise ConfigError(f"--ranks must be >= 1, got {args.ranks}")
+        if args.mode == "train" and args.ranks > 1:
+            from minigpt.train.dist import local_batch
+
+            records = cost_model.predict_training_step(cfg.model, local_batch(B, args.ranks), T,
+                                                       cfg.train.grad_accum, ranks=args.ranks)
+            what = (f"predicted: one rank's training step of {args.config}, batch {B} x {T} tokens "
+                    f"over {args.ranks} ranks")
+        elif args.mode == "train":
             records = cost_model.predict_training_step(cfg.model, B, T, cfg.train.grad_accum)
             what = f"predicted: one training step of {args.config}, batch {B} x {T} tokens"
         elif args.mode == "prefill":
@@ -316,22 +466,49 @@ def cmd_costs(argv) -> int:
             raise ConfigError(f"{args.run}/costs.json: unreadable: {e}") from None
         rows = doc["records"]
         what = f"measured: {args.run}, {doc['steps']} steps, {doc['tokens']:,} training tokens"
+        if doc.get("ranks", 1) > 1:
+            what += f" (rank 0's share, of {doc['ranks']} data-parallel ranks)"
+        run_doc = _run_energy_doc(args.run)
     if args.top is not None and args.top < 1:
         raise ConfigError(f"--top must be >= 1, got {args.top}")
-    groups = report.group(rows, args.by, args.phase)
+    from minigpt.costs import run_energy
+
+    groups = report.group(rows, args.by, args.phase, extra=run_energy.row_joules(run_doc))
+    energy_note = run_energy.summary_line(run_doc) if run_doc else (
+        "no joules: this run has no energy.json" if args.run is not None else "")
     if args.format == "json":
         shown = groups[: args.top] if args.top else groups
-        print(json.dumps({"what": what, "by": args.by, "phase": args.phase, "groups": shown}, indent=1))
+        out = {"what": what, "by": args.by, "phase": args.phase, "groups": shown}
+        if run_doc:
+            out["energy"] = {"watts": run_doc["watts"], "watts_basis": run_doc["watts_basis"],
+                             "pue": run_doc["pue"], "note": energy_note}
+        print(json.dumps(out, indent=1))
     elif args.format == "csv":
         print(report.groups_csv(groups[: args.top] if args.top else groups), end="")
     else:
         title = f"{what}; by {args.by}" + (f", phase {args.phase}" if args.phase else "")
         print(report.format_table(groups, title=title, top=args.top))
         print(report.CONVENTIONS)
+        if energy_note:
+            print(energy_note)
     if args.plot:
         if args.run is None:
             raise ConfigError("--plot draws a run's measured costs: give a run folder")
         _plot_run(args.run, rows)
+    return 0
+
+
+def cmd_report(argv) -> int:
+    from minigpt import report_html
+
+    p = _Parser(prog="minigpt report",
+                description="Write <run>/report.html: one self-contained page (inline SVG, nothing "
+                "fetched) with the loss curves, cost and joules per layer, the roofline, the four "
+                "energy layers and the GPT-3 projection. Training writes it too; this redraws it.",
+                epilog="example: minigpt report out/tiny && xdg-open out/tiny/report.html")
+    p.add_argument("run", help="a run folder holding costs.json (and log.jsonl, energy.json)")
+    args = p.parse_args(argv)
+    print(f"wrote {report_html.write(args.run)}")
     return 0
 
 
@@ -437,21 +614,51 @@ def cmd_hardware(argv) -> int:
     prof = hardware.load_profile(args.name)
     print(f"{prof.name}: {prof.description}  ({prof.path})")
     figures = [(f"peak_flops.{t}", v) for t, v in prof.peak_flops.items()]
-    figures += [(f, getattr(prof, f)) for f in hardware.FIGURES]
+    figures += [(f, getattr(prof, f)) for f in hardware.FIGURES + hardware.OPTIONAL_FIGURES]
+    figures += [(f"interconnect.{k}", v) for k, v in prof.interconnect.items()]  # bytes/s each way
     for key, value in figures:
         shown = f"{value:.4g}" if value is not None else prof.missing.get(key, "unknown")
-        print(f"  {key:<18} {shown:>12}  {prof.sources.get(key, '')}")
+        print(f"  {key:<23} {shown:>12}  {prof.sources.get(key, '')}")
     return 0
 
 
+SCALE_HELP = """scenario keys (full list: minigpt/costs/scenario.py's docstring; docs/energy.md):
+  [model]      n_layer, n_embd, n_head, block_size, vocab_size (an architecture) and/or params,
+               active_params; n_experts, experts_per_token. Not needed for [training] flops alone
+  [training]   the work in the source's own terms: flops (a published total), tokens (FLOPs by
+               our closed form, or 6ND), chip_hours (GPU-hours), or days (with hardware.chips).
+               With FLOPs give a rate (hardware.mfu / achieved_flops_per_chip) or a duration;
+               the other is derived (implied FLOP/s per chip, MFU). Missing: "not given"
+  [inference]  prompt_tokens, output_tokens, batch, weight_bits, kv_bits, chips, queries_per_day;
+               mfu: compute-bound Wh/query (FLOPs / (peak x mfu) x W x PUE), else the roofline;
+               wh_per_query: a stated figure, used instead of both (wh_per_query_basis says which)
+  [hardware]   profile, chips, mfu | achieved_flops_per_chip, dtype, memory_bandwidth;
+               watts_per_chip, or power_basis = "chip" (rated TDP, default) | "system" (whole
+               system per accelerator, e.g. DGX A100 6.5 kW / 8); power_fraction (average draw
+               as a share of the rating, default 1); pue; carbon_kg_per_kwh (gross),
+               carbon_net_kg_per_kwh (net: co2_net_tonnes); water_onsite_l_per_kwh (per IT kWh,
+               before PUE; alias water_l_per_kwh), water_offsite_l_per_kwh (per kWh drawn)
+  [published]  source and the figures the source gives: shown beside ours with the difference
+energy = chip-hours x W x power_fraction x PUE; tCO2e = MWh x grid; water = IT MWh x on-site
++ MWh x off-site (m3). Every report names the power basis.
+examples: minigpt scale gpt3-175b;  minigpt scale patterson-t5 (FLOPs alone);  minigpt scale
+llama-65b (GPU-hours);  minigpt scale gpt4-class-moe --set hardware.power_basis=chip;  minigpt
+scale epoch-chatgpt-2025 (compute-bound Wh/query);  minigpt scale dense-70b-h100 --set
+inference.weight_bits=8;  shipped scenarios: configs/scale/*.toml (docs/energy.md)"""
+
+
 def _scale_parser() -> argparse.ArgumentParser:
+    import textwrap
+
     p = _Parser(
         prog="minigpt scale",
-        description="What a model costs at full size: training FLOPs (our closed form beside 6ND), "
-        "days, MWh, tCO2e, households; serving bytes, tokens/s ceilings, Wh per query; with every "
-        "assumption and where it came from, and a utilisation x PUE sensitivity table.",
-        epilog="examples: minigpt scale gpt3-175b;  minigpt scale configs/scale/dense-70b-h100.toml "
-        "--set inference.weight_bits=8;  shipped scenarios: configs/scale/*.toml (docs/energy.md)",
+        description=textwrap.fill("What a model costs at full size, from a published estimate's own inputs "
+        "(FLOPs, GPU-hours or days; chips, rate, watts on a stated power basis, PUE, grid): "
+        "training FLOPs (our closed form beside 6ND), days, MWh, tCO2e gross and net, water "
+        "on-site and off-site, households; serving bytes, tokens/s ceilings, Wh, gCO2e and mL "
+        "per query; with every assumption and where it came from, a utilisation x PUE "
+        "sensitivity table, and the source's own figures beside ours.", 96),
+        epilog=SCALE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("scenario", help="a scenario TOML file, or a shipped one's name (gpt3-175b)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -571,6 +778,7 @@ COMMANDS = {
     "train": (cmd_train, "train a model from a TOML config"),
     "generate": (cmd_generate, "write text with a trained model"),
     "costs": (cmd_costs, "FLOPs, bytes and seconds by layer, op or phase (measured or predicted)"),
+    "report": (cmd_report, "write a run's report.html (loss, cost per layer, roofline, energy)"),
     "calibrate": (cmd_calibrate, "measure this machine's matmul FLOP/s and memory bandwidth"),
     "hardware": (cmd_hardware, "list hardware profiles, or show one with its sources"),
     "scale": (cmd_scale, "training and serving cost, energy and carbon of a model at full size"),
