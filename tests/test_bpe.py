@@ -134,3 +134,26 @@ def test_model_vocab_must_cover_the_tokenizer(tmp_path):
 
     with pytest.raises(ConfigError, match="exceeds \\[model\\] vocab_size = 256"):
         tiny_config(tmp_path, data={"tokenizer": "bpe", "vocab_size": 300})
+
+
+def test_bpe_run_resumes_exactly(tmp_path):
+    """A resumed BPE run learns the same merges again, so it reproduces the uninterrupted run."""
+    import numpy as np
+
+    from minigpt.train import checkpoint
+    from minigpt.train.trainer import Trainer
+
+    sections = {"train": {"max_steps": 6}, "eval": {"interval": 3}, "model": {"vocab_size": 300},
+                "data": {"tokenizer": "bpe"}}
+    Trainer(tiny_config(tmp_path / "a", **sections), progress=False).run()
+
+    def stop_at_3(trainer):
+        if trainer.state.step == 3:
+            trainer.request_stop()
+
+    Trainer(tiny_config(tmp_path / "b", **sections), progress=False, on_step=stop_at_3).run()
+    Trainer(tiny_config(tmp_path / "b", **sections), resume=True, progress=False).run()
+    meta_a, arrays_a = checkpoint.load(tmp_path / "a")
+    meta_b, arrays_b = checkpoint.load(tmp_path / "b")
+    assert meta_a["tokenizer"] == meta_b["tokenizer"] and meta_a["tokenizer"]["kind"] == "bpe"
+    assert np.array_equal(arrays_a["params"], arrays_b["params"])
