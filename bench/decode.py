@@ -112,6 +112,31 @@ def plain_matvec(gpt, passes: int) -> float:
         return (time.perf_counter() - t0) / passes
 
 
+def plain_matvec_two_threads(gpt, passes: int) -> float:
+    """plain_matvec with the matrices dealt to 2 Python threads (each product single-threaded,
+    NumPy releases the GIL inside it): whether a second core reading at the same time adds
+    bandwidth. Not something the model can do (its products depend on each other); a probe of
+    the machine."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    p = gpt.params
+    mats = [w for name, w in p.views.items() if w.ndim == 2 and ".h." in name]
+    mats.append(p["transformer.wte.weight"].T)
+    halves = (mats[0::2], mats[1::2])
+    xs = {w.shape[0]: np.ones(w.shape[0], dtype=w.dtype) for w in mats}
+
+    def work(ws):
+        for w in ws:
+            matmul(xs[w.shape[0]], w)
+
+    with METER.paused(), blas.threads(1), ThreadPoolExecutor(2) as pool:
+        list(pool.map(work, halves))
+        t0 = time.perf_counter()
+        for _ in range(passes):
+            list(pool.map(work, halves))
+        return (time.perf_counter() - t0) / passes
+
+
 def int8_split(gpt, repeats: int = 3) -> dict | None:
     """For w8a32: seconds per token spent widening every int8 table to float32 (what NumPy must do
     before its float BLAS can multiply) against the float32 products of the widened tables."""
@@ -191,6 +216,7 @@ def _measure(gpt, cfg, args) -> dict:
     METER.reset()
     prefill_s, decode_s = decode_run(gpt, prompt, args.tokens, args.kv_int8)
     plain_s = plain_matvec(gpt, args.tokens) if gpt.quant is None else None
+    plain2_s = plain_matvec_two_threads(gpt, args.tokens) if gpt.quant is None else None
     after = bandwidths()
     read_bw = read_bandwidth()
     peak = calibrate.matmul_flops("float32", 2048, 3)
@@ -224,6 +250,7 @@ def _measure(gpt, cfg, args) -> dict:
         "environment": calibrate._environment(),
         "plain_matvec_tokens_per_s": 1 / plain_s if plain_s else None,
         "fraction_of_plain_matvec": tokens_per_s * plain_s if plain_s else None,
+        "plain_matvec_two_threads_tokens_per_s": 1 / plain2_s if plain2_s else None,
         "read_bandwidth": read_bw,
         "fraction_of_read_ceiling": tokens_per_s * bytes_per_token / read_bw,
     }
@@ -247,6 +274,9 @@ def print_table(r: dict) -> None:
         print(f"          plain NumPy matrix-vector products over the same weights, nothing else: "
               f"{r['plain_matvec_tokens_per_s']:.2f} tokens/s ({100 * r['plain_matvec_tokens_per_s'] / r['ceiling_tokens_per_s']:.1f}% "
               f"of the ceiling); the model's decode runs at {100 * r['fraction_of_plain_matvec']:.1f}% of that")
+        print(f"          the same products dealt to 2 threads (a probe of the machine, not the model): "
+              f"{r['plain_matvec_two_threads_tokens_per_s']:.2f} tokens/s "
+              f"({100 * r['plain_matvec_two_threads_tokens_per_s'] / r['ceiling_tokens_per_s']:.1f}% of the ceiling)")
     if r["bytes_per_token_here"] != r["bytes_per_token"]:
         print(f"          the int8 widening here moves {r['bytes_per_token_here'] / 1e6:.2f} MB/token: "
               f"ceiling {r['ceiling_here_tokens_per_s']:.2f} tokens/s for that traffic; a kernel reading "

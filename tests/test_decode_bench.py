@@ -37,6 +37,7 @@ def test_bytes_per_token_is_the_closed_forms_and_the_ceiling_follows(trained_run
     assert r["bytes_per_token"] == pytest.approx(predicted / args.tokens, rel=1e-12)
     assert r["ceiling_tokens_per_s"] == pytest.approx(8e9 / r["bytes_per_token"])
     assert r["fraction_of_ceiling"] == pytest.approx(r["tokens_per_s"] / r["ceiling_tokens_per_s"])
+    assert r["plain_matvec_two_threads_tokens_per_s"] > 0
     assert r["params"] == sum(v.size for v in minigpt.load(trained_run).params.values())
     prefill = cost_model.predict_forward(cfg, 1, args.prompt, "prefill")
     assert r["prefill_flops_per_token"] == pytest.approx(sum(x.flops for x in prefill.values()) / args.prompt)
