@@ -14,6 +14,7 @@ import time
 
 import numpy as np
 
+from minigpt import safeio
 from minigpt.costs import hardware
 from minigpt.meter import METER, matmul
 
@@ -106,13 +107,7 @@ def profile_toml(m: dict) -> str:
 
 
 def save(text: str) -> "os.PathLike":
-    folder = hardware.user_dir()
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "local-cpu.toml"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
+    return safeio.write_text(hardware.user_dir() / "local-cpu.toml", text)  # one line on a fault
 
 
 def local_peak(quick_if_missing: bool = True) -> tuple[float | None, str]:

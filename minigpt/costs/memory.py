@@ -1,0 +1,169 @@
+"""Memory a training run needs, from shapes alone, and the pre-flight check that uses it.
+
+The estimate follows what the code keeps alive at the peak of a training step (the end of the
+forward pass and the start of the backward pass, after the first optimizer step has touched the
+AdamW moments):
+
+  parameters, gradients         P values each (one flat buffer apiece, nn/params.py)
+  optimizer state               2 P (AdamW's m and v)
+  activations kept for backward what every layer's forward returns in its cache (nn/layers.py),
+                                per block 20 N C + B H T^2 + 2 N values, plus the final
+                                LayerNorm, the loss's probabilities (N V) and the token ids
+  largest temporary             the biggest set of arrays alive only inside one backward layer
+                                (logits beside the probabilities, an MLP's (N, 4C) gradient,
+                                attention's (B, H, T, T) gradient, ...)
+
+with N = B T tokens of a micro-batch. Each piece is a function of the config, so a new kind of
+layer (a mixture of experts, say) adds its own activation and temporary terms in one place:
+block_activations and backward_temporaries. tests/test_memory.py checks the total against the
+measured peak resident set of real training steps.
+
+preflight() compares the total with the memory this machine has available now (Linux
+/proc/meminfo MemAvailable; os.sysconf's available pages elsewhere) and refuses, in one line with
+the numbers, a run that cannot fit.
+"""
+
+import os
+from dataclasses import dataclass
+
+from minigpt.costs import model as cost_model
+from minigpt.errors import ResourceError
+
+ID_BYTES = 8  # token ids are int64 once batched
+
+
+@dataclass
+class Item:
+    name: str
+    nbytes: int
+    note: str
+
+
+def block_activations(m, B: int, T: int) -> dict[str, int]:
+    """Elements one transformer block keeps for its backward, by layer."""
+    C, H, N = m.n_embd, m.n_head, B * T
+    drop = m.dropout > 0
+    acts = {
+        "ln_1 (normalized x, 1/std, output)": 2 * N * C + N,
+        "attn.c_attn output (q, k, v)": 3 * N * C,
+        "attn probabilities": B * H * T * T,
+        "attn heads joined (c_proj input)": N * C,
+        "ln_2 (normalized x, 1/std, output)": 2 * N * C + N,
+        "mlp (c_fc output, tanh, gelu output)": 12 * N * C,
+    }
+    if drop:  # the dropped copy of the probabilities and its mask, two residual masks
+        acts["dropout masks and outputs"] = 2 * B * H * T * T + 2 * N * C
+    return acts
+
+
+def model_activations(m, B: int, T: int) -> dict[str, int]:
+    """Elements the whole model keeps for its backward (per micro-batch), by part."""
+    C, V, N = m.n_embd, m.vocab_size, B * T
+    per_block = sum(block_activations(m, B, T).values())
+    acts = {f"{m.n_layer} blocks x {per_block:,}": m.n_layer * per_block,
+            "ln_f (normalized x, 1/std, output)": 2 * N * C + N,
+            "loss probabilities (N x V)": N * V}
+    if m.dropout > 0:
+        acts["embedding dropout mask"] = N * C
+    return acts
+
+
+def backward_temporaries(m, B: int, T: int) -> dict[str, int]:
+    """Elements alive beside the kept activations, at the worst moment of each layer.
+
+    In a block's backward the residual stream's gradient, the MLP branch's input gradient (still
+    bound in block_backward) and, with dropout, the two unmasked residual gradients stay alive
+    while attention's backward holds its output gradient, the (B, H, T, T) gradient of the
+    probabilities and the q, k, v gradients, and c_attn writes the input gradient."""
+    C, H, V, N = m.n_embd, m.n_head, m.vocab_size, B * T
+    d = 1 if m.dropout > 0 else 0
+    att = B * H * T * T
+    temps = {
+        "logits beside the loss probabilities": N * V + 2 * N,
+        "lm_head gradients (V x C product, N x C)": V * C + N * C,
+        "mlp backward (N x 4C gradient, weight product)": (1 + d) * N * C + 4 * N * C + 4 * C * C,
+        "attention backward at c_attn": (7 + 2 * d) * N * C + att,
+    }
+    if d:
+        temps["attention backward at its dropout"] = 8 * N * C + 2 * att
+    return temps
+
+
+def itemsize(dtype: str) -> int:
+    return 8 if dtype == "float64" else 4
+
+
+def training_estimate(cfg, batch: int | None = None, seq: int | None = None) -> list[Item]:
+    """The memory of a training run, piece by piece (bytes)."""
+    m, t = cfg.model, cfg.train
+    B = batch or t.batch_size
+    T = seq or m.block_size
+    s = itemsize(t.dtype)
+    P = cost_model.n_params(m)
+    acts = model_activations(m, B, T)
+    temps = backward_temporaries(m, B, T)
+    worst = max(temps, key=temps.get)
+    batches = (1 + cfg.eval.batches) * 2 * B * T * ID_BYTES  # a training batch + the fixed eval ones
+    return [
+        Item("parameters", P * s, f"{P:,} x {s} B"),
+        Item("gradients", P * s, "one flat buffer like the parameters"),
+        Item("optimizer state", 2 * P * s, "AdamW m and v"),
+        Item("activations kept for backward", sum(acts.values()) * s,
+             f"batch {B} x {T} tokens: " + ", ".join(f"{k} {v * s / 2**20:,.1f} MiB" for k, v in acts.items())),
+        Item("largest temporary", temps[worst] * s, worst),
+        Item("token batches", batches, f"int64 inputs and targets, 1 + {cfg.eval.batches} eval batches"),
+    ]
+
+
+def total(items: list[Item]) -> int:
+    return sum(i.nbytes for i in items)
+
+
+def available_bytes() -> tuple[int | None, str]:
+    """(bytes available now, where the figure came from), or (None, why not) where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024, "/proc/meminfo MemAvailable"
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        pages = os.sysconf("SC_AVPHYS_PAGES")
+        if pages > 0:
+            return pages * os.sysconf("SC_PAGE_SIZE"), "os.sysconf available pages"
+    except (AttributeError, ValueError, OSError):
+        pass
+    return None, "unknown on this system"
+
+
+def gib(n: float) -> str:
+    return f"{n / 2**30:,.2f} GiB" if n >= 2**30 else f"{n / 2**20:,.1f} MiB"
+
+
+def format_table(items: list[Item], title: str) -> str:
+    lines = [title, f"{'what':<30}  {'bytes':>12}  note"]
+    for i in items:
+        lines.append(f"{i.name:<30}  {gib(i.nbytes):>12}  {i.note}")
+    lines.append(f"{'total':<30}  {gib(total(items)):>12}")
+    avail, where = available_bytes()
+    if avail is not None:
+        lines.append(f"{'available on this machine':<30}  {gib(avail):>12}  {where}")
+    return "\n".join(lines)
+
+
+def preflight(cfg, where: str = "config", available: int | None = None) -> int:
+    """Refuse (ResourceError, one line) a run whose estimate exceeds the available memory.
+    Returns the estimate in bytes. available: override the machine's figure (tests)."""
+    items = training_estimate(cfg)
+    need = total(items)
+    source = "given"
+    if available is None:
+        available, source = available_bytes()
+    if available is not None and need > available:
+        parts = ", ".join(f"{i.name} {gib(i.nbytes)}" for i in items[:5])
+        raise ResourceError(
+            f"{where}: this run needs about {gib(need)} of memory ({parts}) but {gib(available)} is "
+            f"available ({source}); lower [train] batch_size or the model size (see minigpt costs "
+            f"--config {where} --memory)")
+    return need
