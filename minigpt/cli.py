@@ -33,6 +33,9 @@ def _train_parser(prog="minigpt train") -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="continue from <out_dir>/ckpt.npz; reproduces the uninterrupted run exactly")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--skip-memory-check", action="store_true",
+                   help="start even if the memory estimate (minigpt costs --config CONFIG --memory) "
+                   "exceeds the memory this machine has available")
     _energy_arguments(p)
     return p
 
@@ -52,7 +55,8 @@ def cmd_train(argv) -> int:
 
     args = _train_parser().parse_args(argv)
     cfg = config.load(args.config, args.overrides)
-    trainer = Trainer(cfg, resume=args.resume, progress=not args.no_progress)
+    trainer = Trainer(cfg, resume=args.resume, progress=not args.no_progress,
+                      check_memory=not args.skip_memory_check)
     c = trainer.corpus
     print(f"corpus: {c.source}: {c.n_files} files, {len(c.train):,} training and {len(c.val):,} "
           f"validation tokens", file=sys.stderr)
@@ -63,7 +67,7 @@ def cmd_train(argv) -> int:
     if result.interrupted:
         print(f"stopped at step {result.steps}; checkpoint saved to {trainer.ckpt_path}. Continue "
               f"with: python train.py {args.config} --resume", file=sys.stderr)
-        return 130
+        return 143 if trainer.stopped_by == "SIGTERM" else 130
     print(f"done: {result.steps} steps, {result.tokens:,} tokens in {result.elapsed_s:.1f} s; "
           f"val loss {result.val_loss:.4f} nats/token; checkpoint {trainer.ckpt_path}")
     _print_training_costs(trainer, result, measured, args)
@@ -234,6 +238,9 @@ def _costs_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("table", "json", "csv"), default="table")
     p.add_argument("--plot", action="store_true",
                    help="with a run: also write layers.png and roofline.png into it (needs matplotlib)")
+    p.add_argument("--memory", action="store_true",
+                   help="with --config: the memory a training run needs (parameters, gradients, "
+                   "optimizer state, activations, largest temporary) against what this machine has")
     return p
 
 
@@ -272,6 +279,8 @@ def cmd_costs(argv) -> int:
             raise ConfigError(f"--batch and --seq must be >= 1, got {B} and {T}")
         if T > cfg.model.block_size and args.mode != "decode" or T >= cfg.model.block_size and args.mode == "decode":
             raise ConfigError(f"--seq {T} does not fit block_size {cfg.model.block_size} of {args.config}")
+        if args.memory:
+            return _print_memory(cfg, B, T, args)
         if args.mode == "train":
             records = cost_model.predict_training_step(cfg.model, B, T, cfg.train.grad_accum)
             what = f"predicted: one training step of {args.config}, batch {B} x {T} tokens"
@@ -307,6 +316,28 @@ def cmd_costs(argv) -> int:
         if args.run is None:
             raise ConfigError("--plot draws a run's measured costs: give a run folder")
         _plot_run(args.run, rows)
+    return 0
+
+
+def _print_memory(cfg, B: int, T: int, args) -> int:
+    import json
+
+    from minigpt.costs import memory
+
+    if args.mode != "train":
+        raise ConfigError("--memory estimates a training run: drop --mode")
+    items = memory.training_estimate(cfg, B, T)
+    title = (f"memory of a training run of {args.config}: batch {B} x {T} tokens, "
+             f"{cfg.train.dtype}, grad_accum {cfg.train.grad_accum} (one micro-batch alive at a time)")
+    if args.format == "json":
+        avail, where = memory.available_bytes()
+        print(json.dumps({"what": title, "items": [i.__dict__ for i in items],
+                          "total": memory.total(items), "available": avail, "available_source": where},
+                         indent=1))
+    else:
+        print(memory.format_table(items, title))
+        print(f"the corpus adds up to {memory.gib(cfg.data.max_bytes)} of tokens ([data] max_bytes, "
+              "byte tokenizer); the allocator and BLAS add about 5-20% on top (docs/reliability.md)")
     return 0
 
 
@@ -486,6 +517,11 @@ def run(command, argv) -> int:
     except MiniGPTError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except MemoryError:
+        print("error: out of memory: this machine cannot hold what the command asked for (a model, "
+              "batch or file too large); try a smaller one (minigpt costs --config CONFIG --memory "
+              "estimates a training run)", file=sys.stderr)
+        return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("aborted", file=sys.stderr)
         return 130
@@ -494,3 +530,8 @@ def run(command, argv) -> int:
 
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+    except OSError as e:  # a writer outside safeio (a plot, a prompt file): still one line
+        from minigpt.safeio import reason
+
+        print(f"error: {e.filename or 'a file'}: {reason(e)}", file=sys.stderr)
+        return EXIT_BAD_INPUT

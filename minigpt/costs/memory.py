@@ -60,7 +60,7 @@ def model_activations(m, B: int, T: int) -> dict[str, int]:
     """Elements the whole model keeps for its backward (per micro-batch), by part."""
     C, V, N = m.n_embd, m.vocab_size, B * T
     per_block = sum(block_activations(m, B, T).values())
-    acts = {f"{m.n_layer} blocks x {per_block:,}": m.n_layer * per_block,
+    acts = {f"{m.n_layer} blocks": m.n_layer * per_block,
             "ln_f (normalized x, 1/std, output)": 2 * N * C + N,
             "loss probabilities (N x V)": N * V}
     if m.dropout > 0:

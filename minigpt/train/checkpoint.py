@@ -76,11 +76,11 @@ def load(path) -> tuple[dict, dict]:
     if not isinstance(meta, dict) or meta.get("format") not in (FORMAT, INT8_FORMAT):
         found = meta.get("format") if isinstance(meta, dict) else None
         raise CheckpointError(f"{path}: not a minigpt checkpoint (format {str(found)[:60]!r})")
-    _verify_hashes(path, meta, arrays)
     if meta["format"] == INT8_FORMAT:
         _check_int8_arrays(path, meta, arrays)
     else:
         _check_arrays(path, meta, arrays)
+    _verify_hashes(path, meta, arrays)  # after the shapes, which name a wrong array more exactly
     return meta, arrays
 
 

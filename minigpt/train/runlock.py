@@ -105,6 +105,10 @@ class RunLock:
         if self._fd is None:
             return
         if fcntl is not None:
+            try:
+                os.ftruncate(self._fd, 0)  # nobody holds it now: an empty file (a folder's
+            except OSError:  # contents stay the same from one finished run to the next)
+                pass
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
         else:
@@ -112,7 +116,7 @@ class RunLock:
             self.path.unlink(missing_ok=True)
         self._fd = None
 
-    def __enter__(self) -> "RunLock":
+    def __enter__(self):
         return self.acquire()
 
     def __exit__(self, *exc) -> None:
