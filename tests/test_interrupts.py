@@ -26,7 +26,10 @@ _SAVE_LOOP = textwrap.dedent("""
     import numpy as np
     from minigpt.train import checkpoint
     path, n = sys.argv[1], 1 << 19
-    i = 0
+    try:
+        i = checkpoint.load(path)[0]["i"]  # go on from the last whole checkpoint
+    except Exception:
+        i = 0
     while True:  # each checkpoint holds the number i everywhere, so a mix of two would show
         i += 1
         a = np.full(n, i, dtype=np.float32)
