@@ -67,9 +67,10 @@ def dict_differences(saved, now, prefix: str = "", limit: int = 3) -> list[str]:
     """Where two JSON-like values differ, as short 'key: checkpoint X, now Y' phrases (any
     tokenizer's to_dict compares the same way)."""
     def short(v):
-        if isinstance(v, (list, dict)):
-            return f"{type(v).__name__} of {len(v)}"
-        return repr(v)[:40]
+        text = repr(v)
+        if len(text) > 40 and isinstance(v, (list, dict)):
+            return f"a {type(v).__name__} of {len(v)}"
+        return text if len(text) <= 40 else text[:37] + "..."
     out = []
     if isinstance(saved, dict) and isinstance(now, dict):
         for k in sorted(set(saved) | set(now), key=str):
