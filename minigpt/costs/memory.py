@@ -152,7 +152,7 @@ def format_table(items: list[Item], title: str) -> str:
     return "\n".join(lines)
 
 
-def preflight(cfg, where: str = "config", available: int | None = None) -> int:
+def preflight(cfg, available: int | None = None) -> int:
     """Refuse (ResourceError, one line) a run whose estimate exceeds the available memory.
     Returns the estimate in bytes. available: override the machine's figure (tests)."""
     items = training_estimate(cfg)
@@ -163,7 +163,7 @@ def preflight(cfg, where: str = "config", available: int | None = None) -> int:
     if available is not None and need > available:
         parts = ", ".join(f"{i.name} {gib(i.nbytes)}" for i in items[:5])
         raise ResourceError(
-            f"{where}: this run needs about {gib(need)} of memory ({parts}) but {gib(available)} is "
-            f"available ({source}); lower [train] batch_size or the model size (see minigpt costs "
-            f"--config {where} --memory)")
+            f"{cfg.name}: this run needs about {gib(need)} of memory ({parts}) but {gib(available)} "
+            f"is available ({source}); lower [train] batch_size or the model size (minigpt costs "
+            f"--config CONFIG --memory shows the estimate; train --skip-memory-check overrides)")
     return need

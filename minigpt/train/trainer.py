@@ -122,7 +122,7 @@ class Trainer:
         check_length(self.corpus, cfg.model.block_size)
         self.corpus_fingerprint = fingerprint(self.corpus)
         if check_memory and cfg.train.device == "cpu":  # before the parameters are allocated
-            memory.preflight(cfg, cfg.name)
+            memory.preflight(cfg)
         self.out_dir = cfg.out_dir
         self.ckpt_path = self.out_dir / checkpoint.FILENAME
         self.log_path = self.out_dir / "log.jsonl"
