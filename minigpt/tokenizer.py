@@ -29,6 +29,8 @@ class ByteTokenizer:
 
 
 def from_dict(d: dict):
+    if not isinstance(d, dict):
+        raise ValueError(f"a tokenizer description must be a table, not {type(d).__name__}")  # noqa: TRY004 - callers catch ValueError
     if d.get("kind") != "byte":
         raise ValueError(f"unknown tokenizer kind {d.get('kind')!r}")
     return ByteTokenizer()
