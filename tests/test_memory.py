@@ -1,59 +1,28 @@
 """The memory estimate (costs/memory.py) against the measured peak resident set, the pre-flight
 refusal, `minigpt costs --memory`, and MemoryError as one line.
 
-The measurement: a fresh interpreter builds the model, gradients and AdamW (its moments written
-once, as a first step would), runs a training step, and reports resource.getrusage's ru_maxrss;
-the same script at a tiny shape gives the baseline (interpreter, numpy, BLAS start-up), subtracted.
+The measurement (memory.measured_peak): a fresh interpreter builds the model, gradients and AdamW
+(its moments written once, as a first step would), runs a training step, and reports
+resource.getrusage's ru_maxrss; the same at a tiny shape gives the baseline (interpreter, numpy,
+BLAS start-up), subtracted. bench/memory.py prints the same comparison as a table.
 """
 
-import resource
-import subprocess
-import sys
-import textwrap
-
 import pytest
-from conftest import ROOT, TINY, TINY_TOML, merge, run_cli, set_args
+from conftest import TINY, TINY_TOML, merge, run_cli, set_args
 
 from minigpt import cli, config
 from minigpt.costs import memory
 from minigpt.errors import ResourceError
 
-_PEAK = textwrap.dedent("""
-    import resource, sys
-    import numpy as np
-    from minigpt import backend, config
-    from minigpt.nn.model import GPT
-    from minigpt.nn.params import FlatBuffer, init
-    from minigpt.train.optim import AdamW
-    from minigpt.train.trainer import training_step
-    L, C, H, T, B, V = map(int, sys.argv[1:7])
-    drop = float(sys.argv[7])
-    m = config.Config().model
-    m.n_layer, m.n_embd, m.n_head, m.block_size, m.vocab_size, m.dropout = L, C, H, T, V, drop
-    backend.keep_freed_memory()  # as the trainer does
-    rng = np.random.default_rng(0)
-    model = GPT(m, init(m, rng))
-    model.grads = FlatBuffer(m)
-    opt = AdamW(model.params)
-    drop_rng = np.random.default_rng(1) if drop > 0 else None
-    opt.m.fill(1e-3)  # resident, as after a first step (zeros_like leaves pages untouched)
-    opt.v.fill(1e-6)
-    x, y = rng.integers(0, V, size=(2, B, T))
-    training_step(model, opt, [(x, y)], 1e-3, 1.0, drop_rng)
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
-""")
+try:
+    import resource
+except ImportError:  # Windows
+    resource = None
 
 # (n_layer, n_embd, n_head, block_size, batch, vocab, dropout): each needs 75-130 MiB, well
 # above the baseline's noise, in under a second of CPU: narrow models with many tokens.
 SHAPES = [(1, 64, 2, 64, 128, 256, 0.0), (3, 48, 2, 256, 16, 256, 0.0),
           (2, 32, 2, 128, 64, 256, 0.1), (1, 32, 2, 64, 256, 512, 0.0)]
-
-
-def peak_rss_bytes(shape) -> int:
-    r = subprocess.run([sys.executable, "-c", _PEAK, *map(str, shape)], cwd=ROOT, capture_output=True,
-                       text=True, timeout=120, check=True)
-    kib = int(r.stdout.split()[-1])
-    return kib * 1024 if sys.platform.startswith("linux") else kib  # macOS reports bytes
 
 
 def estimate(shape) -> int:
@@ -66,11 +35,11 @@ def estimate(shape) -> int:
     return sum(i.nbytes for i in memory.training_estimate(cfg) if i.name != "token batches")
 
 
-@pytest.mark.skipif(not hasattr(resource, "getrusage"), reason="needs resource.getrusage")
+@pytest.mark.skipif(resource is None, reason="needs resource.getrusage (POSIX)")
 def test_the_estimate_is_within_20_percent_of_the_measured_peak():
-    baseline = peak_rss_bytes((1, 8, 2, 8, 1, 256, 0.0))
+    baseline = memory.measured_peak(*memory.BASELINE_SHAPE)
     for shape in SHAPES:
-        measured = peak_rss_bytes(shape) - baseline
+        measured = memory.measured_peak(*shape) - baseline
         predicted = estimate(shape)
         assert abs(measured - predicted) <= 0.2 * predicted, (shape, measured / predicted)
 

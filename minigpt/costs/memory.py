@@ -24,6 +24,9 @@ the numbers, a run that cannot fit.
 """
 
 import os
+import subprocess
+import sys
+import textwrap
 from dataclasses import dataclass
 
 from minigpt.costs import model as cost_model
@@ -167,3 +170,46 @@ def preflight(cfg, available: int | None = None) -> int:
             f"is available ({source}); lower [train] batch_size or the model size (minigpt costs "
             f"--config CONFIG --memory shows the estimate; train --skip-memory-check overrides)")
     return need
+
+
+# ----------------------------------------------------------------------------- measuring it
+
+_PROBE = textwrap.dedent("""
+    import resource, sys
+    import numpy as np
+    from minigpt import backend, config
+    from minigpt.nn.model import GPT
+    from minigpt.nn.params import FlatBuffer, init
+    from minigpt.train.optim import AdamW
+    from minigpt.train.trainer import training_step
+    L, C, H, T, B, V = map(int, sys.argv[1:7])
+    drop = float(sys.argv[7])
+    m = config.Config().model
+    m.n_layer, m.n_embd, m.n_head, m.block_size, m.vocab_size, m.dropout = L, C, H, T, V, drop
+    backend.keep_freed_memory()  # as the trainer does
+    rng = np.random.default_rng(0)
+    model = GPT(m, init(m, rng))
+    model.grads = FlatBuffer(m)
+    opt = AdamW(model.params)
+    drop_rng = np.random.default_rng(1) if drop > 0 else None
+    opt.m.fill(1e-3)  # resident, as after a first step (zeros_like leaves pages untouched)
+    opt.v.fill(1e-6)
+    x, y = rng.integers(0, V, size=(2, B, T))
+    training_step(model, opt, [(x, y)], 1e-3, 1.0, drop_rng)
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+""")
+BASELINE_SHAPE = (1, 8, 2, 8, 1, 256, 0.0)  # what the interpreter, numpy and BLAS take alone
+
+
+def measured_peak(n_layer: int, n_embd: int, n_head: int, block_size: int, batch: int,
+                  vocab_size: int, dropout: float = 0.0) -> int:
+    """Peak resident set (bytes) of a fresh interpreter that runs one float32 training step at
+    this shape, after AdamW's moments are resident (as after a first step). Subtract
+    measured_peak(*BASELINE_SHAPE) to leave the training step's own memory. POSIX only."""
+    shape = (n_layer, n_embd, n_head, block_size, batch, vocab_size, dropout)
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    r = subprocess.run([sys.executable, "-c", _PROBE, *map(str, shape)], capture_output=True,
+                       text=True, timeout=600, check=True, env=env)
+    value = int(r.stdout.split()[-1])
+    return value * 1024 if sys.platform.startswith("linux") else value  # Linux: KiB; macOS: bytes

@@ -106,9 +106,10 @@ def _read_arrays(path: Path) -> dict:
                     arrays[name] = _read_npy(path, name, f, info.file_size)
     except CheckpointError:
         raise
+    except MemoryError:
+        raise CheckpointError(f"{path}: too large to load into this machine's memory") from None
     except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, ValueError, NotImplementedError,
-            RuntimeError, UnicodeDecodeError, OverflowError, RecursionError, SyntaxError,
-            MemoryError) as e:
+            RuntimeError, UnicodeDecodeError, OverflowError, RecursionError, SyntaxError) as e:
         msg = str(e).split("\n")[0][:160]
         if "Bad CRC-32" in msg:
             raise CheckpointError(f"{path}: corrupt checkpoint: {msg} (a changed or flipped bit); not used") from None
