@@ -17,6 +17,7 @@ import tracemalloc
 
 import numpy as np
 import pytest
+from conftest import ROOT
 from fuzz import targets
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -218,3 +219,16 @@ def test_hostile_headers_are_refused(meta):
     arrays = {"meta": np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
               "params": np.zeros(4, np.float32)}
     assert isinstance(targets.checkpoint_file(targets.npz_bytes(arrays)), CheckpointError)
+
+
+REGRESSIONS = sorted((ROOT / "tests" / "fuzz" / "regressions").glob("*"))
+
+
+@pytest.mark.parametrize("path", REGRESSIONS, ids=lambda p: p.name)
+def test_inputs_the_fuzzers_found_stay_fixed(path):
+    """Inputs that once escaped as a traceback (found by the atheris harnesses), named
+    <target>-<what>.<ext>: each must now end in a result or one clear error."""
+    target = targets.TARGETS[path.name.split("-")[0]]
+    result = target(path.read_bytes())
+    if path.name.startswith("checkpoint-"):
+        assert isinstance(result, CheckpointError)

@@ -15,8 +15,8 @@ AdamW moments):
 
 with N = B T tokens of a micro-batch. Each piece is a function of the config, so a new kind of
 layer (a mixture of experts, say) adds its own activation and temporary terms in one place:
-block_activations and backward_temporaries. tests/test_memory.py checks the total against the
-measured peak resident set of real training steps.
+block_activations and backward_temporaries. measured_peak runs a real training step in a fresh
+interpreter and reports its peak resident set: tests/test_memory.py and bench/memory.py compare.
 
 preflight() compares the total with the memory this machine has available now (Linux
 /proc/meminfo MemAvailable; os.sysconf's available pages elsewhere) and refuses, in one line with

@@ -119,13 +119,21 @@ def _read_arrays(path: Path) -> dict:
 
 def _read_npy(path, name, f, member_size: int) -> np.ndarray:
     """One .npy member: header first; the data only if its declared size is what is present."""
-    version = npy_format.read_magic(f)
-    if version == (1, 0):
-        shape, fortran, dtype = npy_format.read_array_header_1_0(f)
-    elif version in ((2, 0), (3, 0)):
-        shape, fortran, dtype = npy_format.read_array_header_2_0(f)
-    else:
-        raise CheckpointError(f"{path}: array {name!r}: unknown .npy version {version}")
+    try:
+        version = npy_format.read_magic(f)
+        if version == (1, 0):
+            shape, fortran, dtype = npy_format.read_array_header_1_0(f)
+        elif version in ((2, 0), (3, 0)):
+            shape, fortran, dtype = npy_format.read_array_header_2_0(f)
+        else:
+            raise CheckpointError(f"{path}: array {name!r}: unknown .npy version {version}")
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 - numpy's header parser raises many kinds (ValueError,
+        # SyntaxError, tokenize.TokenError, ...) on a damaged header: all mean the same here
+        reason = str(e).split("\n")[0][:100]
+        raise CheckpointError(f"{path}: array {name!r} has a corrupt .npy header ({type(e).__name__}: "
+                              f"{reason}); not used") from None
     if dtype.hasobject:
         raise CheckpointError(f"{path}: array {name!r} holds pickled objects; refused (never unpickled)")
     if dtype.kind not in DTYPE_KINDS or dtype.fields is not None or dtype.subdtype is not None:
