@@ -67,20 +67,44 @@ def scenario_file(data: bytes):
     return _expect(lambda: scenario.load(_file("scenario.toml", data)))
 
 
+def tokenizer_classes() -> list:
+    """Every tokenizer class in minigpt's tokenizer modules (minigpt.tokenizer and any minigpt
+    module whose name mentions "token" or "bpe"): a class with kind, encode, decode and to_dict."""
+    import importlib
+    import pkgutil
+
+    import minigpt
+
+    names = [m.name for m in pkgutil.walk_packages(minigpt.__path__, "minigpt.")
+             if "token" in m.name.rsplit(".", 1)[-1] or "bpe" in m.name.rsplit(".", 1)[-1]]
+    found = {}
+    for name in sorted(set(names) | {tokenizer.__name__}):
+        module = importlib.import_module(name)
+        for _, cls in inspect.getmembers(module, inspect.isclass):
+            if cls.__module__ == name and all(hasattr(cls, a) for a in ("kind", "encode", "decode", "to_dict")):
+                found[f"{name}.{cls.__name__}"] = cls
+    return list(found.values())
+
+
 def tokenizer_kinds() -> list:
-    """One instance of every tokenizer class minigpt.tokenizer defines (a class with a kind and
-    to_dict that from_dict turns back into itself), built with no arguments where it allows."""
+    """One instance of every tokenizer class: built with no arguments, or by the class's
+    example() (a small instance, for kinds that need a vocabulary). Classes with neither are
+    listed by untested_tokenizer_classes()."""
     found = []
-    for _, cls in inspect.getmembers(tokenizer, inspect.isclass):
-        if cls.__module__ != tokenizer.__name__ or not hasattr(cls, "kind") or not hasattr(cls, "to_dict"):
+    for cls in tokenizer_classes():
+        if hasattr(cls, "example"):
+            found.append(cls.example())
             continue
         try:
             found.append(cls())
-        except TypeError:  # needs a vocabulary: from_dict of its own example, where it has one
-            example = getattr(cls, "example", None)
-            if example is not None:
-                found.append(example())
+        except TypeError:
+            pass
     return found
+
+
+def untested_tokenizer_classes() -> list[str]:
+    made = {type(t) for t in tokenizer_kinds()}
+    return [c.__name__ for c in tokenizer_classes() if c not in made]
 
 
 def tokenizers(data: bytes):
