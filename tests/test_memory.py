@@ -2,9 +2,11 @@
 refusal, `minigpt costs --memory`, and MemoryError as one line.
 
 The measurement (memory.measured_peak): a fresh interpreter builds the model, gradients and AdamW
-(its moments written once, as a first step would), runs a training step, and reports
-resource.getrusage's ru_maxrss; the same at a tiny shape gives the baseline (interpreter, numpy,
-BLAS start-up), subtracted. bench/memory.py prints the same comparison as a table.
+(its moments written once, as a first step would), runs a training step, and reports its peak
+resident set (Linux: VmHWM, since getrusage's ru_maxrss inherits the parent's peak across fork and
+exec, which made a child of this test runner report the runner's size; elsewhere ru_maxrss); the
+same at a tiny shape gives the baseline (interpreter, numpy, BLAS start-up), subtracted.
+bench/memory.py prints the same comparison as a table.
 """
 
 import pytest

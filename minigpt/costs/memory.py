@@ -196,7 +196,12 @@ _PROBE = textwrap.dedent("""
     opt.v.fill(1e-6)
     x, y = rng.integers(0, V, size=(2, B, T))
     training_step(model, opt, [(x, y)], 1e-3, 1.0, drop_rng)
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    try:  # Linux: this process's own peak (see measured_peak)
+        with open("/proc/self/status") as f:
+            print(next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:")))
+    except (OSError, StopIteration):
+        kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        print(kib * 1024 if sys.platform.startswith("linux") else kib)  # macOS reports bytes
 """)
 BASELINE_SHAPE = (1, 8, 2, 8, 1, 256, 0.0)  # what the interpreter, numpy and BLAS take alone
 
@@ -205,11 +210,15 @@ def measured_peak(n_layer: int, n_embd: int, n_head: int, block_size: int, batch
                   vocab_size: int, dropout: float = 0.0) -> int:
     """Peak resident set (bytes) of a fresh interpreter that runs one float32 training step at
     this shape, after AdamW's moments are resident (as after a first step). Subtract
-    measured_peak(*BASELINE_SHAPE) to leave the training step's own memory. POSIX only."""
+    measured_peak(*BASELINE_SHAPE) to leave the training step's own memory. POSIX only.
+
+    On Linux the figure is /proc/self/status VmHWM, not getrusage's ru_maxrss: the kernel carries
+    ru_maxrss across fork and exec, so a child started by a big process (a test runner holding a
+    few hundred MB) reports at least its parent's peak. VmHWM belongs to the child's own memory.
+    Elsewhere (macOS) ru_maxrss is what there is."""
     shape = (n_layer, n_embd, n_head, block_size, batch, vocab_size, dropout)
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
     r = subprocess.run([sys.executable, "-c", _PROBE, *map(str, shape)], capture_output=True,
                        text=True, timeout=600, check=True, env=env)
-    value = int(r.stdout.split()[-1])
-    return value * 1024 if sys.platform.startswith("linux") else value  # Linux: KiB; macOS: bytes
+    return int(r.stdout.split()[-1])
