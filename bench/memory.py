@@ -14,7 +14,6 @@ import sys
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from minigpt import config
 from minigpt.costs import memory
 
 # (n_layer, n_embd, n_head, block_size, batch, vocab_size, dropout)
@@ -24,22 +23,13 @@ SHAPES = [(1, 64, 2, 64, 128, 256, 0.0), (3, 48, 2, 256, 16, 256, 0.0),
           (2, 64, 2, 128, 128, 256, 0.0), (4, 96, 4, 256, 16, 256, 0.0)]
 
 
-def estimate(shape) -> int:
-    L, C, H, T, B, V, drop = shape
-    cfg = config.Config()
-    m = cfg.model
-    m.n_layer, m.n_embd, m.n_head, m.block_size, m.vocab_size, m.dropout = L, C, H, T, V, drop
-    cfg.train.batch_size = B
-    return sum(i.nbytes for i in memory.training_estimate(cfg) if i.name != "token batches")
-
-
 def main() -> None:
     baseline = memory.measured_peak(*memory.BASELINE_SHAPE)
     print(f"baseline (interpreter, numpy, BLAS, a tiny step): {baseline / 2**20:.1f} MiB")
     print(f"{'L':>2} {'C':>4} {'H':>2} {'T':>4} {'B':>4} {'V':>4} {'drop':>4}  {'estimate':>10}  "
           f"{'measured':>10}  {'measured/estimate':>17}")
     for shape in SHAPES:
-        est = estimate(shape)
+        est = memory.step_estimate(*shape)
         meas = memory.measured_peak(*shape) - baseline
         L, C, H, T, B, V, drop = shape
         print(f"{L:>2} {C:>4} {H:>2} {T:>4} {B:>4} {V:>4} {drop:>4}  {est / 2**20:8.1f} Mi  "

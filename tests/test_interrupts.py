@@ -15,7 +15,7 @@ import textwrap
 import time
 
 import pytest
-from conftest import ROOT, TINY, TINY_TOML, merge, run_cli, set_args, snapshot
+from conftest import ROOT, TINY, TINY_TOML, interrupt_training, merge, run_cli, set_args, snapshot
 
 from minigpt.errors import ResourceError
 from minigpt.train import checkpoint, runlock
@@ -36,14 +36,6 @@ _SAVE_LOOP = textwrap.dedent("""
         checkpoint.save(path, {"i": i, "layout": [["w", [n]]]}, {"params": a, "adam_m": a, "adam_v": a})
         print(i, flush=True)
 """)
-
-
-def wait_for(condition, timeout, what):
-    end = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
 
 
 def test_kill_9_at_random_moments_leaves_a_whole_checkpoint(tmp_path):
@@ -73,24 +65,7 @@ def test_kill_9_at_random_moments_leaves_a_whole_checkpoint(tmp_path):
 
 
 def test_sigterm_saves_a_checkpoint_and_stops(tmp_path):
-    out = tmp_path / "run"
-    args = set_args(merge(TINY, {"train": {"out_dir": str(out), "max_steps": 1_000_000},
-                                 "eval": {"interval": 5}}))
-    log = out / "log.jsonl"
-    with open(tmp_path / "stdout", "w") as stdout, open(tmp_path / "stderr", "w") as stderr:
-        proc = subprocess.Popen([sys.executable, "train.py", str(TINY_TOML), "--no-progress", *args],
-                                cwd=ROOT, stdout=stdout, stderr=stderr)
-        try:
-            wait_for(lambda: log.exists() and log.read_text().strip() or proc.poll() is not None,
-                     60, "the first log line")
-            assert proc.poll() is None, "train.py ended before it was stopped"
-            proc.send_signal(signal.SIGTERM)
-            code = proc.wait(timeout=30)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    err = (tmp_path / "stderr").read_text()
+    code, out, _, err = interrupt_training(tmp_path, signal.SIGTERM)
     assert code == 143, err
     assert "Traceback" not in err and "SIGTERM: finishing this step" in err
     stopped = re.search(r"stopped at step (\d+)", err)

@@ -27,22 +27,12 @@ SHAPES = [(1, 64, 2, 64, 128, 256, 0.0), (3, 48, 2, 256, 16, 256, 0.0),
           (2, 32, 2, 128, 64, 256, 0.1), (1, 32, 2, 64, 256, 512, 0.0)]
 
 
-def estimate(shape) -> int:
-    L, C, H, T, B, V, drop = shape
-    cfg = config.Config()
-    m = cfg.model
-    m.n_layer, m.n_embd, m.n_head, m.block_size, m.vocab_size, m.dropout = L, C, H, T, V, drop
-    cfg.train.batch_size = B
-    # the probe holds no eval batches: leave out the trainer's token batches
-    return sum(i.nbytes for i in memory.training_estimate(cfg) if i.name != "token batches")
-
-
 @pytest.mark.skipif(resource is None, reason="needs resource.getrusage (POSIX)")
 def test_the_estimate_is_within_20_percent_of_the_measured_peak():
     baseline = memory.measured_peak(*memory.BASELINE_SHAPE)
     for shape in SHAPES:
         measured = memory.measured_peak(*shape) - baseline
-        predicted = estimate(shape)
+        predicted = memory.step_estimate(*shape)
         assert abs(measured - predicted) <= 0.2 * predicted, (shape, measured / predicted)
 
 

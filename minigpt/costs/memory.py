@@ -29,6 +29,7 @@ import sys
 import textwrap
 from dataclasses import dataclass
 
+from minigpt import config
 from minigpt.costs import model as cost_model
 from minigpt.errors import ResourceError
 
@@ -204,6 +205,18 @@ _PROBE = textwrap.dedent("""
         print(kib * 1024 if sys.platform.startswith("linux") else kib)  # macOS reports bytes
 """)
 BASELINE_SHAPE = (1, 8, 2, 8, 1, 256, 0.0)  # what the interpreter, numpy and BLAS take alone
+
+
+def step_estimate(n_layer: int, n_embd: int, n_head: int, block_size: int, batch: int,
+                  vocab_size: int, dropout: float = 0.0) -> int:
+    """The estimate for what measured_peak runs (the same arguments): a float32 training step,
+    without the trainer's token batches (the probe holds no evaluation batches)."""
+    cfg = config.Config()
+    m = cfg.model
+    m.n_layer, m.n_embd, m.n_head, m.block_size, m.vocab_size, m.dropout = (
+        n_layer, n_embd, n_head, block_size, vocab_size, dropout)
+    cfg.train.batch_size = batch
+    return sum(i.nbytes for i in training_estimate(cfg) if i.name != "token batches")
 
 
 def measured_peak(n_layer: int, n_embd: int, n_head: int, block_size: int, batch: int,
