@@ -201,12 +201,10 @@ class Trainer:
         batches = (self._batch() for _ in range(t.grad_accum))  # drawn one at a time, as used
         with np.errstate(over="ignore", invalid="ignore"):  # a diverged loss is reported below
             loss = accumulate(self.model, batches, t.grad_accum, drop_rng)
-        kept = (f"{self.ckpt_path} is unchanged" if self.ckpt_path.exists()
-                else "no checkpoint was written")
         if not math.isfinite(loss):
             raise TrainingDiverged(
                 f"loss became {loss} at step {self.state.step + 1} ({describe_nonfinite(self.model)}); "
-                f"stopped before the update ({kept}); try a lower [train] learning_rate"
+                f"stopped before the update ({self._kept()}); try a lower [train] learning_rate"
             )
         try:
             with np.errstate(over="ignore", invalid="ignore"):
@@ -214,12 +212,15 @@ class Trainer:
         except NonFiniteGradient as e:
             raise NonFiniteGradient(
                 f"gradients went non-finite at step {self.state.step + 1} with a finite loss "
-                f"{loss:.4f} ({e}); stopped before the update ({kept}); try a lower [train] "
+                f"{loss:.4f} ({e}); stopped before the update ({self._kept()}); try a lower [train] "
                 f"learning_rate or grad_clip"
             ) from None
         self.state.step += 1
         self.state.tokens += t.grad_accum * t.batch_size * cfg.model.block_size
         return loss
+
+    def _kept(self) -> str:
+        return f"{self.ckpt_path} is unchanged" if self.ckpt_path.exists() else "no checkpoint was written"
 
     def _batch(self):
         t, T = self.cfg.train, self.cfg.model.block_size
@@ -351,6 +352,8 @@ class Trainer:
             print(f"note: {self.ckpt_path} predates corpus fingerprints; the corpus is not checked",
                   file=sys.stderr)
             return
+        if not isinstance(saved, dict):
+            raise CheckpointError(f"{self.ckpt_path}: corrupt corpus fingerprint in the header")
         now = self.corpus_fingerprint
         differs = [k for k in ("train_tokens", "val_tokens", "sha256") if saved.get(k) != now.get(k)]
         if differs:
