@@ -50,13 +50,73 @@ def _energy_arguments(p) -> None:
 
 
 def cmd_train(argv) -> int:
+    from minigpt.train import dist
+
+    if dist.launched_size() > 1:  # under mpiexec -n N: see _train_on_ranks
+        return _train_on_ranks(argv)
+    return _train(argv)
+
+
+def _train_setup(argv):
+    """Parse the arguments, load the config, build the trainer: (args, trainer)."""
     from minigpt import config
     from minigpt.train.trainer import Trainer
 
     args = _train_parser().parse_args(argv)
     cfg = config.load(args.config, args.overrides)
-    trainer = Trainer(cfg, resume=args.resume, progress=not args.no_progress,
-                      check_memory=not args.skip_memory_check)
+    return args, Trainer(cfg, resume=args.resume, progress=not args.no_progress,
+                         check_memory=not args.skip_memory_check)
+
+
+def _train_on_ranks(argv) -> int:
+    """`mpiexec -n N python train.py ...`: rank 0 trains and prints as one process would, the
+    others train quietly. A failure while setting up (the same bad config on every rank, or a file
+    one rank cannot read): the ranks compare notes, rank 0 prints the first one's line, and all
+    exit 2. A failure while training: that rank prints its line and aborts every rank (MPI exits
+    with the code), so none waits forever in an allreduce."""
+    import traceback
+
+    from minigpt.train import dist
+    from minigpt.train.trainer import TrainingDiverged
+
+    w = dist.world()  # without mpi4py: a ConfigError on each rank, and nothing yet to wait for
+    failure = None
+    try:
+        args, trainer = _train_setup(argv)
+    except SystemExit:  # --help
+        raise
+    except MiniGPTError as e:
+        failure = f"error: {e}"
+    except Exception as e:  # noqa: BLE001 - a bug: its traceback, then the same agreement
+        traceback.print_exc()
+        failure = f"error: {type(e).__name__}: {e}"
+    first = dist.first_failure(w, failure)
+    if first is not None:
+        if w.rank == 0:
+            print(first, file=sys.stderr)
+        return EXIT_BAD_INPUT
+    try:
+        return _train(argv, args, trainer)
+    except SystemExit:
+        raise
+    except TrainingDiverged as e:  # the summed loss: every rank sees it, rank 0 says it
+        dist.fail(w, f"error: {e}", 1, say=w.rank == 0)
+    except MiniGPTError as e:
+        dist.fail(w, f"error: {e}", EXIT_BAD_INPUT)
+    except KeyboardInterrupt:
+        dist.fail(w, "aborted", 130)
+    except Exception as e:  # noqa: BLE001 - a bug on one rank must stop them all
+        traceback.print_exc()
+        dist.fail(w, f"error: {type(e).__name__}: {e}", 1)
+    return 1  # (not reached: fail aborts)
+
+
+def _train(argv, args=None, trainer=None) -> int:
+    if trainer is None:
+        args, trainer = _train_setup(argv)
+    if trainer.world.rank != 0:  # the other ranks of mpiexec -n N: quiet
+        trainer.run()
+        return 0
     c = trainer.corpus
     print(f"corpus: {c.source}: {c.n_files} files, {len(c.train):,} training and {len(c.val):,} "
           f"validation tokens", file=sys.stderr)
@@ -79,18 +139,24 @@ def _hardware_for(args, device: str):
 
 
 def _print_training_costs(trainer, result, measured, args) -> None:
-    from minigpt.costs import calibrate, energy, report
+    from minigpt.costs import calibrate, energy, projection, report
     from minigpt.meter import METER
 
     peak, where = calibrate.local_peak() if trainer.cfg.train.device == "cpu" else (None, "")
     rows = report.rows_from_records(METER.records)
+    ranks, everyone = trainer.world.size, result.tokens
+    if ranks > 1:  # the counts are rank 0's: its share of the tokens goes with them
+        result.tokens = trainer.state.counted_tokens
     print()
     print(report.summary(rows, result.steps, result.tokens, peak, where))
+    if ranks > 1:
+        print(f"data parallel over {ranks} MPI ranks: the counts above are rank 0's, on its "
+              f"{result.tokens:,} of the {everyone:,} tokens (every rank did the same)")
     print(f"details: minigpt costs {trainer.out_dir} --by op  (also {trainer.out_dir}/costs.json, costs.csv)")
     print()
     print("\n".join(energy.report_lines(rows, result.elapsed_s, _hardware_for(args, trainer.cfg.train.device),
                                        measured=measured, watts=args.watts, tokens=result.tokens)))
-    print(energy.gpt3_projection_line(result.tokens, rows, joules=measured.total_joules))
+    print(projection.gpt3_projection_line(result.tokens, rows, joules=measured.total_joules))
 
 
 def _generate_parser(prog="minigpt generate") -> argparse.ArgumentParser:
@@ -231,6 +297,9 @@ def _costs_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=("train", "prefill", "decode"), default="train",
                    help="with --config: one training step, a prefill of --seq tokens, or one decode "
                    "step at position --seq (default train)")
+    p.add_argument("--ranks", type=int, default=1,
+                   help="with --config --mode train: one rank's step of data-parallel training over "
+                   "this many MPI ranks (its batch / ranks sequences, and the allreduces)")
     p.add_argument("--by", choices=("scope", "op", "kind", "layer", "phase"), default="scope",
                    help="group records by this (default scope)")
     p.add_argument("--phase", default=None, help="only this phase (forward, backward, optimizer, eval, ...)")
@@ -279,9 +348,18 @@ def cmd_costs(argv) -> int:
             raise ConfigError(f"--batch and --seq must be >= 1, got {B} and {T}")
         if T > cfg.model.block_size and args.mode != "decode" or T >= cfg.model.block_size and args.mode == "decode":
             raise ConfigError(f"--seq {T} does not fit block_size {cfg.model.block_size} of {args.config}")
+        if args.ranks < 1:
+            raise ConfigError(f"--ranks must be >= 1, got {args.ranks}")
         if args.memory:
             return _print_memory(cfg, B, T, args)
-        if args.mode == "train":
+        if args.mode == "train" and args.ranks > 1:
+            from minigpt.train.dist import local_batch
+
+            records = cost_model.predict_training_step(cfg.model, local_batch(B, args.ranks), T,
+                                                       cfg.train.grad_accum, ranks=args.ranks)
+            what = (f"predicted: one rank's training step of {args.config}, batch {B} x {T} tokens "
+                    f"over {args.ranks} ranks")
+        elif args.mode == "train":
             records = cost_model.predict_training_step(cfg.model, B, T, cfg.train.grad_accum)
             what = f"predicted: one training step of {args.config}, batch {B} x {T} tokens"
         elif args.mode == "prefill":
@@ -300,6 +378,8 @@ def cmd_costs(argv) -> int:
             raise ConfigError(f"{args.run}/costs.json: unreadable: {e}") from None
         rows = doc["records"]
         what = f"measured: {args.run}, {doc['steps']} steps, {doc['tokens']:,} training tokens"
+        if doc.get("ranks", 1) > 1:
+            what += f" (rank 0's share, of {doc['ranks']} data-parallel ranks)"
     if args.top is not None and args.top < 1:
         raise ConfigError(f"--top must be >= 1, got {args.top}")
     groups = report.group(rows, args.by, args.phase)
@@ -326,9 +406,15 @@ def _print_memory(cfg, B: int, T: int, args) -> int:
 
     if args.mode != "train":
         raise ConfigError("--memory estimates a training run: drop --mode")
+    ranks = args.ranks
+    if ranks > 1:
+        from minigpt.train.dist import local_batch
+
+        B = local_batch(B, ranks)
     items = memory.training_estimate(cfg, B, T)
     title = (f"memory of a training run of {args.config}: batch {B} x {T} tokens, "
-             f"{cfg.train.dtype}, grad_accum {cfg.train.grad_accum} (one micro-batch alive at a time)")
+             f"{cfg.train.dtype}, grad_accum {cfg.train.grad_accum} (one micro-batch alive at a time)"
+             + (f"; one of {ranks} ranks, each holding its share of the batch" if ranks > 1 else ""))
     if args.format == "json":
         avail, where = memory.available_bytes()
         print(json.dumps({"what": title, "items": [i.__dict__ for i in items],
@@ -336,6 +422,8 @@ def _print_memory(cfg, B: int, T: int, args) -> int:
                          indent=1))
     else:
         print(memory.format_table(items, title))
+        if ranks > 1:
+            print(f"{ranks} ranks on one machine: {memory.gib(ranks * memory.total(items))}")
         print(f"the corpus adds up to {memory.gib(cfg.data.max_bytes)} of tokens ([data] max_bytes, "
               "byte tokenizer); the allocator and BLAS add about 5-20% on top (docs/reliability.md)")
     return 0
@@ -443,21 +531,51 @@ def cmd_hardware(argv) -> int:
     prof = hardware.load_profile(args.name)
     print(f"{prof.name}: {prof.description}  ({prof.path})")
     figures = [(f"peak_flops.{t}", v) for t, v in prof.peak_flops.items()]
-    figures += [(f, getattr(prof, f)) for f in hardware.FIGURES]
+    figures += [(f, getattr(prof, f)) for f in hardware.FIGURES + hardware.OPTIONAL_FIGURES]
+    figures += [(f"interconnect.{k}", v) for k, v in prof.interconnect.items()]  # bytes/s each way
     for key, value in figures:
         shown = f"{value:.4g}" if value is not None else prof.missing.get(key, "unknown")
-        print(f"  {key:<18} {shown:>12}  {prof.sources.get(key, '')}")
+        print(f"  {key:<23} {shown:>12}  {prof.sources.get(key, '')}")
     return 0
 
 
+SCALE_HELP = """scenario keys (full list: minigpt/costs/scenario.py's docstring; docs/energy.md):
+  [model]      n_layer, n_embd, n_head, block_size, vocab_size (an architecture) and/or params,
+               active_params; n_experts, experts_per_token. Not needed for [training] flops alone
+  [training]   the work in the source's own terms: flops (a published total), tokens (FLOPs by
+               our closed form, or 6ND), chip_hours (GPU-hours), or days (with hardware.chips).
+               With FLOPs give a rate (hardware.mfu / achieved_flops_per_chip) or a duration;
+               the other is derived (implied FLOP/s per chip, MFU). Missing: "not given"
+  [inference]  prompt_tokens, output_tokens, batch, weight_bits, kv_bits, chips, queries_per_day;
+               mfu: compute-bound Wh/query (FLOPs / (peak x mfu) x W x PUE), else the roofline;
+               wh_per_query: a stated figure, used instead of both (wh_per_query_basis says which)
+  [hardware]   profile, chips, mfu | achieved_flops_per_chip, dtype, memory_bandwidth;
+               watts_per_chip, or power_basis = "chip" (rated TDP, default) | "system" (whole
+               system per accelerator, e.g. DGX A100 6.5 kW / 8); power_fraction (average draw
+               as a share of the rating, default 1); pue; carbon_kg_per_kwh (gross),
+               carbon_net_kg_per_kwh (net: co2_net_tonnes); water_onsite_l_per_kwh (per IT kWh,
+               before PUE; alias water_l_per_kwh), water_offsite_l_per_kwh (per kWh drawn)
+  [published]  source and the figures the source gives: shown beside ours with the difference
+energy = chip-hours x W x power_fraction x PUE; tCO2e = MWh x grid; water = IT MWh x on-site
++ MWh x off-site (m3). Every report names the power basis.
+examples: minigpt scale gpt3-175b;  minigpt scale patterson-t5 (FLOPs alone);  minigpt scale
+llama-65b (GPU-hours);  minigpt scale gpt4-class-moe --set hardware.power_basis=chip;  minigpt
+scale epoch-chatgpt-2025 (compute-bound Wh/query);  minigpt scale dense-70b-h100 --set
+inference.weight_bits=8;  shipped scenarios: configs/scale/*.toml (docs/energy.md)"""
+
+
 def _scale_parser() -> argparse.ArgumentParser:
+    import textwrap
+
     p = _Parser(
         prog="minigpt scale",
-        description="What a model costs at full size: training FLOPs (our closed form beside 6ND), "
-        "days, MWh, tCO2e, households; serving bytes, tokens/s ceilings, Wh per query; with every "
-        "assumption and where it came from, and a utilisation x PUE sensitivity table.",
-        epilog="examples: minigpt scale gpt3-175b;  minigpt scale configs/scale/dense-70b-h100.toml "
-        "--set inference.weight_bits=8;  shipped scenarios: configs/scale/*.toml (docs/energy.md)",
+        description=textwrap.fill("What a model costs at full size, from a published estimate's own inputs "
+        "(FLOPs, GPU-hours or days; chips, rate, watts on a stated power basis, PUE, grid): "
+        "training FLOPs (our closed form beside 6ND), days, MWh, tCO2e gross and net, water "
+        "on-site and off-site, households; serving bytes, tokens/s ceilings, Wh, gCO2e and mL "
+        "per query; with every assumption and where it came from, a utilisation x PUE "
+        "sensitivity table, and the source's own figures beside ours.", 96),
+        epilog=SCALE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("scenario", help="a scenario TOML file, or a shipped one's name (gpt3-175b)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",

@@ -4,7 +4,7 @@ where it cannot; sourced defaults; the roofline; the one-line GPT-3 projection."
 import pytest
 
 from minigpt.config import ModelConfig
-from minigpt.costs import energy, report, roofline
+from minigpt.costs import energy, projection, report, roofline
 from minigpt.costs import model as cost_model
 from minigpt.costs.hardware import load_profile
 from minigpt.costs.power import Measurement
@@ -61,7 +61,11 @@ ROWS = [_row(2e9, 1e6), _row(1e6, 1e9)]  # one compute-bound, one memory-bound o
 def test_defaults_are_the_sourced_constants():
     s = energy.settings()
     assert (s.pue, s.carbon_kg_per_kwh, s.household_kwh_per_year) == (1.10, 0.367, 10715)
-    assert s.water_l_per_kwh is None  # no sourced default
+    assert (s.water_onsite_l_per_kwh, s.water_offsite_l_per_kwh) == (0.55, 3.142)  # Li et al.
+    assert s.water_l_per_kwh == s.water_onsite_l_per_kwh  # the old name, an alias
+    assert s.carbon_net_kg_per_kwh is None  # no general figure
+    assert "2304.03271" in s.origins["water_onsite_l_per_kwh"]
+    assert energy.water_litres(3.6e6 * 1.1, s) == pytest.approx(0.55 + 1.1 * 3.142)
     assert s.pj_per_flop["fp32"] == 2.3 and s.pj_per_byte == 162.5
     assert s.origins["pue"].startswith("default: Patterson")
     given = energy.settings(pue=1.5, given_by="--pue")
@@ -141,9 +145,9 @@ def test_report_on_a_real_training_step():
 def test_gpt3_projection_line():
     rows = [_row(6e9, 0, phase=p) for p in ("forward", "backward", "optimizer")] + [
         _row(1e20, 0, phase="eval")]  # evaluation is not training
-    line = energy.gpt3_projection_line(1000, rows, joules=90.0)
+    line = projection.gpt3_projection_line(1000, rows, joules=90.0)
     assert "\n" not in line and line.startswith("at GPT-3 scale: this run 1.8e+07 FLOP/token")
     assert "(5e+03 pJ/FLOP" in line and "GPT-3 175B counted the same way" in line
     assert "3.23e+23 FLOPs" in line and "10,000 v100-sxm2" in line and "tCO2e" in line
     with pytest.raises(ValueError):
-        energy.gpt3_projection_line(0, rows)
+        projection.gpt3_projection_line(0, rows)

@@ -156,20 +156,24 @@ def format_table(items: list[Item], title: str) -> str:
     return "\n".join(lines)
 
 
-def preflight(cfg, available: int | None = None) -> int:
+def preflight(cfg, available: int | None = None, batch: int | None = None, processes: int = 1) -> int:
     """Refuse (ResourceError, one line) a run whose estimate exceeds the available memory.
-    Returns the estimate in bytes. available: override the machine's figure (tests)."""
-    items = training_estimate(cfg)
-    need = total(items)
+    Returns the estimate in bytes. available: override the machine's figure (tests); batch: the
+    sequences one process holds (a data-parallel rank's share); processes: how many such
+    processes share this machine (the MPI ranks)."""
+    items = training_estimate(cfg, batch)
+    need = total(items) * processes
     source = "given"
     if available is None:
         available, source = available_bytes()
     if available is not None and need > available:
         parts = ", ".join(f"{i.name} {gib(i.nbytes)}" for i in items[:5])
+        each = f", {processes} processes of {gib(total(items))} each" if processes > 1 else ""
         raise ResourceError(
-            f"{cfg.name}: this run needs about {gib(need)} of memory ({parts}) but {gib(available)} "
-            f"is available ({source}); lower [train] batch_size or the model size (minigpt costs "
-            f"--config CONFIG --memory shows the estimate; train --skip-memory-check overrides)")
+            f"{cfg.name}: this run needs about {gib(need)} of memory ({parts}{each}) but "
+            f"{gib(available)} is available ({source}); lower [train] batch_size or the model size "
+            f"(minigpt costs --config CONFIG --memory shows the estimate; train --skip-memory-check "
+            f"overrides)")
     return need
 
 

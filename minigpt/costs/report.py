@@ -115,11 +115,15 @@ def _atomic_write(path: Path, text: str) -> None:
     safeio.write_text(path, text)
 
 
-def save(out_dir, rows, steps: int, tokens: int) -> tuple[Path, Path]:
-    """<out_dir>/costs.json ({steps, tokens, conventions, records, totals}) and costs.csv."""
+def save(out_dir, rows, steps: int, tokens: int, ranks: int = 1) -> tuple[Path, Path]:
+    """<out_dir>/costs.json ({steps, tokens, conventions, records, totals}) and costs.csv.
+    ranks > 1 (data-parallel, minigpt.train.dist): rows and tokens are rank 0's share, and the
+    document says so with "ranks"."""
     out_dir = Path(out_dir)
     doc = {"steps": steps, "tokens": tokens, "conventions": CONVENTIONS,
            "records": [{k: r[k] for k in FIELDS} for r in rows], "totals": totals(rows)}
+    if ranks > 1:
+        doc["ranks"] = ranks
     jpath, cpath = out_dir / "costs.json", out_dir / "costs.csv"
     _atomic_write(jpath, json.dumps(doc, indent=1) + "\n")
     buf = io.StringIO()
@@ -142,6 +146,7 @@ def summary(rows, steps: int, tokens: int, peak_flops: float | None = None,
     and model FLOPs utilisation against a measured peak (when one is given)."""
     train_rows = [r for r in rows if r["phase"] in ("forward", "backward", "optimizer")]
     t = totals(train_rows)
+    comm = totals([r for r in rows if r["phase"] == "communication"]).get("communication")
     lines = [format_table(group(train_rows, "layer"),
                           title=f"cost per layer, training phases, {steps} steps, {tokens:,} tokens"),
              "",
@@ -153,6 +158,8 @@ def summary(rows, steps: int, tokens: int, peak_flops: float | None = None,
         rate = p["flops"] / p["seconds"] / 1e9 if p["seconds"] > 0 else 0.0
         lines.append(f"{phase:<10}  {si(p['flops']):>11}  {si(p['bytes_read'] + p['bytes_written'], 'B'):>10}"
                      f"  {p['seconds']:8.2f}  {rate:8.2f}")
+    if comm:
+        lines.extend(communication_lines(t["all"], comm))
     if steps:
         mm = sum(r["flops"] for r in train_rows if r["kind"] == "matmul")
         lines.append(f"matmul FLOPs per token: {mm / tokens:,.0f}  (all FLOPs per token: "
@@ -163,3 +170,17 @@ def summary(rows, steps: int, tokens: int, peak_flops: float | None = None,
                      f"{peak_flops / 1e9:,.1f} GFLOP/s {peak_source}".rstrip())
     lines.append(CONVENTIONS)
     return "\n".join(lines)
+
+
+def communication_lines(compute: dict, comm: dict) -> list[str]:
+    """Data-parallel runs: the allreduces' totals beside the compute phases'. Bytes are those each
+    rank sent and received (ring allreduce); the seconds include waiting for the slowest rank."""
+    total_s = compute["seconds"] + comm["seconds"]
+    share = 100 * comm["seconds"] / total_s if total_s > 0 else 0.0
+    sent, received = si(comm["bytes_read"], "B"), si(comm["bytes_written"], "B")
+    moved = si(comm["bytes_read"] + comm["bytes_written"], "B")
+    table_row = (f"{'communic.':<10}  {si(comm['flops']):>11}  {moved:>10}  {comm['seconds']:8.2f}"
+                 f"  (allreduce: {sent} sent + {received} received by this rank)")
+    share_line = (f"compute {compute['seconds']:.2f} s, communication {comm['seconds']:.2f} s: "
+                  f"{share:.1f}% of the step time went to the allreduces")
+    return [table_row, share_line]

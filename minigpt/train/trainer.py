@@ -8,9 +8,12 @@ order) whose gradient went non-finite; resuming checks the corpus and tokenizer 
 checkpoint's fingerprints.
 
 Each step runs under the meter's phases (forward, backward, optimizer); evaluation runs under
-"eval", so the training phases count training alone.
+"eval", so the training phases count training alone. Under `mpiexec -n N` (minigpt.train.dist)
+each rank takes its slice of every batch, the gradients and the loss are summed over the ranks
+before clipping (phase "communication"), and rank 0 alone evaluates, writes and prints.
 """
 
+import contextlib
 import json
 import math
 import signal
@@ -30,22 +33,24 @@ from minigpt.meter import METER
 from minigpt.nn.model import GPT
 from minigpt.nn.params import FlatBuffer, init
 from minigpt.tokenizer import ByteTokenizer
-from minigpt.train import checkpoint
+from minigpt.train import checkpoint, dist
 from minigpt.train.faults import describe_nonfinite, dict_differences, fingerprint
 from minigpt.train.optim import AdamW, clip_grad_norm, lr_at
 from minigpt.train.runlock import RunLock
 
 
-def accumulate(model, batches, n: int, rng=None) -> float:
+def accumulate(model, batches, n: int, rng=None, ranks: int = 1) -> float:
     """Zero the gradients, then forward and backward over n micro-batches (an iterable of (x, y)),
-    each loss weighted 1 / n, under the meter's forward and backward phases. Returns the mean loss."""
+    each loss weighted 1 / n, under the meter's forward and backward phases. Returns the mean loss.
+    With ranks > 1 the gradients are weighted 1 / (n * ranks), so their sum over the ranks is the
+    global batch's mean gradient (the loss returned is still this rank's mean)."""
     model.grads.data.fill(0)
     loss = 0.0
     for x, y in batches:
         with METER.in_phase("forward"):
             micro_loss, cache = model.loss(x, y, rng)
         with METER.in_phase("backward"):
-            model.backward(cache, dloss=1.0 / n)
+            model.backward(cache, dloss=1.0 / (n * ranks))
         loss += micro_loss / n
         del cache  # before the next forward: one micro-batch's activations alive, not two
     return loss
@@ -85,6 +90,7 @@ class RunState:
 
     step: int = 0
     tokens: int = 0
+    counted_tokens: int | None = None  # the tokens rank 0's meter counts cover (its share of them)
     elapsed_s: float = 0.0
     loss_sum: float = 0.0  # training losses since the last evaluation, for the log's train_loss
     loss_count: int = 0
@@ -107,9 +113,12 @@ class Trainer:
     def __init__(self, cfg, resume: bool = False, progress: bool = True, on_step=None,
                  check_memory: bool = True):
         self.cfg = cfg
-        self.progress = progress
         self.on_step = on_step  # called as on_step(trainer) after every step
-        self._stop = False
+        self._stop = False  # this rank was asked to stop (Ctrl-C, request_stop)
+        self._agreed_stop = False  # some rank was, as of the last allreduce: every rank stops
+        self.world = dist.world(cfg.train.device)  # Single unless started by mpiexec -n N > 1
+        self.local_batch = dist.local_batch(cfg.train.batch_size, self.world.size)
+        self.progress = progress and self.world.rank == 0
         self.stopped_by = ""  # "SIGINT" or "SIGTERM" once a signal asked the run to stop
         backend.use(cfg.train.device)
         backend.keep_freed_memory()
@@ -122,14 +131,14 @@ class Trainer:
         check_length(self.corpus, cfg.model.block_size)
         self.corpus_fingerprint = fingerprint(self.corpus)
         if check_memory and cfg.train.device == "cpu":  # before the parameters are allocated
-            memory.preflight(cfg)
+            memory.preflight(cfg, batch=self.local_batch, processes=self.world.size)
         self.out_dir = cfg.out_dir
         self.ckpt_path = self.out_dir / checkpoint.FILENAME
         self.log_path = self.out_dir / "log.jsonl"
 
         t = cfg.train
         self.data_rng = np.random.default_rng(t.seed)
-        self.dropout_rng = np.random.default_rng(t.seed + 1)
+        self.dropout_rng = self._dropout_rng()
         val_rng = np.random.default_rng(t.seed + 2)  # fixed validation and train-eval batches
         self.val_batches = [
             get_batch(self.corpus.val, t.batch_size, cfg.model.block_size, val_rng)
@@ -167,12 +176,29 @@ class Trainer:
         self.opt.m[...] = backend.asarray(arrays["adam_m"].astype(dtype))
         self.opt.v[...] = backend.asarray(arrays["adam_v"].astype(dtype))
         self.state = RunState(**meta["run"])
+        if self.state.counted_tokens is None:  # a checkpoint from before data parallelism
+            self.state.counted_tokens = self.state.tokens
         self.meter_rows = meta.get("meter", [])
         self.opt.t = self.state.step
         self.data_rng.bit_generator.state = self.state.data_rng
-        self.dropout_rng.bit_generator.state = self.state.dropout_rng
+        if self.world.rank == 0:
+            self.dropout_rng.bit_generator.state = self.state.dropout_rng
+        else:  # only rank 0's dropout stream is saved: the others restart theirs from the step
+            self.dropout_rng = self._dropout_rng(self.state.step)
+
+    def _dropout_rng(self, step: int = 0) -> np.random.Generator:
+        """Dropout masks: one process (and rank 0) draws from seed + 1, as always; rank r > 0 from
+        its own stream, seeded by (seed + 1, r, the step it starts at), so ranks draw independent
+        masks for their different sequences. (With dropout, N ranks therefore train on other masks
+        than one process does; with dropout = 0, the default, the runs agree to rounding.)"""
+        seed = self.cfg.train.seed + 1
+        if self.world.rank == 0:
+            return np.random.default_rng(seed)
+        return np.random.default_rng([seed, self.world.rank, step])
 
     def save(self) -> None:
+        if self.world.rank != 0:  # rank 0 writes for all: every rank holds the same weights
+            return
         self._start_log()
         s = self.state
         s.data_rng = self.data_rng.bit_generator.state
@@ -200,7 +226,8 @@ class Trainer:
         drop_rng = self.dropout_rng if cfg.model.dropout > 0 else None
         batches = (self._batch() for _ in range(t.grad_accum))  # drawn one at a time, as used
         with np.errstate(over="ignore", invalid="ignore"):  # a diverged loss is reported below
-            loss = accumulate(self.model, batches, t.grad_accum, drop_rng)
+            loss = accumulate(self.model, batches, t.grad_accum, drop_rng, self.world.size)
+        loss = self._sum_over_ranks(loss)
         if not math.isfinite(loss):
             raise TrainingDiverged(
                 f"loss became {loss} at step {self.state.step + 1} ({describe_nonfinite(self.model)}); "
@@ -217,15 +244,36 @@ class Trainer:
             ) from None
         self.state.step += 1
         self.state.tokens += t.grad_accum * t.batch_size * cfg.model.block_size
+        self.state.counted_tokens = (self.state.counted_tokens or 0) + (
+            t.grad_accum * self.local_batch * cfg.model.block_size)
         return loss
 
     def _kept(self) -> str:
         return f"{self.ckpt_path} is unchanged" if self.ckpt_path.exists() else "no checkpoint was written"
 
     def _batch(self):
+        """The global batch a single process would draw, and this rank's slice of it."""
         t, T = self.cfg.train, self.cfg.model.block_size
-        x, y = get_batch(self.corpus.train, t.batch_size, T, self.data_rng)
+        x, y = get_batch(self.corpus.train, t.batch_size, T, self.data_rng)  # (B, T) each
+        if self.world.size > 1:
+            mine = slice(self.world.rank * self.local_batch, (self.world.rank + 1) * self.local_batch)
+            x, y = x[mine], y[mine]  # (B / N, T)
         return backend.asarray(x), backend.asarray(y)
+
+    def _sum_over_ranks(self, loss: float) -> float:
+        """Sum the gradients over the ranks (one allreduce of the flat buffer), then the loss and
+        the stop flag (so a Ctrl-C on any rank stops every rank after this same step)."""
+        if self.world.size == 1:
+            return loss
+        self.world.sum_gradients(self.model.grads.data)
+        total = self.world.sum_scalars(np.array([loss / self.world.size, float(self._stop)]))
+        self._agreed_stop = bool(total[1] > 0)
+        self._stop = self._stop or self._agreed_stop
+        return float(total[0])
+
+    def _stopping(self) -> bool:
+        """One process stops when asked; ranks stop together, when the flag has gone round."""
+        return self._agreed_stop if self.world.size > 1 else self._stop
 
     def evaluate(self) -> float:
         """Mean loss over the fixed validation batches (phase "eval")."""
@@ -237,6 +285,8 @@ class Trainer:
         return float(np.mean(losses))
 
     def _log(self, val_loss: float) -> dict:
+        if self.world.rank != 0:
+            return {}
         self._start_log()
         s = self.state
         entry = {
@@ -270,7 +320,8 @@ class Trainer:
 
     def run(self) -> Result:
         """Train to max_steps (or a stop request), holding the folder's run lock throughout."""
-        with RunLock(self.out_dir):
+        # rank 0 writes for all ranks, so it alone holds the folder (ranks > 0 never write)
+        with RunLock(self.out_dir) if self.world.rank == 0 else contextlib.nullcontext():
             handlers = self._install_signal_handlers()
             try:
                 return self._run()
@@ -302,7 +353,7 @@ class Trainer:
         bar = tqdm(total=t.max_steps, initial=self.state.step, desc="train", unit="step",
                    disable=not self.progress, dynamic_ncols=True)
         try:
-            while self.state.step < t.max_steps and not self._stop:
+            while self.state.step < t.max_steps and not self._stopping():
                 t0 = time.perf_counter()
                 loss = self.train_step()
                 dt = time.perf_counter() - t0
@@ -311,7 +362,8 @@ class Trainer:
                 self.state.loss_count += 1
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_step / dt:,.0f}", refresh=False)
-                if self.state.step % cfg.eval.interval == 0 or self.state.step == t.max_steps:
+                at_eval = self.state.step % cfg.eval.interval == 0 or self.state.step == t.max_steps
+                if at_eval and self.world.rank == 0:  # the others go on to the next allreduce
                     entry = self._log(self.evaluate())
                     bar.write(f"step {entry['step']:5d}  train {entry['train_loss']:.4f}  "
                               f"val {entry['val_loss']:.4f}  lr {entry['lr']:.2e}")
@@ -320,8 +372,9 @@ class Trainer:
                     self.on_step(self)
             if self._stop:
                 self.save()
-            report.save(self.out_dir, report.rows_from_records(METER.records), self.state.step,
-                        self.state.tokens)
+            if self.world.rank == 0:
+                report.save(self.out_dir, report.rows_from_records(METER.records), self.state.step,
+                            self.state.counted_tokens or 0, ranks=self.world.size)
         finally:
             bar.close()
         s = self.state
