@@ -24,7 +24,8 @@ def _train_parser(prog="minigpt train") -> argparse.ArgumentParser:
     p = _Parser(
         prog=prog,
         description="Train a GPT-2 from scratch on a corpus. Writes <out_dir>/log.jsonl (one line per "
-        "evaluation) and <out_dir>/ckpt.npz (everything needed to resume or generate).",
+        "evaluation) and <out_dir>/ckpt.npz (everything needed to resume or generate), then the "
+        "costs (costs.json, costs.csv), the run's energy (energy.json) and report.html.",
         epilog="example: python train.py configs/tiny.toml --set train.max_steps=100",
     )
     p.add_argument("config", help="a TOML config, e.g. configs/tiny.toml")
@@ -43,7 +44,9 @@ def _train_parser(prog="minigpt train") -> argparse.ArgumentParser:
 def _energy_arguments(p) -> None:
     p.add_argument("--watts", type=float, default=None,
                    help="this machine's power draw in W, for the time x power and roofline energy "
-                   "estimates (default: the hardware profile's rated power, where it has one)")
+                   "figures where no energy counter was read (default: the hardware profile's power "
+                   "where it has one, else an estimate from the CPU's rated power and the run's "
+                   "CPU time, marked 'estimated')")
     p.add_argument("--hardware", default=None,
                    help="hardware profile for the energy report (default local-cpu on the CPU; see "
                    "minigpt hardware)")
@@ -122,6 +125,7 @@ def _train(argv, args=None, trainer=None) -> int:
           f"validation tokens", file=sys.stderr)
     from minigpt.costs import power
 
+    start_tokens = trainer.state.tokens  # > 0 when resumed
     with power.measure() as measured:
         result = trainer.run()
     if result.interrupted:
@@ -130,7 +134,7 @@ def _train(argv, args=None, trainer=None) -> int:
         return 143 if trainer.stopped_by == "SIGTERM" else 130
     print(f"done: {result.steps} steps, {result.tokens:,} tokens in {result.elapsed_s:.1f} s; "
           f"val loss {result.val_loss:.4f} nats/token; checkpoint {trainer.ckpt_path}")
-    _print_training_costs(trainer, result, measured, args)
+    _print_training_costs(trainer, result, measured, args, start_tokens)
     return 0
 
 
@@ -138,11 +142,13 @@ def _hardware_for(args, device: str):
     return args.hardware or ("local-cpu" if device == "cpu" else None)
 
 
-def _print_training_costs(trainer, result, measured, args) -> None:
-    from minigpt.costs import calibrate, energy, projection, report
+def _print_training_costs(trainer, result, measured, args, start_tokens: int = 0) -> None:
+    from minigpt import report_html
+    from minigpt.costs import calibrate, energy, projection, report, run_energy
     from minigpt.meter import METER
 
-    peak, where = calibrate.local_peak() if trainer.cfg.train.device == "cpu" else (None, "")
+    on_cpu = trainer.cfg.train.device == "cpu"
+    peak, where = calibrate.local_peak() if on_cpu else (None, "")
     rows = report.rows_from_records(METER.records)
     ranks, everyone = trainer.world.size, result.tokens
     if ranks > 1:  # the counts are rank 0's: its share of the tokens goes with them
@@ -154,9 +160,34 @@ def _print_training_costs(trainer, result, measured, args) -> None:
               f"{result.tokens:,} of the {everyone:,} tokens (every rank did the same)")
     print(f"details: minigpt costs {trainer.out_dir} --by op  (also {trainer.out_dir}/costs.json, costs.csv)")
     print()
-    print("\n".join(energy.report_lines(rows, result.elapsed_s, _hardware_for(args, trainer.cfg.train.device),
-                                       measured=measured, watts=args.watts, tokens=result.tokens)))
+    # this session's energy: a resumed run's earlier sessions were reported when they ran
+    session = _session_rows(rows, trainer.meter_rows)
+    hw = _hardware_for(args, trainer.cfg.train.device)
+    tokens = (everyone - start_tokens) // ranks  # this session's tokens (rank 0's share of them)
+    print("\n".join(energy.report_lines(session, measured.seconds, hw, measured=measured,
+                                       watts=args.watts, tokens=tokens, estimate=on_cpu)))
+    doc = run_energy.build(session, measured.seconds, hw, measured, args.watts, tokens,
+                           estimate=on_cpu)
+    print(f"wrote {run_energy.save(trainer.out_dir, doc)}")
     print(projection.gpt3_projection_line(result.tokens, rows, joules=measured.total_joules))
+    print(f"report: {report_html.write(trainer.out_dir)}  (open it in a browser)")
+
+
+def _session_rows(rows, before) -> list[dict]:
+    """rows minus a resumed run's rows at its start (the counts this session added)."""
+    from minigpt.costs import report
+
+    if not before:
+        return rows
+    old = report.records_from_rows(before)
+    out = []
+    for r in rows:
+        key = (r["scope"], r["op"], r["kind"], r["phase"], r["dtype"])
+        o = old.get(key)
+        d = dict(r) if o is None else r | {k: r[k] - getattr(o, k) for k in report.NUMBERS}
+        if d["calls"] > 0:
+            out.append(d)
+    return out
 
 
 def _generate_parser(prog="minigpt generate") -> argparse.ArgumentParser:
@@ -177,7 +208,11 @@ def _generate_parser(prog="minigpt generate") -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="random seed, for repeatable samples")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where to run (default cpu)")
     p.add_argument("--costs", action="store_true",
-                   help="after the text, print the prefill's and each decode step's FLOPs and bytes")
+                   help="after the text, print the prefill's and each decode step's FLOPs and bytes, "
+                   "and the energy, split into prefill and decode (J/token each)")
+    p.add_argument("--energy-json", default=None, metavar="PATH",
+                   help="with --costs: also write the generation's energy (energy.json's schema plus "
+                   "phases) to PATH")
     _int8_arguments(p)
     _energy_arguments(p)
     return p
@@ -214,6 +249,12 @@ def cmd_generate(argv) -> int:
         raise ConfigError(f"--top-k must be >= 1, got {args.top_k}")
     if args.top_p is not None and not 0 < args.top_p <= 1:
         raise ConfigError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.energy_json is not None:
+        if not args.costs:
+            raise ConfigError("--energy-json needs --costs")
+        if not Path(args.energy_json).parent.is_dir():
+            raise ConfigError(f"--energy-json {args.energy_json}: no folder "
+                              f"{Path(args.energy_json).parent}")
     if args.prompt_file is not None:
         try:
             with open(args.prompt_file, "rb") as f:
@@ -278,15 +319,44 @@ def _print_generation_costs(prompt_tokens: int, new_tokens: int, measured, args)
               if d["seconds"] > 0 else "")
     print(report.CONVENTIONS)
     print()
-    print("\n".join(energy.report_lines(rows, measured.seconds, _hardware_for(args, args.device),
-                                       measured=measured, watts=args.watts, tokens=new_tokens)))
+    hw, on_cpu = _hardware_for(args, args.device), args.device == "cpu"
+    print("\n".join(energy.report_lines(rows, measured.seconds, hw, measured=measured,
+                                       watts=args.watts, tokens=new_tokens, estimate=on_cpu)))
+    _print_generation_energy(rows, measured, args, prompt_tokens, decode_steps, new_tokens)
+
+
+def _print_generation_energy(rows, measured, args, prompt_tokens, decode_steps, new_tokens) -> None:
+    """Prefill and decode joules (metered seconds x power x PUE) and J/token; --energy-json."""
+    from minigpt.costs import run_energy
+
+    hw, on_cpu = _hardware_for(args, args.device), args.device == "cpu"
+    doc = run_energy.build(rows, measured.seconds, hw, measured, args.watts, new_tokens,
+                           estimate=on_cpu)
+    run_energy.add_phases(doc, rows, {"prefill": prompt_tokens,
+                                      "decode": decode_steps if new_tokens > 1 else 0})
+    print(f"energy by phase ({run_energy.summary_line(doc)})")
+    for phase in ("prefill", "decode"):
+        p = doc["phases"].get(phase)
+        if p is None or p["joules"] is None:
+            continue
+        per = f"{p['j_per_token']:.3g} J/token" if p["j_per_token"] is not None else "-"
+        print(f"{phase:<8}  {p['tokens'] or 0:>5} tokens  {p['joules']:9.4g} J  {per}  "
+              f"(roofline {p['joules_roofline']:.3g} J)")
+    if args.energy_json:
+        import json
+
+        from minigpt.costs import report
+
+        report._atomic_write(Path(args.energy_json), json.dumps(doc, indent=1) + "\n")
+        print(f"wrote {args.energy_json}")
 
 
 def _costs_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="minigpt costs",
         description="Where the FLOPs, bytes and seconds went: a run's measured records "
-        "(<run>/costs.json), or the closed-form prediction for a config with no run at all.",
+        "(<run>/costs.json), with each group's joules at the run's power (<run>/energy.json), or "
+        "the closed-form prediction for a config with no run at all.",
         epilog="examples: minigpt costs out/tiny --by layer;  minigpt costs out/tiny --by op "
         "--phase backward --top 10;  minigpt costs --config configs/tiny.toml --batch 32 --seq 128",
     )
@@ -313,16 +383,17 @@ def _costs_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _run_energy_doc(run):
+    from minigpt.costs import run_energy
+
+    return run_energy.load(run)
+
+
 def _plot_run(run, rows) -> None:
     from minigpt.costs import calibrate, hardware, plots
 
-    try:
-        prof = hardware.load_profile("local-cpu")
-        peak, bandwidth = hardware.peak(prof, "fp32"), hardware.require(prof, "memory_bandwidth")
-        source = "local-cpu profile"
-    except ConfigError:
-        m = calibrate.measure(quick=True)
-        peak, bandwidth, source = m["fp32"], m["bandwidth"], "quick measurement"
+    prof, source = calibrate.local_profile()
+    peak, bandwidth = hardware.peak(prof, "fp32"), hardware.require(prof, "memory_bandwidth")
     run = Path(run)
     a = plots.layers_chart(rows, run / "layers.png", f"{run}: training cost per layer")
     b = plots.roofline_chart(rows, run / "roofline.png", peak, bandwidth,
@@ -340,6 +411,7 @@ def cmd_costs(argv) -> int:
     args = _costs_parser().parse_args(argv)
     if (args.run is None) == (args.config is None):
         raise ConfigError("minigpt costs: give a run folder, or --config (not both)")
+    run_doc = None
     if args.config is not None:
         cfg = config.load(args.config)
         B = args.batch if args.batch is not None else cfg.train.batch_size
@@ -380,18 +452,29 @@ def cmd_costs(argv) -> int:
         what = f"measured: {args.run}, {doc['steps']} steps, {doc['tokens']:,} training tokens"
         if doc.get("ranks", 1) > 1:
             what += f" (rank 0's share, of {doc['ranks']} data-parallel ranks)"
+        run_doc = _run_energy_doc(args.run)
     if args.top is not None and args.top < 1:
         raise ConfigError(f"--top must be >= 1, got {args.top}")
-    groups = report.group(rows, args.by, args.phase)
+    from minigpt.costs import run_energy
+
+    groups = report.group(rows, args.by, args.phase, extra=run_energy.row_joules(run_doc))
+    energy_note = run_energy.summary_line(run_doc) if run_doc else (
+        "no joules: this run has no energy.json" if args.run is not None else "")
     if args.format == "json":
         shown = groups[: args.top] if args.top else groups
-        print(json.dumps({"what": what, "by": args.by, "phase": args.phase, "groups": shown}, indent=1))
+        out = {"what": what, "by": args.by, "phase": args.phase, "groups": shown}
+        if run_doc:
+            out["energy"] = {"watts": run_doc["watts"], "watts_basis": run_doc["watts_basis"],
+                             "pue": run_doc["pue"], "note": energy_note}
+        print(json.dumps(out, indent=1))
     elif args.format == "csv":
         print(report.groups_csv(groups[: args.top] if args.top else groups), end="")
     else:
         title = f"{what}; by {args.by}" + (f", phase {args.phase}" if args.phase else "")
         print(report.format_table(groups, title=title, top=args.top))
         print(report.CONVENTIONS)
+        if energy_note:
+            print(energy_note)
     if args.plot:
         if args.run is None:
             raise ConfigError("--plot draws a run's measured costs: give a run folder")
@@ -426,6 +509,20 @@ def _print_memory(cfg, B: int, T: int, args) -> int:
             print(f"{ranks} ranks on one machine: {memory.gib(ranks * memory.total(items))}")
         print(f"the corpus adds up to {memory.gib(cfg.data.max_bytes)} of tokens ([data] max_bytes, "
               "byte tokenizer); the allocator and BLAS add about 5-20% on top (docs/reliability.md)")
+    return 0
+
+
+def cmd_report(argv) -> int:
+    from minigpt import report_html
+
+    p = _Parser(prog="minigpt report",
+                description="Write <run>/report.html: one self-contained page (inline SVG, nothing "
+                "fetched) with the loss curves, cost and joules per layer, the roofline, the four "
+                "energy layers and the GPT-3 projection. Training writes it too; this redraws it.",
+                epilog="example: minigpt report out/tiny && xdg-open out/tiny/report.html")
+    p.add_argument("run", help="a run folder holding costs.json (and log.jsonl, energy.json)")
+    args = p.parse_args(argv)
+    print(f"wrote {report_html.write(args.run)}")
     return 0
 
 
@@ -602,6 +699,7 @@ COMMANDS = {
     "train": (cmd_train, "train a model from a TOML config"),
     "generate": (cmd_generate, "write text with a trained model"),
     "costs": (cmd_costs, "FLOPs, bytes and seconds by layer, op or phase (measured or predicted)"),
+    "report": (cmd_report, "write a run's report.html (loss, cost per layer, roofline, energy)"),
     "calibrate": (cmd_calibrate, "measure this machine's matmul FLOP/s and memory bandwidth"),
     "hardware": (cmd_hardware, "list hardware profiles, or show one with its sources"),
     "scale": (cmd_scale, "training and serving cost, energy and carbon of a model at full size"),

@@ -1,16 +1,24 @@
 """Shared test helpers: the repository root, a tiny model config, a runner for the real commands,
 and one tiny training run (trained once per session through train.py) that other tests reuse."""
 
+import atexit
 import json
+import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
 from minigpt import config
+
+# Tests never write the user's real ~/.minigpt: one private $MINIGPT_HOME for the whole session
+# (the quick roofline measurement is cached there once), inherited by the commands tests run.
+os.environ["MINIGPT_HOME"] = tempfile.mkdtemp(prefix="minigpt-test-home-")
+atexit.register(shutil.rmtree, os.environ["MINIGPT_HOME"], True)
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_TOML = ROOT / "configs" / "tiny.toml"

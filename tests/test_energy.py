@@ -104,11 +104,13 @@ def test_with_a_power_figure_every_layer_is_given():
     m = Measurement(joules={"rapl": 500.0, "nvml": None}, reasons={"nvml": "no GPU"}, seconds=10.0)
     layers = {layer.name: layer for layer in energy.run_layers(ROWS, 10.0, measured=m, watts=60)}
     assert layers["measured"].joules == pytest.approx(500 * 1.10)
-    assert layers["time x power"].joules == pytest.approx(10 * 60 * 1.10)
-    assert layers["roofline"].joules == pytest.approx(0.12 * 60 * 1.10)
+    # a measurement is never replaced: its mean power (50 W) beats --watts 60, and says so
+    assert layers["time x power"].joules == pytest.approx(10 * 50 * 1.10)
+    assert "measured: rapl; --watts 60 not used" in layers["time x power"].basis
+    assert layers["roofline"].joules == pytest.approx(0.12 * 50 * 1.10)
     assert all(layer.joules is not None for layer in layers.values())
-    lines = energy.report_lines(ROWS, 10.0, measured=m, watts=60, tokens=1000)
-    assert "J/token" in lines[1] and "660 J" in "\n".join(lines)
+    lines = energy.report_lines(ROWS, 10.0, watts=60, tokens=1000)
+    assert "J/token" in lines[1] and "660 J" in "\n".join(lines) and "60 W (--watts)" in lines[4]
     assert lines[-1].startswith("PUE 1.10 (default: Patterson")
 
 
@@ -118,11 +120,31 @@ def test_a_profile_with_power_needs_no_watts():
     assert layers[2].joules is not None and layers[2].joules < layers[1].joules
 
 
-def test_no_local_profile_says_how_to_get_one(home):
+def test_no_local_profile_uses_the_cached_quick_measurement(home, monkeypatch):
+    from minigpt.costs import calibrate
+
     (home / "local-cpu.toml").unlink()
-    text = "\n".join(energy.report_lines(ROWS, 1.0))
-    assert "no local-cpu profile (`minigpt calibrate` measures one)" in text
-    assert "physics floor" in text
+    calls = []
+
+    def fake_measure(quick=False):
+        calls.append(quick)
+        return {"fp32": 100e9, "fp64": 50e9, "bandwidth": 10e9, "n": 1024, "copy_mib": 64}
+
+    monkeypatch.setattr(calibrate, "measure", fake_measure)
+    text = "\n".join(energy.report_lines(ROWS, 1.0, watts=60))
+    assert "no local-cpu profile" not in text
+    assert "roofline" in text and "ideal time on quick-cpu 0.12 s" in text
+    layers = energy.run_layers(ROWS, 1.0, watts=60)
+    assert layers[2].joules == pytest.approx(0.12 * 60 * 1.10)
+    assert calls == [True]  # measured once, then read from the cache
+    first = calibrate.cache_path()
+    assert first.is_file() and first.parent == home.parent / "cache"
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "1")  # another BLAS set-up: another cache entry
+    assert calibrate.cache_path() != first
+    calibrate.quick_profile()
+    assert calls == [True, True] and calibrate.cache_path().is_file()
+    calibrate.cache_path().write_text("name = [")  # damaged: measured again, not trusted
+    assert calibrate.quick_profile().name == "quick-cpu" and calls == [True, True, True]
 
 
 def test_floor_dtypes_and_unknowns():

@@ -65,7 +65,7 @@ def test_rapl_not_available(tmp_path, sysfs, monkeypatch):
 
     monkeypatch.setattr(power, "_read_int", denied)
     r = RaplReader(root)
-    assert not r.available() and "need root" in r.reason
+    assert not r.available() and "readable by root only" in r.reason
 
 
 class FakeNVMLError(Exception):

@@ -22,7 +22,7 @@ line of a run is minigpt.costs.projection.gpt3_projection_line.
 
 from dataclasses import dataclass, field
 
-from minigpt.costs import hardware, roofline
+from minigpt.costs import calibrate, cpu_power, hardware, roofline
 from minigpt.costs.hardware import Profile
 from minigpt.costs.power import NOT_MEASURED, Measurement
 from minigpt.errors import ConfigError
@@ -157,17 +157,36 @@ def measured_layer(measured: Measurement | None, s: Settings) -> Layer:
     j = measured.total_joules * s.pue
     readers = ", ".join(n for n, v in measured.joules.items() if v is not None)
     return Layer("measured", j, f"{readers} counters, {measured.total_joules:.4g} J × PUE "
-                                f"{s.pue:.2f} (CPU packages and GPUs only: not DRAM, fans, PSU)")
+                                f"{s.pue:.2f} (CPU packages, DRAM where exposed, GPUs: not fans, disks, PSU)")
 
 
-def power_of(profile: Profile | None, watts: float | None) -> tuple[float | None, str]:
-    """Watts to use, and where they came from (or why there are none)."""
+def power_of(profile: Profile | None, watts: float | None, measured: Measurement | None = None,
+             estimate: bool = True) -> tuple[float | None, str]:
+    """(watts, "<W> W (<basis>)") from power_figure, or (None, why there is none)."""
+    w, basis = power_figure(profile, watts, measured, estimate)
+    return w, (basis if w is None else f"{w:.3g} W ({basis})")
+
+
+def power_figure(profile: Profile | None, watts: float | None, measured: Measurement | None = None,
+                 estimate: bool = True) -> tuple[float | None, str]:
+    """Watts to use and their basis, best first: the counters' mean power ("measured: rapl"), the
+    given --watts, the profile's power figure, an estimate from the CPU's rated power and the run's
+    CPU time (minigpt.costs.cpu_power; `estimate`=False for a GPU run, and it needs the CPU seconds
+    that `power.measure` records); else None and why there is none."""
+    if watts is not None and watts <= 0:
+        raise ConfigError(f"--watts must be > 0, got {watts!r}")
+    if measured is not None and measured.measured and measured.seconds > 0:
+        readers = ", ".join(n for n, v in measured.joules.items() if v is not None)
+        mean = measured.total_joules / measured.seconds  # W
+        note = f"; --watts {watts:g} not used" if watts is not None else ""
+        return mean, f"measured: {readers}{note}"
     if watts is not None:
-        if watts <= 0:
-            raise ConfigError(f"--watts must be > 0, got {watts!r}")
-        return watts, f"{watts:g} W given"
+        return watts, "--watts"
     if profile is not None and profile.power_watts is not None:
-        return profile.power_watts, f"{profile.power_watts:g} W ({profile.name} rated power)"
+        return profile.power_watts, f"profile {profile.name}"
+    if estimate and measured is not None and measured.cpu_seconds is not None:
+        est = cpu_power.estimate(measured.cpu_seconds, measured.seconds)
+        return est.watts, est.basis
     who = f"{profile.name} has none" if profile is not None else "no hardware profile"
     return None, (f"needs a power figure ({who}: pass --watts or add power_watts to your "
                   f"profile)")
@@ -194,7 +213,7 @@ def roofline_layer(rows: list[dict], profile: Profile | None, watts: float | Non
     where = f"ideal time on {profile.name} {ideal:.4g} s{share}"
     if watts is None:
         return Layer("roofline", None, f"{why}; {where}")
-    return Layer("roofline", ideal * watts * s.pue, f"{where} × {watts:g} W × PUE {s.pue:.2f}")
+    return Layer("roofline", ideal * watts * s.pue, f"{where} × {watts:.3g} W × PUE {s.pue:.2f}")
 
 
 def floor_joules(rows: list[dict], s: Settings, pj_per_byte: float | None = None) -> float:
@@ -224,23 +243,28 @@ def floor_layer(rows: list[dict], s: Settings) -> Layer:
 
 
 def _load(profile: Profile | str | None) -> tuple[Profile | None, str]:
+    """The profile, by name or as given; "local-cpu" falls back to the cached quick measurement."""
     if profile is None or isinstance(profile, Profile):
         return profile, ""
+    if str(profile) == "local-cpu":
+        try:
+            return calibrate.local_profile()[0], ""
+        except (OSError, ConfigError) as e:  # an unwritable $MINIGPT_HOME, say
+            return None, f"no local-cpu profile and no quick measurement: {e}"
     try:
         return hardware.load_profile(profile), ""
     except ConfigError as e:
-        if str(profile) == "local-cpu":
-            return None, "no local-cpu profile (`minigpt calibrate` measures one)"
         return None, f"no hardware profile: {e}"
 
 
 def run_layers(rows: list[dict], seconds: float, profile: Profile | str | None = "local-cpu",
                measured: Measurement | None = None, watts: float | None = None,
-               s: Settings | None = None) -> list[Layer]:
-    """The four layers for a finished run's rows and its measured seconds."""
+               s: Settings | None = None, estimate: bool = True) -> list[Layer]:
+    """The four layers for a finished run's rows and its measured seconds; the power figure is
+    the best that power_of finds (`estimate`=False: never the CPU estimate, e.g. on a GPU)."""
     s = s or settings()
     prof, missing = _load(profile)
-    w, why = power_of(prof, watts)
+    w, why = power_of(prof, watts, measured, estimate)
     if prof is None and w is None:
         why = f"needs a power figure ({missing or 'no hardware profile'}; or pass --watts)"
     return [measured_layer(measured, s), time_power_layer(seconds, w, why, s),
@@ -270,10 +294,14 @@ def format_layers(layers: list[Layer], s: Settings, title: str,
 
 def report_lines(rows: list[dict], seconds: float, profile: Profile | str | None = "local-cpu",
                  measured: Measurement | None = None, watts: float | None = None,
-                 tokens: int | None = None, s: Settings | None = None) -> list[str]:
+                 tokens: int | None = None, s: Settings | None = None,
+                 estimate: bool = True) -> list[str]:
     """The end-of-run energy report: each layer it can give, side by side, and why not the rest."""
     s = s or settings()
-    layers = run_layers(rows, seconds, profile, measured, watts, s)
-    name = profile.name if isinstance(profile, Profile) else profile or "no profile"
+    layers = run_layers(rows, seconds, profile, measured, watts, s, estimate)
+    prof, _ = _load(profile)
+    name = prof.name if prof is not None else profile or "no profile"
+    if name == "quick-cpu":
+        name += " (this machine's cached quick measurement; `minigpt calibrate` measures carefully)"
     return format_layers(layers, s, f"energy, four ways ({seconds:.4g} s measured; profile {name})",
                          tokens)

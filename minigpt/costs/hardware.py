@@ -218,7 +218,7 @@ def _profile_paths() -> dict[str, Path]:
     for folder in (PACKAGED, user_dir()):
         if folder.is_dir():
             for p in sorted(folder.glob("*.toml")):
-                if p.name != CONSTANTS_FILE:
+                if p.name not in (CONSTANTS_FILE, "cpu_power.toml"):  # data, not profiles
                     found[p.stem] = p
     return found
 

@@ -47,8 +47,10 @@ def layer_of(scope: str) -> str:
     return scope.split(".", 1)[0]
 
 
-def group(rows, by: str = "scope", phase: str | None = None) -> list[dict]:
-    """Sum rows by scope, op, kind, layer or phase (optionally one phase only), biggest first."""
+def group(rows, by: str = "scope", phase: str | None = None, extra=None) -> list[dict]:
+    """Sum rows by scope, op, kind, layer or phase (optionally one phase only), biggest first.
+    extra(row) -> {field: number}, when given, adds more summed fields to every group (the run's
+    joules: minigpt.costs.run_energy.row_joules)."""
     if by not in GROUPINGS:
         raise ValueError(f"by must be one of {GROUPINGS}")
     out: dict[str, dict] = {}
@@ -56,9 +58,12 @@ def group(rows, by: str = "scope", phase: str | None = None) -> list[dict]:
         if phase is not None and r["phase"] != phase:
             continue
         name = layer_of(r["scope"]) if by == "layer" else r[by]
-        g = out.setdefault(name, {"name": name} | {k: 0 for k in NUMBERS})
+        more = extra(r) if extra is not None else {}
+        g = out.setdefault(name, {"name": name} | {k: 0 for k in (*NUMBERS, *more)})
         for k in NUMBERS:
             g[k] += r[k]
+        for k, v in more.items():
+            g[k] += v
     return sorted(out.values(), key=lambda g: (-g["flops"], -g["bytes_read"], g["name"]))
 
 
@@ -81,11 +86,14 @@ def format_table(groups, title: str = "", top: int | None = None) -> str:
     seconds and achieved GFLOP/s."""
     total = sum(g["flops"] for g in groups) or 1
     timed = any(g["seconds"] > 0 for g in groups)
+    energy = bool(groups) and "joules" in groups[0]
     shown = groups[:top] if top else groups
     width = max([len("name")] + [len(g["name"]) for g in shown])
     head = f"{'name':<{width}}  {'FLOPs':>11}  {'%':>5}  {'bytes':>10}  {'FLOP/B':>7}"
     if timed:
         head += f"  {'seconds':>8}  {'GFLOP/s':>8}"
+    if energy:
+        head += f"  {'joules':>9}  {'J roofline':>10}"
     lines = ([title] if title else []) + [head, "-" * len(head)]
     for g in shown:
         nbytes = g["bytes_read"] + g["bytes_written"]
@@ -95,6 +103,8 @@ def format_table(groups, title: str = "", top: int | None = None) -> str:
         if timed:
             rate = g["flops"] / g["seconds"] / 1e9 if g["seconds"] > 0 else 0.0
             line += f"  {g['seconds']:8.3f}  {rate:8.2f}"
+        if energy:
+            line += f"  {g['joules']:9.4g}  {g['joules_roofline']:10.4g}"
         lines.append(line)
     if top and len(groups) > top:
         lines.append(f"... {len(groups) - top} more")
@@ -103,7 +113,8 @@ def format_table(groups, title: str = "", top: int | None = None) -> str:
 
 def groups_csv(groups) -> str:
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=("name", *NUMBERS), lineterminator="\n")
+    more = [k for k in ("joules", "joules_roofline") if groups and k in groups[0]]
+    w = csv.DictWriter(buf, fieldnames=("name", *NUMBERS, *more), lineterminator="\n")
     w.writeheader()
     w.writerows(groups)
     return buf.getvalue()
