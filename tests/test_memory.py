@@ -74,6 +74,14 @@ def test_preflight_compares_with_the_given_available_memory():
         memory.preflight(cfg, available=need - 1)
 
 
+def test_preflight_counts_every_rank_on_the_machine():
+    cfg = config.load(TINY_TOML)
+    one = memory.preflight(cfg, available=1 << 40, batch=cfg.train.batch_size // 2)
+    assert memory.preflight(cfg, available=1 << 40, batch=cfg.train.batch_size // 2, processes=2) == 2 * one
+    with pytest.raises(ResourceError, match="2 processes of"):
+        memory.preflight(cfg, available=one + 1, batch=cfg.train.batch_size // 2, processes=2)
+
+
 def test_available_memory_is_known_here():
     avail, where = memory.available_bytes()
     assert avail is not None and avail > 0 and where
