@@ -9,7 +9,7 @@ a memory blow-up (-rss_limit_mb, default 2048) into a reported failure as well. 
 collect these files (they are not test_*.py).
 """
 
-import atexit
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -24,9 +24,15 @@ def main(target: str) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     with atheris.instrument_imports(include=["minigpt"]):
         from fuzz import targets
-    atexit.register(targets.cleanup)
     fn = targets.TARGETS[target]
-    seed_dir = Path(tempfile.mkdtemp(prefix=f"minigpt-seeds-{target}-"))
+    # libFuzzer ends the process from C, so no atexit handler runs: the seeds and the inputs
+    # written as files live in fixed folders, emptied at the start of each run instead
+    base = Path(tempfile.gettempdir()) / "minigpt-fuzz"
+    seed_dir, work_dir = base / f"seeds-{target}", base / f"work-{target}"
+    for folder in (seed_dir, work_dir):
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+    targets.use_folder(work_dir)
     for i, seed in enumerate(targets.seeds(target)):
         (seed_dir / f"seed{i}").write_bytes(seed)
     argv = list(sys.argv)
