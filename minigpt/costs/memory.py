@@ -8,8 +8,8 @@ AdamW moments):
   optimizer state               2 P (AdamW's m and v)
   activations kept for backward what every layer's forward returns in its cache (nn/layers.py),
                                 per block 20 N C + B H T^2 + 2 N values, plus the final
-                                LayerNorm, the loss's probabilities (N V) and the token ids
-  largest temporary             the biggest set of arrays alive only inside one backward layer
+                                LayerNorm and the loss's probabilities (N V)
+  largest temporary             the biggest set of arrays alive only inside one layer
                                 (logits beside the probabilities, an MLP's (N, 4C) gradient,
                                 attention's (B, H, T, T) gradient, ...)
 
