@@ -142,7 +142,10 @@ def available_bytes() -> tuple[int | None, str]:
 
 
 def gib(n: float) -> str:
-    return f"{n / 2**30:,.2f} GiB" if n >= 2**30 else f"{n / 2**20:,.1f} MiB"
+    """Bytes in GiB, MiB or KiB, whichever reads best."""
+    if n >= 2**30:
+        return f"{n / 2**30:,.2f} GiB"
+    return f"{n / 2**20:,.1f} MiB" if n >= 2**20 else f"{n / 2**10:,.1f} KiB"
 
 
 def format_table(items: list[Item], title: str) -> str:

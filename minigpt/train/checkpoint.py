@@ -24,6 +24,7 @@ import numpy as np
 from numpy.lib import format as npy_format
 
 from minigpt import safeio
+from minigpt.costs import memory
 from minigpt.errors import CheckpointError
 
 FORMAT = "minigpt-checkpoint-v1"
@@ -95,6 +96,7 @@ def _read_arrays(path: Path) -> dict:
             members = z.infolist()
             if len(members) > MAX_MEMBERS:
                 raise CheckpointError(f"{path}: {len(members)} entries; not a minigpt checkpoint")
+            _check_fits(path, sum(info.file_size for info in members))
             for info in members:
                 name = info.filename.removesuffix(".npy")
                 if not info.filename.endswith(".npy") or name in arrays:
@@ -115,6 +117,14 @@ def _read_arrays(path: Path) -> dict:
             raise CheckpointError(f"{path}: corrupt checkpoint: {msg} (a changed or flipped bit); not used") from None
         raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt?): {msg}") from None
     return arrays
+
+
+def _check_fits(path, nbytes: int) -> None:
+    """Refuse, before reading, arrays that cannot fit in the memory available now."""
+    available, source = memory.available_bytes()
+    if available is not None and nbytes > available:
+        raise CheckpointError(f"{path}: its arrays take {memory.gib(nbytes)}, more than the "
+                              f"{memory.gib(available)} of memory available ({source})")
 
 
 def _read_npy(path, name, f, member_size: int) -> np.ndarray:
