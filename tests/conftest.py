@@ -115,6 +115,16 @@ def snapshot(folder: Path) -> dict:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+def rapl_domain(root: Path, name: str, label: str, energy_uj: int, max_uj: int) -> Path:
+    """One domain of a fake /sys/class/powercap tree: its name, counter and wrap range."""
+    d = root / name
+    d.mkdir(parents=True)
+    (d / "name").write_text(label + "\n")
+    (d / "energy_uj").write_text(f"{energy_uj}\n")
+    (d / "max_energy_range_uj").write_text(f"{max_uj}\n")
+    return d
+
+
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory) -> Path:
     """A run folder (ckpt.npz and log.jsonl) from `python train.py configs/tiny.toml` on TINY.
