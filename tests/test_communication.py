@@ -70,6 +70,10 @@ def test_a_bad_link_name_is_one_line():
     with pytest.raises(ConfigError, match="interconnect must be one of"):  # even when unused
         scale_report.estimate(unused)
     scn = load("gpt3-175b", ["hardware.profile=tpu-v4", "hardware.mfu=0.5"])
+    with pytest.raises(ConfigError, match="infiniband is not supported by this device"):
+        communication.communication(scn, 1e9, chips.chip_of(scn), footprint.settings_of(scn),
+                                    {"chip_hours": 1.0})
+    del scn.values["hardware"]["interconnect"]
     with pytest.raises(ConfigError, match="no interconnect figure"):
         communication.communication(scn, 1e9, chips.chip_of(scn), footprint.settings_of(scn),
                                     {"chip_hours": 1.0})
