@@ -83,7 +83,7 @@ def load(path, device: str = "cpu") -> Model:
     where = str(checkpoint.resolve(path))
     try:
         cfg = config_mod.validate(config_mod.from_dict(meta["config"], where), where)
-    except (ConfigError, KeyError, TypeError) as e:
+    except (ConfigError, KeyError, TypeError, AttributeError, ValueError) as e:
         raise CheckpointError(f"{where}: checkpoint config is invalid: {e}") from None
     expected = [[name, list(shape)] for name, shape in layout(cfg.model)]
     if [[n, list(s)] for n, s in meta["layout"]] != expected:
@@ -98,7 +98,10 @@ def load(path, device: str = "cpu") -> Model:
     backend.use(device)
     backend.keep_freed_memory()
     if meta["format"] == checkpoint.INT8_FORMAT:
-        return _load_int8(meta, arrays, cfg, tokenizer)
+        try:
+            return _load_int8(meta, arrays, cfg, tokenizer)
+        except (KeyError, TypeError, ValueError) as e:  # a header that passed the shape checks
+            raise CheckpointError(f"{where}: int8 checkpoint header is invalid: {e}") from None
     params = FlatBuffer(cfg.model, arrays["params"].dtype, backend.asarray(arrays["params"]))
     return Model(cfg, GPT(cfg.model, params), tokenizer)
 

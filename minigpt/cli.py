@@ -34,6 +34,9 @@ def _train_parser(prog="minigpt train") -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="continue from <out_dir>/ckpt.npz; reproduces the uninterrupted run exactly")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--skip-memory-check", action="store_true",
+                   help="start even if the memory estimate (minigpt costs --config CONFIG --memory) "
+                   "exceeds the memory this machine has available")
     _energy_arguments(p)
     return p
 
@@ -64,7 +67,8 @@ def _train_setup(argv):
 
     args = _train_parser().parse_args(argv)
     cfg = config.load(args.config, args.overrides)
-    return args, Trainer(cfg, resume=args.resume, progress=not args.no_progress)
+    return args, Trainer(cfg, resume=args.resume, progress=not args.no_progress,
+                         check_memory=not args.skip_memory_check)
 
 
 def _train_on_ranks(argv) -> int:
@@ -127,7 +131,7 @@ def _train(argv, args=None, trainer=None) -> int:
     if result.interrupted:
         print(f"stopped at step {result.steps}; checkpoint saved to {trainer.ckpt_path}. Continue "
               f"with: python train.py {args.config} --resume", file=sys.stderr)
-        return 130
+        return 143 if trainer.stopped_by == "SIGTERM" else 130
     print(f"done: {result.steps} steps, {result.tokens:,} tokens in {result.elapsed_s:.1f} s; "
           f"val loss {result.val_loss:.4f} nats/token ({result.val_bpb:.4f} bits/byte); checkpoint {trainer.ckpt_path}")
     _print_training_costs(trainer, result, measured, args, start_tokens)
@@ -387,6 +391,9 @@ def _costs_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("table", "json", "csv"), default="table")
     p.add_argument("--plot", action="store_true",
                    help="with a run: also write layers.png and roofline.png into it (needs matplotlib)")
+    p.add_argument("--memory", action="store_true",
+                   help="with --config: the memory a training run needs (parameters, gradients, "
+                   "optimizer state, activations, largest temporary) against what this machine has")
     return p
 
 
@@ -440,6 +447,8 @@ def cmd_costs(argv) -> int:
             raise ConfigError(f"--seq {T} does not fit block_size {cfg.model.block_size} of {args.config}")
         if args.ranks < 1:
             raise ConfigError(f"--ranks must be >= 1, got {args.ranks}")
+        if args.memory:
+            return _print_memory(cfg, B, T, args)
         if args.mode == "train" and args.ranks > 1:
             from minigpt.train.dist import local_batch
 
@@ -495,6 +504,36 @@ def cmd_costs(argv) -> int:
         if args.run is None:
             raise ConfigError("--plot draws a run's measured costs: give a run folder")
         _plot_run(args.run, rows)
+    return 0
+
+
+def _print_memory(cfg, B: int, T: int, args) -> int:
+    import json
+
+    from minigpt.costs import memory
+
+    if args.mode != "train":
+        raise ConfigError("--memory estimates a training run: drop --mode")
+    ranks = args.ranks
+    if ranks > 1:
+        from minigpt.train.dist import local_batch
+
+        B = local_batch(B, ranks)
+    items = memory.training_estimate(cfg, B, T)
+    title = (f"memory of a training run of {args.config}: batch {B} x {T} tokens, "
+             f"{cfg.train.dtype}, grad_accum {cfg.train.grad_accum} (one micro-batch alive at a time)"
+             + (f"; one of {ranks} ranks, each holding its share of the batch" if ranks > 1 else ""))
+    if args.format == "json":
+        avail, where = memory.available_bytes()
+        print(json.dumps({"what": title, "items": [i.__dict__ for i in items],
+                          "total": memory.total(items), "available": avail, "available_source": where},
+                         indent=1))
+    else:
+        print(memory.format_table(items, title))
+        if ranks > 1:
+            print(f"{ranks} ranks on one machine: {memory.gib(ranks * memory.total(items))}")
+        print(f"the corpus adds up to {memory.gib(cfg.data.max_bytes)} of tokens ([data] max_bytes, "
+              "byte tokenizer); the allocator and BLAS add about 5-20% on top (docs/reliability.md)")
     return 0
 
 
@@ -815,6 +854,11 @@ def run(command, argv) -> int:
     except MiniGPTError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except MemoryError:
+        print("error: out of memory: this machine cannot hold what the command asked for (a model, "
+              "batch or file too large); try a smaller one (minigpt costs --config CONFIG --memory "
+              "estimates a training run)", file=sys.stderr)
+        return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("aborted", file=sys.stderr)
         return 130
@@ -823,3 +867,8 @@ def run(command, argv) -> int:
 
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+    except OSError as e:  # a writer outside safeio (a plot, a prompt file): still one line
+        from minigpt.safeio import reason
+
+        print(f"error: {e.filename or 'a file'}: {reason(e)}", file=sys.stderr)
+        return EXIT_BAD_INPUT

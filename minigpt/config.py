@@ -134,6 +134,8 @@ def _parse_override(text: str):
         value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
         value = raw
+    except RecursionError:  # "[[[[...": tomllib recurses once per level
+        raise ConfigError(f"{where[:80]}: the value is nested too deeply") from None
     return section, key, value, where
 
 
@@ -183,6 +185,8 @@ def load(path=None, overrides=()) -> Config:
             d = tomllib.loads(text)
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{path}: not valid TOML: {e}") from None
+        except RecursionError:
+            raise ConfigError(f"{path}: not valid TOML: nested too deeply") from None
         cfg = from_dict(d, where, name=path.stem)
     for text in overrides:
         section, key, value, w = _parse_override(text)

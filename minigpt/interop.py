@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from minigpt import config as config_mod
+from minigpt import safeio
 from minigpt.errors import CheckpointError, ConfigError
 from minigpt.nn.params import FlatBuffer, layout
 from minigpt.train import checkpoint
@@ -239,17 +240,26 @@ def hf_config(cfg, tokenizer) -> dict:
     }
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+def _write_safetensors(path: Path, tensors: dict) -> None:
+    """safetensors' own writer into a temporary file, then a rename (the tensors are views of the
+    flat buffer: no second copy of a large model in memory)."""
+    from safetensors.numpy import save_file
+
+    from minigpt.errors import FileSystemError
+
+    tmp = safeio.tmp_path(path)
+    try:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise FileSystemError(f"{path}: cannot write: {safeio.reason(e)}") from None
+    safeio.fsync_dir(path.parent)
 
 
 def export_hf(model, out_dir) -> list[Path]:
     """config.json, model.safetensors and the tokenizer's vocab.json + merges.txt for a loaded
     minigpt.Model, in GPT-2's format; the written paths."""
-    from safetensors.numpy import save_file
-
     from minigpt import backend
 
     if model.gpt.quant is not None:
@@ -259,14 +269,11 @@ def export_hf(model, out_dir) -> list[Path]:
         if f.name not in GPT2_FIELDS and getattr(model.config.model, f.name) != getattr(defaults, f.name):
             raise ConfigError(f"export: [model] {f.name} = {getattr(model.config.model, f.name)!r} "
                               "(a mixture-of-experts model) has no GPT-2 equivalent")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = safeio.make_dir(out_dir)
     tensors = {n: np.ascontiguousarray(backend.to_host(v), dtype=np.float32)
                for n, v in model.gpt.params.views.items()}
-    tmp = out / "model.safetensors.tmp"
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, out / "model.safetensors")
-    _atomic_text(out / "config.json", json.dumps(hf_config(model.config, model.tokenizer), indent=1))
+    _write_safetensors(out / "model.safetensors", tensors)
+    safeio.write_text(out / "config.json", json.dumps(hf_config(model.config, model.tokenizer), indent=1))
     written = [out / "config.json", out / "model.safetensors"]
     tok = model.tokenizer
     if tok.kind == "byte":  # a byte tokenizer is a BPE with no merges whose ids are the bytes

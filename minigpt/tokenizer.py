@@ -69,6 +69,8 @@ class NoTokenizer:
 
 
 def from_dict(d: dict):
+    if not isinstance(d, dict):
+        raise ValueError(f"a tokenizer description must be a table, not {type(d).__name__}")  # noqa: TRY004 - callers catch ValueError
     kind = d.get("kind")
     if kind == "byte":
         return ByteTokenizer()

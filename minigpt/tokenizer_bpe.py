@@ -16,7 +16,6 @@ before the byte-to-unicode step, so encode_bytes / decode_bytes round-trip any b
 import codecs
 import heapq
 import json
-import os
 from collections import Counter, defaultdict
 from functools import lru_cache
 from itertools import pairwise
@@ -187,15 +186,14 @@ class BPETokenizer:
         return [f"{a} {b}" for a, b in self.merges]
 
     def save(self, folder) -> None:
-        """Write vocab.json and merges.txt (each through a temporary file and a rename)."""
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
+        """Write vocab.json and merges.txt (each atomically, through minigpt.safeio)."""
+        from minigpt import safeio
+
+        folder = safeio.make_dir(folder)
         vocab_text = json.dumps(self.vocab, ensure_ascii=False)
         merges_text = "#version: 0.2\n" + "".join(line + "\n" for line in self.merge_lines())
         for name, text in (("vocab.json", vocab_text), ("merges.txt", merges_text)):
-            tmp = folder / (name + ".tmp")
-            tmp.write_text(text, encoding="utf-8")
-            os.replace(tmp, folder / name)
+            safeio.write_text(folder / name, text)
 
     def to_dict(self) -> dict:
         """The whole tokenizer, for a checkpoint's meta (so a run carries its tokenizer)."""

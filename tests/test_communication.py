@@ -45,7 +45,9 @@ def test_gpt3_on_10000_v100s_by_hand():
 
 
 def test_the_default_link_is_the_slowest_and_a_number_overrides_it():
-    slowest = scale_report.estimate(load("gpt3-175b"))["communication"]
+    scn = load("gpt3-175b")
+    del scn.values["hardware"]["interconnect"]  # the shipped scenario names its network
+    slowest = scale_report.estimate(scn)["communication"]
     assert slowest["link_bytes_per_s"] == 16e9 and "pcie" in slowest["link"]
     given = scale_report.estimate(load("gpt3-175b", ["hardware.interconnect_bandwidth=1e12"]))
     assert given["communication"]["link_bytes_per_s"] == 1e12
@@ -68,6 +70,10 @@ def test_a_bad_link_name_is_one_line():
     with pytest.raises(ConfigError, match="interconnect must be one of"):  # even when unused
         scale_report.estimate(unused)
     scn = load("gpt3-175b", ["hardware.profile=tpu-v4", "hardware.mfu=0.5"])
+    with pytest.raises(ConfigError, match="infiniband is not supported by this device"):
+        communication.communication(scn, 1e9, chips.chip_of(scn), footprint.settings_of(scn),
+                                    {"chip_hours": 1.0})
+    del scn.values["hardware"]["interconnect"]
     with pytest.raises(ConfigError, match="no interconnect figure"):
         communication.communication(scn, 1e9, chips.chip_of(scn), footprint.settings_of(scn),
                                     {"chip_hours": 1.0})

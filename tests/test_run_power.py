@@ -6,6 +6,7 @@ import threading
 import time
 
 import pytest
+from conftest import rapl_domain
 
 from minigpt.costs import cpu_power, energy, power
 from minigpt.costs.hardware import load_profile
@@ -15,12 +16,7 @@ MAX_UJ = 10_000_000  # a 10 J counter range, so that two wraps fit in a short te
 
 
 def _domain(root, name, label, energy_uj, max_uj=MAX_UJ):
-    d = root / name
-    d.mkdir(parents=True)
-    (d / "name").write_text(label + "\n")
-    (d / "energy_uj").write_text(f"{energy_uj}\n")
-    (d / "max_energy_range_uj").write_text(f"{max_uj}\n")
-    return d
+    return rapl_domain(root, name, label, energy_uj, max_uj)
 
 
 @pytest.fixture

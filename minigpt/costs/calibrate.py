@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from minigpt import safeio
 from minigpt.costs import hardware, report
 from minigpt.errors import ConfigError
 from minigpt.meter import METER, matmul
@@ -118,13 +119,7 @@ def profile_toml(m: dict, name: str = "local-cpu", how: str = "minigpt calibrate
 
 
 def save(text: str) -> "os.PathLike":
-    folder = hardware.user_dir()
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "local-cpu.toml"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
+    return safeio.write_text(hardware.user_dir() / "local-cpu.toml", text)  # one line on a fault
 
 
 QUICK_NAME = "quick-cpu"

@@ -34,7 +34,7 @@ from minigpt.errors import ConfigError
 
 GRADIENT_BYTES = {"fp32": 4, "tf32": 4, "fp16": 2, "int8": 2}  # int8 training keeps 16-bit grads
 LAYOUT = ("pure data parallel over all chips: a whole model per chip, one ring allreduce of the "
-          "gradients per step over the slowest link, not overlapped with compute")
+          "gradients per step over one link (the slowest hop), not overlapped with compute")
 
 
 def _link(scn, chip) -> tuple[float, str]:

@@ -7,8 +7,9 @@ useful_flops, bytes_read, bytes_written, seconds), so measured and predicted rec
 import csv
 import io
 import json
-import os
 from pathlib import Path
+
+from minigpt import safeio
 
 FIELDS = ("scope", "op", "kind", "phase", "dtype", "calls", "flops", "useful_flops",
           "bytes_read", "bytes_written", "seconds")
@@ -120,9 +121,9 @@ def groups_csv(groups) -> str:
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    """Replace path with text whole (safeio.write_text): a full disk or a read-only folder is one
+    FileSystemError line naming the path, the old file stays, the temporary is removed."""
+    safeio.write_text(path, text)
 
 
 def save(out_dir, rows, steps: int, tokens: int, ranks: int = 1) -> tuple[Path, Path]:

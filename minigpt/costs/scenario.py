@@ -335,6 +335,8 @@ def load(name_or_path: str | Path, overrides=()) -> Scenario:
         raise ConfigError(f"{path}: cannot read: {e}") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: not valid TOML: nested too deeply") from None
     scn = from_dict(d, str(path), path)
     for text in overrides:
         section, key, value, where = _parse_override(text)
