@@ -796,14 +796,15 @@ def cmd_init(argv) -> int:
 def _init_tokenizer(cfg):
     """bytes; a BPE from [data] tokenizer_path; with neither, no tokenizer (learning 50,000 merges
     is a training job, not an init)."""
-    from minigpt.tokenizer import ByteTokenizer, NoTokenizer
+    from minigpt.interop import MissingTokenizer
+    from minigpt.tokenizer import ByteTokenizer
 
     if cfg.data.tokenizer == "bytes":
         return ByteTokenizer()
     if not cfg.data.tokenizer_path:
         print("note: [data] tokenizer = \"bpe\" with no tokenizer_path: the run has no tokenizer, so "
               "text prompts cannot be encoded (generate --prompt-ids works)", file=sys.stderr)
-        return NoTokenizer(cfg.model.vocab_size)
+        return MissingTokenizer(cfg.model.vocab_size)
     from minigpt.tokenizer_bpe import BPETokenizer
 
     tok = BPETokenizer.load(Path(cfg.data.tokenizer_path).expanduser())

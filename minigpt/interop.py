@@ -17,7 +17,7 @@ import numpy as np
 
 from minigpt import config as config_mod
 from minigpt import safeio
-from minigpt.errors import CheckpointError, ConfigError
+from minigpt.errors import CheckpointError, ConfigError, DataError
 from minigpt.nn.params import FlatBuffer, layout
 from minigpt.train import checkpoint
 
@@ -29,6 +29,36 @@ GPT2_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "dropo
 
 
 # ----------------------------------------------------------------------------- reading
+
+
+class MissingTokenizer:
+    """Stands in for the tokenizer of a run that has none (imported without vocab.json +
+    merges.txt, or `minigpt init` of a BPE config with no tokenizer_path): token ids work, text
+    does not (encode refuses in one line); decode shows ids as <id>. Kind "none" in a checkpoint."""
+
+    kind = "none"
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size = vocab_size
+
+    def encode(self, text) -> np.ndarray:
+        raise DataError("this run has no tokenizer (no vocab.json + merges.txt were given): text "
+                        "prompts cannot be encoded; pass token ids (generate --prompt-ids 1,2,3)")
+
+    encode_bytes = encode
+
+    def decode_bytes(self, ids) -> bytes:
+        return self.decode(ids).encode()
+
+    def decode(self, ids) -> str:
+        return "".join(f"<{int(i)}>" for i in ids)
+
+    def stream_decoder(self):
+        return lambda ids, final=False: self.decode(ids)
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "vocab_size": self.vocab_size}
+
 
 
 def _read_header(path: Path) -> dict:
@@ -187,10 +217,8 @@ def import_hf(hf_dir, run_dir) -> dict:
 
 
 def _hf_tokenizer(hf_dir: Path, vocab_size: int):
-    from minigpt.tokenizer import NoTokenizer
-
     if not ((hf_dir / "vocab.json").is_file() and (hf_dir / "merges.txt").is_file()):
-        return NoTokenizer(vocab_size)
+        return MissingTokenizer(vocab_size)
     from minigpt.tokenizer_bpe import BPETokenizer
 
     tok = BPETokenizer.load(hf_dir)

@@ -1,5 +1,6 @@
-"""Tokenizers: bytes (token i is byte i, so any text encodes and decodes back exactly), GPT-2's
-byte-level BPE (minigpt/tokenizer_bpe.py), and "none" for a run imported without tokenizer files.
+"""Tokenizers: bytes (token i is byte i, so any text encodes and decodes back exactly) and GPT-2's
+byte-level BPE (minigpt/tokenizer_bpe.py); kind "none" marks a run imported without tokenizer
+files (minigpt.interop.MissingTokenizer: token ids only, not a tokenizer).
 
 Every kind has encode (str or bytes), encode_bytes, decode, decode_bytes, stream_decoder and
 to_dict; from_dict rebuilds one from a checkpoint's meta.
@@ -8,8 +9,6 @@ to_dict; from_dict rebuilds one from a checkpoint's meta.
 import codecs
 
 import numpy as np
-
-from minigpt.errors import DataError
 
 
 class ByteTokenizer:
@@ -40,34 +39,6 @@ class ByteTokenizer:
         return {"kind": self.kind, "vocab_size": self.vocab_size}
 
 
-class NoTokenizer:
-    """A run with no tokenizer (imported without vocab.json + merges.txt, or `minigpt init` of a
-    BPE config with no tokenizer_path): token ids work, text does not. decode shows ids as <id>."""
-
-    kind = "none"
-
-    def __init__(self, vocab_size: int):
-        self.vocab_size = vocab_size
-
-    def encode(self, text) -> np.ndarray:
-        raise DataError("this run has no tokenizer (no vocab.json + merges.txt were given): text "
-                        "prompts cannot be encoded; pass token ids (generate --prompt-ids 1,2,3)")
-
-    encode_bytes = encode
-
-    def decode_bytes(self, ids) -> bytes:
-        return self.decode(ids).encode()
-
-    def decode(self, ids) -> str:
-        return "".join(f"<{int(i)}>" for i in ids)
-
-    def stream_decoder(self):
-        return lambda ids, final=False: self.decode(ids)
-
-    def to_dict(self) -> dict:
-        return {"kind": self.kind, "vocab_size": self.vocab_size}
-
-
 def from_dict(d: dict):
     if not isinstance(d, dict):
         raise ValueError(f"a tokenizer description must be a table, not {type(d).__name__}")  # noqa: TRY004 - callers catch ValueError
@@ -75,7 +46,12 @@ def from_dict(d: dict):
     if kind == "byte":
         return ByteTokenizer()
     if kind == "none":
-        return NoTokenizer(int(d.get("vocab_size", 0)))
+        from minigpt.interop import MissingTokenizer
+
+        n = d.get("vocab_size")
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ValueError(f"a run without a tokenizer needs vocab_size >= 1, got {n!r}")
+        return MissingTokenizer(n)
     if kind == "bpe":
         from minigpt.tokenizer_bpe import BPETokenizer
 

@@ -168,10 +168,19 @@ class BPETokenizer:
         return cls.from_parts(vocab, lines, str(folder))
 
     @classmethod
+    def example(cls) -> "BPETokenizer":
+        """A small tokenizer (300 tokens learned from a fixed sentence), for tests and fuzzing."""
+        return cls.train("The quick brown fox jumps over the lazy dog; the dog sleeps. " * 8
+                         + "def f(x):\n    return x + 1\n", 300)
+
+    @classmethod
     def from_parts(cls, vocab, merge_lines, where: str = "tokenizer") -> "BPETokenizer":
         if not isinstance(vocab, dict) or not all(
-                isinstance(k, str) and isinstance(v, int) and v >= 0 for k, v in vocab.items()):
+                isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                for k, v in vocab.items()):
             raise DataError(f"{where}: vocab.json must map token strings to ids >= 0")
+        if not isinstance(merge_lines, list) or not all(isinstance(m, str) for m in merge_lines):
+            raise DataError(f"{where}: merges must be lines of text")
         merges = []
         for n, line in enumerate(merge_lines, 1):
             if line.startswith("#version") or not line.strip():
