@@ -157,3 +157,20 @@ def test_bpe_run_resumes_exactly(tmp_path):
     meta_b, arrays_b = checkpoint.load(tmp_path / "b")
     assert meta_a["tokenizer"] == meta_b["tokenizer"] and meta_a["tokenizer"]["kind"] == "bpe"
     assert np.array_equal(arrays_a["params"], arrays_b["params"])
+
+
+def test_tokenizer_path_is_used_and_must_fit_the_model(tmp_path):
+    from minigpt.errors import ConfigError
+    from minigpt.train.trainer import Trainer
+
+    folder = tmp_path / "tok"
+    BPETokenizer.train(FABLES.read_bytes()[:30000], 280).save(folder)
+    cfg = tiny_config(tmp_path / "run", model={"vocab_size": 280},
+                      data={"tokenizer": "bpe", "tokenizer_path": str(folder)})
+    trainer = Trainer(cfg, progress=False)
+    assert trainer.tokenizer.merges == BPETokenizer.load(folder).merges
+    assert trainer.corpus.train.dtype == "uint16" and trainer.corpus.train.max() < 280
+    small = tiny_config(tmp_path / "run2", model={"vocab_size": 270},
+                        data={"tokenizer": "bpe", "tokenizer_path": str(folder)})
+    with pytest.raises(ConfigError, match="smaller than the tokenizer's 280"):
+        Trainer(small, progress=False)
