@@ -6,13 +6,9 @@ is greedy. The prefill runs under the meter's "prefill" phase and each new token
 
 import numpy as np
 
-from minigpt import backend, blas
+from minigpt import backend
 from minigpt.meter import METER
 from minigpt.nn.model import KVCache
-
-# A decode step's products are matrix-vector products, bound by memory: one OpenBLAS thread reads
-# about as fast as two, without waking a second thread per call (see minigpt/blas.py).
-DECODE_BLAS_THREADS = 1
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, rng=None) -> int:
@@ -65,6 +61,6 @@ def generate(model, prompt, max_new_tokens: int, temperature=1.0, top_k=None, to
                 context = backend.asarray(np.array([ids[-(cfg.block_size // 2):]]))
                 logits = model.logits(context, kv, last_only=True)
         else:
-            with METER.in_phase("decode"), blas.threads(DECODE_BLAS_THREADS):
+            with METER.in_phase("decode"):
                 logits = model.logits(backend.asarray(np.array([[token]])), kv)
     return np.array(new, dtype=np.int64)
