@@ -56,7 +56,7 @@ class Model:
         prompt = np.asarray(prompt_tokens).reshape(-1)[-self.gpt.cfg.block_size:]
         kv_int8 = self.gpt.quant is not None and self.gpt.quant.qcfg.kv_int8
         return sampling.generate(self.gpt, prompt, max_new_tokens, temperature, top_k, top_p, seed,
-                                 on_token, kv_int8=kv_int8)
+                                 on_token, kv_int8=kv_int8, n_tokens=self.tokenizer.vocab_size)
 
     def quantize(self, mode: str = "w8a8", quantize_embedding: bool = False, kv_int8: bool = False,
                  outlier_threshold: float | None = None) -> "Model":
@@ -83,7 +83,7 @@ def load(path, device: str = "cpu") -> Model:
     where = str(checkpoint.resolve(path))
     try:
         cfg = config_mod.validate(config_mod.from_dict(meta["config"], where), where)
-    except (ConfigError, KeyError, TypeError) as e:
+    except (ConfigError, KeyError, TypeError, AttributeError, ValueError) as e:
         raise CheckpointError(f"{where}: checkpoint config is invalid: {e}") from None
     expected = [[name, list(shape)] for name, shape in layout(cfg.model)]
     if [[n, list(s)] for n, s in meta["layout"]] != expected:
@@ -92,10 +92,16 @@ def load(path, device: str = "cpu") -> Model:
         tokenizer = tokenizer_from_dict(meta.get("tokenizer", {}))
     except ValueError as e:
         raise CheckpointError(f"{where}: {e}") from None
+    if tokenizer.vocab_size > cfg.model.vocab_size:
+        raise CheckpointError(f"{where}: the tokenizer has {tokenizer.vocab_size} tokens, the model "
+                              f"only {cfg.model.vocab_size} rows ([model] vocab_size)")
     backend.use(device)
     backend.keep_freed_memory()
     if meta["format"] == checkpoint.INT8_FORMAT:
-        return _load_int8(meta, arrays, cfg, tokenizer)
+        try:
+            return _load_int8(meta, arrays, cfg, tokenizer)
+        except (KeyError, TypeError, ValueError) as e:  # a header that passed the shape checks
+            raise CheckpointError(f"{where}: int8 checkpoint header is invalid: {e}") from None
     params = FlatBuffer(cfg.model, arrays["params"].dtype, backend.asarray(arrays["params"]))
     return Model(cfg, GPT(cfg.model, params), tokenizer)
 

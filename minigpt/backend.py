@@ -46,6 +46,14 @@ def cupy():
     return cp
 
 
+def nccl():
+    """CuPy's NCCL bindings (cupy.cuda.nccl), for data-parallel training on GPUs (train/dist.py);
+    ImportError where CuPy or its NCCL is missing."""
+    from cupy.cuda import nccl as bindings
+
+    return bindings
+
+
 def to_host(a):
     """A NumPy copy (or the array itself) of an array from the active module."""
     if isinstance(a, np.ndarray) or np.isscalar(a):

@@ -64,6 +64,9 @@ class DataConfig:
     path: str = ""  # "" = the running Python's standard-library sources
     max_bytes: int = _f(4_000_000, lo=1)
     val_fraction: float = _f(0.1, lo=0.0, hi=0.9, lo_open=True)
+    tokenizer: str = _f("bytes", choices=("bytes", "bpe"))
+    vocab_size: int = _f(0, lo=0)  # bpe: learn this many tokens from the corpus (0 = [model] vocab_size)
+    tokenizer_path: str = ""  # bpe: a folder with GPT-2's vocab.json + merges.txt, instead of learning
 
 
 @dataclass
@@ -157,6 +160,8 @@ def _parse_override(text: str):
         value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
         value = raw
+    except RecursionError:  # "[[[[...": tomllib recurses once per level
+        raise ConfigError(f"{where[:80]}: the value is nested too deeply") from None
     return section, key, value, where
 
 
@@ -183,6 +188,12 @@ def validate(cfg: Config, where: str = "config") -> Config:
     if m.n_experts > 1 and m.moe_every > m.n_layer:
         raise ConfigError(f"{where}: [model] moe_every = {m.moe_every} exceeds n_layer = {m.n_layer}:"
                           f" no block would be a mixture of experts")
+    d = cfg.data
+    if d.tokenizer == "bytes" and (d.vocab_size or d.tokenizer_path):
+        raise ConfigError(f"{where}: [data] vocab_size and tokenizer_path are for tokenizer = \"bpe\"")
+    if d.tokenizer == "bpe" and not d.tokenizer_path and (d.vocab_size or m.vocab_size) > m.vocab_size:
+        raise ConfigError(f"{where}: [data] vocab_size = {d.vocab_size} exceeds [model] vocab_size = "
+                          f"{m.vocab_size}: the model needs a row for every token")
     if t.min_lr > t.learning_rate:
         raise ConfigError(f"{where}: [train] min_lr = {t.min_lr} exceeds learning_rate = {t.learning_rate}")
     return cfg
@@ -206,6 +217,8 @@ def load(path=None, overrides=()) -> Config:
             d = tomllib.loads(text)
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{path}: not valid TOML: {e}") from None
+        except RecursionError:
+            raise ConfigError(f"{path}: not valid TOML: nested too deeply") from None
         cfg = from_dict(d, where, name=path.stem)
     for text in overrides:
         section, key, value, w = _parse_override(text)

@@ -22,9 +22,22 @@ _SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "__pycache__", "dis
 
 @dataclass
 class Corpus:
-    train: np.ndarray  # token ids, uint8 for the byte tokenizer
+    train: np.ndarray  # token ids, uint8 for the byte tokenizer, uint16 for GPT-2's BPE
     val: np.ndarray
     source: str  # what was read, for the log
+    n_files: int
+    val_bytes: int = 0  # bytes of text behind the validation tokens (for bits per byte)
+
+    @property
+    def val_bytes_per_token(self) -> float:
+        return self.val_bytes / len(self.val) if len(self.val) else 1.0
+
+
+@dataclass
+class RawSplits:
+    train: bytes
+    val: bytes
+    source: str
     n_files: int
 
 
@@ -52,8 +65,24 @@ def _read(path: Path) -> bytes:
         raise DataError(f"[data] path: cannot read {path}: {e.strerror or e}") from None
 
 
-def load_corpus(dcfg, tokenizer) -> Corpus:
-    """The train and validation token arrays for a DataConfig."""
+def load_corpus(dcfg, tokenizer, raw: "RawSplits | None" = None) -> Corpus:
+    """The train and validation token arrays for a DataConfig (raw: splits already read)."""
+    raw = raw or read_splits(dcfg)
+    return Corpus(train=_encode(tokenizer, raw.train), val=_encode(tokenizer, raw.val),
+                  source=raw.source, n_files=raw.n_files, val_bytes=len(raw.val))
+
+
+def _encode(tokenizer, blob: bytes) -> np.ndarray:
+    ids = tokenizer.encode_bytes(blob)
+    if isinstance(ids, np.ndarray):
+        return ids
+    from minigpt.tokenizer_bpe import ids_array
+
+    return ids_array(ids, tokenizer.vocab_size)
+
+
+def read_splits(dcfg) -> RawSplits:
+    """The corpus's bytes, split into training and validation text."""
     if dcfg.path:
         root = Path(dcfg.path).expanduser()
         if not root.exists():
@@ -83,12 +112,7 @@ def load_corpus(dcfg, tokenizer) -> Corpus:
         blob = b"".join(train + val)
         cut = int(len(blob) * (1 - dcfg.val_fraction))
         train, val = [blob[:cut]], [blob[cut:]]
-    return Corpus(
-        train=tokenizer.encode(b"".join(train)),
-        val=tokenizer.encode(b"".join(val)),
-        source=source,
-        n_files=len(files),
-    )
+    return RawSplits(b"".join(train), b"".join(val), source, len(files))
 
 
 def check_length(corpus: Corpus, block_size: int) -> None:
@@ -106,3 +130,27 @@ def get_batch(tokens: np.ndarray, batch_size: int, block_size: int, rng: np.rand
     starts = rng.integers(0, len(windows), size=batch_size)
     chunk = windows[starts].astype(np.int64)  # (B, T+1)
     return chunk[:, :-1], chunk[:, 1:]
+
+
+def make_tokenizer(cfg, raw: RawSplits, progress: bool = False):
+    """The tokenizer a config asks for: bytes; GPT-2's BPE from [data] tokenizer_path; or a BPE
+    learned from the training split ([data] vocab_size tokens, 0 = [model] vocab_size). Learning
+    is deterministic, so a resumed run learns the same merges again."""
+    from minigpt.errors import ConfigError
+    from minigpt.tokenizer import ByteTokenizer
+
+    d, m = cfg.data, cfg.model
+    if d.tokenizer == "bytes":
+        tok = ByteTokenizer()
+    else:
+        from minigpt.tokenizer_bpe import BPETokenizer
+
+        if d.tokenizer_path:
+            tok = BPETokenizer.load(Path(d.tokenizer_path).expanduser())
+        else:
+            tok = BPETokenizer.train(raw.train, d.vocab_size or m.vocab_size,
+                                     progress=progress and len(raw.train) > 1 << 20)
+    if tok.vocab_size > m.vocab_size:
+        raise ConfigError(f"[model] vocab_size = {m.vocab_size} is smaller than the tokenizer's "
+                          f"{tok.vocab_size}: the model needs a row for every token")
+    return tok

@@ -15,3 +15,12 @@ class DataError(MiniGPTError):
 
 class CheckpointError(MiniGPTError):
     """A checkpoint is missing, truncated, corrupt or not ours."""
+
+
+class FileSystemError(MiniGPTError):
+    """A file or folder cannot be created, written or read: no permission, a read-only file
+    system, a full disk. The message names the path and the reason."""
+
+
+class ResourceError(MiniGPTError):
+    """The machine lacks what a command needs (memory), or another run holds the folder."""

@@ -7,7 +7,8 @@ A record is keyed by where the work happened and what it was:
 - scope: the layer path, e.g. "h3.attn.c_attn", set by `with METER.scope("h3"):` blocks;
 - op:    the operation inside that layer, e.g. "x@w" or "grad_w";
 - kind:  "matmul", or an elementwise kind ("layernorm", "gelu", "softmax", ...);
-- phase: "forward", "backward", "optimizer", "eval", "prefill" or "decode".
+- phase: "forward", "backward", "optimizer", "eval", "prefill", "decode" or "communication"
+         (data-parallel allreduces, minigpt.train.dist).
 
 Counting conventions (docs/costs.md has the long form, and minigpt.costs predicts every record):
 
@@ -15,6 +16,9 @@ Counting conventions (docs/costs.md has the long form, and minigpt.costs predict
   once, each at its dtype's size. `useful_flops` leaves out the products a causal mask throws away.
 - elementwise kinds: FLOPS_PER_ELEMENT[kind, op] per element of the op's main operand, and
   inputs read once and outputs written once.
+- allreduce (phase "communication"): bytes_read = bytes this rank sends, bytes_written = bytes it
+  receives, each 2 (N - 1) / N x the buffer for N ranks (a ring); FLOPs the (N - 1) / N x elements
+  additions it does.
 
 This module imports only the backend: the model uses it, the cost reports read it.
 """
@@ -25,7 +29,7 @@ from dataclasses import dataclass
 
 from minigpt import backend
 
-PHASES = ("forward", "backward", "optimizer", "eval", "prefill", "decode")
+PHASES = ("forward", "backward", "optimizer", "eval", "prefill", "decode", "communication")
 
 # FLOPs per element of the main operand, for every elementwise op the model runs. One table, read
 # by the layers when they count and by the closed-form cost model when it predicts.

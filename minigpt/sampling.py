@@ -31,12 +31,13 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, rng=None) -> in
 
 
 def generate(model, prompt, max_new_tokens: int, temperature=1.0, top_k=None, top_p=None,
-             seed=None, on_token=None, kv_int8: bool = False) -> np.ndarray:
+             seed=None, on_token=None, kv_int8: bool = False, n_tokens: int | None = None) -> np.ndarray:
     """New token ids after prompt (1-D ids, at most block_size of them), batch 1, KV-cached.
 
     on_token(id) is called as each token is chosen (for streaming). When the cache is full, it is
     rebuilt from the last block_size // 2 tokens, so generation can run past the context.
-    kv_int8: keep the KV cache in int8."""
+    kv_int8: keep the KV cache in int8. n_tokens: sample only ids below it (the tokenizer's
+    vocabulary, when the model has spare rows beyond it)."""
     cfg = model.cfg
     rng = np.random.default_rng(seed)
     ids = [int(t) for t in prompt]
@@ -47,7 +48,7 @@ def generate(model, prompt, max_new_tokens: int, temperature=1.0, top_k=None, to
         logits = model.logits(backend.asarray(np.array([ids])), kv, last_only=True)
     new = []
     for i in range(max_new_tokens):
-        token = sample_next(logits[0, -1], temperature, top_k, top_p, rng)
+        token = sample_next(logits[0, -1, :n_tokens], temperature, top_k, top_p, rng)
         new.append(token)
         ids.append(token)
         if on_token is not None:

@@ -1,15 +1,24 @@
 """Shared test helpers: the repository root, a tiny model config, a runner for the real commands,
 and one tiny training run (trained once per session through train.py) that other tests reuse."""
 
+import atexit
 import json
+import os
 import shutil
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
 
 from minigpt import config
+
+# Tests never write the user's real ~/.minigpt: one private $MINIGPT_HOME for the whole session
+# (the quick roofline measurement is cached there once), inherited by the commands tests run.
+os.environ["MINIGPT_HOME"] = tempfile.mkdtemp(prefix="minigpt-test-home-")
+atexit.register(shutil.rmtree, os.environ["MINIGPT_HOME"], True)
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_TOML = ROOT / "configs" / "tiny.toml"
@@ -75,9 +84,45 @@ def run_cli(script: str, *args, timeout: float = 60) -> subprocess.CompletedProc
     )
 
 
+def interrupt_training(tmp_path: Path, signum) -> tuple[int, Path, str, str]:
+    """Start train.py on TINY (a million steps, evaluating every 5), send signum once the first
+    log line is written, and wait for it to end: (exit code, run folder, stdout, stderr)."""
+    out = tmp_path / "run"
+    args = set_args(merge(TINY, {"train": {"out_dir": str(out), "max_steps": 1_000_000},
+                                 "eval": {"interval": 5}}))
+    log = out / "log.jsonl"
+    with open(tmp_path / "stdout", "w") as stdout, open(tmp_path / "stderr", "w") as stderr:
+        proc = subprocess.Popen([sys.executable, "train.py", str(TINY_TOML), "--no-progress", *args],
+                                cwd=ROOT, stdout=stdout, stderr=stderr)
+        try:
+            deadline = time.monotonic() + 60
+            while not (log.exists() and log.read_text().strip()) and proc.poll() is None:
+                if time.monotonic() > deadline:
+                    pytest.fail("timed out after 60 s waiting for the first log line")
+                time.sleep(0.05)
+            assert proc.poll() is None, "train.py ended before it was interrupted"
+            proc.send_signal(signum)
+            code = proc.wait(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return code, out, (tmp_path / "stdout").read_text(), (tmp_path / "stderr").read_text()
+
+
 def snapshot(folder: Path) -> dict:
     """{relative path: bytes} of every file under folder, to check that nothing changed."""
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def rapl_domain(root: Path, name: str, label: str, energy_uj: int, max_uj: int) -> Path:
+    """One domain of a fake /sys/class/powercap tree: its name, counter and wrap range."""
+    d = root / name
+    d.mkdir(parents=True)
+    (d / "name").write_text(label + "\n")
+    (d / "energy_uj").write_text(f"{energy_uj}\n")
+    (d / "max_energy_range_uj").write_text(f"{max_uj}\n")
+    return d
 
 
 @pytest.fixture(scope="session")

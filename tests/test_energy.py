@@ -4,7 +4,7 @@ where it cannot; sourced defaults; the roofline; the one-line GPT-3 projection."
 import pytest
 
 from minigpt.config import ModelConfig
-from minigpt.costs import energy, report, roofline
+from minigpt.costs import energy, projection, report, roofline
 from minigpt.costs import model as cost_model
 from minigpt.costs.hardware import load_profile
 from minigpt.costs.power import Measurement
@@ -61,7 +61,11 @@ ROWS = [_row(2e9, 1e6), _row(1e6, 1e9)]  # one compute-bound, one memory-bound o
 def test_defaults_are_the_sourced_constants():
     s = energy.settings()
     assert (s.pue, s.carbon_kg_per_kwh, s.household_kwh_per_year) == (1.10, 0.367, 10715)
-    assert s.water_l_per_kwh is None  # no sourced default
+    assert (s.water_onsite_l_per_kwh, s.water_offsite_l_per_kwh) == (0.55, 3.142)  # Li et al.
+    assert s.water_l_per_kwh == s.water_onsite_l_per_kwh  # the old name, an alias
+    assert s.carbon_net_kg_per_kwh is None  # no general figure
+    assert "2304.03271" in s.origins["water_onsite_l_per_kwh"]
+    assert energy.water_litres(3.6e6 * 1.1, s) == pytest.approx(0.55 + 1.1 * 3.142)
     assert s.pj_per_flop["fp32"] == 2.3 and s.pj_per_byte == 162.5
     assert s.origins["pue"].startswith("default: Patterson")
     given = energy.settings(pue=1.5, given_by="--pue")
@@ -100,11 +104,13 @@ def test_with_a_power_figure_every_layer_is_given():
     m = Measurement(joules={"rapl": 500.0, "nvml": None}, reasons={"nvml": "no GPU"}, seconds=10.0)
     layers = {layer.name: layer for layer in energy.run_layers(ROWS, 10.0, measured=m, watts=60)}
     assert layers["measured"].joules == pytest.approx(500 * 1.10)
-    assert layers["time x power"].joules == pytest.approx(10 * 60 * 1.10)
-    assert layers["roofline"].joules == pytest.approx(0.12 * 60 * 1.10)
+    # a measurement is never replaced: its mean power (50 W) beats --watts 60, and says so
+    assert layers["time x power"].joules == pytest.approx(10 * 50 * 1.10)
+    assert "measured: rapl; --watts 60 not used" in layers["time x power"].basis
+    assert layers["roofline"].joules == pytest.approx(0.12 * 50 * 1.10)
     assert all(layer.joules is not None for layer in layers.values())
-    lines = energy.report_lines(ROWS, 10.0, measured=m, watts=60, tokens=1000)
-    assert "J/token" in lines[1] and "660 J" in "\n".join(lines)
+    lines = energy.report_lines(ROWS, 10.0, watts=60, tokens=1000)
+    assert "J/token" in lines[1] and "660 J" in "\n".join(lines) and "60 W (--watts)" in lines[4]
     assert lines[-1].startswith("PUE 1.10 (default: Patterson")
 
 
@@ -114,11 +120,31 @@ def test_a_profile_with_power_needs_no_watts():
     assert layers[2].joules is not None and layers[2].joules < layers[1].joules
 
 
-def test_no_local_profile_says_how_to_get_one(home):
+def test_no_local_profile_uses_the_cached_quick_measurement(home, monkeypatch):
+    from minigpt.costs import calibrate
+
     (home / "local-cpu.toml").unlink()
-    text = "\n".join(energy.report_lines(ROWS, 1.0))
-    assert "no local-cpu profile (`minigpt calibrate` measures one)" in text
-    assert "physics floor" in text
+    calls = []
+
+    def fake_measure(quick=False):
+        calls.append(quick)
+        return {"fp32": 100e9, "fp64": 50e9, "bandwidth": 10e9, "n": 1024, "copy_mib": 64}
+
+    monkeypatch.setattr(calibrate, "measure", fake_measure)
+    text = "\n".join(energy.report_lines(ROWS, 1.0, watts=60))
+    assert "no local-cpu profile" not in text
+    assert "roofline" in text and "ideal time on quick-cpu 0.12 s" in text
+    layers = energy.run_layers(ROWS, 1.0, watts=60)
+    assert layers[2].joules == pytest.approx(0.12 * 60 * 1.10)
+    assert calls == [True]  # measured once, then read from the cache
+    first = calibrate.cache_path()
+    assert first.is_file() and first.parent == home.parent / "cache"
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "1")  # another BLAS set-up: another cache entry
+    assert calibrate.cache_path() != first
+    calibrate.quick_profile()
+    assert calls == [True, True] and calibrate.cache_path().is_file()
+    calibrate.cache_path().write_text("name = [")  # damaged: measured again, not trusted
+    assert calibrate.quick_profile().name == "quick-cpu" and calls == [True, True, True]
 
 
 def test_floor_dtypes_and_unknowns():
@@ -141,9 +167,9 @@ def test_report_on_a_real_training_step():
 def test_gpt3_projection_line():
     rows = [_row(6e9, 0, phase=p) for p in ("forward", "backward", "optimizer")] + [
         _row(1e20, 0, phase="eval")]  # evaluation is not training
-    line = energy.gpt3_projection_line(1000, rows, joules=90.0)
+    line = projection.gpt3_projection_line(1000, rows, joules=90.0)
     assert "\n" not in line and line.startswith("at GPT-3 scale: this run 1.8e+07 FLOP/token")
     assert "(5e+03 pJ/FLOP" in line and "GPT-3 175B counted the same way" in line
     assert "3.23e+23 FLOPs" in line and "10,000 v100-sxm2" in line and "tCO2e" in line
     with pytest.raises(ValueError):
-        energy.gpt3_projection_line(0, rows)
+        projection.gpt3_projection_line(0, rows)

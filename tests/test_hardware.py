@@ -18,7 +18,7 @@ from minigpt.costs.hardware import (
 from minigpt.errors import ConfigError
 
 NAMES = {"v100-sxm2", "a100-sxm-40gb", "a100-sxm-80gb", "h100-sxm", "h100-pcie", "h200", "b200",
-         "tpu-v3", "tpu-v4", "m2-ultra"}
+         "tpu-v2", "tpu-v3", "tpu-v4", "m2-ultra"}
 
 GOOD = """
 name = "my-gpu"
@@ -64,8 +64,9 @@ def test_every_packaged_profile_loads_with_sources():
     for name, p in profiles.items():
         assert p.path.stem == name and p.description
         assert set(p.peak_flops) == set(DTYPES) | {"fp64"}
-        keys = [f"peak_flops.{t}" for t in DTYPES] + list(FIGURES)
+        keys = [f"peak_flops.{t}" for t in DTYPES] + list(FIGURES) + ["system_power_watts"]
         values = [p.peak_flops[t] for t in DTYPES] + [getattr(p, f) for f in FIGURES]
+        values.append(p.system_power_watts)
         for key, value in zip(keys, values):
             if value is None:
                 assert p.missing[key] in ("unknown", "unsupported"), (name, key)
@@ -159,9 +160,9 @@ def test_format_profiles_table():
     lines = text.splitlines()
     assert "fp32 TFLOP/s" in lines[0] and "bandwidth GB/s" in lines[0]
     h100 = next(line for line in lines if line.startswith("h100-sxm "))
-    assert h100.split() == ["h100-sxm", "66.9", "989.4", "1979", "80", "3350", "700"]
+    assert h100.split() == ["h100-sxm", "66.9", "989.4", "1979", "80", "3350", "700", "1275"]
     m2 = next(line for line in lines if line.startswith("m2-ultra"))
-    assert m2.split() == ["m2-ultra", "?", "?", "?", "192", "800", "?"]
+    assert m2.split() == ["m2-ultra", "?", "?", "?", "192", "800", "?", "?"]
     assert "dense" in lines[-1]
 
 
@@ -170,7 +171,10 @@ def test_constants_are_sourced_and_consistent():
     assert c["pue"].value == 1.10 and "Patterson" in c["pue"].source
     assert c["carbon_kg_per_kwh"].value == 0.367 and "EIA" in c["carbon_kg_per_kwh"].source
     assert c["household_kwh_per_year"].value == 10715
-    assert c["water_l_per_kwh"].value is None and "not estimated" in c["water_l_per_kwh"].note
+    assert c["water_onsite_l_per_kwh"].value == 0.55 and "2304.03271" in c[
+        "water_onsite_l_per_kwh"].source
+    assert c["water_offsite_l_per_kwh"].value == 3.142 and "Li" in c["water_offsite_l_per_kwh"].source
+    assert c["carbon_net_kg_per_kwh"].value is None  # no general figure: only when given
     op = {k.split(".", 1)[1]: v.value for k, v in c.items() if k.startswith("energy_per_op.")}
     assert op["fp32_mult"] == 3.7 and op["sram_read_64bit"] == 10
     assert (op["dram_read_64bit_low"], op["dram_read_64bit_high"]) == (1300, 2600)
@@ -193,3 +197,16 @@ def test_bad_constants_file(tmp_path):
     path.write_text('[group.x]\nvalue = -2\nunit = "pJ"\nsource = "x"\n')
     with pytest.raises(ConfigError, match=r"group\.x\.value: must be positive"):
         load_constants(path)
+
+
+def test_system_power_per_accelerator_is_sourced_where_published():
+    """DGX servers' maximum power over their 8 GPUs; Patterson's measured averages for V100, TPU v3;
+    an older or user profile without the entry still loads (unknown)."""
+    expected = {"a100-sxm-40gb": 6500 / 8, "a100-sxm-80gb": 6500 / 8, "h100-sxm": 10200 / 8,
+                "h200": 10200 / 8, "b200": 14300 / 8, "v100-sxm2": 325, "tpu-v3": 283}
+    for name, watts in expected.items():
+        p = load_profile(name)
+        assert p.system_power_watts == watts, name
+        assert p.sources["system_power_watts"] and p.system_power_watts > p.power_watts * 0.5
+    assert load_profile("tpu-v4").system_power_watts is None
+    assert load_profile("tpu-v4").missing["system_power_watts"] == "unknown"

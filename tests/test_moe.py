@@ -278,7 +278,7 @@ def test_prediction_equals_measurement_training(cfg, batch, accum, data):
     batches = [tuple(rng.integers(0, cfg.vocab_size, (batch, T)) for _ in "xy") for _ in range(accum)]
     routings = []
     METER.reset()
-    accumulate(model, batches, accum, rng if cfg.dropout > 0 else None, routings)
+    accumulate(model, batches, accum, rng if cfg.dropout > 0 else None, routings=routings)
     update(model, AdamW(model.params), 1e-3, 1.0)
     routing = [{i: r.computed for i, r in m.items()} for m in routings]
     _assert_same(cost_model.predict_training_step(cfg, batch, T, accum, routing=routing), METER.records)

@@ -5,6 +5,7 @@ import sys
 import types
 
 import pytest
+from conftest import rapl_domain
 
 from minigpt.costs import power
 from minigpt.costs.power import NvmlReader, RaplReader, measure, wrapped_delta
@@ -13,12 +14,7 @@ MAX_UJ = 262143328850
 
 
 def _domain(root, name, label, energy_uj, max_uj=MAX_UJ):
-    d = root / name
-    d.mkdir(parents=True)
-    (d / "name").write_text(label + "\n")
-    (d / "energy_uj").write_text(f"{energy_uj}\n")
-    (d / "max_energy_range_uj").write_text(f"{max_uj}\n")
-    return d
+    return rapl_domain(root, name, label, energy_uj, max_uj)
 
 
 @pytest.fixture
@@ -65,7 +61,7 @@ def test_rapl_not_available(tmp_path, sysfs, monkeypatch):
 
     monkeypatch.setattr(power, "_read_int", denied)
     r = RaplReader(root)
-    assert not r.available() and "need root" in r.reason
+    assert not r.available() and "readable by root only" in r.reason
 
 
 class FakeNVMLError(Exception):

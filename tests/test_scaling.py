@@ -104,7 +104,10 @@ def test_gpt3_175b_reproduces_patterson():
     assert r["co2_tonnes"] == pytest.approx(552, rel=0.02)
     assert r["days"] == pytest.approx(14.8, rel=0.02)
     assert 1.02 < r["train_flops"] / r["train_flops_6nd"] < 1.04  # ours is higher: attention
-    assert r["water_m3"] is None  # no sourced default
+    # water on Li et al. 2023's US averages: on-site per IT MWh, off-site per MWh drawn
+    assert r["water_onsite_m3"] == pytest.approx(1287 / 1.10 * 0.55, rel=0.02)
+    assert r["water_offsite_m3"] == pytest.approx(1287 * 3.142, rel=0.02)
+    assert r["water_m3"] == pytest.approx(r["water_onsite_m3"] + r["water_offsite_m3"])
     assert r["households_year"] == pytest.approx(1287e3 / 10715, rel=0.02)
     layers = r["training_layers"]
     assert layers["floor_mwh"] < layers["roofline_mwh"] < layers["time_x_power_mwh"]
@@ -128,9 +131,14 @@ def test_sensitivity_moves_with_utilisation_and_pue():
     assert half["energy_mwh"][0] == pytest.approx(2 * base["energy_mwh"][0])
 
 
-def test_water_only_when_given():
-    r = estimate("gpt3-175b", "hardware.water_l_per_kwh=2")
-    assert r["water_m3"] == pytest.approx(2 * r["energy_mwh"])
+def test_water_l_per_kwh_is_the_on_site_term():
+    r = estimate("gpt3-175b", "hardware.water_l_per_kwh=2", "hardware.water_offsite_l_per_kwh=0")
+    assert r["water_m3"] == r["water_onsite_m3"] == pytest.approx(2 * r["energy_it_mwh"])
+    assert r == estimate("gpt3-175b", "hardware.water_onsite_l_per_kwh=2",
+                         "hardware.water_offsite_l_per_kwh=0") | {
+        "assumptions": r["assumptions"], "settings": r["settings"]}
+    with pytest.raises(ConfigError, match="another name for water_onsite_l_per_kwh"):
+        estimate("gpt3-175b", "hardware.water_l_per_kwh=2", "hardware.water_onsite_l_per_kwh=1")
 
 
 # ---- popular claims, checked ------------------------------------------------------------------
@@ -160,7 +168,7 @@ def test_int8_doubles_the_ceiling_and_4_bits_work():
 def test_100_million_1_wh_queries_a_day_is_36_5_gwh_a_year():
     r = estimate("dense-70b-h100", "inference.wh_per_query=1", "inference.queries_per_day=100e6")
     assert r["gwh_per_year"] == pytest.approx(36.5)
-    assert r["wh_per_query_is"] == "stated" and r["wh_per_query_roofline"] > 0
+    assert r["wh_per_query_basis"] == "stated" and r["wh_per_query_roofline"] > 0
 
 
 # ---- the command ------------------------------------------------------------------------------

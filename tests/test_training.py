@@ -6,13 +6,19 @@ import json
 import math
 import re
 import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
-from conftest import ROOT, TINY, TINY_TOML, merge, run_cli, set_args, snapshot, tiny_config
+from conftest import (
+    TINY,
+    TINY_TOML,
+    interrupt_training,
+    merge,
+    run_cli,
+    set_args,
+    snapshot,
+    tiny_config,
+)
 
 from minigpt import config
 from minigpt.config import tomllib  # tomllib, or tomli before Python 3.11
@@ -20,7 +26,7 @@ from minigpt.nn.model import GPT
 from minigpt.train import checkpoint
 from minigpt.train.trainer import Trainer, TrainingDiverged
 
-LOG_KEYS = {"step", "train_loss", "val_loss", "lr", "tokens", "elapsed_s"}
+LOG_KEYS = {"step", "train_loss", "val_loss", "val_bpb", "lr", "tokens", "elapsed_s"}
 
 
 def read_log(run_dir) -> list[dict]:
@@ -92,34 +98,9 @@ def test_resume_after_a_stop_mid_interval_reproduces_the_uninterrupted_run(tmp_p
         tuple(r[k] for k in counted) for r in costs_b["records"])
 
 
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.05)
-
-
 def test_sigint_saves_a_checkpoint_and_says_how_to_resume(tmp_path):
-    out = tmp_path / "run"
-    args = set_args(merge(TINY, {"train": {"out_dir": str(out), "max_steps": 1_000_000},
-                                 "eval": {"interval": 5}}))
-    log = out / "log.jsonl"
-    with open(tmp_path / "stdout", "w") as stdout, open(tmp_path / "stderr", "w") as stderr:
-        proc = subprocess.Popen([sys.executable, "train.py", str(TINY_TOML), "--no-progress", *args],
-                                cwd=ROOT, stdout=stdout, stderr=stderr)
-        try:
-            wait_for(lambda: log.exists() and log.read_text().strip() or proc.poll() is not None,
-                     60, "the first log line")
-            assert proc.poll() is None, "train.py ended before it was interrupted"
-            proc.send_signal(signal.SIGINT)
-            code = proc.wait(timeout=30)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    err = (tmp_path / "stderr").read_text()
-    output = (tmp_path / "stdout").read_text() + err
+    code, out, stdout, err = interrupt_training(tmp_path, signal.SIGINT)
+    output = stdout + err
     assert code == 130, output
     assert "Traceback" not in output
     assert "--resume" in err

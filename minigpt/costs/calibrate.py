@@ -5,16 +5,26 @@ figures for the CPU rest on measurement, not on a guess.
 Micro-benchmarks, best of several runs each (the best run is the one least disturbed):
 - matmul: an n x n x n product in float32 and in float64, through NumPy (the BLAS the model uses);
 - bandwidth: copying a 256 MiB array, counting the bytes read and the bytes written.
+
+Every run needs a roofline, calibrated or not: `quick_profile()` makes the quick version (1024^3
+products, a 64 MiB copy: a few seconds) once per machine and caches it as a profile file under
+$MINIGPT_HOME/cache/ keyed by the CPU model and the BLAS environment variables, so a run without
+`minigpt calibrate` still gets roofline and MFU figures ("quick measurement", said where used).
+`local_profile()` is the careful local-cpu profile where one exists, else that quick one.
 """
 
 import datetime
+import hashlib
 import os
 import platform
 import time
+from pathlib import Path
 
 import numpy as np
 
-from minigpt.costs import hardware
+from minigpt import safeio
+from minigpt.costs import hardware, report
+from minigpt.errors import ConfigError
 from minigpt.meter import METER, matmul
 
 
@@ -66,19 +76,21 @@ def _environment() -> str:
 def measure(quick: bool = False) -> dict:
     """The measured figures: fp32 and fp64 matmul FLOP/s, copy bandwidth (bytes/s)."""
     n, repeats = (1024, 3) if quick else (2048, 5)
+    mib = 64 if quick else 256
     return {
         "fp32": matmul_flops("float32", n, repeats),
         "fp64": matmul_flops("float64", n // 2 if quick else n, repeats),
-        "bandwidth": copy_bandwidth((64 if quick else 256) << 20, repeats),
+        "bandwidth": copy_bandwidth(mib << 20, repeats),
         "n": n,
+        "copy_mib": mib,
     }
 
 
-def profile_toml(m: dict) -> str:
+def profile_toml(m: dict, name: str = "local-cpu", how: str = "minigpt calibrate") -> str:
     """A hardware profile file (hardware.py's schema) for the measured figures."""
     today = datetime.date.today().isoformat()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    src = f"measured by minigpt calibrate on {today} ({_environment()})"
+    src = f"measured by {how} on {today} ({_environment()})"
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else None
     n = m["n"]
 
@@ -88,9 +100,9 @@ def profile_toml(m: dict) -> str:
         return "\n".join(lines + ([f'note = "{note}"'] if note else [])) + "\n"
 
     return "\n".join([
-        "# minigpt hardware profile of this machine, written by `minigpt calibrate`.",
+        f"# minigpt hardware profile of this machine, written by {how}.",
         "# Run it again after changing BLAS settings (OPENBLAS_CORETYPE changes the matmul peak).",
-        'name = "local-cpu"',
+        f'name = "{name}"',
         f'description = "{_cpu_name()}, {cores} cores, NumPy {np.__version__}"',
         "",
         entry("peak_flops.fp32", m["fp32"], src, f"best of a {n}x{n}x{n} float32 matmul"),
@@ -98,7 +110,8 @@ def profile_toml(m: dict) -> str:
         entry("peak_flops.tf32", "unsupported", "a CPU has no TF32 format"),
         entry("peak_flops.fp16", "unknown", "not measured: NumPy has no fast float16 matmul"),
         entry("peak_flops.int8", "unknown", "not measured: NumPy has no int8 matmul kernel"),
-        entry("memory_bandwidth", m["bandwidth"], src, "copy of 256 MiB: bytes read + bytes written"),
+        entry("memory_bandwidth", m["bandwidth"], src,
+              f"copy of {m.get('copy_mib', 256)} MiB: bytes read + bytes written"),
         entry("memory_bytes", float(memory), "os.sysconf: physical pages x page size") if memory
         else entry("memory_bytes", "unknown", "not exposed"),
         entry("power_watts", "unknown", "not measured: give the CPU's rated power in your own profile"),
@@ -106,20 +119,46 @@ def profile_toml(m: dict) -> str:
 
 
 def save(text: str) -> "os.PathLike":
-    folder = hardware.user_dir()
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "local-cpu.toml"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
+    return safeio.write_text(hardware.user_dir() / "local-cpu.toml", text)  # one line on a fault
+
+
+QUICK_NAME = "quick-cpu"
+QUICK_NOTE = "quick measurement; `minigpt calibrate` measures carefully"
+
+
+def cache_path() -> Path:
+    """$MINIGPT_HOME/cache/roofline-<key>.toml, key = hash of the CPU model and BLAS variables."""
+    key = hashlib.sha256(f"{_cpu_name()}|{_environment()}".encode()).hexdigest()[:12]
+    return hardware.user_dir().parent / "cache" / f"roofline-{key}.toml"
+
+
+def quick_profile() -> hardware.Profile:
+    """The cached quick measurement of this machine as a profile, measured on first use."""
+    path = cache_path()
+    if path.is_file():
+        try:
+            return hardware.load_profile(path)
+        except ConfigError:  # a damaged cache is measured again, not trusted
+            path.unlink(missing_ok=True)
+    text = profile_toml(measure(quick=True), QUICK_NAME, "minigpt's quick measurement (cached)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    report._atomic_write(path, text)
+    return hardware.load_profile(path)
+
+
+def local_profile() -> tuple[hardware.Profile, str]:
+    """The calibrated local-cpu profile, else the cached quick one; and a note saying which."""
+    try:
+        return hardware.load_profile("local-cpu"), "local-cpu profile"
+    except Exception:  # noqa: BLE001 - no profile, or an unreadable one: the quick one instead
+        return quick_profile(), QUICK_NOTE
 
 
 def local_peak(quick_if_missing: bool = True) -> tuple[float | None, str]:
-    """This machine's float32 matmul peak: from local-cpu.toml, else a quick measurement."""
+    """This machine's float32 matmul peak: from local-cpu.toml, else the cached quick measurement."""
     try:
         return hardware.peak(hardware.load_profile("local-cpu"), "fp32"), "(local-cpu profile)"
     except Exception:  # noqa: BLE001 - no profile, or an unreadable one: measure instead
         if not quick_if_missing:
             return None, ""
-        return matmul_flops("float32", 1024, 3), "(quick measurement; `minigpt calibrate` saves one)"
+        return hardware.peak(quick_profile(), "fp32"), f"({QUICK_NOTE})"

@@ -8,20 +8,21 @@
                    profiles/constants.toml, or your own figures): the arithmetic and the memory
                    traffic alone, no PUE.
 
-PUE, grid carbon (kgCO2e/kWh) and household electricity use come with sourced defaults from
-constants.toml; water (litres/kWh) has none and is reported only when you give one. For a finished
-run (train.py, generate.py --costs):
+PUE, grid carbon (kgCO2e/kWh, gross; net when given), household electricity use and water (on-site
+litres per kWh of IT energy and off-site litres per kWh drawn, Li et al. 2023's US averages) come
+with sourced defaults from constants.toml. For a finished run (train.py, generate.py --costs):
 
     lines = report_lines(rows, seconds, profile="local-cpu", measured=m, watts=None, tokens=n)
-    line = gpt3_projection_line(tokens_trained, rows, joules=None)
 
 rows are minigpt.costs.report rows (report.rows_from_records(METER.records)); m is a
-power.Measurement or None. The scaling estimates (minigpt.costs.scaling) use the same Settings.
+power.Measurement or None. This module is the bottom of the costs package: it imports no scaling
+module. The scaling estimates (minigpt.costs.footprint) use the same Settings; the GPT-3 projection
+line of a run is minigpt.costs.projection.gpt3_projection_line.
 """
 
 from dataclasses import dataclass, field
 
-from minigpt.costs import hardware, roofline
+from minigpt.costs import calibrate, cpu_power, hardware, roofline
 from minigpt.costs.hardware import Profile
 from minigpt.costs.power import NOT_MEASURED, Measurement
 from minigpt.errors import ConfigError
@@ -37,31 +38,55 @@ FLOP_ENERGY_OF_DTYPE = {"float32": "fp32", "float64": "fp32", "float16": "fp16",
 
 @dataclass
 class Settings:
-    """The parameters energy figures rest on, and where each came from ("default: <source>")."""
+    """The parameters energy figures rest on, and where each came from ("default: <source>").
+
+    Water comes in two terms, as Li et al. 2023 count it: on-site (the datacentre's cooling, litres
+    per kWh of IT energy, before PUE: its WUE) and off-site (the generation's water, litres per kWh
+    drawn, after PUE). Carbon is gross (the grid's mix) and, when given, net of carbon-free energy
+    purchases (Patterson et al. 2021 report both)."""
 
     pue: float  # facility energy / IT energy
-    carbon_kg_per_kwh: float  # kg CO2e per kWh
+    carbon_kg_per_kwh: float  # kg CO2e per kWh drawn (gross)
     household_kwh_per_year: float  # kWh per US household per year
-    water_l_per_kwh: float | None  # litres per kWh; None: not estimated
+    water_onsite_l_per_kwh: float | None  # litres per kWh of IT energy; None: not estimated
     pj_per_flop: dict[str, float]  # "fp32" -> pJ per FLOP (the physics floor)
     pj_per_byte: float  # pJ per byte moved (floor; default DRAM, low end)
     pj_per_byte_sram: float  # pJ per byte from SRAM, shown beside the floor
     origins: dict[str, str] = field(default_factory=dict)
+    water_offsite_l_per_kwh: float | None = None  # litres per kWh drawn (after PUE)
+    carbon_net_kg_per_kwh: float | None = None  # kg CO2e per kWh net of clean-energy purchases
+
+    @property
+    def water_l_per_kwh(self) -> float | None:
+        """The old name of the on-site term (kept as an alias)."""
+        return self.water_onsite_l_per_kwh
 
 
 # each setting -> its default in constants.toml
 DEFAULTS = {"pue": "pue", "carbon_kg_per_kwh": "carbon_kg_per_kwh",
+            "carbon_net_kg_per_kwh": "carbon_net_kg_per_kwh",
             "household_kwh_per_year": "household_kwh_per_year",
-            "water_l_per_kwh": "water_l_per_kwh", "pj_per_byte": "energy_per_byte.dram_read_low"}
+            "water_onsite_l_per_kwh": "water_onsite_l_per_kwh",
+            "water_offsite_l_per_kwh": "water_offsite_l_per_kwh",
+            "pj_per_byte": "energy_per_byte.dram_read_low"}
 
 
 def settings(pue: float | None = None, carbon_kg_per_kwh: float | None = None,
              water_l_per_kwh: float | None = None, household_kwh_per_year: float | None = None,
              pj_per_flop: float | None = None, pj_per_byte: float | None = None,
-             given_by: str = "given") -> Settings:
-    """Settings from constants.toml, each given argument replacing its default (and noted)."""
+             given_by: str = "given", *, water_onsite_l_per_kwh: float | None = None,
+             water_offsite_l_per_kwh: float | None = None,
+             carbon_net_kg_per_kwh: float | None = None) -> Settings:
+    """Settings from constants.toml, each given argument replacing its default (and noted).
+    water_l_per_kwh is the old name of water_onsite_l_per_kwh (give one of them)."""
+    if water_l_per_kwh is not None and water_onsite_l_per_kwh is not None:
+        raise ConfigError(f"{given_by}: water_l_per_kwh is another name for "
+                          f"water_onsite_l_per_kwh: give one of them")
+    onsite = water_onsite_l_per_kwh if water_onsite_l_per_kwh is not None else water_l_per_kwh
     c = hardware.load_constants()
-    given = {"pue": pue, "carbon_kg_per_kwh": carbon_kg_per_kwh, "water_l_per_kwh": water_l_per_kwh,
+    given = {"pue": pue, "carbon_kg_per_kwh": carbon_kg_per_kwh,
+             "carbon_net_kg_per_kwh": carbon_net_kg_per_kwh,
+             "water_onsite_l_per_kwh": onsite, "water_offsite_l_per_kwh": water_offsite_l_per_kwh,
              "household_kwh_per_year": household_kwh_per_year, "pj_per_byte": pj_per_byte,
              "pj_per_flop": pj_per_flop}
     for name, value in given.items():
@@ -77,6 +102,7 @@ def settings(pue: float | None = None, carbon_kg_per_kwh: float | None = None,
     for name, const in {**DEFAULTS, "pj_per_flop": "energy_per_flop.fp32"}.items():
         src = c[const].source or c[const].note
         s.origins[name] = given_by if given[name] is not None else f"default: {src}"
+    s.origins["water_l_per_kwh"] = s.origins["water_onsite_l_per_kwh"]
     return s
 
 
@@ -100,7 +126,12 @@ def co2_kg(joules: float, s: Settings) -> float:
 
 
 def water_litres(joules: float, s: Settings) -> float | None:
-    return None if s.water_l_per_kwh is None else kwh(joules) * s.water_l_per_kwh
+    """On-site and off-site water of `joules` drawn (after PUE): IT energy × WUE + drawn × EWIF;
+    None when neither term is known."""
+    terms = [(kwh(joules) / s.pue, s.water_onsite_l_per_kwh),
+             (kwh(joules), s.water_offsite_l_per_kwh)]
+    known = [k * w for k, w in terms if w is not None]
+    return sum(known) if known else None
 
 
 def household_years(joules: float, s: Settings) -> float:
@@ -126,17 +157,36 @@ def measured_layer(measured: Measurement | None, s: Settings) -> Layer:
     j = measured.total_joules * s.pue
     readers = ", ".join(n for n, v in measured.joules.items() if v is not None)
     return Layer("measured", j, f"{readers} counters, {measured.total_joules:.4g} J × PUE "
-                                f"{s.pue:.2f} (CPU packages and GPUs only: not DRAM, fans, PSU)")
+                                f"{s.pue:.2f} (CPU packages, DRAM where exposed, GPUs: not fans, disks, PSU)")
 
 
-def power_of(profile: Profile | None, watts: float | None) -> tuple[float | None, str]:
-    """Watts to use, and where they came from (or why there are none)."""
+def power_of(profile: Profile | None, watts: float | None, measured: Measurement | None = None,
+             estimate: bool = True) -> tuple[float | None, str]:
+    """(watts, "<W> W (<basis>)") from power_figure, or (None, why there is none)."""
+    w, basis = power_figure(profile, watts, measured, estimate)
+    return w, (basis if w is None else f"{w:.3g} W ({basis})")
+
+
+def power_figure(profile: Profile | None, watts: float | None, measured: Measurement | None = None,
+                 estimate: bool = True) -> tuple[float | None, str]:
+    """Watts to use and their basis, best first: the counters' mean power ("measured: rapl"), the
+    given --watts, the profile's power figure, an estimate from the CPU's rated power and the run's
+    CPU time (minigpt.costs.cpu_power; `estimate`=False for a GPU run, and it needs the CPU seconds
+    that `power.measure` records); else None and why there is none."""
+    if watts is not None and watts <= 0:
+        raise ConfigError(f"--watts must be > 0, got {watts!r}")
+    if measured is not None and measured.measured and measured.seconds > 0:
+        readers = ", ".join(n for n, v in measured.joules.items() if v is not None)
+        mean = measured.total_joules / measured.seconds  # W
+        note = f"; --watts {watts:g} not used" if watts is not None else ""
+        return mean, f"measured: {readers}{note}"
     if watts is not None:
-        if watts <= 0:
-            raise ConfigError(f"--watts must be > 0, got {watts!r}")
-        return watts, f"{watts:g} W given"
+        return watts, "--watts"
     if profile is not None and profile.power_watts is not None:
-        return profile.power_watts, f"{profile.power_watts:g} W ({profile.name} rated power)"
+        return profile.power_watts, f"profile {profile.name}"
+    if estimate and measured is not None and measured.cpu_seconds is not None:
+        est = cpu_power.estimate(measured.cpu_seconds, measured.seconds)
+        return est.watts, est.basis
     who = f"{profile.name} has none" if profile is not None else "no hardware profile"
     return None, (f"needs a power figure ({who}: pass --watts or add power_watts to your "
                   f"profile)")
@@ -163,7 +213,7 @@ def roofline_layer(rows: list[dict], profile: Profile | None, watts: float | Non
     where = f"ideal time on {profile.name} {ideal:.4g} s{share}"
     if watts is None:
         return Layer("roofline", None, f"{why}; {where}")
-    return Layer("roofline", ideal * watts * s.pue, f"{where} × {watts:g} W × PUE {s.pue:.2f}")
+    return Layer("roofline", ideal * watts * s.pue, f"{where} × {watts:.3g} W × PUE {s.pue:.2f}")
 
 
 def floor_joules(rows: list[dict], s: Settings, pj_per_byte: float | None = None) -> float:
@@ -193,23 +243,28 @@ def floor_layer(rows: list[dict], s: Settings) -> Layer:
 
 
 def _load(profile: Profile | str | None) -> tuple[Profile | None, str]:
+    """The profile, by name or as given; "local-cpu" falls back to the cached quick measurement."""
     if profile is None or isinstance(profile, Profile):
         return profile, ""
+    if str(profile) == "local-cpu":
+        try:
+            return calibrate.local_profile()[0], ""
+        except (OSError, ConfigError) as e:  # an unwritable $MINIGPT_HOME, say
+            return None, f"no local-cpu profile and no quick measurement: {e}"
     try:
         return hardware.load_profile(profile), ""
     except ConfigError as e:
-        if str(profile) == "local-cpu":
-            return None, "no local-cpu profile (`minigpt calibrate` measures one)"
         return None, f"no hardware profile: {e}"
 
 
 def run_layers(rows: list[dict], seconds: float, profile: Profile | str | None = "local-cpu",
                measured: Measurement | None = None, watts: float | None = None,
-               s: Settings | None = None) -> list[Layer]:
-    """The four layers for a finished run's rows and its measured seconds."""
+               s: Settings | None = None, estimate: bool = True) -> list[Layer]:
+    """The four layers for a finished run's rows and its measured seconds; the power figure is
+    the best that power_of finds (`estimate`=False: never the CPU estimate, e.g. on a GPU)."""
     s = s or settings()
     prof, missing = _load(profile)
-    w, why = power_of(prof, watts)
+    w, why = power_of(prof, watts, measured, estimate)
     if prof is None and w is None:
         why = f"needs a power figure ({missing or 'no hardware profile'}; or pass --watts)"
     return [measured_layer(measured, s), time_power_layer(seconds, w, why, s),
@@ -239,38 +294,14 @@ def format_layers(layers: list[Layer], s: Settings, title: str,
 
 def report_lines(rows: list[dict], seconds: float, profile: Profile | str | None = "local-cpu",
                  measured: Measurement | None = None, watts: float | None = None,
-                 tokens: int | None = None, s: Settings | None = None) -> list[str]:
+                 tokens: int | None = None, s: Settings | None = None,
+                 estimate: bool = True) -> list[str]:
     """The end-of-run energy report: each layer it can give, side by side, and why not the rest."""
     s = s or settings()
-    layers = run_layers(rows, seconds, profile, measured, watts, s)
-    name = profile.name if isinstance(profile, Profile) else profile or "no profile"
+    layers = run_layers(rows, seconds, profile, measured, watts, s, estimate)
+    prof, _ = _load(profile)
+    name = prof.name if prof is not None else profile or "no profile"
+    if name == "quick-cpu":
+        name += " (this machine's cached quick measurement; `minigpt calibrate` measures carefully)"
     return format_layers(layers, s, f"energy, four ways ({seconds:.4g} s measured; profile {name})",
                          tokens)
-
-
-def gpt3_projection_line(tokens_trained: int, rows: list[dict], joules: float | None = None,
-                         scenario: str = "gpt3-175b") -> str:
-    """One line: this run's training FLOPs per token beside GPT-3 175B's counted the same way (our
-    closed form), and what that count over its 300B tokens costs on the scenario's hardware
-    (Patterson et al. 2021's V100 row by default); with joules, also at this run's J per FLOP."""
-    from minigpt.costs import scaling  # scaling builds on this module
-
-    if tokens_trained <= 0:
-        raise ValueError("tokens_trained must be positive")
-    flops = sum(r["flops"] for r in rows if r["phase"] in ("forward", "backward", "optimizer"))
-    scn = scaling.load_scenario(scenario)
-    a, D = scaling.arch_of(scn), scn.get("training", "tokens")
-    if a is None or D is None:
-        raise ConfigError(f"{scn.where('model')}: a projection needs an architecture and "
-                          f"[training] tokens")
-    big = scaling.training_step_flops(a, 1, a.block_size) * D / a.block_size  # FLOPs, closed form
-    cost = scaling.training_costs(big, scaling.chip_of(scn), scaling.settings_of(scn))
-    mine = f"this run {flops / tokens_trained:.3g} FLOP/token over {tokens_trained:,} tokens"
-    if joules and flops:
-        per_flop = joules / flops  # J/FLOP on this machine
-        gwh = kwh(per_flop * big) / 1e6
-        mine += f" ({per_flop / PJ:.3g} pJ/FLOP: GPT-3 at that rate {gwh:,.0f} GWh)"
-    return (f"at GPT-3 scale: {mine}; GPT-3 175B counted the same way: "
-            f"{big / D:.3g} FLOP/token × {D:.3g} tokens = {big:.3g} "
-            f"FLOPs, on {cost['hardware']}: {cost['days']:.3g} days, "
-            f"{cost['energy_mwh']:,.0f} MWh, {cost['co2_tonnes']:,.0f} tCO2e")

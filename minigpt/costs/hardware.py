@@ -12,6 +12,13 @@ holds a name, a description and one table per figure:
     note = "optional: caveats, alternatives, the choice made"
 
     [memory_bandwidth]       # bytes/s      [memory_bytes]  bytes      [power_watts]  TDP/TGP, W
+    [system_power_watts]     # optional: the whole system's power per accelerator, W (a server's
+                             # maximum rating over its accelerators, e.g. DGX A100 6.5 kW / 8, or
+                             # a published measured average where no rating is; the note says which)
+
+    [interconnect.nvlink]    # optional: nvlink, pcie, infiniband; bytes/s EACH WAY per chip (a
+    value = 450e9            # link sends this much while it receives as much; NVIDIA's headline
+                             # NVLink figures count both directions and are twice these)
 
 A value may instead be the string "unknown" (nobody published it) or "unsupported" (the device has
 no such format): both load as None, and `peak` / `require` refuse them with a message rather than
@@ -44,7 +51,10 @@ OPTIONAL_DTYPES = ("fp64",)  # measured by `minigpt calibrate`; "unknown" when a
 DTYPE_ALIASES = {"float32": "fp32", "float64": "fp64", "float16": "fp16", "half": "fp16", "bf16": "fp16",
                  "bfloat16": "fp16"}
 FIGURES = ("memory_bandwidth", "memory_bytes", "power_watts")
-PROFILE_KEYS = ("name", "description", "peak_flops") + FIGURES
+OPTIONAL_FIGURES = ("system_power_watts",)  # "unknown" when absent
+PROFILE_KEYS = ("name", "description", "peak_flops") + FIGURES + OPTIONAL_FIGURES
+LINKS = ("nvlink", "pcie", "infiniband")  # [interconnect.*], optional: absent = unknown
+OPTIONAL_KEYS = ("interconnect",)
 MISSING = ("unknown", "unsupported")
 ENTRY_KEYS = ("value", "source", "note")
 CONSTANT_KEYS = ("value", "unit", "source", "note", "arithmetic")
@@ -62,10 +72,12 @@ class Profile:
     memory_bandwidth: float | None
     memory_bytes: float | None
     power_watts: float | None
+    interconnect: dict[str, float | None] = field(default_factory=dict)  # link -> bytes/s each way
     sources: dict[str, str] = field(default_factory=dict)  # "peak_flops.fp16" -> source
     notes: dict[str, str] = field(default_factory=dict)
     missing: dict[str, str] = field(default_factory=dict)  # field -> "unknown" | "unsupported"
     path: Path | None = None
+    system_power_watts: float | None = None  # whole system per accelerator, W (host share in)
 
 
 @dataclass(frozen=True)
@@ -133,10 +145,10 @@ def _unknown_key(path: Path, key: str, expected) -> ConfigError:
 def profile_from_dict(d: dict, path: Path) -> Profile:
     """A parsed profile file -> Profile, validated; errors name `path` and the field."""
     for key in d:
-        if key not in PROFILE_KEYS:
-            raise _unknown_key(path, key, PROFILE_KEYS)
+        if key not in PROFILE_KEYS + OPTIONAL_KEYS:
+            raise _unknown_key(path, key, PROFILE_KEYS + OPTIONAL_KEYS)
     for key in PROFILE_KEYS:
-        if key not in d:
+        if key not in d and key not in OPTIONAL_FIGURES:
             raise ConfigError(f"{path}: missing required field '{key}'")
     for key in ("name", "description"):
         if not isinstance(d[key], str) or not d[key].strip():
@@ -158,6 +170,8 @@ def profile_from_dict(d: dict, path: Path) -> Profile:
     for dtype in OPTIONAL_DTYPES:
         raws[f"peak_flops.{dtype}"] = peaks.get(dtype, {"value": "unknown"})
     raws.update({key: d[key] for key in FIGURES})
+    raws.update({key: d.get(key, {"value": "unknown"}) for key in OPTIONAL_FIGURES})
+    raws.update(_interconnect_raws(d.get("interconnect", {}), path))
     values, sources, notes, missing = {}, {}, {}, {}
     for key, raw in raws.items():
         values[key] = _entry(path, key, raw, ENTRY_KEYS)
@@ -171,7 +185,31 @@ def profile_from_dict(d: dict, path: Path) -> Profile:
                    peak_flops={t: values[f"peak_flops.{t}"] for t in DTYPES + OPTIONAL_DTYPES},
                    memory_bandwidth=values["memory_bandwidth"], memory_bytes=values["memory_bytes"],
                    power_watts=values["power_watts"], sources=sources, notes=notes,
-                   missing=missing, path=path)
+                   missing=missing, path=path, system_power_watts=values["system_power_watts"],
+                   interconnect={k: values[f"interconnect.{k}"] for k in LINKS})
+
+
+def _interconnect_raws(table, path: Path) -> dict:
+    """[interconnect.nvlink] ... as {"interconnect.nvlink": raw}; a link not given is unknown."""
+    if not isinstance(table, dict):
+        raise ConfigError(f"{path}: interconnect: expected tables [interconnect.nvlink] ... "
+                          f"[interconnect.infiniband]")
+    for link in table:
+        if link not in LINKS:
+            raise _unknown_key(path, f"interconnect.{link}", [f"interconnect.{k}" for k in LINKS])
+    return {f"interconnect.{k}": table.get(k, {"value": "unknown"}) for k in LINKS}
+
+
+def link_bandwidth(profile: Profile, link: str) -> float:
+    """A link's bytes/s each way (nvlink, pcie, infiniband); ConfigError when unknown."""
+    if link not in LINKS:
+        raise ConfigError(f"{profile.name}: no interconnect {link!r} (expected "
+                          f"{', '.join(LINKS)})")
+    value = profile.interconnect.get(link)
+    if value is None:
+        raise ConfigError(f"{profile.name}: interconnect.{link} "
+                          f"{_why(profile, f'interconnect.{link}')}")
+    return value
 
 
 def _profile_paths() -> dict[str, Path]:
@@ -180,7 +218,7 @@ def _profile_paths() -> dict[str, Path]:
     for folder in (PACKAGED, user_dir()):
         if folder.is_dir():
             for p in sorted(folder.glob("*.toml")):
-                if p.name != CONSTANTS_FILE:
+                if p.name not in (CONSTANTS_FILE, "cpu_power.toml"):  # data, not profiles
                     found[p.stem] = p
     return found
 
@@ -251,9 +289,11 @@ def peak(profile: Profile, dtype: str) -> float:
 
 
 def require(profile: Profile, figure: str) -> float:
-    """memory_bandwidth, memory_bytes or power_watts; ConfigError when unknown."""
-    if figure not in FIGURES:
-        raise ConfigError(f"{profile.name}: no figure {figure!r} (expected {', '.join(FIGURES)})")
+    """memory_bandwidth, memory_bytes, power_watts or system_power_watts; ConfigError when
+    unknown."""
+    if figure not in FIGURES + OPTIONAL_FIGURES:
+        raise ConfigError(f"{profile.name}: no figure {figure!r} (expected "
+                          f"{', '.join(FIGURES + OPTIONAL_FIGURES)})")
     value = getattr(profile, figure)
     if value is None:
         raise ConfigError(f"{profile.name}: {figure} {_why(profile, figure)}")
@@ -270,10 +310,11 @@ def _num(value: float | None, scale: float) -> str:
 def format_profiles_table(profiles: list[Profile]) -> str:
     """The `minigpt hardware` listing: dense peaks, memory, bandwidth, power; "?" = unknown."""
     head = ("name", "fp32 TFLOP/s", "fp16 TFLOP/s", "int8 TOP/s", "memory GB", "bandwidth GB/s",
-            "watts")
+            "watts", "system W")
     rows = [(p.name, _num(p.peak_flops.get("fp32"), 1e12), _num(p.peak_flops.get("fp16"), 1e12),
              _num(p.peak_flops.get("int8"), 1e12), _num(p.memory_bytes, 1e9),
-             _num(p.memory_bandwidth, 1e9), _num(p.power_watts, 1)) for p in profiles]
+             _num(p.memory_bandwidth, 1e9), _num(p.power_watts, 1),
+             _num(p.system_power_watts, 1)) for p in profiles]
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
 
     def line(r) -> str:
@@ -281,5 +322,5 @@ def format_profiles_table(profiles: list[Profile]) -> str:
 
     out = [line(head), "-" * len(line(head))] + [line(r) for r in rows]
     out.append("dense peaks (no 2:4 sparsity), fp16 = bf16; ? = unknown or unsupported; "
-               "watts = rated TDP/TGP")
+               "watts = rated TDP/TGP; system W = the whole system's power per accelerator")
     return "\n".join(out)

@@ -3,13 +3,15 @@
 predict_training_step(cfg, batch, seq)   forward + backward + optimizer of one optimizer step
 predict_forward(cfg, batch, seq, phase)  one forward pass ("forward", "eval" or "prefill")
 predict_decode(cfg, batch, position)     one KV-cached decode step for the token at `position`
+allreduce_bytes(nbytes, ranks)           bytes each rank sends (and receives) in a ring allreduce
 
 Each returns {(scope, op, kind, phase, dtype): Record}, the meter's own format, so a test can
 compare prediction and measurement key by key. Mixture-of-experts blocks take a `routing` (tokens
 each expert computed, per block: what GPT.routing records) and predict exactly that forward; with
-none they assume balanced routing, the expectation the projections (costs/scaling.py) use. The formulas follow minigpt.meter's conventions:
-a matmul (..., M, K) @ (..., K, N) is 2*batch*M*N*K FLOPs and moves A, B and C once; an
-elementwise op is FLOPS_PER_ELEMENT per element and moves its inputs and outputs once.
+none they assume balanced routing, the expectation the projections (costs/scaling.py) use. The
+formulas follow minigpt.meter's conventions: a matmul (..., M, K) @ (..., K, N) is 2*batch*M*N*K
+FLOPs and moves A, B and C once; an elementwise op is FLOPS_PER_ELEMENT per element and moves its
+inputs and outputs once.
 """
 
 from dataclasses import dataclass
@@ -322,6 +324,33 @@ def _optimizer(sh, cfg):
     sh.elementwise("adamw", "adamw", "update", P, 4 * P, 3 * P)
 
 
+def allreduce_bytes(nbytes: float, ranks: int) -> float:
+    """Bytes each of `ranks` ranks sends, and as many it receives, in a ring allreduce of an nbytes
+    buffer: a reduce-scatter then an all-gather, each passing N - 1 chunks of nbytes / N round the
+    ring, so 2 (N - 1) / N x nbytes. Whole numbers stay whole (floor), as the meter records them;
+    `minigpt scale` passes floats (a model's gradient bytes) and gets the exact ratio."""
+    if isinstance(nbytes, int):
+        return 2 * (ranks - 1) * nbytes // ranks
+    return 2 * (ranks - 1) / ranks * nbytes
+
+
+def allreduce_flops(elements: int, ranks: int) -> int:
+    """Additions each rank does in a ring allreduce: (N - 1) / N x the elements (reduce-scatter)."""
+    return (ranks - 1) * elements // ranks
+
+
+def _allreduce(sh, op, elements, itemsize, ranks, dtype):
+    sent = allreduce_bytes(elements * itemsize, ranks)
+    sh._add("dist", op, "allreduce", allreduce_flops(elements, ranks), sent, sent, dtype=dtype)
+
+
+def _communication(sh, cfg, ranks, dtype):
+    """One data-parallel step's allreduces (minigpt.train.dist): the flat gradient buffer, then the
+    loss and the stop flag as two float64 numbers."""
+    _allreduce(sh, "grad_sum", n_params(cfg), sh.itemsize, ranks, dtype)
+    _allreduce(sh, "loss_sum", 2, 8, ranks, "float64")
+
+
 def _merge(*sheets) -> dict:
     out = {}
     for sh in sheets:
@@ -334,8 +363,11 @@ def _sheet(phase, dtype):
 
 
 def predict_training_step(cfg, batch: int, seq: int | None = None, grad_accum: int = 1,
-                          clip: bool = True, dtype: str = "float32", routing=None) -> dict:
+                          clip: bool = True, dtype: str = "float32", ranks: int = 1,
+                          routing=None) -> dict:
     """One optimizer step: grad_accum micro-batches of (batch, seq) tokens, then clip + AdamW.
+    ranks > 1: one rank's step of data-parallel training (batch is then its share, batch_size /
+    ranks), with the allreduces of phase "communication".
 
     routing: for a MoE model, one {block index: tokens each expert computed} per micro-batch (as
     GPT.routing holds after each forward: Routing.computed), or None for balanced routing."""
@@ -351,7 +383,10 @@ def predict_training_step(cfg, batch: int, seq: int | None = None, grad_accum: i
     else:
         P = n_params(cfg)
         opt.elementwise("adamw", "adamw", "update", P, 4 * P, 3 * P)
-    return _merge(fwd, bwd, opt)
+    comm = _sheet("communication", dtype)
+    if ranks > 1:
+        _communication(comm, cfg, ranks, dtype)
+    return _merge(fwd, bwd, opt, comm)
 
 
 def predict_forward(cfg, batch: int, seq: int, phase: str = "forward", targets: bool = False,

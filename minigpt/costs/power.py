@@ -3,33 +3,42 @@
 Two readers, each with `name`, `available()` (False with `reason` saying why) and `read_joules()`
 (raises OSError when the counter cannot be read):
 
-- RaplReader: Linux powercap, /sys/class/powercap/intel-rapl:N/energy_uj (also used for AMD CPUs),
-  summed over the top-level *package* domains only: subdomains (intel-rapl:0:0, cores, dram) are
-  parts of a package and "psys" (the whole platform) contains the packages, so adding either would
-  count energy twice. The counter wraps at max_energy_range_uj; `read_joules` keeps a running total
-  from the reader's first read, so it stays right as long as it is read at least once per wrap
-  (minutes at full load on a big server: call it periodically on long runs). Since Linux 5.10
-  energy_uj is readable by root only; the reason then says so.
+- RaplReader: Linux powercap, /sys/class/powercap/intel-rapl:N/energy_uj (also used for AMD CPUs).
+  It adds the top-level *package* domains and every *dram* domain (a top-level one, or a package's
+  subdomain named "dram": RAPL meters DRAM separately from the package, so the two add up without
+  overlap). It never adds the other subdomains (core, uncore: parts of a package) nor "psys" (the
+  whole platform, which contains the packages), nor intel-rapl-mmio:* (the same package counter
+  seen through MMIO on some laptops): any of them would count energy twice. Each counter
+  wraps at its max_energy_range_uj; `read_joules` keeps a running total from the reader's first
+  read, right as long as it is read at least once per wrap, which `measure` ensures by reading
+  every counter from a small background thread every `interval` seconds (a wrap takes minutes
+  even on a big server at full load). Since Linux 5.10 energy_uj is readable by root only; the
+  reason then says so, with the command that grants read access.
 - NvmlReader: NVIDIA's nvmlDeviceGetTotalEnergyConsumption (millijoules since the driver loaded,
   Volta or later) for every GPU or one index, through pynvml (pip install nvidia-ml-py), imported
   only when asked.
 
-    with measure() as m:          # or measure([RaplReader(), NvmlReader(0)])
+    with measure() as m:          # or measure([RaplReader(), NvmlReader(0)], interval=10)
         work()
-    m.joules   {"rapl": 812.4, "nvml": None}    m.seconds   m.describe()
+    m.joules   {"rapl": 812.4, "nvml": None}    m.seconds   m.cpu_seconds   m.describe()
 
 A reader that is not available gives None and its reason; with none available, `describe()` says
-"not measured here". These are CPU-package and GPU counters: not DRAM, fans or the power supply.
+"not measured here". The Measurement also records the process's CPU seconds, from which
+minigpt.costs.cpu_power estimates power where nothing was measured. These are CPU-package, DRAM
+and GPU counters: not fans, disks or the power supply.
 """
 
-import time
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from minigpt.costs import cpu_power
+
 NOT_MEASURED = "not measured here"
+SAMPLE_INTERVAL_S = 10.0  # how often `measure` reads every counter, far below a wrap's minutes
 
 
 class EnergyReader(Protocol):
@@ -64,20 +73,22 @@ class RaplReader:
         self._ranges: dict[Path, int] = {}
         self._last: dict[Path, int] = {}
         self._total_uj = 0
+        self._lock = threading.Lock()  # `measure`'s sampling thread reads too
 
     def domains(self) -> list[Path]:
-        """Top-level package domains (intel-rapl:0, intel-rapl:1 ...), not subdomains or psys."""
+        """Package domains (intel-rapl:0, :1 ...) and DRAM domains (top-level or a package's
+        subdomain named dram), sorted; never core/uncore subdomains or psys."""
         if not self.root.is_dir():
             return []
         found = []
         for d in sorted(self.root.glob("intel-rapl:*")):
-            if d.name.count(":") != 1:
-                continue  # intel-rapl:0:0 and deeper are parts of a package
+            depth = d.name.count(":")  # 1: top level, 2: a package's subdomain
             try:
                 label = (d / "name").read_text().strip()
             except OSError:
                 continue
-            if label.startswith("package"):
+            if (depth == 1 and label.startswith(("package", "dram"))) or (depth == 2 and
+                                                                           label == "dram"):
                 found.append(d)
         return found
 
@@ -91,8 +102,9 @@ class RaplReader:
                 _read_int(d / "energy_uj")
                 self._ranges[d] = _read_int(d / "max_energy_range_uj")
             except PermissionError:
-                self.reason = (f"{d}/energy_uj is not readable (RAPL counters need root since "
-                               f"Linux 5.10)")
+                self.reason = (f"RAPL counters exist but {d}/energy_uj is readable by root only "
+                               f"(Linux 5.10+); to grant read access until the next reboot: sudo "
+                               f"chmod a+r {self.root}/intel-rapl:*/energy_uj")
                 return False
             except (OSError, ValueError) as e:
                 self.reason = f"cannot read {d}: {e}"
@@ -104,12 +116,13 @@ class RaplReader:
         """Joules used by all packages since this reader's first read, wraparounds included."""
         if not self._ranges and not self.available():
             raise OSError(self.reason)
-        for d, max_range in self._ranges.items():
-            now = _read_int(d / "energy_uj")
-            if d in self._last:
-                self._total_uj += wrapped_delta(self._last[d], now, max_range)
-            self._last[d] = now
-        return self._total_uj / 1e6
+        with self._lock:
+            for d, max_range in self._ranges.items():
+                now = _read_int(d / "energy_uj")
+                if d in self._last:
+                    self._total_uj += wrapped_delta(self._last[d], now, max_range)
+                self._last[d] = now
+            return self._total_uj / 1e6
 
 
 class NvmlReader:
@@ -177,6 +190,8 @@ class Measurement:
     joules: dict[str, float | None] = field(default_factory=dict)
     reasons: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
+    cpu_seconds: float | None = None  # this process's (and its children's) CPU time, s
+    samples: int = 0  # reads of every counter by the sampling thread, besides the first and last
 
     @property
     def measured(self) -> bool:
@@ -198,9 +213,30 @@ class Measurement:
         return f"energy over {self.seconds:.3g} s: " + ", ".join(parts) + f" (mean {watts:.3g} W)"
 
 
+class _Sampler(threading.Thread):
+    """Reads every started counter every `interval` seconds until stopped, so that none wraps
+    twice between two reads (a reader keeps its own running total)."""
+
+    def __init__(self, readers: list[EnergyReader], interval: float, m: Measurement):
+        super().__init__(name="minigpt-energy-sampler", daemon=True)
+        self.readers, self.interval, self.m = readers, interval, m
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.wait(self.interval):
+            for r in self.readers:
+                try:
+                    r.read_joules()
+                except (OSError, ValueError):
+                    pass  # the final read reports it
+            self.m.samples += 1
+
+
 @contextmanager
-def measure(readers: list[EnergyReader] | None = None) -> Iterator[Measurement]:
-    """Read each available counter before and after the block; fill the Measurement on exit."""
+def measure(readers: list[EnergyReader] | None = None,
+            interval: float = SAMPLE_INTERVAL_S) -> Iterator[Measurement]:
+    """Read each available counter before and after the block, and every `interval` seconds in
+    between (a background thread); fill the Measurement, CPU seconds included, on exit."""
     readers = default_readers() if readers is None else list(readers)
     m = Measurement()
     started = []
@@ -213,11 +249,18 @@ def measure(readers: list[EnergyReader] | None = None) -> Iterator[Measurement]:
             started.append((r, r.read_joules()))
         except (OSError, ValueError) as e:  # a counter that vanished after the check
             m.reasons[r.name] = f"read failed: {e}"
-    t0 = time.perf_counter()
+    sampler = _Sampler([r for r, _ in started], interval, m) if started else None
+    if sampler is not None:
+        sampler.start()
+    wall0, cpu0 = cpu_power.usage_now()
     try:
         yield m
     finally:
-        m.seconds = time.perf_counter() - t0
+        wall1, cpu1 = cpu_power.usage_now()
+        m.seconds, m.cpu_seconds = wall1 - wall0, cpu1 - cpu0
+        if sampler is not None:
+            sampler.stopped.set()
+            sampler.join()
         for r, start in started:
             try:
                 m.joules[r.name] = r.read_joules() - start

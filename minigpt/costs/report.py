@@ -7,8 +7,9 @@ useful_flops, bytes_read, bytes_written, seconds), so measured and predicted rec
 import csv
 import io
 import json
-import os
 from pathlib import Path
+
+from minigpt import safeio
 
 FIELDS = ("scope", "op", "kind", "phase", "dtype", "calls", "flops", "useful_flops",
           "bytes_read", "bytes_written", "seconds")
@@ -46,8 +47,10 @@ def layer_of(scope: str) -> str:
     return scope.split(".", 1)[0]
 
 
-def group(rows, by: str = "scope", phase: str | None = None) -> list[dict]:
-    """Sum rows by scope, op, kind, layer or phase (optionally one phase only), biggest first."""
+def group(rows, by: str = "scope", phase: str | None = None, extra=None) -> list[dict]:
+    """Sum rows by scope, op, kind, layer or phase (optionally one phase only), biggest first.
+    extra(row) -> {field: number}, when given, adds more summed fields to every group (the run's
+    joules: minigpt.costs.run_energy.row_joules)."""
     if by not in GROUPINGS:
         raise ValueError(f"by must be one of {GROUPINGS}")
     out: dict[str, dict] = {}
@@ -55,9 +58,12 @@ def group(rows, by: str = "scope", phase: str | None = None) -> list[dict]:
         if phase is not None and r["phase"] != phase:
             continue
         name = layer_of(r["scope"]) if by == "layer" else r[by]
-        g = out.setdefault(name, {"name": name} | {k: 0 for k in NUMBERS})
+        more = extra(r) if extra is not None else {}
+        g = out.setdefault(name, {"name": name} | {k: 0 for k in (*NUMBERS, *more)})
         for k in NUMBERS:
             g[k] += r[k]
+        for k, v in more.items():
+            g[k] += v
     return sorted(out.values(), key=lambda g: (-g["flops"], -g["bytes_read"], g["name"]))
 
 
@@ -80,11 +86,14 @@ def format_table(groups, title: str = "", top: int | None = None) -> str:
     seconds and achieved GFLOP/s."""
     total = sum(g["flops"] for g in groups) or 1
     timed = any(g["seconds"] > 0 for g in groups)
+    energy = bool(groups) and "joules" in groups[0]
     shown = groups[:top] if top else groups
     width = max([len("name")] + [len(g["name"]) for g in shown])
     head = f"{'name':<{width}}  {'FLOPs':>11}  {'%':>5}  {'bytes':>10}  {'FLOP/B':>7}"
     if timed:
         head += f"  {'seconds':>8}  {'GFLOP/s':>8}"
+    if energy:
+        head += f"  {'joules':>9}  {'J roofline':>10}"
     lines = ([title] if title else []) + [head, "-" * len(head)]
     for g in shown:
         nbytes = g["bytes_read"] + g["bytes_written"]
@@ -94,6 +103,8 @@ def format_table(groups, title: str = "", top: int | None = None) -> str:
         if timed:
             rate = g["flops"] / g["seconds"] / 1e9 if g["seconds"] > 0 else 0.0
             line += f"  {g['seconds']:8.3f}  {rate:8.2f}"
+        if energy:
+            line += f"  {g['joules']:9.4g}  {g['joules_roofline']:10.4g}"
         lines.append(line)
     if top and len(groups) > top:
         lines.append(f"... {len(groups) - top} more")
@@ -102,23 +113,28 @@ def format_table(groups, title: str = "", top: int | None = None) -> str:
 
 def groups_csv(groups) -> str:
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=("name", *NUMBERS), lineterminator="\n")
+    more = [k for k in ("joules", "joules_roofline") if groups and k in groups[0]]
+    w = csv.DictWriter(buf, fieldnames=("name", *NUMBERS, *more), lineterminator="\n")
     w.writeheader()
     w.writerows(groups)
     return buf.getvalue()
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    """Replace path with text whole (safeio.write_text): a full disk or a read-only folder is one
+    FileSystemError line naming the path, the old file stays, the temporary is removed."""
+    safeio.write_text(path, text)
 
 
-def save(out_dir, rows, steps: int, tokens: int) -> tuple[Path, Path]:
-    """<out_dir>/costs.json ({steps, tokens, conventions, records, totals}) and costs.csv."""
+def save(out_dir, rows, steps: int, tokens: int, ranks: int = 1) -> tuple[Path, Path]:
+    """<out_dir>/costs.json ({steps, tokens, conventions, records, totals}) and costs.csv.
+    ranks > 1 (data-parallel, minigpt.train.dist): rows and tokens are rank 0's share, and the
+    document says so with "ranks"."""
     out_dir = Path(out_dir)
     doc = {"steps": steps, "tokens": tokens, "conventions": CONVENTIONS,
            "records": [{k: r[k] for k in FIELDS} for r in rows], "totals": totals(rows)}
+    if ranks > 1:
+        doc["ranks"] = ranks
     jpath, cpath = out_dir / "costs.json", out_dir / "costs.csv"
     _atomic_write(jpath, json.dumps(doc, indent=1) + "\n")
     buf = io.StringIO()
@@ -141,6 +157,7 @@ def summary(rows, steps: int, tokens: int, peak_flops: float | None = None,
     and model FLOPs utilisation against a measured peak (when one is given)."""
     train_rows = [r for r in rows if r["phase"] in ("forward", "backward", "optimizer")]
     t = totals(train_rows)
+    comm = totals([r for r in rows if r["phase"] == "communication"]).get("communication")
     lines = [format_table(group(train_rows, "layer"),
                           title=f"cost per layer, training phases, {steps} steps, {tokens:,} tokens"),
              "",
@@ -152,6 +169,8 @@ def summary(rows, steps: int, tokens: int, peak_flops: float | None = None,
         rate = p["flops"] / p["seconds"] / 1e9 if p["seconds"] > 0 else 0.0
         lines.append(f"{phase:<10}  {si(p['flops']):>11}  {si(p['bytes_read'] + p['bytes_written'], 'B'):>10}"
                      f"  {p['seconds']:8.2f}  {rate:8.2f}")
+    if comm:
+        lines.extend(communication_lines(t["all"], comm))
     if steps:
         mm = sum(r["flops"] for r in train_rows if r["kind"] == "matmul")
         lines.append(f"matmul FLOPs per token: {mm / tokens:,.0f}  (all FLOPs per token: "
@@ -162,3 +181,17 @@ def summary(rows, steps: int, tokens: int, peak_flops: float | None = None,
                      f"{peak_flops / 1e9:,.1f} GFLOP/s {peak_source}".rstrip())
     lines.append(CONVENTIONS)
     return "\n".join(lines)
+
+
+def communication_lines(compute: dict, comm: dict) -> list[str]:
+    """Data-parallel runs: the allreduces' totals beside the compute phases'. Bytes are those each
+    rank sent and received (ring allreduce); the seconds include waiting for the slowest rank."""
+    total_s = compute["seconds"] + comm["seconds"]
+    share = 100 * comm["seconds"] / total_s if total_s > 0 else 0.0
+    sent, received = si(comm["bytes_read"], "B"), si(comm["bytes_written"], "B")
+    moved = si(comm["bytes_read"] + comm["bytes_written"], "B")
+    table_row = (f"{'communic.':<10}  {si(comm['flops']):>11}  {moved:>10}  {comm['seconds']:8.2f}"
+                 f"  (allreduce: {sent} sent + {received} received by this rank)")
+    share_line = (f"compute {compute['seconds']:.2f} s, communication {comm['seconds']:.2f} s: "
+                  f"{share:.1f}% of the step time went to the allreduces")
+    return [table_row, share_line]

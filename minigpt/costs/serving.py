@@ -12,6 +12,17 @@ A query is prompt_tokens of prefill and output_tokens of decode, `batch` queries
     prefill, per token    the same for a prompt of prompt_tokens, the weights read once
     Wh per query          (prompt × prefill s + output × decode s) × chips × W × PUE / 3600
 
+Energy per query has three bases, reported as wh_per_query_basis:
+
+    stated          [inference] wh_per_query (a published figure; the workload keys then optional)
+    compute-bound   [inference] mfu given: FLOPs per query / (peak × mfu) × W × PUE / 3600, FLOPs
+                    per query = 2 × active params × (prompt + output tokens) for a stated count,
+                    our closed form (prefill + decode forwards) for an architecture (Epoch AI's way)
+    roofline        otherwise: the bandwidth/compute roofline above (a lower bound)
+
+W is the chip's watts × power_fraction on its power basis (minigpt.costs.chips). Water and carbon per
+query follow from Wh (minigpt.costs.footprint.per_query): mL = IT Wh × WUE + Wh × EWIF.
+
 The decode context is the mean over the output: prompt_tokens + output_tokens / 2. The ceiling is
 1 / decode seconds per token, over all the batch's streams: at batch 1 the memory-bound speed of
 one stream. Beside it, the popular form: weights alone (no KV cache), batch × bandwidth / bytes.
@@ -19,15 +30,9 @@ Real serving is slower (kernels short of peak, idle chips): these are lower boun
 energy.
 """
 
-from minigpt.costs import energy, roofline
-from minigpt.costs.scaling import (
-    FLOOR_ENERGY_OF_PEAK,
-    Arch,
-    Chip,
-    forward_flops,
-    kv_bytes_per_token,
-    weights_read,
-)
+from minigpt.costs import energy, footprint, roofline
+from minigpt.costs.chips import FLOOR_ENERGY_OF_PEAK, Chip
+from minigpt.costs.scaling import Arch, forward_flops, kv_bytes_per_token, weights_read
 from minigpt.costs.scenario import Scenario
 from minigpt.errors import ConfigError
 
@@ -53,11 +58,38 @@ def _fit(weight_bytes: float, kv_bytes: float, chip: Chip, n: int) -> tuple[bool
                    f"(--set inference.chips={least}) or fewer bits")
 
 
+def _stated_only(scn: Scenario, s: energy.Settings) -> dict:
+    """A stated Wh per query with no model: energy, carbon and water per query, nothing else."""
+    get = scn.values["inference"].get
+    wh, qpd = get("wh_per_query"), get("queries_per_day")
+    return {"wh_per_query": wh, "wh_per_query_basis": "stated", "wh_per_query_is": "stated",
+            "wh_per_query_roofline": None, "wh_per_query_compute": None,
+            "gwh_per_year": wh * qpd * 365 / 1e9 if qpd is not None else None,
+            "inference_chips": get("chips"), "fits_in_memory": None, "fit_note": ""
+            } | footprint.per_query(wh, s)
+
+
+def _per_query_wh(scn: Scenario, chip: Chip, flops_q: float, wh_roofline: float,
+                  s: energy.Settings) -> tuple[float, str, float | None]:
+    """(Wh per query, its basis, the compute-bound Wh or None) by the rule in the docstring."""
+    mfu = scn.get("inference", "mfu")
+    compute = (flops_q / (chip.peak * mfu) * chip.watts * s.pue / 3600
+               if mfu is not None else None)  # chip-seconds × W × PUE, in Wh
+    stated = scn.get("inference", "wh_per_query")
+    if stated is not None:
+        return stated, "stated", compute
+    if compute is not None:
+        return compute, "compute-bound", compute
+    return wh_roofline, "roofline", compute
+
+
 def inference(scn: Scenario, a: Arch | None, params: float, active: float, chip: Chip,
               s: energy.Settings) -> dict:
     """The serving figures of scn's [inference] on chip, as a dict of the JSON keys."""
     get = scn.values["inference"].get
-    P, O = get("prompt_tokens"), get("output_tokens")
+    if params is None or get("output_tokens") is None:
+        return _stated_only(scn, s)
+    P, O = get("prompt_tokens", 0), get("output_tokens")
     b, wbits, kvbits, n = (get(k, DEFAULTS[k]) for k in DEFAULTS)  # batch, bits, bits, chips
     if chip.bandwidth is None:
         raise ConfigError(f"{scn.where('hardware')}: [hardware] memory_bandwidth: needed for "
@@ -77,8 +109,8 @@ def inference(scn: Scenario, a: Arch | None, params: float, active: float, chip:
         pre_bytes = pre_flops = prefill_s = 0.0
     query_s = P * prefill_s + O * decode_s  # chip-group seconds per query (share of a batch)
     wh_roofline = query_s * n * chip.watts * s.pue / 3600
-    stated = get("wh_per_query")
-    wh = stated if stated is not None else wh_roofline
+    flops_q = P * pre_flops + O * dec_flops if a else 2 * active * (P + O)  # FLOPs per query
+    wh, basis, wh_compute = _per_query_wh(scn, chip, flops_q, wh_roofline, s)
     qpd = get("queries_per_day")
     floor_j = ((P * pre_flops + O * dec_flops) * s.pj_per_flop[FLOOR_ENERGY_OF_PEAK[chip.dtype]]
                + (P * pre_bytes + O * dec_bytes) * s.pj_per_byte) * energy.PJ
@@ -90,10 +122,11 @@ def inference(scn: Scenario, a: Arch | None, params: float, active: float, chip:
         "prefill_s_per_token": prefill_s, "decode_s_per_token": decode_s,
         "decode_tokens_per_s_ceiling": 1 / decode_s,
         "weights_only_tokens_per_s": b * roofline.decode_ceiling(step_bytes, n * chip.bandwidth),
-        "wh_per_query": wh, "wh_per_query_is": "stated" if stated is not None else "roofline",
-        "wh_per_query_roofline": wh_roofline,
+        "flops_per_query": flops_q, "wh_per_query": wh, "wh_per_query_basis": basis,
+        "wh_per_query_is": basis, "wh_per_query_roofline": wh_roofline,
+        "wh_per_query_compute": wh_compute, "serving_mfu": get("mfu"),
         "gwh_per_year": wh * qpd * 365 / 1e9 if qpd is not None else None,
         "fits_in_memory": fits, "fit_note": fit_note,
         "inference_layers": {"measured": None, "roofline_wh_per_query": wh_roofline,
                              "floor_wh_per_query": floor_j / 3600},
-    }
+    } | footprint.per_query(wh, s)

@@ -2,22 +2,36 @@
 
 Arrays: "params" (the flat parameter buffer), and for training checkpoints "adam_m", "adam_v".
 "meta" is UTF-8 JSON stored as uint8: format, config, tokenizer, parameter layout, step, RNG
-states: everything resuming needs. Loading checks all of it and names what is wrong.
+states, and "sha256" (the hash of every array's bytes): everything resuming needs. Loading checks
+all of it and names what is wrong.
+
+Saving goes through safeio.atomic_write (temporary file, fsync, rename, fsync of the folder): a
+full disk, Ctrl-C or kill -9 at any moment leaves the previous checkpoint or the new one, whole.
+Loading reads each array's .npy header first and refuses what does not add up (a declared shape
+larger than the bytes present, object arrays, unexpected dtypes) before allocating anything, then
+checks the hashes: a flipped bit is reported by name and the checkpoint is not used. Checkpoints
+written before hashes existed load with a note on stderr (the zip's own CRC-32 still guards them).
 """
 
+import hashlib
 import json
 import math
-import os
+import sys
 import zipfile
 from pathlib import Path
 
 import numpy as np
+from numpy.lib import format as npy_format
 
+from minigpt import safeio
+from minigpt.costs import memory
 from minigpt.errors import CheckpointError
 
 FORMAT = "minigpt-checkpoint-v1"
 INT8_FORMAT = "minigpt-int8-v1"  # written by `minigpt quantize`: see save_int8
 FILENAME = "ckpt.npz"
+MAX_MEMBERS = 10_000  # our checkpoints hold a few hundred arrays at most
+DTYPE_KINDS = "biuf"  # bool, signed, unsigned, float: nothing else is ever written
 
 
 def resolve(path) -> Path:
@@ -26,19 +40,21 @@ def resolve(path) -> Path:
     return path / FILENAME if path.is_dir() else path
 
 
+def digest(a: np.ndarray) -> str:
+    """sha256 of an array's bytes in C order."""
+    return hashlib.sha256(np.ascontiguousarray(a).reshape(-1).view(np.uint8)).hexdigest()
+
+
 def save(path, meta: dict, arrays: dict, fmt: str = FORMAT) -> None:
     """Write arrays and meta to path through a temporary file and a rename: a crash mid-write
-    leaves the previous checkpoint whole."""
+    leaves the previous checkpoint whole. FileSystemError (one line) when the disk is full or the
+    folder cannot be written; the temporary file is removed."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"meta": np.frombuffer(json.dumps({"format": fmt, **meta}).encode(), dtype=np.uint8)}
+    arrays = {k: np.ascontiguousarray(a) for k, a in arrays.items()}
+    header = {"format": fmt, **meta, "sha256": {k: digest(a) for k, a in arrays.items()}}
+    payload = {"meta": np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)}
     payload.update(arrays)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.savez(f, **payload)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    safeio.atomic_write(path, lambda f: np.savez(f, **payload))
 
 
 def load(path) -> tuple[dict, dict]:
@@ -46,28 +62,126 @@ def load(path) -> tuple[dict, dict]:
     path = resolve(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such checkpoint")
-    if not zipfile.is_zipfile(path):
-        raise CheckpointError(f"{path}: not a minigpt checkpoint (not an .npz archive; truncated or foreign?)")
+    if not path.is_file():
+        raise CheckpointError(f"{path}: not a file")
     try:
-        with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-    except (zipfile.BadZipFile, EOFError, ValueError, OSError, KeyError) as e:
-        reason = "holds pickled objects" if "pickle" in str(e) else str(e).split("\n")[0]
-        raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt?): {reason}") from None
+        arrays = _read_arrays(path)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read: {safeio.reason(e)}") from None
     if "meta" not in arrays:
         raise CheckpointError(f"{path}: not a minigpt checkpoint (no 'meta' entry)")
     try:
         meta = json.loads(arrays.pop("meta").tobytes().decode())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: corrupt checkpoint header: {e}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise CheckpointError(f"{path}: corrupt checkpoint header: {str(e)[:100]}") from None
     if not isinstance(meta, dict) or meta.get("format") not in (FORMAT, INT8_FORMAT):
         found = meta.get("format") if isinstance(meta, dict) else None
-        raise CheckpointError(f"{path}: not a minigpt checkpoint (format {found!r})")
+        raise CheckpointError(f"{path}: not a minigpt checkpoint (format {str(found)[:60]!r})")
     if meta["format"] == INT8_FORMAT:
         _check_int8_arrays(path, meta, arrays)
     else:
         _check_arrays(path, meta, arrays)
+    _verify_hashes(path, meta, arrays)  # after the shapes, which name a wrong array more exactly
     return meta, arrays
+
+
+def _read_arrays(path: Path) -> dict:
+    """Every member of the .npz, each header checked against the bytes present before reading."""
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(f"{path}: not a minigpt checkpoint (not an .npz archive; truncated or foreign?)")
+    size = path.stat().st_size
+    arrays = {}
+    try:
+        with zipfile.ZipFile(path) as z:
+            members = z.infolist()
+            if len(members) > MAX_MEMBERS:
+                raise CheckpointError(f"{path}: {len(members)} entries; not a minigpt checkpoint")
+            _check_fits(path, sum(info.file_size for info in members))
+            for info in members:
+                name = info.filename.removesuffix(".npy")
+                if not info.filename.endswith(".npy") or name in arrays:
+                    raise CheckpointError(f"{path}: unexpected entry {info.filename[:80]!r}; not a minigpt checkpoint")
+                if info.compress_size > size or (info.compress_type == zipfile.ZIP_STORED
+                                                 and info.file_size != info.compress_size):
+                    raise CheckpointError(f"{path}: entry {name!r} declares more bytes than the file holds (truncated?)")
+                with z.open(info) as f:
+                    arrays[name] = _read_npy(path, name, f, info.file_size)
+    except CheckpointError:
+        raise
+    except MemoryError:
+        raise CheckpointError(f"{path}: too large to load into this machine's memory") from None
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, ValueError, NotImplementedError,
+            RuntimeError, UnicodeDecodeError, OverflowError, RecursionError, SyntaxError) as e:
+        msg = str(e).split("\n")[0][:160]
+        if "Bad CRC-32" in msg:
+            raise CheckpointError(f"{path}: corrupt checkpoint: {msg} (a changed or flipped bit); not used") from None
+        raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt?): {msg}") from None
+    return arrays
+
+
+def _check_fits(path, nbytes: int) -> None:
+    """Refuse, before reading, arrays that cannot fit in the memory available now."""
+    available, source = memory.available_bytes()
+    if available is not None and nbytes > available:
+        raise CheckpointError(f"{path}: its arrays take {memory.gib(nbytes)}, more than the "
+                              f"{memory.gib(available)} of memory available ({source})")
+
+
+def _read_npy(path, name, f, member_size: int) -> np.ndarray:
+    """One .npy member: header first; the data only if its declared size is what is present."""
+    try:
+        version = npy_format.read_magic(f)
+        if version == (1, 0):
+            shape, fortran, dtype = npy_format.read_array_header_1_0(f)
+        elif version in ((2, 0), (3, 0)):
+            shape, fortran, dtype = npy_format.read_array_header_2_0(f)
+        else:
+            raise CheckpointError(f"{path}: array {name!r}: unknown .npy version {version}")
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 - numpy's header parser raises many kinds (ValueError,
+        # SyntaxError, tokenize.TokenError, ...) on a damaged header: all mean the same here
+        reason = str(e).split("\n")[0][:100]
+        raise CheckpointError(f"{path}: array {name!r} has a corrupt .npy header ({type(e).__name__}: "
+                              f"{reason}); not used") from None
+    if dtype.hasobject:
+        raise CheckpointError(f"{path}: array {name!r} holds pickled objects; refused (never unpickled)")
+    if dtype.kind not in DTYPE_KINDS or dtype.fields is not None or dtype.subdtype is not None:
+        raise CheckpointError(f"{path}: array {name!r} has dtype {dtype}; a checkpoint holds numbers only")
+    declared = math.prod(shape) * dtype.itemsize
+    present = member_size - f.tell()
+    if declared != present:
+        raise CheckpointError(f"{path}: array {name!r} declares shape {shape} ({declared:,} bytes) but "
+                              f"holds {present:,} bytes; corrupt or truncated, not used")
+    buf = bytearray(declared)
+    if f.readinto(buf) != declared or f.read(1):
+        raise CheckpointError(f"{path}: array {name!r} is truncated")
+    a = np.frombuffer(buf, dtype=dtype)
+    return a.reshape(shape, order="F" if fortran else "C")
+
+
+_warned_unverified: set = set()
+
+
+def _verify_hashes(path, meta: dict, arrays: dict) -> None:
+    hashes = meta.get("sha256")
+    if hashes is None:
+        if str(path) not in _warned_unverified:
+            _warned_unverified.add(str(path))
+            print(f"note: {path} was written before checkpoints carried content hashes; its arrays "
+                  "are checked by the zip's CRC-32 only (resume and save to add hashes)", file=sys.stderr)
+        return
+    if not isinstance(hashes, dict):
+        raise CheckpointError(f"{path}: corrupt checkpoint header: 'sha256' is not a table")
+    for name, a in arrays.items():
+        if name not in hashes:
+            raise CheckpointError(f"{path}: array {name!r} has no recorded hash; not used")
+        if digest(a) != hashes[name]:
+            raise CheckpointError(f"{path}: array {name!r} is corrupt (its sha256 differs from the one "
+                                  "recorded when it was saved); not used")
+    missing = sorted(set(hashes) - set(arrays))
+    if missing:
+        raise CheckpointError(f"{path}: missing array {str(missing[0])[:80]!r} (the header lists it)")
 
 
 def _check_arrays(path, meta, arrays) -> None:

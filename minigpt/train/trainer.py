@@ -1,37 +1,51 @@
 """The training loop: batches -> forward -> backward -> clip -> AdamW, with evaluation, a JSON-lines
-log, atomic checkpoints, exact resumption, and a clean stop on Ctrl-C.
+log, atomic checkpoints, exact resumption, and a clean stop on Ctrl-C or SIGTERM.
+
+Faults (docs/reliability.md): a memory pre-flight before anything is allocated; one run per
+folder (train/runlock.py); every file written through minigpt.safeio; a non-finite loss or
+gradient stops the run before the update touches the weights, naming the first layer (in backward
+order) whose gradient went non-finite; resuming checks the corpus and tokenizer against the
+checkpoint's fingerprints.
 
 Each step runs under the meter's phases (forward, backward, optimizer); evaluation runs under
-"eval", so the training phases count training alone.
+"eval", so the training phases count training alone. Under `mpiexec -n N` (minigpt.train.dist)
+each rank takes its slice of every batch, the gradients and the loss are summed over the ranks
+before clipping (phase "communication"), and rank 0 alone evaluates, writes and prints.
 """
 
+import contextlib
 import json
 import math
-import os
 import signal
+import sys
+import threading
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from minigpt import backend
-from minigpt.costs import report
-from minigpt.data import check_length, get_batch, load_corpus
+from minigpt import backend, safeio
+from minigpt.costs import memory, report
+from minigpt.data import check_length, get_batch, load_corpus, make_tokenizer, read_splits
 from minigpt.errors import CheckpointError, ConfigError, MiniGPTError
 from minigpt.meter import METER
 from minigpt.nn.model import GPT
 from minigpt.nn.params import FlatBuffer, init
-from minigpt.tokenizer import ByteTokenizer
-from minigpt.train import checkpoint, moe_stats
+from minigpt.train import checkpoint, dist, moe_stats
+from minigpt.train.faults import describe_nonfinite, dict_differences, fingerprint
 from minigpt.train.optim import AdamW, clip_grad_norm, lr_at
+from minigpt.train.runlock import RunLock
 
 
-def accumulate(model, batches, n: int, rng=None, routings: list | None = None) -> float:
+def accumulate(model, batches, n: int, rng=None, ranks: int = 1,
+               routings: list | None = None) -> float:
     """Zero the gradients, then forward and backward over n micro-batches (an iterable of (x, y)),
     each loss weighted 1 / n, under the meter's forward and backward phases. Returns the mean loss
-    (cross-entropy; a MoE model's auxiliary loss is in the gradient, and each micro-batch's
-    routing is appended to `routings` when given)."""
+    (cross-entropy: a MoE model's auxiliary loss is in the gradient, and each micro-batch's routing
+    is appended to `routings` when given). With ranks > 1 the gradients are weighted
+    1 / (n * ranks), so their sum over the ranks is the global batch's mean gradient (the loss
+    returned is still this rank's mean)."""
     model.grads.data.fill(0)
     loss = 0.0
     for x, y in batches:
@@ -40,16 +54,22 @@ def accumulate(model, batches, n: int, rng=None, routings: list | None = None) -
         if routings is not None:
             routings.append(model.routing)
         with METER.in_phase("backward"):
-            model.backward(cache, dloss=1.0 / n)
+            model.backward(cache, dloss=1.0 / (n * ranks))
         loss += micro_loss / n
+        del cache  # before the next forward: one micro-batch's activations alive, not two
     return loss
 
 
 def update(model, opt, lr: float, grad_clip: float) -> None:
-    """Clip the gradients' global norm (grad_clip > 0) and take one AdamW step (phase optimizer)."""
+    """Clip the gradients' global norm (grad_clip > 0) and take one AdamW step (phase optimizer).
+    NonFiniteGradient, with the weights untouched, when a gradient is NaN or infinite."""
     with METER.in_phase("optimizer"):
         if grad_clip > 0:
-            clip_grad_norm(model.grads.data, grad_clip)
+            norm = clip_grad_norm(model.grads.data, grad_clip)
+        else:  # no clipping: the same check, unmetered (a guard, not model work)
+            norm = float(backend.xp.linalg.norm(model.grads.data))
+        if not math.isfinite(norm):
+            raise NonFiniteGradient(describe_nonfinite(model))
         opt.step(model.grads.data, lr)
 
 
@@ -61,7 +81,11 @@ def training_step(model, opt, batches, lr: float, grad_clip: float = 1.0, rng=No
 
 
 class TrainingDiverged(MiniGPTError):
-    """The loss became NaN or infinite; the last good checkpoint is kept."""
+    """The loss or a gradient became NaN or infinite; the last good checkpoint is kept."""
+
+
+class NonFiniteGradient(TrainingDiverged):
+    """A gradient is NaN or infinite although the loss is finite; raised before the update."""
 
 
 @dataclass
@@ -70,6 +94,7 @@ class RunState:
 
     step: int = 0
     tokens: int = 0
+    counted_tokens: int | None = None  # the tokens rank 0's meter counts cover (its share of them)
     elapsed_s: float = 0.0
     loss_sum: float = 0.0  # training losses since the last evaluation, for the log's train_loss
     loss_count: int = 0
@@ -93,30 +118,36 @@ class Result:
     train_loss: float
     out_dir: str
     interrupted: bool = False
+    val_bpb: float = float("nan")  # validation loss in bits per byte of text
 
 
 class Trainer:
-    def __init__(self, cfg, resume: bool = False, progress: bool = True, on_step=None):
+    def __init__(self, cfg, resume: bool = False, progress: bool = True, on_step=None,
+                 check_memory: bool = True):
         self.cfg = cfg
-        self.progress = progress
         self.on_step = on_step  # called as on_step(trainer) after every step
-        self._stop = False
+        self._stop = False  # this rank was asked to stop (Ctrl-C, request_stop)
+        self._agreed_stop = False  # some rank was, as of the last allreduce: every rank stops
+        self.world = dist.world(cfg.train.device)  # Single unless started by mpiexec -n N > 1
+        self.local_batch = dist.local_batch(cfg.train.batch_size, self.world.size)
+        self.progress = progress and self.world.rank == 0
+        self.stopped_by = ""  # "SIGINT" or "SIGTERM" once a signal asked the run to stop
         backend.use(cfg.train.device)
         backend.keep_freed_memory()
-        self.tokenizer = ByteTokenizer()
-        if cfg.model.vocab_size < self.tokenizer.vocab_size:
-            raise ConfigError(
-                f"[model] vocab_size = {cfg.model.vocab_size} is smaller than the byte tokenizer's 256"
-            )
-        self.corpus = load_corpus(cfg.data, self.tokenizer)
+        raw = read_splits(cfg.data)
+        self.tokenizer = make_tokenizer(cfg, raw, self.progress)
+        self.corpus = load_corpus(cfg.data, self.tokenizer, raw)
         check_length(self.corpus, cfg.model.block_size)
+        self.corpus_fingerprint = fingerprint(self.corpus)
+        if check_memory and cfg.train.device == "cpu":  # before the parameters are allocated
+            memory.preflight(cfg, batch=self.local_batch, processes=self.world.size)
         self.out_dir = cfg.out_dir
         self.ckpt_path = self.out_dir / checkpoint.FILENAME
         self.log_path = self.out_dir / "log.jsonl"
 
         t = cfg.train
         self.data_rng = np.random.default_rng(t.seed)
-        self.dropout_rng = np.random.default_rng(t.seed + 1)
+        self.dropout_rng = self._dropout_rng()
         val_rng = np.random.default_rng(t.seed + 2)  # fixed validation and train-eval batches
         self.val_batches = [
             get_batch(self.corpus.val, t.batch_size, cfg.model.block_size, val_rng)
@@ -148,17 +179,35 @@ class Trainer:
                     )
         if "adam_m" not in arrays:
             raise CheckpointError(f"{self.ckpt_path}: holds no optimizer state; cannot resume from it")
+        self._check_same_data(meta)
         dtype = self.model.params.data.dtype
         self.model.params.data[...] = backend.asarray(arrays["params"].astype(dtype))
         self.opt.m[...] = backend.asarray(arrays["adam_m"].astype(dtype))
         self.opt.v[...] = backend.asarray(arrays["adam_v"].astype(dtype))
         self.state = RunState(**meta["run"])
+        if self.state.counted_tokens is None:  # a checkpoint from before data parallelism
+            self.state.counted_tokens = self.state.tokens
         self.meter_rows = meta.get("meter", [])
         self.opt.t = self.state.step
         self.data_rng.bit_generator.state = self.state.data_rng
-        self.dropout_rng.bit_generator.state = self.state.dropout_rng
+        if self.world.rank == 0:
+            self.dropout_rng.bit_generator.state = self.state.dropout_rng
+        else:  # only rank 0's dropout stream is saved: the others restart theirs from the step
+            self.dropout_rng = self._dropout_rng(self.state.step)
+
+    def _dropout_rng(self, step: int = 0) -> np.random.Generator:
+        """Dropout masks: one process (and rank 0) draws from seed + 1, as always; rank r > 0 from
+        its own stream, seeded by (seed + 1, r, the step it starts at), so ranks draw independent
+        masks for their different sequences. (With dropout, N ranks therefore train on other masks
+        than one process does; with dropout = 0, the default, the runs agree to rounding.)"""
+        seed = self.cfg.train.seed + 1
+        if self.world.rank == 0:
+            return np.random.default_rng(seed)
+        return np.random.default_rng([seed, self.world.rank, step])
 
     def save(self) -> None:
+        if self.world.rank != 0:  # rank 0 writes for all: every rank holds the same weights
+            return
         self._start_log()
         s = self.state
         s.data_rng = self.data_rng.bit_generator.state
@@ -166,6 +215,7 @@ class Trainer:
         meta = {
             "config": self.cfg.to_dict(),
             "tokenizer": self.tokenizer.to_dict(),
+            "corpus": self.corpus_fingerprint,
             "layout": self.model.params.layout,
             "run": s.__dict__,
             "meter": report.rows_from_records(METER.records),
@@ -186,24 +236,55 @@ class Trainer:
         batches = (self._batch() for _ in range(t.grad_accum))  # drawn one at a time, as used
         routings = []
         with np.errstate(over="ignore", invalid="ignore"):  # a diverged loss is reported below
-            loss = accumulate(self.model, batches, t.grad_accum, drop_rng, routings)
+            loss = accumulate(self.model, batches, t.grad_accum, drop_rng, self.world.size, routings)
+        loss = self._sum_over_ranks(loss)
         if not math.isfinite(loss):
-            kept = (f"{self.ckpt_path} is unchanged" if self.ckpt_path.exists()
-                    else "no checkpoint was written")
             raise TrainingDiverged(
-                f"loss became {loss} at step {self.state.step + 1}; stopped ({kept}); "
-                f"try a lower [train] learning_rate"
+                f"loss became {loss} at step {self.state.step + 1} ({describe_nonfinite(self.model)}); "
+                f"stopped before the update ({self._kept()}); try a lower [train] learning_rate"
             )
-        update(self.model, self.opt, lr_at(self.state.step, t), t.grad_clip)
+        try:
+            with np.errstate(over="ignore", invalid="ignore"):
+                update(self.model, self.opt, lr_at(self.state.step, t), t.grad_clip)
+        except NonFiniteGradient as e:
+            raise NonFiniteGradient(
+                f"gradients went non-finite at step {self.state.step + 1} with a finite loss "
+                f"{loss:.4f} ({e}); stopped before the update ({self._kept()}); try a lower [train] "
+                f"learning_rate or grad_clip"
+            ) from None
         moe_stats.add_step(self.state, routings)
         self.state.step += 1
         self.state.tokens += t.grad_accum * t.batch_size * cfg.model.block_size
+        self.state.counted_tokens = (self.state.counted_tokens or 0) + (
+            t.grad_accum * self.local_batch * cfg.model.block_size)
         return loss
 
+    def _kept(self) -> str:
+        return f"{self.ckpt_path} is unchanged" if self.ckpt_path.exists() else "no checkpoint was written"
+
     def _batch(self):
+        """The global batch a single process would draw, and this rank's slice of it."""
         t, T = self.cfg.train, self.cfg.model.block_size
-        x, y = get_batch(self.corpus.train, t.batch_size, T, self.data_rng)
+        x, y = get_batch(self.corpus.train, t.batch_size, T, self.data_rng)  # (B, T) each
+        if self.world.size > 1:
+            mine = slice(self.world.rank * self.local_batch, (self.world.rank + 1) * self.local_batch)
+            x, y = x[mine], y[mine]  # (B / N, T)
         return backend.asarray(x), backend.asarray(y)
+
+    def _sum_over_ranks(self, loss: float) -> float:
+        """Sum the gradients over the ranks (one allreduce of the flat buffer), then the loss and
+        the stop flag (so a Ctrl-C on any rank stops every rank after this same step)."""
+        if self.world.size == 1:
+            return loss
+        self.world.sum_gradients(self.model.grads.data)
+        total = self.world.sum_scalars(np.array([loss / self.world.size, float(self._stop)]))
+        self._agreed_stop = bool(total[1] > 0)
+        self._stop = self._stop or self._agreed_stop
+        return float(total[0])
+
+    def _stopping(self) -> bool:
+        """One process stops when asked; ranks stop together, when the flag has gone round."""
+        return self._agreed_stop if self.world.size > 1 else self._stop
 
     def evaluate(self) -> float:
         """Mean loss over the fixed validation batches (phase "eval")."""
@@ -214,19 +295,26 @@ class Trainer:
                 losses.append(loss)
         return float(np.mean(losses))
 
+    def bits_per_byte(self, loss_nats_per_token: float) -> float:
+        """A loss per token as bits per byte of text (the validation split's bytes per token), so
+        runs with different tokenizers compare: nats/token x tokens / bytes / ln 2."""
+        return loss_nats_per_token / self.corpus.val_bytes_per_token / math.log(2)
+
     def _log(self, val_loss: float) -> dict:
+        if self.world.rank != 0:
+            return {}
         self._start_log()
         s = self.state
         entry = {
             "step": s.step,
             "train_loss": s.loss_sum / s.loss_count if s.loss_count else None,
             "val_loss": val_loss,
+            "val_bpb": self.bits_per_byte(val_loss),
             "lr": lr_at(max(s.step - 1, 0), self.cfg.train),
             "tokens": s.tokens,
             "elapsed_s": round(s.elapsed_s, 3),
         } | moe_stats.log_fields(s)
-        with open(self.log_path, "a") as f:
-            f.write(json.dumps(entry) + "\n")
+        safeio.append_line(self.log_path, json.dumps(entry))
         s.loss_sum, s.loss_count = 0.0, 0
         return entry
 
@@ -241,27 +329,49 @@ class Trainer:
             for line in self.log_path.read_text().splitlines():
                 if line.strip() and json.loads(line)["step"] <= self.state.step:
                     keep.append(line)
-        tmp = self.log_path.with_name(self.log_path.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in keep))
-        os.replace(tmp, self.log_path)
+        safeio.write_text(self.log_path, "".join(line + "\n" for line in keep))
 
     def request_stop(self) -> None:
         """Finish the current step, save a checkpoint and return (what Ctrl-C does)."""
         self._stop = True
 
     def run(self) -> Result:
+        """Train to max_steps (or a stop request), holding the folder's run lock throughout."""
+        # rank 0 writes for all ranks, so it alone holds the folder (ranks > 0 never write)
+        with RunLock(self.out_dir) if self.world.rank == 0 else contextlib.nullcontext():
+            handlers = self._install_signal_handlers()
+            try:
+                return self._run()
+            finally:
+                for signum, previous in handlers.items():
+                    signal.signal(signum, previous)
+
+    def _install_signal_handlers(self) -> dict:
+        """Ctrl-C (when we own the terminal's default handler) and SIGTERM (when nothing else
+        handles it): finish the step, save, stop. Returns {signal: previous handler}."""
+        installed = {}
+        if threading.current_thread() is not threading.main_thread():
+            return installed
+        wanted = [(signal.SIGINT, signal.default_int_handler)]
+        if hasattr(signal, "SIGTERM"):
+            wanted.append((signal.SIGTERM, signal.SIG_DFL))
+        for signum, default in wanted:
+            previous = signal.getsignal(signum)
+            if previous is default:
+                signal.signal(signum, self._on_signal)
+                installed[signum] = previous
+        return installed
+
+    def _run(self) -> Result:
         cfg, t = self.cfg, self.cfg.train
-        self.out_dir.mkdir(parents=True, exist_ok=True)
         METER.records = report.records_from_rows(self.meter_rows)  # the whole run's counts
         tokens_per_step = t.grad_accum * t.batch_size * cfg.model.block_size
-        entry = {"val_loss": float("nan"), "train_loss": float("nan")}
-        previous = signal.getsignal(signal.SIGINT)
-        if previous is signal.default_int_handler:  # only when we own the terminal's Ctrl-C
-            signal.signal(signal.SIGINT, self._on_sigint)
+        entry = {"val_loss": float("nan"), "train_loss": float("nan"), "val_bpb": float("nan")}
+        self._save_tokenizer()
         bar = tqdm(total=t.max_steps, initial=self.state.step, desc="train", unit="step",
                    disable=not self.progress, dynamic_ncols=True)
         try:
-            while self.state.step < t.max_steps and not self._stop:
+            while self.state.step < t.max_steps and not self._stopping():
                 t0 = time.perf_counter()
                 loss = self.train_step()
                 dt = time.perf_counter() - t0
@@ -270,7 +380,8 @@ class Trainer:
                 self.state.loss_count += 1
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_step / dt:,.0f}", refresh=False)
-                if self.state.step % cfg.eval.interval == 0 or self.state.step == t.max_steps:
+                at_eval = self.state.step % cfg.eval.interval == 0 or self.state.step == t.max_steps
+                if at_eval and self.world.rank == 0:  # the others go on to the next allreduce
                     entry = self._log(self.evaluate())
                     bar.write(f"step {entry['step']:5d}  train {entry['train_loss']:.4f}  "
                               f"val {entry['val_loss']:.4f}  lr {entry['lr']:.2e}")
@@ -279,19 +390,52 @@ class Trainer:
                     self.on_step(self)
             if self._stop:
                 self.save()
-            report.save(self.out_dir, report.rows_from_records(METER.records), self.state.step,
-                        self.state.tokens)
+            if self.world.rank == 0:
+                report.save(self.out_dir, report.rows_from_records(METER.records), self.state.step,
+                            self.state.counted_tokens or 0, ranks=self.world.size)
         finally:
             bar.close()
-            if previous is signal.default_int_handler:
-                signal.signal(signal.SIGINT, previous)
         s = self.state
         return Result(s.step, s.tokens, s.elapsed_s, entry["val_loss"], entry["train_loss"],
-                      str(self.out_dir), interrupted=self._stop)
+                      str(self.out_dir), interrupted=self._stop, val_bpb=entry["val_bpb"])
 
-    def _on_sigint(self, signum, frame):
-        if self._stop:  # a second Ctrl-C: stop now, without a checkpoint
+    def _save_tokenizer(self) -> None:
+        """A BPE run's vocab.json + merges.txt beside its checkpoint (the checkpoint's meta holds
+        them too, so generate needs nothing else)."""
+        if self.tokenizer.kind == "bpe" and self.world.rank == 0:
+            self.tokenizer.save(self.out_dir)
+
+    def _on_signal(self, signum, frame):
+        name = signal.Signals(signum).name
+        if self._stop:  # a second signal: stop now, without a checkpoint
             raise KeyboardInterrupt
         self._stop = True
-        tqdm.write("Ctrl-C: finishing this step and saving a checkpoint (Ctrl-C again to abort)")
+        self.stopped_by = name
+        what = "Ctrl-C" if name == "SIGINT" else name
+        tqdm.write(f"{what}: finishing this step and saving a checkpoint ({what} again to abort)",
+                   file=sys.stderr)
 
+    # --------------------------------------------------------------------------- same data
+
+    def _check_same_data(self, meta: dict) -> None:
+        """Resuming: the corpus and tokenizer must be the ones the checkpoint was trained on."""
+        where = f"--resume ({self.ckpt_path})"
+        saved_tok, now_tok = meta.get("tokenizer"), self.tokenizer.to_dict()
+        if saved_tok is not None and saved_tok != now_tok:
+            raise ConfigError(f"{where}: the tokenizer differs from the checkpoint's: "
+                              f"{'; '.join(dict_differences(saved_tok, now_tok))}")
+        saved = meta.get("corpus")
+        if saved is None:
+            print(f"note: {self.ckpt_path} predates corpus fingerprints; the corpus is not checked",
+                  file=sys.stderr)
+            return
+        if not isinstance(saved, dict):
+            raise CheckpointError(f"{self.ckpt_path}: corrupt corpus fingerprint in the header")
+        now = self.corpus_fingerprint
+        differs = [k for k in ("train_tokens", "val_tokens", "sha256") if saved.get(k) != now.get(k)]
+        if differs:
+            diffs = "; ".join(f"{k}: checkpoint {str(saved.get(k))[:16]}, now {str(now.get(k))[:16]}"
+                              for k in differs)
+            raise ConfigError(f"{where}: the corpus differs from the one the checkpoint was trained on "
+                              f"({diffs}; checkpoint read {saved.get('source')}, now "
+                              f"{now['source']}); resume with the same [data], or start a new run")

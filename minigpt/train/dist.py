@@ -1,0 +1,213 @@
+"""Data-parallel training over MPI: ranks, the batch split, one counted allreduce per step.
+
+`mpiexec -n N python train.py CONFIG` starts N copies of the trainer. Each copy (a rank) draws the
+same global batch with the same random generator a single process would use, and keeps its slice
+of batch_size / N sequences. After the backward pass, one allreduce sums the flat gradient buffer
+over the ranks (each rank's loss was already weighted 1 / N, so the sum is the global batch's mean
+gradient), and a second, two-number allreduce sums the loss and a stop flag (Ctrl-C on any rank
+stops all of them after the same step). Clipping and AdamW then run on identical gradients on
+every rank, so every rank holds identical weights. Rank 0 alone writes checkpoints, logs and
+reports and prints; the others are quiet.
+
+A plain run never imports mpi4py: the launcher is detected from its environment (PMI_SIZE from
+MPICH's and Intel MPI's hydra, OMPI_COMM_WORLD_SIZE from Open MPI, MV2_COMM_WORLD_SIZE from
+MVAPICH), and with one rank, or none of those, `world()` is the one-process `Single`, for which
+every collective is a no-op and nothing is counted.
+
+Counting (docs/costs.md): each allreduce is a meter record of kind "allreduce" in phase
+"communication", scope "dist", op "grad_sum" or "loss_sum". Its bytes are the ring algorithm's
+per-rank traffic, 2 (N - 1) / N x the buffer's bytes sent (bytes_read) and as many received
+(bytes_written); its FLOPs are the (N - 1) / N x elements additions each rank does in the ring's
+reduce-scatter half; its seconds are the host clock around the call, which includes any wait
+for the slowest rank. minigpt.costs.model.allreduce_bytes is the same formula, for the closed form
+and for `minigpt scale`. (MPI may pick another algorithm for small buffers; the count is the ring's
+by convention, as the bandwidth-optimal figure a large buffer approaches.)
+
+On a GPU (device = "cuda") the gradient allreduce goes through NCCL (cupy.cuda.nccl), with the
+communicator's id handed out over MPI; each rank uses GPU local_rank % device count.
+
+The gradients go in one allreduce after the whole backward pass, not in buckets overlapped with
+it: on the CPU, MPICH makes progress on a non-blocking allreduce only inside MPI calls (unless an
+asynchronous progress thread is configured), so overlap would need the backward pass to poll MPI
+between layers, and the flat buffer keeps a layer's matrices and vectors in separate regions, so a
+layer's gradients are not one contiguous bucket. One call also keeps the count simple: one record
+per step.
+"""
+
+import os
+import sys
+import time
+
+import numpy as np
+
+from minigpt import backend
+from minigpt.errors import ConfigError
+from minigpt.meter import METER
+
+# environment variables an MPI launcher sets to the number of ranks, and to this rank's number on
+# its node (the rank itself comes from MPI)
+SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+LOCAL_RANK_VARS = ("MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK", "MV2_COMM_WORLD_LOCAL_RANK")
+
+
+def launched_size() -> int:
+    """How many ranks the MPI launcher started, from its environment (1 when not under one)."""
+    for var in SIZE_VARS:
+        value = os.environ.get(var, "")
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    return 1
+
+
+class Single:
+    """The one-process world: every collective is a no-op, and nothing is counted."""
+
+    rank, size, local_rank = 0, 1, 0
+
+    def sum_gradients(self, g) -> None:
+        """Sum the flat gradient buffer g over the ranks, in place."""
+
+    def sum_scalars(self, values: np.ndarray) -> np.ndarray:
+        """Sum a few float64 numbers over the ranks."""
+        return values
+
+    def abort(self, code: int) -> None:
+        """Stop every rank (with one, there is nothing else to stop)."""
+
+
+class MPIWorld(Single):
+    """MPI.COMM_WORLD with counted, in-place sums."""
+
+    def __init__(self, size: int):
+        try:
+            from mpi4py import MPI
+        except ImportError:
+            raise ConfigError(
+                f"started by an MPI launcher with {size} ranks, but mpi4py is not installed: "
+                f"pip install -e \".[mpi]\"") from None
+        self.MPI, self.comm = MPI, MPI.COMM_WORLD
+        self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
+        self.local_rank = _env_int(LOCAL_RANK_VARS, self.rank)
+
+    def _allreduce(self, buf) -> None:
+        self.comm.Allreduce(self.MPI.IN_PLACE, buf, op=self.MPI.SUM)
+
+    def _counted(self, op: str, buf, reduce) -> None:
+        n, nbytes = int(buf.size), int(buf.nbytes)
+        t0 = METER.clock()
+        reduce(buf)
+        seconds = METER.clock() - t0
+        N = self.size
+        sent = 2 * (N - 1) * nbytes // N  # the ring's traffic (costs.model.allreduce_bytes predicts it)
+        if METER.enabled:
+            with METER.in_phase("communication"), METER.scope("dist"):
+                METER.add(op, "allreduce", buf.dtype, (N - 1) * n // N, sent, sent, seconds)
+
+    def sum_gradients(self, g) -> None:
+        self._counted("grad_sum", g, self._allreduce)
+
+    def sum_scalars(self, values: np.ndarray) -> np.ndarray:
+        values = np.ascontiguousarray(values, dtype=np.float64)
+        self._counted("loss_sum", values, self._allreduce)
+        return values
+
+    def abort(self, code: int) -> None:
+        self.comm.Abort(code)
+
+
+class NCCLWorld(MPIWorld):
+    """Gradients summed on the GPU by NCCL (CuPy); the two scalars still go over MPI."""
+
+    def __init__(self, size: int):
+        super().__init__(size)
+        backend.use("cuda")  # a one-line ConfigError where CuPy is missing
+        cp = backend.cupy()
+        try:
+            nccl = backend.nccl()
+        except ImportError as e:
+            raise ConfigError(f"device = \"cuda\" on {size} MPI ranks needs CuPy's NCCL "
+                              f"(cupy.cuda.nccl): {e}") from None
+
+        cp.cuda.Device(self.local_rank % cp.cuda.runtime.getDeviceCount()).use()
+        uid = np.zeros(128, dtype=np.int8)  # NCCL's unique id: 128 bytes (NCCL_UNIQUE_ID_BYTES)
+        if self.rank == 0:
+            uid[...] = np.array(nccl.get_unique_id(), dtype=np.int8)
+        self.comm.Bcast(uid, root=0)  # a plain buffer: nothing pickled crosses between ranks
+        uid = tuple(int(b) for b in uid)
+        self.nccl, self.cp = nccl, cp
+        self.nccl_comm = nccl.NcclCommunicator(self.size, uid, self.rank)
+        self.nccl_types = {"float32": nccl.NCCL_FLOAT32, "float64": nccl.NCCL_FLOAT64}
+
+    def _nccl_allreduce(self, buf) -> None:
+        stream = self.cp.cuda.get_current_stream()
+        self.nccl_comm.allReduce(buf.data.ptr, buf.data.ptr, buf.size, self.nccl_types[str(buf.dtype)],
+                                 self.nccl.NCCL_SUM, stream.ptr)
+        stream.synchronize()  # the optimizer reads the sum next; the meter times the transfer
+
+    def sum_gradients(self, g) -> None:
+        self._counted("grad_sum", g, self._nccl_allreduce)
+
+
+def _env_int(names, default: int) -> int:
+    for var in names:
+        value = os.environ.get(var, "")
+        if value.isdigit():
+            return int(value)
+    return default
+
+
+_WORLD: Single | None = None
+MESSAGE_BYTES = 1024  # a setup failure's line, as the ranks compare notes (longer ones are cut)
+
+
+def world(device: str = "cpu") -> Single:
+    """This process's world, made once: Single unless an MPI launcher started more than one rank.
+    On "cuda" the GPU is chosen by local rank and gradients go through NCCL."""
+    global _WORLD
+    if _WORLD is None or (device == "cuda" and type(_WORLD) is MPIWorld):
+        size = launched_size()
+        if size <= 1:
+            _WORLD = Single()
+        elif device == "cuda":
+            _WORLD = NCCLWorld(size)
+        else:
+            _WORLD = MPIWorld(size)
+    return _WORLD
+
+
+def local_batch(batch_size: int, ranks: int) -> int:
+    """Sequences per rank; a batch that does not split evenly is refused in one line."""
+    if batch_size % ranks:
+        raise ConfigError(f"[train] batch_size = {batch_size} does not split over {ranks} MPI ranks "
+                          f"(it must be a multiple of {ranks})")
+    return batch_size // ranks
+
+
+def first_failure(w: Single, failure: str | None) -> str | None:
+    """Every rank says whether its setup failed (a collective: all ranks must call it); returns
+    the first failure's line (tagged with its rank when not rank 0), or None if all went well."""
+    if w.size == 1:
+        return failure
+    mine = np.zeros(MESSAGE_BYTES, dtype=np.uint8)  # byte 0: failed?; then the line, UTF-8
+    if failure is not None:
+        text = failure.encode()[: MESSAGE_BYTES - 1]
+        mine[0] = 1
+        mine[1:1 + len(text)] = np.frombuffer(text, dtype=np.uint8)
+    every = np.zeros((w.size, MESSAGE_BYTES), dtype=np.uint8)
+    w.comm.Allgather(mine, every)  # plain buffers: nothing pickled crosses between ranks
+    for rank, row in enumerate(every):
+        if row[0]:
+            line = row[1:].tobytes().rstrip(b"\0").decode(errors="replace")
+            return line if rank == 0 else f"rank {rank}: {line}"
+    return None
+
+
+def fail(w: Single, message: str, code: int, say: bool = True) -> None:
+    """An error on one rank while training: print its line (rank-tagged when not rank 0) and abort
+    every rank, so none waits forever in a collective the failed one will never join."""
+    if w.size > 1:
+        if say:
+            print(message if w.rank == 0 else f"rank {w.rank}: {message}", file=sys.stderr,
+                  flush=True)
+        time.sleep(0.2)  # let the launcher forward the line before the abort tears the job down
+        w.abort(code)

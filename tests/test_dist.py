@@ -1,0 +1,277 @@
+"""Data-parallel training over MPI (minigpt.train.dist): the ring allreduce's closed form, the
+launcher detection, and, with mpi4py and mpiexec installed (the test extra has both), two real
+ranks: the same losses and weights as one process in float64, counted == predicted communication,
+resume on another number of ranks, and an error on one rank stopping both."""
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import ROOT, TINY, merge, write_toml
+
+from minigpt.costs import model as cost_model
+from minigpt.costs import report
+from minigpt.errors import ConfigError
+from minigpt.train import checkpoint, dist
+
+WORKER = Path(__file__).with_name("mpi_worker.py")
+# float64, so "equal to rounding" is a tight tolerance; two micro-batches a step; eval at the end
+RUN = merge(TINY, {"train": {"dtype": "float64", "max_steps": 4, "batch_size": 4, "grad_accum": 2},
+                   "eval": {"interval": 100, "batches": 1}})
+
+
+def ring_traffic(elements: int, ranks: int) -> list[tuple[int, int]]:
+    """Simulate a ring allreduce chunk by chunk: (elements sent, elements received) per rank."""
+    bounds = np.linspace(0, elements, ranks + 1).astype(int)
+    chunk = [int(bounds[i + 1] - bounds[i]) for i in range(ranks)]
+    sent, received = [0] * ranks, [0] * ranks
+    for _phase in ("reduce-scatter", "all-gather"):
+        for step in range(ranks - 1):
+            for r in range(ranks):  # rank r passes one chunk to rank r + 1
+                c = chunk[(r - step) % ranks]
+                sent[r] += c
+                received[(r + 1) % ranks] += c
+    return list(zip(sent, received))
+
+
+@pytest.mark.parametrize("ranks", [2, 3, 4, 8])
+def test_allreduce_bytes_is_the_ring_simulated(ranks):
+    elements = 840  # divisible by every N above: each chunk the same size
+    for sent, received in ring_traffic(elements, ranks):
+        assert sent * 4 == received * 4 == cost_model.allreduce_bytes(elements * 4, ranks)
+    assert cost_model.allreduce_bytes(float(elements * 4), ranks) == pytest.approx(
+        2 * (ranks - 1) / ranks * elements * 4)
+    assert cost_model.allreduce_bytes(100, 1) == 0
+
+
+def test_one_rank_predicts_no_communication():
+    cfg = merge(TINY, {})["model"]
+    from minigpt.config import ModelConfig
+
+    m = ModelConfig(**cfg)
+    one = cost_model.predict_training_step(m, 4, 16)
+    two = cost_model.predict_training_step(m, 2, 16, ranks=2)
+    assert not [k for k in one if k[3] == "communication"]
+    comm = {k: v for k, v in two.items() if k[3] == "communication"}
+    grad = comm["dist", "grad_sum", "allreduce", "communication", "float32"]
+    assert grad.bytes_read == grad.bytes_written == cost_model.n_params(m) * 4  # 2 (N-1)/N = 1
+
+
+def test_costs_predicts_one_ranks_step(capsys, tmp_path):
+    from minigpt import cli
+
+    cfg = write_toml(tmp_path / "c.toml", RUN)
+    assert cli.main(["costs", "--config", str(cfg), "--ranks", "2", "--format", "json"]) == 0
+    groups = {g["name"]: g for g in json.loads(capsys.readouterr().out)["groups"]}
+    from minigpt.config import ModelConfig
+
+    P = cost_model.n_params(ModelConfig(**RUN["model"]))
+    assert groups["dist"]["bytes_read"] == P * 4 + 2 * 8  # (costs predicts float32) + two scalars
+    assert cli.main(["costs", "--config", str(cfg), "--ranks", "3"]) == 2  # 4 does not split in 3
+    assert "does not split over 3 MPI ranks" in capsys.readouterr().err
+
+
+def test_the_launcher_is_found_by_its_environment(monkeypatch):
+    for var in dist.SIZE_VARS:
+        monkeypatch.delenv(var, raising=False)
+    assert dist.launched_size() == 1
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "4")
+    assert dist.launched_size() == 4
+    monkeypatch.setenv("PMI_SIZE", "2")
+    assert dist.launched_size() == 2
+
+
+def test_a_batch_that_does_not_split_is_refused():
+    assert dist.local_batch(8, 2) == 4
+    with pytest.raises(ConfigError, match=r"batch_size = 6 does not split over 4 MPI ranks"):
+        dist.local_batch(6, 4)
+
+
+def test_a_plain_run_does_not_import_mpi4py():
+    code = ("import sys; from minigpt.train import trainer, dist; from minigpt import cli; "
+            "assert isinstance(dist.world(), dist.Single); print('mpi4py' in sys.modules)")
+    env = {k: v for k, v in os.environ.items() if k not in dist.SIZE_VARS}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         cwd=ROOT, check=True)
+    assert out.stdout.strip() == "False"
+
+
+# --------------------------------------------------------------------------- two real ranks
+
+
+def _mpiexec() -> str | None:
+    beside = Path(sys.executable).with_name("mpiexec")
+    return str(beside) if beside.exists() else shutil.which("mpiexec")
+
+
+needs_mpi = pytest.mark.skipif(
+    importlib.util.find_spec("mpi4py") is None or _mpiexec() is None,
+    reason="mpi4py or mpiexec not installed (pip install -e '.[mpi]')")
+
+
+def _ranks(n: int, *args, timeout: float = 120) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([_mpiexec(), "-n", str(n), sys.executable, str(WORKER), *map(str, args)],
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=timeout,
+                          check=False)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict:
+    """The same float64 config trained by one process (in this one) and by two ranks."""
+    base = tmp_path_factory.mktemp("dist")
+    result = {}
+    for name in ("one", "two"):
+        out = base / name
+        out.mkdir()
+        cfg = write_toml(base / f"{name}.toml", merge(RUN, {"train": {"out_dir": str(out)}}))
+        result[name] = out
+    import mpi_worker
+
+    mpi_worker.train(str(base / "one.toml"), result["one"])
+    if _mpiexec() and importlib.util.find_spec("mpi4py"):
+        proc = _ranks(2, cfg, result["two"])
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    return result
+
+
+def _rank(out: Path, rank: int = 0) -> dict:
+    return json.loads((out / f"rank{rank}.json").read_text())
+
+
+@needs_mpi
+def test_two_ranks_train_as_one_process_does(runs):
+    one, two = _rank(runs["one"]), [_rank(runs["two"], i) for i in range(2)]
+    assert [t["size"] for t in two] == [2, 2]
+    assert two[0]["losses"] == two[1]["losses"]  # the summed loss, identical on both
+    np.testing.assert_allclose(two[0]["losses"], one["losses"], rtol=1e-12, atol=0)
+    w0, w1 = (np.load(runs["two"] / f"rank{i}.npy") for i in range(2))
+    np.testing.assert_array_equal(w0, w1)  # every rank holds the same weights
+    np.testing.assert_allclose(w0, np.load(runs["one"] / "rank0.npy"), rtol=1e-9, atol=1e-12)
+    log_one, log_two = ([json.loads(x) for x in (runs[n] / "log.jsonl").read_text().splitlines()]
+                        for n in ("one", "two"))
+    assert [e["step"] for e in log_two] == [e["step"] for e in log_one] == [4]
+    assert log_two[0]["val_loss"] == pytest.approx(log_one[0]["val_loss"], rel=1e-12)
+    assert json.loads((runs["two"] / "costs.json").read_text())["ranks"] == 2
+
+
+@needs_mpi
+def test_counted_communication_equals_predicted(runs):
+    from minigpt.config import ModelConfig
+
+    m = ModelConfig(**RUN["model"])
+    steps, batch = RUN["train"]["max_steps"], RUN["train"]["batch_size"]
+    step = cost_model.predict_training_step(m, batch // 2, grad_accum=2, dtype="float64", ranks=2)
+    for rank in (0, 1):
+        rows = _rank(runs["two"], rank)["rows"]
+        measured = {(x["scope"], x["op"], x["kind"], x["phase"], x["dtype"]): x for x in rows
+                    if x["phase"] != "eval"}
+        assert measured.keys() == step.keys()
+        for key, p in step.items():
+            got = measured[key]
+            assert (got["calls"], got["flops"], got["bytes_read"], got["bytes_written"]) == (
+                steps * p.calls, steps * p.flops, steps * p.bytes_read, steps * p.bytes_written), key
+        comm = report.totals([x for x in rows if x["phase"] == "communication"])["communication"]
+        # by hand: with N = 2 each rank sends 2 (N-1)/N = all of the float64 gradients, and the
+        # two float64 scalars, every step
+        assert comm["bytes_read"] == comm["bytes_written"] == steps * (cost_model.n_params(m) + 2) * 8
+        assert comm["seconds"] > 0
+
+
+@needs_mpi
+def test_resume_on_another_number_of_ranks(tmp_path, runs):
+    cfg = write_toml(tmp_path / "c.toml", merge(RUN, {"train": {"out_dir": str(tmp_path)}}))
+    import mpi_worker
+
+    mpi_worker.train(str(cfg), tmp_path, stop_at=2)  # one process: steps 1-2, then a checkpoint
+    proc = _ranks(2, cfg, tmp_path, "--resume")  # two ranks: steps 3-4
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    reference = _rank(runs["one"])["losses"]
+    np.testing.assert_allclose(_rank(tmp_path)["losses"], reference[2:], rtol=1e-12, atol=0)
+    w_resumed, w_one = np.load(tmp_path / "rank0.npy"), np.load(runs["one"] / "rank0.npy")
+    np.testing.assert_allclose(w_resumed, w_one, rtol=1e-9, atol=1e-12)
+    # the report's counts: two whole-batch steps, then two of rank 0's half, and its tokens to match
+    from minigpt.config import ModelConfig
+
+    m, T, accum = ModelConfig(**RUN["model"]), RUN["model"]["block_size"], 2
+    one = cost_model.predict_training_step(m, 4, grad_accum=accum, dtype="float64")
+    half = cost_model.predict_training_step(m, 2, grad_accum=accum, dtype="float64", ranks=2)
+    doc = json.loads((tmp_path / "costs.json").read_text())
+    assert doc["tokens"] == 2 * accum * 4 * T + 2 * accum * 2 * T and doc["ranks"] == 2
+    flops = {(r["scope"], r["op"], r["phase"]): r["flops"] for r in doc["records"]}
+    for key in one:
+        if key[3] != "eval":
+            want = 2 * one[key].flops + 2 * half[key].flops
+            assert flops[key[0], key[1], key[3]] == want, key
+
+
+@needs_mpi
+def test_a_stop_on_one_rank_stops_every_rank_after_the_same_step(tmp_path):
+    # with dropout: each rank draws its own masks, and the weights must still agree
+    cfg = write_toml(tmp_path / "c.toml", merge(RUN, {"train": {"out_dir": str(tmp_path)},
+                                                      "model": {"dropout": 0.1}}))
+    proc = _ranks(2, cfg, tmp_path, "--stop-at", 2, "--stop-rank", 1, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    # rank 1 asked after step 2's allreduce; the flag goes round with step 3's: both stop there
+    assert [len(_rank(tmp_path, r)["losses"]) for r in (0, 1)] == [3, 3]
+    meta, _ = checkpoint.load(tmp_path / checkpoint.FILENAME)  # rank 0 saved the stop
+    assert meta["run"]["step"] == 3
+    np.testing.assert_array_equal(np.load(tmp_path / "rank0.npy"), np.load(tmp_path / "rank1.npy"))
+
+
+@needs_mpi
+def test_the_command_prints_once_with_compute_and_communication_side_by_side(tmp_path):
+    cfg = write_toml(tmp_path / "c.toml", merge(RUN, {"train": {"out_dir": str(tmp_path)}}))
+    proc = _ranks(2, "--fail-rank", 9, cfg, "--no-progress", timeout=60)  # no rank fails
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count("done: 4 steps") == 1
+    assert "communic." in proc.stdout and "went to the allreduces" in proc.stdout
+    assert "data parallel over 2 MPI ranks" in proc.stdout
+    assert proc.stderr.count("corpus:") == 1  # rank 1 is quiet
+
+
+@needs_mpi
+def test_an_error_on_one_rank_stops_every_rank(tmp_path, runs):
+    cfg = write_toml(tmp_path / "c.toml", merge(RUN, {"train": {"out_dir": str(tmp_path)}}))
+    proc = _ranks(2, "--fail-rank", 1, cfg, "--no-progress", timeout=60)
+    assert proc.returncode != 0
+    assert "rank 1: error: a failure injected on rank 1" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    odd = write_toml(tmp_path / "odd.toml", merge(RUN, {"train": {"batch_size": 3}}))
+    proc = _ranks(2, "--fail-rank", 9, odd, timeout=60)  # a setup error: the same on both ranks
+    assert proc.returncode == 2
+    assert proc.stderr.count("batch_size = 3 does not split over 2 MPI ranks") == 1, proc.stderr
+
+
+def _gpus() -> int:
+    try:
+        import cupy
+
+        return cupy.cuda.runtime.getDeviceCount()
+    except Exception:  # noqa: BLE001 - no CuPy, no driver, no device: no GPU test
+        return 0
+
+
+@needs_mpi
+@pytest.mark.skipif(_gpus() < 2, reason="NCCL over two ranks needs CuPy and two NVIDIA GPUs")
+def test_two_gpu_ranks_through_nccl_train_as_one_gpu_does(tmp_path):
+    gpu = merge(RUN, {"train": {"device": "cuda", "out_dir": str(tmp_path / "two")}})
+    one = merge(gpu, {"train": {"out_dir": str(tmp_path / "one")}})
+    import mpi_worker
+
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    mpi_worker.train(str(write_toml(tmp_path / "one.toml", one)), tmp_path / "one")
+    proc = _ranks(2, write_toml(tmp_path / "two.toml", gpu), tmp_path / "two")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    np.testing.assert_allclose(_rank(tmp_path / "two")["losses"], _rank(tmp_path / "one")["losses"],
+                               rtol=1e-12, atol=0)
+    grad = [r for r in _rank(tmp_path / "two")["rows"] if r["op"] == "grad_sum"]
+    assert grad and grad[0]["calls"] == RUN["train"]["max_steps"]
