@@ -4,7 +4,8 @@ A batch-1 decode step is a chain of matrix-vector products: each reads its weigh
 bound by memory, not arithmetic. OpenBLAS splits each product across its threads and wakes them
 per call; on a machine whose other cores are busy, that wake-up costs a scheduler slice (we
 measured about 10-20 ms per call with 2 threads on our shared 2-core machine, against 0.1-0.3 ms
-single-threaded), more than the whole product. `with blas.threads(1):` runs a block on one thread.
+single-threaded), more than the whole product; on a quiet machine two threads read about twice
+as fast as one. `with blas.threads(1):` runs a block on one thread (bench/decode.py measures both).
 
 NumPy does not expose the setting; OpenBLAS does, as a C function of the library NumPy loaded,
 found here through /proc/self/maps (Linux). Where it cannot be found (another BLAS, another OS)

@@ -21,10 +21,12 @@ try:
 except ImportError:  # Windows
     resource = None
 
-# (n_layer, n_embd, n_head, block_size, batch, vocab, dropout): each needs 75-130 MiB, well
-# above the baseline's noise, in under a second of CPU: narrow models with many tokens.
+# (n_layer, n_embd, n_head, block_size, batch, vocab, dropout[, n_experts, experts_per_token]):
+# each needs 75-130 MiB, well above the baseline's noise, in under a second of CPU: narrow models
+# with many tokens; the last, mixtures of experts (top-2 of 4 in every block, dropless).
 SHAPES = [(1, 64, 2, 64, 128, 256, 0.0), (3, 48, 2, 256, 16, 256, 0.0),
-          (2, 32, 2, 128, 64, 256, 0.1), (1, 32, 2, 64, 256, 512, 0.0)]
+          (2, 32, 2, 128, 64, 256, 0.1), (1, 32, 2, 64, 256, 512, 0.0),
+          (2, 64, 2, 64, 128, 256, 0.0, 4, 2)]
 
 
 @pytest.mark.skipif(resource is None, reason="needs resource.getrusage (POSIX)")

@@ -14,8 +14,8 @@ AdamW moments):
                                 attention's (B, H, T, T) gradient, ...)
 
 with N = B T tokens of a micro-batch. Each piece is a function of the config, so a new kind of
-layer (a mixture of experts, say) adds its own activation and temporary terms in one place:
-block_activations and backward_temporaries. measured_peak runs a real training step in a fresh
+layer adds its own activation and temporary terms in one place, as the mixture of experts does
+(moe_block_activations). measured_peak runs a real training step in a fresh
 interpreter and reports its peak resident set: tests/test_memory.py and bench/memory.py compare.
 
 preflight() compares the total with the memory this machine has available now (Linux
@@ -60,13 +60,32 @@ def block_activations(m, B: int, T: int) -> dict[str, int]:
     return acts
 
 
+def moe_block_activations(m, B: int, T: int) -> dict[str, int]:
+    """A mixture-of-experts block's (nn/moe.py), in elements: its MLP is replaced by the router's
+    probabilities and choices, and per routed assignment the expert's gathered input, its MLP
+    cache and its output (dropless: every token's experts_per_token assignments; a capacity
+    factor only lowers this, so the estimate stays on the safe side)."""
+    acts = block_activations(m, B, T)
+    del acts["mlp (c_fc output, tanh, gelu output)"]
+    C, E, k, N = m.n_embd, m.n_experts, m.experts_per_token, B * T
+    ids = 2  # an int64 id takes two float32 slots
+    acts["router (probabilities, choices, gates)"] = N * E + N * k * (ids + 1) + N
+    acts["experts (gathered inputs, MLP caches, outputs)"] = k * N * (14 * C + 2 * ids + 1)
+    return acts
+
+
 def model_activations(m, B: int, T: int) -> dict[str, int]:
     """Elements the whole model keeps for its backward (per micro-batch), by part."""
     C, V, N = m.n_embd, m.vocab_size, B * T
-    per_block = sum(block_activations(m, B, T).values())
-    acts = {f"{m.n_layer} blocks": m.n_layer * per_block,
-            "ln_f (normalized x, 1/std, output)": 2 * N * C + N,
-            "loss probabilities (N x V)": N * V}
+    moe = sum(config.is_moe_block(m, i) for i in range(m.n_layer))
+    dense = m.n_layer - moe
+    acts = {f"{dense} dense blocks" if moe else f"{m.n_layer} blocks":
+            dense * sum(block_activations(m, B, T).values())}
+    if moe:
+        acts[f"{moe} MoE blocks"] = moe * sum(moe_block_activations(m, B, T).values())
+    acts |= {
+        "ln_f (normalized x, 1/std, output)": 2 * N * C + N,
+        "loss probabilities (N x V)": N * V}
     if m.dropout > 0:
         acts["embedding dropout mask"] = N * C
     return acts
@@ -192,8 +211,10 @@ _PROBE = textwrap.dedent("""
     from minigpt.train.trainer import training_step
     L, C, H, T, B, V = map(int, sys.argv[1:7])
     drop = float(sys.argv[7])
+    E, K = map(int, sys.argv[8:10])
     m = config.Config().model
     m.n_layer, m.n_embd, m.n_head, m.block_size, m.vocab_size, m.dropout = L, C, H, T, V, drop
+    m.n_experts, m.experts_per_token = E, K
     backend.keep_freed_memory()  # as the trainer does
     rng = np.random.default_rng(0)
     model = GPT(m, init(m, rng))
@@ -215,19 +236,22 @@ BASELINE_SHAPE = (1, 8, 2, 8, 1, 256, 0.0)  # what the interpreter, numpy and BL
 
 
 def step_estimate(n_layer: int, n_embd: int, n_head: int, block_size: int, batch: int,
-                  vocab_size: int, dropout: float = 0.0) -> int:
+                  vocab_size: int, dropout: float = 0.0, n_experts: int = 1,
+                  experts_per_token: int = 1) -> int:
     """The estimate for what measured_peak runs (the same arguments): a float32 training step,
     without the trainer's token batches (the probe holds no evaluation batches)."""
     cfg = config.Config()
     m = cfg.model
     m.n_layer, m.n_embd, m.n_head, m.block_size, m.vocab_size, m.dropout = (
         n_layer, n_embd, n_head, block_size, vocab_size, dropout)
+    m.n_experts, m.experts_per_token = n_experts, experts_per_token
     cfg.train.batch_size = batch
     return sum(i.nbytes for i in training_estimate(cfg) if i.name != "token batches")
 
 
 def measured_peak(n_layer: int, n_embd: int, n_head: int, block_size: int, batch: int,
-                  vocab_size: int, dropout: float = 0.0) -> int:
+                  vocab_size: int, dropout: float = 0.0, n_experts: int = 1,
+                  experts_per_token: int = 1) -> int:
     """Peak resident set (bytes) of a fresh interpreter that runs one float32 training step at
     this shape, after AdamW's moments are resident (as after a first step). Subtract
     measured_peak(*BASELINE_SHAPE) to leave the training step's own memory. POSIX only.
@@ -236,7 +260,8 @@ def measured_peak(n_layer: int, n_embd: int, n_head: int, block_size: int, batch
     ru_maxrss across fork and exec, so a child started by a big process (a test runner holding a
     few hundred MB) reports at least its parent's peak. VmHWM belongs to the child's own memory.
     Elsewhere (macOS) ru_maxrss is what there is."""
-    shape = (n_layer, n_embd, n_head, block_size, batch, vocab_size, dropout)
+    shape = (n_layer, n_embd, n_head, block_size, batch, vocab_size, dropout, n_experts,
+             experts_per_token)
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
     r = subprocess.run([sys.executable, "-c", _PROBE, *map(str, shape)], capture_output=True,

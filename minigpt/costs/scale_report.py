@@ -108,8 +108,9 @@ def estimate(scn: Scenario) -> dict:
         notes.append(f"n_head × d_head = {a.n_head * m['d_head']} ≠ n_embd = {a.n_embd}: our "
                      f"blocks split n_embd across the heads, so attention is counted at n_embd")
     if a and a.n_experts > 1:
-        notes.append("mixture of experts: scaling only (our NumPy model has none); decode reads "
-                     "every expert some token of the batch picks, under uniform routing")
+        notes.append("mixture of experts: counted by the closed form that predicts our trained "
+                     "MoE (nn/moe.py) exactly, here under balanced routing; decode reads every "
+                     "expert some token of the batch picks, under uniform routing")
     machine = this_machine(out.get("train_flops_used"))
     out["this_machine"] = machine
     here = (f"this machine's float32 matmul: {machine['flops_per_s'] / 1e9:,.1f} GFLOP/s "

@@ -5,7 +5,8 @@ Published estimates state their inputs in different terms; a scenario takes each
     name = "gpt3-175b"            # optional; description = "..." too
     [model]      n_layer, n_embd, n_head, block_size, vocab_size   (an architecture), and/or
                  params (a stated parameter count), active_params; d_head (shown, not used);
-                 n_experts, experts_per_token (mixture of experts: scaling only).
+                 n_experts, experts_per_token, moe_every (mixture of experts: the same
+                 closed form as the trained MoE of minigpt/nn/moe.py, under balanced routing).
                  Optional for training: [training] flops alone is enough
     [training]   the work, in any of these terms:
                  flops                    a published total (used instead of the computed one)
@@ -69,6 +70,7 @@ DURATIONS = (("training", "chip_hours"), ("training", "days"))
 SCHEMA: dict[str, dict[str, tuple[str, str]]] = {
     "model": {**{k: ("int", ">0") for k in ARCH}, "d_head": ("int", ">0"),
               "n_experts": ("int", ">0"), "experts_per_token": ("int", ">0"),
+              "moe_every": ("int", ">0"),
               "params": ("num", ">0"), "active_params": ("num", ">0")},
     "training": {"tokens": ("num", ">0"), "flops": ("num", ">0"), "chip_hours": ("num", ">0"),
                  "days": ("num", ">0"),
