@@ -1,0 +1,185 @@
+"""`minigpt generate` (generate.py): text from a run, streamed as it is sampled; with --costs, the
+prefill's and the decode steps' FLOPs, bytes and energy. Also the --int8 options eval shares."""
+
+import argparse
+import sys
+from pathlib import Path
+
+from minigpt.cli.common import Parser
+from minigpt.cli.training import energy_arguments, hardware_for
+from minigpt.errors import ConfigError
+
+
+def _generate_parser(prog="minigpt generate") -> argparse.ArgumentParser:
+    p = Parser(
+        prog=prog,
+        description="Write text with a trained model, streaming it as it is sampled (KV-cached).",
+        epilog='example: python generate.py out/tiny --prompt "def " --max-new-tokens 300 '
+        "--temperature 0.8 --top-k 50 --top-p 0.95 --seed 1",
+    )
+    p.add_argument("run", help="a run folder (out/tiny) or a checkpoint file")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--prompt", default=None, help="the text to continue (default: a newline)")
+    src.add_argument("--prompt-file", default=None, help="read the prompt from this file")
+    src.add_argument("--prompt-ids", default=None, metavar="ID,ID,...",
+                     help="the prompt as token ids (for a run with no tokenizer)")
+    p.add_argument("--max-new-tokens", type=int, default=300, help="tokens to generate (default 300)")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest tokens")
+    p.add_argument("--top-p", type=float, default=None, help="sample within this probability mass")
+    p.add_argument("--seed", type=int, default=None, help="random seed, for repeatable samples")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where to run (default cpu)")
+    p.add_argument("--costs", action="store_true",
+                   help="after the text, print the prefill's and each decode step's FLOPs and bytes, "
+                   "and the energy, split into prefill and decode (J/token each)")
+    p.add_argument("--energy-json", default=None, metavar="PATH",
+                   help="with --costs: also write the generation's energy (energy.json's schema plus "
+                   "phases) to PATH")
+    int8_arguments(p)
+    energy_arguments(p)
+    return p
+
+
+def int8_arguments(p, mode_flag="--int8") -> None:
+    p.add_argument(mode_flag, dest="int8", choices=("w8a32", "w8a8"), default=None,
+                   help="quantize on load: w8a32 = int8 weights, w8a8 = int8 weights and activations")
+    p.add_argument("--int8-embedding", action="store_true", help="also read the token embedding from int8")
+    p.add_argument("--kv-int8", action="store_true", help="keep the KV cache in int8")
+    p.add_argument("--outlier-threshold", type=float, default=None,
+                   help="w8a8: multiply feature dimensions with any |x| above this in float (LLM.int8()-like)")
+
+
+def apply_int8(model, args) -> None:
+    if args.outlier_threshold is not None and args.outlier_threshold <= 0:
+        raise ConfigError(f"--outlier-threshold must be > 0, got {args.outlier_threshold}")
+    if args.int8 is None:
+        if args.int8_embedding or args.kv_int8 or args.outlier_threshold is not None:
+            raise ConfigError("--int8-embedding, --kv-int8 and --outlier-threshold need --int8 MODE")
+        return
+    model.quantize(args.int8, args.int8_embedding, args.kv_int8, args.outlier_threshold)
+
+
+def cmd_generate(argv) -> int:
+    import minigpt
+
+    args = _generate_parser().parse_args(argv)
+    if args.max_new_tokens < 0:
+        raise ConfigError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    if args.temperature < 0:
+        raise ConfigError(f"--temperature must be >= 0, got {args.temperature}")
+    if args.top_k is not None and args.top_k < 1:
+        raise ConfigError(f"--top-k must be >= 1, got {args.top_k}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise ConfigError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.energy_json is not None:
+        if not args.costs:
+            raise ConfigError("--energy-json needs --costs")
+        if not Path(args.energy_json).parent.is_dir():
+            raise ConfigError(f"--energy-json {args.energy_json}: no folder "
+                              f"{Path(args.energy_json).parent}")
+    if args.prompt_file is not None:
+        try:
+            with open(args.prompt_file, "rb") as f:
+                prompt = f.read()
+        except OSError as e:
+            raise ConfigError(f"--prompt-file {args.prompt_file}: cannot read: {e.strerror or e}") from None
+    else:
+        prompt = args.prompt if args.prompt is not None else "\n"
+    model = minigpt.load(args.run, device=args.device)
+    apply_int8(model, args)
+    ids = _prompt_ids(args.prompt_ids, model) if args.prompt_ids else model.tokenizer.encode(prompt)
+    if len(ids) == 0:
+        raise ConfigError("the prompt is empty: give --prompt TEXT or a non-empty --prompt-file")
+    block = model.config.model.block_size
+    if len(ids) > block:
+        print(f"note: the prompt has {len(ids)} tokens; keeping its last {block} (the context length)",
+              file=sys.stderr)
+        ids = ids[-block:]
+    out = sys.stdout
+    out.write(model.tokenizer.decode(ids))
+    decode = model.tokenizer.stream_decoder()
+
+    def emit(token):
+        out.write(decode([token]))
+        out.flush()
+
+    from minigpt.costs import power
+    from minigpt.meter import METER
+
+    METER.reset()
+    with power.measure() as measured:
+        model.generate(ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed, emit)
+    out.write(decode([], final=True) + "\n")
+    if args.costs:
+        _print_generation_costs(len(ids), args.max_new_tokens, measured, args)
+    return 0
+
+
+def _prompt_ids(text: str, model) -> list[int]:
+    try:
+        ids = [int(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise ConfigError(f"--prompt-ids {text!r}: expected comma-separated integers") from None
+    V = model.config.model.vocab_size
+    bad = [i for i in ids if not 0 <= i < V]
+    if bad:
+        raise ConfigError(f"--prompt-ids: {bad[0]} is not a token id of this model (0..{V - 1})")
+    return ids
+
+
+def _print_generation_costs(prompt_tokens: int, new_tokens: int, measured, args) -> None:
+    from minigpt.costs import energy, report
+    from minigpt.meter import METER
+
+    rows = report.rows_from_records(METER.records)
+    t = report.totals(rows)
+    print(f"\ncosts: prompt of {prompt_tokens} tokens, {new_tokens} new tokens (batch 1, KV cache)")
+    print(f"{'phase':<8}  {'calls':>6}  {'FLOPs':>11}  {'bytes':>10}  {'seconds':>8}  per token")
+    decode_steps = max(1, new_tokens - 1)  # the first new token comes from the prefill's logits
+    for phase in ("prefill", "decode"):
+        if phase not in t:
+            continue
+        p = t[phase]
+        nbytes = p["bytes_read"] + p["bytes_written"]
+        per = (f"{report.si(p['flops'] / decode_steps)}FLOP, {report.si(nbytes / decode_steps, 'B')}"
+               if phase == "decode" else "")
+        calls = sum(r["calls"] for r in rows if r["phase"] == phase and r["scope"] == "embedding")
+        print(f"{phase:<8}  {calls:>6}  {report.si(p['flops']):>11}  {report.si(nbytes, 'B'):>10}  "
+              f"{p['seconds']:8.3f}  {per}")
+    if "decode" in t:
+        d = t["decode"]
+        print(f"bytes per generated token: {report.si((d['bytes_read'] + d['bytes_written']) / decode_steps, 'B')}"
+              f"; decode speed here: {decode_steps / d['seconds']:,.0f} tokens/s (metered seconds)"
+              if d["seconds"] > 0 else "")
+    print(report.CONVENTIONS)
+    print()
+    hw, on_cpu = hardware_for(args, args.device), args.device == "cpu"
+    print("\n".join(energy.report_lines(rows, measured.seconds, hw, measured=measured,
+                                       watts=args.watts, tokens=new_tokens, estimate=on_cpu)))
+    _print_generation_energy(rows, measured, args, prompt_tokens, decode_steps, new_tokens)
+
+
+def _print_generation_energy(rows, measured, args, prompt_tokens, decode_steps, new_tokens) -> None:
+    """Prefill and decode joules (metered seconds x power x PUE) and J/token; --energy-json."""
+    from minigpt.costs import run_energy
+
+    hw, on_cpu = hardware_for(args, args.device), args.device == "cpu"
+    doc = run_energy.build(rows, measured.seconds, hw, measured, args.watts, new_tokens,
+                           estimate=on_cpu)
+    run_energy.add_phases(doc, rows, {"prefill": prompt_tokens,
+                                      "decode": decode_steps if new_tokens > 1 else 0})
+    print(f"energy by phase ({run_energy.summary_line(doc)})")
+    for phase in ("prefill", "decode"):
+        p = doc["phases"].get(phase)
+        if p is None or p["joules"] is None:
+            continue
+        per = f"{p['j_per_token']:.3g} J/token" if p["j_per_token"] is not None else "-"
+        print(f"{phase:<8}  {p['tokens'] or 0:>5} tokens  {p['joules']:9.4g} J  {per}  "
+              f"(roofline {p['joules_roofline']:.3g} J)")
+    if args.energy_json:
+        import json
+
+        from minigpt.costs import report
+
+        report._atomic_write(Path(args.energy_json), json.dumps(doc, indent=1) + "\n")
+        print(f"wrote {args.energy_json}")

@@ -1,0 +1,167 @@
+"""Commands that read or write a model: `minigpt quantize`, `eval`, `import`, `export`, `init`."""
+
+import sys
+from pathlib import Path
+
+from minigpt.cli.common import Parser
+from minigpt.cli.generation import apply_int8, int8_arguments
+from minigpt.errors import ConfigError
+
+
+def cmd_quantize(argv) -> int:
+    import minigpt
+    from minigpt.train import checkpoint
+
+    p = Parser(prog="minigpt quantize",
+               description="Write an int8 checkpoint of a trained run: every linear layer's weights and "
+               "the (tied) token table in int8 with one float32 scale per output channel.",
+               epilog="example: minigpt quantize out/tiny -o out/tiny-int8 && "
+               "python generate.py out/tiny-int8 --prompt 'def '")
+    p.add_argument("run", help="a run folder or checkpoint file")
+    p.add_argument("-o", "--output", required=True, help="a folder (gets ckpt.npz) or a .npz file")
+    p.add_argument("--mode", choices=("w8a32", "w8a8"), default="w8a8", help="inference mode stored (default w8a8)")
+    p.add_argument("--int8-embedding", action="store_true", help="read the token embedding from int8 too")
+    p.add_argument("--kv-int8", action="store_true", help="keep the KV cache in int8 when generating")
+    p.add_argument("--outlier-threshold", type=float, default=None, help="w8a8 outlier threshold")
+    args = p.parse_args(argv)
+    model = minigpt.load(args.run)
+    if model.gpt.quant is not None:
+        raise ConfigError(f"{args.run}: already an int8 checkpoint")
+    model.quantize(args.mode, args.int8_embedding, args.kv_int8, args.outlier_threshold)
+    path = Path(args.output)
+    if path.suffix != ".npz":
+        path = path / checkpoint.FILENAME
+    model.save_int8(path)
+    from minigpt.evaluate import weight_bytes
+
+    fp32 = model.gpt.params.data.nbytes
+    print(f"wrote {path}: {args.mode}, weights {weight_bytes(model.gpt):,} bytes (fp32: {fp32:,})")
+    return 0
+
+
+def cmd_eval(argv) -> int:
+    import json
+
+    import minigpt
+    from minigpt.evaluate import evaluate
+
+    p = Parser(prog="minigpt eval",
+               description="Validation loss and perplexity of a run; with --int8, the quantized model "
+               "against fp32: relative loss change, KL divergence of the next-token distributions, "
+               "top-1 agreement, weight bytes and bytes moved per generated token.",
+               epilog="example: minigpt eval out/tiny --int8 w8a8 --format json")
+    p.add_argument("run", help="a run folder or checkpoint file")
+    int8_arguments(p)
+    p.add_argument("--max-tokens", type=int, default=1 << 17, help="validation tokens to use (default 131072)")
+    p.add_argument("--format", choices=("table", "json"), default="table")
+    args = p.parse_args(argv)
+    if args.max_tokens < 1:
+        raise ConfigError(f"--max-tokens must be >= 1, got {args.max_tokens}")
+    model = minigpt.load(args.run)
+    reference = None
+    if args.int8 is not None:
+        if model.gpt.quant is not None:
+            raise ConfigError(f"{args.run}: already an int8 checkpoint; evaluate it without --int8")
+        reference = minigpt.load(args.run)
+        apply_int8(model, args)
+    result = evaluate(model, reference, args.max_tokens)
+    mode = (model.gpt.quant.qcfg.mode if model.gpt.quant is not None else "fp32")
+    result = {"run": str(args.run), "mode": mode} | result
+    if args.format == "json":
+        print(json.dumps(result, indent=1))
+    else:
+        for k, v in result.items():
+            shown = f"{v:.6g}" if isinstance(v, float) else (f"{v:,}" if isinstance(v, int) else v)
+            print(f"{k:<16} {shown}")
+    return 0
+
+
+def cmd_import(argv) -> int:
+    from minigpt import interop
+
+    p = Parser(prog="minigpt import",
+               description="Turn a Hugging Face GPT-2 folder (config.json + model.safetensors, any of "
+               "the four sizes; fp32, fp16 or bf16; vocab.json + merges.txt if present) into a run "
+               "folder that generate.py, minigpt costs/eval/quantize and minigpt.load accept. "
+               "Pickled pytorch_model.bin files are refused.",
+               epilog="example: minigpt import ~/gpt2 out/gpt2 && python generate.py out/gpt2 "
+               "--prompt 'Hello' && minigpt costs out/gpt2 --mode decode")
+    p.add_argument("hf_dir", help="a folder holding config.json and model.safetensors")
+    p.add_argument("run_dir", help="the run folder to write (gets ckpt.npz)")
+    args = p.parse_args(argv)
+    info = interop.import_hf(args.hf_dir, args.run_dir)
+    c = info["config"]
+    print(f"imported {info['params']:,} parameters ({', '.join(info['dtypes'])} -> float32): "
+          f"{c['n_layer']} layers, {c['n_head']} heads, width {c['n_embd']}, context {c['block_size']}, "
+          f"vocab {c['vocab_size']} -> {args.run_dir}")
+    if info["tokenizer"] == "none":
+        print("note: no vocab.json + merges.txt in the folder: the run has no tokenizer, so text "
+              "prompts cannot be encoded (generate --prompt-ids works)", file=sys.stderr)
+    return 0
+
+
+def cmd_export(argv) -> int:
+    import minigpt
+    from minigpt import interop
+
+    p = Parser(prog="minigpt export",
+               description="Write a run as a Hugging Face GPT-2 folder: config.json, model.safetensors "
+               "(fp32) and the tokenizer's vocab.json + merges.txt, which "
+               "transformers.GPT2LMHeadModel.from_pretrained(OUT_DIR) loads.",
+               epilog="example: minigpt export out/tiny out/tiny-hf --format hf")
+    p.add_argument("run", help="a run folder or checkpoint file")
+    p.add_argument("out_dir", help="the folder to write")
+    p.add_argument("--format", choices=("hf",), default="hf", help="hf: Hugging Face GPT-2 (the only one)")
+    args = p.parse_args(argv)
+    for path in interop.export_hf(minigpt.load(args.run), args.out_dir):
+        print(f"wrote {path}")
+    return 0
+
+
+def cmd_init(argv) -> int:
+    import numpy as np
+
+    from minigpt import config, interop
+    from minigpt.nn.params import init
+
+    p = Parser(prog="minigpt init",
+               description="A run folder of GPT-2-initialised weights for a config, no training and no "
+               "optimizer state (so a 1558M model needs its 6.2 GB of fp32 parameters, not three "
+               "times that): for generate, minigpt costs and bench/decode.py at real size.",
+               epilog="example: minigpt init configs/gpt2-124m.toml out/gpt2-124m-random && "
+               "python bench/decode.py out/gpt2-124m-random")
+    p.add_argument("config", help="a TOML config, e.g. configs/gpt2-124m.toml")
+    p.add_argument("run_dir", help="the run folder to write (gets ckpt.npz)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one config field (repeatable)")
+    p.add_argument("--seed", type=int, default=None, help="weights' seed (default: [train] seed)")
+    args = p.parse_args(argv)
+    cfg = config.load(args.config, args.overrides)
+    cfg.train.out_dir = args.run_dir
+    tokenizer = _init_tokenizer(cfg)
+    seed = cfg.train.seed if args.seed is None else args.seed
+    params = init(cfg.model, np.random.default_rng(seed), "float32")
+    path = interop.write_run(args.run_dir, cfg, params.data, tokenizer, {"initialised_seed": seed})
+    print(f"wrote {path}: {params.size:,} parameters, GPT-2 initialisation (seed {seed}), untrained")
+    return 0
+
+
+def _init_tokenizer(cfg):
+    """bytes; a BPE from [data] tokenizer_path; with neither, no tokenizer (learning 50,000 merges
+    is a training job, not an init)."""
+    from minigpt.interop import MissingTokenizer
+    from minigpt.tokenizer import ByteTokenizer
+
+    if cfg.data.tokenizer == "bytes":
+        return ByteTokenizer()
+    if not cfg.data.tokenizer_path:
+        print("note: [data] tokenizer = \"bpe\" with no tokenizer_path: the run has no tokenizer, so "
+              "text prompts cannot be encoded (generate --prompt-ids works)", file=sys.stderr)
+        return MissingTokenizer(cfg.model.vocab_size)
+    from minigpt.tokenizer_bpe import BPETokenizer
+
+    tok = BPETokenizer.load(Path(cfg.data.tokenizer_path).expanduser())
+    if tok.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(f"[model] vocab_size = {cfg.model.vocab_size} is smaller than the tokenizer's "
+                          f"{tok.vocab_size}")
+    return tok

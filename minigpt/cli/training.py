@@ -1,0 +1,190 @@
+"""`minigpt train` (train.py): a run from a config, alone or on MPI ranks, and its end-of-run
+report: the cost per layer, the energy in four layers, energy.json, the GPT-3 line, report.html."""
+
+import argparse
+import sys
+
+from minigpt.cli.common import EXIT_BAD_INPUT, Parser
+from minigpt.errors import MiniGPTError
+
+
+def _train_parser(prog="minigpt train") -> argparse.ArgumentParser:
+    p = Parser(
+        prog=prog,
+        description="Train a GPT-2 from scratch on a corpus. Writes <out_dir>/log.jsonl (one line per "
+        "evaluation) and <out_dir>/ckpt.npz (everything needed to resume or generate), then the "
+        "costs (costs.json, costs.csv), the run's energy (energy.json) and report.html.",
+        epilog="example: python train.py configs/tiny.toml --set train.max_steps=100",
+    )
+    p.add_argument("config", help="a TOML config, e.g. configs/tiny.toml")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one config field (repeatable), e.g. --set train.max_steps=100")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from <out_dir>/ckpt.npz; reproduces the uninterrupted run exactly")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--skip-memory-check", action="store_true",
+                   help="start even if the memory estimate (minigpt costs --config CONFIG --memory) "
+                   "exceeds the memory this machine has available")
+    energy_arguments(p)
+    return p
+
+
+def energy_arguments(p) -> None:
+    p.add_argument("--watts", type=float, default=None,
+                   help="this machine's power draw in W, for the time x power and roofline energy "
+                   "figures where no energy counter was read (default: the hardware profile's power "
+                   "where it has one, else an estimate from the CPU's rated power and the run's "
+                   "CPU time, marked 'estimated')")
+    p.add_argument("--hardware", default=None,
+                   help="hardware profile for the energy report (default local-cpu on the CPU; see "
+                   "minigpt hardware)")
+
+
+def cmd_train(argv) -> int:
+    from minigpt.train import dist
+
+    if dist.launched_size() > 1:  # under mpiexec -n N: see _train_on_ranks
+        return _train_on_ranks(argv)
+    return _train(argv)
+
+
+def _train_setup(argv):
+    """Parse the arguments, load the config, build the trainer: (args, trainer)."""
+    from minigpt import config
+    from minigpt.train.trainer import Trainer
+
+    args = _train_parser().parse_args(argv)
+    cfg = config.load(args.config, args.overrides)
+    return args, Trainer(cfg, resume=args.resume, progress=not args.no_progress,
+                         check_memory=not args.skip_memory_check)
+
+
+def _train_on_ranks(argv) -> int:
+    """`mpiexec -n N python train.py ...`: rank 0 trains and prints as one process would, the
+    others train quietly. A failure while setting up (the same bad config on every rank, or a file
+    one rank cannot read): the ranks compare notes, rank 0 prints the first one's line, and all
+    exit 2. A failure while training: that rank prints its line and aborts every rank (MPI exits
+    with the code), so none waits forever in an allreduce."""
+    import traceback
+
+    from minigpt.train import dist
+    from minigpt.train.trainer import TrainingDiverged
+
+    w = dist.world()  # without mpi4py: a ConfigError on each rank, and nothing yet to wait for
+    failure = None
+    try:
+        args, trainer = _train_setup(argv)
+    except SystemExit:  # --help
+        raise
+    except MiniGPTError as e:
+        failure = f"error: {e}"
+    except Exception as e:  # noqa: BLE001 - a bug: its traceback, then the same agreement
+        traceback.print_exc()
+        failure = f"error: {type(e).__name__}: {e}"
+    first = dist.first_failure(w, failure)
+    if first is not None:
+        if w.rank == 0:
+            print(first, file=sys.stderr)
+        return EXIT_BAD_INPUT
+    try:
+        return _train(argv, args, trainer)
+    except SystemExit:
+        raise
+    except TrainingDiverged as e:  # the summed loss: every rank sees it, rank 0 says it
+        dist.fail(w, f"error: {e}", 1, say=w.rank == 0)
+    except MiniGPTError as e:
+        dist.fail(w, f"error: {e}", EXIT_BAD_INPUT)
+    except KeyboardInterrupt:
+        dist.fail(w, "aborted", 130)
+    except Exception as e:  # noqa: BLE001 - a bug on one rank must stop them all
+        traceback.print_exc()
+        dist.fail(w, f"error: {type(e).__name__}: {e}", 1)
+    return 1  # (not reached: fail aborts)
+
+
+def _train(argv, args=None, trainer=None) -> int:
+    if trainer is None:
+        args, trainer = _train_setup(argv)
+    if trainer.world.rank != 0:  # the other ranks of mpiexec -n N: quiet
+        trainer.run()
+        return 0
+    c = trainer.corpus
+    print(f"corpus: {c.source}: {c.n_files} files, {len(c.train):,} training and {len(c.val):,} "
+          f"validation tokens", file=sys.stderr)
+    from minigpt.costs import power
+
+    start_tokens = trainer.state.tokens  # > 0 when resumed
+    with power.measure() as measured:
+        result = trainer.run()
+    if result.interrupted:
+        print(f"stopped at step {result.steps}; checkpoint saved to {trainer.ckpt_path}. Continue "
+              f"with: python train.py {args.config} --resume", file=sys.stderr)
+        return 143 if trainer.stopped_by == "SIGTERM" else 130
+    print(f"done: {result.steps} steps, {result.tokens:,} tokens in {result.elapsed_s:.1f} s; "
+          f"val loss {result.val_loss:.4f} nats/token ({result.val_bpb:.4f} bits/byte); checkpoint {trainer.ckpt_path}")
+    _print_training_costs(trainer, result, measured, args, start_tokens)
+    return 0
+
+
+def hardware_for(args, device: str):
+    return args.hardware or ("local-cpu" if device == "cpu" else None)
+
+
+def _print_training_costs(trainer, result, measured, args, start_tokens: int = 0) -> None:
+    from minigpt import report_html
+    from minigpt.costs import calibrate, energy, projection, report, run_energy
+    from minigpt.meter import METER
+
+    on_cpu = trainer.cfg.train.device == "cpu"
+    peak, where = calibrate.local_peak() if on_cpu else (None, "")
+    rows = report.rows_from_records(METER.records)
+    ranks, everyone = trainer.world.size, result.tokens
+    if ranks > 1:  # the counts are rank 0's: its share of the tokens goes with them
+        result.tokens = trainer.state.counted_tokens
+    print()
+    print(report.summary(rows, result.steps, result.tokens, peak, where))
+    if ranks > 1:
+        print(f"data parallel over {ranks} MPI ranks: the counts above are rank 0's, on its "
+              f"{result.tokens:,} of the {everyone:,} tokens (every rank did the same)")
+    print(f"details: minigpt costs {trainer.out_dir} --by op  (also {trainer.out_dir}/costs.json, costs.csv)")
+    print()
+    # this session's energy: a resumed run's earlier sessions were reported when they ran
+    session = _session_rows(rows, trainer.meter_rows)
+    hw = hardware_for(args, trainer.cfg.train.device)
+    tokens = (everyone - start_tokens) // ranks  # this session's tokens (rank 0's share of them)
+    print("\n".join(energy.report_lines(session, measured.seconds, hw, measured=measured,
+                                       watts=args.watts, tokens=tokens, estimate=on_cpu)))
+    doc = run_energy.build(session, measured.seconds, hw, measured, args.watts, tokens,
+                           estimate=on_cpu)
+    print(f"wrote {run_energy.save(trainer.out_dir, doc)}")
+    print(projection.gpt3_projection_line(result.tokens, rows, joules=measured.total_joules))
+    print(f"report: {report_html.write(trainer.out_dir)}  (open it in a browser)")
+    _print_moe_summary(trainer, result)
+
+
+def _print_moe_summary(trainer, result) -> None:
+    """A MoE run's parameters, FLOPs per token and expert load (nothing for a dense model)."""
+    from minigpt.meter import METER
+    from minigpt.train import moe_stats
+
+    lines = moe_stats.summary_lines(trainer.cfg, trainer.state, METER.records, result.tokens)
+    if lines:
+        print()
+        print("\n".join(lines))
+
+
+def _session_rows(rows, before) -> list[dict]:
+    """rows minus a resumed run's rows at its start (the counts this session added)."""
+    from minigpt.costs import report
+
+    if not before:
+        return rows
+    old = report.records_from_rows(before)
+    out = []
+    for r in rows:
+        key = (r["scope"], r["op"], r["kind"], r["phase"], r["dtype"])
+        o = old.get(key)
+        d = dict(r) if o is None else r | {k: r[k] - getattr(o, k) for k in report.NUMBERS}
+        if d["calls"] > 0:
+            out.append(d)
+    return out
