@@ -98,6 +98,16 @@ def test_resume_after_a_stop_mid_interval_reproduces_the_uninterrupted_run(tmp_p
         tuple(r[k] for k in counted) for r in costs_b["records"])
 
 
+def test_resuming_a_finished_run_reports_its_last_losses_not_nan(tmp_path):
+    sections = {"train": {"max_steps": 4}, "eval": {"interval": 2}}
+    done = Trainer(tiny_config(tmp_path, **sections), progress=False).run()
+    again = Trainer(tiny_config(tmp_path, **sections), resume=True, progress=False).run()
+    assert again.steps == done.steps == 4
+    assert (again.val_loss, again.train_loss, again.val_bpb) == (
+        done.val_loss, done.train_loss, done.val_bpb)
+    assert [e["step"] for e in read_log(tmp_path)] == [2, 4]
+
+
 def test_sigint_saves_a_checkpoint_and_says_how_to_resume(tmp_path):
     code, out, stdout, err = interrupt_training(tmp_path, signal.SIGINT)
     output = stdout + err

@@ -331,6 +331,21 @@ class Trainer:
                     keep.append(line)
         safeio.write_text(self.log_path, "".join(line + "\n" for line in keep))
 
+    def _logged_at_resume(self) -> dict:
+        """The losses to report if no step is left to run: a resumed run's log line at its
+        checkpoint's step (NaN where there is none, as before any evaluation)."""
+        entry = {"val_loss": float("nan"), "train_loss": float("nan"), "val_bpb": float("nan")}
+        if not (self.resumed and self.world.rank == 0 and self.log_path.is_file()):
+            return entry
+        for line in self.log_path.read_text().splitlines():
+            try:
+                logged = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(logged, dict) and logged.get("step") == self.state.step:
+                entry = {k: float(logged.get(k) if logged.get(k) is not None else "nan") for k in entry}
+        return entry
+
     def request_stop(self) -> None:
         """Finish the current step, save a checkpoint and return (what Ctrl-C does)."""
         self._stop = True
@@ -366,7 +381,7 @@ class Trainer:
         cfg, t = self.cfg, self.cfg.train
         METER.records = report.records_from_rows(self.meter_rows)  # the whole run's counts
         tokens_per_step = t.grad_accum * t.batch_size * cfg.model.block_size
-        entry = {"val_loss": float("nan"), "train_loss": float("nan"), "val_bpb": float("nan")}
+        entry = self._logged_at_resume()
         self._save_tokenizer()
         bar = tqdm(total=t.max_steps, initial=self.state.step, desc="train", unit="step",
                    disable=not self.progress, dynamic_ncols=True)
