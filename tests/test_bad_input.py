@@ -150,3 +150,9 @@ def test_generate_unreadable_prompt_file(tmp_path, trained_run):
     missing = tmp_path / "no_such_prompt.txt"
     reject("generate.py", trained_run, "--prompt-file", missing,
            names=["--prompt-file", missing], keep=[trained_run])
+
+
+def test_quantize_onto_its_own_checkpoint_is_refused(run_copy):
+    # the fp32 training checkpoint (weights and Adam state) must not be replaced by its int8 copy
+    for output in (run_copy, run_copy / "ckpt.npz"):
+        reject("-m", "minigpt", "quantize", run_copy, "-o", output, names=["ckpt.npz"], keep=[run_copy])

@@ -24,13 +24,17 @@ def cmd_quantize(argv) -> int:
     p.add_argument("--kv-int8", action="store_true", help="keep the KV cache in int8 when generating")
     p.add_argument("--outlier-threshold", type=float, default=None, help="w8a8 outlier threshold")
     args = p.parse_args(argv)
+    path = Path(args.output)
+    if path.suffix != ".npz":
+        path = path / checkpoint.FILENAME
+    source = checkpoint.resolve(args.run)
+    if path.exists() and source.exists() and path.resolve() == source.resolve():
+        raise ConfigError(f"quantize: -o {path} is the checkpoint being quantized; it would replace "
+                          "the fp32 weights and optimizer state (give another folder)")
     model = minigpt.load(args.run)
     if model.gpt.quant is not None:
         raise ConfigError(f"{args.run}: already an int8 checkpoint")
     model.quantize(args.mode, args.int8_embedding, args.kv_int8, args.outlier_threshold)
-    path = Path(args.output)
-    if path.suffix != ".npz":
-        path = path / checkpoint.FILENAME
     model.save_int8(path)
     from minigpt.evaluate import weight_bytes
 
