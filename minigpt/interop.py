@@ -180,6 +180,7 @@ def import_hf(hf_dir, run_dir) -> dict:
     hf_dir, run_dir = Path(hf_dir), Path(run_dir)
     if not hf_dir.is_dir():
         raise ConfigError(f"{hf_dir}: no such folder")
+    refuse_existing_run(run_dir)
     st = hf_dir / "model.safetensors"
     if not st.is_file():
         if (hf_dir / "pytorch_model.bin").exists():
@@ -231,6 +232,7 @@ def write_run(run_dir, cfg, flat: np.ndarray, tokenizer, extra: dict) -> Path:
     """A run folder holding parameters only (no optimizer state): ckpt.npz, written through
     checkpoint.save, and a BPE tokenizer's vocab.json + merges.txt beside it."""
     run_dir = Path(run_dir)
+    refuse_existing_run(run_dir)
     meta = {"config": cfg.to_dict(), "tokenizer": tokenizer.to_dict(),
             "layout": [[n, list(s)] for n, s in layout(cfg.model)], **extra}
     path = run_dir / checkpoint.FILENAME
@@ -238,6 +240,14 @@ def write_run(run_dir, cfg, flat: np.ndarray, tokenizer, extra: dict) -> Path:
     if tokenizer.kind == "bpe":
         tokenizer.save(run_dir)
     return path
+
+
+def refuse_existing_run(run_dir: Path) -> None:
+    """A folder that already holds a checkpoint is a run (trained, imported or initialised): writing
+    over it would lose its weights and leave its log and costs describing other weights."""
+    if (Path(run_dir) / checkpoint.FILENAME).exists():
+        raise ConfigError(f"{run_dir}: already holds a run ({checkpoint.FILENAME}); give a new folder "
+                          "or remove that one first")
 
 
 def run_config(run) -> config_mod.Config:

@@ -156,3 +156,11 @@ def test_quantize_onto_its_own_checkpoint_is_refused(run_copy):
     # the fp32 training checkpoint (weights and Adam state) must not be replaced by its int8 copy
     for output in (run_copy, run_copy / "ckpt.npz"):
         reject("-m", "minigpt", "quantize", run_copy, "-o", output, names=["ckpt.npz"], keep=[run_copy])
+
+
+def test_init_and_import_into_a_trained_run_are_refused(tmp_path, run_copy):
+    # the run's checkpoint (and the log and costs that describe it) must not be silently replaced
+    reject("-m", "minigpt", "init", TINY_TOML, run_copy, names=[run_copy], keep=[run_copy])
+    hf = tmp_path / "hf"
+    assert run_cli("-m", "minigpt", "export", run_copy, hf, "--format", "hf").returncode == 0
+    reject("-m", "minigpt", "import", hf, run_copy, names=[run_copy], keep=[run_copy])
