@@ -5,6 +5,7 @@ import dataclasses
 import json
 import math
 import re
+import shlex
 import signal
 
 import numpy as np
@@ -114,6 +115,10 @@ def test_sigint_saves_a_checkpoint_and_says_how_to_resume(tmp_path):
     assert code == 130, output
     assert "Traceback" not in output
     assert "--resume" in err
+    # the suggested command resumes this run: it carries the --set overrides (out_dir among them)
+    suggested = shlex.split(err.split("Continue with: ", 1)[1].splitlines()[0])
+    assert suggested[-1] == "--resume" and f"train.out_dir={out}" in suggested, suggested
+    assert "--set" in suggested
     stopped = re.search(r"stopped at step (\d+)", err)
     assert stopped, err
     meta, arrays = checkpoint.load(out / "ckpt.npz")

@@ -117,8 +117,12 @@ def _train(argv, args=None, trainer=None) -> int:
     with power.measure() as measured:
         result = trainer.run()
     if result.interrupted:
+        import shlex
+
+        again = " ".join(shlex.quote(a) for a in [str(args.config), *(
+            x for o in args.overrides for x in ("--set", o))])
         print(f"stopped at step {result.steps}; checkpoint saved to {trainer.ckpt_path}. Continue "
-              f"with: python train.py {args.config} --resume", file=sys.stderr)
+              f"with: python train.py {again} --resume", file=sys.stderr)
         return 143 if trainer.stopped_by == "SIGTERM" else 130
     print(f"done: {result.steps} steps, {result.tokens:,} tokens in {result.elapsed_s:.1f} s; "
           f"val loss {result.val_loss:.4f} nats/token ({result.val_bpb:.4f} bits/byte); checkpoint {trainer.ckpt_path}")
