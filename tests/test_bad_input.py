@@ -164,3 +164,10 @@ def test_init_and_import_into_a_trained_run_are_refused(tmp_path, run_copy):
     hf = tmp_path / "hf"
     assert run_cli("-m", "minigpt", "export", run_copy, hf, "--format", "hf").returncode == 0
     reject("-m", "minigpt", "import", hf, run_copy, names=[run_copy], keep=[run_copy])
+
+
+def test_resume_with_a_damaged_log_is_one_line(run_copy):
+    log = run_copy / "log.jsonl"
+    log.write_text(log.read_text() + "{\n")
+    cfg = config_file(run_copy.parent, run_copy)
+    reject_config(cfg, run_copy, "log.jsonl", "line", args=["--resume"])

@@ -161,6 +161,7 @@ class Trainer:
         self.meter_rows = []  # a resumed run's counts so far
         self.resumed = resume
         self._log_started = False
+        self._resumed_log: list[tuple[str, dict]] = []  # rank 0's log lines, read on resuming
         if resume:
             self._restore()
 
@@ -180,6 +181,8 @@ class Trainer:
         if "adam_m" not in arrays:
             raise CheckpointError(f"{self.ckpt_path}: holds no optimizer state; cannot resume from it")
         self._check_same_data(meta)
+        if self.world.rank == 0:
+            self._resumed_log = self._read_log()
         dtype = self.model.params.data.dtype
         self.model.params.data[...] = backend.asarray(arrays["params"].astype(dtype))
         self.opt.m[...] = backend.asarray(arrays["adam_m"].astype(dtype))
@@ -324,25 +327,38 @@ class Trainer:
         if self._log_started:
             return
         self._log_started = True
-        keep = []
-        if self.resumed and self.log_path.exists():
-            for line in self.log_path.read_text().splitlines():
-                if line.strip() and json.loads(line)["step"] <= self.state.step:
-                    keep.append(line)
+        keep = [line for line, logged in self._resumed_log if logged["step"] <= self.state.step]
         safeio.write_text(self.log_path, "".join(line + "\n" for line in keep))
+
+    def _read_log(self) -> list[tuple[str, dict]]:
+        """The log a resumed run continues: (line, entry) pairs; a damaged line is one error
+        (append_line never leaves half a line, so any such line is damage, not a crash)."""
+        if not self.log_path.is_file():
+            return []
+        try:
+            text = self.log_path.read_bytes().decode("utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"--resume: {self.log_path}: unreadable log: {e}") from None
+        lines = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                logged = json.loads(line)
+            except ValueError:
+                logged = None
+            if not (isinstance(logged, dict) and isinstance(logged.get("step"), int)):
+                raise CheckpointError(f"--resume: {self.log_path} line {number}: not a log entry "
+                                      f"({line[:40]!r}); repair or remove that line")
+            lines.append((line, logged))
+        return lines
 
     def _logged_at_resume(self) -> dict:
         """The losses to report if no step is left to run: a resumed run's log line at its
         checkpoint's step (NaN where there is none, as before any evaluation)."""
         entry = {"val_loss": float("nan"), "train_loss": float("nan"), "val_bpb": float("nan")}
-        if not (self.resumed and self.world.rank == 0 and self.log_path.is_file()):
-            return entry
-        for line in self.log_path.read_text().splitlines():
-            try:
-                logged = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(logged, dict) and logged.get("step") == self.state.step:
+        for _, logged in self._resumed_log:
+            if logged["step"] == self.state.step:
                 entry = {k: float(logged.get(k) if logged.get(k) is not None else "nan") for k in entry}
         return entry
 
