@@ -126,6 +126,8 @@ def _check_value(where, f, value):
         value, ok = float(value), True
     if not ok:
         raise ConfigError(f"{where}: expected {want.__name__}, got {type(value).__name__} {value!r}")
+    if want is float and not math.isfinite(value):
+        raise ConfigError(f"{where}: must be a finite number, got {value!r}")
     m = f.metadata
     if m.get("choices") and value not in m["choices"]:
         raise ConfigError(f"{where}: must be one of {', '.join(map(repr, m['choices']))}, not {value!r}")

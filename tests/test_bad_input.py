@@ -63,6 +63,15 @@ def test_negative_size(tmp_path, run_copy):
     reject_config(cfg, run_copy, cfg, "n_layer", "-1")
 
 
+def test_a_float_that_is_not_finite(tmp_path, run_copy):
+    # TOML's nan and inf are floats; neither is a learning rate or a dropout
+    for section, key, value in (("train", "learning_rate", float("nan")),
+                                ("train", "learning_rate", float("inf")),
+                                ("model", "aux_loss_coef", float("inf"))):
+        cfg = config_file(tmp_path, run_copy, {section: {key: value}})
+        reject_config(cfg, run_copy, cfg, key, "finite")
+
+
 def test_n_embd_not_divisible_by_n_head(tmp_path, run_copy):
     cfg = config_file(tmp_path, run_copy, {"model": {"n_embd": 16, "n_head": 3}})
     reject_config(cfg, run_copy, cfg, "n_embd", "n_head", "16", "3")
