@@ -180,3 +180,10 @@ def test_resume_with_a_damaged_log_is_one_line(run_copy):
     log.write_text(log.read_text() + "{\n")
     cfg = config_file(run_copy.parent, run_copy)
     reject_config(cfg, run_copy, "log.jsonl", "line", args=["--resume"])
+
+
+def test_generate_sampling_options_out_of_range(trained_run):
+    for option, value in (("--temperature", "nan"), ("--temperature", "inf"), ("--seed", "-1"),
+                          ("--outlier-threshold", "nan")):
+        extra = ["--int8", "w8a8"] if option == "--outlier-threshold" else []
+        reject("generate.py", trained_run, "--prompt", "hi", option, value, *extra, names=[option])

@@ -2,6 +2,7 @@
 prefill's and the decode steps' FLOPs, bytes and energy. Also the --int8 options eval shares."""
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -50,7 +51,7 @@ def int8_arguments(p, mode_flag="--int8") -> None:
 
 
 def apply_int8(model, args) -> None:
-    if args.outlier_threshold is not None and args.outlier_threshold <= 0:
+    if args.outlier_threshold is not None and not 0 < args.outlier_threshold < math.inf:
         raise ConfigError(f"--outlier-threshold must be > 0, got {args.outlier_threshold}")
     if args.int8 is None:
         if args.int8_embedding or args.kv_int8 or args.outlier_threshold is not None:
@@ -65,8 +66,10 @@ def cmd_generate(argv) -> int:
     args = _generate_parser().parse_args(argv)
     if args.max_new_tokens < 0:
         raise ConfigError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
-    if args.temperature < 0:
-        raise ConfigError(f"--temperature must be >= 0, got {args.temperature}")
+    if not 0 <= args.temperature < math.inf:  # nan fails too
+        raise ConfigError(f"--temperature must be >= 0 and finite, got {args.temperature}")
+    if args.seed is not None and args.seed < 0:
+        raise ConfigError(f"--seed must be >= 0, got {args.seed}")
     if args.top_k is not None and args.top_k < 1:
         raise ConfigError(f"--top-k must be >= 1, got {args.top_k}")
     if args.top_p is not None and not 0 < args.top_p <= 1:
