@@ -187,3 +187,10 @@ def test_generate_sampling_options_out_of_range(trained_run):
                           ("--outlier-threshold", "nan")):
         extra = ["--int8", "w8a8"] if option == "--outlier-threshold" else []
         reject("generate.py", trained_run, "--prompt", "hi", option, value, *extra, names=[option])
+
+
+def test_quantize_outlier_threshold_out_of_range(tmp_path, trained_run):
+    for value in ("-1", "nan"):
+        reject("-m", "minigpt", "quantize", trained_run, "-o", tmp_path / "q", "--outlier-threshold",
+               value, names=["--outlier-threshold"])
+        assert not (tmp_path / "q").exists()
