@@ -194,3 +194,17 @@ def test_quantize_outlier_threshold_out_of_range(tmp_path, trained_run):
         reject("-m", "minigpt", "quantize", trained_run, "-o", tmp_path / "q", "--outlier-threshold",
                value, names=["--outlier-threshold"])
         assert not (tmp_path / "q").exists()
+
+
+def test_resume_from_a_checkpoint_whose_run_state_is_not_ours(tmp_path, run_copy):
+    # a header that hashes fine (the hashes cover the arrays) but whose run state another version
+    # (an unknown field) or damage (a step that is not a number, a foreign RNG state) wrote
+    from minigpt.train import checkpoint
+
+    meta, arrays = checkpoint.load(run_copy)
+    for run in ({**meta["run"], "future_field": 1}, {**meta["run"], "step": "x"},
+                {**meta["run"], "data_rng": {"bit_generator": "MT19937"}}):
+        header = {k: v for k, v in meta.items() if k not in ("format", "sha256")} | {"run": run}
+        checkpoint.save(run_copy / "ckpt.npz", header, arrays)
+        reject_config(config_file(tmp_path, run_copy), run_copy, "ckpt.npz", "run state",
+                      args=["--resume"])

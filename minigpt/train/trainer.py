@@ -187,15 +187,21 @@ class Trainer:
         self.model.params.data[...] = backend.asarray(arrays["params"].astype(dtype))
         self.opt.m[...] = backend.asarray(arrays["adam_m"].astype(dtype))
         self.opt.v[...] = backend.asarray(arrays["adam_v"].astype(dtype))
-        self.state = RunState(**meta["run"])
+        try:
+            self.state = RunState(**meta["run"])
+            if not isinstance(self.state.step, int) or not isinstance(self.state.tokens, int):
+                raise TypeError("step and tokens must be integers")
+            self.data_rng.bit_generator.state = self.state.data_rng
+            if self.world.rank == 0:
+                self.dropout_rng.bit_generator.state = self.state.dropout_rng
+        except (KeyError, TypeError, ValueError) as e:  # damaged, or another version's header
+            raise CheckpointError(f"{self.ckpt_path}: the run state in its header cannot be "
+                                  f"resumed: {str(e)[:100]}") from None
         if self.state.counted_tokens is None:  # a checkpoint from before data parallelism
             self.state.counted_tokens = self.state.tokens
         self.meter_rows = meta.get("meter", [])
         self.opt.t = self.state.step
-        self.data_rng.bit_generator.state = self.state.data_rng
-        if self.world.rank == 0:
-            self.dropout_rng.bit_generator.state = self.state.dropout_rng
-        else:  # only rank 0's dropout stream is saved: the others restart theirs from the step
+        if self.world.rank != 0:  # only rank 0's dropout stream is saved: the others restart theirs
             self.dropout_rng = self._dropout_rng(self.state.step)
 
     def _dropout_rng(self, step: int = 0) -> np.random.Generator:
