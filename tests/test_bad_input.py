@@ -202,9 +202,17 @@ def test_resume_from_a_checkpoint_whose_run_state_is_not_ours(tmp_path, run_copy
     from minigpt.train import checkpoint
 
     meta, arrays = checkpoint.load(run_copy)
-    for run in ({**meta["run"], "future_field": 1}, {**meta["run"], "step": "x"},
-                {**meta["run"], "data_rng": {"bit_generator": "MT19937"}}):
-        header = {k: v for k, v in meta.items() if k not in ("format", "sha256")} | {"run": run}
-        checkpoint.save(run_copy / "ckpt.npz", header, arrays)
+    base = {k: v for k, v in meta.items() if k not in ("format", "sha256")}
+    for change in ({"run": {**meta["run"], "future_field": 1}},
+                   {"run": {**meta["run"], "step": "x"}},
+                   {"run": {**meta["run"], "elapsed_s": "x"}},
+                   {"run": {**meta["run"], "expert_load": []}},
+                   {"run": {**meta["run"], "data_rng": {"bit_generator": "MT19937"}}},
+                   {"meter": [{"x": 1}]}, {"meter": "x"}):
+        checkpoint.save(run_copy / "ckpt.npz", base | change, arrays)
         reject_config(config_file(tmp_path, run_copy), run_copy, "ckpt.npz", "run state",
+                      args=["--resume"])
+    for config in ("x", {**meta["config"], "model": 3}):
+        checkpoint.save(run_copy / "ckpt.npz", base | {"config": config}, arrays)
+        reject_config(config_file(tmp_path, run_copy), run_copy, "ckpt.npz", "config",
                       args=["--resume"])

@@ -14,6 +14,7 @@ before clipping (phase "communication"), and rank 0 alone evaluates, writes and 
 """
 
 import contextlib
+import dataclasses
 import json
 import math
 import signal
@@ -109,6 +110,11 @@ class RunState:
     dropped_since_log: int = 0
 
 
+def _header_types(annotation) -> tuple:
+    """The JSON types a RunState field of this annotation may hold in a checkpoint's header."""
+    return {int: (int,), float: (int, float), dict: (dict,)}.get(annotation, (int, type(None)))
+
+
 @dataclass
 class Result:
     steps: int
@@ -171,6 +177,9 @@ class Trainer:
         meta, arrays = checkpoint.load(self.ckpt_path)
         saved = meta.get("config", {})
         now = self.cfg.to_dict()
+        if not (isinstance(saved, dict) and all(isinstance(saved.get(s, {}), dict)
+                                                for s in ("model", "data"))):
+            raise CheckpointError(f"{self.ckpt_path}: corrupt [model]/[data] config in the header")
         for section in ("model", "data"):
             for key, value in saved.get(section, {}).items():
                 if now[section].get(key) != value:
@@ -189,8 +198,11 @@ class Trainer:
         self.opt.v[...] = backend.asarray(arrays["adam_v"].astype(dtype))
         try:
             self.state = RunState(**meta["run"])
-            if not isinstance(self.state.step, int) or not isinstance(self.state.tokens, int):
-                raise TypeError("step and tokens must be integers")
+            for f in dataclasses.fields(RunState):
+                value, kinds = getattr(self.state, f.name), _header_types(f.type)
+                if not isinstance(value, kinds) or isinstance(value, bool):
+                    raise TypeError(f"{f.name} = {str(value)[:30]!r} is not {f.type}")
+            report.records_from_rows(meta.get("meter", []))  # the meter rows, checked here
             self.data_rng.bit_generator.state = self.state.data_rng
             if self.world.rank == 0:
                 self.dropout_rng.bit_generator.state = self.state.dropout_rng
