@@ -216,3 +216,8 @@ def test_resume_from_a_checkpoint_whose_run_state_is_not_ours(tmp_path, run_copy
         checkpoint.save(run_copy / "ckpt.npz", base | {"config": config}, arrays)
         reject_config(config_file(tmp_path, run_copy), run_copy, "ckpt.npz", "config",
                       args=["--resume"])
+
+
+def test_generate_empty_prompt_ids_is_refused_not_replaced_by_a_newline(trained_run):
+    for value in ("", ","):
+        reject("generate.py", trained_run, "--prompt-ids", value, names=["--prompt-ids"])

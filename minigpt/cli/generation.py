@@ -90,7 +90,12 @@ def cmd_generate(argv) -> int:
         prompt = args.prompt if args.prompt is not None else "\n"
     model = minigpt.load(args.run, device=args.device)
     apply_int8(model, args)
-    ids = _prompt_ids(args.prompt_ids, model) if args.prompt_ids else model.tokenizer.encode(prompt)
+    if args.prompt_ids is not None:  # "" too: an empty list of ids is not a request for "\n"
+        ids = _prompt_ids(args.prompt_ids, model)
+        if not ids:
+            raise ConfigError(f"--prompt-ids {args.prompt_ids!r}: no token ids given")
+    else:
+        ids = model.tokenizer.encode(prompt)
     if len(ids) == 0:
         raise ConfigError("the prompt is empty: give --prompt TEXT or a non-empty --prompt-file")
     block = model.config.model.block_size
