@@ -189,7 +189,10 @@ class BPETokenizer:
             if len(parts) != 2 or not all(parts):
                 raise DataError(f"{where}: merges.txt line {n}: expected two symbols, got {line!r}")
             merges.append((parts[0], parts[1]))
-        return cls(vocab, merges)
+        try:
+            return cls(vocab, merges)
+        except DataError as e:
+            raise DataError(f"{where}: {e}") from None
 
     def merge_lines(self) -> list[str]:
         return [f"{a} {b}" for a, b in self.merges]

@@ -98,8 +98,9 @@ def test_bad_tokenizer_files(tmp_path):
         BPETokenizer.load(tmp_path)
     (tmp_path / "vocab.json").write_text('{"a": 0}')
     (tmp_path / "merges.txt").write_text("#version: 0.2\n")
-    with pytest.raises(DataError, match="lacks 255 of the 256 byte symbols"):
+    with pytest.raises(DataError, match="lacks 255 of the 256 byte symbols") as lacking:
         BPETokenizer.load(tmp_path)
+    assert str(tmp_path) in str(lacking.value)  # the message names the folder it read
     (tmp_path / "vocab.json").write_text("[1, 2]")
     with pytest.raises(DataError, match="must map token strings"):
         BPETokenizer.load(tmp_path)
