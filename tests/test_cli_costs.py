@@ -62,6 +62,15 @@ def test_costs_bad_input_is_one_line(args, words):
     assert r.returncode == 2 and words in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("args, words", [
+    (("--phase", "bogus"), "no records of phase 'bogus'"),
+    (("--memory",), "--memory estimates a training run from a config"),
+])
+def test_costs_of_a_run_refuses_options_it_would_ignore(trained_run, args, words):
+    r = run_cli("-m", "minigpt", "costs", trained_run, *args)
+    assert r.returncode == 2 and words in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
 def test_calibrate_saves_a_local_profile(tmp_path, monkeypatch):
     import os
     import subprocess
