@@ -4,6 +4,7 @@ hardware, and the reports a training run leaves behind."""
 import csv
 import io
 import json
+import shutil
 
 import pytest
 
@@ -69,6 +70,18 @@ def test_costs_bad_input_is_one_line(args, words):
 def test_costs_of_a_run_refuses_options_it_would_ignore(trained_run, args, words):
     r = run_cli("-m", "minigpt", "costs", trained_run, *args)
     assert r.returncode == 2 and words in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("text", ["{}", '{"steps": 1, "tokens": 2, "records": [{"op": "x"}]}',
+                                  "[1, 2]"])
+@pytest.mark.parametrize("command", ["costs", "report"])
+def test_a_costs_json_of_another_shape_is_one_line(trained_run, tmp_path, text, command):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    (run / "costs.json").write_text(text)
+    r = run_cli("-m", "minigpt", command, run)
+    assert r.returncode == 2 and "costs.json: unreadable: " in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
 
 
 def test_calibrate_saves_a_local_profile(tmp_path, monkeypatch):
