@@ -84,6 +84,17 @@ def test_a_costs_json_of_another_shape_is_one_line(trained_run, tmp_path, text, 
     assert len(r.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("text", ['{"watts": "x", "pue": 1}', '{"watts": 3, "pue": 1}'])
+@pytest.mark.parametrize("command", ["costs", "report"])
+def test_an_energy_json_of_another_shape_is_one_line(trained_run, tmp_path, text, command):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    (run / "energy.json").write_text(text)
+    r = run_cli("-m", "minigpt", command, run)
+    assert r.returncode == 2 and "not a minigpt energy.json" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
 def test_calibrate_saves_a_local_profile(tmp_path, monkeypatch):
     import os
     import subprocess
