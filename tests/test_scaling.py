@@ -216,6 +216,10 @@ def test_bad_files_name_the_file_and_the_field(tmp_path, capsys):
     path.write_text('[model]\nparams = 7e9\nn_layers = 2\n[hardware]\nprofile = "h100-sxm"\n')
     with pytest.raises(ConfigError, match=r"s\.toml: unknown key 'n_layers' .*'n_layer'"):
         scenario.load(path)
+    path.write_text("training = 5\n")  # a known section given as a value: no "did you mean" itself
+    with pytest.raises(ConfigError) as e:
+        scenario.load(path)
+    assert "'training' must be a [section] table" in str(e.value) and "mean" not in str(e.value)
     assert cli.main(["scale", "no-such-scenario"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: no-such-scenario: no such scenario") and err.count("\n") == 1

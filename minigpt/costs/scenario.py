@@ -279,8 +279,8 @@ def from_dict(d: dict, where: str = "scenario", path: Path | None = None) -> Sce
                 raise ConfigError(f"{where}: {section}: expected a string, got {table!r}")
             continue
         if not isinstance(table, dict):
-            raise ConfigError(f"{where}: {section!r} must be a [section] table"
-                              f"{_nearest(section, [*SCHEMA, *TOP_LEVEL])}")
+            hint = "" if section in SCHEMA else _nearest(section, [*SCHEMA, *TOP_LEVEL])
+            raise ConfigError(f"{where}: {section!r} must be a [section] table{hint}")
         for key, value in table.items():
             set_value(scn, section, key, value, where)
     return scn
