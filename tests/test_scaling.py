@@ -228,6 +228,8 @@ def test_bad_files_name_the_file_and_the_field(tmp_path, capsys):
 def test_a_set_of_mfu_replaces_the_files_achieved_rate():
     r = estimate("gpt3-175b", "hardware.mfu=0.4", "training.flops=3.14e23")
     assert r["days"] == pytest.approx(14.8 * 0.197 / 0.4, rel=0.01)
+    assert r["flops_per_chip_is"] == "mfu × fp16 peak"  # not "given": a share of the peak
+    assert estimate("gpt3-175b")["flops_per_chip_is"] == "given"  # achieved_flops_per_chip
 
 
 def test_this_machines_measured_rate_is_reported(tmp_path, monkeypatch, capsys):
