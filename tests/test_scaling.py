@@ -200,6 +200,7 @@ def test_cli_json_and_table(capsys):
     ("hardware.pue=0.9", "[hardware] pue: must be >= 1"),
     ("hardware.profile=v100", "did you mean 'v100-sxm2'"),
     ("traning.tokens=1", "unknown section [traning] (did you mean 'training'?)"),
+    ("mfu=0.3", "--set mfu=0.3: the key must be section.key, e.g. hardware.mfu"),
     ("inference.weight_bits=0", "weight_bits: must be 1 to 32 bits"),
 ])
 def test_bad_overrides_name_the_set_and_the_field(override, words):

@@ -341,6 +341,6 @@ def load(name_or_path: str | Path, overrides=()) -> Scenario:
         raise ConfigError(f"{path}: not valid TOML: nested too deeply") from None
     scn = from_dict(d, str(path), path)
     for text in overrides:
-        section, key, value, where = _parse_override(text)
+        section, key, value, where = _parse_override(text, example="hardware.mfu")
         set_value(scn, section, key, value, where)
     return validate(scn)
