@@ -95,6 +95,16 @@ def test_an_energy_json_of_another_shape_is_one_line(trained_run, tmp_path, text
     assert len(r.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("text", ['{"a": 1}', "[1]", '{"step": 1, "tokens": "x", "val_loss": 1}'])
+def test_report_of_a_log_of_another_shape_is_one_line(trained_run, tmp_path, text):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    (run / "log.jsonl").write_text(text + "\n")
+    r = run_cli("-m", "minigpt", "report", run)
+    assert r.returncode == 2 and "log.jsonl: entry 1 is not a minigpt log line" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
 def test_calibrate_saves_a_local_profile(tmp_path, monkeypatch):
     import os
     import subprocess
