@@ -149,14 +149,15 @@ def _apply(cfg: Config, section: str, key: str, value, where: str) -> None:
     setattr(getattr(cfg, section), key, value)
 
 
-def _parse_override(text: str):
-    """'train.max_steps=100' -> ('train', 'max_steps', 100). Values are TOML; bare words are strings."""
+def _parse_override(text: str, example: str = "train.max_steps"):
+    """'train.max_steps=100' -> ('train', 'max_steps', 100). Values are TOML; bare words are strings.
+    `example` is the key the error for a key without one dot shows."""
     where = f"--set {text}"
     if "=" not in text:
         raise ConfigError(f"{where}: expected section.key=value")
     dotted, raw = (s.strip() for s in text.split("=", 1))
     if dotted.count(".") != 1:
-        raise ConfigError(f"{where}: the key must be section.key, e.g. train.max_steps")
+        raise ConfigError(f"{where}: the key must be section.key, e.g. {example}")
     section, key = dotted.split(".")
     try:
         value = tomllib.loads(f"v = {raw}")["v"]

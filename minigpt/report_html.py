@@ -39,9 +39,20 @@ def _read_log(run: Path) -> list[dict]:
     except OSError as e:
         raise ConfigError(f"{path}: unreadable: {e}") from None
     try:
-        return [json.loads(line) for line in lines if line.strip()]
+        log = [json.loads(line) for line in lines if line.strip()]
     except ValueError as e:
         raise ConfigError(f"{path}: not JSON lines: {e}") from None
+    for i, e in enumerate(log, 1):
+        if not (isinstance(e, dict) and all(_is_number(e.get(k)) for k in ("step", "tokens",
+                                                                               "val_loss"))
+                and (e.get("train_loss") is None or _is_number(e["train_loss"]))):
+            raise ConfigError(f"{path}: entry {i} is not a minigpt log line (step, tokens and "
+                              f"val_loss must be numbers)")
+    return log
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool)
 
 
 def _loss_section(log: list[dict]) -> str:

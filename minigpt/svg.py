@@ -111,10 +111,15 @@ def _legend(items: list[tuple[str, str]], x: float, y: float) -> list[str]:
     return out
 
 
+def _finite(y) -> bool:
+    return y is not None and math.isfinite(y)
+
+
 def line_chart(series: list[Series], title: str, x_label: str = "", y_label: str = "",
                width: int = 640, height: int = 300) -> str:
-    """Lines (with dots) for each series on shared linear axes."""
-    pts = [(x, y) for s in series for x, y in zip(s.xs, s.ys) if y is not None]
+    """Lines (with dots) for each series on shared linear axes; a None, NaN or infinite y (a
+    diverged loss) is left out."""
+    pts = [(x, y) for s in series for x, y in zip(s.xs, s.ys) if _finite(y)]
     if not pts:
         return _svg(width, 60, [f'<text x="10" y="30">{escape(title)}: no points</text>'])
     xs, ys = [p[0] for p in pts], [p[1] for p in pts]
@@ -124,7 +129,7 @@ def line_chart(series: list[Series], title: str, x_label: str = "", y_label: str
     legend = []
     for i, s in enumerate(series):
         color = s.color or COLORS[i % len(COLORS)]
-        xy = [(f.x(x), f.y(y)) for x, y in zip(s.xs, s.ys) if y is not None]
+        xy = [(f.x(x), f.y(y)) for x, y in zip(s.xs, s.ys) if _finite(y)]
         if not xy:
             continue
         body.append(f'<polyline fill="none" stroke="{color}" stroke-width="2" points="'

@@ -4,6 +4,7 @@ hardware, and the reports a training run leaves behind."""
 import csv
 import io
 import json
+import shutil
 
 import pytest
 
@@ -60,6 +61,48 @@ def test_costs_predicts_without_a_run():
 def test_costs_bad_input_is_one_line(args, words):
     r = run_cli("-m", "minigpt", "costs", *args)
     assert r.returncode == 2 and words in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("args, words", [
+    (("--phase", "bogus"), "no records of phase 'bogus'"),
+    (("--memory",), "--memory estimates a training run from a config"),
+])
+def test_costs_of_a_run_refuses_options_it_would_ignore(trained_run, args, words):
+    r = run_cli("-m", "minigpt", "costs", trained_run, *args)
+    assert r.returncode == 2 and words in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("text", ["{}", '{"steps": 1, "tokens": 2, "records": [{"op": "x"}]}',
+                                  "[1, 2]"])
+@pytest.mark.parametrize("command", ["costs", "report"])
+def test_a_costs_json_of_another_shape_is_one_line(trained_run, tmp_path, text, command):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    (run / "costs.json").write_text(text)
+    r = run_cli("-m", "minigpt", command, run)
+    assert r.returncode == 2 and "costs.json: unreadable: " in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("text", ['{"watts": "x", "pue": 1}', '{"watts": 3, "pue": 1}'])
+@pytest.mark.parametrize("command", ["costs", "report"])
+def test_an_energy_json_of_another_shape_is_one_line(trained_run, tmp_path, text, command):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    (run / "energy.json").write_text(text)
+    r = run_cli("-m", "minigpt", command, run)
+    assert r.returncode == 2 and "not a minigpt energy.json" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("text", ['{"a": 1}', "[1]", '{"step": 1, "tokens": "x", "val_loss": 1}'])
+def test_report_of_a_log_of_another_shape_is_one_line(trained_run, tmp_path, text):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    (run / "log.jsonl").write_text(text + "\n")
+    r = run_cli("-m", "minigpt", "report", run)
+    assert r.returncode == 2 and "log.jsonl: entry 1 is not a minigpt log line" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
 
 
 def test_calibrate_saves_a_local_profile(tmp_path, monkeypatch):

@@ -175,6 +175,16 @@ def test_svg_ticks_and_labels():
     assert "a&lt;b" in chart and "t &amp; u" in chart and "n/a" in chart
 
 
+def test_a_loss_curve_skips_non_finite_points():
+    from minigpt import svg
+
+    chart = svg.line_chart([svg.Series("train", [0, 1, 2, 3], [4.0, float("nan"), float("inf"),
+                                                              3.0])], "loss")
+    assert "nan" not in chart and "inf" not in chart and chart.count("<circle") == 2
+    empty = svg.line_chart([svg.Series("train", [0], [float("nan")])], "loss")
+    assert "no points" in empty
+
+
 def test_a_measured_run_stores_measured_power(monkeypatch):
     from minigpt.costs.power import Measurement
 

@@ -200,6 +200,7 @@ def test_cli_json_and_table(capsys):
     ("hardware.pue=0.9", "[hardware] pue: must be >= 1"),
     ("hardware.profile=v100", "did you mean 'v100-sxm2'"),
     ("traning.tokens=1", "unknown section [traning] (did you mean 'training'?)"),
+    ("mfu=0.3", "--set mfu=0.3: the key must be section.key, e.g. hardware.mfu"),
     ("inference.weight_bits=0", "weight_bits: must be 1 to 32 bits"),
 ])
 def test_bad_overrides_name_the_set_and_the_field(override, words):
@@ -216,6 +217,10 @@ def test_bad_files_name_the_file_and_the_field(tmp_path, capsys):
     path.write_text('[model]\nparams = 7e9\nn_layers = 2\n[hardware]\nprofile = "h100-sxm"\n')
     with pytest.raises(ConfigError, match=r"s\.toml: unknown key 'n_layers' .*'n_layer'"):
         scenario.load(path)
+    path.write_text("training = 5\n")  # a known section given as a value: no "did you mean" itself
+    with pytest.raises(ConfigError) as e:
+        scenario.load(path)
+    assert "'training' must be a [section] table" in str(e.value) and "mean" not in str(e.value)
     assert cli.main(["scale", "no-such-scenario"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: no-such-scenario: no such scenario") and err.count("\n") == 1
@@ -224,6 +229,8 @@ def test_bad_files_name_the_file_and_the_field(tmp_path, capsys):
 def test_a_set_of_mfu_replaces_the_files_achieved_rate():
     r = estimate("gpt3-175b", "hardware.mfu=0.4", "training.flops=3.14e23")
     assert r["days"] == pytest.approx(14.8 * 0.197 / 0.4, rel=0.01)
+    assert r["flops_per_chip_is"] == "mfu × fp16 peak"  # not "given": a share of the peak
+    assert estimate("gpt3-175b")["flops_per_chip_is"] == "given"  # achieved_flops_per_chip
 
 
 def test_this_machines_measured_rate_is_reported(tmp_path, monkeypatch, capsys):

@@ -111,6 +111,9 @@ def cmd_costs(argv) -> int:
             what = f"predicted: one decode step at position {T}, batch {B}, {args.config}"
         rows = report.rows_from_records(records)
     else:
+        if args.memory:
+            raise ConfigError("--memory estimates a training run from a config: give --config "
+                              "(a run's measured costs have no memory estimate)")
         try:
             doc = report.load(args.run)
         except FileNotFoundError:
@@ -122,6 +125,10 @@ def cmd_costs(argv) -> int:
         if doc.get("ranks", 1) > 1:
             what += f" (rank 0's share, of {doc['ranks']} data-parallel ranks)"
         run_doc = _run_energy_doc(args.run)
+    phases = sorted({r["phase"] for r in rows})
+    if args.phase is not None and args.phase not in phases:
+        raise ConfigError(f"--phase: no records of phase {args.phase!r}; the records' phases: "
+                          f"{', '.join(phases)}")
     if args.top is not None and args.top < 1:
         raise ConfigError(f"--top must be >= 1, got {args.top}")
     from minigpt.costs import run_energy

@@ -147,8 +147,18 @@ def save(out_dir, rows, steps: int, tokens: int, ranks: int = 1) -> tuple[Path, 
 
 
 def load(run_dir) -> dict:
-    """A run's costs.json."""
-    return json.loads((Path(run_dir) / "costs.json").read_text())
+    """A run's costs.json; ValueError (one line) if it is JSON of another shape."""
+    doc = json.loads((Path(run_dir) / "costs.json").read_text())
+    if not isinstance(doc, dict) or not isinstance(doc.get("records"), list):
+        raise ValueError("not a minigpt costs.json (no list of records)")  # noqa: TRY004 - callers catch ValueError
+    for key in ("steps", "tokens"):
+        if not isinstance(doc.get(key), int) or isinstance(doc[key], bool):
+            raise ValueError(f"not a minigpt costs.json ({key} is not a whole number)")  # noqa: TRY004
+    for i, r in enumerate(doc["records"]):
+        if not isinstance(r, dict) or any(k not in r for k in FIELDS) or any(
+                not isinstance(r[k], int | float) or isinstance(r[k], bool) for k in NUMBERS):
+            raise ValueError(f"record {i} lacks a field or a number ({', '.join(FIELDS)})")
+    return doc
 
 
 def summary(rows, steps: int, tokens: int, peak_flops: float | None = None,

@@ -152,7 +152,38 @@ def load(run_dir) -> dict | None:
         raise ConfigError(f"{path}: unreadable: {e}") from None
     if not isinstance(doc, dict) or "watts" not in doc or "pue" not in doc:
         raise ConfigError(f"{path}: not a minigpt energy.json (no watts or pue)")
+    wrong = _shape_fault(doc)
+    if wrong:
+        raise ConfigError(f"{path}: not a minigpt energy.json ({wrong})")
     return doc
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool)
+
+
+def _shape_fault(doc: dict) -> str:
+    """What in an energy.json the readers (costs, report) would trip on, or "" if nothing."""
+    text = lambda x: isinstance(x, str)
+    wants = {"seconds": _is_number, "pue": _is_number, "grid_kg_co2e_per_kwh": _is_number,
+             "watts": lambda x: x is None or _is_number(x), "watts_basis": text,
+             "pue_source": text, "grid_source": text}
+    for key, ok in wants.items():
+        if not ok(doc.get(key)):
+            return f"{key} is missing or of the wrong type"
+    layers = doc.get("layers")
+    for name in ("measured", "time_x_power", "roofline", "floor"):
+        layer = layers.get(name) if isinstance(layers, dict) else None
+        if not isinstance(layer, dict) or not isinstance(layer.get("why"), str):
+            return f"layers.{name} is missing or has no 'why'"
+        if layer.get("joules") is not None and not all(
+                _is_number(layer.get(k)) for k in ("joules", "wh", "gco2e")):
+            return f"layers.{name}: joules, wh and gco2e must be numbers"
+    prof = doc.get("profile")
+    if prof is not None and not (isinstance(prof, dict) and isinstance(prof.get("name"), str)
+                                 and isinstance(prof.get("peak_flops", {}), dict)):
+        return "profile is not a table with a name"
+    return ""
 
 
 def summary_line(doc: dict) -> str:

@@ -279,8 +279,8 @@ def from_dict(d: dict, where: str = "scenario", path: Path | None = None) -> Sce
                 raise ConfigError(f"{where}: {section}: expected a string, got {table!r}")
             continue
         if not isinstance(table, dict):
-            raise ConfigError(f"{where}: {section!r} must be a [section] table"
-                              f"{_nearest(section, [*SCHEMA, *TOP_LEVEL])}")
+            hint = "" if section in SCHEMA else _nearest(section, [*SCHEMA, *TOP_LEVEL])
+            raise ConfigError(f"{where}: {section!r} must be a [section] table{hint}")
         for key, value in table.items():
             set_value(scn, section, key, value, where)
     return scn
@@ -341,6 +341,6 @@ def load(name_or_path: str | Path, overrides=()) -> Scenario:
         raise ConfigError(f"{path}: not valid TOML: nested too deeply") from None
     scn = from_dict(d, str(path), path)
     for text in overrides:
-        section, key, value, where = _parse_override(text)
+        section, key, value, where = _parse_override(text, example="hardware.mfu")
         set_value(scn, section, key, value, where)
     return validate(scn)

@@ -55,8 +55,10 @@ def training(scn: Scenario, a: scaling.Arch | None, active: float | None, chip: 
     hours, how = chip_hours_of(scn, used, chip)
     out |= training_costs(used, chip, s, hours)
     out["chip_hours_is"] = how
-    out["flops_per_chip_is"] = ("not given" if used is None else "given" if chip.achieved
-                                else "implied: FLOPs / chip-hours")
+    from_mfu = "mfu" in scn.values["hardware"] and chip.achieved  # the rate is mfu × peak
+    out["flops_per_chip_is"] = ("not given" if used is None else
+                                f"mfu × {chip.dtype} peak" if from_mfu else
+                                "given" if chip.achieved else "implied: FLOPs / chip-hours")
     ideal_h = used / chip.peak / 3600 if used and chip.peak else None  # chip-hours at 100% of peak
     pj = s.pj_per_flop[FLOOR_ENERGY_OF_PEAK[chip.dtype]]
     out["training_layers"] = {
