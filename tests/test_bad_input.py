@@ -8,6 +8,7 @@ already on disk (a previous run's checkpoint and log, the damaged input itself) 
 import shutil
 
 import numpy as np
+import pytest
 from conftest import TINY, TINY_TOML, merge, run_cli, snapshot, write_toml
 
 
@@ -221,3 +222,14 @@ def test_resume_from_a_checkpoint_whose_run_state_is_not_ours(tmp_path, run_copy
 def test_generate_empty_prompt_ids_is_refused_not_replaced_by_a_newline(trained_run):
     for value in ("", ","):
         reject("generate.py", trained_run, "--prompt-ids", value, names=["--prompt-ids"])
+
+
+@pytest.mark.parametrize("watts", ["-5", "0", "nan", "inf", "abc"])
+def test_watts_must_be_a_positive_number_before_any_work(trained_run, watts):
+    """--watts is checked when the command starts, not after a run or a generation has been spent."""
+    for script, args in (("generate.py", [trained_run, "--max-new-tokens", "2", "--costs"]),
+                         ("train.py", [TINY_TOML])):
+        r = run_cli(script, *args, "--watts", watts)
+        assert r.returncode == 2, (script, r.stdout, r.stderr)
+        assert "--watts" in r.stderr and "Traceback" not in r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr

@@ -2,6 +2,7 @@
 report: the cost per layer, the energy in four layers, energy.json, the GPT-3 line, report.html."""
 
 import argparse
+import math
 import sys
 
 from minigpt.cli.common import EXIT_BAD_INPUT, Parser
@@ -29,8 +30,19 @@ def _train_parser(prog="minigpt train") -> argparse.ArgumentParser:
     return p
 
 
+def _watts(text: str) -> float:
+    """--watts: a positive, finite number of watts (argparse turns a ValueError into one line)."""
+    w = float(text)
+    if not (math.isfinite(w) and w > 0):
+        raise ValueError(text)
+    return w
+
+
+_watts.__name__ = "watts (a positive number)"  # what argparse names in its error line
+
+
 def energy_arguments(p) -> None:
-    p.add_argument("--watts", type=float, default=None,
+    p.add_argument("--watts", type=_watts, default=None,
                    help="this machine's power draw in W, for the time x power and roofline energy "
                    "figures where no energy counter was read (default: the hardware profile's power "
                    "where it has one, else an estimate from the CPU's rated power and the run's "
