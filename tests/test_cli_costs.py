@@ -76,31 +76,30 @@ def test_costs_of_a_run_refuses_options_it_would_ignore(trained_run, args, words
                                   "[1, 2]"])
 @pytest.mark.parametrize("command", ["costs", "report"])
 def test_a_costs_json_of_another_shape_is_one_line(trained_run, tmp_path, text, command):
-    run = tmp_path / "run"
-    shutil.copytree(trained_run, run)
-    (run / "costs.json").write_text(text)
-    r = run_cli("-m", "minigpt", command, run)
+    r = _with_damaged_file(trained_run, tmp_path, "costs.json", text, command)
     assert r.returncode == 2 and "costs.json: unreadable: " in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def _with_damaged_file(trained_run, tmp_path, name: str, text: str, command: str):
+    """Run `minigpt COMMAND` on a copy of the trained run whose file `name` holds `text`."""
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    (run / name).write_text(text)
+    return run_cli("-m", "minigpt", command, run)
 
 
 @pytest.mark.parametrize("text", ['{"watts": "x", "pue": 1}', '{"watts": 3, "pue": 1}'])
 @pytest.mark.parametrize("command", ["costs", "report"])
 def test_an_energy_json_of_another_shape_is_one_line(trained_run, tmp_path, text, command):
-    run = tmp_path / "run"
-    shutil.copytree(trained_run, run)
-    (run / "energy.json").write_text(text)
-    r = run_cli("-m", "minigpt", command, run)
+    r = _with_damaged_file(trained_run, tmp_path, "energy.json", text, command)
     assert r.returncode == 2 and "not a minigpt energy.json" in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize("text", ['{"a": 1}', "[1]", '{"step": 1, "tokens": "x", "val_loss": 1}'])
 def test_report_of_a_log_of_another_shape_is_one_line(trained_run, tmp_path, text):
-    run = tmp_path / "run"
-    shutil.copytree(trained_run, run)
-    (run / "log.jsonl").write_text(text + "\n")
-    r = run_cli("-m", "minigpt", "report", run)
+    r = _with_damaged_file(trained_run, tmp_path, "log.jsonl", text + "\n", "report")
     assert r.returncode == 2 and "log.jsonl: entry 1 is not a minigpt log line" in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
 
