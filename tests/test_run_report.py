@@ -8,6 +8,7 @@ import io
 import json
 import shutil
 import subprocess
+import time
 
 import pytest
 from conftest import TINY, TINY_TOML, merge, run_cli, set_args
@@ -126,6 +127,34 @@ def test_generate_costs_splits_energy_into_prefill_and_decode(trained_run, tmp_p
     assert bad.returncode == 2 and "--energy-json needs --costs" in bad.stderr
     bad = run_cli("generate.py", trained_run, "--costs", "--energy-json", tmp_path / "no" / "x.json")
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "no folder" in bad.stderr
+
+
+def test_generate_costs_count_the_cache_rebuilds(trained_run, tmp_path):
+    """Past the context (TINY's block of 16) the cache is rebuilt by a prefill of the last 8 tokens,
+    which gives the next token: a generation's tokens are its prefills plus its decode steps, and
+    the prefill's tokens include what the rebuilds read again."""
+    out = tmp_path / "gen.json"
+    r = run_cli("generate.py", trained_run, "--prompt", "The fox", "--max-new-tokens", "30",
+                "--seed", "1", "--costs", "--energy-json", out)
+    assert r.returncode == 0, r.stderr
+    prefills = int(next(line.split()[1] for line in r.stdout.splitlines()
+                        if line.startswith("prefill ") and "tokens" not in line))
+    assert prefills > 1  # the cache filled at least once
+    phases = json.loads(out.read_text())["phases"]
+    assert phases["decode"]["tokens"] + prefills == 30
+    assert phases["prefill"]["tokens"] == 7 + (prefills - 1) * 8
+
+
+def test_a_short_measurement_still_sees_its_cpu_time():
+    """The busy share of a few milliseconds of work is not rounded away (os.times ticks in 10 ms)."""
+    from minigpt.costs import cpu_power
+
+    wall0, cpu0 = cpu_power.usage_now()
+    end = time.perf_counter() + 0.003
+    while time.perf_counter() < end:  # 3 ms of busy work
+        pass
+    wall1, cpu1 = cpu_power.usage_now()
+    assert 0.5 < (cpu1 - cpu0) / (wall1 - wall0) <= 1.05
 
 
 def test_report_html_is_self_contained(trained_run, run_copy):

@@ -119,7 +119,7 @@ def cmd_generate(argv) -> int:
         model.generate(ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed, emit)
     out.write(decode([], final=True) + "\n")
     if args.costs:
-        _print_generation_costs(len(ids), args.max_new_tokens, measured, args)
+        _print_generation_costs(len(ids), args.max_new_tokens, measured, args, block)
     return 0
 
 
@@ -135,7 +135,7 @@ def _prompt_ids(text: str, model) -> list[int]:
     return ids
 
 
-def _print_generation_costs(prompt_tokens: int, new_tokens: int, measured, args) -> None:
+def _print_generation_costs(prompt_tokens: int, new_tokens: int, measured, args, block: int) -> None:
     from minigpt.costs import energy, report
     from minigpt.meter import METER
 
@@ -143,7 +143,13 @@ def _print_generation_costs(prompt_tokens: int, new_tokens: int, measured, args)
     t = report.totals(rows)
     print(f"\ncosts: prompt of {prompt_tokens} tokens, {new_tokens} new tokens (batch 1, KV cache)")
     print(f"{'phase':<8}  {'calls':>6}  {'FLOPs':>11}  {'bytes':>10}  {'seconds':>8}  per token")
-    decode_steps = max(1, new_tokens - 1)  # the first new token comes from the prefill's logits
+    calls = {phase: sum(r["calls"] for r in rows if r["phase"] == phase and r["scope"] == "embedding")
+             for phase in ("prefill", "decode")}  # one embedding lookup per forward pass
+    # The first new token comes from the prefill's logits, and so does the first after each time a
+    # full cache is rebuilt from the last block // 2 tokens (sampling.generate): the rest are decode
+    # steps of one token each. The rebuilds' prefills read those block // 2 tokens again.
+    decode_steps = max(1, calls["decode"])
+    prefill_tokens = prompt_tokens + max(0, calls["prefill"] - 1) * (block // 2)
     for phase in ("prefill", "decode"):
         if phase not in t:
             continue
@@ -151,8 +157,7 @@ def _print_generation_costs(prompt_tokens: int, new_tokens: int, measured, args)
         nbytes = p["bytes_read"] + p["bytes_written"]
         per = (f"{report.si(p['flops'] / decode_steps)}FLOP, {report.si(nbytes / decode_steps, 'B')}"
                if phase == "decode" else "")
-        calls = sum(r["calls"] for r in rows if r["phase"] == phase and r["scope"] == "embedding")
-        print(f"{phase:<8}  {calls:>6}  {report.si(p['flops']):>11}  {report.si(nbytes, 'B'):>10}  "
+        print(f"{phase:<8}  {calls[phase]:>6}  {report.si(p['flops']):>11}  {report.si(nbytes, 'B'):>10}  "
               f"{p['seconds']:8.3f}  {per}")
     if "decode" in t:
         d = t["decode"]
@@ -164,18 +169,17 @@ def _print_generation_costs(prompt_tokens: int, new_tokens: int, measured, args)
     hw, on_cpu = hardware_for(args, args.device), args.device == "cpu"
     print("\n".join(energy.report_lines(rows, measured.seconds, hw, measured=measured,
                                        watts=args.watts, tokens=new_tokens, estimate=on_cpu)))
-    _print_generation_energy(rows, measured, args, prompt_tokens, decode_steps, new_tokens)
+    _print_generation_energy(rows, measured, args, prefill_tokens, calls["decode"], new_tokens)
 
 
-def _print_generation_energy(rows, measured, args, prompt_tokens, decode_steps, new_tokens) -> None:
+def _print_generation_energy(rows, measured, args, prefill_tokens, decode_steps, new_tokens) -> None:
     """Prefill and decode joules (metered seconds x power x PUE) and J/token; --energy-json."""
     from minigpt.costs import run_energy
 
     hw, on_cpu = hardware_for(args, args.device), args.device == "cpu"
     doc = run_energy.build(rows, measured.seconds, hw, measured, args.watts, new_tokens,
                            estimate=on_cpu)
-    run_energy.add_phases(doc, rows, {"prefill": prompt_tokens,
-                                      "decode": decode_steps if new_tokens > 1 else 0})
+    run_energy.add_phases(doc, rows, {"prefill": prefill_tokens, "decode": decode_steps})
     print(f"energy by phase ({run_energy.summary_line(doc)})")
     for phase in ("prefill", "decode"):
         p = doc["phases"].get(phase)
