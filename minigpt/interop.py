@@ -9,7 +9,6 @@ read through the safetensors package, never through pickle; fp16 and bf16 are wi
 
 import json
 import math
-import os
 import zipfile
 from pathlib import Path
 
@@ -279,20 +278,11 @@ def hf_config(cfg, tokenizer) -> dict:
 
 
 def _write_safetensors(path: Path, tensors: dict) -> None:
-    """safetensors' own writer into a temporary file, then a rename (the tensors are views of the
-    flat buffer: no second copy of a large model in memory)."""
+    """safetensors' own writer through safeio (temporary file, sync, rename); the tensors are views
+    of the flat buffer, so a large model is not copied in memory."""
     from safetensors.numpy import save_file
 
-    from minigpt.errors import FileSystemError
-
-    tmp = safeio.tmp_path(path)
-    try:
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise FileSystemError(f"{path}: cannot write: {safeio.reason(e)}") from None
-    safeio.fsync_dir(path.parent)
+    safeio.atomic_write_file(path, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
 
 
 def export_hf(model, out_dir) -> list[Path]:

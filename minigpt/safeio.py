@@ -72,14 +72,29 @@ def tmp_path(path: Path) -> Path:
 def atomic_write(path, write: Callable) -> Path:
     """Write path as a whole: write(f) fills a binary file object; path is replaced only once
     the new content is on disk."""
-    path = Path(path)
-    make_dir(path.parent)
-    tmp = tmp_path(path)
-    try:
+
+    def fill(tmp: Path) -> None:
         with open(tmp, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+
+    return atomic_write_file(path, fill)
+
+
+def atomic_write_file(path, fill: Callable) -> Path:
+    """atomic_write for writers that want a file name, not a file object (safetensors' save_file):
+    fill(tmp) writes the temporary file, which is synced, then renamed over path."""
+    path = Path(path)
+    make_dir(path.parent)
+    tmp = tmp_path(path)
+    try:
+        fill(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException as e:  # a full disk, or Ctrl-C mid-write: drop the half-written file
         _remove_quietly(tmp)
