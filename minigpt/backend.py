@@ -109,12 +109,22 @@ def row_sum(a):
 
     On the CPU, for many rows, through einsum's one-operand loop (a reduction, not a product):
     ndarray.sum adds each short row pairwise and runs about 3x slower on our rows (384 features,
-    256 keys). For a few rows (a decode step's) einsum's own call costs more than that saves."""
-    if device == "cpu" and a.size > 4096:
+    256 keys). For a few rows (a decode step's) einsum's own call costs more than that saves, and
+    the reduction is called directly: a decode step makes a few hundred of these calls."""
+    if device != "cpu":
+        return a.sum(axis=-1, keepdims=True)
+    if a.size > 4096:
         # Not a matrix product: one operand and no second factor, so einsum only adds along i
         # (the meter counts these additions in the caller's elementwise op, e.g. LayerNorm's).
         return xp.einsum("...i->...", a)[..., None]
-    return a.sum(axis=-1, keepdims=True)
+    return xp.add.reduce(a, axis=-1, keepdims=True)  # ndarray.sum's Python wrapper, skipped
+
+
+def row_max(a):
+    """Maxima over the last axis, kept as a length-1 axis: (..., n) -> (..., 1)."""
+    if device != "cpu":
+        return a.max(axis=-1, keepdims=True)
+    return xp.maximum.reduce(a, axis=-1, keepdims=True)  # as row_sum: ndarray.max's wrapper skipped
 
 
 def row_mean(a):

@@ -148,14 +148,16 @@ def causal_softmax_forward(scores, scale, pos0=0):
         return cuda_kernels.causal_softmax_forward(scores, scale, pos0)
     xp = backend.xp
     T, Tk = scores.shape[-2:]
-    mask = _causal_mask(T, Tk, pos0, scores.dtype, backend.device)  # (T, Tk)
+    # A query at or past the last key sees every key (a decode step's one query): no mask to add.
+    mask = _causal_mask(T, Tk, pos0, scores.dtype, backend.device) if pos0 + 1 < Tk else None
     att = scores.reshape(-1, T, Tk)  # (B*H, T, Tk)
 
     def rows(r):
         a = att[r]
         a *= scale
-        a += mask
-        a -= a.max(axis=-1, keepdims=True)
+        if mask is not None:
+            a += mask
+        a -= backend.row_max(a)
         xp.exp(a, out=a)
         a /= backend.row_sum(a)
 

@@ -14,15 +14,22 @@ from minigpt.nn.params import FlatBuffer
 class KVCache:
     """Keys and values of every earlier position, per layer, for cached decoding.
 
+    Stored position-major, (L, B, Tmax, H, hs): a decode step's new key (all heads) is one
+    contiguous write, where a head-major layout scatters it into H places; the attention products
+    read each head's keys as rows H * hs apart, which BLAS takes as they are.
     int8: store them as int8 with one float32 scale per key or value vector (see nn/quant.py)."""
 
     def __init__(self, cfg, batch: int, dtype="float32", int8: bool = False):
         xp = backend.xp
         hs = cfg.n_embd // cfg.n_head
-        shape = (cfg.n_layer, batch, cfg.n_head, cfg.block_size, hs)  # (L, B, H, Tmax, hs)
+        shape = (cfg.n_layer, batch, cfg.block_size, cfg.n_head, hs)  # (L, B, Tmax, H, hs)
         self.int8 = int8
-        self.k = xp.zeros(shape, dtype="int8" if int8 else dtype)
-        self.v = xp.zeros(shape, dtype="int8" if int8 else dtype)
+        # Written through now: xp.zeros maps its pages lazily, and the decode steps would then
+        # take the page faults, a fresh page every few positions.
+        self.k = xp.empty(shape, dtype="int8" if int8 else dtype)
+        self.v = xp.empty(shape, dtype="int8" if int8 else dtype)
+        self.k.fill(0)
+        self.v.fill(0)
         if int8:
             self.k_scale = xp.zeros(shape[:-1] + (1,), dtype="float32")
             self.v_scale = xp.zeros(shape[:-1] + (1,), dtype="float32")
@@ -40,16 +47,17 @@ class _LayerSlot:
 
     def append(self, k, v):
         """Store k, v (B, H, T, hs) after the filled positions; return all keys and values so far
-        (with an int8 cache: keys, their scales, values, their scales)."""
+        as (B, H, t, hs) views (with an int8 cache: keys, their scales, values, their scales)."""
         c, i, t0 = self.cache, self.i, self.length
         t1 = t0 + k.shape[2]
+        k, v = k.swapaxes(1, 2), v.swapaxes(1, 2)  # (B, T, H, hs): the cache's order
         if not c.int8:
-            c.k[i, :, :, t0:t1] = k
-            c.v[i, :, :, t0:t1] = v
-            return c.k[i, :, :, :t1], c.v[i, :, :, :t1]  # (B, H, t1, hs)
-        c.k[i, :, :, t0:t1], c.k_scale[i, :, :, t0:t1] = quant.quantize_vectors(k)
-        c.v[i, :, :, t0:t1], c.v_scale[i, :, :, t0:t1] = quant.quantize_vectors(v)
-        return c.k[i, :, :, :t1], c.k_scale[i, :, :, :t1], c.v[i, :, :, :t1], c.v_scale[i, :, :, :t1]
+            c.k[i, :, t0:t1] = k
+            c.v[i, :, t0:t1] = v
+            return c.k[i, :, :t1].swapaxes(1, 2), c.v[i, :, :t1].swapaxes(1, 2)
+        c.k[i, :, t0:t1], c.k_scale[i, :, t0:t1] = quant.quantize_vectors(k)
+        c.v[i, :, t0:t1], c.v_scale[i, :, t0:t1] = quant.quantize_vectors(v)
+        return tuple(a[i, :, :t1].swapaxes(1, 2) for a in (c.k, c.k_scale, c.v, c.v_scale))
 
 
 def block_forward(x, p, cfg, kv=None, rng=None):
