@@ -58,11 +58,13 @@ def layernorm_forward(x, w, b, eps=1e-5):
     rstd = xp.empty((x2.shape[0], 1), dtype=x.dtype)  # (N, 1)
 
     def rows(r):
-        xs, xh, o = x2[r], xhat[r], out[r]
+        xs, xh, o, s = x2[r], xhat[r], out[r], rstd[r]
         xp.subtract(xs, backend.row_mean(xs), out=xh)  # centred
         xp.multiply(xh, xh, out=o)  # squares, in the output block until it is written
-        xp.divide(1.0, xp.sqrt(backend.row_mean(o) + eps), out=rstd[r])
-        xh *= rstd[r]
+        xp.add(backend.row_mean(o), eps, out=s)  # variance + eps
+        xp.sqrt(s, out=s)
+        xp.divide(1.0, s, out=s)
+        xh *= s
         xp.multiply(xh, w, out=o)
         o += b
 
