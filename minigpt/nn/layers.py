@@ -17,7 +17,10 @@ from minigpt.nn import cuda_kernels, quant
 
 
 def _nbytes(*arrays) -> int:
-    return sum(a.nbytes for a in arrays)
+    n = 0
+    for a in arrays:  # a loop, not sum() over a generator: called a few hundred times a decode step
+        n += a.nbytes
+    return n
 
 
 # ----------------------------------------------------------------------------- embedding
@@ -54,7 +57,7 @@ def layernorm_forward(x, w, b, eps=1e-5):
     xp = backend.xp
     C = x.shape[-1]
     x2 = x.reshape(-1, C)  # (N, C)
-    xhat, out = xp.empty_like(x2), xp.empty_like(x2)
+    xhat, out = xp.empty(x2.shape, x2.dtype), xp.empty(x2.shape, x2.dtype)
     rstd = xp.empty((x2.shape[0], 1), dtype=x.dtype)  # (N, 1)
 
     def rows(r):
@@ -189,8 +192,9 @@ def causal_softmax_backward(datt, att, scale):
 
 
 def _useful_causal_flops(B, H, T, Tk, pos0, head_size):
-    """Products a causal mask keeps: query pos0+i sees min(pos0+i+1, Tk) keys."""
-    visible = sum(min(pos0 + i + 1, Tk) for i in range(T))
+    """Products a causal mask keeps: query pos0+i sees pos0+i+1 keys (of Tk = pos0 + T)."""
+    assert Tk == pos0 + T, (Tk, pos0, T)
+    visible = T * pos0 + T * (T + 1) // 2  # sum of pos0 + i + 1 over i < T
     return 2 * B * H * visible * head_size
 
 
@@ -295,7 +299,7 @@ def gelu_forward(x):
         return cuda_kernels.gelu_forward(x)
     xp = backend.xp
     x2 = x.reshape(-1, x.shape[-1])  # (N, 4C)
-    th, out = xp.empty_like(x2), xp.empty_like(x2)
+    th, out = xp.empty(x2.shape, x2.dtype), xp.empty(x2.shape, x2.dtype)
 
     def rows(r):
         xs, t, o = x2[r], th[r], out[r]
