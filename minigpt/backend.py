@@ -143,5 +143,22 @@ def map_rows(kernel, n_rows: int, row_bytes: int) -> list:
     (column sums, for example)."""
     if device != "cpu" or n_rows * row_bytes <= BLOCK_BYTES:
         return [kernel(slice(0, n_rows))]
+    return [kernel(r) for r in _row_blocks(n_rows, row_bytes)]
+
+
+def by_rows(kernel, row_bytes: int, arrays: tuple, *args) -> None:
+    """kernel(*row blocks of arrays, *args) over blocks of rows, as map_rows: every array in
+    arrays has the same rows, and each block of them goes to the kernel together. An input that
+    fits one block goes to the kernel as it is, with no slicing (a decode step's rows)."""
+    n_rows = arrays[0].shape[0]
+    if device != "cpu" or n_rows * row_bytes <= BLOCK_BYTES:
+        kernel(*arrays, *args)
+        return
+    for r in _row_blocks(n_rows, row_bytes):
+        kernel(*(a[r] for a in arrays), *args)
+
+
+def _row_blocks(n_rows: int, row_bytes: int) -> list:
+    """Slices of range(n_rows), about BLOCK_BYTES of rows each."""
     step = max(1, BLOCK_BYTES // max(1, row_bytes))
-    return [kernel(slice(i, min(i + step, n_rows))) for i in range(0, n_rows, step)]
+    return [slice(i, min(i + step, n_rows)) for i in range(0, n_rows, step)]

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pytest
 
+from minigpt import backend
 from minigpt.config import ModelConfig
 from minigpt.nn import layers as nn
 from minigpt.nn.model import GPT, block_backward, block_forward
@@ -356,6 +357,25 @@ def test_forward_and_backward_leave_inputs_untouched(name):
     case.backward(np.array(dout, copy=True), cache, grads)
     for key, a in case.arrays.items():
         np.testing.assert_array_equal(a, before[key], err_msg=f"{name} wrote into {key}")
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_row_blocks_give_what_one_block_gives(name, monkeypatch):
+    """The CPU runs elementwise chains block by block of rows (backend.by_rows, map_rows); the
+    cases here fit one block, so run them again with blocks of a row or two."""
+    case, dout = make_case(name)
+    outs = []
+    for block_bytes in (backend.BLOCK_BYTES, 64):
+        monkeypatch.setattr(backend, "BLOCK_BYTES", block_bytes)
+        out, cache = case.forward(copies(case.arrays))
+        grads = {n: np.zeros_like(case.arrays[n]) for n in case.params}
+        grads.update(case.backward(np.array(dout, copy=True), cache, grads))  # and the inputs'
+        outs.append((np.array(out, copy=True), grads))
+    (out1, g1), (out2, g2) = outs
+    np.testing.assert_allclose(out2, out1, rtol=1e-12, atol=1e-14)
+    assert set(g2) == set(g1) == set(case.arrays)
+    for key in g1:
+        np.testing.assert_allclose(g2[key], g1[key], rtol=1e-12, atol=1e-14, err_msg=key)
 
 
 @pytest.mark.parametrize("name", WITH_PARAMS)

@@ -52,6 +52,19 @@ def embedding_backward(dout, cache, dwte, dwpe):
 # ----------------------------------------------------------------------------- layernorm
 
 
+def _layernorm_rows(xs, xh, o, s, w, b, eps):
+    """LayerNorm of the rows xs: xh the normalised rows, o the output, s the reciprocal std."""
+    xp = backend.xp
+    xp.subtract(xs, backend.row_mean(xs), out=xh)  # centred
+    xp.multiply(xh, xh, out=o)  # squares, in the output block until it is written
+    xp.add(backend.row_mean(o), eps, out=s)  # variance + eps
+    xp.sqrt(s, out=s)
+    xp.divide(1.0, s, out=s)
+    xh *= s
+    xp.multiply(xh, w, out=o)
+    o += b
+
+
 def layernorm_forward(x, w, b, eps=1e-5):
     """x (..., C) normalised over C, then scaled by w and shifted by b."""
     xp = backend.xp
@@ -60,19 +73,8 @@ def layernorm_forward(x, w, b, eps=1e-5):
     xhat, out = xp.empty(x2.shape, x2.dtype), xp.empty(x2.shape, x2.dtype)
     rstd = xp.empty((x2.shape[0], 1), dtype=x.dtype)  # (N, 1)
 
-    def rows(r):
-        xs, xh, o, s = x2[r], xhat[r], out[r], rstd[r]
-        xp.subtract(xs, backend.row_mean(xs), out=xh)  # centred
-        xp.multiply(xh, xh, out=o)  # squares, in the output block until it is written
-        xp.add(backend.row_mean(o), eps, out=s)  # variance + eps
-        xp.sqrt(s, out=s)
-        xp.divide(1.0, s, out=s)
-        xh *= s
-        xp.multiply(xh, w, out=o)
-        o += b
-
     with METER.op("layernorm", "normalize") as c:
-        backend.map_rows(rows, x2.shape[0], C * x.itemsize)
+        backend.by_rows(_layernorm_rows, C * x.itemsize, (x2, xhat, out, rstd), w, b, eps)
         c.count(FPE["layernorm", "normalize"] * x.size, _nbytes(x, w, b), _nbytes(out, xhat, rstd), x.dtype)
     return out.reshape(x.shape), (xhat, w, rstd)
 
@@ -147,27 +149,27 @@ def _causal_mask(T, Tk, pos0, dtype, device):
     return xp.where(j <= i, 0.0, -xp.inf).astype(dtype)
 
 
+def _softmax_rows(a, scale, mask):
+    """Softmax over the last axis of scale * a (+ mask, unless None), in place."""
+    xp = backend.xp
+    a *= scale
+    if mask is not None:
+        a += mask
+    a -= backend.row_max(a)
+    xp.exp(a, out=a)
+    a /= backend.row_sum(a)
+
+
 def causal_softmax_forward(scores, scale, pos0=0):
     """Softmax over keys of scale * scores, with the causal mask. scores (B, H, T, Tk), in place."""
     if cuda_kernels.active():
         return cuda_kernels.causal_softmax_forward(scores, scale, pos0)
-    xp = backend.xp
     T, Tk = scores.shape[-2:]
     # A query at or past the last key sees every key (a decode step's one query): no mask to add.
     mask = _causal_mask(T, Tk, pos0, scores.dtype, backend.device) if pos0 + 1 < Tk else None
     att = scores.reshape(-1, T, Tk)  # (B*H, T, Tk)
-
-    def rows(r):
-        a = att[r]
-        a *= scale
-        if mask is not None:
-            a += mask
-        a -= backend.row_max(a)
-        xp.exp(a, out=a)
-        a /= backend.row_sum(a)
-
     with METER.op("softmax", "causal") as c:
-        backend.map_rows(rows, att.shape[0], T * Tk * att.itemsize)
+        backend.by_rows(_softmax_rows, T * Tk * att.itemsize, (att,), scale, mask)
         c.count(FPE["softmax", "causal"] * att.size, att.nbytes, att.nbytes, att.dtype)
     return scores
 
@@ -293,6 +295,19 @@ def attention_backward(dout, cache, p, g):
 _GELU_K = math.sqrt(2.0 / math.pi)
 
 
+def _gelu_rows(xs, t, o):
+    """GELU of the rows xs into o; t keeps the tanh for the backward."""
+    xp = backend.xp
+    xp.multiply(xs, xs, out=t)
+    t *= _GELU_K * 0.044715
+    t += _GELU_K
+    t *= xs
+    xp.tanh(t, out=t)  # kept for the backward
+    xp.add(t, 1.0, out=o)
+    o *= xs
+    o *= 0.5
+
+
 def gelu_forward(x):
     """GPT-2's tanh approximation: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))."""
     if cuda_kernels.active():
@@ -300,20 +315,8 @@ def gelu_forward(x):
     xp = backend.xp
     x2 = x.reshape(-1, x.shape[-1])  # (N, 4C)
     th, out = xp.empty(x2.shape, x2.dtype), xp.empty(x2.shape, x2.dtype)
-
-    def rows(r):
-        xs, t, o = x2[r], th[r], out[r]
-        xp.multiply(xs, xs, out=t)
-        t *= _GELU_K * 0.044715
-        t += _GELU_K
-        t *= xs
-        xp.tanh(t, out=t)  # kept for the backward
-        xp.add(t, 1.0, out=o)
-        o *= xs
-        o *= 0.5
-
     with METER.op("gelu", "tanh") as c:
-        backend.map_rows(rows, x2.shape[0], x2.shape[1] * x.itemsize)
+        backend.by_rows(_gelu_rows, x2.shape[1] * x.itemsize, (x2, th, out))
         c.count(FPE["gelu", "tanh"] * x.size, x.nbytes, out.nbytes + th.nbytes, x.dtype)
     return out.reshape(x.shape), (x2, th)
 
