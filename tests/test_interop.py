@@ -210,5 +210,8 @@ def test_init_writes_a_run_that_generates_and_costs(tmp_path):
     assert g.returncode == 0 and g.stdout.startswith("<464><2068><"), g.stderr
     bad = run_cli("generate.py", run, "--prompt", "hello")
     assert bad.returncode == 2 and "no tokenizer" in bad.stderr
+    bad = run_cli("-m", "minigpt", "eval", run)
+    assert bad.returncode == 2 and "no tokenizer" in bad.stderr and "eval cannot encode" in bad.stderr
+    assert "Traceback" not in bad.stderr
     c = run_cli("-m", "minigpt", "costs", run, "--mode", "decode", "--seq", "8", "--batch", "1")
     assert c.returncode == 0 and "predicted" in c.stdout and "lm_head" in c.stdout, c.stderr

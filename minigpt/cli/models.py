@@ -5,7 +5,7 @@ from pathlib import Path
 
 from minigpt.cli.common import Parser
 from minigpt.cli.generation import apply_int8, int8_arguments
-from minigpt.errors import ConfigError
+from minigpt.errors import ConfigError, DataError
 
 
 def cmd_quantize(argv) -> int:
@@ -64,6 +64,9 @@ def cmd_eval(argv) -> int:
     if args.max_tokens < 1:
         raise ConfigError(f"--max-tokens must be >= 1, got {args.max_tokens}")
     model = minigpt.load(args.run)
+    if model.tokenizer.kind == "none":
+        raise DataError(f"{args.run}: this run has no tokenizer (no vocab.json + merges.txt were given), so "
+                        "eval cannot encode its validation text; import the model with its tokenizer files")
     reference = None
     if args.int8 is not None:
         if model.gpt.quant is not None:
