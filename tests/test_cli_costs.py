@@ -24,6 +24,17 @@ def test_a_run_leaves_costs_json_and_csv_with_the_schema(trained_run):
     assert len(rows) == len(doc["records"])
 
 
+def test_the_end_of_run_summary_shows_the_evaluations_beside_training(trained_run):
+    doc = json.loads((trained_run / "costs.json").read_text())
+    text = report.summary(doc["records"], doc["steps"], doc["tokens"])
+    lines = {ln.split()[0]: ln for ln in text.splitlines() if ln.split()}
+    train = [r for r in doc["records"] if r["phase"] != "eval"]
+    evals = [r for r in doc["records"] if r["phase"] == "eval"]
+    assert lines["all"].split()[1:3] == report.si(sum(r["flops"] for r in train)).split()
+    assert lines["eval"].split()[1:3] == report.si(sum(r["flops"] for r in evals)).split()
+    assert "not in all" in lines["eval"]
+
+
 @pytest.mark.parametrize("by", ["scope", "op", "kind", "layer", "phase"])
 def test_costs_groups_a_run(trained_run, by):
     r = run_cli("-m", "minigpt", "costs", trained_run, "--by", by, "--format", "json")

@@ -163,8 +163,8 @@ def load(run_dir) -> dict:
 
 def summary(rows, steps: int, tokens: int, peak_flops: float | None = None,
             peak_source: str = "") -> str:
-    """The end-of-training report: a per-layer table of the training phases, phase totals,
-    and model FLOPs utilisation against a measured peak (when one is given)."""
+    """The end-of-training report: a per-layer table of the training phases, phase totals (and
+    the evaluations' beside them), and model FLOPs utilisation against a measured peak (when one is given)."""
     train_rows = [r for r in rows if r["phase"] in ("forward", "backward", "optimizer")]
     t = totals(train_rows)
     comm = totals([r for r in rows if r["phase"] == "communication"]).get("communication")
@@ -179,6 +179,11 @@ def summary(rows, steps: int, tokens: int, peak_flops: float | None = None,
         rate = p["flops"] / p["seconds"] / 1e9 if p["seconds"] > 0 else 0.0
         lines.append(f"{phase:<10}  {si(p['flops']):>11}  {si(p['bytes_read'] + p['bytes_written'], 'B'):>10}"
                      f"  {p['seconds']:8.2f}  {rate:8.2f}")
+    evals = totals([r for r in rows if r["phase"] == "eval"]).get("eval")
+    if evals:  # the periodic validation forwards: real work, but not training's, so not in "all"
+        rate = evals["flops"] / evals["seconds"] / 1e9 if evals["seconds"] > 0 else 0.0
+        lines.append(f"{'eval':<10}  {si(evals['flops']):>11}  {si(evals['bytes_read'] + evals['bytes_written'], 'B'):>10}"
+                     f"  {evals['seconds']:8.2f}  {rate:8.2f}  (validation forwards, not in all)")
     if comm:
         lines.extend(communication_lines(t["all"], comm))
     if steps:
