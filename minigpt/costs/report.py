@@ -173,17 +173,11 @@ def summary(rows, steps: int, tokens: int, peak_flops: float | None = None,
              "",
              f"{'phase':<10}  {'FLOPs':>11}  {'bytes':>10}  {'seconds':>8}  {'GFLOP/s':>8}"]
     for phase in ("forward", "backward", "optimizer", "all"):
-        if phase not in t:
-            continue
-        p = t[phase]
-        rate = p["flops"] / p["seconds"] / 1e9 if p["seconds"] > 0 else 0.0
-        lines.append(f"{phase:<10}  {si(p['flops']):>11}  {si(p['bytes_read'] + p['bytes_written'], 'B'):>10}"
-                     f"  {p['seconds']:8.2f}  {rate:8.2f}")
+        if phase in t:
+            lines.append(_phase_line(phase, t[phase]))
     evals = totals([r for r in rows if r["phase"] == "eval"]).get("eval")
     if evals:  # the periodic validation forwards: real work, but not training's, so not in "all"
-        rate = evals["flops"] / evals["seconds"] / 1e9 if evals["seconds"] > 0 else 0.0
-        lines.append(f"{'eval':<10}  {si(evals['flops']):>11}  {si(evals['bytes_read'] + evals['bytes_written'], 'B'):>10}"
-                     f"  {evals['seconds']:8.2f}  {rate:8.2f}  (validation forwards, not in all)")
+        lines.append(_phase_line("eval", evals) + "  (validation forwards, not in all)")
     if comm:
         lines.extend(communication_lines(t["all"], comm))
     if steps:
@@ -196,6 +190,12 @@ def summary(rows, steps: int, tokens: int, peak_flops: float | None = None,
                      f"{peak_flops / 1e9:,.1f} GFLOP/s {peak_source}".rstrip())
     lines.append(CONVENTIONS)
     return "\n".join(lines)
+
+
+def _phase_line(name: str, p: dict) -> str:
+    rate = p["flops"] / p["seconds"] / 1e9 if p["seconds"] > 0 else 0.0
+    return (f"{name:<10}  {si(p['flops']):>11}  {si(p['bytes_read'] + p['bytes_written'], 'B'):>10}"
+            f"  {p['seconds']:8.2f}  {rate:8.2f}")
 
 
 def communication_lines(compute: dict, comm: dict) -> list[str]:

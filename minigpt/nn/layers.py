@@ -193,9 +193,8 @@ def causal_softmax_backward(datt, att, scale):
     return d3.reshape(att.shape)
 
 
-def _useful_causal_flops(B, H, T, Tk, pos0, head_size):
-    """Products a causal mask keeps: query pos0+i sees pos0+i+1 keys (of Tk = pos0 + T)."""
-    assert Tk == pos0 + T, (Tk, pos0, T)
+def _useful_causal_flops(B, H, T, pos0, head_size):
+    """Products a causal mask keeps: query pos0+i sees pos0+i+1 of the pos0 + T keys."""
     visible = T * pos0 + T * (T + 1) // 2  # sum of pos0 + i + 1 over i < T
     return 2 * B * H * visible * head_size
 
@@ -219,8 +218,7 @@ def attention_forward(x, p, n_head, kv=None, dropout=0.0, rng=None):
     if kv is not None:
         pos0 = kv.length
         k, v = kv.append(k, v)  # (B, H, pos0 + T, hs)
-    Tk = k.shape[2]
-    useful = _useful_causal_flops(B, n_head, T, Tk, pos0, hs)
+    useful = _useful_causal_flops(B, n_head, T, pos0, hs)
     with METER.scope("scores"):
         att = matmul(q, k.swapaxes(-1, -2), op="q@kT", useful_flops=useful)  # (B, H, T, Tk)
     with METER.scope("softmax"):
@@ -244,8 +242,7 @@ def _attention_int8_kv(q, k, v, kv, p, B, T, C, n_head):
     hs = C // n_head
     pos0 = kv.length
     kq, ks, vq, vs = kv.append(k, v)  # (B, H, Tk, hs) int8 and (B, H, Tk, 1) scales
-    Tk = kq.shape[2]
-    useful = _useful_causal_flops(B, n_head, T, Tk, pos0, hs)
+    useful = _useful_causal_flops(B, n_head, T, pos0, hs)
     with METER.scope("scores"):
         att = METER.matmul_w8(q, xp.ascontiguousarray(kq.swapaxes(-1, -2)), op="q@kT", useful_flops=useful)
         att = quant.rescale(att, (ks.swapaxes(-1, -2),), att.dtype)  # one scale per key
@@ -266,7 +263,7 @@ def attention_backward(dout, cache, p, g):
     c_attn, q, k, v, probs, att, drop, c_proj = cache
     B, H, T, hs = q.shape
     C = H * hs
-    useful = _useful_causal_flops(B, H, T, T, 0, hs)
+    useful = _useful_causal_flops(B, H, T, 0, hs)
     with METER.scope("c_proj"):
         dy = linear_backward(dout, c_proj, g["attn.c_proj.weight"], g["attn.c_proj.bias"])
     dy = dy.reshape(B, T, H, hs).transpose(0, 2, 1, 3)  # (B, H, T, hs) view
