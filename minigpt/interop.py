@@ -17,13 +17,13 @@ import numpy as np
 from minigpt import config as config_mod
 from minigpt import safeio
 from minigpt.errors import CheckpointError, ConfigError, DataError
+from minigpt.nn.layers import LAYERNORM_EPS
 from minigpt.nn.params import FlatBuffer, layout
 from minigpt.train import checkpoint
 
 DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": None}  # bf16: widened by hand
 BUFFERS = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers older checkpoints carry
 TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh")  # both are the tanh approximation we compute
-LAYERNORM_EPS = 1e-5  # minigpt.nn.layers.layernorm_forward's eps
 GPT2_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "dropout")
 
 

@@ -59,6 +59,38 @@ def test_kv_cached_decoding_matches_the_full_forward_pass(batch):
     assert rel_diff(cached, full) <= 1e-5
 
 
+@pytest.mark.parametrize("variant", ["dense", "moe", "int8 weights"])
+def test_decode_blocks_count_and_compute_what_the_general_blocks_do(variant, monkeypatch):
+    """A decode step's blocks run model.block_decode; block_forward on the same steps gives the
+    same logits (float64: to rounding) and the same records, call for call (MoE blocks keep
+    block_forward, and int8 weights go through block_decode's linear layers)."""
+    from minigpt.meter import METER
+    from minigpt.nn import model as model_mod
+
+    extra = {"moe": ["model.n_experts=2", "model.moe_every=2"]}.get(variant, [])
+    cfg = config.load(None, [f"model.{k}={v}" for k, v in SMALL.items()] + extra)
+    tokens = random_tokens((2, 12))
+    runs = []
+    for general in (False, True):
+        m = Model.from_config(cfg, seed=0, dtype="float64")
+        if variant == "int8 weights":
+            m.quantize("w8a32")
+        if general:
+            monkeypatch.setattr(model_mod, "block_decode", lambda x, p, cfg, kv: model_mod.block_forward(x, p, cfg, kv)[0])
+        METER.reset()
+        kv = KVCache(cfg.model, 2, "float64")
+        out = [m.gpt.logits(tokens[:, :4], kv)]
+        with METER.in_phase("decode"):
+            out += [m.gpt.logits(tokens[:, t : t + 1], kv) for t in range(4, 12)]
+        counts = {k: (r.calls, r.flops, r.useful_flops, r.bytes_read, r.bytes_written)
+                  for k, r in METER.records.items()}
+        runs.append((np.concatenate(out, axis=1), counts))
+    (fast, fast_counts), (general, general_counts) = runs
+    assert any(k[0].endswith("attn.softmax") and k[3] == "decode" for k in fast_counts)
+    assert fast_counts == general_counts
+    assert rel_diff(fast, general) <= 1e-12
+
+
 def test_last_only_is_the_last_position():
     m = random_model("float32")
     tokens = random_tokens((2, 10))

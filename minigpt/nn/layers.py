@@ -52,7 +52,10 @@ def embedding_backward(dout, cache, dwte, dwpe):
 # ----------------------------------------------------------------------------- layernorm
 
 
-def _layernorm_rows(xs, xh, o, s, w, b, eps):
+LAYERNORM_EPS = 1e-5  # GPT-2's
+
+
+def layernorm_rows(xs, xh, o, s, w, b, eps):
     """LayerNorm of the rows xs: xh the normalised rows, o the output, s the reciprocal std."""
     xp = backend.xp
     xp.subtract(xs, backend.row_mean(xs), out=xh)  # centred
@@ -65,7 +68,7 @@ def _layernorm_rows(xs, xh, o, s, w, b, eps):
     o += b
 
 
-def layernorm_forward(x, w, b, eps=1e-5):
+def layernorm_forward(x, w, b, eps=LAYERNORM_EPS):
     """x (..., C) normalised over C, then scaled by w and shifted by b."""
     xp = backend.xp
     C = x.shape[-1]
@@ -74,7 +77,7 @@ def layernorm_forward(x, w, b, eps=1e-5):
     rstd = xp.empty((x2.shape[0], 1), dtype=x.dtype)  # (N, 1)
 
     with METER.op("layernorm", "normalize") as c:
-        backend.by_rows(_layernorm_rows, C * x.itemsize, (x2, xhat, out, rstd), w, b, eps)
+        backend.by_rows(layernorm_rows, C * x.itemsize, (x2, xhat, out, rstd), w, b, eps)
         c.count(FPE["layernorm", "normalize"] * x.size, _nbytes(x, w, b), _nbytes(out, xhat, rstd), x.dtype)
     return out.reshape(x.shape), (xhat, w, rstd)
 
@@ -149,7 +152,7 @@ def _causal_mask(T, Tk, pos0, dtype, device):
     return xp.where(j <= i, 0.0, -xp.inf).astype(dtype)
 
 
-def _softmax_rows(a, scale, mask):
+def softmax_rows(a, scale, mask):
     """Softmax over the last axis of scale * a (+ mask, unless None), in place."""
     xp = backend.xp
     a *= scale
@@ -169,7 +172,7 @@ def causal_softmax_forward(scores, scale, pos0=0):
     mask = _causal_mask(T, Tk, pos0, scores.dtype, backend.device) if pos0 + 1 < Tk else None
     att = scores.reshape(-1, T, Tk)  # (B*H, T, Tk)
     with METER.op("softmax", "causal") as c:
-        backend.by_rows(_softmax_rows, T * Tk * att.itemsize, (att,), scale, mask)
+        backend.by_rows(softmax_rows, T * Tk * att.itemsize, (att,), scale, mask)
         c.count(FPE["softmax", "causal"] * att.size, att.nbytes, att.nbytes, att.dtype)
     return scores
 
@@ -193,7 +196,7 @@ def causal_softmax_backward(datt, att, scale):
     return d3.reshape(att.shape)
 
 
-def _useful_causal_flops(B, H, T, pos0, head_size):
+def useful_causal_flops(B, H, T, pos0, head_size):
     """Products a causal mask keeps: query pos0+i sees pos0+i+1 of the pos0 + T keys."""
     visible = T * pos0 + T * (T + 1) // 2  # sum of pos0 + i + 1 over i < T
     return 2 * B * H * visible * head_size
@@ -218,7 +221,7 @@ def attention_forward(x, p, n_head, kv=None, dropout=0.0, rng=None):
     if kv is not None:
         pos0 = kv.length
         k, v = kv.append(k, v)  # (B, H, pos0 + T, hs)
-    useful = _useful_causal_flops(B, n_head, T, pos0, hs)
+    useful = useful_causal_flops(B, n_head, T, pos0, hs)
     with METER.scope("scores"):
         att = matmul(q, k.swapaxes(-1, -2), op="q@kT", useful_flops=useful)  # (B, H, T, Tk)
     with METER.scope("softmax"):
@@ -242,7 +245,7 @@ def _attention_int8_kv(q, k, v, kv, p, B, T, C, n_head):
     hs = C // n_head
     pos0 = kv.length
     kq, ks, vq, vs = kv.append(k, v)  # (B, H, Tk, hs) int8 and (B, H, Tk, 1) scales
-    useful = _useful_causal_flops(B, n_head, T, pos0, hs)
+    useful = useful_causal_flops(B, n_head, T, pos0, hs)
     with METER.scope("scores"):
         att = METER.matmul_w8(q, xp.ascontiguousarray(kq.swapaxes(-1, -2)), op="q@kT", useful_flops=useful)
         att = quant.rescale(att, (ks.swapaxes(-1, -2),), att.dtype)  # one scale per key
@@ -263,7 +266,7 @@ def attention_backward(dout, cache, p, g):
     c_attn, q, k, v, probs, att, drop, c_proj = cache
     B, H, T, hs = q.shape
     C = H * hs
-    useful = _useful_causal_flops(B, H, T, 0, hs)
+    useful = useful_causal_flops(B, H, T, 0, hs)
     with METER.scope("c_proj"):
         dy = linear_backward(dout, c_proj, g["attn.c_proj.weight"], g["attn.c_proj.bias"])
     dy = dy.reshape(B, T, H, hs).transpose(0, 2, 1, 3)  # (B, H, T, hs) view
@@ -292,7 +295,7 @@ def attention_backward(dout, cache, p, g):
 _GELU_K = math.sqrt(2.0 / math.pi)
 
 
-def _gelu_rows(xs, t, o):
+def gelu_rows(xs, t, o):
     """GELU of the rows xs into o; t keeps the tanh for the backward."""
     xp = backend.xp
     xp.multiply(xs, xs, out=t)
@@ -313,7 +316,7 @@ def gelu_forward(x):
     x2 = x.reshape(-1, x.shape[-1])  # (N, 4C)
     th, out = xp.empty(x2.shape, x2.dtype), xp.empty(x2.shape, x2.dtype)
     with METER.op("gelu", "tanh") as c:
-        backend.by_rows(_gelu_rows, x2.shape[1] * x.itemsize, (x2, th, out))
+        backend.by_rows(gelu_rows, x2.shape[1] * x.itemsize, (x2, th, out))
         c.count(FPE["gelu", "tanh"] * x.size, x.nbytes, out.nbytes + th.nbytes, x.dtype)
     return out.reshape(x.shape), (x2, th)
 

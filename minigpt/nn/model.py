@@ -4,7 +4,11 @@ The forward runs the layer pairs of layers.py in order, keeping each one's cache
 runs them in reverse (llm.c's gpt2_backward, read as the forward in reverse).
 """
 
+import math
+
 from minigpt import backend
+from minigpt.config import is_moe_block
+from minigpt.meter import FLOPS_PER_ELEMENT as FPE
 from minigpt.meter import METER, matmul
 from minigpt.nn import layers as nn
 from minigpt.nn import moe, quant
@@ -83,6 +87,68 @@ def block_forward(x, p, cfg, kv=None, rng=None):
     return x, (ln_1, attn, d_1, ln_2, mlp, d_2)
 
 
+def block_decode(x, p, cfg, kv: "_LayerSlot"):
+    """block_forward for one new position of each sequence (x (B, 1, C)) with a float KV cache
+    and a dense MLP: the same operations on the same arrays, counted under the same names and
+    sizes, without what a single row never uses (row blocking, the caches a backward reads,
+    dropout, the MoE and int8-cache branches). tests/test_generate.py checks the records and the
+    logits against block_forward's. Why it exists: a decode step of a real-size model is mostly
+    weight products that leave the CPU's caches cold, so every line of Python between them runs
+    slowly, and block_forward's general path costs about 2% of a GPT-2 124M step
+    (docs/benchmarks.md). Returns x (B, 1, C)."""
+    xp = backend.xp
+    B, _, C = x.shape
+    H = cfg.n_head
+    hs = C // H
+    x = x.reshape(B, C)
+    with METER.scope("ln_1"):
+        h = _layernorm_rows(x, p["ln_1.weight"], p["ln_1.bias"])
+    with METER.scope("attn"):
+        with METER.scope("c_attn"):
+            qkv, _ = nn.linear_forward(h, p["attn.c_attn.weight"], p["attn.c_attn.bias"])  # (B, 3C)
+        q, k, v = qkv.reshape(B, 1, 3, H, hs).transpose(2, 0, 3, 1, 4)  # each (B, H, 1, hs)
+        pos0 = kv.length
+        k, v = kv.append(k, v)  # (B, H, pos0 + 1, hs)
+        useful = nn.useful_causal_flops(B, H, 1, pos0, hs)
+        with METER.scope("scores"):
+            att = matmul(q, k.swapaxes(-1, -2), op="q@kT", useful_flops=useful)  # (B, H, 1, Tk)
+        with METER.scope("softmax"), METER.op("softmax", "causal") as c:
+            nn.softmax_rows(att, 1.0 / math.sqrt(hs), None)  # the one query sees every key
+            c.count(FPE["softmax", "causal"] * att.size, att.nbytes, att.nbytes, att.dtype)
+        y = xp.empty((B, 1, H, hs), dtype=x.dtype)
+        with METER.scope("mix"):
+            matmul(att, v, op="att@v", useful_flops=useful, out=y.transpose(0, 2, 1, 3))
+        with METER.scope("c_proj"):
+            a, _ = nn.linear_forward(y.reshape(B, C), p["attn.c_proj.weight"], p["attn.c_proj.bias"])
+    with METER.scope("residual_1"):
+        x = nn.residual_forward(x, a)
+    with METER.scope("ln_2"):
+        h = _layernorm_rows(x, p["ln_2.weight"], p["ln_2.bias"])
+    with METER.scope("mlp"):
+        with METER.scope("c_fc"):
+            f, _ = nn.linear_forward(h, p["mlp.c_fc.weight"], p["mlp.c_fc.bias"])  # (B, 4C)
+        with METER.scope("gelu"), METER.op("gelu", "tanh") as c:
+            th, g = xp.empty_like(f), xp.empty_like(f)
+            nn.gelu_rows(f, th, g)
+            c.count(FPE["gelu", "tanh"] * f.size, f.nbytes, g.nbytes + th.nbytes, f.dtype)
+        with METER.scope("c_proj"):
+            m, _ = nn.linear_forward(g, p["mlp.c_proj.weight"], p["mlp.c_proj.bias"])
+    with METER.scope("residual_2"):
+        x = nn.residual_forward(x, m)
+    return x.reshape(B, 1, C)
+
+
+def _layernorm_rows(x, w, b):
+    """layernorm_forward of rows x (B, C) that fit one block, counted as it counts them."""
+    xp = backend.xp
+    xhat, out, rstd = xp.empty_like(x), xp.empty_like(x), xp.empty((x.shape[0], 1), dtype=x.dtype)
+    with METER.op("layernorm", "normalize") as c:
+        nn.layernorm_rows(x, xhat, out, rstd, w, b, nn.LAYERNORM_EPS)
+        c.count(FPE["layernorm", "normalize"] * x.size, x.nbytes + w.nbytes + b.nbytes,
+                out.nbytes + xhat.nbytes + rstd.nbytes, x.dtype)
+    return out
+
+
 def block_backward(dx, cache, p, g, daux: float = 1.0):
     """daux: the weight of a MoE block's auxiliary loss in the objective (the model's dloss)."""
     ln_1, attn, d_1, ln_2, mlp, d_2 = cache
@@ -156,6 +222,10 @@ class GPT:
         self.routing = {}
         for i in range(cfg.n_layer):
             with METER.scope(f"h{i}"):
+                if T == 1 and kv is not None and not kv.int8 and not is_moe_block(cfg, i) and drop == 0.0:
+                    x = block_decode(x, self.block_params(i), cfg, kv.layer(i))  # a decode step
+                    blocks.append(None)
+                    continue
                 x, cache = block_forward(x, self.block_params(i), cfg, kv.layer(i) if kv else None, rng)
             blocks.append(cache)
             if isinstance(cache[4], moe.MoECache):
