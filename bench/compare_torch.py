@@ -30,7 +30,7 @@ the machine's speed, or a neighbour's load, hits every framework alike. Each row
 over rounds; "ours/torch" is the median of the per-round ratios (paired rounds); "spread" is the
 range of the rounds as a share of the median. Both frameworks use the same number of threads: the
 number numpy's BLAS uses, given to torch.set_num_threads. MFU is the cost model's FLOPs
-(minigpt.costs.model: predict_training_step, or the prefill and decode steps of the generation)
+(minigpt.counting.closed_form: predict_training_step, or the prefill and decode steps of the generation)
 over the time, against calibrate's measured float32 matmul peak: local_peak(), which reads the
 local-cpu profile `minigpt calibrate` saved (--peak measure: calibrate's measurement, taken now).
 """
@@ -105,7 +105,7 @@ def matmul_peak(source: str) -> tuple[float, str, str]:
     source "profile": calibrate's local_peak() (the local-cpu profile, else a quick measurement);
     "measure": calibrate's 2048^3 measurement, taken now. Both figures are shown, since a profile
     measured while the machine was busy reads low (and every MFU then reads high)."""
-    from minigpt.costs.calibrate import local_peak, matmul_flops
+    from minigpt.hardware.calibrate import local_peak, matmul_flops
 
     profile, note = local_peak()
     now = matmul_flops("float32", 2048, 5)
@@ -162,14 +162,14 @@ def shape_config(shape: str) -> tuple[ModelConfig, int, int]:
 
 def training_flops(cfg: ModelConfig, B: int, T: int) -> int:
     """Model FLOPs of one training step (forward, backward, clip, AdamW) from the cost model."""
-    from minigpt.costs.model import predict_training_step
+    from minigpt.counting.closed_form import predict_training_step
 
     return sum(r.flops for r in predict_training_step(cfg, B, T).values())
 
 
 def generation_flops(cfg: ModelConfig, prompt_len: int, n_new: int) -> int:
     """Model FLOPs of minigpt.sampling.generate's schedule: prefill, decode, rebuild when full."""
-    from minigpt.costs.model import predict_decode, predict_forward
+    from minigpt.counting.closed_form import predict_decode, predict_forward
 
     def total(records):
         return sum(r.flops for r in records.values())
@@ -189,7 +189,7 @@ def ours_task(spec: dict):
     """minigpt's training step (or generation) as (step function, meter breakdown function);
     notes the resident set after the imports in spec["import_rss"]."""
     from minigpt import backend
-    from minigpt.meter import METER
+    from minigpt.counting.meter import METER
     from minigpt.nn.model import GPT
     from minigpt.nn.params import FlatBuffer, init
     from minigpt.sampling import generate

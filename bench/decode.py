@@ -19,7 +19,7 @@ and the ceiling is what the memory does undisturbed. Every run's figure is print
 JSON (`decode_runs_tokens_per_s`).
 Each --blas-threads count (default 1 and 2) gets its own bandwidth, prefill, decode and peak
 measurements; the headline is the count that decoded fastest, and both are printed. Under load
-from other processes, one thread often wins by far (minigpt/blas.py says why). The bandwidth is the
+from other processes, one thread often wins by far (minigpt/hardware/blas.py says why). The bandwidth is the
 higher of calibrate's copy and the same copy split over 2 threads (one core alone may not fill
 the memory system).
 Prefill (the prompt in one forward) is compared with the compute ceiling: calibrate's float32
@@ -43,9 +43,8 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import minigpt
-from minigpt import blas
-from minigpt.costs import calibrate
-from minigpt.meter import METER, matmul
+from minigpt.counting.meter import METER, matmul
+from minigpt.hardware import blas, calibrate
 from minigpt.nn.model import KVCache
 
 
@@ -345,7 +344,7 @@ def main(argv=None) -> int:
     ap.add_argument("--kv-int8", action="store_true", help="with --int8: keep the KV cache in int8")
     ap.add_argument("--blas-threads", default="1,2",
                     help="OpenBLAS thread counts to measure with, comma-separated (default 1,2: the "
-                    "headline is the faster; see minigpt/blas.py for why one thread can win)")
+                    "headline is the faster; see minigpt/hardware/blas.py for why one thread can win)")
     ap.add_argument("--format", choices=("table", "json"), default="table")
     args = ap.parse_args(argv)
     try:

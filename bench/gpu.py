@@ -26,8 +26,8 @@ How it is measured. After --warmup steps (the first compiles CuPy's kernels), N 
 two synchronizations: N is --steps-*, or more where needed to fill --min-seconds, so that NVML's
 energy counter (which ticks coarsely) sees a long enough window. tokens/s = N * B * T / seconds.
 MFU = the closed form's matmul FLOPs of forward and backward per step (6 N_matmul + 12 L T C per
-token, minigpt.costs.model) * steps/s / the profile's dense fp32 peak (the profile is chosen from
-the GPU's name: minigpt.costs.gpu). Counts: the meter's records over the N steps, key by key,
+token, minigpt.counting.closed_form) * steps/s / the profile's dense fp32 peak (the profile is chosen from
+the GPU's name: minigpt.hardware.gpu). Counts: the meter's records over the N steps, key by key,
 against N * predict_training_step (which tests/test_costs.py proves equal to the CPU's meter);
 for tiny, also against one step of ours on the CPU. Energy: NVML's total-energy counter around the
 N steps (the GPU board alone), per token, beside two models at the profile's rated power, no PUE:
@@ -64,9 +64,10 @@ import numpy as np
 
 from minigpt import backend, config
 from minigpt.config import ModelConfig
-from minigpt.costs import gpu, hardware, power, report, roofline
-from minigpt.costs import model as cost_model
-from minigpt.meter import METER
+from minigpt.counting import closed_form as cost_model
+from minigpt.counting import tables
+from minigpt.counting.meter import METER
+from minigpt.hardware import counters, gpu, profiles, roofline
 from minigpt.nn import cuda_kernels
 from minigpt.nn.model import GPT
 from minigpt.nn.params import FlatBuffer, init
@@ -132,9 +133,9 @@ def machine(dry_run: bool) -> dict:
 
 def load_profile(name: str | None):
     if name is None:
-        return None, "no hardware profile matches this GPU's name (minigpt.costs.gpu)"
+        return None, "no hardware profile matches this GPU's name (minigpt.hardware.gpu)"
     try:
-        return hardware.load_profile(name), ""
+        return profiles.load_profile(name), ""
     except Exception as e:  # noqa: BLE001 -- fail soft: say why, go on
         return None, f"profile {name}: {e}"
 
@@ -145,7 +146,7 @@ def load_profile(name: str | None):
 def prediction(s: Shape, profile) -> dict:
     """Per step: FLOPs, matmul FLOPs (forward + backward), bytes, and the roofline."""
     records = cost_model.predict_training_step(s.cfg, s.batch, s.cfg.block_size)
-    rows = report.rows_from_records(records)
+    rows = tables.rows_from_records(records)
     out = {"records": records,
            "flops": sum(r["flops"] for r in rows),
            "matmul_flops": sum(r["flops"] for r in rows
@@ -180,7 +181,7 @@ def compare_counts(records: dict, reference: dict, times: int) -> dict:
 
 def timed(step, n: int, sync) -> dict:
     """n steps between synchronizations, NVML's counter read around them."""
-    with power.measure([power.NvmlReader()]) as m:
+    with counters.measure([counters.NvmlReader()]) as m:
         t0 = time.perf_counter()
         for _ in range(n):
             last = step()
@@ -245,7 +246,7 @@ def profile_kinds(step, n: int) -> dict:
     with METER.synchronizing():
         for _ in range(n):
             step()
-    groups = report.group(report.rows_from_records(METER.records), "kind")
+    groups = tables.group(tables.rows_from_records(METER.records), "kind")
     return {g["name"]: g["seconds"] / n for g in sorted(groups, key=lambda g: -g["seconds"])}
 
 

@@ -24,9 +24,9 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import minigpt
-from minigpt.costs import hardware
+from minigpt.counting.meter import METER
 from minigpt.evaluate import weight_bytes
-from minigpt.meter import METER
+from minigpt.hardware import profiles
 
 MODES = [("fp32", None, False), ("w8a32", "w8a32", False), ("w8a8", "w8a8", False),
          ("w8a8 + int8 KV", "w8a8", True)]
@@ -47,7 +47,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--hardware", default="h100-sxm", help="profile for the decode ceiling")
     args = ap.parse_args()
-    bandwidth = hardware.require(hardware.load_profile(args.hardware), "memory_bandwidth")
+    bandwidth = profiles.require(profiles.load_profile(args.hardware), "memory_bandwidth")
     prompt = minigpt.load(args.run).tokenizer.encode("def ")
 
     print(f"{args.run}: {args.tokens} new tokens, batch 1, KV cache; ceiling on {args.hardware} "

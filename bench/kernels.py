@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from compare_torch import PAUSE_S, blas_threads, header, matmul_peak, shape_config
 
 from minigpt import backend
-from minigpt.meter import matmul
+from minigpt.counting.meter import matmul
 from minigpt.nn import layers as nn
 
 SEED = 1337

@@ -1,4 +1,4 @@
-"""The memory estimate (minigpt/costs/memory.py) against the measured peak resident set.
+"""The memory estimate (minigpt/counting/memory.py) against the measured peak resident set.
 
     python bench/memory.py
 
@@ -14,7 +14,7 @@ import sys
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from minigpt.costs import memory
+from minigpt.counting import memory
 
 # (n_layer, n_embd, n_head, block_size, batch, vocab_size, dropout)
 SHAPES = [(1, 64, 2, 64, 128, 256, 0.0), (3, 48, 2, 256, 16, 256, 0.0),

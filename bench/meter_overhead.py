@@ -20,7 +20,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from minigpt import backend, config
-from minigpt.meter import METER
+from minigpt.counting.meter import METER
 from minigpt.nn.model import GPT
 from minigpt.nn.params import FlatBuffer, init
 from minigpt.train.optim import AdamW

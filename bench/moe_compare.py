@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 from minigpt import config
-from minigpt.costs import model as cost_model
+from minigpt.counting import closed_form as cost_model
 from minigpt.train import checkpoint
 
 

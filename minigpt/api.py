@@ -16,8 +16,8 @@ from minigpt.errors import CheckpointError, ConfigError
 from minigpt.nn import quant
 from minigpt.nn.model import GPT
 from minigpt.nn.params import FlatBuffer, init, layout
-from minigpt.tokenizer import ByteTokenizer
-from minigpt.tokenizer import from_dict as tokenizer_from_dict
+from minigpt.tokenizers import ByteTokenizer
+from minigpt.tokenizers import from_dict as tokenizer_from_dict
 from minigpt.train import checkpoint
 
 

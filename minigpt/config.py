@@ -55,7 +55,7 @@ def expert_capacity(cfg, n_tokens: int) -> int | None:
 def is_moe_block(cfg, i: int) -> bool:
     """Block i is MoE when the config has several experts and i is a multiple of moe_every less
     one (every block when moe_every = 1; blocks 1, 3, 5, ... when it is 2). cfg: anything with
-    n_experts (and optionally moe_every), such as a ModelConfig or costs.scaling.Arch."""
+    n_experts (and optionally moe_every), such as a ModelConfig or scale.work.Arch."""
     return cfg.n_experts > 1 and (i + 1) % getattr(cfg, "moe_every", 1) == 0
 
 

@@ -17,8 +17,8 @@ exactly).
 import numpy as np
 
 from minigpt import backend
-from minigpt.costs import model as cost_model
-from minigpt.data import load_corpus
+from minigpt.counting import closed_form as cost_model
+from minigpt.train.data import load_corpus
 
 EVAL_BATCH = 16
 

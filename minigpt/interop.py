@@ -16,9 +16,10 @@ import numpy as np
 
 from minigpt import config as config_mod
 from minigpt import safeio
-from minigpt.errors import CheckpointError, ConfigError, DataError
+from minigpt.errors import CheckpointError, ConfigError
 from minigpt.nn.layers import LAYERNORM_EPS
 from minigpt.nn.params import FlatBuffer, layout
+from minigpt.tokenizers import MissingTokenizer
 from minigpt.train import checkpoint
 
 DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": None}  # bf16: widened by hand
@@ -28,36 +29,6 @@ GPT2_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "dropo
 
 
 # ----------------------------------------------------------------------------- reading
-
-
-class MissingTokenizer:
-    """Stands in for the tokenizer of a run that has none (imported without vocab.json +
-    merges.txt, or `minigpt init` of a BPE config with no tokenizer_path): token ids work, text
-    does not (encode refuses in one line); decode shows ids as <id>. Kind "none" in a checkpoint."""
-
-    kind = "none"
-
-    def __init__(self, vocab_size: int):
-        self.vocab_size = vocab_size
-
-    def encode(self, text) -> np.ndarray:
-        raise DataError("this run has no tokenizer (no vocab.json + merges.txt were given): text "
-                        "prompts cannot be encoded; pass token ids (generate --prompt-ids 1,2,3)")
-
-    encode_bytes = encode
-
-    def decode_bytes(self, ids) -> bytes:
-        return self.decode(ids).encode()
-
-    def decode(self, ids) -> str:
-        return "".join(f"<{int(i)}>" for i in ids)
-
-    def stream_decoder(self):
-        return lambda ids, final=False: self.decode(ids)
-
-    def to_dict(self) -> dict:
-        return {"kind": self.kind, "vocab_size": self.vocab_size}
-
 
 
 def _read_header(path: Path) -> dict:
@@ -219,7 +190,7 @@ def import_hf(hf_dir, run_dir) -> dict:
 def _hf_tokenizer(hf_dir: Path, vocab_size: int):
     if not ((hf_dir / "vocab.json").is_file() and (hf_dir / "merges.txt").is_file()):
         return MissingTokenizer(vocab_size)
-    from minigpt.tokenizer_bpe import BPETokenizer
+    from minigpt.tokenizers.bpe import BPETokenizer
 
     tok = BPETokenizer.load(hf_dir)
     if tok.vocab_size > vocab_size:
@@ -305,7 +276,7 @@ def export_hf(model, out_dir) -> list[Path]:
     written = [out / "config.json", out / "model.safetensors"]
     tok = model.tokenizer
     if tok.kind == "byte":  # a byte tokenizer is a BPE with no merges whose ids are the bytes
-        from minigpt.tokenizer_bpe import BPETokenizer, bytes_to_unicode
+        from minigpt.tokenizers.bpe import BPETokenizer, bytes_to_unicode
 
         tok = BPETokenizer({c: b for b, c in bytes_to_unicode().items()}, [])
     if tok.kind == "bpe":

@@ -7,7 +7,7 @@ is greedy. The prefill runs under the meter's "prefill" phase and each new token
 import numpy as np
 
 from minigpt import backend
-from minigpt.meter import METER
+from minigpt.counting.meter import METER
 from minigpt.nn.model import KVCache
 
 

@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 
 from minigpt import cli, config
-from minigpt.costs import report
+from minigpt.counting import tables
+from minigpt.counting.meter import METER
 from minigpt.errors import DataError
-from minigpt.meter import METER
 from minigpt.train.trainer import Trainer
 
 
@@ -43,7 +43,7 @@ def train(config_path: str, out: Path, resume: bool = False, stop_at: int | None
     trainer.train_step = recorded_step
     trainer.run()
     rank = trainer.world.rank
-    rows = report.rows_from_records(METER.records)
+    rows = tables.rows_from_records(METER.records)
     (out / f"rank{rank}.json").write_text(json.dumps({"rank": rank, "size": trainer.world.size,
                                                       "losses": losses, "rows": rows}))
     np.save(out / f"rank{rank}.npy", trainer.model.params.data)

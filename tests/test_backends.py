@@ -33,9 +33,9 @@ from conftest import TINY, TINY_TOML, merge, run_cli, set_args, tiny_config
 import minigpt
 from minigpt import backend, sampling
 from minigpt.config import ModelConfig
-from minigpt.costs import gpu, hardware
-from minigpt.costs import model as cost_model
-from minigpt.meter import METER
+from minigpt.counting import closed_form as cost_model
+from minigpt.counting.meter import METER
+from minigpt.hardware import gpu, profiles
 from minigpt.nn import cuda_kernels, quant
 from minigpt.nn import layers as nn
 from minigpt.nn.model import GPT
@@ -498,4 +498,4 @@ GPU_NAMES = [("NVIDIA H100 80GB HBM3", "h100-sxm"), ("NVIDIA H100 PCIe", "h100-p
 def test_gpu_names_map_to_packaged_profiles(name, profile):
     assert gpu.profile_for(name) == profile
     if profile is not None:
-        assert hardware.load_profile(profile).name == profile
+        assert profiles.load_profile(profile).name == profile

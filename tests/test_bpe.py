@@ -10,7 +10,7 @@ from conftest import FABLES, TINY, TINY_TOML, merge, run_cli, set_args, tiny_con
 
 pytest.importorskip("regex")
 from minigpt.errors import DataError
-from minigpt.tokenizer_bpe import BPETokenizer, bytes_to_unicode
+from minigpt.tokenizers.bpe import BPETokenizer, bytes_to_unicode
 
 TEXTS = [
     "Hello world! It's a test. We'll see, they've done it, I'm sure, you'd know.",

@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from minigpt.costs import report
+from minigpt.counting import tables
 from tests.conftest import TINY_TOML, run_cli
 
 
@@ -16,7 +16,7 @@ def test_a_run_leaves_costs_json_and_csv_with_the_schema(trained_run):
     doc = json.loads((trained_run / "costs.json").read_text())
     assert set(doc) == {"steps", "tokens", "conventions", "records", "totals"}
     assert doc["steps"] == 6 and doc["tokens"] == 6 * 4 * 16
-    assert set(doc["records"][0]) == set(report.FIELDS)
+    assert set(doc["records"][0]) == set(tables.FIELDS)
     assert {r["phase"] for r in doc["records"]} == {"forward", "backward", "optimizer", "eval"}
     train = [r for r in doc["records"] if r["phase"] != "eval"]
     assert doc["totals"]["forward"]["flops"] == sum(r["flops"] for r in train if r["phase"] == "forward")
@@ -26,12 +26,12 @@ def test_a_run_leaves_costs_json_and_csv_with_the_schema(trained_run):
 
 def test_the_end_of_run_summary_shows_the_evaluations_beside_training(trained_run):
     doc = json.loads((trained_run / "costs.json").read_text())
-    text = report.summary(doc["records"], doc["steps"], doc["tokens"])
+    text = tables.summary(doc["records"], doc["steps"], doc["tokens"])
     lines = {ln.split()[0]: ln for ln in text.splitlines() if ln.split()}
     train = [r for r in doc["records"] if r["phase"] != "eval"]
     evals = [r for r in doc["records"] if r["phase"] == "eval"]
-    assert lines["all"].split()[1:3] == report.si(sum(r["flops"] for r in train)).split()
-    assert lines["eval"].split()[1:3] == report.si(sum(r["flops"] for r in evals)).split()
+    assert lines["all"].split()[1:3] == tables.si(sum(r["flops"] for r in train)).split()
+    assert lines["eval"].split()[1:3] == tables.si(sum(r["flops"] for r in evals)).split()
     assert "not in all" in lines["eval"]
 
 
@@ -128,9 +128,9 @@ def test_calibrate_saves_a_local_profile(tmp_path, monkeypatch):
     assert r.returncode == 0, r.stderr
     assert "GFLOP/s" in r.stdout
     monkeypatch.setenv("MINIGPT_HOME", str(tmp_path))
-    from minigpt.costs import hardware
+    from minigpt.hardware import profiles
 
-    prof = hardware.load_profile("local-cpu")
+    prof = profiles.load_profile("local-cpu")
     assert prof.peak_flops["fp32"] > 1e9 and prof.memory_bandwidth > 1e8
     assert "measured by minigpt calibrate" in prof.sources["peak_flops.fp32"]
 

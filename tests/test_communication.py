@@ -1,34 +1,35 @@
-"""minigpt scale's gradient allreduce (minigpt.costs.communication) and the profiles' interconnect
+"""minigpt scale's gradient allreduce (minigpt.scale.communication) and the profiles' interconnect
 figures: the projection worked by hand, the link choice, and bad input in one line."""
 
 import pytest
 
-from minigpt.costs import chips, communication, footprint, hardware, scale_report
-from minigpt.costs.scenario import load
 from minigpt.errors import ConfigError
+from minigpt.hardware import profiles
+from minigpt.scale import chips, communication, estimate, footprint
+from minigpt.scale.scenario import load
 
 
 def test_every_packaged_gpu_profile_sources_its_links():
-    for p in hardware.list_profiles():
+    for p in profiles.list_profiles():
         for link, value in p.interconnect.items():
             if value is not None:
                 assert p.sources[f"interconnect.{link}"].strip(), (p.name, link)
-    v100 = hardware.load_profile("v100-sxm2")
+    v100 = profiles.load_profile("v100-sxm2")
     assert v100.interconnect["nvlink"] == 150e9  # 300 GB/s both ways, NVIDIA's headline / 2
     with pytest.raises(ConfigError, match="interconnect.nvlink is unknown"):
-        hardware.link_bandwidth(hardware.load_profile("h100-pcie"), "nvlink")
+        profiles.link_bandwidth(profiles.load_profile("h100-pcie"), "nvlink")
 
 
 def test_a_profile_with_an_unknown_link_is_refused(tmp_path):
-    text = hardware.PACKAGED.joinpath("v100-sxm2.toml").read_text()
+    text = profiles.PACKAGED.joinpath("v100-sxm2.toml").read_text()
     bad = tmp_path / "bad.toml"
     bad.write_text(text.replace("[interconnect.pcie]", "[interconnect.pcei]"))
     with pytest.raises(ConfigError, match=r"interconnect\.pcei: unknown field.*interconnect\.pcie"):
-        hardware.load_profile(bad)
+        profiles.load_profile(bad)
 
 
 def test_gpt3_on_10000_v100s_by_hand():
-    r = scale_report.estimate(load("gpt3-175b", ["hardware.interconnect=nvlink"]))
+    r = estimate.estimate(load("gpt3-175b", ["hardware.interconnect=nvlink"]))
     c = r["communication"]
     P, N = r["params"], 10_000
     per_step = 2 * (N - 1) / N * P * 2 / 150e9  # fp16 gradients over NVLink at 150 GB/s each way
@@ -40,16 +41,16 @@ def test_gpt3_on_10000_v100s_by_hand():
     assert c["energy_mwh"] == pytest.approx(per_step * steps * N * 330 * 1.10 / 3.6e9)
     assert c["total_days"] == pytest.approx(c["days"] + compute_days)
     assert c["total_mwh"] == pytest.approx(c["energy_mwh"] + r["energy_mwh"])
-    text = scale_report.format_table(r)
+    text = estimate.format_table(r)
     assert "pure data parallel over all chips" in text and "share of training time" in text
 
 
 def test_the_default_link_is_the_slowest_and_a_number_overrides_it():
     scn = load("gpt3-175b")
     del scn.values["hardware"]["interconnect"]  # the shipped scenario names its network
-    slowest = scale_report.estimate(scn)["communication"]
+    slowest = estimate.estimate(scn)["communication"]
     assert slowest["link_bytes_per_s"] == 16e9 and "pcie" in slowest["link"]
-    given = scale_report.estimate(load("gpt3-175b", ["hardware.interconnect_bandwidth=1e12"]))
+    given = estimate.estimate(load("gpt3-175b", ["hardware.interconnect_bandwidth=1e12"]))
     assert given["communication"]["link_bytes_per_s"] == 1e12
     assert given["communication"]["share"] < slowest["share"]
 
@@ -57,18 +58,18 @@ def test_the_default_link_is_the_slowest_and_a_number_overrides_it():
 def test_without_batch_tokens_nothing_is_guessed():
     scn = load("gpt3-175b")
     del scn.values["training"]["batch_tokens"]
-    r = scale_report.estimate(scn)
+    r = estimate.estimate(scn)
     assert r["communication"] is None and "batch_tokens" in r["communication_why"]
     assert "communication: not estimated" in "\n".join(communication.lines(r))
 
 
 def test_a_bad_link_name_is_one_line():
     with pytest.raises(ConfigError, match="interconnect must be one of nvlink, pcie, infiniband"):
-        scale_report.estimate(load("gpt3-175b", ["hardware.interconnect=ethernet"]))
+        estimate.estimate(load("gpt3-175b", ["hardware.interconnect=ethernet"]))
     unused = load("gpt3-175b", ["hardware.interconnect=pcie4"])
     del unused.values["training"]["batch_tokens"]
     with pytest.raises(ConfigError, match="interconnect must be one of"):  # even when unused
-        scale_report.estimate(unused)
+        estimate.estimate(unused)
     scn = load("gpt3-175b", ["hardware.profile=tpu-v4", "hardware.mfu=0.5"])
     with pytest.raises(ConfigError, match="infiniband is not supported by this device"):
         communication.communication(scn, 1e9, chips.chip_of(scn), footprint.settings_of(scn),

@@ -16,8 +16,8 @@ from hypothesis import strategies as st
 
 from minigpt import backend
 from minigpt import config as config_mod
-from minigpt.costs import model as cost_model
-from minigpt.meter import METER
+from minigpt.counting import closed_form as cost_model
+from minigpt.counting.meter import METER
 from minigpt.nn.model import GPT, KVCache
 from minigpt.nn.params import FlatBuffer, init
 from minigpt.train.optim import AdamW
@@ -29,7 +29,7 @@ FIELDS = ("calls", "flops", "useful_flops", "bytes_read", "bytes_written")
 
 
 def _imports_meter_matmul(tree) -> bool:
-    return any(isinstance(n, ast.ImportFrom) and n.module == "minigpt.meter"
+    return any(isinstance(n, ast.ImportFrom) and n.module == "minigpt.counting.meter"
                and any(a.name == "matmul" and a.asname is None for a in n.names) for n in ast.walk(tree))
 
 
@@ -67,7 +67,7 @@ def test_no_matrix_product_outside_the_meter():
     offenders = [f"{path.relative_to(PACKAGE.parent)}:{line}"
                  for path in sorted(PACKAGE.rglob("*.py")) if path.name != "meter.py"
                  for line in _products(path.read_text())]
-    assert offenders == [], "matrix products outside minigpt/meter.py: " + ", ".join(offenders)
+    assert offenders == [], "matrix products outside minigpt/counting/meter.py: " + ", ".join(offenders)
 
 
 @pytest.mark.parametrize("source", [
@@ -80,7 +80,7 @@ def test_the_source_walk_catches_every_form(source):
 
 
 def test_the_source_walk_allows_the_meters_matmul_and_sums():
-    assert _products("from minigpt.meter import matmul\nc = matmul(a, b)") == []
+    assert _products("from minigpt.counting.meter import matmul\nc = matmul(a, b)") == []
     assert _products("s = xp.einsum('...i->...', a)") == []
 
 

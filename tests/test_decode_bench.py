@@ -1,5 +1,5 @@
 """bench/decode.py's bookkeeping (not its speed): bytes per token is the closed form's decode
-bytes at the positions decoded, the ceiling is bandwidth over it; and minigpt.blas.threads."""
+bytes at the positions decoded, the ceiling is bandwidth over it; and minigpt.hardware.blas.threads."""
 
 import argparse
 import importlib.util
@@ -7,9 +7,8 @@ import importlib.util
 import pytest
 from conftest import ROOT
 
-from minigpt import blas
-from minigpt.costs import calibrate
-from minigpt.costs import model as cost_model
+from minigpt.counting import closed_form as cost_model
+from minigpt.hardware import blas, calibrate
 
 
 def _bench():

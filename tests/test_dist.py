@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from conftest import ROOT, TINY, merge, write_toml
 
-from minigpt.costs import model as cost_model
-from minigpt.costs import report
+from minigpt.counting import closed_form as cost_model
+from minigpt.counting import tables
 from minigpt.errors import ConfigError
 from minigpt.train import checkpoint, dist
 
@@ -178,7 +178,7 @@ def test_counted_communication_equals_predicted(runs):
             got = measured[key]
             assert (got["calls"], got["flops"], got["bytes_read"], got["bytes_written"]) == (
                 steps * p.calls, steps * p.flops, steps * p.bytes_read, steps * p.bytes_written), key
-        comm = report.totals([x for x in rows if x["phase"] == "communication"])["communication"]
+        comm = tables.totals([x for x in rows if x["phase"] == "communication"])["communication"]
         # by hand: with N = 2 each rank sends 2 (N-1)/N = all of the float64 gradients, and the
         # two float64 scalars, every step
         assert comm["bytes_read"] == comm["bytes_written"] == steps * (cost_model.n_params(m) + 2) * 8

@@ -4,11 +4,14 @@ where it cannot; sourced defaults; the roofline; the one-line GPT-3 projection."
 import pytest
 
 from minigpt.config import ModelConfig
-from minigpt.costs import energy, projection, report, roofline
-from minigpt.costs import model as cost_model
-from minigpt.costs.hardware import load_profile
-from minigpt.costs.power import Measurement
+from minigpt.counting import closed_form as cost_model
+from minigpt.counting import tables
+from minigpt.energy import accounting
 from minigpt.errors import ConfigError
+from minigpt.hardware import roofline
+from minigpt.hardware.counters import Measurement
+from minigpt.hardware.profiles import load_profile
+from minigpt.scale import projection
 
 NO_POWER = ("needs a power figure (local-cpu has none: pass --watts or add power_watts to your "
             "profile)")
@@ -59,19 +62,19 @@ ROWS = [_row(2e9, 1e6), _row(1e6, 1e9)]  # one compute-bound, one memory-bound o
 
 
 def test_defaults_are_the_sourced_constants():
-    s = energy.settings()
+    s = accounting.settings()
     assert (s.pue, s.carbon_kg_per_kwh, s.household_kwh_per_year) == (1.10, 0.367, 10715)
     assert (s.water_onsite_l_per_kwh, s.water_offsite_l_per_kwh) == (0.55, 3.142)  # Li et al.
     assert s.water_l_per_kwh == s.water_onsite_l_per_kwh  # the old name, an alias
     assert s.carbon_net_kg_per_kwh is None  # no general figure
     assert "2304.03271" in s.origins["water_onsite_l_per_kwh"]
-    assert energy.water_litres(3.6e6 * 1.1, s) == pytest.approx(0.55 + 1.1 * 3.142)
+    assert accounting.water_litres(3.6e6 * 1.1, s) == pytest.approx(0.55 + 1.1 * 3.142)
     assert s.pj_per_flop["fp32"] == 2.3 and s.pj_per_byte == 162.5
     assert s.origins["pue"].startswith("default: Patterson")
-    given = energy.settings(pue=1.5, given_by="--pue")
+    given = accounting.settings(pue=1.5, given_by="--pue")
     assert given.pue == 1.5 and given.origins["pue"] == "--pue"
     with pytest.raises(ConfigError, match="pue must be >= 1"):
-        energy.settings(pue=0.5)
+        accounting.settings(pue=0.5)
 
 
 def test_roofline_takes_the_slower_bound_of_each_record():
@@ -87,41 +90,41 @@ def test_roofline_takes_the_slower_bound_of_each_record():
 
 
 def test_without_power_or_counters_each_layer_says_why():
-    lines = energy.report_lines(ROWS, 10.0, measured=Measurement(reasons={"rapl": "no RAPL"}))
+    lines = accounting.report_lines(ROWS, 10.0, measured=Measurement(reasons={"rapl": "no RAPL"}))
     text = "\n".join(lines)
     assert "measured        not measured here (rapl: no RAPL)" in text
     assert f"time x power    {NO_POWER}" in text
     assert f"roofline        {NO_POWER}; ideal time on local-cpu 0.12 s" in text
     floor = (2e9 + 1e6) * 2.3e-12 + (1e6 + 1e9) * 162.5e-12
-    layers = energy.run_layers(ROWS, 10.0)
+    layers = accounting.run_layers(ROWS, 10.0)
     assert [layer.name for layer in layers] == ["measured", "time x power", "roofline",
                                                 "physics floor"]
     assert layers[3].joules == pytest.approx(floor)
-    assert energy.run_layers(ROWS, 10.0, profile=None)[0].basis == "not measured here"
+    assert accounting.run_layers(ROWS, 10.0, profile=None)[0].basis == "not measured here"
 
 
 def test_with_a_power_figure_every_layer_is_given():
     m = Measurement(joules={"rapl": 500.0, "nvml": None}, reasons={"nvml": "no GPU"}, seconds=10.0)
-    layers = {layer.name: layer for layer in energy.run_layers(ROWS, 10.0, measured=m, watts=60)}
+    layers = {layer.name: layer for layer in accounting.run_layers(ROWS, 10.0, measured=m, watts=60)}
     assert layers["measured"].joules == pytest.approx(500 * 1.10)
     # a measurement is never replaced: its mean power (50 W) beats --watts 60, and says so
     assert layers["time x power"].joules == pytest.approx(10 * 50 * 1.10)
     assert "measured: rapl; --watts 60 not used" in layers["time x power"].basis
     assert layers["roofline"].joules == pytest.approx(0.12 * 50 * 1.10)
     assert all(layer.joules is not None for layer in layers.values())
-    lines = energy.report_lines(ROWS, 10.0, watts=60, tokens=1000)
+    lines = accounting.report_lines(ROWS, 10.0, watts=60, tokens=1000)
     assert "J/token" in lines[1] and "660 J" in "\n".join(lines) and "60 W (--watts)" in lines[4]
     assert lines[-1].startswith("PUE 1.10 (default: Patterson")
 
 
 def test_a_profile_with_power_needs_no_watts():
-    layers = energy.run_layers(ROWS, 2.0, profile="h100-sxm")
+    layers = accounting.run_layers(ROWS, 2.0, profile="h100-sxm")
     assert layers[1].joules == pytest.approx(2.0 * 700 * 1.10)
     assert layers[2].joules is not None and layers[2].joules < layers[1].joules
 
 
 def test_no_local_profile_uses_the_cached_quick_measurement(home, monkeypatch):
-    from minigpt.costs import calibrate
+    from minigpt.hardware import calibrate
 
     (home / "local-cpu.toml").unlink()
     calls = []
@@ -131,10 +134,10 @@ def test_no_local_profile_uses_the_cached_quick_measurement(home, monkeypatch):
         return {"fp32": 100e9, "fp64": 50e9, "bandwidth": 10e9, "n": 1024, "copy_mib": 64}
 
     monkeypatch.setattr(calibrate, "measure", fake_measure)
-    text = "\n".join(energy.report_lines(ROWS, 1.0, watts=60))
+    text = "\n".join(accounting.report_lines(ROWS, 1.0, watts=60))
     assert "no local-cpu profile" not in text
     assert "roofline" in text and "ideal time on quick-cpu 0.12 s" in text
-    layers = energy.run_layers(ROWS, 1.0, watts=60)
+    layers = accounting.run_layers(ROWS, 1.0, watts=60)
     assert layers[2].joules == pytest.approx(0.12 * 60 * 1.10)
     assert calls == [True]  # measured once, then read from the cache
     first = calibrate.cache_path()
@@ -148,19 +151,19 @@ def test_no_local_profile_uses_the_cached_quick_measurement(home, monkeypatch):
 
 
 def test_floor_dtypes_and_unknowns():
-    s = energy.settings()
-    assert energy.floor_joules([_row(1e12, 0, "float16")], s) == pytest.approx(0.75)
-    assert energy.floor_joules([_row(1e12, 0, "float64")], s) == pytest.approx(2.3)  # fp32 bound
-    assert energy.floor_joules([_row(1e12, 0, "int8")], s) == pytest.approx(0.115)
-    assert energy.floor_joules([_row(1e12, 0, "w8a32")], s) == pytest.approx(2.3)
-    layer = energy.floor_layer([_row(1, 1, "complex64")], s)
+    s = accounting.settings()
+    assert accounting.floor_joules([_row(1e12, 0, "float16")], s) == pytest.approx(0.75)
+    assert accounting.floor_joules([_row(1e12, 0, "float64")], s) == pytest.approx(2.3)  # fp32 bound
+    assert accounting.floor_joules([_row(1e12, 0, "int8")], s) == pytest.approx(0.115)
+    assert accounting.floor_joules([_row(1e12, 0, "w8a32")], s) == pytest.approx(2.3)
+    layer = accounting.floor_layer([_row(1, 1, "complex64")], s)
     assert layer.joules is None and "complex64" in layer.basis
 
 
 def test_report_on_a_real_training_step():
     cfg = ModelConfig(n_layer=2, n_head=2, n_embd=16, block_size=16, vocab_size=64)
-    rows = report.rows_from_records(cost_model.predict_training_step(cfg, 4, 16))
-    lines = energy.report_lines(rows, 0.5, watts=15, tokens=64)
+    rows = tables.rows_from_records(cost_model.predict_training_step(cfg, 4, 16))
+    lines = accounting.report_lines(rows, 0.5, watts=15, tokens=64)
     assert len(lines) == 8 and all("needs" not in line for line in lines)
 
 

@@ -23,7 +23,7 @@ import pytest
 from conftest import ROOT, TINY, TINY_TOML, merge, run_cli, set_args, snapshot
 
 from minigpt import safeio
-from minigpt.costs import report
+from minigpt.counting import tables
 from minigpt.errors import FileSystemError
 from minigpt.train import checkpoint
 
@@ -81,13 +81,13 @@ def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one(run_copy, monkey
 
 def test_a_full_disk_during_a_report_keeps_the_previous_costs_json(run_copy, monkeypatch):
     before = snapshot(run_copy)
-    doc = report.load(run_copy) if (run_copy / "costs.json").exists() else None
+    doc = tables.load(run_copy) if (run_copy / "costs.json").exists() else None
     full_disk(monkeypatch, 10)
     with pytest.raises(FileSystemError, match="costs.json: cannot write: no space left"):
-        report.save(run_copy, [], 1, 1)
+        tables.save(run_copy, [], 1, 1)
     assert snapshot(run_copy) == before and leftovers(run_copy) == []
     if doc is not None:
-        assert report.load(run_copy) == doc
+        assert tables.load(run_copy) == doc
 
 
 def test_a_full_disk_during_a_log_append_leaves_no_half_line(tmp_path, monkeypatch):

@@ -24,8 +24,8 @@ from hypothesis import strategies as st
 
 from minigpt import config
 from minigpt.api import Model
-from minigpt.costs import scenario
 from minigpt.errors import CheckpointError, ConfigError
+from minigpt.scale import scenario
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "60"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None,

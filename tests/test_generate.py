@@ -12,7 +12,7 @@ import minigpt
 from minigpt import config
 from minigpt.api import Model
 from minigpt.nn.model import KVCache
-from minigpt.tokenizer import ByteTokenizer
+from minigpt.tokenizers import ByteTokenizer
 
 SMALL = {"n_layer": 2, "n_embd": 32, "n_head": 4, "block_size": 24}
 
@@ -64,7 +64,7 @@ def test_decode_blocks_count_and_compute_what_the_general_blocks_do(variant, mon
     """A decode step's blocks run model.block_decode; block_forward on the same steps gives the
     same logits (float64: to rounding) and the same records, call for call (MoE blocks keep
     block_forward, and int8 weights go through block_decode's linear layers)."""
-    from minigpt.meter import METER
+    from minigpt.counting.meter import METER
     from minigpt.nn import model as model_mod
 
     extra = {"moe": ["model.n_experts=2", "model.moe_every=2"]}.get(variant, [])

@@ -4,8 +4,9 @@ the file and the field."""
 
 import pytest
 
-from minigpt.costs import hardware
-from minigpt.costs.hardware import (
+from minigpt.errors import ConfigError
+from minigpt.hardware import profiles
+from minigpt.hardware.profiles import (
     DTYPES,
     FIGURES,
     format_profiles_table,
@@ -15,7 +16,6 @@ from minigpt.costs.hardware import (
     peak,
     require,
 )
-from minigpt.errors import ConfigError
 
 NAMES = {"v100-sxm2", "a100-sxm-40gb", "a100-sxm-80gb", "h100-sxm", "h100-pcie", "h200", "b200",
          "tpu-v2", "tpu-v3", "tpu-v4", "m2-ultra"}
@@ -121,7 +121,7 @@ def test_user_profile_by_path_and_from_minigpt_home(tmp_path, monkeypatch):
     (home / "hardware" / "local-cpu.toml").write_text(GOOD.replace("my-gpu", "local-cpu"))
     assert load_profile("local-cpu").memory_bytes == 24e9
     assert "local-cpu" in [p.name for p in list_profiles()]
-    assert hardware.user_dir() == home / "hardware"
+    assert profiles.user_dir() == home / "hardware"
 
 
 def test_unknown_name_suggests():

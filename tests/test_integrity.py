@@ -91,7 +91,7 @@ def test_a_hash_table_that_misses_an_array_is_refused(run_copy):
 
 
 def test_a_checkpoint_larger_than_the_available_memory_is_refused_before_reading(trained_run, monkeypatch):
-    from minigpt.costs import memory
+    from minigpt.counting import memory
 
     monkeypatch.setattr(memory, "available_bytes", lambda: (50_000, "test"))
     with pytest.raises(CheckpointError, match=r"its arrays take [\d.]+ KiB, more than the 48.8 KiB of memory available \(test\)"):

@@ -100,7 +100,7 @@ def test_names_without_prefix_and_mask_buffers_are_accepted(hf_model, hf_dir, tm
 
 
 def test_tokenizer_files_travel_with_the_import(hf_dir, tmp_path):
-    from minigpt.tokenizer_bpe import BPETokenizer
+    from minigpt.tokenizers.bpe import BPETokenizer
 
     folder = tmp_path / "hf"
     folder.mkdir()

@@ -1,4 +1,4 @@
-"""The memory estimate (costs/memory.py) against the measured peak resident set, the pre-flight
+"""The memory estimate (counting/memory.py) against the measured peak resident set, the pre-flight
 refusal, `minigpt costs --memory`, and MemoryError as one line.
 
 The measurement (memory.measured_peak): a fresh interpreter builds the model, gradients and AdamW
@@ -13,7 +13,7 @@ import pytest
 from conftest import TINY, TINY_TOML, merge, run_cli, set_args
 
 from minigpt import cli, config
-from minigpt.costs import memory
+from minigpt.counting import memory
 from minigpt.errors import ResourceError
 
 try:

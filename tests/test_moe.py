@@ -22,14 +22,14 @@ from test_gradients import RTOL, Case, analytic_grads, atol_for, copies, numeric
 
 from minigpt import api, config
 from minigpt.config import ModelConfig
-from minigpt.costs import model as cost_model
-from minigpt.costs import scaling
+from minigpt.counting import closed_form as cost_model
+from minigpt.counting.meter import METER
 from minigpt.errors import ConfigError
-from minigpt.meter import METER
 from minigpt.nn import layers as nn
 from minigpt.nn import moe, params, quant
 from minigpt.nn.model import GPT, KVCache
 from minigpt.nn.params import FlatBuffer, init
+from minigpt.scale import work
 from minigpt.train import checkpoint
 from minigpt.train.optim import AdamW
 from minigpt.train.trainer import Trainer, accumulate, update
@@ -335,18 +335,18 @@ def test_dropless_flops_do_not_depend_on_the_routing():
 
 
 def test_the_scale_projections_are_the_meters_counts_for_a_dropless_moe():
-    """minigpt scale's FLOPs (costs/scaling.py, wrappers over the closed form, balanced routing)
+    """minigpt scale's FLOPs (scale/work.py, wrappers over the closed form, balanced routing)
     equal what the meter counted in a real MoE training step, whatever the routing was."""
     cfg = ModelConfig(n_layer=3, n_head=2, n_embd=8, block_size=8, vocab_size=20, n_experts=4,
                       experts_per_token=2, moe_every=2)
-    arch = scaling.Arch(3, 8, 2, 8, 20, n_experts=4, experts_per_token=2, moe_every=2)
+    arch = work.Arch(3, 8, 2, 8, 20, n_experts=4, experts_per_token=2, moe_every=2)
     idx = np.random.default_rng(6).integers(0, 20, (2, 8))
     model = _model(cfg)
     METER.reset()
     accumulate(model, [(idx, idx)], 1)
     update(model, AdamW(model.params), 1e-3, 1.0)
-    assert cost_model.total_flops(METER.records) == scaling.training_step_flops(arch, 2, 8)
-    assert scaling.arch_params(arch) == (FlatBuffer(cfg).size, cost_model.n_active_params(cfg))
+    assert cost_model.total_flops(METER.records) == work.training_step_flops(arch, 2, 8)
+    assert work.arch_params(arch) == (FlatBuffer(cfg).size, cost_model.n_active_params(cfg))
 
 
 def test_parameter_counts_match_the_layout():

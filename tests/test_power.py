@@ -7,8 +7,8 @@ import types
 import pytest
 from conftest import rapl_domain
 
-from minigpt.costs import power
-from minigpt.costs.power import NvmlReader, RaplReader, measure, wrapped_delta
+from minigpt.hardware import counters
+from minigpt.hardware.counters import NvmlReader, RaplReader, measure, wrapped_delta
 
 MAX_UJ = 262143328850
 
@@ -59,7 +59,7 @@ def test_rapl_not_available(tmp_path, sysfs, monkeypatch):
     def denied(path):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(power, "_read_int", denied)
+    monkeypatch.setattr(counters, "_read_int", denied)
     r = RaplReader(root)
     assert not r.available() and "readable by root only" in r.reason
 

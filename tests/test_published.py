@@ -2,17 +2,18 @@
 comes back within 2% (Patterson et al. 2021 Table 4's six columns, Ludvigsen's GPT-4 estimate, Epoch
 AI's ChatGPT query, Google's Gemini prompt, the seed's arithmetic); training from FLOPs alone, from
 chip-hours or from days; the power basis; water on two terms; net carbon; compute-bound Wh per
-query; and the costs package runs one way down (no import circle, no lazy import)."""
+query. (The import order of the scale package is checked by tests/test_architecture.py.)"""
 
-import ast
 import json
 from pathlib import Path
 
 import pytest
 
 from minigpt import cli
-from minigpt.costs import energy, footprint, scale_report, scaling, scenario
+from minigpt.energy import accounting
 from minigpt.errors import ConfigError
+from minigpt.scale import estimate as estimate_mod
+from minigpt.scale import footprint, scenario, work
 
 SHIPPED = sorted(p.stem for p in scenario.SCENARIO_DIR.glob("*.toml"))
 PATTERSON = ("patterson-t5", "patterson-meena", "patterson-gshard-600b",
@@ -27,7 +28,7 @@ def _empty_home(tmp_path, monkeypatch):
 
 
 def estimate(name, *overrides) -> dict:
-    return scale_report.estimate(scenario.load(name, overrides))
+    return estimate_mod.estimate(scenario.load(name, overrides))
 
 
 def _write(tmp_path, text: str) -> Path:
@@ -77,27 +78,27 @@ def test_gemini_water_within_the_rounding_of_its_inputs():
 def test_flops_alone_runs_and_what_cannot_be_computed_is_not_given(tmp_path):
     path = _write(tmp_path, '[training]\nflops = 1e21\n[hardware]\nprofile = "h100-sxm"\n'
                             'achieved_flops_per_chip = 4e14\n')
-    r = scale_report.estimate(scenario.load(path))
+    r = estimate_mod.estimate(scenario.load(path))
     assert r["chip_hours"] == pytest.approx(1e21 / 4e14 / 3600)
     assert r["days"] is None and r["params"] is None and r["train_flops_6nd"] is None
     assert r["energy_mwh"] == pytest.approx(r["chip_hours"] * 700 * 1.10 / 1e6)
-    table = scale_report.format_table(r)
+    table = estimate_mod.format_table(r)
     assert "not given" in table and "give hardware.chips" in table
 
 
 def test_chip_hours_and_days_give_energy_days_and_the_implied_rate(tmp_path):
     text = ('[training]\nchip_hours = 1e6\n[hardware]\nprofile = "a100-sxm-80gb"\nchips = 2000\n'
             'watts_per_chip = 400\npower_fraction = 0.5\npue = 1.2\ncarbon_kg_per_kwh = 0.4\n')
-    r = scale_report.estimate(scenario.load(_write(tmp_path, text)))
+    r = estimate_mod.estimate(scenario.load(_write(tmp_path, text)))
     assert r["energy_mwh"] == pytest.approx(1e6 * 400 * 0.5 * 1.2 / 1e6)  # 240 MWh
     assert r["co2_tonnes"] == pytest.approx(240 * 0.4)
     assert r["days"] == pytest.approx(1e6 / 2000 / 24)
     assert r["flops_per_chip"] is None and r["sensitivity"] is None  # no FLOPs: not given
-    with_flops = scale_report.estimate(scenario.load(_write(
+    with_flops = estimate_mod.estimate(scenario.load(_write(
         tmp_path, text.replace("chip_hours = 1e6", "chip_hours = 1e6\nflops = 3.6e20"))))
     assert with_flops["flops_per_chip"] == pytest.approx(1e11)  # 3.6e20 / 3.6e9 chip-seconds
     assert with_flops["mfu"] == pytest.approx(1e11 / 312e12)
-    days = scale_report.estimate(scenario.load(_write(
+    days = estimate_mod.estimate(scenario.load(_write(
         tmp_path, text.replace("chip_hours = 1e6", "days = 20.833333333333332"))))
     assert days["chip_hours"] == pytest.approx(1e6)
 
@@ -120,7 +121,7 @@ def test_bad_training_terms_are_one_line(tmp_path, text, words):
     if 'profile = "tpu-v4"' in text:
         text = text.replace('profile = "h100-sxm"\n', "", 1)
     with pytest.raises(ConfigError) as e:
-        scale_report.estimate(scenario.load(_write(tmp_path, text)))
+        estimate_mod.estimate(scenario.load(_write(tmp_path, text)))
     assert words in str(e.value) and "\n" not in str(e.value)
 
 
@@ -151,7 +152,7 @@ def test_a_set_of_mfu_replaces_the_files_days():
 
 def test_water_on_two_terms_and_li_et_al_on_gpt3():
     """Li et al. 2023 take GPT-3's 1,287 MWh as server energy: × 0.55 L/kWh is about 700,000 L."""
-    s = energy.settings()
+    s = accounting.settings()
     fp = footprint.footprint(1287, s)
     assert fp["water_onsite_m3"] == pytest.approx(700, rel=0.02)
     assert fp["water_offsite_m3"] == pytest.approx(1287 * 1.10 * 3.142)
@@ -178,55 +179,8 @@ def test_energy_per_query_compute_bound_stated_or_roofline():
     plain = estimate("dense-70b-h100")
     assert plain["wh_per_query_basis"] == "roofline" and plain["wh_per_query_compute"] is None
     arch = estimate("dense-70b-h100", "inference.mfu=0.5")
-    a = scaling.arch_of(scenario.load("dense-70b-h100"))
-    closed = scaling.forward_flops(a, 1, 500, last_only=True) + 300 * scaling.forward_flops(
+    a = work.arch_of(scenario.load("dense-70b-h100"))
+    closed = work.forward_flops(a, 1, 500, last_only=True) + 300 * work.forward_flops(
         a, 1, 1, pos0=650)
     assert arch["flops_per_query"] == pytest.approx(closed)
     assert arch["wh_per_query"] == pytest.approx(closed / (989.4e12 * 0.5) * 700 * 1.1 / 3600)
-
-
-def _imports(path: Path) -> tuple[set[str], list[str]]:
-    """(costs modules imported at module level, costs imports inside functions)."""
-    tree = ast.parse(path.read_text())
-    top, lazy = set(), []
-    for node in ast.walk(tree):
-        names = []
-        if isinstance(node, ast.ImportFrom) and node.module:
-            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
-        elif isinstance(node, ast.Import):
-            names = [a.name for a in node.names]
-        costs = {n.split(".")[2] for n in names if n.startswith("minigpt.costs.")}
-        if not costs:
-            continue
-        if node in tree.body:
-            top |= costs
-        else:
-            lazy.append(f"{path.name}: {sorted(costs)}")
-    return top, lazy
-
-
-def test_the_costs_package_runs_one_way_down():
-    folder = Path(scenario.__file__).parent
-    modules = {p.stem: p for p in folder.glob("*.py") if p.stem != "__init__"}
-    graph, lazy = {}, []
-    for name, path in modules.items():
-        top, inner = _imports(path)
-        graph[name] = top & set(modules)
-        lazy += inner
-    assert lazy == []  # no import hidden in a function (the old energy -> scaling one)
-    done, stack = set(), []
-
-    def visit(m):
-        assert m not in stack, f"import circle: {' -> '.join(stack + [m])}"
-        if m in done:
-            return
-        stack.append(m)
-        for n in graph[m]:
-            visit(n)
-        stack.pop()
-        done.add(m)
-
-    for m in graph:
-        visit(m)
-    assert not graph["energy"] & {"scaling", "chips", "training", "serving", "footprint"}
-    assert graph["scaling"] <= {"scenario", "model"}  # the work needs no hardware or energy

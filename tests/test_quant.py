@@ -12,8 +12,8 @@ from hypothesis.extra.numpy import arrays
 
 import minigpt
 from minigpt import config as config_mod
-from minigpt.costs import model as cost_model
-from minigpt.meter import METER
+from minigpt.counting import closed_form as cost_model
+from minigpt.counting.meter import METER
 from minigpt.nn import quant
 from minigpt.nn.model import GPT, KVCache
 from minigpt.nn.params import init

@@ -8,9 +8,10 @@ import time
 import pytest
 from conftest import rapl_domain
 
-from minigpt.costs import cpu_power, energy, power
-from minigpt.costs.hardware import load_profile
-from minigpt.costs.power import Measurement, RaplReader, measure
+from minigpt.energy import accounting
+from minigpt.hardware import counters, cpu_power
+from minigpt.hardware.counters import Measurement, RaplReader, measure
+from minigpt.hardware.profiles import load_profile
 
 MAX_UJ = 10_000_000  # a 10 J counter range, so that two wraps fit in a short test
 
@@ -78,29 +79,29 @@ def test_unreadable_rapl_says_so_with_the_command(powercap, monkeypatch):
     def denied(path):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(power, "_read_int", denied)
+    monkeypatch.setattr(counters, "_read_int", denied)
     r = RaplReader(root)
     assert not r.available()
     assert "\n" not in r.reason and "readable by root only" in r.reason
     assert f"sudo chmod a+r {root}/intel-rapl:*/energy_uj" in r.reason
     with measure([r]) as m:
         pass
-    layer = energy.measured_layer(m, energy.settings())
+    layer = accounting.measured_layer(m, accounting.settings())
     assert layer.joules is None and "sudo chmod a+r" in layer.basis
 
 
 def test_power_order_measured_then_watts_then_profile_then_estimate():
     m = Measurement(joules={"rapl": 100.0}, seconds=10.0, cpu_seconds=5.0)
     h100 = load_profile("h100-sxm")
-    assert energy.power_figure(h100, 60, m) == (10.0, "measured: rapl; --watts 60 not used")
+    assert accounting.power_figure(h100, 60, m) == (10.0, "measured: rapl; --watts 60 not used")
     unmeasured = Measurement(joules={"rapl": None}, reasons={"rapl": "x"}, seconds=10.0,
                              cpu_seconds=5.0)
-    assert energy.power_figure(h100, 60, unmeasured) == (60, "--watts")
-    assert energy.power_figure(h100, None, unmeasured) == (700, "profile h100-sxm")
-    w, basis = energy.power_figure(None, None, unmeasured)
+    assert accounting.power_figure(h100, 60, unmeasured) == (60, "--watts")
+    assert accounting.power_figure(h100, None, unmeasured) == (700, "profile h100-sxm")
+    w, basis = accounting.power_figure(None, None, unmeasured)
     assert basis.startswith("estimated: ") and w > 0
-    assert energy.power_figure(None, None, unmeasured, estimate=False)[0] is None
-    assert energy.power_figure(None, None, Measurement())[0] is None  # no CPU time: no estimate
+    assert accounting.power_figure(None, None, unmeasured, estimate=False)[0] is None
+    assert accounting.power_figure(None, None, Measurement())[0] is None  # no CPU time: no estimate
 
 
 def test_estimate_from_the_table_names_its_basis():

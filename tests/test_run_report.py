@@ -13,8 +13,9 @@ import time
 import pytest
 from conftest import TINY, TINY_TOML, merge, run_cli, set_args
 
-from minigpt import report_html
-from minigpt.costs import report, run_energy
+from minigpt.counting import tables
+from minigpt.energy import run_energy
+from minigpt.report import html
 
 GROUPINGS = ("scope", "op", "kind", "layer", "phase")
 
@@ -66,8 +67,8 @@ def test_the_tiny_model_prints_an_estimate_and_floor_roofline_time_x_power_in_or
 
 @pytest.mark.parametrize("by", GROUPINGS)
 def test_joules_of_every_grouping_add_up(trained_run, by):
-    doc, rows = _doc(trained_run), report.load(trained_run)["records"]
-    groups = report.group(rows, by, extra=run_energy.row_joules(doc))
+    doc, rows = _doc(trained_run), tables.load(trained_run)["records"]
+    groups = tables.group(rows, by, extra=run_energy.row_joules(doc))
     total = sum(g["joules"] for g in groups)
     assert total == pytest.approx(doc["metered"]["joules"])
     assert total == pytest.approx(doc["metered"]["seconds"] * doc["watts"] * doc["pue"])
@@ -90,11 +91,11 @@ def test_joules_of_every_grouping_add_up(trained_run, by):
 
 
 def test_a_resumed_run_reports_this_session_energy(run_copy):
-    before = report.load(run_copy)
+    before = tables.load(run_copy)
     r = run_cli("train.py", TINY_TOML, "--no-progress", "--resume",
                 *set_args(merge(TINY, {"train": {"out_dir": str(run_copy), "max_steps": 9}})))
     assert r.returncode == 0, r.stderr
-    doc, after = _doc(run_copy), report.load(run_copy)
+    doc, after = _doc(run_copy), tables.load(run_copy)
     step_tokens = TINY["train"]["batch_size"] * TINY["model"]["block_size"]
     assert doc["tokens"] == 3 * step_tokens  # steps 7 to 9, not the whole run
     session = sum(r["seconds"] for r in after["records"]) - sum(
@@ -147,7 +148,7 @@ def test_generate_costs_count_the_cache_rebuilds(trained_run, tmp_path):
 
 def test_a_short_measurement_still_sees_its_cpu_time():
     """The busy share of a few milliseconds of work is not rounded away (os.times ticks in 10 ms)."""
-    from minigpt.costs import cpu_power
+    from minigpt.hardware import cpu_power
 
     wall0, cpu0 = cpu_power.usage_now()
     end = time.perf_counter() + 0.003
@@ -181,7 +182,7 @@ def test_report_html_renders_in_headless_chromium(trained_run, tmp_path):
         pytest.skip("no chromium installed (apt-get install chromium)")
     shot = tmp_path / "report.png"
     html = tmp_path / "report.html"
-    html.write_text(report_html.render(trained_run))
+    html.write_text(html.render(trained_run))
     r = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu",
                         "--disable-background-networking", "--disable-component-update",
                         "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'p'}",
@@ -193,7 +194,7 @@ def test_report_html_renders_in_headless_chromium(trained_run, tmp_path):
 
 
 def test_svg_ticks_and_labels():
-    from minigpt import svg
+    from minigpt.report import svg
 
     assert svg.nice_ticks(3.5, 5.4) == [3.5, 4.0, 4.5, 5.0, 5.5]
     one = svg.nice_ticks(1024, 1024)  # a single evaluation: a range around it, not a point
@@ -205,7 +206,7 @@ def test_svg_ticks_and_labels():
 
 
 def test_a_loss_curve_skips_non_finite_points():
-    from minigpt import svg
+    from minigpt.report import svg
 
     chart = svg.line_chart([svg.Series("train", [0, 1, 2, 3], [4.0, float("nan"), float("inf"),
                                                               3.0])], "loss")
@@ -215,7 +216,7 @@ def test_a_loss_curve_skips_non_finite_points():
 
 
 def test_a_measured_run_stores_measured_power(monkeypatch):
-    from minigpt.costs.power import Measurement
+    from minigpt.hardware.counters import Measurement
 
     rows = [{"scope": "h0", "op": "x@w", "kind": "matmul", "phase": "forward", "dtype": "float32",
              "calls": 1, "flops": 2e9, "useful_flops": 2e9, "bytes_read": 1e6, "bytes_written": 0,
@@ -234,5 +235,5 @@ def test_report_needs_no_plotting_package(trained_run, monkeypatch):
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now fails
     monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
-    text = report_html.render(trained_run)
+    text = html.render(trained_run)
     assert text.count("<svg") >= 6 and "</html>" in text

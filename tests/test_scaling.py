@@ -11,12 +11,13 @@ from hypothesis import strategies as st
 
 from minigpt import cli
 from minigpt.config import ModelConfig
-from minigpt.costs import model as cost_model
-from minigpt.costs import scale_report, scaling, scenario
+from minigpt.counting import closed_form as cost_model
+from minigpt.counting.meter import METER
 from minigpt.errors import ConfigError
-from minigpt.meter import METER
 from minigpt.nn.model import GPT
 from minigpt.nn.params import FlatBuffer, init
+from minigpt.scale import estimate as estimate_mod
+from minigpt.scale import scenario, work
 from minigpt.train.optim import AdamW
 from minigpt.train.trainer import training_step
 
@@ -28,15 +29,15 @@ def _empty_home(tmp_path, monkeypatch):
 
 
 def estimate(name: str, *overrides: str) -> dict:
-    return scale_report.estimate(scenario.load(name, overrides))
+    return estimate_mod.estimate(scenario.load(name, overrides))
 
 
 def _flops(records) -> int:
     return sum(r.flops for r in records.values())
 
 
-def _arch(cfg: ModelConfig) -> scaling.Arch:
-    return scaling.Arch(cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.block_size, cfg.vocab_size)
+def _arch(cfg: ModelConfig) -> work.Arch:
+    return work.Arch(cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.block_size, cfg.vocab_size)
 
 
 # ---- the closed form --------------------------------------------------------------------------
@@ -52,14 +53,14 @@ configs = st.builds(
 def test_closed_form_equals_the_predictor(cfg, batch, data):
     a = _arch(cfg)
     T = data.draw(st.integers(1, cfg.block_size), label="T")
-    assert scaling.training_step_flops(a, batch, T) == _flops(
+    assert work.training_step_flops(a, batch, T) == _flops(
         cost_model.predict_training_step(cfg, batch, T))
-    assert scaling.forward_flops(a, batch, T, last_only=True) == _flops(
+    assert work.forward_flops(a, batch, T, last_only=True) == _flops(
         cost_model.predict_forward(cfg, batch, T, "prefill"))
     pos = data.draw(st.integers(0, cfg.block_size - 1), label="position")
-    assert scaling.forward_flops(a, batch, 1, pos0=pos) == _flops(
+    assert work.forward_flops(a, batch, 1, pos0=pos) == _flops(
         cost_model.predict_decode(cfg, batch, pos))
-    assert scaling.arch_params(a) == (cost_model.n_params(cfg),) * 2
+    assert work.arch_params(a) == (cost_model.n_params(cfg),) * 2
 
 
 def test_closed_form_equals_the_meter_on_this_machine():
@@ -69,25 +70,25 @@ def test_closed_form_equals_the_meter_on_this_machine():
     idx = np.random.default_rng(1).integers(0, 13, (2, 6))
     METER.reset()
     training_step(model, AdamW(model.params), [(idx, idx)], lr=1e-3)
-    assert _flops(METER.records) == scaling.training_step_flops(_arch(cfg), 2, 6)
+    assert _flops(METER.records) == work.training_step_flops(_arch(cfg), 2, 6)
 
 
 def test_closed_form_equals_the_predictor_at_gpt3_size():
     cfg = ModelConfig(n_layer=96, n_head=96, n_embd=12288, block_size=2048, vocab_size=50257)
-    assert scaling.training_step_flops(_arch(cfg), 1, 2048) == _flops(
+    assert work.training_step_flops(_arch(cfg), 1, 2048) == _flops(
         cost_model.predict_training_step(cfg, 1, 2048))
 
 
 def test_mixture_of_experts_counts():
-    dense = scaling.Arch(2, 16, 2, 8, 30)
-    assert scaling.arch_params(scaling.Arch(2, 16, 2, 8, 30, 1, 1)) == scaling.arch_params(dense)
-    moe = scaling.Arch(2, 16, 2, 8, 30, n_experts=8, experts_per_token=2)
-    total, active = scaling.arch_params(moe)
-    mlp, router = scaling.mlp_params(16), 2 * 16 * 8
-    assert total == scaling.arch_params(dense)[0] + 2 * 7 * mlp + router
-    assert active == scaling.arch_params(dense)[0] + 2 * 1 * mlp + router
-    assert scaling.weights_read(moe, total, active, 1) == active  # batch 1: its 2 experts only
-    assert active < scaling.weights_read(moe, total, active, 16) < total
+    dense = work.Arch(2, 16, 2, 8, 30)
+    assert work.arch_params(work.Arch(2, 16, 2, 8, 30, 1, 1)) == work.arch_params(dense)
+    moe = work.Arch(2, 16, 2, 8, 30, n_experts=8, experts_per_token=2)
+    total, active = work.arch_params(moe)
+    mlp, router = work.mlp_params(16), 2 * 16 * 8
+    assert total == work.arch_params(dense)[0] + 2 * 7 * mlp + router
+    assert active == work.arch_params(dense)[0] + 2 * 1 * mlp + router
+    assert work.weights_read(moe, total, active, 1) == active  # batch 1: its 2 experts only
+    assert active < work.weights_read(moe, total, active, 16) < total
     r = estimate("gpt4-class-moe")
     assert r["active_params"] < r["params"]
     assert r["train_flops_6nd"] == pytest.approx(6 * r["active_params"] * r["train_tokens"])
@@ -180,7 +181,7 @@ KEYS = ("params", "active_params", "train_flops", "train_flops_6nd", "chip_hours
 
 
 def test_cli_json_and_table(capsys):
-    assert cli.main(["scale", "configs/scale/gpt3-175b.toml", "--format", "json"]) == 0
+    assert cli.main(["scale", "minigpt/scale/scenarios/gpt3-175b.toml", "--format", "json"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert set(KEYS) <= set(doc)
     origins = {a["field"]: a["origin"] for a in doc["assumptions"]}

@@ -24,10 +24,10 @@ torch = pytest.importorskip("torch")
 F = torch.nn.functional
 
 from minigpt.config import ModelConfig, TrainConfig
-from minigpt.data import get_batch
 from minigpt.nn.model import GPT
 from minigpt.nn.params import FlatBuffer, init
-from minigpt.tokenizer import ByteTokenizer
+from minigpt.tokenizers import ByteTokenizer
+from minigpt.train.data import get_batch
 from minigpt.train.optim import AdamW, clip_grad_norm, lr_at
 
 FABLES = Path(__file__).resolve().parents[1] / "corpora" / "fables.txt"

@@ -42,16 +42,17 @@ def _costs_parser() -> argparse.ArgumentParser:
 
 
 def _run_energy_doc(run):
-    from minigpt.costs import run_energy
+    from minigpt.energy import run_energy
 
     return run_energy.load(run)
 
 
 def _plot_run(run, rows) -> None:
-    from minigpt.costs import calibrate, hardware, plots
+    from minigpt.hardware import calibrate, profiles
+    from minigpt.report import plots
 
     prof, source = calibrate.local_profile()
-    peak, bandwidth = hardware.peak(prof, "fp32"), hardware.require(prof, "memory_bandwidth")
+    peak, bandwidth = profiles.peak(prof, "fp32"), profiles.require(prof, "memory_bandwidth")
     run = Path(run)
     a = plots.layers_chart(rows, run / "layers.png", f"{run}: training cost per layer")
     b = plots.roofline_chart(rows, run / "roofline.png", peak, bandwidth,
@@ -71,8 +72,8 @@ def _costs_config(where: str):
 def cmd_costs(argv) -> int:
     import json
 
-    from minigpt.costs import model as cost_model
-    from minigpt.costs import report
+    from minigpt.counting import closed_form as cost_model
+    from minigpt.counting import tables
 
     args = _costs_parser().parse_args(argv)
     if (args.run is None) == (args.config is None):
@@ -109,13 +110,13 @@ def cmd_costs(argv) -> int:
         else:
             records = cost_model.predict_decode(cfg.model, B, T)
             what = f"predicted: one decode step at position {T}, batch {B}, {args.config}"
-        rows = report.rows_from_records(records)
+        rows = tables.rows_from_records(records)
     else:
         if args.memory:
             raise ConfigError("--memory estimates a training run from a config: give --config "
                               "(a run's measured costs have no memory estimate)")
         try:
-            doc = report.load(args.run)
+            doc = tables.load(args.run)
         except FileNotFoundError:
             raise ConfigError(f"{args.run}: no costs.json here (train a run first)") from None
         except (OSError, ValueError) as e:
@@ -131,9 +132,9 @@ def cmd_costs(argv) -> int:
                           f"{', '.join(phases)}")
     if args.top is not None and args.top < 1:
         raise ConfigError(f"--top must be >= 1, got {args.top}")
-    from minigpt.costs import run_energy
+    from minigpt.energy import run_energy
 
-    groups = report.group(rows, args.by, args.phase, extra=run_energy.row_joules(run_doc))
+    groups = tables.group(rows, args.by, args.phase, extra=run_energy.row_joules(run_doc))
     energy_note = run_energy.summary_line(run_doc) if run_doc else (
         "no joules: this run has no energy.json" if args.run is not None else "")
     if args.format == "json":
@@ -144,11 +145,11 @@ def cmd_costs(argv) -> int:
                              "pue": run_doc["pue"], "note": energy_note}
         print(json.dumps(out, indent=1))
     elif args.format == "csv":
-        print(report.groups_csv(groups[: args.top] if args.top else groups), end="")
+        print(tables.groups_csv(groups[: args.top] if args.top else groups), end="")
     else:
         title = f"{what}; by {args.by}" + (f", phase {args.phase}" if args.phase else "")
-        print(report.format_table(groups, title=title, top=args.top))
-        print(report.CONVENTIONS)
+        print(tables.format_table(groups, title=title, top=args.top))
+        print(tables.CONVENTIONS)
         if energy_note:
             print(energy_note)
     if args.plot:
@@ -161,7 +162,7 @@ def cmd_costs(argv) -> int:
 def _print_memory(cfg, B: int, T: int, args) -> int:
     import json
 
-    from minigpt.costs import memory
+    from minigpt.counting import memory
 
     if args.mode != "train":
         raise ConfigError("--memory estimates a training run: drop --mode")
@@ -189,7 +190,7 @@ def _print_memory(cfg, B: int, T: int, args) -> int:
 
 
 def cmd_report(argv) -> int:
-    from minigpt import report_html
+    from minigpt.report import html
 
     p = Parser(prog="minigpt report",
                description="Write <run>/report.html: one self-contained page (inline SVG, nothing "
@@ -198,12 +199,12 @@ def cmd_report(argv) -> int:
                epilog="example: minigpt report out/tiny && xdg-open out/tiny/report.html")
     p.add_argument("run", help="a run folder holding costs.json (and log.jsonl, energy.json)")
     args = p.parse_args(argv)
-    print(f"wrote {report_html.write(args.run)}")
+    print(f"wrote {html.write(args.run)}")
     return 0
 
 
 def cmd_calibrate(argv) -> int:
-    from minigpt.costs import calibrate
+    from minigpt.hardware import calibrate
 
     p = Parser(prog="minigpt calibrate",
                description="Measure this machine's float32/float64 matmul FLOP/s and memory bandwidth "
@@ -223,7 +224,7 @@ def cmd_calibrate(argv) -> int:
 
 
 def cmd_hardware(argv) -> int:
-    from minigpt.costs import hardware
+    from minigpt.hardware import profiles
 
     p = Parser(prog="minigpt hardware",
                description="List the hardware profiles (packaged, and yours in $MINIGPT_HOME/hardware), "
@@ -231,12 +232,12 @@ def cmd_hardware(argv) -> int:
     p.add_argument("name", nargs="?", help="show this profile's figures and sources")
     args = p.parse_args(argv)
     if args.name is None:
-        print(hardware.format_profiles_table(hardware.list_profiles()))
+        print(profiles.format_profiles_table(profiles.list_profiles()))
         return 0
-    prof = hardware.load_profile(args.name)
+    prof = profiles.load_profile(args.name)
     print(f"{prof.name}: {prof.description}  ({prof.path})")
     figures = [(f"peak_flops.{t}", v) for t, v in prof.peak_flops.items()]
-    figures += [(f, getattr(prof, f)) for f in hardware.FIGURES + hardware.OPTIONAL_FIGURES]
+    figures += [(f, getattr(prof, f)) for f in profiles.FIGURES + profiles.OPTIONAL_FIGURES]
     figures += [(f"interconnect.{k}", v) for k, v in prof.interconnect.items()]  # bytes/s each way
     for key, value in figures:
         shown = f"{value:.4g}" if value is not None else prof.missing.get(key, "unknown")
@@ -244,7 +245,7 @@ def cmd_hardware(argv) -> int:
     return 0
 
 
-SCALE_HELP = """scenario keys (full list: minigpt/costs/scenario.py's docstring; docs/energy.md):
+SCALE_HELP = """scenario keys (full list: minigpt/scale/scenario.py's docstring; docs/energy.md):
   [model]      n_layer, n_embd, n_head, block_size, vocab_size (an architecture) and/or params,
                active_params; n_experts, experts_per_token. Not needed for [training] flops alone
   [training]   the work in the source's own terms: flops (a published total), tokens (FLOPs by
@@ -266,7 +267,7 @@ energy = chip-hours x W x power_fraction x PUE; tCO2e = MWh x grid; water = IT M
 examples: minigpt scale gpt3-175b;  minigpt scale patterson-t5 (FLOPs alone);  minigpt scale
 llama-65b (GPU-hours);  minigpt scale gpt4-class-moe --set hardware.power_basis=chip;  minigpt
 scale epoch-chatgpt-2025 (compute-bound Wh/query);  minigpt scale dense-70b-h100 --set
-inference.weight_bits=8;  shipped scenarios: configs/scale/*.toml (docs/energy.md)"""
+inference.weight_bits=8;  shipped scenarios: minigpt/scale/scenarios/*.toml (docs/energy.md)"""
 
 
 def _scale_parser() -> argparse.ArgumentParser:
@@ -292,14 +293,14 @@ def _scale_parser() -> argparse.ArgumentParser:
 def cmd_scale(argv) -> int:
     import json
 
-    from minigpt.costs import scale_report, scenario
+    from minigpt.scale import estimate, scenario
 
     args = _scale_parser().parse_args(argv)
-    result = scale_report.estimate(scenario.load(args.scenario, args.overrides))
+    result = estimate.estimate(scenario.load(args.scenario, args.overrides))
     if args.format == "json":
-        print(json.dumps(scale_report.to_json(result), indent=1))
+        print(json.dumps(estimate.to_json(result), indent=1))
     else:
-        print(scale_report.format_table(result))
+        print(estimate.format_table(result))
     return 0
 
 

@@ -111,11 +111,11 @@ def cmd_generate(argv) -> int:
         out.write(decode([token]))
         out.flush()
 
-    from minigpt.costs import power
-    from minigpt.meter import METER
+    from minigpt.counting.meter import METER
+    from minigpt.hardware import counters
 
     METER.reset()
-    with power.measure() as measured:
+    with counters.measure() as measured:
         model.generate(ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed, emit)
     out.write(decode([], final=True) + "\n")
     if args.costs:
@@ -136,11 +136,12 @@ def _prompt_ids(text: str, model) -> list[int]:
 
 
 def _print_generation_costs(prompt_tokens: int, new_tokens: int, measured, args, block: int) -> None:
-    from minigpt.costs import energy, report
-    from minigpt.meter import METER
+    from minigpt.counting import tables
+    from minigpt.counting.meter import METER
+    from minigpt.energy import accounting
 
-    rows = report.rows_from_records(METER.records)
-    t = report.totals(rows)
+    rows = tables.rows_from_records(METER.records)
+    t = tables.totals(rows)
     print(f"\ncosts: prompt of {prompt_tokens} tokens, {new_tokens} new tokens (batch 1, KV cache)")
     print(f"{'phase':<8}  {'calls':>6}  {'FLOPs':>11}  {'bytes':>10}  {'seconds':>8}  per token")
     calls = {phase: sum(r["calls"] for r in rows if r["phase"] == phase and r["scope"] == "embedding")
@@ -155,26 +156,26 @@ def _print_generation_costs(prompt_tokens: int, new_tokens: int, measured, args,
             continue
         p = t[phase]
         nbytes = p["bytes_read"] + p["bytes_written"]
-        per = (f"{report.si(p['flops'] / decode_steps)}FLOP, {report.si(nbytes / decode_steps, 'B')}"
+        per = (f"{tables.si(p['flops'] / decode_steps)}FLOP, {tables.si(nbytes / decode_steps, 'B')}"
                if phase == "decode" else "")
-        print(f"{phase:<8}  {calls[phase]:>6}  {report.si(p['flops']):>11}  {report.si(nbytes, 'B'):>10}  "
+        print(f"{phase:<8}  {calls[phase]:>6}  {tables.si(p['flops']):>11}  {tables.si(nbytes, 'B'):>10}  "
               f"{p['seconds']:8.3f}  {per}")
     if "decode" in t:
         d = t["decode"]
-        print(f"bytes per generated token: {report.si((d['bytes_read'] + d['bytes_written']) / decode_steps, 'B')}"
+        print(f"bytes per generated token: {tables.si((d['bytes_read'] + d['bytes_written']) / decode_steps, 'B')}"
               f"; decode speed here: {decode_steps / d['seconds']:,.0f} tokens/s (metered seconds)"
               if d["seconds"] > 0 else "")
-    print(report.CONVENTIONS)
+    print(tables.CONVENTIONS)
     print()
     hw, on_cpu = hardware_for(args, args.device), args.device == "cpu"
-    print("\n".join(energy.report_lines(rows, measured.seconds, hw, measured=measured,
+    print("\n".join(accounting.report_lines(rows, measured.seconds, hw, measured=measured,
                                        watts=args.watts, tokens=new_tokens, estimate=on_cpu)))
     _print_generation_energy(rows, measured, args, prefill_tokens, calls["decode"], new_tokens)
 
 
 def _print_generation_energy(rows, measured, args, prefill_tokens, decode_steps, new_tokens) -> None:
     """Prefill and decode joules (metered seconds x power x PUE) and J/token; --energy-json."""
-    from minigpt.costs import run_energy
+    from minigpt.energy import run_energy
 
     hw, on_cpu = hardware_for(args, args.device), args.device == "cpu"
     doc = run_energy.build(rows, measured.seconds, hw, measured, args.watts, new_tokens,
@@ -191,7 +192,7 @@ def _print_generation_energy(rows, measured, args, prefill_tokens, decode_steps,
     if args.energy_json:
         import json
 
-        from minigpt.costs import report
+        from minigpt.counting import tables
 
-        report._atomic_write(Path(args.energy_json), json.dumps(doc, indent=1) + "\n")
+        tables._atomic_write(Path(args.energy_json), json.dumps(doc, indent=1) + "\n")
         print(f"wrote {args.energy_json}")

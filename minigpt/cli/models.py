@@ -158,8 +158,7 @@ def cmd_init(argv) -> int:
 def _init_tokenizer(cfg):
     """bytes; a BPE from [data] tokenizer_path; with neither, no tokenizer (learning 50,000 merges
     is a training job, not an init)."""
-    from minigpt.interop import MissingTokenizer
-    from minigpt.tokenizer import ByteTokenizer
+    from minigpt.tokenizers import ByteTokenizer, MissingTokenizer
 
     if cfg.data.tokenizer == "bytes":
         return ByteTokenizer()
@@ -167,7 +166,7 @@ def _init_tokenizer(cfg):
         print("note: [data] tokenizer = \"bpe\" with no tokenizer_path: the run has no tokenizer, so "
               "text prompts cannot be encoded (generate --prompt-ids works)", file=sys.stderr)
         return MissingTokenizer(cfg.model.vocab_size)
-    from minigpt.tokenizer_bpe import BPETokenizer
+    from minigpt.tokenizers.bpe import BPETokenizer
 
     tok = BPETokenizer.load(Path(cfg.data.tokenizer_path).expanduser())
     if tok.vocab_size > cfg.model.vocab_size:

@@ -123,10 +123,10 @@ def _train(argv, args=None, trainer=None) -> int:
     c = trainer.corpus
     print(f"corpus: {c.source}: {c.n_files} files, {len(c.train):,} training and {len(c.val):,} "
           f"validation tokens", file=sys.stderr)
-    from minigpt.costs import power
+    from minigpt.hardware import counters
 
     start_tokens = trainer.state.tokens  # > 0 when resumed
-    with power.measure() as measured:
+    with counters.measure() as measured:
         result = trainer.run()
     if result.interrupted:
         import shlex
@@ -147,18 +147,21 @@ def hardware_for(args, device: str):
 
 
 def _print_training_costs(trainer, result, measured, args, start_tokens: int = 0) -> None:
-    from minigpt import report_html
-    from minigpt.costs import calibrate, energy, projection, report, run_energy
-    from minigpt.meter import METER
+    from minigpt.counting import tables
+    from minigpt.counting.meter import METER
+    from minigpt.energy import accounting, run_energy
+    from minigpt.hardware import calibrate
+    from minigpt.report import html
+    from minigpt.scale import projection
 
     on_cpu = trainer.cfg.train.device == "cpu"
     peak, where = calibrate.local_peak() if on_cpu else (None, "")
-    rows = report.rows_from_records(METER.records)
+    rows = tables.rows_from_records(METER.records)
     ranks, everyone = trainer.world.size, result.tokens
     if ranks > 1:  # the counts are rank 0's: its share of the tokens goes with them
         result.tokens = trainer.state.counted_tokens
     print()
-    print(report.summary(rows, result.steps, result.tokens, peak, where))
+    print(tables.summary(rows, result.steps, result.tokens, peak, where))
     if ranks > 1:
         print(f"data parallel over {ranks} MPI ranks: the counts above are rank 0's, on its "
               f"{result.tokens:,} of the {everyone:,} tokens (every rank did the same)")
@@ -168,19 +171,19 @@ def _print_training_costs(trainer, result, measured, args, start_tokens: int = 0
     session = _session_rows(rows, trainer.meter_rows)
     hw = hardware_for(args, trainer.cfg.train.device)
     tokens = (everyone - start_tokens) // ranks  # this session's tokens (rank 0's share of them)
-    print("\n".join(energy.report_lines(session, measured.seconds, hw, measured=measured,
+    print("\n".join(accounting.report_lines(session, measured.seconds, hw, measured=measured,
                                        watts=args.watts, tokens=tokens, estimate=on_cpu)))
     doc = run_energy.build(session, measured.seconds, hw, measured, args.watts, tokens,
                            estimate=on_cpu)
     print(f"wrote {run_energy.save(trainer.out_dir, doc)}")
     print(projection.gpt3_projection_line(result.tokens, rows, joules=measured.total_joules))
-    print(f"report: {report_html.write(trainer.out_dir)}  (open it in a browser)")
+    print(f"report: {html.write(trainer.out_dir)}  (open it in a browser)")
     _print_moe_summary(trainer, result)
 
 
 def _print_moe_summary(trainer, result) -> None:
     """A MoE run's parameters, FLOPs per token and expert load (nothing for a dense model)."""
-    from minigpt.meter import METER
+    from minigpt.counting.meter import METER
     from minigpt.train import moe_stats
 
     lines = moe_stats.summary_lines(trainer.cfg, trainer.state, METER.records, result.tokens)
@@ -191,16 +194,16 @@ def _print_moe_summary(trainer, result) -> None:
 
 def _session_rows(rows, before) -> list[dict]:
     """rows minus a resumed run's rows at its start (the counts this session added)."""
-    from minigpt.costs import report
+    from minigpt.counting import tables
 
     if not before:
         return rows
-    old = report.records_from_rows(before)
+    old = tables.records_from_rows(before)
     out = []
     for r in rows:
         key = (r["scope"], r["op"], r["kind"], r["phase"], r["dtype"])
         o = old.get(key)
-        d = dict(r) if o is None else r | {k: r[k] - getattr(o, k) for k in report.NUMBERS}
+        d = dict(r) if o is None else r | {k: r[k] - getattr(o, k) for k in tables.NUMBERS}
         if d["calls"] > 0:
             out.append(d)
     return out

@@ -37,8 +37,8 @@ from collections import Counter
 from types import SimpleNamespace
 
 from minigpt import backend
-from minigpt.meter import FLOPS_PER_ELEMENT as FPE
-from minigpt.meter import METER
+from minigpt.counting.meter import FLOPS_PER_ELEMENT as FPE
+from minigpt.counting.meter import METER
 
 ENABLED = os.environ.get("MINIGPT_FUSED", "1") != "0"
 CALLS: Counter = Counter()

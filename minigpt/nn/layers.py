@@ -2,7 +2,7 @@
 input gradient and *adds* into its parameter gradients (views into one flat buffer), so tied
 weights and residual branches need no special case.
 
-Every matrix product goes through minigpt.meter.matmul (the int8 ones through METER.matmul_int8
+Every matrix product goes through minigpt.counting.meter.matmul (the int8 ones through METER.matmul_int8
 and METER.matmul_w8) and every elementwise pass is counted with METER.op, under the scope the
 caller has set. Arrays come from backend.xp (NumPy or CuPy).
 """
@@ -11,8 +11,8 @@ import math
 from functools import lru_cache
 
 from minigpt import backend
-from minigpt.meter import FLOPS_PER_ELEMENT as FPE
-from minigpt.meter import METER, matmul
+from minigpt.counting.meter import FLOPS_PER_ELEMENT as FPE
+from minigpt.counting.meter import METER, matmul
 from minigpt.nn import cuda_kernels, quant
 
 

@@ -8,8 +8,8 @@ import math
 
 from minigpt import backend
 from minigpt.config import is_moe_block
-from minigpt.meter import FLOPS_PER_ELEMENT as FPE
-from minigpt.meter import METER, matmul
+from minigpt.counting.meter import FLOPS_PER_ELEMENT as FPE
+from minigpt.counting.meter import METER, matmul
 from minigpt.nn import layers as nn
 from minigpt.nn import moe, quant
 from minigpt.nn.params import FlatBuffer

@@ -18,7 +18,7 @@ the cache; the model adds it to the objective. f is a count, so its gradient flo
 
 Counting: the router's product and its elementwise passes are under the scope "router", each
 expert's products under "expert<e>" (e.g. h0.mlp.expert3.c_fc), with the tokens it computed; the
-gather and scatter are the "dispatch" and "combine" kinds (minigpt.meter.FLOPS_PER_ELEMENT). An
+gather and scatter are the "dispatch" and "combine" kinds (minigpt.counting.meter.FLOPS_PER_ELEMENT). An
 expert no token reaches runs nothing and records nothing.
 """
 
@@ -26,8 +26,8 @@ from dataclasses import dataclass
 
 from minigpt import backend
 from minigpt.config import expert_capacity
-from minigpt.meter import FLOPS_PER_ELEMENT as FPE
-from minigpt.meter import METER, matmul
+from minigpt.counting.meter import FLOPS_PER_ELEMENT as FPE
+from minigpt.counting.meter import METER, matmul
 from minigpt.nn import layers as nn
 
 MLP_NAMES = ("c_fc.weight", "c_fc.bias", "c_proj.weight", "c_proj.bias")

@@ -25,9 +25,9 @@ integer products as dtype "int8", the KV cache's bytes at one byte.
 from dataclasses import dataclass
 
 from minigpt import backend
+from minigpt.counting.meter import FLOPS_PER_ELEMENT as FPE
+from minigpt.counting.meter import METER
 from minigpt.errors import ConfigError
-from minigpt.meter import FLOPS_PER_ELEMENT as FPE
-from minigpt.meter import METER
 
 MODES = ("w8a32", "w8a8")
 
@@ -118,7 +118,7 @@ def matmul_int8_weight(x2, w: Int8Weight, op: str = "x@w"):
     acc = METER.matmul_int8(xq, w.q, op=op)  # exact integer sums, float64
     out = rescale(acc, (xs, w.scale), x_float.dtype if outliers is not None else x2.dtype)
     if outliers is not None:
-        from minigpt.meter import matmul  # the float product of the outlier dimensions
+        from minigpt.counting.meter import matmul  # the float product of the outlier dimensions
 
         w_float = w.q[outliers].astype(out.dtype) * w.scale
         with METER.scope("outliers"):

@@ -24,7 +24,7 @@ import numpy as np
 from numpy.lib import format as npy_format
 
 from minigpt import safeio
-from minigpt.costs import memory
+from minigpt.counting import memory
 from minigpt.errors import CheckpointError
 
 FORMAT = "minigpt-checkpoint-v1"

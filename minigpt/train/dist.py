@@ -19,7 +19,7 @@ Counting (docs/costs.md): each allreduce is a meter record of kind "allreduce" i
 per-rank traffic, 2 (N - 1) / N x the buffer's bytes sent (bytes_read) and as many received
 (bytes_written); its FLOPs are the (N - 1) / N x elements additions each rank does in the ring's
 reduce-scatter half; its seconds are the host clock around the call, which includes any wait
-for the slowest rank. minigpt.costs.model.allreduce_bytes is the same formula, for the closed form
+for the slowest rank. minigpt.counting.closed_form.allreduce_bytes is the same formula, for the closed form
 and for `minigpt scale`. (MPI may pick another algorithm for small buffers; the count is the ring's
 by convention, as the bandwidth-optimal figure a large buffer approaches.)
 
@@ -41,8 +41,8 @@ import time
 import numpy as np
 
 from minigpt import backend
+from minigpt.counting.meter import METER
 from minigpt.errors import ConfigError
-from minigpt.meter import METER
 
 # environment variables an MPI launcher sets to the number of ranks, and to this rank's number on
 # its node (the rank itself comes from MPI)
@@ -98,7 +98,7 @@ class MPIWorld(Single):
         reduce(buf)
         seconds = METER.clock() - t0
         N = self.size
-        sent = 2 * (N - 1) * nbytes // N  # the ring's traffic (costs.model.allreduce_bytes predicts it)
+        sent = 2 * (N - 1) * nbytes // N  # the ring's traffic (counting.closed_form.allreduce_bytes predicts it)
         if METER.enabled:
             with METER.in_phase("communication"), METER.scope("dist"):
                 METER.add(op, "allreduce", buf.dtype, (N - 1) * n // N, sent, sent, seconds)

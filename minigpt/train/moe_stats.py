@@ -6,7 +6,7 @@ and the auxiliary loss into the run state (so they survive a checkpoint and a re
 line and the end-of-run report read them back.
 """
 
-from minigpt.costs import model as cost_model
+from minigpt.counting import closed_form as cost_model
 
 
 def add_step(state, routings: list) -> None:

@@ -3,8 +3,8 @@
 import math
 
 from minigpt import backend
-from minigpt.meter import FLOPS_PER_ELEMENT as FPE
-from minigpt.meter import METER
+from minigpt.counting.meter import FLOPS_PER_ELEMENT as FPE
+from minigpt.counting.meter import METER
 from minigpt.nn import cuda_kernels
 
 

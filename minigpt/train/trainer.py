@@ -27,13 +27,13 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from minigpt import backend, safeio
-from minigpt.costs import memory, report
-from minigpt.data import check_length, get_batch, load_corpus, make_tokenizer, read_splits
+from minigpt.counting import memory, tables
+from minigpt.counting.meter import METER
 from minigpt.errors import CheckpointError, ConfigError, MiniGPTError
-from minigpt.meter import METER
 from minigpt.nn.model import GPT
 from minigpt.nn.params import FlatBuffer, init
 from minigpt.train import checkpoint, dist, moe_stats
+from minigpt.train.data import check_length, get_batch, load_corpus, make_tokenizer, read_splits
 from minigpt.train.faults import describe_nonfinite, dict_differences, fingerprint
 from minigpt.train.optim import AdamW, clip_grad_norm, lr_at
 from minigpt.train.runlock import RunLock
@@ -202,7 +202,7 @@ class Trainer:
                 value, kinds = getattr(self.state, f.name), _header_types(f.type)
                 if not isinstance(value, kinds) or isinstance(value, bool):
                     raise TypeError(f"{f.name} = {str(value)[:30]!r} is not {f.type}")
-            report.records_from_rows(meta.get("meter", []))  # the meter rows, checked here
+            tables.records_from_rows(meta.get("meter", []))  # the meter rows, checked here
             self.data_rng.bit_generator.state = self.state.data_rng
             if self.world.rank == 0:
                 self.dropout_rng.bit_generator.state = self.state.dropout_rng
@@ -239,7 +239,7 @@ class Trainer:
             "corpus": self.corpus_fingerprint,
             "layout": self.model.params.layout,
             "run": s.__dict__,
-            "meter": report.rows_from_records(METER.records),
+            "meter": tables.rows_from_records(METER.records),
         }
         arrays = {
             "params": backend.to_host(self.model.params.data),
@@ -413,7 +413,7 @@ class Trainer:
 
     def _run(self) -> Result:
         cfg, t = self.cfg, self.cfg.train
-        METER.records = report.records_from_rows(self.meter_rows)  # the whole run's counts
+        METER.records = tables.records_from_rows(self.meter_rows)  # the whole run's counts
         tokens_per_step = t.grad_accum * t.batch_size * cfg.model.block_size
         entry = self._logged_at_resume()
         self._save_tokenizer()
@@ -440,7 +440,7 @@ class Trainer:
             if self._stop:
                 self.save()
             if self.world.rank == 0:
-                report.save(self.out_dir, report.rows_from_records(METER.records), self.state.step,
+                tables.save(self.out_dir, tables.rows_from_records(METER.records), self.state.step,
                             self.state.counted_tokens or 0, ranks=self.world.size)
         finally:
             bar.close()

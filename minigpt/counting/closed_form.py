@@ -1,0 +1,427 @@
+"""The closed-form cost model: every record the meter would write, predicted from shapes alone.
+
+predict_training_step(cfg, batch, seq)   forward + backward + optimizer of one optimizer step
+predict_forward(cfg, batch, seq, phase)  one forward pass ("forward", "eval" or "prefill")
+predict_decode(cfg, batch, position)     one KV-cached decode step for the token at `position`
+allreduce_bytes(nbytes, ranks)           bytes each rank sends (and receives) in a ring allreduce
+
+Each returns {(scope, op, kind, phase, dtype): Record}, the meter's own format, so a test can
+compare prediction and measurement key by key. Mixture-of-experts blocks take a `routing` (tokens
+each expert computed, per block: what GPT.routing records) and predict exactly that forward; with
+none they assume balanced routing, the expectation the projections (scale/work.py) use. The
+formulas follow minigpt.counting.meter's conventions: a matmul (..., M, K) @ (..., K, N) is 2*batch*M*N*K
+FLOPs and moves A, B and C once; an elementwise op is FLOPS_PER_ELEMENT per element and moves its
+inputs and outputs once.
+"""
+
+from dataclasses import dataclass
+
+from minigpt.config import expert_capacity, is_moe_block
+from minigpt.counting.meter import FLOPS_PER_ELEMENT as FPE
+from minigpt.counting.meter import Record
+
+INDEX_BYTES = 8  # token ids are int64
+
+
+@dataclass
+class _Sheet:
+    """Accumulates predicted records for one phase."""
+
+    phase: str
+    itemsize: int = 4
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        self.records: dict[tuple, Record] = {}
+
+    def _add(self, scope, op, kind, flops, read, written, useful=None, dtype=None):
+        key = (scope, op, kind, self.phase, dtype or self.dtype)
+        r = self.records.setdefault(key, Record())
+        r.calls += 1
+        r.flops += flops
+        r.useful_flops += flops if useful is None else useful
+        r.bytes_read += read
+        r.bytes_written += written
+
+    def product(self, scope, op, batch, m, k, n, a_elems, b_elems, useful=None, dtype=None):
+        """(batch, m, k) @ (k, n) products; A and B hold a_elems and b_elems elements.
+
+        dtype "int8": A and B at one byte, C at four (int32 sums); "w8a32": B at one byte."""
+        s = self.itemsize
+        a_size, b_size, c_size = {"int8": (1, 1, 4), "w8a32": (s, 1, s)}.get(dtype, (s, s, s))
+        self._add(scope, op, "matmul", 2 * batch * m * n * k, a_elems * a_size + b_elems * b_size,
+                  batch * m * n * c_size, useful, dtype)
+
+    def elementwise(self, scope, kind, op, n, read_elems, written_elems, extra_read_bytes=0,
+                    factor=1, dtype=None, extra_written_bytes=0):
+        s = self.itemsize
+        self._add(scope, op, kind, factor * FPE[kind, op] * n, read_elems * s + extra_read_bytes,
+                  written_elems * s + extra_written_bytes, dtype=dtype)
+
+    def quantize(self, scope, rows, cols):
+        """Per-row int8 quantization of a (rows, cols) float array: int8 values and row scales."""
+        self.elementwise(scope, "quant", "quantize", rows * cols, rows * cols, 0,
+                         extra_written_bytes=rows * cols + rows * 4, dtype="int8")
+
+    def rescale(self, scope, n_out, factor_elems, n_factors=1):
+        """n_out accumulators (read at 4 bytes) times n_factors float32 scales (factor_elems)."""
+        self._add(scope, "rescale", "quant", n_factors * FPE["quant", "rescale"] * n_out,
+                  4 * n_out + 4 * factor_elems, n_out * self.itemsize)
+
+
+def _causal_useful(B, H, T, Tk, pos0, head_size):
+    """Products a causal mask keeps: query pos0 + i sees min(pos0 + i + 1, Tk) keys."""
+    if Tk >= pos0 + T:  # every query sees all keys up to its own position (the model's case)
+        visible = T * pos0 + T * (T + 1) // 2
+    else:
+        visible = sum(min(pos0 + i + 1, Tk) for i in range(T))
+    return 2 * B * H * visible * head_size
+
+
+def _int8_product(sh, scope, op, N, C, OC, mode):
+    """x (N, C) @ an int8 weight (C, OC) with per-column scales, by mode (nn/quant.py)."""
+    if mode == "w8a32":
+        sh.product(scope, op, 1, N, C, OC, N * C, C * OC, dtype="w8a32")
+        sh.rescale(scope, N * OC, OC)
+    else:
+        sh.quantize(scope, N, C)
+        sh.product(scope, op, 1, N, C, OC, N * C, C * OC, dtype="int8")
+        sh.rescale(scope, N * OC, N + OC, n_factors=2)
+
+
+def _linear_forward(sh, scope, N, C, OC, mode=None):
+    if mode is None:
+        sh.product(scope, "x@w", 1, N, C, OC, N * C, C * OC)
+    else:
+        _int8_product(sh, scope, "x@w", N, C, OC, mode)
+    sh.elementwise(scope, "bias", "add", N * OC, N * OC + OC, N * OC)
+
+
+def _linear_backward(sh, scope, N, C, OC):
+    sh.product(scope, "grad_w", 1, C, N, OC, N * C, N * OC)
+    sh.elementwise(scope, "bias", "grad", N * OC, N * OC + OC, OC)
+    sh.product(scope, "grad_x", 1, N, OC, C, N * OC, C * OC)
+
+
+def _layernorm_forward(sh, scope, N, C):
+    sh.elementwise(scope, "layernorm", "normalize", N * C, N * C + 2 * C, 2 * N * C + N)
+
+
+def _layernorm_backward(sh, scope, N, C):
+    sh.elementwise(scope, "layernorm", "grad", N * C, 2 * N * C + N + 3 * C, N * C + 2 * C)
+
+
+def _dropout_forward(sh, scope, n):
+    sh.elementwise(scope, "dropout", "mask", n, n, 2 * n)
+
+
+def _dropout_backward(sh, scope, n):
+    sh.elementwise(scope, "dropout", "grad", n, 2 * n, n)
+
+
+def _mlp_forward(sh, scope, N, C, mode=None):
+    _linear_forward(sh, f"{scope}.c_fc", N, C, 4 * C, mode)
+    sh.elementwise(f"{scope}.gelu", "gelu", "tanh", 4 * N * C, 4 * N * C, 8 * N * C)
+    _linear_forward(sh, f"{scope}.c_proj", N, 4 * C, C, mode)
+
+
+def _mlp_backward(sh, scope, N, C):
+    _linear_backward(sh, f"{scope}.c_proj", N, 4 * C, C)
+    sh.elementwise(f"{scope}.gelu", "gelu", "grad", 4 * N * C, 12 * N * C, 4 * N * C)
+    _linear_backward(sh, f"{scope}.c_fc", N, C, 4 * C)
+
+
+# ----------------------------------------------------------------------------- mixture of experts
+
+
+def balanced_routing(cfg, n_tokens: int) -> list[int]:
+    """Tokens each expert computes when the n_tokens * k assignments are spread evenly (the first
+    n_tokens * k % E experts take one more), capped at the capacity. Products are linear in these
+    counts, so their FLOPs are the expectation under uniform routing exactly."""
+    E, k = cfg.n_experts, cfg.experts_per_token
+    base, extra = divmod(n_tokens * k, E)
+    cap = expert_capacity(cfg, n_tokens)
+    tokens = [base + (e < extra) for e in range(E)]
+    return tokens if cap is None else [min(t, cap) for t in tokens]
+
+
+def _tokens(cfg, routing, i, N):
+    return balanced_routing(cfg, N) if routing is None else routing[i]
+
+
+def _moe_forward(sh, scope, cfg, N, tokens):
+    """nn/moe.py's forward: router, then each expert that computed n > 0 tokens."""
+    C, E, k = cfg.n_embd, cfg.n_experts, cfg.experts_per_token
+    r = f"{scope}.router"
+    sh.product(r, "x@w", 1, N, C, E, N * C, C * E)
+    sh.elementwise(r, "router", "softmax", N * E, N * E, N * E)
+    sh.elementwise(r, "router", "top_k", N * E, N * E, 0, extra_written_bytes=N * k * INDEX_BYTES)
+    sh.elementwise(r, "router", "renormalize", N * k, N * k, N * k + N, extra_read_bytes=N * k * INDEX_BYTES)
+    sh.elementwise(r, "router", "aux_loss", N * E, N * E, 2 * E, extra_read_bytes=N * k * INDEX_BYTES)
+    for e, n in enumerate(tokens):
+        if n == 0:
+            continue
+        x = f"{scope}.expert{e}"
+        sh.elementwise(x, "dispatch", "gather", n * C, n * C, n * C, extra_read_bytes=n * INDEX_BYTES)
+        _mlp_forward(sh, x, n, C)
+        sh.elementwise(x, "combine", "scatter", n * C, 2 * n * C + n, n * C,
+                       extra_read_bytes=n * INDEX_BYTES)
+
+
+def _moe_backward(sh, scope, cfg, N, tokens):
+    C, E, k = cfg.n_embd, cfg.n_experts, cfg.experts_per_token
+    r = f"{scope}.router"
+    for e, n in enumerate(tokens):
+        if n:
+            sh.elementwise(f"{scope}.expert{e}", "combine", "grad", n * C, 2 * n * C + n, n * C + n,
+                           extra_read_bytes=n * INDEX_BYTES)
+    sh.elementwise(r, "router", "renormalize_grad", N * k, 2 * N * k + N, N * E,
+                   extra_read_bytes=N * k * INDEX_BYTES)
+    sh.elementwise(r, "router", "softmax_grad", N * E, 2 * N * E + E, N * E)
+    sh.product(r, "grad_w", 1, C, N, E, N * C, N * E)
+    sh.product(r, "grad_x", 1, N, E, C, N * E, C * E)
+    for e, n in enumerate(tokens):
+        if n:
+            x = f"{scope}.expert{e}"
+            _mlp_backward(sh, x, n, C)
+            sh.elementwise(x, "dispatch", "grad", n * C, 2 * n * C, n * C, extra_read_bytes=n * INDEX_BYTES)
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+def _forward(sh, cfg, B, T, pos0=0, last_only=False, targets=False, dropout=False, q=None,
+             routing=None):
+    """Records of GPT.hidden + lm head (+ loss) for B sequences of T new tokens after pos0.
+
+    q: a quant.QuantConfig for int8 inference (outlier_threshold is data-dependent: not predicted).
+    routing: {MoE block index: tokens each expert computed}, or None for balanced routing."""
+    C, H, V = cfg.n_embd, cfg.n_head, cfg.vocab_size
+    hs, N, Tk = C // H, B * T, pos0 + T
+    s = sh.itemsize
+    mode = q.mode if q is not None else None
+    useful = _causal_useful(B, H, T, Tk, pos0, hs)
+    if q is not None and q.quantize_embedding:
+        sh.elementwise("embedding", "embedding", "lookup_int8", N * C, 0, N * C,
+                       extra_read_bytes=N * INDEX_BYTES + N * (C + 4) + T * C * s)
+    else:
+        sh.elementwise("embedding", "embedding", "lookup", N * C, 0, N * C,
+                       extra_read_bytes=N * INDEX_BYTES + (N + T) * C * s)
+    if dropout:
+        _dropout_forward(sh, "embedding.dropout", N * C)
+    kv_int8 = q is not None and q.kv_int8
+    n_att = B * H * T * Tk
+    for i in range(cfg.n_layer):
+        h = f"h{i}"
+        _layernorm_forward(sh, f"{h}.ln_1", N, C)
+        _linear_forward(sh, f"{h}.attn.c_attn", N, C, 3 * C, mode)
+        if kv_int8:  # new keys and values quantized into the cache, read back at one byte
+            sh.quantize(f"{h}.attn", B * H * T, hs)
+            sh.quantize(f"{h}.attn", B * H * T, hs)
+            sh.product(f"{h}.attn.scores", "q@kT", B * H, T, hs, Tk, B * H * T * hs, B * H * Tk * hs,
+                       useful, dtype="w8a32")
+            sh.rescale(f"{h}.attn.scores", n_att, B * H * Tk)
+        else:
+            sh.product(f"{h}.attn.scores", "q@kT", B * H, T, hs, Tk, B * H * T * hs, B * H * Tk * hs, useful)
+        sh.elementwise(f"{h}.attn.softmax", "softmax", "causal", n_att, n_att, n_att)
+        if dropout:
+            _dropout_forward(sh, f"{h}.attn.attn_dropout", n_att)
+        if kv_int8:
+            sh.rescale(f"{h}.attn.mix", n_att, B * H * Tk)
+            sh.product(f"{h}.attn.mix", "att@v", B * H, T, Tk, hs, n_att, B * H * Tk * hs, useful,
+                       dtype="w8a32")
+        else:
+            sh.product(f"{h}.attn.mix", "att@v", B * H, T, Tk, hs, n_att, B * H * Tk * hs, useful)
+        _linear_forward(sh, f"{h}.attn.c_proj", N, C, C, mode)
+        if dropout:
+            _dropout_forward(sh, f"{h}.attn.resid_dropout", N * C)
+        sh.elementwise(f"{h}.residual_1", "residual", "add", N * C, 2 * N * C, N * C)
+        _layernorm_forward(sh, f"{h}.ln_2", N, C)
+        if is_moe_block(cfg, i):
+            _moe_forward(sh, f"{h}.mlp", cfg, N, _tokens(cfg, routing, i, N))
+        else:
+            _mlp_forward(sh, f"{h}.mlp", N, C, mode)
+        if dropout:
+            _dropout_forward(sh, f"{h}.mlp.resid_dropout", N * C)
+        sh.elementwise(f"{h}.residual_2", "residual", "add", N * C, 2 * N * C, N * C)
+    _layernorm_forward(sh, "ln_f", N, C)
+    M = B if last_only else N
+    if mode is None:
+        sh.product("lm_head", "x@wte.T", 1, M, C, V, M * C, V * C)
+    else:
+        _int8_product(sh, "lm_head", "x@wte.T", M, C, V, mode)
+    if targets:
+        sh.elementwise("loss", "cross_entropy", "loss", N * V, N * V, N * V,
+                       extra_read_bytes=N * INDEX_BYTES)
+
+
+def _backward(sh, cfg, B, T, dropout=False, routing=None):
+    C, H, V = cfg.n_embd, cfg.n_head, cfg.vocab_size
+    hs, N = C // H, B * T
+    useful = _causal_useful(B, H, T, T, 0, hs)
+    n_att = B * H * T * T
+    sh.elementwise("loss", "cross_entropy", "grad", N * V, N * V, N * V, extra_read_bytes=N * INDEX_BYTES)
+    sh.product("lm_head", "grad_w", 1, V, N, C, N * V, N * C)
+    sh.product("lm_head", "grad_x", 1, N, V, C, N * V, V * C)
+    _layernorm_backward(sh, "ln_f", N, C)
+    for i in reversed(range(cfg.n_layer)):
+        h = f"h{i}"
+        if dropout:
+            _dropout_backward(sh, f"{h}.mlp.resid_dropout", N * C)
+        if is_moe_block(cfg, i):
+            _moe_backward(sh, f"{h}.mlp", cfg, N, _tokens(cfg, routing, i, N))
+        else:
+            _mlp_backward(sh, f"{h}.mlp", N, C)
+        _layernorm_backward(sh, f"{h}.ln_2", N, C)
+        sh.elementwise(f"{h}.residual_2", "residual", "grad", N * C, 2 * N * C, N * C)
+        if dropout:
+            _dropout_backward(sh, f"{h}.attn.resid_dropout", N * C)
+        _linear_backward(sh, f"{h}.attn.c_proj", N, C, C)
+        sh.product(f"{h}.attn.mix", "grad_att", B * H, T, hs, T, B * H * T * hs, B * H * T * hs, useful)
+        sh.product(f"{h}.attn.mix", "grad_v", B * H, T, T, hs, n_att, B * H * T * hs, useful)
+        if dropout:
+            _dropout_backward(sh, f"{h}.attn.attn_dropout", n_att)
+        sh.elementwise(f"{h}.attn.softmax", "softmax", "grad", n_att, 2 * n_att, n_att)
+        sh.product(f"{h}.attn.scores", "grad_q", B * H, T, T, hs, n_att, B * H * T * hs, useful)
+        sh.product(f"{h}.attn.scores", "grad_k", B * H, T, T, hs, n_att, B * H * T * hs, useful)
+        _linear_backward(sh, f"{h}.attn.c_attn", N, C, 3 * C)
+        _layernorm_backward(sh, f"{h}.ln_1", N, C)
+        sh.elementwise(f"{h}.residual_1", "residual", "grad", N * C, 2 * N * C, N * C)
+    if dropout:
+        _dropout_backward(sh, "embedding.dropout", N * C)
+    sh.elementwise("embedding", "embedding", "grad_table", N * C, 2 * N * C, N * C,
+                   extra_read_bytes=N * INDEX_BYTES)
+    sh.elementwise("embedding", "embedding", "grad_position", N * C, N * C + 2 * T * C, T * C)
+
+
+def mlp_params(C: int) -> int:
+    """One GPT-2 MLP (or one expert): c_fc (C, 4C) + bias 4C, c_proj (4C, C) + bias C."""
+    return 8 * C * C + 5 * C
+
+
+def moe_blocks(cfg) -> int:
+    """How many blocks are mixture-of-experts blocks (config.is_moe_block)."""
+    return sum(is_moe_block(cfg, i) for i in range(cfg.n_layer))
+
+
+def n_params(cfg) -> int:
+    """Every parameter (all experts, routers), as nn/params.py's layout holds them."""
+    C, L, E = cfg.n_embd, cfg.n_layer, cfg.n_experts
+    dense = cfg.vocab_size * C + cfg.block_size * C + L * (12 * C * C + 13 * C) + 2 * C
+    return dense + moe_blocks(cfg) * ((E - 1) * mlp_params(C) + C * E)
+
+
+def n_active_params(cfg) -> int:
+    """The parameters one token's forward uses: experts_per_token experts of each MoE block."""
+    unused = cfg.n_experts - cfg.experts_per_token
+    return n_params(cfg) - moe_blocks(cfg) * unused * mlp_params(cfg.n_embd)
+
+
+def _optimizer(sh, cfg):
+    P = n_params(cfg)
+    sh.elementwise("clip", "clip", "norm", P, P, 0)
+    sh.elementwise("clip", "clip", "scale", P, P, P)
+    sh.elementwise("adamw", "adamw", "update", P, 4 * P, 3 * P)
+
+
+def allreduce_bytes(nbytes: float, ranks: int) -> float:
+    """Bytes each of `ranks` ranks sends, and as many it receives, in a ring allreduce of an nbytes
+    buffer: a reduce-scatter then an all-gather, each passing N - 1 chunks of nbytes / N round the
+    ring, so 2 (N - 1) / N x nbytes. Whole numbers stay whole (floor), as the meter records them;
+    `minigpt scale` passes floats (a model's gradient bytes) and gets the exact ratio."""
+    if isinstance(nbytes, int):
+        return 2 * (ranks - 1) * nbytes // ranks
+    return 2 * (ranks - 1) / ranks * nbytes
+
+
+def allreduce_flops(elements: int, ranks: int) -> int:
+    """Additions each rank does in a ring allreduce: (N - 1) / N x the elements (reduce-scatter)."""
+    return (ranks - 1) * elements // ranks
+
+
+def _allreduce(sh, op, elements, itemsize, ranks, dtype):
+    sent = allreduce_bytes(elements * itemsize, ranks)
+    sh._add("dist", op, "allreduce", allreduce_flops(elements, ranks), sent, sent, dtype=dtype)
+
+
+def _communication(sh, cfg, ranks, dtype):
+    """One data-parallel step's allreduces (minigpt.train.dist): the flat gradient buffer, then the
+    loss and the stop flag as two float64 numbers."""
+    _allreduce(sh, "grad_sum", n_params(cfg), sh.itemsize, ranks, dtype)
+    _allreduce(sh, "loss_sum", 2, 8, ranks, "float64")
+
+
+def _merge(*sheets) -> dict:
+    out = {}
+    for sh in sheets:
+        out.update(sh.records)
+    return out
+
+
+def _sheet(phase, dtype):
+    return _Sheet(phase, itemsize=4 if dtype == "float32" else 8, dtype=dtype)
+
+
+def predict_training_step(cfg, batch: int, seq: int | None = None, grad_accum: int = 1,
+                          clip: bool = True, dtype: str = "float32", ranks: int = 1,
+                          routing=None) -> dict:
+    """One optimizer step: grad_accum micro-batches of (batch, seq) tokens, then clip + AdamW.
+    ranks > 1: one rank's step of data-parallel training (batch is then its share, batch_size /
+    ranks), with the allreduces of phase "communication".
+
+    routing: for a MoE model, one {block index: tokens each expert computed} per micro-batch (as
+    GPT.routing holds after each forward: Routing.computed), or None for balanced routing."""
+    T = seq or cfg.block_size
+    drop = cfg.dropout > 0
+    fwd, bwd, opt = _sheet("forward", dtype), _sheet("backward", dtype), _sheet("optimizer", dtype)
+    for micro in range(grad_accum):
+        r = None if routing is None else routing[micro]
+        _forward(fwd, cfg, batch, T, targets=True, dropout=drop, routing=r)
+        _backward(bwd, cfg, batch, T, dropout=drop, routing=r)
+    if clip:
+        _optimizer(opt, cfg)
+    else:
+        P = n_params(cfg)
+        opt.elementwise("adamw", "adamw", "update", P, 4 * P, 3 * P)
+    comm = _sheet("communication", dtype)
+    if ranks > 1:
+        _communication(comm, cfg, ranks, dtype)
+    return _merge(fwd, bwd, opt, comm)
+
+
+def predict_forward(cfg, batch: int, seq: int, phase: str = "forward", targets: bool = False,
+                    dtype: str = "float32", quant=None, routing=None) -> dict:
+    """A forward pass of (batch, seq) tokens; phase "prefill" keeps only the last position's logits.
+    quant: a QuantConfig (int8 inference), or None for float; routing: as predict_training_step's
+    (one micro-batch's dict)."""
+    sh = _sheet(phase, dtype)
+    _forward(sh, cfg, batch, seq, last_only=phase == "prefill", targets=targets, q=quant,
+             routing=routing)
+    return sh.records
+
+
+def predict_decode(cfg, batch: int, position: int, dtype: str = "float32", quant=None,
+                   routing=None) -> dict:
+    """One decode step: the token at `position` attends to the position + 1 cached keys."""
+    sh = _sheet("decode", dtype)
+    _forward(sh, cfg, batch, 1, pos0=position, q=quant, routing=routing)
+    return sh.records
+
+
+def forward_records(cfg, batch: int, seq: int, pos0: int = 0, last_only: bool = False,
+                    targets: bool = False, routing=None) -> dict:
+    """A forward of `seq` new tokens after `pos0` cached ones (the general case of the above)."""
+    sh = _sheet("forward", "float32")
+    _forward(sh, cfg, batch, seq, pos0=pos0, last_only=last_only, targets=targets, routing=routing)
+    return sh.records
+
+
+def backward_records(cfg, batch: int, seq: int, routing=None) -> dict:
+    """The backward of a (batch, seq) training forward, dropout as the config says."""
+    sh = _sheet("backward", "float32")
+    _backward(sh, cfg, batch, seq, dropout=cfg.dropout > 0, routing=routing)
+    return sh.records
+
+
+def total_flops(records: dict) -> int:
+    return sum(r.flops for r in records.values())

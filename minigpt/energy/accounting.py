@@ -1,0 +1,306 @@
+"""Energy, in four layers, each shown where it can be given and each saying why where it cannot:
+
+1. measured        RAPL / NVML energy counters (minigpt.hardware.counters), × PUE;
+2. time × power    measured seconds × the profile's (or your) power per chip, × PUE;
+3. roofline        Σ max(FLOPs / peak, bytes / bandwidth) on a profile (minigpt.hardware.roofline),
+                   × power × PUE: the ideal machine at that power;
+4. physics floor   FLOPs × pJ per FLOP + bytes × pJ per byte (Horowitz's 45 nm table in
+                   profiles/constants.toml, or your own figures): the arithmetic and the memory
+                   traffic alone, no PUE.
+
+PUE, grid carbon (kgCO2e/kWh, gross; net when given), household electricity use and water (on-site
+litres per kWh of IT energy and off-site litres per kWh drawn, Li et al. 2023's US averages) come
+with sourced defaults from constants.toml. For a finished run (train.py, generate.py --costs):
+
+    lines = report_lines(rows, seconds, profile="local-cpu", measured=m, watts=None, tokens=n)
+
+rows are minigpt.counting.tables rows (report.rows_from_records(METER.records)); m is a
+power.Measurement or None. This module imports no scale module (energy sits below scale). The scaling estimates (minigpt.scale.footprint) use the same Settings; the GPT-3 projection
+line of a run is minigpt.scale.projection.gpt3_projection_line.
+"""
+
+from dataclasses import dataclass, field
+
+from minigpt.errors import ConfigError
+from minigpt.hardware import calibrate, cpu_power, profiles, roofline
+from minigpt.hardware.counters import NOT_MEASURED, Measurement
+from minigpt.hardware.profiles import Profile
+
+J_PER_KWH = 3.6e6
+PJ = 1e-12  # joules per picojoule
+# a record's dtype -> the 45 nm per-FLOP energy used for its floor (float64 has no published
+# figure: fp32's is used, a lower bound, since a 64-bit operation costs more than a 32-bit one;
+# w8a32 is int8 weights widened into a float32 product, so float32 arithmetic)
+FLOP_ENERGY_OF_DTYPE = {"float32": "fp32", "float64": "fp32", "float16": "fp16",
+                        "bfloat16": "fp16", "int8": "int8", "int32": "int8", "w8a32": "fp32"}
+
+
+@dataclass
+class Settings:
+    """The parameters energy figures rest on, and where each came from ("default: <source>").
+
+    Water comes in two terms, as Li et al. 2023 count it: on-site (the datacentre's cooling, litres
+    per kWh of IT energy, before PUE: its WUE) and off-site (the generation's water, litres per kWh
+    drawn, after PUE). Carbon is gross (the grid's mix) and, when given, net of carbon-free energy
+    purchases (Patterson et al. 2021 report both)."""
+
+    pue: float  # facility energy / IT energy
+    carbon_kg_per_kwh: float  # kg CO2e per kWh drawn (gross)
+    household_kwh_per_year: float  # kWh per US household per year
+    water_onsite_l_per_kwh: float | None  # litres per kWh of IT energy; None: not estimated
+    pj_per_flop: dict[str, float]  # "fp32" -> pJ per FLOP (the physics floor)
+    pj_per_byte: float  # pJ per byte moved (floor; default DRAM, low end)
+    pj_per_byte_sram: float  # pJ per byte from SRAM, shown beside the floor
+    origins: dict[str, str] = field(default_factory=dict)
+    water_offsite_l_per_kwh: float | None = None  # litres per kWh drawn (after PUE)
+    carbon_net_kg_per_kwh: float | None = None  # kg CO2e per kWh net of clean-energy purchases
+
+    @property
+    def water_l_per_kwh(self) -> float | None:
+        """The old name of the on-site term (kept as an alias)."""
+        return self.water_onsite_l_per_kwh
+
+
+# each setting -> its default in constants.toml
+DEFAULTS = {"pue": "pue", "carbon_kg_per_kwh": "carbon_kg_per_kwh",
+            "carbon_net_kg_per_kwh": "carbon_net_kg_per_kwh",
+            "household_kwh_per_year": "household_kwh_per_year",
+            "water_onsite_l_per_kwh": "water_onsite_l_per_kwh",
+            "water_offsite_l_per_kwh": "water_offsite_l_per_kwh",
+            "pj_per_byte": "energy_per_byte.dram_read_low"}
+
+
+def settings(pue: float | None = None, carbon_kg_per_kwh: float | None = None,
+             water_l_per_kwh: float | None = None, household_kwh_per_year: float | None = None,
+             pj_per_flop: float | None = None, pj_per_byte: float | None = None,
+             given_by: str = "given", *, water_onsite_l_per_kwh: float | None = None,
+             water_offsite_l_per_kwh: float | None = None,
+             carbon_net_kg_per_kwh: float | None = None) -> Settings:
+    """Settings from constants.toml, each given argument replacing its default (and noted).
+    water_l_per_kwh is the old name of water_onsite_l_per_kwh (give one of them)."""
+    if water_l_per_kwh is not None and water_onsite_l_per_kwh is not None:
+        raise ConfigError(f"{given_by}: water_l_per_kwh is another name for "
+                          f"water_onsite_l_per_kwh: give one of them")
+    onsite = water_onsite_l_per_kwh if water_onsite_l_per_kwh is not None else water_l_per_kwh
+    c = profiles.load_constants()
+    given = {"pue": pue, "carbon_kg_per_kwh": carbon_kg_per_kwh,
+             "carbon_net_kg_per_kwh": carbon_net_kg_per_kwh,
+             "water_onsite_l_per_kwh": onsite, "water_offsite_l_per_kwh": water_offsite_l_per_kwh,
+             "household_kwh_per_year": household_kwh_per_year, "pj_per_byte": pj_per_byte,
+             "pj_per_flop": pj_per_flop}
+    for name, value in given.items():
+        if value is not None and not value >= 0:
+            raise ConfigError(f"{given_by}: {name} must be >= 0, got {value!r}")
+    if pue is not None and pue < 1:
+        raise ConfigError(f"{given_by}: pue must be >= 1 (facility over IT energy), got {pue!r}")
+    values = {k: c[name].value if given[k] is None else given[k] for k, name in DEFAULTS.items()}
+    flop = {k: c[f"energy_per_flop.{k}"].value if pj_per_flop is None else pj_per_flop
+            for k in ("fp32", "fp16", "int8")}
+    s = Settings(**values, pj_per_flop=flop,
+                 pj_per_byte_sram=c["energy_per_byte.sram_read"].value)
+    for name, const in {**DEFAULTS, "pj_per_flop": "energy_per_flop.fp32"}.items():
+        src = c[const].source or c[const].note
+        s.origins[name] = given_by if given[name] is not None else f"default: {src}"
+    s.origins["water_l_per_kwh"] = s.origins["water_onsite_l_per_kwh"]
+    return s
+
+
+# ---- conversions -------------------------------------------------------------------------------
+
+def joules_text(j: float) -> str:
+    """12.3 kJ, 45.6 mJ: three significant figures with an SI prefix."""
+    for factor, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k"), (1, ""), (1e-3, "m"),
+                           (1e-6, "µ"), (1e-9, "n")):
+        if abs(j) >= factor:
+            return f"{j / factor:.3g} {prefix}J"
+    return f"{j:.3g} J"
+
+
+def kwh(joules: float) -> float:
+    return joules / J_PER_KWH
+
+
+def co2_kg(joules: float, s: Settings) -> float:
+    return kwh(joules) * s.carbon_kg_per_kwh
+
+
+def water_litres(joules: float, s: Settings) -> float | None:
+    """On-site and off-site water of `joules` drawn (after PUE): IT energy × WUE + drawn × EWIF;
+    None when neither term is known."""
+    terms = [(kwh(joules) / s.pue, s.water_onsite_l_per_kwh),
+             (kwh(joules), s.water_offsite_l_per_kwh)]
+    known = [k * w for k, w in terms if w is not None]
+    return sum(known) if known else None
+
+
+def household_years(joules: float, s: Settings) -> float:
+    return kwh(joules) / s.household_kwh_per_year
+
+
+# ---- the four layers ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Layer:
+    """One way to put a number on the energy: joules (None when it cannot), and how or why not."""
+
+    name: str
+    joules: float | None
+    basis: str
+
+
+def measured_layer(measured: Measurement | None, s: Settings) -> Layer:
+    """The counters' joules × PUE, or "not measured here" with each reader's reason."""
+    if measured is None or not measured.measured:
+        why = measured.describe().removeprefix("energy: ") if measured else NOT_MEASURED
+        return Layer("measured", None, why)
+    j = measured.total_joules * s.pue
+    readers = ", ".join(n for n, v in measured.joules.items() if v is not None)
+    return Layer("measured", j, f"{readers} counters, {measured.total_joules:.4g} J × PUE "
+                                f"{s.pue:.2f} (CPU packages, DRAM where exposed, GPUs: not fans, disks, PSU)")
+
+
+def power_of(profile: Profile | None, watts: float | None, measured: Measurement | None = None,
+             estimate: bool = True) -> tuple[float | None, str]:
+    """(watts, "<W> W (<basis>)") from power_figure, or (None, why there is none)."""
+    w, basis = power_figure(profile, watts, measured, estimate)
+    return w, (basis if w is None else f"{w:.3g} W ({basis})")
+
+
+def power_figure(profile: Profile | None, watts: float | None, measured: Measurement | None = None,
+                 estimate: bool = True) -> tuple[float | None, str]:
+    """Watts to use and their basis, best first: the counters' mean power ("measured: rapl"), the
+    given --watts, the profile's power figure, an estimate from the CPU's rated power and the run's
+    CPU time (minigpt.hardware.cpu_power; `estimate`=False for a GPU run, and it needs the CPU seconds
+    that `power.measure` records); else None and why there is none."""
+    if watts is not None and watts <= 0:
+        raise ConfigError(f"--watts must be > 0, got {watts!r}")
+    if measured is not None and measured.measured and measured.seconds > 0:
+        readers = ", ".join(n for n, v in measured.joules.items() if v is not None)
+        mean = measured.total_joules / measured.seconds  # W
+        note = f"; --watts {watts:g} not used" if watts is not None else ""
+        return mean, f"measured: {readers}{note}"
+    if watts is not None:
+        return watts, "--watts"
+    if profile is not None and profile.power_watts is not None:
+        return profile.power_watts, f"profile {profile.name}"
+    if estimate and measured is not None and measured.cpu_seconds is not None:
+        est = cpu_power.estimate(measured.cpu_seconds, measured.seconds)
+        return est.watts, est.basis
+    who = f"{profile.name} has none" if profile is not None else "no hardware profile"
+    return None, (f"needs a power figure ({who}: pass --watts or add power_watts to your "
+                  f"profile)")
+
+
+def time_power_layer(seconds: float, watts: float | None, power_note: str, s: Settings) -> Layer:
+    """seconds × watts × PUE; power_note says where the watts came from, or why there are none."""
+    if watts is None:
+        return Layer("time x power", None, power_note)
+    return Layer("time x power", seconds * watts * s.pue,
+                 f"{seconds:.4g} s × {power_note} × PUE {s.pue:.2f}")
+
+
+def roofline_layer(rows: list[dict], profile: Profile | None, watts: float | None, why: str,
+                   s: Settings, seconds: float | None = None) -> Layer:
+    """Ideal seconds on profile × watts × PUE; `why` is said when there is no profile or power."""
+    if profile is None:
+        return Layer("roofline", None, why)
+    try:
+        ideal = roofline.roofline_seconds(rows, profile)  # s
+    except ConfigError as e:
+        return Layer("roofline", None, f"needs {e}")
+    share = f" ({100 * ideal / seconds:.3g}% of the measured time)" if seconds else ""
+    where = f"ideal time on {profile.name} {ideal:.4g} s{share}"
+    if watts is None:
+        return Layer("roofline", None, f"{why}; {where}")
+    return Layer("roofline", ideal * watts * s.pue, f"{where} × {watts:.3g} W × PUE {s.pue:.2f}")
+
+
+def floor_joules(rows: list[dict], s: Settings, pj_per_byte: float | None = None) -> float:
+    """Σ FLOPs × pJ per FLOP of the row's dtype + bytes × pJ per byte, in joules."""
+    per_byte = s.pj_per_byte if pj_per_byte is None else pj_per_byte
+    total = 0.0
+    for r in rows:
+        key = FLOP_ENERGY_OF_DTYPE.get(r["dtype"])
+        if key is None:
+            raise ConfigError(f"no per-operation energy for records of dtype {r['dtype']!r}")
+        total += r["flops"] * s.pj_per_flop[key] + (r["bytes_read"] + r["bytes_written"]) * per_byte
+    return total * PJ
+
+
+def floor_layer(rows: list[dict], s: Settings) -> Layer:
+    """The physics floor, with the SRAM-bytes variant beside it."""
+    try:
+        j = floor_joules(rows, s)
+        sram = floor_joules(rows, s, s.pj_per_byte_sram)
+    except ConfigError as e:
+        return Layer("physics floor", None, str(e))
+    f = s.pj_per_flop
+    return Layer("physics floor", j,
+                 f"45 nm (Horowitz 2014): {f['fp32']:g} pJ/FLOP fp32, {f['fp16']:g} fp16, bytes at "
+                 f"{s.pj_per_byte:g} pJ/B (DRAM; {joules_text(sram)} if every byte came from "
+                 f"SRAM); no PUE")
+
+
+def _load(profile: Profile | str | None) -> tuple[Profile | None, str]:
+    """The profile, by name or as given; "local-cpu" falls back to the cached quick measurement."""
+    if profile is None or isinstance(profile, Profile):
+        return profile, ""
+    if str(profile) == "local-cpu":
+        try:
+            return calibrate.local_profile()[0], ""
+        except (OSError, ConfigError) as e:  # an unwritable $MINIGPT_HOME, say
+            return None, f"no local-cpu profile and no quick measurement: {e}"
+    try:
+        return profiles.load_profile(profile), ""
+    except ConfigError as e:
+        return None, f"no hardware profile: {e}"
+
+
+def run_layers(rows: list[dict], seconds: float, profile: Profile | str | None = "local-cpu",
+               measured: Measurement | None = None, watts: float | None = None,
+               s: Settings | None = None, estimate: bool = True) -> list[Layer]:
+    """The four layers for a finished run's rows and its measured seconds; the power figure is
+    the best that power_of finds (`estimate`=False: never the CPU estimate, e.g. on a GPU)."""
+    s = s or settings()
+    prof, missing = _load(profile)
+    w, why = power_of(prof, watts, measured, estimate)
+    if prof is None and w is None:
+        why = f"needs a power figure ({missing or 'no hardware profile'}; or pass --watts)"
+    return [measured_layer(measured, s), time_power_layer(seconds, w, why, s),
+            roofline_layer(rows, prof, w, why if prof else missing or why, s, seconds),
+            floor_layer(rows, s)]
+
+
+def format_layers(layers: list[Layer], s: Settings, title: str,
+                  tokens: int | None = None) -> list[str]:
+    """Side by side: energy, Wh, gCO2e (and J per token) for each layer, or why it is missing."""
+    head = f"{'layer':<14}  {'energy':>10}  {'Wh':>10}  {'gCO2e':>9}"
+    head += f"  {'J/token':>9}" if tokens else ""
+    out = [title, head + "  how", "-" * (len(head) + 5)]
+    for layer in layers:
+        if layer.joules is None:
+            out.append(f"{layer.name:<14}  {layer.basis}")
+            continue
+        j = layer.joules
+        wh, grams = kwh(j) * 1e3, co2_kg(j, s) * 1e3
+        row = f"{layer.name:<14}  {joules_text(j):>10}  {wh:10.4g}  {grams:9.3g}"
+        row += f"  {j / tokens:9.3g}" if tokens else ""
+        out.append(f"{row}  {layer.basis}")
+    out.append(f"PUE {s.pue:.2f} ({s.origins['pue']}); grid {s.carbon_kg_per_kwh:g} kgCO2e/kWh "
+               f"({s.origins['carbon_kg_per_kwh']})")
+    return out
+
+
+def report_lines(rows: list[dict], seconds: float, profile: Profile | str | None = "local-cpu",
+                 measured: Measurement | None = None, watts: float | None = None,
+                 tokens: int | None = None, s: Settings | None = None,
+                 estimate: bool = True) -> list[str]:
+    """The end-of-run energy report: each layer it can give, side by side, and why not the rest."""
+    s = s or settings()
+    layers = run_layers(rows, seconds, profile, measured, watts, s, estimate)
+    prof, _ = _load(profile)
+    name = prof.name if prof is not None else profile or "no profile"
+    if name == "quick-cpu":
+        name += " (this machine's cached quick measurement; `minigpt calibrate` measures carefully)"
+    return format_layers(layers, s, f"energy, four ways ({seconds:.4g} s measured; profile {name})",
+                         tokens)

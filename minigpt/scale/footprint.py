@@ -1,0 +1,64 @@
+"""Energy, carbon and water of IT energy: the last step down the scale package.
+
+    energy drawn   = IT energy × PUE                   (IT energy: chips × W × time, host included
+                                                        when the watts are a system's)
+    tCO2e (gross)  = MWh drawn × kgCO2e/kWh            (the grid's mix)
+    tCO2e (net)    = MWh drawn × net kgCO2e/kWh        (after carbon-free energy purchases; only
+                                                        when carbon_net_kg_per_kwh is given)
+    water on-site  = MWh of IT energy × WUE  (L/kWh)   (the datacentre's cooling: before PUE)
+    water off-site = MWh drawn × EWIF (L/kWh)          (the generation's water: after PUE)
+    water          = on-site + off-site                (Li et al. 2023, arXiv 2304.03271)
+
+MWh × L/kWh = m³. Per query: Wh × L/kWh = mL. The parameters are minigpt.energy.accounting.Settings,
+from constants.toml's sourced defaults or the scenario's [hardware] fields (settings_of).
+"""
+
+from minigpt.energy import accounting
+from minigpt.scale.scenario import Scenario
+
+SETTING_KEYS = ("pue", "carbon_kg_per_kwh", "carbon_net_kg_per_kwh", "water_onsite_l_per_kwh",
+                "water_offsite_l_per_kwh", "household_kwh_per_year")
+
+
+def settings_of(scn: Scenario) -> accounting.Settings:
+    """The scenario's PUE, grid, water and household figures over constants.toml's defaults."""
+    hw = scn.values["hardware"]
+    given = {k: hw.get(k) for k in SETTING_KEYS}
+    s = accounting.settings(**given, water_l_per_kwh=hw.get("water_l_per_kwh"))
+    for k in (*SETTING_KEYS, "water_l_per_kwh"):
+        if k in hw:
+            s.origins["water_onsite_l_per_kwh" if k == "water_l_per_kwh" else k] = scn.where(
+                "hardware", k)
+    return s
+
+
+def _times(x: float, factor: float | None) -> float | None:
+    return None if factor is None else x * factor
+
+
+def water_terms(it: float, drawn: float, s: accounting.Settings) -> tuple:
+    """(on-site, off-site, total) for IT and drawn energy in one unit (MWh -> m³, Wh -> mL)."""
+    onsite = _times(it, s.water_onsite_l_per_kwh)
+    offsite = _times(drawn, s.water_offsite_l_per_kwh)
+    known = [w for w in (onsite, offsite) if w is not None]
+    return onsite, offsite, sum(known) if known else None
+
+
+def footprint(it_mwh: float, s: accounting.Settings) -> dict:
+    """Energy drawn, gross and net carbon, water on two terms and households, from IT MWh."""
+    mwh = it_mwh * s.pue
+    onsite, offsite, water = water_terms(it_mwh, mwh, s)
+    return {"energy_it_mwh": it_mwh, "energy_mwh": mwh, "co2_tonnes": mwh * s.carbon_kg_per_kwh,
+            "co2_net_tonnes": _times(mwh, s.carbon_net_kg_per_kwh),
+            "water_onsite_m3": onsite, "water_offsite_m3": offsite, "water_m3": water,
+            "households_year": mwh * 1e3 / s.household_kwh_per_year}
+
+
+def per_query(wh: float, s: accounting.Settings) -> dict:
+    """Grams of CO2e (gross, net) and mL of water of one query of `wh` Wh drawn (after PUE)."""
+    it = wh / s.pue
+    onsite, offsite, water = water_terms(it, wh, s)
+    return {"wh_it_per_query": it, "co2_g_per_query": wh * s.carbon_kg_per_kwh,
+            "co2_net_g_per_query": _times(wh, s.carbon_net_kg_per_kwh),
+            "water_onsite_ml_per_query": onsite, "water_offsite_ml_per_query": offsite,
+            "water_ml_per_query": water}

@@ -1,0 +1,134 @@
+"""Serving a scenario's model: weight bytes, KV cache, and roofline ceilings on time and energy.
+
+A query is prompt_tokens of prefill and output_tokens of decode, `batch` queries at a time, on
+`chips` chips of the scenario's profile (their bandwidth, peak and power add up: an ideal split).
+
+    weight bytes          params × weight_bits / 8              (every expert is resident)
+    KV bytes per token    2 × n_layer × n_embd × kv_bits / 8    (K and V, every layer; our blocks
+                                                                 have one KV head per query head)
+    decode, per token     bytes = weights read per step / batch + KV bytes × context
+                          FLOPs = one forward of one token at that context (our closed form)
+                          seconds = max(bytes / bandwidth, FLOPs / peak)
+    prefill, per token    the same for a prompt of prompt_tokens, the weights read once
+    Wh per query          (prompt × prefill s + output × decode s) × chips × W × PUE / 3600
+
+Energy per query has three bases, reported as wh_per_query_basis:
+
+    stated          [inference] wh_per_query (a published figure; the workload keys then optional)
+    compute-bound   [inference] mfu given: FLOPs per query / (peak × mfu) × W × PUE / 3600, FLOPs
+                    per query = 2 × active params × (prompt + output tokens) for a stated count,
+                    our closed form (prefill + decode forwards) for an architecture (Epoch AI's way)
+    roofline        otherwise: the bandwidth/compute roofline above (a lower bound)
+
+W is the chip's watts × power_fraction on its power basis (minigpt.scale.chips). Water and carbon per
+query follow from Wh (minigpt.scale.footprint.per_query): mL = IT Wh × WUE + Wh × EWIF.
+
+The decode context is the mean over the output: prompt_tokens + output_tokens / 2. The ceiling is
+1 / decode seconds per token, over all the batch's streams: at batch 1 the memory-bound speed of
+one stream. Beside it, the popular form: weights alone (no KV cache), batch × bandwidth / bytes.
+Real serving is slower (kernels short of peak, idle chips): these are lower bounds on time and
+energy.
+"""
+
+from minigpt.energy import accounting
+from minigpt.errors import ConfigError
+from minigpt.hardware import roofline
+from minigpt.scale import footprint
+from minigpt.scale.chips import FLOOR_ENERGY_OF_PEAK, Chip
+from minigpt.scale.scenario import Scenario
+from minigpt.scale.work import Arch, forward_flops, kv_bytes_per_token, weights_read
+
+DEFAULTS = {"batch": 1, "weight_bits": 16, "kv_bits": 16, "chips": 1}
+
+
+def _per_token_seconds(nbytes: float, flops: float, chip: Chip, n: int) -> float:
+    """max(bytes / bandwidth, FLOPs / peak) over n chips; the compute term needs a known peak."""
+    memory = nbytes / (n * chip.bandwidth)
+    return max(memory, flops / (n * chip.peak)) if chip.peak else memory
+
+
+def _fit(weight_bytes: float, kv_bytes: float, chip: Chip, n: int) -> tuple[bool | None, str]:
+    have = chip.profile.memory_bytes
+    if have is None:
+        return None, f"{chip.profile.name}'s memory size is unknown: fit not checked"
+    need = weight_bytes + kv_bytes
+    if need <= n * have:
+        return True, ""
+    least = int(-(-need // have))
+    return False, (f"weights + KV cache ({need / 1e9:,.0f} GB) exceed {n} × {have / 1e9:g} GB of "
+                   f"{chip.profile.name} memory: needs at least {least} chips "
+                   f"(--set inference.chips={least}) or fewer bits")
+
+
+def _stated_only(scn: Scenario, s: accounting.Settings) -> dict:
+    """A stated Wh per query with no model: energy, carbon and water per query, nothing else."""
+    get = scn.values["inference"].get
+    wh, qpd = get("wh_per_query"), get("queries_per_day")
+    return {"wh_per_query": wh, "wh_per_query_basis": "stated", "wh_per_query_is": "stated",
+            "wh_per_query_roofline": None, "wh_per_query_compute": None,
+            "gwh_per_year": wh * qpd * 365 / 1e9 if qpd is not None else None,
+            "inference_chips": get("chips"), "fits_in_memory": None, "fit_note": ""
+            } | footprint.per_query(wh, s)
+
+
+def _per_query_wh(scn: Scenario, chip: Chip, flops_q: float, wh_roofline: float,
+                  s: accounting.Settings) -> tuple[float, str, float | None]:
+    """(Wh per query, its basis, the compute-bound Wh or None) by the rule in the docstring."""
+    mfu = scn.get("inference", "mfu")
+    compute = (flops_q / (chip.peak * mfu) * chip.watts * s.pue / 3600
+               if mfu is not None else None)  # chip-seconds × W × PUE, in Wh
+    stated = scn.get("inference", "wh_per_query")
+    if stated is not None:
+        return stated, "stated", compute
+    if compute is not None:
+        return compute, "compute-bound", compute
+    return wh_roofline, "roofline", compute
+
+
+def inference(scn: Scenario, a: Arch | None, params: float, active: float, chip: Chip,
+              s: accounting.Settings) -> dict:
+    """The serving figures of scn's [inference] on chip, as a dict of the JSON keys."""
+    get = scn.values["inference"].get
+    if params is None or get("output_tokens") is None:
+        return _stated_only(scn, s)
+    P, O = get("prompt_tokens", 0), get("output_tokens")
+    b, wbits, kvbits, n = (get(k, DEFAULTS[k]) for k in DEFAULTS)  # batch, bits, bits, chips
+    if chip.bandwidth is None:
+        raise ConfigError(f"{scn.where('hardware')}: [hardware] memory_bandwidth: needed for "
+                          f"inference ({chip.profile.name} has no bandwidth figure)")
+    weight_bytes = params * wbits / 8  # bytes
+    kv_tok = kv_bytes_per_token(a, kvbits) if a else 0.0  # bytes per token of context
+    ctx = P + O / 2  # mean context while decoding, tokens
+    step_bytes = weights_read(a, params, active, b) * wbits / 8  # one decode step, bytes
+    dec_bytes = step_bytes / b + kv_tok * ctx  # per generated token, bytes
+    dec_flops = forward_flops(a, 1, 1, pos0=round(ctx)) if a else 2 * active  # FLOPs per token
+    decode_s = _per_token_seconds(dec_bytes, dec_flops, chip, n)
+    if P:
+        pre_bytes = weights_read(a, params, active, b * P) * wbits / 8 / (b * P) + kv_tok
+        pre_flops = forward_flops(a, 1, P, last_only=True) / P if a else 2 * active
+        prefill_s = _per_token_seconds(pre_bytes, pre_flops, chip, n)
+    else:
+        pre_bytes = pre_flops = prefill_s = 0.0
+    query_s = P * prefill_s + O * decode_s  # chip-group seconds per query (share of a batch)
+    wh_roofline = query_s * n * chip.watts * s.pue / 3600
+    flops_q = P * pre_flops + O * dec_flops if a else 2 * active * (P + O)  # FLOPs per query
+    wh, basis, wh_compute = _per_query_wh(scn, chip, flops_q, wh_roofline, s)
+    qpd = get("queries_per_day")
+    floor_j = ((P * pre_flops + O * dec_flops) * s.pj_per_flop[FLOOR_ENERGY_OF_PEAK[chip.dtype]]
+               + (P * pre_bytes + O * dec_bytes) * s.pj_per_byte) * accounting.PJ
+    fits, fit_note = _fit(weight_bytes, kv_tok * b * (P + O), chip, n)
+    return {
+        "inference_chips": n, "batch": b, "weight_bits": wbits, "kv_bits": kvbits,
+        "weight_bytes": weight_bytes, "kv_bytes_per_token": kv_tok if a else None,
+        "decode_bytes_per_token": dec_bytes, "decode_flops_per_token": dec_flops,
+        "prefill_s_per_token": prefill_s, "decode_s_per_token": decode_s,
+        "decode_tokens_per_s_ceiling": 1 / decode_s,
+        "weights_only_tokens_per_s": b * roofline.decode_ceiling(step_bytes, n * chip.bandwidth),
+        "flops_per_query": flops_q, "wh_per_query": wh, "wh_per_query_basis": basis,
+        "wh_per_query_is": basis, "wh_per_query_roofline": wh_roofline,
+        "wh_per_query_compute": wh_compute, "serving_mfu": get("mfu"),
+        "gwh_per_year": wh * qpd * 365 / 1e9 if qpd is not None else None,
+        "fits_in_memory": fits, "fit_note": fit_note,
+        "inference_layers": {"measured": None, "roofline_wh_per_query": wh_roofline,
+                             "floor_wh_per_query": floor_j / 3600},
+    } | footprint.per_query(wh, s)
