@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "minigpt"
 
 FLOORS = [
     {"errors"},                                 # the errors a user can cause
-    {"backend", "config", "safeio"},            # the array module, run configuration, safe writes
+    {"backend", "config", "safeio", "units"},   # array module, run configuration, safe writes, units
     {"counting"},                               # the meter, the closed form, tables, memory
     {"nn", "hardware", "tokenizers"},           # the model's math; the machine; text <-> ids
     {"energy"},                                 # a run's energy, over hardware
