@@ -108,9 +108,10 @@ def row_sum(a):
     """Sums over the last axis, kept as a length-1 axis: (..., n) -> (..., 1).
 
     On the CPU, for many rows, through einsum's one-operand loop (a reduction, not a product):
-    the ufunc reduction adds each short row pairwise and runs 1.4x slower on rows of 256-384 and
-    3.5x slower on rows of 64 (measured 2026-12-03, 2-core Xeon, NumPy 2, float32). For a few rows (a decode step's) einsum's own call costs more than that saves, and
-    the reduction is called directly: a decode step makes a few hundred of these calls."""
+    the ufunc reduction adds each short row pairwise, which is slower on short rows (about 1.4x
+    on rows of 256-384 and 3.5x on rows of 64 in float32; docs/benchmarks.md). For a few rows (a
+    decode step's) einsum's own call costs more than that saves, and the reduction is called
+    directly: a decode step makes a few hundred of these calls."""
     if device != "cpu":
         return a.sum(axis=-1, keepdims=True)
     if a.size > 4096:
