@@ -25,9 +25,8 @@ from minigpt.errors import ConfigError
 from minigpt.hardware import calibrate, cpu_power, profiles, roofline
 from minigpt.hardware.counters import NOT_MEASURED, Measurement
 from minigpt.hardware.profiles import Profile
+from minigpt.units import PJ, kwh, si
 
-J_PER_KWH = 3.6e6
-PJ = 1e-12  # joules per picojoule
 # a record's dtype -> the 45 nm per-FLOP energy used for its floor (float64 has no published
 # figure: fp32's is used, a lower bound, since a 64-bit operation costs more than a 32-bit one;
 # w8a32 is int8 weights widened into a float32 product, so float32 arithmetic)
@@ -105,20 +104,7 @@ def settings(pue: float | None = None, carbon_kg_per_kwh: float | None = None,
     return s
 
 
-# ---- conversions -------------------------------------------------------------------------------
-
-def joules_text(j: float) -> str:
-    """12.3 kJ, 45.6 mJ: three significant figures with an SI prefix."""
-    for factor, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k"), (1, ""), (1e-3, "m"),
-                           (1e-6, "µ"), (1e-9, "n")):
-        if abs(j) >= factor:
-            return f"{j / factor:.3g} {prefix}J"
-    return f"{j:.3g} J"
-
-
-def kwh(joules: float) -> float:
-    return joules / J_PER_KWH
-
+# ---- what the joules drawn mean: carbon, water, households ----------------------------------
 
 def co2_kg(joules: float, s: Settings) -> float:
     return kwh(joules) * s.carbon_kg_per_kwh
@@ -237,7 +223,7 @@ def floor_layer(rows: list[dict], s: Settings) -> Layer:
     f = s.pj_per_flop
     return Layer("physics floor", j,
                  f"45 nm (Horowitz 2014): {f['fp32']:g} pJ/FLOP fp32, {f['fp16']:g} fp16, bytes at "
-                 f"{s.pj_per_byte:g} pJ/B (DRAM; {joules_text(sram)} if every byte came from "
+                 f"{s.pj_per_byte:g} pJ/B (DRAM; {si(sram, 'J')} if every byte came from "
                  f"SRAM); no PUE")
 
 
@@ -283,7 +269,7 @@ def format_layers(layers: list[Layer], s: Settings, title: str,
             continue
         j = layer.joules
         wh, grams = kwh(j) * 1e3, co2_kg(j, s) * 1e3
-        row = f"{layer.name:<14}  {joules_text(j):>10}  {wh:10.4g}  {grams:9.3g}"
+        row = f"{layer.name:<14}  {si(j, 'J'):>10}  {wh:10.4g}  {grams:9.3g}"
         row += f"  {j / tokens:9.3g}" if tokens else ""
         out.append(f"{row}  {layer.basis}")
     out.append(f"PUE {s.pue:.2f} ({s.origins['pue']}); grid {s.carbon_kg_per_kwh:g} kgCO2e/kWh "

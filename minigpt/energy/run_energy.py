@@ -26,6 +26,7 @@ profile × watts × PUE; over all groups they add up to the roofline layer.
 import json
 from pathlib import Path
 
+from minigpt import units
 from minigpt.counting import tables
 from minigpt.energy import accounting
 from minigpt.errors import ConfigError
@@ -61,7 +62,7 @@ def _layer_doc(layer: accounting.Layer, s: accounting.Settings, tokens: int | No
     j = layer.joules
     if j is None:
         return {"joules": None, "why": layer.basis, "wh": None, "gco2e": None, "j_per_token": None}
-    return {"joules": j, "why": layer.basis, "wh": accounting.kwh(j) * 1e3,
+    return {"joules": j, "why": layer.basis, "wh": units.wh(j),
             "gco2e": accounting.co2_kg(j, s) * 1e3, "j_per_token": j / tokens if tokens else None}
 
 
