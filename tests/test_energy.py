@@ -131,7 +131,8 @@ def test_no_local_profile_uses_the_cached_quick_measurement(home, monkeypatch):
 
     def fake_measure(quick=False):
         calls.append(quick)
-        return {"fp32": 100e9, "fp64": 50e9, "bandwidth": 10e9, "n": 1024, "copy_mib": 64}
+        return calibrate.MachineFigures(fp32=100e9, fp64=50e9, bandwidth=10e9, n=1024,
+                                        copy_mib=64)
 
     monkeypatch.setattr(calibrate, "measure", fake_measure)
     text = "\n".join(accounting.report_lines(ROWS, 1.0, watts=60))

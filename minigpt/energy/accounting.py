@@ -233,7 +233,7 @@ def _load(profile: Profile | str | None) -> tuple[Profile | None, str]:
         return profile, ""
     if str(profile) == "local-cpu":
         try:
-            return calibrate.local_profile()[0], ""
+            return calibrate.local_profile().profile, ""
         except (OSError, ConfigError) as e:  # an unwritable $MINIGPT_HOME, say
             return None, f"no local-cpu profile and no quick measurement: {e}"
     try:
