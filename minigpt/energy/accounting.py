@@ -19,6 +19,7 @@ power.Measurement or None. This module imports no scale module (energy sits belo
 line of a run is minigpt.scale.projection.gpt3_projection_line.
 """
 
+import enum
 from dataclasses import dataclass, field
 
 from minigpt.errors import ConfigError
@@ -145,36 +146,64 @@ def measured_layer(measured: Measurement | None, s: Settings) -> Layer:
                                 f"{s.pue:.2f} (CPU packages, DRAM where exposed, GPUs: not fans, disks, PSU)")
 
 
-def power_of(profile: Profile | None, watts: float | None, measured: Measurement | None = None,
-             estimate: bool = True) -> tuple[float | None, str]:
-    """(watts, "<W> W (<basis>)") from power_figure, or (None, why there is none)."""
-    w, basis = power_figure(profile, watts, measured, estimate)
-    return w, (basis if w is None else f"{w:.3g} W ({basis})")
+class PowerBasis(enum.Enum):
+    """Where a run's power figure came from, best first (energy.json's watts_method)."""
+
+    MEASURED = "measured"  # the energy counters' mean power over the run
+    GIVEN = "given"  # --watts
+    PROFILE = "profile"  # the hardware profile's power_watts
+    ESTIMATED = "estimated"  # the CPU's rated power × its busy share (hardware.cpu_power)
+    NONE = "none"  # no figure: the note says why
+
+
+@dataclass(frozen=True)
+class PowerFigure:
+    """The watts a run's time x power and roofline layers use, and where they came from.
+
+    note is what the report prints beside the watts ("measured: rapl", "--watts", "profile
+    h100-sxm", "estimated: <CPU>, 15 W rated, 1.9 of 12 logical cores busy"), or why there are
+    none; source is where a profile or estimated figure was published ("" otherwise)."""
+
+    watts: float | None  # W
+    basis: PowerBasis
+    note: str
+    source: str = ""
+
+    @property
+    def text(self) -> str:
+        """"<W> W (<note>)", or the note alone when there is no figure."""
+        return self.note if self.watts is None else f"{self.watts:.3g} W ({self.note})"
+
+    def to_json(self) -> dict:
+        """energy.json's power fields."""
+        return {"watts": self.watts, "watts_basis": self.note, "watts_source": self.source,
+                "watts_method": self.basis.value}
 
 
 def power_figure(profile: Profile | None, watts: float | None, measured: Measurement | None = None,
-                 estimate: bool = True) -> tuple[float | None, str]:
-    """Watts to use and their basis, best first: the counters' mean power ("measured: rapl"), the
-    given --watts, the profile's power figure, an estimate from the CPU's rated power and the run's
-    CPU time (minigpt.hardware.cpu_power; `estimate`=False for a GPU run, and it needs the CPU seconds
-    that `power.measure` records); else None and why there is none."""
+                 estimate: bool = True) -> PowerFigure:
+    """The watts to use, best first: the counters' mean power, the given --watts, the profile's
+    power figure, an estimate from the CPU's rated power and the run's CPU time
+    (minigpt.hardware.cpu_power; `estimate`=False for a GPU run, and it needs the CPU seconds that
+    `counters.measure` records); else none, and why."""
     if watts is not None and watts <= 0:
         raise ConfigError(f"--watts must be > 0, got {watts!r}")
     if measured is not None and measured.measured and measured.seconds > 0:
         readers = ", ".join(n for n, v in measured.joules.items() if v is not None)
         mean = measured.total_joules / measured.seconds  # W
-        note = f"; --watts {watts:g} not used" if watts is not None else ""
-        return mean, f"measured: {readers}{note}"
+        unused = f"; --watts {watts:g} not used" if watts is not None else ""
+        return PowerFigure(mean, PowerBasis.MEASURED, f"measured: {readers}{unused}")
     if watts is not None:
-        return watts, "--watts"
+        return PowerFigure(watts, PowerBasis.GIVEN, "--watts")
     if profile is not None and profile.power_watts is not None:
-        return profile.power_watts, f"profile {profile.name}"
+        return PowerFigure(profile.power_watts, PowerBasis.PROFILE, f"profile {profile.name}",
+                           profile.sources.get("power_watts", ""))
     if estimate and measured is not None and measured.cpu_seconds is not None:
         est = cpu_power.estimate(measured.cpu_seconds, measured.seconds)
-        return est.watts, est.basis
+        return PowerFigure(est.watts, PowerBasis.ESTIMATED, est.basis, est.source)
     who = f"{profile.name} has none" if profile is not None else "no hardware profile"
-    return None, (f"needs a power figure ({who}: pass --watts or add power_watts to your "
-                  f"profile)")
+    return PowerFigure(None, PowerBasis.NONE, f"needs a power figure ({who}: pass --watts or add "
+                                              f"power_watts to your profile)")
 
 
 def time_power_layer(seconds: float, watts: float | None, power_note: str, s: Settings) -> Layer:
@@ -246,10 +275,11 @@ def run_layers(rows: list[dict], seconds: float, profile: Profile | str | None =
                measured: Measurement | None = None, watts: float | None = None,
                s: Settings | None = None, estimate: bool = True) -> list[Layer]:
     """The four layers for a finished run's rows and its measured seconds; the power figure is
-    the best that power_of finds (`estimate`=False: never the CPU estimate, e.g. on a GPU)."""
+    the best that power_figure finds (`estimate`=False: never the CPU estimate, e.g. on a GPU)."""
     s = s or settings()
     prof, missing = _load(profile)
-    w, why = power_of(prof, watts, measured, estimate)
+    power = power_figure(prof, watts, measured, estimate)
+    w, why = power.watts, power.text
     if prof is None and w is None:
         why = f"needs a power figure ({missing or 'no hardware profile'}; or pass --watts)"
     return [measured_layer(measured, s), time_power_layer(seconds, w, why, s),

@@ -3,9 +3,11 @@
 
 energy.json holds what the end-of-run report printed, as numbers:
 
-    seconds, watts, watts_basis        wall seconds of the run; the power figure and its basis
+    seconds, watts, watts_basis        wall seconds of the run; the power figure and its note
                                        ("measured: rapl", "--watts", "profile local-cpu",
                                        "estimated: <CPU>, 15 W rated, 1.9 of 12 logical cores busy")
+    watts_method                       the figure's basis: measured, given, profile, estimated or
+                                       none (accounting.PowerBasis)
     watts_source                       where an estimated or profile figure was published
     layers  {measured, time_x_power, roofline, floor}: {joules (or null), why, wh, gco2e,
             j_per_token}
@@ -30,7 +32,7 @@ from minigpt import units
 from minigpt.counting import tables
 from minigpt.energy import accounting
 from minigpt.errors import ConfigError
-from minigpt.hardware import calibrate, cpu_power, roofline
+from minigpt.hardware import calibrate, roofline
 from minigpt.hardware.profiles import Profile
 
 FILENAME = "energy.json"
@@ -75,11 +77,10 @@ def build(rows: list[dict], seconds: float, profile: Profile | str | None = "loc
     note = ""
     if prof is not None and prof.name != "local-cpu" and str(profile) == "local-cpu":
         note = calibrate.QUICK_NOTE
-    w, basis = accounting.power_figure(prof, watts, measured, estimate)
+    power = accounting.power_figure(prof, watts, measured, estimate)
     layers = accounting.run_layers(rows, seconds, prof if prof is not None else profile, measured,
                                watts, s, estimate)
-    doc = {"seconds": seconds, "watts": w, "watts_basis": basis,
-           "watts_source": _power_source(basis, prof, measured), "tokens": tokens,
+    doc = {"seconds": seconds, **power.to_json(), "tokens": tokens,
            "pue": s.pue, "pue_source": s.origins["pue"],
            "grid_kg_co2e_per_kwh": s.carbon_kg_per_kwh, "grid_source": s.origins["carbon_kg_per_kwh"],
            "layers": {LAYER_KEYS[layer.name]: _layer_doc(layer, s, tokens) for layer in layers},
@@ -92,15 +93,6 @@ def build(rows: list[dict], seconds: float, profile: Profile | str | None = "loc
         metered["joules_roofline"] = sum(p["joules_roofline"] for p in parts)
     doc["metered"] = metered
     return doc
-
-
-def _power_source(basis: str, prof: Profile | None, measured) -> str:
-    """Where an estimated or profile power figure was published ("" for measured or given)."""
-    if basis.startswith("estimated"):
-        return cpu_power.estimate(measured.cpu_seconds, measured.seconds).source
-    if basis.startswith("profile") and prof is not None:
-        return prof.sources.get("power_watts", "")
-    return ""
 
 
 def row_joules(doc: dict):
