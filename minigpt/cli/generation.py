@@ -138,7 +138,7 @@ def _prompt_ids(text: str, model) -> list[int]:
 def _print_generation_costs(prompt_tokens: int, new_tokens: int, measured, args, block: int) -> None:
     from minigpt.counting import tables
     from minigpt.counting.meter import METER
-    from minigpt.energy import accounting
+    from minigpt.energy import run_energy
 
     rows = tables.rows_from_records(METER.records)
     t = tables.totals(rows)
@@ -168,18 +168,16 @@ def _print_generation_costs(prompt_tokens: int, new_tokens: int, measured, args,
     print(tables.CONVENTIONS)
     print()
     hw, on_cpu = hardware_for(args, args.device), args.device == "cpu"
-    print("\n".join(accounting.report_lines(rows, measured.seconds, hw, measured=measured,
-                                       watts=args.watts, tokens=new_tokens, estimate=on_cpu)))
-    _print_generation_energy(rows, measured, args, prefill_tokens, calls["decode"], new_tokens)
+    doc = run_energy.build(rows, measured.seconds, hw, measured, args.watts, new_tokens,
+                           estimate=on_cpu)
+    print("\n".join(run_energy.report_lines(doc)))
+    _print_generation_energy(doc, rows, prefill_tokens, calls["decode"], args)
 
 
-def _print_generation_energy(rows, measured, args, prefill_tokens, decode_steps, new_tokens) -> None:
+def _print_generation_energy(doc: dict, rows, prefill_tokens, decode_steps, args) -> None:
     """Prefill and decode joules (metered seconds x power x PUE) and J/token; --energy-json."""
     from minigpt.energy import run_energy
 
-    hw, on_cpu = hardware_for(args, args.device), args.device == "cpu"
-    doc = run_energy.build(rows, measured.seconds, hw, measured, args.watts, new_tokens,
-                           estimate=on_cpu)
     run_energy.add_phases(doc, rows, {"prefill": prefill_tokens, "decode": decode_steps})
     print(f"energy by phase ({run_energy.summary_line(doc)})")
     for phase in ("prefill", "decode"):

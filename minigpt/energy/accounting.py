@@ -10,13 +10,16 @@
 
 PUE, grid carbon (kgCO2e/kWh, gross; net when given), household electricity use and water (on-site
 litres per kWh of IT energy and off-site litres per kWh drawn, Li et al. 2023's US averages) come
-with sourced defaults from constants.toml. For a finished run (train.py, generate.py --costs):
+with sourced defaults from constants.toml. The power figure the middle two layers rest on is a
+PowerFigure: watts, their basis (measured, given, profile, estimated or none) and its note.
 
-    lines = report_lines(rows, seconds, profile="local-cpu", measured=m, watts=None, tokens=n)
+    layers = run_layers(rows, seconds, profile="local-cpu", measured=m, watts=None)
 
-rows are minigpt.counting.tables rows (report.rows_from_records(METER.records)); m is a
-power.Measurement or None. This module imports no scale module (energy sits below scale). The scaling estimates (minigpt.scale.footprint) use the same Settings; the GPT-3 projection
-line of a run is minigpt.scale.projection.gpt3_projection_line.
+rows are minigpt.counting.tables rows (tables.rows_from_records(METER.records)); m is a
+counters.Measurement or None. A finished run's energy document (energy.json), which the end-of-run
+report prints from, is minigpt.energy.run_energy.build's. This module imports no scale module
+(energy sits below scale): the scaling estimates (minigpt.scale.footprint) use the same Settings;
+the GPT-3 projection line of a run is minigpt.scale.projection.gpt3_projection_line.
 """
 
 import enum
@@ -256,8 +259,9 @@ def floor_layer(rows: list[dict], s: Settings) -> Layer:
                  f"SRAM); no PUE")
 
 
-def _load(profile: Profile | str | None) -> tuple[Profile | None, str]:
-    """The profile, by name or as given; "local-cpu" falls back to the cached quick measurement."""
+def find_profile(profile: Profile | str | None) -> tuple[Profile | None, str]:
+    """The profile (by name, by path, or as given) and "", or None and why there is none;
+    "local-cpu" falls back to the cached quick measurement."""
     if profile is None or isinstance(profile, Profile):
         return profile, ""
     if str(profile) == "local-cpu":
@@ -271,52 +275,24 @@ def _load(profile: Profile | str | None) -> tuple[Profile | None, str]:
         return None, f"no hardware profile: {e}"
 
 
-def run_layers(rows: list[dict], seconds: float, profile: Profile | str | None = "local-cpu",
-               measured: Measurement | None = None, watts: float | None = None,
-               s: Settings | None = None, estimate: bool = True) -> list[Layer]:
-    """The four layers for a finished run's rows and its measured seconds; the power figure is
-    the best that power_figure finds (`estimate`=False: never the CPU estimate, e.g. on a GPU)."""
-    s = s or settings()
-    prof, missing = _load(profile)
-    power = power_figure(prof, watts, measured, estimate)
-    w, why = power.watts, power.text
-    if prof is None and w is None:
-        why = f"needs a power figure ({missing or 'no hardware profile'}; or pass --watts)"
-    return [measured_layer(measured, s), time_power_layer(seconds, w, why, s),
-            roofline_layer(rows, prof, w, why if prof else missing or why, s, seconds),
+def layers_of(rows: list[dict], seconds: float, prof: Profile | None, power: PowerFigure,
+              measured: Measurement | None, s: Settings, no_profile: str = "") -> list[Layer]:
+    """The four layers of a finished run's rows and measured seconds at `power`; prof is the
+    roofline's profile, or None and no_profile says why (find_profile's reason)."""
+    why = power.text
+    if prof is None and power.watts is None:
+        why = f"needs a power figure ({no_profile or 'no hardware profile'}; or pass --watts)"
+    return [measured_layer(measured, s), time_power_layer(seconds, power.watts, why, s),
+            roofline_layer(rows, prof, power.watts, why if prof else no_profile or why, s, seconds),
             floor_layer(rows, s)]
 
 
-def format_layers(layers: list[Layer], s: Settings, title: str,
-                  tokens: int | None = None) -> list[str]:
-    """Side by side: energy, Wh, gCO2e (and J per token) for each layer, or why it is missing."""
-    head = f"{'layer':<14}  {'energy':>10}  {'Wh':>10}  {'gCO2e':>9}"
-    head += f"  {'J/token':>9}" if tokens else ""
-    out = [title, head + "  how", "-" * (len(head) + 5)]
-    for layer in layers:
-        if layer.joules is None:
-            out.append(f"{layer.name:<14}  {layer.basis}")
-            continue
-        j = layer.joules
-        wh, grams = kwh(j) * 1e3, co2_kg(j, s) * 1e3
-        row = f"{layer.name:<14}  {si(j, 'J'):>10}  {wh:10.4g}  {grams:9.3g}"
-        row += f"  {j / tokens:9.3g}" if tokens else ""
-        out.append(f"{row}  {layer.basis}")
-    out.append(f"PUE {s.pue:.2f} ({s.origins['pue']}); grid {s.carbon_kg_per_kwh:g} kgCO2e/kWh "
-               f"({s.origins['carbon_kg_per_kwh']})")
-    return out
-
-
-def report_lines(rows: list[dict], seconds: float, profile: Profile | str | None = "local-cpu",
-                 measured: Measurement | None = None, watts: float | None = None,
-                 tokens: int | None = None, s: Settings | None = None,
-                 estimate: bool = True) -> list[str]:
-    """The end-of-run energy report: each layer it can give, side by side, and why not the rest."""
-    s = s or settings()
-    layers = run_layers(rows, seconds, profile, measured, watts, s, estimate)
-    prof, _ = _load(profile)
-    name = prof.name if prof is not None else profile or "no profile"
-    if name == "quick-cpu":
-        name += " (this machine's cached quick measurement; `minigpt calibrate` measures carefully)"
-    return format_layers(layers, s, f"energy, four ways ({seconds:.4g} s measured; profile {name})",
-                         tokens)
+def run_layers(rows: list[dict], seconds: float, profile: Profile | str | None = "local-cpu",
+               measured: Measurement | None = None, watts: float | None = None,
+               s: Settings | None = None, estimate: bool = True) -> list[Layer]:
+    """The four layers at the best power figure power_figure finds (`estimate`=False: never the
+    CPU estimate, e.g. on a GPU). minigpt.energy.run_energy.build makes the same layers and the
+    document a run stores and prints."""
+    prof, no_profile = find_profile(profile)
+    power = power_figure(prof, watts, measured, estimate)
+    return layers_of(rows, seconds, prof, power, measured, s or settings(), no_profile)
