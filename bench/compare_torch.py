@@ -202,7 +202,8 @@ def ours_task(spec: dict):
     cfg, B, T = spec["cfg"], spec["batch"], spec["seq"]
     model = GPT(cfg, init(cfg, np.random.default_rng(SEED)))
     if spec["task"] == "generate":
-        return lambda: generate(model, PROMPT, spec["gen_tokens"], temperature=0).tolist(), None
+        gen_tokens = spec["gen_tokens"]
+        return lambda: generate(model, PROMPT, gen_tokens, temperature=0).tokens.tolist(), None
 
     model.grads = FlatBuffer(cfg)
     opt = AdamW(model.params, t.beta1, t.beta2, t.eps, t.weight_decay)

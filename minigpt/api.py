@@ -6,6 +6,7 @@
     m.logits(tokens)                      # (B, T) ints -> (B, T, V) float32
     m.loss_and_grads(tokens, targets)     # -> (loss, {name: grad})
     m.generate(prompt_tokens, max_new_tokens=100, temperature=0.8, top_k=50, seed=1)
+    m.generation(prompt_tokens, 100)      # the same ids (.tokens) and the generation's counts
 """
 
 import numpy as np
@@ -53,6 +54,13 @@ class Model:
     def generate(self, prompt_tokens, max_new_tokens=100, temperature=1.0, top_k=None, top_p=None,
                  seed=None, on_token=None) -> np.ndarray:
         """New token ids after prompt_tokens (its last block_size tokens are kept)."""
+        return self.generation(prompt_tokens, max_new_tokens, temperature, top_k, top_p, seed,
+                               on_token).tokens
+
+    def generation(self, prompt_tokens, max_new_tokens=100, temperature=1.0, top_k=None,
+                   top_p=None, seed=None, on_token=None) -> sampling.Generation:
+        """generate's ids with the generation's own counts: prefill tokens, decode steps, cache
+        rebuilds (a sampling.Generation)."""
         prompt = np.asarray(prompt_tokens).reshape(-1)[-self.gpt.cfg.block_size:]
         kv_int8 = self.gpt.quant is not None and self.gpt.quant.qcfg.kv_int8
         return sampling.generate(self.gpt, prompt, max_new_tokens, temperature, top_k, top_p, seed,

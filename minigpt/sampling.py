@@ -2,7 +2,11 @@
 
 Sampling follows the usual order: temperature, then top-k, then top-p (nucleus); temperature 0
 is greedy. The prefill runs under the meter's "prefill" phase and each new token under "decode".
+When the cache is full it is rebuilt by another prefill, of the last block_size // 2 tokens.
+`generate` returns the new ids with the generation's own counts of that schedule (Generation).
 """
+
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -30,9 +34,31 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, rng=None) -> in
     return int(rng.choice(p.size, p=p))
 
 
+@dataclass(frozen=True)
+class Generation:
+    """A generation's new token ids and its schedule: the first new token, and the first after each
+    rebuild, come from a prefill's logits; every other one from a decode step of one token."""
+
+    tokens: np.ndarray  # (max_new_tokens,) int64, the new ids
+    prefill_tokens: int  # tokens the prefills read: the prompt, then block_size // 2 per rebuild
+    decode_steps: int  # forward passes of one token each
+    rebuilds: int  # times the full cache was rebuilt by a prefill
+
+    @property
+    def prefills(self) -> int:
+        """Forward passes over many tokens: the prompt's and one per rebuild."""
+        return 1 + self.rebuilds
+
+    def to_json(self) -> dict:
+        return {"tokens": self.tokens.tolist(), "prefill_tokens": self.prefill_tokens,
+                "decode_steps": self.decode_steps, "rebuilds": self.rebuilds}
+
+
 def generate(model, prompt, max_new_tokens: int, temperature=1.0, top_k=None, top_p=None,
-             seed=None, on_token=None, kv_int8: bool = False, n_tokens: int | None = None) -> np.ndarray:
-    """New token ids after prompt (1-D ids, at most block_size of them), batch 1, KV-cached.
+             seed=None, on_token=None, kv_int8: bool = False,
+             n_tokens: int | None = None) -> Generation:
+    """New token ids after prompt (1-D ids, at most block_size of them), batch 1, KV-cached, with
+    the counts of the prefills and decode steps that made them.
 
     on_token(id) is called as each token is chosen (for streaming). When the cache is full, it is
     rebuilt from the last block_size // 2 tokens, so generation can run past the context.
@@ -46,6 +72,7 @@ def generate(model, prompt, max_new_tokens: int, temperature=1.0, top_k=None, to
     kv = KVCache(cfg, 1, dtype, int8=kv_int8)
     with METER.in_phase("prefill"):
         logits = model.logits(backend.asarray(np.array([ids])), kv, last_only=True)
+    prefill_tokens, decode_steps, rebuilds = len(ids), 0, 0
     new = []
     for i in range(max_new_tokens):
         token = sample_next(logits[0, -1, :n_tokens], temperature, top_k, top_p, rng)
@@ -60,7 +87,10 @@ def generate(model, prompt, max_new_tokens: int, temperature=1.0, top_k=None, to
             with METER.in_phase("prefill"):
                 context = backend.asarray(np.array([ids[-(cfg.block_size // 2):]]))
                 logits = model.logits(context, kv, last_only=True)
+            prefill_tokens += context.shape[1]
+            rebuilds += 1
         else:
             with METER.in_phase("decode"):
                 logits = model.logits(backend.asarray(np.array([[token]])), kv)
-    return np.array(new, dtype=np.int64)
+            decode_steps += 1
+    return Generation(np.array(new, dtype=np.int64), prefill_tokens, decode_steps, rebuilds)

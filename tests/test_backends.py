@@ -216,7 +216,7 @@ def test_trainer_losses_match_the_cpu(device, tmp_path):
 
 
 def greedy(model, prompt, n, kv_int8=False):
-    return sampling.generate(model, np.asarray(prompt), n, temperature=0, kv_int8=kv_int8)
+    return sampling.generate(model, np.asarray(prompt), n, temperature=0, kv_int8=kv_int8).tokens
 
 
 @pytest.mark.parametrize("device", BACKENDS)

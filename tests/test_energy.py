@@ -6,7 +6,7 @@ import pytest
 from minigpt.config import ModelConfig
 from minigpt.counting import closed_form as cost_model
 from minigpt.counting import tables
-from minigpt.energy import accounting
+from minigpt.energy import accounting, run_energy
 from minigpt.errors import ConfigError
 from minigpt.hardware import roofline
 from minigpt.hardware.counters import Measurement
@@ -61,6 +61,11 @@ def _row(flops, nbytes, dtype="float32", phase="forward"):
 ROWS = [_row(2e9, 1e6), _row(1e6, 1e9)]  # one compute-bound, one memory-bound on local-cpu
 
 
+def report_lines(rows, seconds, **kwargs) -> list[str]:
+    """The end-of-run energy table, printed from the document a run stores."""
+    return run_energy.report_lines(run_energy.build(rows, seconds, **kwargs))
+
+
 def test_defaults_are_the_sourced_constants():
     s = accounting.settings()
     assert (s.pue, s.carbon_kg_per_kwh, s.household_kwh_per_year) == (1.10, 0.367, 10715)
@@ -90,7 +95,7 @@ def test_roofline_takes_the_slower_bound_of_each_record():
 
 
 def test_without_power_or_counters_each_layer_says_why():
-    lines = accounting.report_lines(ROWS, 10.0, measured=Measurement(reasons={"rapl": "no RAPL"}))
+    lines = report_lines(ROWS, 10.0, measured=Measurement(reasons={"rapl": "no RAPL"}))
     text = "\n".join(lines)
     assert "measured        not measured here (rapl: no RAPL)" in text
     assert f"time x power    {NO_POWER}" in text
@@ -103,6 +108,20 @@ def test_without_power_or_counters_each_layer_says_why():
     assert accounting.run_layers(ROWS, 10.0, profile=None)[0].basis == "not measured here"
 
 
+def test_the_printed_table_is_the_document_s():
+    """The table reads every number from energy.json's document, and names the profile asked for
+    when it could not be loaded."""
+    doc = run_energy.build(ROWS, 10.0, profile="no-such-chip", watts=60, tokens=1000)
+    assert doc["hardware"] == "no-such-chip" and doc["profile"] is None
+    lines = run_energy.report_lines(doc)
+    assert lines[0] == "energy, four ways (10 s measured; profile no-such-chip)"
+    doc["layers"]["time_x_power"] |= {"joules": 1234.0, "wh": 0.5, "gco2e": 7.0, "j_per_token": 2.0}
+    assert run_energy.report_lines(doc)[4].split()[3:8] == ["1.23", "kJ", "0.5", "7", "2"]
+    assert run_energy.build(ROWS, 10.0, profile=None)["hardware"] is None
+    assert "profile no profile" in run_energy.report_lines(run_energy.build(ROWS, 10.0,
+                                                                            profile=None))[0]
+
+
 def test_with_a_power_figure_every_layer_is_given():
     m = Measurement(joules={"rapl": 500.0, "nvml": None}, reasons={"nvml": "no GPU"}, seconds=10.0)
     layers = {layer.name: layer for layer in accounting.run_layers(ROWS, 10.0, measured=m, watts=60)}
@@ -112,7 +131,7 @@ def test_with_a_power_figure_every_layer_is_given():
     assert "measured: rapl; --watts 60 not used" in layers["time x power"].basis
     assert layers["roofline"].joules == pytest.approx(0.12 * 50 * 1.10)
     assert all(layer.joules is not None for layer in layers.values())
-    lines = accounting.report_lines(ROWS, 10.0, watts=60, tokens=1000)
+    lines = report_lines(ROWS, 10.0, watts=60, tokens=1000)
     assert "J/token" in lines[1] and "660 J" in "\n".join(lines) and "60 W (--watts)" in lines[4]
     assert lines[-1].startswith("PUE 1.10 (default: Patterson")
 
@@ -131,10 +150,11 @@ def test_no_local_profile_uses_the_cached_quick_measurement(home, monkeypatch):
 
     def fake_measure(quick=False):
         calls.append(quick)
-        return {"fp32": 100e9, "fp64": 50e9, "bandwidth": 10e9, "n": 1024, "copy_mib": 64}
+        return calibrate.MachineFigures(fp32=100e9, fp64=50e9, bandwidth=10e9, n=1024,
+                                        copy_mib=64)
 
     monkeypatch.setattr(calibrate, "measure", fake_measure)
-    text = "\n".join(accounting.report_lines(ROWS, 1.0, watts=60))
+    text = "\n".join(report_lines(ROWS, 1.0, watts=60))
     assert "no local-cpu profile" not in text
     assert "roofline" in text and "ideal time on quick-cpu 0.12 s" in text
     layers = accounting.run_layers(ROWS, 1.0, watts=60)
@@ -163,7 +183,7 @@ def test_floor_dtypes_and_unknowns():
 def test_report_on_a_real_training_step():
     cfg = ModelConfig(n_layer=2, n_head=2, n_embd=16, block_size=16, vocab_size=64)
     rows = tables.rows_from_records(cost_model.predict_training_step(cfg, 4, 16))
-    lines = accounting.report_lines(rows, 0.5, watts=15, tokens=64)
+    lines = report_lines(rows, 0.5, watts=15, tokens=64)
     assert len(lines) == 8 and all("needs" not in line for line in lines)
 
 

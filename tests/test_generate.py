@@ -135,6 +135,35 @@ def test_generation_runs_past_the_context_length():
     assert ((0 <= new) & (new < 256)).all()
 
 
+def test_a_generation_counts_its_prefills_and_decode_steps_by_hand():
+    """10 prompt tokens, 72 new ones, a 24-position cache. The prefill fills 10 positions and gives
+    token 1; decode steps fill the other 14 (tokens 2-15); token 15 finds the cache full, so a
+    rebuild reads the last 12 tokens and gives token 16; 12 decode steps fill it again (tokens
+    17-28), and so on: rebuilds give tokens 16, 29, 42, 55 and 68, and decode steps tokens 69-72.
+    The meter's forward passes per phase (one embedding record each) say the same."""
+    from minigpt.counting import tables
+    from minigpt.counting.meter import METER
+
+    m = random_model()
+    METER.reset()
+    gen = m.generation(random_tokens(10), 72, temperature=1.0, seed=0)
+    assert (gen.rebuilds, gen.decode_steps, gen.prefills) == (5, 14 + 4 * 12 + 4, 6)
+    assert gen.prefill_tokens == 10 + 5 * 12
+    assert len(gen.tokens) == 72 == gen.prefills + gen.decode_steps
+    passes = {phase: sum(r["calls"] for r in tables.rows_from_records(METER.records)
+                         if r["phase"] == phase and r["scope"] == "embedding")
+              for phase in ("prefill", "decode")}
+    assert passes == {"prefill": gen.prefills, "decode": gen.decode_steps}
+    assert gen.tokens.tolist() == m.generate(random_tokens(10), 72, temperature=1.0,
+                                             seed=0).tolist()
+    assert gen.to_json() == {"tokens": gen.tokens.tolist(), "prefill_tokens": 70,
+                             "decode_steps": 66, "rebuilds": 5}
+    within = m.generation(random_tokens(10), 15, temperature=0)  # fills the cache, no rebuild
+    assert (within.prefill_tokens, within.decode_steps, within.rebuilds) == (10, 14, 0)
+    nothing = m.generation(random_tokens(10), 0)  # the prompt's prefill, no token
+    assert (len(nothing.tokens), nothing.prefill_tokens, nothing.decode_steps) == (0, 10, 0)
+
+
 # --------------------------------------------------------------------------- (c) generate.py
 
 

@@ -91,17 +91,52 @@ def test_unreadable_rapl_says_so_with_the_command(powercap, monkeypatch):
 
 
 def test_power_order_measured_then_watts_then_profile_then_estimate():
+    Basis = accounting.PowerBasis
     m = Measurement(joules={"rapl": 100.0}, seconds=10.0, cpu_seconds=5.0)
     h100 = load_profile("h100-sxm")
-    assert accounting.power_figure(h100, 60, m) == (10.0, "measured: rapl; --watts 60 not used")
+
+    def figure(*args, **kwargs) -> tuple:
+        p = accounting.power_figure(*args, **kwargs)
+        return p.watts, p.note, p.basis
+
+    assert figure(h100, 60, m) == (10.0, "measured: rapl; --watts 60 not used", Basis.MEASURED)
     unmeasured = Measurement(joules={"rapl": None}, reasons={"rapl": "x"}, seconds=10.0,
                              cpu_seconds=5.0)
-    assert accounting.power_figure(h100, 60, unmeasured) == (60, "--watts")
-    assert accounting.power_figure(h100, None, unmeasured) == (700, "profile h100-sxm")
-    w, basis = accounting.power_figure(None, None, unmeasured)
-    assert basis.startswith("estimated: ") and w > 0
-    assert accounting.power_figure(None, None, unmeasured, estimate=False)[0] is None
-    assert accounting.power_figure(None, None, Measurement())[0] is None  # no CPU time: no estimate
+    assert figure(h100, 60, unmeasured) == (60, "--watts", Basis.GIVEN)
+    assert figure(h100, None, unmeasured) == (700, "profile h100-sxm", Basis.PROFILE)
+    assert accounting.power_figure(h100, None, unmeasured).source == h100.sources["power_watts"]
+    w, basis, kind = figure(None, None, unmeasured)
+    assert basis.startswith("estimated: ") and w > 0 and kind is Basis.ESTIMATED
+    assert figure(None, None, unmeasured, estimate=False)[0] is None
+    assert figure(None, None, Measurement())[0] is None  # no CPU time: no estimate
+    none = accounting.power_figure(None, None, Measurement())
+    assert none.basis is Basis.NONE and none.note.startswith("needs a power figure")
+    assert none.text == none.note  # no watts to print
+    assert accounting.power_figure(h100, 60, unmeasured).text == "60 W (--watts)"
+
+
+def test_the_power_figure_in_energy_json_names_its_basis():
+    """watts_method is the PowerBasis's value, beside the note (watts_basis) and the source."""
+    from minigpt.energy import run_energy
+
+    rows = [{"scope": "h0", "op": "x@w", "kind": "matmul", "phase": "forward", "dtype": "float32",
+             "calls": 1, "flops": 2e9, "useful_flops": 2e9, "bytes_read": 1e6, "bytes_written": 0,
+             "seconds": 0.5}]
+    unmeasured = Measurement(joules={"rapl": None}, reasons={"rapl": "x"}, seconds=2.0,
+                             cpu_seconds=1.0)
+    measured = Measurement(joules={"rapl": 40.0}, seconds=2.0, cpu_seconds=1.0)
+    cases = [("h100-sxm", measured, None, True, "measured"),
+             ("h100-sxm", unmeasured, 60, True, "given"),
+             ("h100-sxm", unmeasured, None, True, "profile"),
+             (None, unmeasured, None, True, "estimated"),
+             (None, unmeasured, None, False, "none")]
+    for profile, m, watts, estimate, method in cases:
+        doc = run_energy.build(rows, 2.0, profile, m, watts, tokens=10, estimate=estimate)
+        figure = accounting.power_figure(profile and load_profile(profile), watts, m, estimate)
+        assert doc["watts_method"] == method == figure.basis.value
+        assert {k: doc[k] for k in figure.to_json()} == figure.to_json()
+        assert (doc["watts"] is None) == (method == "none")
+        assert bool(doc["watts_source"]) == (method in ("profile", "estimated"))
 
 
 def test_estimate_from_the_table_names_its_basis():

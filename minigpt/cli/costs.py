@@ -215,9 +215,9 @@ def cmd_calibrate(argv) -> int:
     args = p.parse_args(argv)
     print("measuring (a few seconds)...", file=sys.stderr)
     m = calibrate.measure(quick=args.quick)
-    print(f"float32 matmul: {m['fp32'] / 1e9:8.1f} GFLOP/s")
-    print(f"float64 matmul: {m['fp64'] / 1e9:8.1f} GFLOP/s")
-    print(f"memory copy:    {m['bandwidth'] / 1e9:8.1f} GB/s (read + write)")
+    print(f"float32 matmul: {m.fp32 / 1e9:8.1f} GFLOP/s")
+    print(f"float64 matmul: {m.fp64 / 1e9:8.1f} GFLOP/s")
+    print(f"memory copy:    {m.bandwidth / 1e9:8.1f} GB/s (read + write)")
     if not args.no_save:
         print(f"saved {calibrate.save(calibrate.profile_toml(m))}")
     return 0

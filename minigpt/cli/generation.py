@@ -116,10 +116,11 @@ def cmd_generate(argv) -> int:
 
     METER.reset()
     with counters.measure() as measured:
-        model.generate(ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed, emit)
+        gen = model.generation(ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+                               args.seed, emit)
     out.write(decode([], final=True) + "\n")
     if args.costs:
-        _print_generation_costs(len(ids), args.max_new_tokens, measured, args, block)
+        _print_generation_costs(len(ids), gen, measured, args)
     return 0
 
 
@@ -135,22 +136,21 @@ def _prompt_ids(text: str, model) -> list[int]:
     return ids
 
 
-def _print_generation_costs(prompt_tokens: int, new_tokens: int, measured, args, block: int) -> None:
+def _print_generation_costs(prompt_tokens: int, gen, measured, args) -> None:
+    """The prefill's and the decode steps' FLOPs and bytes, then the energy report and the energy
+    by phase, both from one energy document (--energy-json writes it). gen: the
+    sampling.Generation, whose counts say how many forward passes and tokens each phase had."""
     from minigpt.counting import tables
     from minigpt.counting.meter import METER
-    from minigpt.energy import accounting
+    from minigpt.energy import run_energy
 
     rows = tables.rows_from_records(METER.records)
     t = tables.totals(rows)
+    new_tokens = len(gen.tokens)
     print(f"\ncosts: prompt of {prompt_tokens} tokens, {new_tokens} new tokens (batch 1, KV cache)")
     print(f"{'phase':<8}  {'calls':>6}  {'FLOPs':>11}  {'bytes':>10}  {'seconds':>8}  per token")
-    calls = {phase: sum(r["calls"] for r in rows if r["phase"] == phase and r["scope"] == "embedding")
-             for phase in ("prefill", "decode")}  # one embedding lookup per forward pass
-    # The first new token comes from the prefill's logits, and so does the first after each time a
-    # full cache is rebuilt from the last block // 2 tokens (sampling.generate): the rest are decode
-    # steps of one token each. The rebuilds' prefills read those block // 2 tokens again.
-    decode_steps = max(1, calls["decode"])
-    prefill_tokens = prompt_tokens + max(0, calls["prefill"] - 1) * (block // 2)
+    calls = {"prefill": gen.prefills, "decode": gen.decode_steps}  # forward passes
+    decode_steps = max(1, gen.decode_steps)
     for phase in ("prefill", "decode"):
         if phase not in t:
             continue
@@ -168,19 +168,17 @@ def _print_generation_costs(prompt_tokens: int, new_tokens: int, measured, args,
     print(tables.CONVENTIONS)
     print()
     hw, on_cpu = hardware_for(args, args.device), args.device == "cpu"
-    print("\n".join(accounting.report_lines(rows, measured.seconds, hw, measured=measured,
-                                       watts=args.watts, tokens=new_tokens, estimate=on_cpu)))
-    _print_generation_energy(rows, measured, args, prefill_tokens, calls["decode"], new_tokens)
+    doc = run_energy.build(rows, measured.seconds, hw, measured, args.watts, new_tokens,
+                           estimate=on_cpu)
+    print("\n".join(run_energy.report_lines(doc)))
+    _print_generation_energy(doc, rows, gen, args)
 
 
-def _print_generation_energy(rows, measured, args, prefill_tokens, decode_steps, new_tokens) -> None:
+def _print_generation_energy(doc: dict, rows, gen, args) -> None:
     """Prefill and decode joules (metered seconds x power x PUE) and J/token; --energy-json."""
     from minigpt.energy import run_energy
 
-    hw, on_cpu = hardware_for(args, args.device), args.device == "cpu"
-    doc = run_energy.build(rows, measured.seconds, hw, measured, args.watts, new_tokens,
-                           estimate=on_cpu)
-    run_energy.add_phases(doc, rows, {"prefill": prefill_tokens, "decode": decode_steps})
+    run_energy.add_phases(doc, rows, {"prefill": gen.prefill_tokens, "decode": gen.decode_steps})
     print(f"energy by phase ({run_energy.summary_line(doc)})")
     for phase in ("prefill", "decode"):
         p = doc["phases"].get(phase)

@@ -149,7 +149,7 @@ def hardware_for(args, device: str):
 def _print_training_costs(trainer, result, measured, args, start_tokens: int = 0) -> None:
     from minigpt.counting import tables
     from minigpt.counting.meter import METER
-    from minigpt.energy import accounting, run_energy
+    from minigpt.energy import run_energy
     from minigpt.hardware import calibrate
     from minigpt.report import html
     from minigpt.scale import projection
@@ -171,10 +171,9 @@ def _print_training_costs(trainer, result, measured, args, start_tokens: int = 0
     session = _session_rows(rows, trainer.meter_rows)
     hw = hardware_for(args, trainer.cfg.train.device)
     tokens = (everyone - start_tokens) // ranks  # this session's tokens (rank 0's share of them)
-    print("\n".join(accounting.report_lines(session, measured.seconds, hw, measured=measured,
-                                       watts=args.watts, tokens=tokens, estimate=on_cpu)))
     doc = run_energy.build(session, measured.seconds, hw, measured, args.watts, tokens,
                            estimate=on_cpu)
+    print("\n".join(run_energy.report_lines(doc)))  # the table, from what energy.json holds
     print(f"wrote {run_energy.save(trainer.out_dir, doc)}")
     print(projection.gpt3_projection_line(result.tokens, rows, joules=measured.total_joules))
     print(f"report: {html.write(trainer.out_dir)}  (open it in a browser)")

@@ -10,24 +10,27 @@
 
 PUE, grid carbon (kgCO2e/kWh, gross; net when given), household electricity use and water (on-site
 litres per kWh of IT energy and off-site litres per kWh drawn, Li et al. 2023's US averages) come
-with sourced defaults from constants.toml. For a finished run (train.py, generate.py --costs):
+with sourced defaults from constants.toml. The power figure the middle two layers rest on is a
+PowerFigure: watts, their basis (measured, given, profile, estimated or none) and its note.
 
-    lines = report_lines(rows, seconds, profile="local-cpu", measured=m, watts=None, tokens=n)
+    layers = run_layers(rows, seconds, profile="local-cpu", measured=m, watts=None)
 
-rows are minigpt.counting.tables rows (report.rows_from_records(METER.records)); m is a
-power.Measurement or None. This module imports no scale module (energy sits below scale). The scaling estimates (minigpt.scale.footprint) use the same Settings; the GPT-3 projection
-line of a run is minigpt.scale.projection.gpt3_projection_line.
+rows are minigpt.counting.tables rows (tables.rows_from_records(METER.records)); m is a
+counters.Measurement or None. A finished run's energy document (energy.json), which the end-of-run
+report prints from, is minigpt.energy.run_energy.build's. This module imports no scale module
+(energy sits below scale): the scaling estimates (minigpt.scale.footprint) use the same Settings;
+the GPT-3 projection line of a run is minigpt.scale.projection.gpt3_projection_line.
 """
 
+import enum
 from dataclasses import dataclass, field
 
 from minigpt.errors import ConfigError
 from minigpt.hardware import calibrate, cpu_power, profiles, roofline
 from minigpt.hardware.counters import NOT_MEASURED, Measurement
 from minigpt.hardware.profiles import Profile
+from minigpt.units import PJ, kwh, si
 
-J_PER_KWH = 3.6e6
-PJ = 1e-12  # joules per picojoule
 # a record's dtype -> the 45 nm per-FLOP energy used for its floor (float64 has no published
 # figure: fp32's is used, a lower bound, since a 64-bit operation costs more than a 32-bit one;
 # w8a32 is int8 weights widened into a float32 product, so float32 arithmetic)
@@ -105,20 +108,7 @@ def settings(pue: float | None = None, carbon_kg_per_kwh: float | None = None,
     return s
 
 
-# ---- conversions -------------------------------------------------------------------------------
-
-def joules_text(j: float) -> str:
-    """12.3 kJ, 45.6 mJ: three significant figures with an SI prefix."""
-    for factor, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k"), (1, ""), (1e-3, "m"),
-                           (1e-6, "µ"), (1e-9, "n")):
-        if abs(j) >= factor:
-            return f"{j / factor:.3g} {prefix}J"
-    return f"{j:.3g} J"
-
-
-def kwh(joules: float) -> float:
-    return joules / J_PER_KWH
-
+# ---- what the joules drawn mean: carbon, water, households ----------------------------------
 
 def co2_kg(joules: float, s: Settings) -> float:
     return kwh(joules) * s.carbon_kg_per_kwh
@@ -159,36 +149,64 @@ def measured_layer(measured: Measurement | None, s: Settings) -> Layer:
                                 f"{s.pue:.2f} (CPU packages, DRAM where exposed, GPUs: not fans, disks, PSU)")
 
 
-def power_of(profile: Profile | None, watts: float | None, measured: Measurement | None = None,
-             estimate: bool = True) -> tuple[float | None, str]:
-    """(watts, "<W> W (<basis>)") from power_figure, or (None, why there is none)."""
-    w, basis = power_figure(profile, watts, measured, estimate)
-    return w, (basis if w is None else f"{w:.3g} W ({basis})")
+class PowerBasis(enum.Enum):
+    """Where a run's power figure came from, best first (energy.json's watts_method)."""
+
+    MEASURED = "measured"  # the energy counters' mean power over the run
+    GIVEN = "given"  # --watts
+    PROFILE = "profile"  # the hardware profile's power_watts
+    ESTIMATED = "estimated"  # the CPU's rated power × its busy share (hardware.cpu_power)
+    NONE = "none"  # no figure: the note says why
+
+
+@dataclass(frozen=True)
+class PowerFigure:
+    """The watts a run's time x power and roofline layers use, and where they came from.
+
+    note is what the report prints beside the watts ("measured: rapl", "--watts", "profile
+    h100-sxm", "estimated: <CPU>, 15 W rated, 1.9 of 12 logical cores busy"), or why there are
+    none; source is where a profile or estimated figure was published ("" otherwise)."""
+
+    watts: float | None  # W
+    basis: PowerBasis
+    note: str
+    source: str = ""
+
+    @property
+    def text(self) -> str:
+        """"<W> W (<note>)", or the note alone when there is no figure."""
+        return self.note if self.watts is None else f"{self.watts:.3g} W ({self.note})"
+
+    def to_json(self) -> dict:
+        """energy.json's power fields."""
+        return {"watts": self.watts, "watts_basis": self.note, "watts_source": self.source,
+                "watts_method": self.basis.value}
 
 
 def power_figure(profile: Profile | None, watts: float | None, measured: Measurement | None = None,
-                 estimate: bool = True) -> tuple[float | None, str]:
-    """Watts to use and their basis, best first: the counters' mean power ("measured: rapl"), the
-    given --watts, the profile's power figure, an estimate from the CPU's rated power and the run's
-    CPU time (minigpt.hardware.cpu_power; `estimate`=False for a GPU run, and it needs the CPU seconds
-    that `power.measure` records); else None and why there is none."""
+                 estimate: bool = True) -> PowerFigure:
+    """The watts to use, best first: the counters' mean power, the given --watts, the profile's
+    power figure, an estimate from the CPU's rated power and the run's CPU time
+    (minigpt.hardware.cpu_power; `estimate`=False for a GPU run, and it needs the CPU seconds that
+    `counters.measure` records); else none, and why."""
     if watts is not None and watts <= 0:
         raise ConfigError(f"--watts must be > 0, got {watts!r}")
     if measured is not None and measured.measured and measured.seconds > 0:
         readers = ", ".join(n for n, v in measured.joules.items() if v is not None)
         mean = measured.total_joules / measured.seconds  # W
-        note = f"; --watts {watts:g} not used" if watts is not None else ""
-        return mean, f"measured: {readers}{note}"
+        unused = f"; --watts {watts:g} not used" if watts is not None else ""
+        return PowerFigure(mean, PowerBasis.MEASURED, f"measured: {readers}{unused}")
     if watts is not None:
-        return watts, "--watts"
+        return PowerFigure(watts, PowerBasis.GIVEN, "--watts")
     if profile is not None and profile.power_watts is not None:
-        return profile.power_watts, f"profile {profile.name}"
+        return PowerFigure(profile.power_watts, PowerBasis.PROFILE, f"profile {profile.name}",
+                           profile.sources.get("power_watts", ""))
     if estimate and measured is not None and measured.cpu_seconds is not None:
         est = cpu_power.estimate(measured.cpu_seconds, measured.seconds)
-        return est.watts, est.basis
+        return PowerFigure(est.watts, PowerBasis.ESTIMATED, est.basis, est.source)
     who = f"{profile.name} has none" if profile is not None else "no hardware profile"
-    return None, (f"needs a power figure ({who}: pass --watts or add power_watts to your "
-                  f"profile)")
+    return PowerFigure(None, PowerBasis.NONE, f"needs a power figure ({who}: pass --watts or add "
+                                              f"power_watts to your profile)")
 
 
 def time_power_layer(seconds: float, watts: float | None, power_note: str, s: Settings) -> Layer:
@@ -237,17 +255,18 @@ def floor_layer(rows: list[dict], s: Settings) -> Layer:
     f = s.pj_per_flop
     return Layer("physics floor", j,
                  f"45 nm (Horowitz 2014): {f['fp32']:g} pJ/FLOP fp32, {f['fp16']:g} fp16, bytes at "
-                 f"{s.pj_per_byte:g} pJ/B (DRAM; {joules_text(sram)} if every byte came from "
+                 f"{s.pj_per_byte:g} pJ/B (DRAM; {si(sram, 'J')} if every byte came from "
                  f"SRAM); no PUE")
 
 
-def _load(profile: Profile | str | None) -> tuple[Profile | None, str]:
-    """The profile, by name or as given; "local-cpu" falls back to the cached quick measurement."""
+def find_profile(profile: Profile | str | None) -> tuple[Profile | None, str]:
+    """The profile (by name, by path, or as given) and "", or None and why there is none;
+    "local-cpu" falls back to the cached quick measurement."""
     if profile is None or isinstance(profile, Profile):
         return profile, ""
     if str(profile) == "local-cpu":
         try:
-            return calibrate.local_profile()[0], ""
+            return calibrate.local_profile().profile, ""
         except (OSError, ConfigError) as e:  # an unwritable $MINIGPT_HOME, say
             return None, f"no local-cpu profile and no quick measurement: {e}"
     try:
@@ -256,51 +275,24 @@ def _load(profile: Profile | str | None) -> tuple[Profile | None, str]:
         return None, f"no hardware profile: {e}"
 
 
-def run_layers(rows: list[dict], seconds: float, profile: Profile | str | None = "local-cpu",
-               measured: Measurement | None = None, watts: float | None = None,
-               s: Settings | None = None, estimate: bool = True) -> list[Layer]:
-    """The four layers for a finished run's rows and its measured seconds; the power figure is
-    the best that power_of finds (`estimate`=False: never the CPU estimate, e.g. on a GPU)."""
-    s = s or settings()
-    prof, missing = _load(profile)
-    w, why = power_of(prof, watts, measured, estimate)
-    if prof is None and w is None:
-        why = f"needs a power figure ({missing or 'no hardware profile'}; or pass --watts)"
-    return [measured_layer(measured, s), time_power_layer(seconds, w, why, s),
-            roofline_layer(rows, prof, w, why if prof else missing or why, s, seconds),
+def layers_of(rows: list[dict], seconds: float, prof: Profile | None, power: PowerFigure,
+              measured: Measurement | None, s: Settings, no_profile: str = "") -> list[Layer]:
+    """The four layers of a finished run's rows and measured seconds at `power`; prof is the
+    roofline's profile, or None and no_profile says why (find_profile's reason)."""
+    why = power.text
+    if prof is None and power.watts is None:
+        why = f"needs a power figure ({no_profile or 'no hardware profile'}; or pass --watts)"
+    return [measured_layer(measured, s), time_power_layer(seconds, power.watts, why, s),
+            roofline_layer(rows, prof, power.watts, why if prof else no_profile or why, s, seconds),
             floor_layer(rows, s)]
 
 
-def format_layers(layers: list[Layer], s: Settings, title: str,
-                  tokens: int | None = None) -> list[str]:
-    """Side by side: energy, Wh, gCO2e (and J per token) for each layer, or why it is missing."""
-    head = f"{'layer':<14}  {'energy':>10}  {'Wh':>10}  {'gCO2e':>9}"
-    head += f"  {'J/token':>9}" if tokens else ""
-    out = [title, head + "  how", "-" * (len(head) + 5)]
-    for layer in layers:
-        if layer.joules is None:
-            out.append(f"{layer.name:<14}  {layer.basis}")
-            continue
-        j = layer.joules
-        wh, grams = kwh(j) * 1e3, co2_kg(j, s) * 1e3
-        row = f"{layer.name:<14}  {joules_text(j):>10}  {wh:10.4g}  {grams:9.3g}"
-        row += f"  {j / tokens:9.3g}" if tokens else ""
-        out.append(f"{row}  {layer.basis}")
-    out.append(f"PUE {s.pue:.2f} ({s.origins['pue']}); grid {s.carbon_kg_per_kwh:g} kgCO2e/kWh "
-               f"({s.origins['carbon_kg_per_kwh']})")
-    return out
-
-
-def report_lines(rows: list[dict], seconds: float, profile: Profile | str | None = "local-cpu",
-                 measured: Measurement | None = None, watts: float | None = None,
-                 tokens: int | None = None, s: Settings | None = None,
-                 estimate: bool = True) -> list[str]:
-    """The end-of-run energy report: each layer it can give, side by side, and why not the rest."""
-    s = s or settings()
-    layers = run_layers(rows, seconds, profile, measured, watts, s, estimate)
-    prof, _ = _load(profile)
-    name = prof.name if prof is not None else profile or "no profile"
-    if name == "quick-cpu":
-        name += " (this machine's cached quick measurement; `minigpt calibrate` measures carefully)"
-    return format_layers(layers, s, f"energy, four ways ({seconds:.4g} s measured; profile {name})",
-                         tokens)
+def run_layers(rows: list[dict], seconds: float, profile: Profile | str | None = "local-cpu",
+               measured: Measurement | None = None, watts: float | None = None,
+               s: Settings | None = None, estimate: bool = True) -> list[Layer]:
+    """The four layers at the best power figure power_figure finds (`estimate`=False: never the
+    CPU estimate, e.g. on a GPU). minigpt.energy.run_energy.build makes the same layers and the
+    document a run stores and prints."""
+    prof, no_profile = find_profile(profile)
+    power = power_figure(prof, watts, measured, estimate)
+    return layers_of(rows, seconds, prof, power, measured, s or settings(), no_profile)

@@ -1,12 +1,16 @@
-"""A run's own energy, stored with it: <run>/energy.json, and the joules of every group of
-`minigpt costs RUN`.
+"""A run's own energy, stored with it: <run>/energy.json, the end-of-run energy report printed
+from it, and the joules of every group of `minigpt costs RUN`.
 
-energy.json holds what the end-of-run report printed, as numbers:
+build() makes the document once; report_lines(doc) prints the four layers from it, so the table a
+run prints and the energy.json it writes cannot differ. energy.json holds, as numbers:
 
-    seconds, watts, watts_basis        wall seconds of the run; the power figure and its basis
+    seconds, watts, watts_basis        wall seconds of the run; the power figure and its note
                                        ("measured: rapl", "--watts", "profile local-cpu",
                                        "estimated: <CPU>, 15 W rated, 1.9 of 12 logical cores busy")
+    watts_method                       the figure's basis: measured, given, profile, estimated or
+                                       none (accounting.PowerBasis)
     watts_source                       where an estimated or profile figure was published
+    hardware                           the profile asked for (a name or path; null for none)
     layers  {measured, time_x_power, roofline, floor}: {joules (or null), why, wh, gco2e,
             j_per_token}
     pue, pue_source, grid_kg_co2e_per_kwh, grid_source, tokens
@@ -26,10 +30,12 @@ profile × watts × PUE; over all groups they add up to the roofline layer.
 import json
 from pathlib import Path
 
+from minigpt import units
 from minigpt.counting import tables
 from minigpt.energy import accounting
 from minigpt.errors import ConfigError
-from minigpt.hardware import calibrate, cpu_power, roofline
+from minigpt.hardware import calibrate, roofline
+from minigpt.hardware.counters import Measurement
 from minigpt.hardware.profiles import Profile
 
 FILENAME = "energy.json"
@@ -61,24 +67,27 @@ def _layer_doc(layer: accounting.Layer, s: accounting.Settings, tokens: int | No
     j = layer.joules
     if j is None:
         return {"joules": None, "why": layer.basis, "wh": None, "gco2e": None, "j_per_token": None}
-    return {"joules": j, "why": layer.basis, "wh": accounting.kwh(j) * 1e3,
+    return {"joules": j, "why": layer.basis, "wh": units.wh(j),
             "gco2e": accounting.co2_kg(j, s) * 1e3, "j_per_token": j / tokens if tokens else None}
 
 
 def build(rows: list[dict], seconds: float, profile: Profile | str | None = "local-cpu",
-          measured=None, watts: float | None = None, tokens: int | None = None,
-          s: accounting.Settings | None = None, estimate: bool = True) -> dict:
-    """The energy.json document of a finished run (or generation) from its rows and seconds."""
+          measured: Measurement | None = None, watts: float | None = None,
+          tokens: int | None = None, s: accounting.Settings | None = None,
+          estimate: bool = True) -> dict:
+    """The energy.json document of a finished run (or generation) from its rows and seconds: the
+    best power figure (accounting.power_figure; `estimate`=False: never the CPU estimate, e.g. on
+    a GPU) and the four layers at it."""
     s = s or accounting.settings()
-    prof, _ = accounting._load(profile)
+    prof, no_profile = accounting.find_profile(profile)
     note = ""
     if prof is not None and prof.name != "local-cpu" and str(profile) == "local-cpu":
         note = calibrate.QUICK_NOTE
-    w, basis = accounting.power_figure(prof, watts, measured, estimate)
-    layers = accounting.run_layers(rows, seconds, prof if prof is not None else profile, measured,
-                               watts, s, estimate)
-    doc = {"seconds": seconds, "watts": w, "watts_basis": basis,
-           "watts_source": _power_source(basis, prof, measured), "tokens": tokens,
+    power = accounting.power_figure(prof, watts, measured, estimate)
+    layers = accounting.layers_of(rows, seconds, prof, power, measured, s, no_profile)
+    asked = profile.name if isinstance(profile, Profile) else profile
+    doc = {"seconds": seconds, **power.to_json(),
+           "hardware": str(asked) if asked is not None else None, "tokens": tokens,
            "pue": s.pue, "pue_source": s.origins["pue"],
            "grid_kg_co2e_per_kwh": s.carbon_kg_per_kwh, "grid_source": s.origins["carbon_kg_per_kwh"],
            "layers": {LAYER_KEYS[layer.name]: _layer_doc(layer, s, tokens) for layer in layers},
@@ -93,13 +102,31 @@ def build(rows: list[dict], seconds: float, profile: Profile | str | None = "loc
     return doc
 
 
-def _power_source(basis: str, prof: Profile | None, measured) -> str:
-    """Where an estimated or profile power figure was published ("" for measured or given)."""
-    if basis.startswith("estimated"):
-        return cpu_power.estimate(measured.cpu_seconds, measured.seconds).source
-    if basis.startswith("profile") and prof is not None:
-        return prof.sources.get("power_watts", "")
-    return ""
+LAYER_WIDTH = 14  # the report's first column: "physics floor" and a space
+
+
+def report_lines(doc: dict) -> list[str]:
+    """The end-of-run energy report, from build's document: each layer's energy, Wh and gCO2e (and
+    J per token) side by side with how it was reached, or why it is missing."""
+    prof = doc["profile"]
+    name = prof["name"] if prof else doc["hardware"] or "no profile"
+    if name == calibrate.QUICK_NAME:
+        name += f" (this machine's cached {calibrate.QUICK_NOTE})"
+    tokens = doc["tokens"]
+    head = (f"{'layer':<{LAYER_WIDTH}}", f"{'energy':>10}", f"{'Wh':>10}", f"{'gCO2e':>9}",
+            *([f"{'J/token':>9}"] if tokens else []), "how")
+    layers = [(layer_name, doc["layers"][key]) for layer_name, key in LAYER_KEYS.items()]
+    cells = [(layer_name, units.si(layer["joules"], "J"), f"{layer['wh']:.4g}",
+              f"{layer['gco2e']:.3g}", *([f"{layer['j_per_token']:.3g}"] if tokens else []),
+              layer["why"]) for layer_name, layer in layers if layer["joules"] is not None]
+    table = units.rows_text(head, cells, align="<" + ">" * (len(head) - 2) + "<")
+    rows = iter(table[2:])  # the given layers' lines, in order
+    out = [f"energy, four ways ({doc['seconds']:.4g} s measured; profile {name})", *table[:2]]
+    out += [next(rows) if layer["joules"] is not None else
+            f"{layer_name:<{LAYER_WIDTH}}  {layer['why']}" for layer_name, layer in layers]
+    out.append(f"PUE {doc['pue']:.2f} ({doc['pue_source']}); grid {doc['grid_kg_co2e_per_kwh']:g} "
+               f"kgCO2e/kWh ({doc['grid_source']})")
+    return out
 
 
 def row_joules(doc: dict):

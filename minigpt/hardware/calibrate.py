@@ -19,6 +19,7 @@ import os
 import platform
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -74,26 +75,49 @@ def _environment() -> str:
     return ", ".join(f"{k}={v}" for k, v in blas.items()) or "no BLAS variables set"
 
 
-def measure(quick: bool = False) -> dict:
+class MachineFigures(NamedTuple):
+    """What `measure` found: the figures a local-cpu or quick-cpu profile file is written from."""
+
+    fp32: float  # FLOP/s of the float32 product
+    fp64: float  # FLOP/s of the float64 product
+    bandwidth: float  # bytes/s of the copy, bytes read + bytes written
+    n: int  # the float32 product's size, n x n x n
+    copy_mib: int  # the copied array, MiB
+
+    def to_json(self) -> dict:
+        return self._asdict()
+
+
+class LocalProfile(NamedTuple):
+    """This machine's profile and a note saying which one it is."""
+
+    profile: profiles.Profile
+    note: str  # "local-cpu profile", or the quick measurement's QUICK_NOTE
+
+
+class LocalPeak(NamedTuple):
+    """This machine's float32 matmul peak and where it came from."""
+
+    flops: float | None  # FLOP/s; None when not measured and not asked to measure
+    where: str  # "(local-cpu profile)", "(<QUICK_NOTE>)", or ""
+
+
+def measure(quick: bool = False) -> MachineFigures:
     """The measured figures: fp32 and fp64 matmul FLOP/s, copy bandwidth (bytes/s)."""
     n, repeats = (1024, 3) if quick else (2048, 5)
     mib = 64 if quick else 256
-    return {
-        "fp32": matmul_flops("float32", n, repeats),
-        "fp64": matmul_flops("float64", n // 2 if quick else n, repeats),
-        "bandwidth": copy_bandwidth(mib << 20, repeats),
-        "n": n,
-        "copy_mib": mib,
-    }
+    return MachineFigures(fp32=matmul_flops("float32", n, repeats),
+                          fp64=matmul_flops("float64", n // 2 if quick else n, repeats),
+                          bandwidth=copy_bandwidth(mib << 20, repeats), n=n, copy_mib=mib)
 
 
-def profile_toml(m: dict, name: str = "local-cpu", how: str = "minigpt calibrate") -> str:
+def profile_toml(m: MachineFigures, name: str = "local-cpu", how: str = "minigpt calibrate") -> str:
     """A hardware profile file (hardware.py's schema) for the measured figures."""
     today = datetime.date.today().isoformat()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     src = f"measured by {how} on {today} ({_environment()})"
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else None
-    n = m["n"]
+    n = m.n
 
     def entry(table, value, source, note=""):
         lines = [f"[{table}]", f"value = {value!r}" if not isinstance(value, str) else f'value = "{value}"',
@@ -106,13 +130,13 @@ def profile_toml(m: dict, name: str = "local-cpu", how: str = "minigpt calibrate
         f'name = "{name}"',
         f'description = "{_cpu_name()}, {cores} cores, NumPy {np.__version__}"',
         "",
-        entry("peak_flops.fp32", m["fp32"], src, f"best of a {n}x{n}x{n} float32 matmul"),
-        entry("peak_flops.fp64", m["fp64"], src, f"best of a {n}x{n}x{n} float64 matmul"),
+        entry("peak_flops.fp32", m.fp32, src, f"best of a {n}x{n}x{n} float32 matmul"),
+        entry("peak_flops.fp64", m.fp64, src, f"best of a {n}x{n}x{n} float64 matmul"),
         entry("peak_flops.tf32", "unsupported", "a CPU has no TF32 format"),
         entry("peak_flops.fp16", "unknown", "not measured: NumPy has no fast float16 matmul"),
         entry("peak_flops.int8", "unknown", "not measured: NumPy has no int8 matmul kernel"),
-        entry("memory_bandwidth", m["bandwidth"], src,
-              f"copy of {m.get('copy_mib', 256)} MiB: bytes read + bytes written"),
+        entry("memory_bandwidth", m.bandwidth, src,
+              f"copy of {m.copy_mib} MiB: bytes read + bytes written"),
         entry("memory_bytes", float(memory), "os.sysconf: physical pages x page size") if memory
         else entry("memory_bytes", "unknown", "not exposed"),
         entry("power_watts", "unknown", "not measured: give the CPU's rated power in your own profile"),
@@ -147,19 +171,20 @@ def quick_profile() -> profiles.Profile:
     return profiles.load_profile(path)
 
 
-def local_profile() -> tuple[profiles.Profile, str]:
+def local_profile() -> LocalProfile:
     """The calibrated local-cpu profile, else the cached quick one; and a note saying which."""
     try:
-        return profiles.load_profile("local-cpu"), "local-cpu profile"
+        return LocalProfile(profiles.load_profile("local-cpu"), "local-cpu profile")
     except Exception:  # noqa: BLE001 - no profile, or an unreadable one: the quick one instead
-        return quick_profile(), QUICK_NOTE
+        return LocalProfile(quick_profile(), QUICK_NOTE)
 
 
-def local_peak(quick_if_missing: bool = True) -> tuple[float | None, str]:
+def local_peak(quick_if_missing: bool = True) -> LocalPeak:
     """This machine's float32 matmul peak: from local-cpu.toml, else the cached quick measurement."""
     try:
-        return profiles.peak(profiles.load_profile("local-cpu"), "fp32"), "(local-cpu profile)"
+        return LocalPeak(profiles.peak(profiles.load_profile("local-cpu"), "fp32"),
+                         "(local-cpu profile)")
     except Exception:  # noqa: BLE001 - no profile, or an unreadable one: measure instead
         if not quick_if_missing:
-            return None, ""
-        return profiles.peak(quick_profile(), "fp32"), f"({QUICK_NOTE})"
+            return LocalPeak(None, "")
+        return LocalPeak(profiles.peak(quick_profile(), "fp32"), f"({QUICK_NOTE})")

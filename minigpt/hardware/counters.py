@@ -38,6 +38,8 @@ from typing import Protocol
 from minigpt.hardware import cpu_power
 
 NOT_MEASURED = "not measured here"
+UJ_PER_J = 1e6  # RAPL's energy_uj counts microjoules
+MJ_PER_J = 1e3  # NVML's total energy counts millijoules
 SAMPLE_INTERVAL_S = 10.0  # how often `measure` reads every counter, far below a wrap's minutes
 
 
@@ -122,7 +124,7 @@ class RaplReader:
                 if d in self._last:
                     self._total_uj += wrapped_delta(self._last[d], now, max_range)
                 self._last[d] = now
-            return self._total_uj / 1e6
+            return self._total_uj / UJ_PER_J
 
 
 class NvmlReader:
@@ -175,7 +177,7 @@ class NvmlReader:
             total_mj = sum(self._nvml.nvmlDeviceGetTotalEnergyConsumption(h) for h in self._handles)
         except self._error as e:
             raise OSError(f"NVML: {e}") from e
-        return total_mj / 1e3
+        return total_mj / MJ_PER_J
 
 
 def default_readers() -> list[EnergyReader]:

@@ -45,6 +45,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from minigpt.errors import ConfigError
+from minigpt.units import rows_text
 
 DTYPES = ("fp32", "tf32", "fp16", "int8")  # required in every profile
 OPTIONAL_DTYPES = ("fp64",)  # measured by `minigpt calibrate`; "unknown" when absent
@@ -315,12 +316,7 @@ def format_profiles_table(profiles: list[Profile]) -> str:
              _num(p.peak_flops.get("int8"), 1e12), _num(p.memory_bytes, 1e9),
              _num(p.memory_bandwidth, 1e9), _num(p.power_watts, 1),
              _num(p.system_power_watts, 1)) for p in profiles]
-    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
-
-    def line(r) -> str:
-        return "  ".join([r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:], widths[1:])])
-
-    out = [line(head), "-" * len(line(head))] + [line(r) for r in rows]
+    out = rows_text(head, rows)  # the name left, the figures right
     out.append("dense peaks (no 2:4 sparsity), fp16 = bf16; ? = unknown or unsupported; "
                "watts = rated TDP/TGP; system W = the whole system's power per accelerator")
     return "\n".join(out)

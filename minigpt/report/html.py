@@ -11,11 +11,13 @@ before energy.json) says so instead of failing.
 
 import datetime
 import json
+from functools import partial
 from html import escape
 from pathlib import Path
 
+from minigpt import units
 from minigpt.counting import tables
-from minigpt.energy import accounting, run_energy
+from minigpt.energy import run_energy
 from minigpt.errors import ConfigError
 from minigpt.report import svg
 from minigpt.scale import projection
@@ -84,7 +86,7 @@ def _layer_section(rows: list[dict], doc: dict | None) -> str:
                             lambda v: f"{v:.3g} s", svg.COLORS[2])]
     if doc and "joules" in (groups[0] if groups else {}):
         charts.append(svg.bar_chart(names, [g["joules"] for g in groups],
-                                    "joules (seconds x power x PUE)", accounting.joules_text,
+                                    "joules (seconds x power x PUE)", partial(units.si, unit="J"),
                                     svg.COLORS[3]))
         note = run_energy.summary_line(doc)
     else:
@@ -131,12 +133,12 @@ def _energy_section(doc: dict | None) -> str:
         j = layer["joules"]
         labels.append(name)
         values.append(j)
-        nums = (f"<td>{accounting.joules_text(j)}</td><td>{layer['wh']:.4g}</td>"
+        nums = (f"<td>{units.si(j, 'J')}</td><td>{layer['wh']:.4g}</td>"
                 f"<td>{layer['gco2e']:.3g}</td><td>{layer['j_per_token'] or 0:.3g}</td>"
                 if j is not None else "<td>-</td><td>-</td><td>-</td><td>-</td>")
         rows.append(f"<tr><td class=l>{name}</td>{nums}<td class=l>{escape(layer['why'])}</td></tr>")
     chart = svg.bar_chart(labels, values, "energy of this run, four ways (log scale)",
-                          accounting.joules_text, svg.COLORS[3], log=True, width=560,
+                          partial(units.si, unit="J"), svg.COLORS[3], log=True, width=560,
                           notes=[("" if v is not None else "not available") for v in values])
     watts = (f"{doc['watts']:.3g} W ({doc['watts_basis']})" if doc["watts"] is not None
              else f"none: {doc['watts_basis']}")

@@ -11,6 +11,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from html import escape
 
+from minigpt import units
+
 COLORS = ("#1f6fb2", "#d9822b", "#2e9e5b", "#c23b3b", "#7a4fb5", "#8c6d31", "#d45fa0", "#5f6b7a",
           "#17becf", "#bcbd22", "#0b3d66", "#ff9da7", "#4d7c0f", "#9c1a1a", "#b07aa1", "#333333")
 FONT = 'font-family="system-ui, sans-serif" font-size="12"'
@@ -25,14 +27,8 @@ class Series:
 
 
 def si(x: float) -> str:
-    """3.2G, 45k, 0.5, 2m: compact tick labels."""
-    if x == 0:
-        return "0"
-    for factor, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k"), (1, ""),
-                           (1e-3, "m"), (1e-6, "µ"), (1e-9, "n")):
-        if abs(x) >= factor:
-            return f"{x / factor:.3g}{prefix}"
-    return f"{x:.2g}"
+    """3.2G, 45k, 0.5, 2m: compact tick labels (units.si with no space)."""
+    return units.si(x, sep="", rest=".2g")
 
 
 def nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:

@@ -6,6 +6,9 @@ and the auxiliary loss into the run state (so they survive a checkpoint and a re
 line and the end-of-run report read them back.
 """
 
+from functools import partial
+
+from minigpt import units
 from minigpt.counting import closed_form as cost_model
 
 
@@ -42,13 +45,6 @@ def imbalance(row: list) -> float:
     return max(row) / mean if mean else float("nan")
 
 
-def _si(x: float) -> str:
-    for div, unit in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(x) >= div:
-            return f"{x / div:.3g}{unit}"
-    return f"{x:.3g}"
-
-
 def summary_lines(cfg, state, records: dict, tokens: int) -> list[str]:
     """The end-of-run report's MoE paragraph: parameters, FLOPs per token, expert load."""
     m, t = cfg.model, cfg.train
@@ -60,13 +56,15 @@ def summary_lines(cfg, state, records: dict, tokens: int) -> list[str]:
     step = cost_model.total_flops(cost_model.predict_training_step(m, B, T, A)) / (A * B * T)
     fwd = cost_model.total_flops(cost_model.predict_forward(m, B, T, targets=True)) / (B * T)
     measured = sum(r.flops for k, r in records.items() if k[3] in ("forward", "backward", "optimizer"))
+    flops_text = partial(units.si, sep="", down_to=1e3)  # 12.3M: prefixes from k up
     lines = [
         (f"mixture of experts: {m.n_experts} experts, top-{m.experts_per_token}, in {n_moe} of "
          f"{m.n_layer} blocks, {cap}, aux loss coefficient {m.aux_loss_coef:g}"),
         (f"  parameters: {cost_model.n_params(m):,} total, {cost_model.n_active_params(m):,} active "
          f"per token"),
-        (f"  FLOPs per token (closed form, balanced routing): forward {_si(fwd)}, training step "
-         f"{_si(step)}; measured training step {_si(measured / tokens) if tokens else 'n/a'}"),
+        (f"  FLOPs per token (closed form, balanced routing): forward {flops_text(fwd)}, training "
+         f"step {flops_text(step)}; measured training step "
+         f"{flops_text(measured / tokens) if tokens else 'n/a'}"),
         "  expert load over training (assignments per expert; imbalance = max / mean):",
     ]
     for h, row in state.expert_load.items():
