@@ -31,6 +31,8 @@ from minigpt.counting.closed_form import allreduce_bytes
 from minigpt.counting.tables import si
 from minigpt.errors import ConfigError
 from minigpt.hardware import profiles
+from minigpt.scale.footprint import WH_PER_MWH
+from minigpt.units import SECONDS_PER_DAY, SECONDS_PER_HOUR
 
 GRADIENT_BYTES = {"fp32": 4, "tf32": 4, "fp16": 2, "int8": 2}  # int8 training keeps 16-bit grads
 LAYOUT = ("pure data parallel over all chips: a whole model per chip, one ring allreduce of the "
@@ -92,20 +94,21 @@ def communication(scn, params: float | None, chip, s, projection: dict) -> dict:
     steps = t["tokens"] / t["batch_tokens"]
     comm_s = steps * step_s
     compute_hours = projection.get("chip_hours")
-    compute_s = compute_hours * 3600 / N if compute_hours else None
-    chip_hours = comm_s * N / 3600
-    mwh = chip_hours * chip.watts * s.pue / 1e6 if chip.watts else None
+    compute_s = compute_hours * SECONDS_PER_HOUR / N if compute_hours else None
+    chip_hours = comm_s * N / SECONDS_PER_HOUR
+    mwh = chip_hours * chip.watts * s.pue / WH_PER_MWH if chip.watts else None
     share = comm_s / (compute_s + comm_s) if compute_s else None
     compute_mwh = projection.get("energy_mwh")
     return {"communication": {
         "layout": LAYOUT, "chips": N, "gradient_bytes": grad_bytes, "buffer_bytes": buffer,
         "sent_bytes_per_chip_per_step": sent, "link_bytes_per_s": link, "link": link_is,
         "seconds_per_step": step_s, "steps": steps, "batch_tokens": t["batch_tokens"],
-        "days": comm_s / 86400, "compute_days": compute_s / 86400 if compute_s else None,
+        "days": comm_s / SECONDS_PER_DAY,
+        "compute_days": compute_s / SECONDS_PER_DAY if compute_s else None,
         "chip_hours": chip_hours, "energy_mwh": mwh,
         "co2_tonnes": mwh * s.carbon_kg_per_kwh if mwh is not None else None,
         "share": share,
-        "total_days": (compute_s + comm_s) / 86400 if compute_s else None,
+        "total_days": (compute_s + comm_s) / SECONDS_PER_DAY if compute_s else None,
         "total_mwh": compute_mwh + mwh if compute_mwh and mwh else None},
         "communication_why": None}
 

@@ -18,8 +18,9 @@ from minigpt.errors import ConfigError
 from minigpt.hardware import profiles
 from minigpt.scale import chips, communication, footprint, serving, training, work
 from minigpt.scale.scenario import Scenario
+from minigpt.units import SECONDS_PER_DAY
 
-SECONDS_PER_YEAR = 365.25 * 86400
+SECONDS_PER_YEAR = 365.25 * SECONDS_PER_DAY  # the Julian year
 TRAINING_KEYS = ("train_tokens", "train_flops", "train_flops_6nd", "train_flops_published",
                  "train_flops_used", "chip_hours", "days", "flops_per_chip", "mfu",
                  "energy_it_mwh", "energy_mwh", "co2_tonnes", "co2_net_tonnes", "water_onsite_m3",

@@ -13,11 +13,17 @@ MWh × L/kWh = m³. Per query: Wh × L/kWh = mL. The parameters are minigpt.ener
 from constants.toml's sourced defaults or the scenario's [hardware] fields (settings_of).
 """
 
+from minigpt import units
 from minigpt.energy import accounting
 from minigpt.scale.scenario import Scenario
 
 SETTING_KEYS = ("pue", "carbon_kg_per_kwh", "carbon_net_kg_per_kwh", "water_onsite_l_per_kwh",
                 "water_offsite_l_per_kwh", "household_kwh_per_year")
+# ratios of the energy units, exact in floating point (1e3, 1e6, 1e9): W·h of chip-hours × W
+# to MWh, a year's Wh to GWh, MWh to kWh
+WH_PER_MWH = units.J_PER_MWH / units.J_PER_WH
+WH_PER_GWH = units.J_PER_GWH / units.J_PER_WH
+KWH_PER_MWH = units.J_PER_MWH / units.J_PER_KWH
 
 
 def settings_of(scn: Scenario) -> accounting.Settings:
@@ -51,7 +57,7 @@ def footprint(it_mwh: float, s: accounting.Settings) -> dict:
     return {"energy_it_mwh": it_mwh, "energy_mwh": mwh, "co2_tonnes": mwh * s.carbon_kg_per_kwh,
             "co2_net_tonnes": _times(mwh, s.carbon_net_kg_per_kwh),
             "water_onsite_m3": onsite, "water_offsite_m3": offsite, "water_m3": water,
-            "households_year": mwh * 1e3 / s.household_kwh_per_year}
+            "households_year": mwh * KWH_PER_MWH / s.household_kwh_per_year}
 
 
 def per_query(wh: float, s: accounting.Settings) -> dict:

@@ -30,11 +30,13 @@ Real serving is slower (kernels short of peak, idle chips): these are lower boun
 energy.
 """
 
+from minigpt import units
 from minigpt.energy import accounting
 from minigpt.errors import ConfigError
 from minigpt.hardware import roofline
 from minigpt.scale import footprint
 from minigpt.scale.chips import FLOOR_ENERGY_OF_PEAK, Chip
+from minigpt.scale.footprint import WH_PER_GWH
 from minigpt.scale.scenario import Scenario
 from minigpt.scale.work import Arch, forward_flops, kv_bytes_per_token, weights_read
 
@@ -60,13 +62,19 @@ def _fit(weight_bytes: float, kv_bytes: float, chip: Chip, n: int) -> tuple[bool
                    f"(--set inference.chips={least}) or fewer bits")
 
 
+def _gwh_per_year(wh: float, queries_per_day: float | None) -> float | None:
+    if queries_per_day is None:
+        return None
+    return wh * queries_per_day * units.DAYS_PER_YEAR / WH_PER_GWH
+
+
 def _stated_only(scn: Scenario, s: accounting.Settings) -> dict:
     """A stated Wh per query with no model: energy, carbon and water per query, nothing else."""
     get = scn.values["inference"].get
     wh, qpd = get("wh_per_query"), get("queries_per_day")
     return {"wh_per_query": wh, "wh_per_query_basis": "stated", "wh_per_query_is": "stated",
             "wh_per_query_roofline": None, "wh_per_query_compute": None,
-            "gwh_per_year": wh * qpd * 365 / 1e9 if qpd is not None else None,
+            "gwh_per_year": _gwh_per_year(wh, qpd),
             "inference_chips": get("chips"), "fits_in_memory": None, "fit_note": ""
             } | footprint.per_query(wh, s)
 
@@ -75,7 +83,7 @@ def _per_query_wh(scn: Scenario, chip: Chip, flops_q: float, wh_roofline: float,
                   s: accounting.Settings) -> tuple[float, str, float | None]:
     """(Wh per query, its basis, the compute-bound Wh or None) by the rule in the docstring."""
     mfu = scn.get("inference", "mfu")
-    compute = (flops_q / (chip.peak * mfu) * chip.watts * s.pue / 3600
+    compute = (units.wh(flops_q / (chip.peak * mfu) * chip.watts * s.pue)
                if mfu is not None else None)  # chip-seconds × W × PUE, in Wh
     stated = scn.get("inference", "wh_per_query")
     if stated is not None:
@@ -110,12 +118,12 @@ def inference(scn: Scenario, a: Arch | None, params: float, active: float, chip:
     else:
         pre_bytes = pre_flops = prefill_s = 0.0
     query_s = P * prefill_s + O * decode_s  # chip-group seconds per query (share of a batch)
-    wh_roofline = query_s * n * chip.watts * s.pue / 3600
+    wh_roofline = units.wh(query_s * n * chip.watts * s.pue)
     flops_q = P * pre_flops + O * dec_flops if a else 2 * active * (P + O)  # FLOPs per query
     wh, basis, wh_compute = _per_query_wh(scn, chip, flops_q, wh_roofline, s)
     qpd = get("queries_per_day")
     floor_j = ((P * pre_flops + O * dec_flops) * s.pj_per_flop[FLOOR_ENERGY_OF_PEAK[chip.dtype]]
-               + (P * pre_bytes + O * dec_bytes) * s.pj_per_byte) * accounting.PJ
+               + (P * pre_bytes + O * dec_bytes) * s.pj_per_byte) * units.PJ
     fits, fit_note = _fit(weight_bytes, kv_tok * b * (P + O), chip, n)
     return {
         "inference_chips": n, "batch": b, "weight_bits": wbits, "kv_bits": kvbits,
@@ -127,8 +135,8 @@ def inference(scn: Scenario, a: Arch | None, params: float, active: float, chip:
         "flops_per_query": flops_q, "wh_per_query": wh, "wh_per_query_basis": basis,
         "wh_per_query_is": basis, "wh_per_query_roofline": wh_roofline,
         "wh_per_query_compute": wh_compute, "serving_mfu": get("mfu"),
-        "gwh_per_year": wh * qpd * 365 / 1e9 if qpd is not None else None,
+        "gwh_per_year": _gwh_per_year(wh, qpd),
         "fits_in_memory": fits, "fit_note": fit_note,
         "inference_layers": {"measured": None, "roofline_wh_per_query": wh_roofline,
-                             "floor_wh_per_query": floor_j / 3600},
+                             "floor_wh_per_query": units.wh(floor_j)},
     } | footprint.per_query(wh, s)
