@@ -1,5 +1,5 @@
 """The JSON of `minigpt scale --format json`: for every shipped scenario, its keys in order, the
-nested objects' keys, and JSON types only; the command prints the estimate's to_json."""
+nested objects' keys, and JSON types only; the command prints the Estimate's to_json()."""
 
 import json
 
@@ -59,7 +59,7 @@ def expected_keys(scn: scenario.Scenario) -> tuple[str, ...]:
 @pytest.mark.parametrize("name", SHIPPED)
 def test_to_json_has_the_keys_of_the_json_output_in_order(name):
     scn = scenario.load(name)
-    doc = estimate.to_json(estimate.estimate(scn))
+    doc = estimate.estimate(scn).to_json()
     assert tuple(doc) == expected_keys(scn)
     for key, inner in NESTED.items():
         if doc.get(key) is not None:
@@ -75,4 +75,4 @@ def test_to_json_has_the_keys_of_the_json_output_in_order(name):
 def test_the_cli_prints_to_json(name, capsys):
     assert cli.main(["scale", name, "--format", "json"]) == 0
     printed = json.loads(capsys.readouterr().out)
-    assert printed == estimate.to_json(estimate.estimate(scenario.load(name)))
+    assert printed == estimate.estimate(scenario.load(name)).to_json()

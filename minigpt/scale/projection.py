@@ -33,5 +33,5 @@ def gpt3_projection_line(tokens_trained: int, rows: list[dict], joules: float | 
         mine += f" ({per_flop / units.PJ:.3g} pJ/FLOP: GPT-3 at that rate {gwh:,.0f} GWh)"
     return (f"at GPT-3 scale: {mine}; GPT-3 175B counted the same way: "
             f"{big / D:.3g} FLOP/token × {D:.3g} tokens = {big:.3g} "
-            f"FLOPs, on {cost['hardware']}: {cost['days']:.3g} days, "
-            f"{cost['energy_mwh']:,.0f} MWh, {cost['co2_tonnes']:,.0f} tCO2e")
+            f"FLOPs, on {chip.describe()}: {cost.days:.3g} days, "
+            f"{cost.footprint.energy_mwh:,.0f} MWh, {cost.footprint.co2_tonnes:,.0f} tCO2e")
