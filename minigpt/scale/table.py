@@ -4,7 +4,7 @@ One row formatter (row: a name, a right-aligned value, a note) serves the traini
 and inference tables; "not given" stands for a figure the scenario's inputs cannot give.
 """
 
-from minigpt.counting.tables import si
+from minigpt import units
 from minigpt.energy import accounting
 from minigpt.scale.communication import Communication
 from minigpt.scale.estimate import Estimate
@@ -13,6 +13,11 @@ from minigpt.scale.serving import Serving
 from minigpt.scale.training import Sensitivity, Training
 
 NOT_GIVEN = "not given"
+
+
+def si(x: float, unit: str = "") -> str:
+    """x with an SI prefix to two decimals, whole below 1,000: '349.21 GB', '512 B'."""
+    return units.si(x, unit, spec=".2f", down_to=1e3, rest=".0f")
 
 
 def _n(x, fmt: str = ".4g", unit: str = "") -> str:
