@@ -45,15 +45,12 @@ def _water_rows(f: Footprint, s: accounting.Settings) -> list[str]:
 def _sensitivity_lines(sens: Sensitivity | None) -> list[str]:
     if sens is None:
         return ["", "sensitivity: not given (needs FLOPs and a rate per chip, given or implied)"]
-    head = "".join(f"{'PUE ' + format(p, '.2f'):>10}" for p in sens.pue)
-    lines = ["", "sensitivity: energy_mwh as utilisation (rows) and PUE (columns) move",
-             f"  {'utilisation':<12} {'TFLOP/s/chip':>12} {'days':>8}{head}"]
-    for r in sens.rows:
-        util = f"{100 * r.mfu:.1f}% MFU" if r.mfu else f"x{r.factor:g}"
-        cells = "".join(f"{e:10,.0f}" for e in r.energy_mwh)
-        lines.append(f"  {util:<12} {r.flops_per_chip / 1e12:12.3g} "
-                     f"{_n(r.days, '8.1f')}{cells}")
-    return lines
+    head = ("utilisation", "TFLOP/s/chip", "days", *(f"PUE {p:.2f}" for p in sens.pue))
+    cells = [(f"{100 * r.mfu:.1f}% MFU" if r.mfu else f"x{r.factor:g}",
+              f"{r.flops_per_chip / 1e12:.3g}", _n(r.days, ".1f"),
+              *(f"{e:,.0f}" for e in r.energy_mwh)) for r in sens.rows]
+    return ["", "sensitivity: energy_mwh as utilisation (rows) and PUE (columns) move",
+            *("  " + line for line in units.rows_text(head, cells, rule=False))]
 
 
 def _training_lines(t: Training, e: Estimate) -> list[str]:
