@@ -2,6 +2,7 @@
 row reproduces the published FLOPs, MWh and tCO2e, the popular claims come out with the numbers
 they state, mixture-of-experts counts, and bad scenarios fail in one line naming file and field."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -28,7 +29,7 @@ def _empty_home(tmp_path, monkeypatch):
     monkeypatch.setenv("MINIGPT_HOME", str(tmp_path / "home"))
 
 
-def estimate(name: str, *overrides: str) -> dict:
+def estimate(name: str, *overrides: str) -> estimate_mod.Estimate:
     return estimate_mod.estimate(scenario.load(name, overrides))
 
 
@@ -90,28 +91,30 @@ def test_mixture_of_experts_counts():
     assert work.weights_read(moe, total, active, 1) == active  # batch 1: its 2 experts only
     assert active < work.weights_read(moe, total, active, 16) < total
     r = estimate("gpt4-class-moe")
-    assert r["active_params"] < r["params"]
-    assert r["train_flops_6nd"] == pytest.approx(6 * r["active_params"] * r["train_tokens"])
-    assert 1.0 < r["train_flops"] / r["train_flops_6nd"] < 1.15  # attention at 8k context
+    w = r.training.flops
+    assert r.active_params < r.params
+    assert w.six_nd == pytest.approx(6 * r.active_params * w.tokens)
+    assert 1.0 < w.closed_form / w.six_nd < 1.15  # attention at 8k context
 
 
 # ---- GPT-3 175B on Patterson et al. 2021's V100 row -------------------------------------------
 
 def test_gpt3_175b_reproduces_patterson():
     r = estimate("gpt3-175b")
-    assert r["params"] == pytest.approx(174.6e9, rel=1e-3)  # Brown et al. Table D.1's N
-    assert r["train_flops_6nd"] == pytest.approx(3.14e23, rel=0.02)
-    assert r["energy_mwh"] == pytest.approx(1287, rel=0.02)
-    assert r["co2_tonnes"] == pytest.approx(552, rel=0.02)
-    assert r["days"] == pytest.approx(14.8, rel=0.02)
-    assert 1.02 < r["train_flops"] / r["train_flops_6nd"] < 1.04  # ours is higher: attention
+    w, f = r.training.flops, r.training.costs.footprint
+    assert r.params == pytest.approx(174.6e9, rel=1e-3)  # Brown et al. Table D.1's N
+    assert w.six_nd == pytest.approx(3.14e23, rel=0.02)
+    assert f.energy_mwh == pytest.approx(1287, rel=0.02)
+    assert f.co2_tonnes == pytest.approx(552, rel=0.02)
+    assert r.training.costs.days == pytest.approx(14.8, rel=0.02)
+    assert 1.02 < w.closed_form / w.six_nd < 1.04  # ours is higher: attention
     # water on Li et al. 2023's US averages: on-site per IT MWh, off-site per MWh drawn
-    assert r["water_onsite_m3"] == pytest.approx(1287 / 1.10 * 0.55, rel=0.02)
-    assert r["water_offsite_m3"] == pytest.approx(1287 * 3.142, rel=0.02)
-    assert r["water_m3"] == pytest.approx(r["water_onsite_m3"] + r["water_offsite_m3"])
-    assert r["households_year"] == pytest.approx(1287e3 / 10715, rel=0.02)
-    layers = r["training_layers"]
-    assert layers["floor_mwh"] < layers["roofline_mwh"] < layers["time_x_power_mwh"]
+    assert f.water_onsite_m3 == pytest.approx(1287 / 1.10 * 0.55, rel=0.02)
+    assert f.water_offsite_m3 == pytest.approx(1287 * 3.142, rel=0.02)
+    assert f.water_m3 == pytest.approx(f.water_onsite_m3 + f.water_offsite_m3)
+    assert f.households_year == pytest.approx(1287e3 / 10715, rel=0.02)
+    layers = r.training.layers
+    assert layers.floor_mwh < layers.roofline_mwh < layers.time_x_power_mwh
 
 
 def test_gpt3_family_matches_table_2_1():
@@ -119,25 +122,29 @@ def test_gpt3_family_matches_table_2_1():
                "6.7b": 6.7e9, "13b": 13.0e9, "175b": 175e9}
     for tag, n in nominal.items():
         r = estimate(f"gpt3-{tag}")
-        assert r["params"] == pytest.approx(n, rel=0.025), tag
-        assert r["train_tokens"] == 300e9 and r["energy_mwh"] > 0, tag
+        assert r.params == pytest.approx(n, rel=0.025), tag
+        assert r.training.flops.tokens == 300e9, tag
+        assert r.training.costs.footprint.energy_mwh > 0, tag
 
 
 def test_sensitivity_moves_with_utilisation_and_pue():
     r = estimate("gpt3-175b")
-    sens = r["sensitivity"]
-    base = next(row for row in sens["rows"] if row["factor"] == 1.0)
-    assert base["energy_mwh"][sens["pue"].index(1.1)] == pytest.approx(r["energy_mwh"])
-    half = next(row for row in sens["rows"] if row["factor"] == 0.5)
-    assert half["energy_mwh"][0] == pytest.approx(2 * base["energy_mwh"][0])
+    sens = r.training.sensitivity
+    base = next(row for row in sens.rows if row.factor == 1.0)
+    assert base.energy_mwh[sens.pue.index(1.1)] == pytest.approx(
+        r.training.costs.footprint.energy_mwh)
+    half = next(row for row in sens.rows if row.factor == 0.5)
+    assert half.energy_mwh[0] == pytest.approx(2 * base.energy_mwh[0])
 
 
 def test_water_l_per_kwh_is_the_on_site_term():
     r = estimate("gpt3-175b", "hardware.water_l_per_kwh=2", "hardware.water_offsite_l_per_kwh=0")
-    assert r["water_m3"] == r["water_onsite_m3"] == pytest.approx(2 * r["energy_it_mwh"])
-    assert r == estimate("gpt3-175b", "hardware.water_onsite_l_per_kwh=2",
-                         "hardware.water_offsite_l_per_kwh=0") | {
-        "assumptions": r["assumptions"], "settings": r["settings"]}
+    f = r.training.costs.footprint
+    assert f.water_m3 == f.water_onsite_m3 == pytest.approx(2 * f.energy_it_mwh)
+    assert r == dataclasses.replace(
+        estimate("gpt3-175b", "hardware.water_onsite_l_per_kwh=2",
+                 "hardware.water_offsite_l_per_kwh=0"),
+        assumptions=r.assumptions, settings=r.settings)
     with pytest.raises(ConfigError, match="another name for water_onsite_l_per_kwh"):
         estimate("gpt3-175b", "hardware.water_l_per_kwh=2", "hardware.water_onsite_l_per_kwh=1")
 
@@ -146,30 +153,33 @@ def test_water_l_per_kwh_is_the_on_site_term():
 
 def test_70b_in_16_bits_is_140_gb_and_streams_about_24_times_a_second():
     r = estimate("dense-70b-h100")
-    assert r["weight_bytes"] == 140e9
-    assert r["weights_only_tokens_per_s"] == pytest.approx(3.35e12 / 140e9)
-    assert round(r["weights_only_tokens_per_s"]) == 24
-    assert r["decode_tokens_per_s_ceiling"] == pytest.approx(24, rel=0.03)  # KV cache adds a little
-    assert r["fits_in_memory"] is False  # 140 GB > one H100's 80 GB, and the report says so
+    roof = r.serving.roofline
+    assert roof.weight_bytes == 140e9
+    assert roof.weights_only_tokens_per_s == pytest.approx(3.35e12 / 140e9)
+    assert round(roof.weights_only_tokens_per_s) == 24
+    assert roof.decode_tokens_per_s_ceiling == pytest.approx(24, rel=0.03)  # KV cache adds a little
+    assert r.serving.fits_in_memory is False  # 140 GB > one H100's 80 GB, and the report says so
     at3 = estimate("dense-70b-h100", "hardware.memory_bandwidth=3e12")
-    assert round(at3["weights_only_tokens_per_s"]) == 21
+    assert round(at3.serving.roofline.weights_only_tokens_per_s) == 21
 
 
 def test_int8_doubles_the_ceiling_and_4_bits_work():
-    r16 = estimate("dense-70b-h100")
-    r8 = estimate("dense-70b-h100", "inference.weight_bits=8")
-    assert r8["weight_bytes"] == 70e9 and r8["fits_in_memory"] is True
-    assert r8["weights_only_tokens_per_s"] == pytest.approx(2 * r16["weights_only_tokens_per_s"])
-    ratio = r8["decode_tokens_per_s_ceiling"] / r16["decode_tokens_per_s_ceiling"]
+    r16 = estimate("dense-70b-h100").serving
+    r8 = estimate("dense-70b-h100", "inference.weight_bits=8").serving
+    assert r8.roofline.weight_bytes == 70e9 and r8.fits_in_memory is True
+    assert r8.roofline.weights_only_tokens_per_s == pytest.approx(
+        2 * r16.roofline.weights_only_tokens_per_s)
+    ratio = r8.roofline.decode_tokens_per_s_ceiling / r16.roofline.decode_tokens_per_s_ceiling
     assert ratio == pytest.approx(2, rel=0.03)
     r4 = estimate("dense-70b-h100", "model.params=7e9", "inference.weight_bits=4")
-    assert r4["weight_bytes"] == 3.5e9  # a 7B model in 4-bit weights
+    assert r4.serving.roofline.weight_bytes == 3.5e9  # a 7B model in 4-bit weights
 
 
 def test_100_million_1_wh_queries_a_day_is_36_5_gwh_a_year():
-    r = estimate("dense-70b-h100", "inference.wh_per_query=1", "inference.queries_per_day=100e6")
-    assert r["gwh_per_year"] == pytest.approx(36.5)
-    assert r["wh_per_query_basis"] == "stated" and r["wh_per_query_roofline"] > 0
+    r = estimate("dense-70b-h100", "inference.wh_per_query=1",
+                 "inference.queries_per_day=100e6").serving
+    assert r.gwh_per_year == pytest.approx(36.5)
+    assert r.wh_per_query_basis == "stated" and r.wh_per_query_roofline > 0
 
 
 # ---- the command ------------------------------------------------------------------------------
@@ -228,10 +238,10 @@ def test_bad_files_name_the_file_and_the_field(tmp_path, capsys):
 
 
 def test_a_set_of_mfu_replaces_the_files_achieved_rate():
-    r = estimate("gpt3-175b", "hardware.mfu=0.4", "training.flops=3.14e23")
-    assert r["days"] == pytest.approx(14.8 * 0.197 / 0.4, rel=0.01)
-    assert r["flops_per_chip_is"] == "mfu × fp16 peak"  # not "given": a share of the peak
-    assert estimate("gpt3-175b")["flops_per_chip_is"] == "given"  # achieved_flops_per_chip
+    r = estimate("gpt3-175b", "hardware.mfu=0.4", "training.flops=3.14e23").training
+    assert r.costs.days == pytest.approx(14.8 * 0.197 / 0.4, rel=0.01)
+    assert r.flops_per_chip_is == "mfu × fp16 peak"  # not "given": a share of the peak
+    assert estimate("gpt3-175b").training.flops_per_chip_is == "given"  # achieved_flops_per_chip
 
 
 def test_this_machines_measured_rate_is_reported(tmp_path, monkeypatch, capsys):
@@ -244,7 +254,8 @@ def test_this_machines_measured_rate_is_reported(tmp_path, monkeypatch, capsys):
         'name = "local-cpu"\ndescription = "test"\n[peak_flops.fp32]\nvalue = 1e11\n'
         'source = "measured by minigpt calibrate"\n' + peaks + figures)
     r = estimate("gpt3-175b")
-    assert r["this_machine"]["flops_per_s"] == 1e11
-    assert r["this_machine"]["years"] == pytest.approx(3.14e23 / 1e11 / (365.25 * 86400))
+    assert r.this_machine.flops_per_s == 1e11
+    assert r.this_machine.years == pytest.approx(3.14e23 / 1e11 / (365.25 * 86400))
+    assert r.to_json()["this_machine"]["flops_per_s"] == 1e11
     assert cli.main(["scale", "gpt3-175b"]) == 0
     assert "this machine's float32 matmul: 100.0 GFLOP/s" in capsys.readouterr().out

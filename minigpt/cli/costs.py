@@ -293,14 +293,14 @@ def _scale_parser() -> argparse.ArgumentParser:
 def cmd_scale(argv) -> int:
     import json
 
-    from minigpt.scale import estimate, scenario
+    from minigpt.scale import estimate, scenario, table
 
     args = _scale_parser().parse_args(argv)
     result = estimate.estimate(scenario.load(args.scenario, args.overrides))
     if args.format == "json":
-        print(json.dumps(estimate.to_json(result), indent=1))
+        print(json.dumps(result.to_json(), indent=1))
     else:
-        print(estimate.format_table(result))
+        print(table.format_table(result))
     return 0
 
 

@@ -25,7 +25,7 @@ FLOOR_ENERGY_OF_PEAK = {"fp32": "fp32", "tf32": "fp32", "fp16": "fp16", "int8": 
 BASIS_FIGURE = {"chip": "power_watts", "system": "system_power_watts"}
 
 
-@dataclass
+@dataclass(frozen=True)
 class Chip:
     """The hardware side of a scenario: one chip's figures and how many there are."""
 
@@ -54,11 +54,17 @@ class Chip:
         return f"{self.rating:g} W per chip ({self.basis} basis){frac}"
 
     def describe(self) -> str:
+        """'10,000 v100-sxm2 at 24.6 TFLOP/s each (19.7% of fp16 peak), 330 W per chip (...)'."""
         n = f"{self.chips:,} " if self.chips else ""
         rate = f" at {self.achieved / 1e12:.3g} TFLOP/s each" if self.achieved else ""
         mfu = f" ({100 * self.achieved / self.peak:.1f}% of {self.dtype} peak)" if (
             self.achieved and self.peak) else ""
         return f"{n}{self.profile.name}{rate}{mfu}, {self.power_text()}"
+
+    def to_json(self) -> dict:
+        """The estimate's hardware keys: the description, dtype, power and its basis, W charged."""
+        return {"hardware": self.describe(), "dtype": self.dtype, "power": self.power_text(),
+                "power_basis": self.basis, "watts_per_chip": self.watts}
 
 
 def _rating(scn: Scenario, prof: Profile, need: bool) -> tuple[float | None, str, str]:

@@ -1,10 +1,10 @@
 """A finished run beside GPT-3: its training FLOPs per token and what GPT-3's count costs.
 
 It reads a scenario and uses the full-size work, the chip and the footprint, so it belongs to
-scale, above minigpt.energy.accounting, which it builds on.
+scale, above minigpt.energy, whose Settings it builds on (through the footprint).
 """
 
-from minigpt.energy import accounting
+from minigpt import units
 from minigpt.errors import ConfigError
 from minigpt.scale import chips, footprint, training, work
 from minigpt.scale.scenario import load as load_scenario
@@ -29,9 +29,9 @@ def gpt3_projection_line(tokens_trained: int, rows: list[dict], joules: float | 
     mine = f"this run {flops / tokens_trained:.3g} FLOP/token over {tokens_trained:,} tokens"
     if joules and flops:
         per_flop = joules / flops  # J/FLOP on this machine
-        gwh = accounting.kwh(per_flop * big) / 1e6
-        mine += f" ({per_flop / accounting.PJ:.3g} pJ/FLOP: GPT-3 at that rate {gwh:,.0f} GWh)"
+        gwh = units.gwh(per_flop * big)
+        mine += f" ({per_flop / units.PJ:.3g} pJ/FLOP: GPT-3 at that rate {gwh:,.0f} GWh)"
     return (f"at GPT-3 scale: {mine}; GPT-3 175B counted the same way: "
             f"{big / D:.3g} FLOP/token × {D:.3g} tokens = {big:.3g} "
-            f"FLOPs, on {cost['hardware']}: {cost['days']:.3g} days, "
-            f"{cost['energy_mwh']:,.0f} MWh, {cost['co2_tonnes']:,.0f} tCO2e")
+            f"FLOPs, on {chip.describe()}: {cost.days:.3g} days, "
+            f"{cost.footprint.energy_mwh:,.0f} MWh, {cost.footprint.co2_tonnes:,.0f} tCO2e")

@@ -28,17 +28,95 @@ The decode context is the mean over the output: prompt_tokens + output_tokens / 
 one stream. Beside it, the popular form: weights alone (no KV cache), batch × bandwidth / bytes.
 Real serving is slower (kernels short of peak, idle chips): these are lower bounds on time and
 energy.
+
+The result is a Serving: energy per query and its footprint, and, for a model (not a stated figure
+alone), the Roofline's bytes, FLOPs and seconds.
 """
 
+from dataclasses import dataclass
+
+from minigpt import units
 from minigpt.energy import accounting
 from minigpt.errors import ConfigError
-from minigpt.hardware import roofline
+from minigpt.hardware.roofline import decode_ceiling
 from minigpt.scale import footprint
 from minigpt.scale.chips import FLOOR_ENERGY_OF_PEAK, Chip
+from minigpt.scale.footprint import WH_PER_GWH, QueryFootprint
 from minigpt.scale.scenario import Scenario
 from minigpt.scale.work import Arch, forward_flops, kv_bytes_per_token, weights_read
 
 DEFAULTS = {"batch": 1, "weight_bits": 16, "kv_bits": 16, "chips": 1}
+
+
+@dataclass(frozen=True)
+class Roofline:
+    """A modelled query on the ideal machine: bytes, FLOPs and seconds per token, and the floor."""
+
+    batch: int
+    weight_bits: int
+    kv_bits: int
+    weight_bytes: float
+    kv_bytes_per_token: float | None  # None without an architecture
+    decode_bytes_per_token: float
+    decode_flops_per_token: float
+    prefill_s_per_token: float
+    decode_s_per_token: float
+    decode_tokens_per_s_ceiling: float  # all the batch's streams
+    weights_only_tokens_per_s: float  # the popular form: weights alone, no KV cache
+    flops_per_query: float
+    serving_mfu: float | None  # [inference] mfu, for the compute-bound Wh
+    floor_wh_per_query: float  # FLOPs × pJ + bytes × DRAM pJ, no PUE
+
+
+@dataclass(frozen=True)
+class Serving:
+    """Energy per query on its basis ("stated", "compute-bound" or "roofline"), the others beside
+    it, its footprint, and the modelled query (roofline None: a stated Wh with no model)."""
+
+    chips: int | None
+    wh_per_query: float
+    wh_per_query_basis: str
+    wh_per_query_roofline: float | None
+    wh_per_query_compute: float | None
+    gwh_per_year: float | None  # None without queries_per_day
+    fits_in_memory: bool | None  # None: not checked
+    fit_note: str
+    per_query: QueryFootprint
+    roofline: Roofline | None
+
+    def to_json(self) -> dict:
+        energy = {"wh_per_query": self.wh_per_query, "wh_per_query_basis": self.wh_per_query_basis,
+                  "wh_per_query_is": self.wh_per_query_basis,
+                  "wh_per_query_roofline": self.wh_per_query_roofline,
+                  "wh_per_query_compute": self.wh_per_query_compute}
+        r = self.roofline
+        if r is None:
+            return energy | {"gwh_per_year": self.gwh_per_year, "inference_chips": self.chips,
+                             "fits_in_memory": self.fits_in_memory, "fit_note": self.fit_note
+                             } | self.per_query.to_json()
+        return {
+            "inference_chips": self.chips, "batch": r.batch, "weight_bits": r.weight_bits,
+            "kv_bits": r.kv_bits, "weight_bytes": r.weight_bytes,
+            "kv_bytes_per_token": r.kv_bytes_per_token,
+            "decode_bytes_per_token": r.decode_bytes_per_token,
+            "decode_flops_per_token": r.decode_flops_per_token,
+            "prefill_s_per_token": r.prefill_s_per_token,
+            "decode_s_per_token": r.decode_s_per_token,
+            "decode_tokens_per_s_ceiling": r.decode_tokens_per_s_ceiling,
+            "weights_only_tokens_per_s": r.weights_only_tokens_per_s,
+            "flops_per_query": r.flops_per_query, **energy, "serving_mfu": r.serving_mfu,
+            "gwh_per_year": self.gwh_per_year, "fits_in_memory": self.fits_in_memory,
+            "fit_note": self.fit_note,
+            "inference_layers": {"measured": None,
+                                 "roofline_wh_per_query": self.wh_per_query_roofline,
+                                 "floor_wh_per_query": r.floor_wh_per_query},
+        } | self.per_query.to_json()
+
+
+def _gwh_per_year(wh: float, queries_per_day: float | None) -> float | None:
+    if queries_per_day is None:
+        return None
+    return wh * queries_per_day * units.DAYS_PER_YEAR / WH_PER_GWH
 
 
 def _per_token_seconds(nbytes: float, flops: float, chip: Chip, n: int) -> float:
@@ -60,22 +138,20 @@ def _fit(weight_bytes: float, kv_bytes: float, chip: Chip, n: int) -> tuple[bool
                    f"(--set inference.chips={least}) or fewer bits")
 
 
-def _stated_only(scn: Scenario, s: accounting.Settings) -> dict:
+def _stated_only(scn: Scenario, s: accounting.Settings) -> Serving:
     """A stated Wh per query with no model: energy, carbon and water per query, nothing else."""
     get = scn.values["inference"].get
-    wh, qpd = get("wh_per_query"), get("queries_per_day")
-    return {"wh_per_query": wh, "wh_per_query_basis": "stated", "wh_per_query_is": "stated",
-            "wh_per_query_roofline": None, "wh_per_query_compute": None,
-            "gwh_per_year": wh * qpd * 365 / 1e9 if qpd is not None else None,
-            "inference_chips": get("chips"), "fits_in_memory": None, "fit_note": ""
-            } | footprint.per_query(wh, s)
+    wh = get("wh_per_query")
+    return Serving(get("chips"), wh, "stated", None, None,
+                   _gwh_per_year(wh, get("queries_per_day")), None, "",
+                   footprint.per_query(wh, s), None)
 
 
 def _per_query_wh(scn: Scenario, chip: Chip, flops_q: float, wh_roofline: float,
                   s: accounting.Settings) -> tuple[float, str, float | None]:
     """(Wh per query, its basis, the compute-bound Wh or None) by the rule in the docstring."""
     mfu = scn.get("inference", "mfu")
-    compute = (flops_q / (chip.peak * mfu) * chip.watts * s.pue / 3600
+    compute = (units.wh(flops_q / (chip.peak * mfu) * chip.watts * s.pue)
                if mfu is not None else None)  # chip-seconds × W × PUE, in Wh
     stated = scn.get("inference", "wh_per_query")
     if stated is not None:
@@ -86,8 +162,8 @@ def _per_query_wh(scn: Scenario, chip: Chip, flops_q: float, wh_roofline: float,
 
 
 def inference(scn: Scenario, a: Arch | None, params: float, active: float, chip: Chip,
-              s: accounting.Settings) -> dict:
-    """The serving figures of scn's [inference] on chip, as a dict of the JSON keys."""
+              s: accounting.Settings) -> Serving:
+    """The serving figures of scn's [inference] on chip."""
     get = scn.values["inference"].get
     if params is None or get("output_tokens") is None:
         return _stated_only(scn, s)
@@ -110,25 +186,16 @@ def inference(scn: Scenario, a: Arch | None, params: float, active: float, chip:
     else:
         pre_bytes = pre_flops = prefill_s = 0.0
     query_s = P * prefill_s + O * decode_s  # chip-group seconds per query (share of a batch)
-    wh_roofline = query_s * n * chip.watts * s.pue / 3600
+    wh_roofline = units.wh(query_s * n * chip.watts * s.pue)
     flops_q = P * pre_flops + O * dec_flops if a else 2 * active * (P + O)  # FLOPs per query
     wh, basis, wh_compute = _per_query_wh(scn, chip, flops_q, wh_roofline, s)
-    qpd = get("queries_per_day")
     floor_j = ((P * pre_flops + O * dec_flops) * s.pj_per_flop[FLOOR_ENERGY_OF_PEAK[chip.dtype]]
-               + (P * pre_bytes + O * dec_bytes) * s.pj_per_byte) * accounting.PJ
+               + (P * pre_bytes + O * dec_bytes) * s.pj_per_byte) * units.PJ
     fits, fit_note = _fit(weight_bytes, kv_tok * b * (P + O), chip, n)
-    return {
-        "inference_chips": n, "batch": b, "weight_bits": wbits, "kv_bits": kvbits,
-        "weight_bytes": weight_bytes, "kv_bytes_per_token": kv_tok if a else None,
-        "decode_bytes_per_token": dec_bytes, "decode_flops_per_token": dec_flops,
-        "prefill_s_per_token": prefill_s, "decode_s_per_token": decode_s,
-        "decode_tokens_per_s_ceiling": 1 / decode_s,
-        "weights_only_tokens_per_s": b * roofline.decode_ceiling(step_bytes, n * chip.bandwidth),
-        "flops_per_query": flops_q, "wh_per_query": wh, "wh_per_query_basis": basis,
-        "wh_per_query_is": basis, "wh_per_query_roofline": wh_roofline,
-        "wh_per_query_compute": wh_compute, "serving_mfu": get("mfu"),
-        "gwh_per_year": wh * qpd * 365 / 1e9 if qpd is not None else None,
-        "fits_in_memory": fits, "fit_note": fit_note,
-        "inference_layers": {"measured": None, "roofline_wh_per_query": wh_roofline,
-                             "floor_wh_per_query": floor_j / 3600},
-    } | footprint.per_query(wh, s)
+    return Serving(n, wh, basis, wh_roofline, wh_compute,
+                   _gwh_per_year(wh, get("queries_per_day")), fits, fit_note,
+                   footprint.per_query(wh, s),
+                   Roofline(b, wbits, kvbits, weight_bytes, kv_tok if a else None, dec_bytes,
+                            dec_flops, prefill_s, decode_s, 1 / decode_s,
+                            b * decode_ceiling(step_bytes, n * chip.bandwidth), flops_q,
+                            get("mfu"), units.wh(floor_j)))

@@ -111,7 +111,24 @@ def model_size(scn: Scenario) -> tuple[float | None, float | None, tuple[int, in
     return params, active, computed
 
 
-def training_flops(scn: Scenario, a: Arch | None, active: float | None) -> dict:
+@dataclass(frozen=True)
+class TrainingFlops:
+    """The training work: each way of counting it, and the one the costs use."""
+
+    tokens: float | None  # [training] tokens
+    closed_form: float | None  # ours: training_step_flops × tokens / block_size
+    six_nd: float | None  # 6 × active params × tokens
+    published: float | None  # [training] flops
+    used: float | None  # published, else ours, else 6ND
+    used_is: str  # "published", "closed form", "6ND" or "not given"
+
+    def to_json(self) -> dict:
+        return {"train_tokens": self.tokens, "train_flops": self.closed_form,
+                "train_flops_6nd": self.six_nd, "train_flops_published": self.published,
+                "train_flops_used": self.used, "train_flops_used_is": self.used_is}
+
+
+def training_flops(scn: Scenario, a: Arch | None, active: float | None) -> TrainingFlops:
     """The training work in whatever terms the scenario gives: published FLOPs, our closed form of
     tokens on an architecture, or 6 × active params × tokens; "not given" when none can be had."""
     D = scn.get("training", "tokens")
@@ -119,7 +136,6 @@ def training_flops(scn: Scenario, a: Arch | None, active: float | None) -> dict:
     ours = training_step_flops(a, 1, a.block_size) * D / a.block_size if a and D else None
     published = scn.get("training", "flops")
     used = published or ours or six
-    return {"train_tokens": D, "train_flops": ours, "train_flops_6nd": six,
-            "train_flops_published": published, "train_flops_used": used,
-            "train_flops_used_is": ("published" if published else "closed form" if ours else
-                                    "6ND" if six else "not given")}
+    return TrainingFlops(D, ours, six, published, used,
+                         "published" if published else "closed form" if ours else
+                         "6ND" if six else "not given")
