@@ -38,15 +38,23 @@ def _write(tmp_path, text: str) -> Path:
 
 
 def test_every_published_figure_of_every_shipped_scenario_within_2_percent():
-    checked = 0
+    """A figure the scenario also gives as an input (Google's 0.24 Wh, a stated figure) comes back
+    as given: checked, but not counted as a reproduction."""
+    checked, echoed = 0, set()
     for name in SHIPPED:
         r = estimate(name)
+        inputs = scenario.load(name).values  # {section: {key: value}}
         for row in r.published:
             assert row.ours is not None, (name, row.key)
             if (name, row.key) not in ROUNDED:
                 assert abs(row.difference) <= 0.02, (name, row)
-                checked += 1
-    assert checked >= 6 * 4 + 2 + 2 + 1 + 1  # Patterson 6 × 4, Ludvigsen 2, Epoch 2, Google, seed
+                if any(row.key in table for table in inputs.values()):
+                    echoed.add((name, row.key))
+                else:
+                    checked += 1
+    assert ("google-gemini-2025", "wh_per_query") in echoed
+    # Patterson 6 × 4, Ludvigsen 2, Epoch 2, LLaMA 3, seed 1
+    assert checked >= 6 * 4 + 2 + 2 + 3 + 1
 
 
 @pytest.mark.parametrize("name", PATTERSON)

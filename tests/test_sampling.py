@@ -1,0 +1,88 @@
+"""The sampler's distribution against exact expectations on small logits: temperature, then top-k,
+then top-p (nucleus), each away from its extremes and all three together.
+
+The logits are log(w) for weights w = (1, 2, 3, 4), so every expectation is a fraction: at
+temperature t the probabilities are w^(1/t) / sum(w^(1/t)); top-k keeps the k largest; top-p keeps
+the likeliest tokens until the mass ahead of the next one reaches p (the likeliest always stays).
+Two ways to look: the probabilities sample_next hands to the generator's choice (exact), and the
+counts of many draws with a fixed seed (within 5 binomial standard deviations), which holds
+whatever way the sampler draws.
+"""
+
+import math
+
+import numpy as np
+import pytest
+
+from minigpt.sampling import sample_next
+
+W = np.array([1.0, 2.0, 3.0, 4.0])
+LOGITS = np.log(W)
+DRAWS = 5000
+
+
+class Recorder:
+    """A stand-in generator: choice(n, p=p) keeps p and returns the likeliest id."""
+
+    def choice(self, n, p):
+        self.p = np.array(p, dtype=np.float64)
+        assert self.p.shape == (n,)
+        return int(np.argmax(self.p))
+
+
+def probabilities(**kw) -> np.ndarray:
+    rec = Recorder()
+    sample_next(LOGITS.copy(), rng=rec, **kw)
+    return rec.p
+
+
+# (sampler arguments, the exact probabilities of ids 0..3)
+CASES = [
+    ({"temperature": 1.0}, [1 / 10, 2 / 10, 3 / 10, 4 / 10]),
+    ({"temperature": 0.5}, [1 / 30, 4 / 30, 9 / 30, 16 / 30]),  # w^2 = 1, 4, 9, 16
+    ({"temperature": 2.0}, np.sqrt(W) / np.sqrt(W).sum()),  # w^(1/2)
+    ({"top_k": 2}, [0, 0, 3 / 7, 4 / 7]),
+    ({"top_k": 3}, [0, 2 / 9, 3 / 9, 4 / 9]),
+    ({"top_k": 4}, [1 / 10, 2 / 10, 3 / 10, 4 / 10]),  # k = V: nothing removed
+    # mass ahead of ids 3, 2, 1, 0: 0, 0.4, 0.7, 0.9
+    ({"top_p": 0.5}, [0, 0, 3 / 7, 4 / 7]),  # 0.4 < 0.5 keeps id 2; 0.7 drops id 1
+    ({"top_p": 0.75}, [0, 2 / 9, 3 / 9, 4 / 9]),  # 0.7 < 0.75 keeps id 1
+    ({"top_p": 0.3}, [0, 0, 0, 1]),  # only the likeliest
+    ({"top_p": 0.95}, [1 / 10, 2 / 10, 3 / 10, 4 / 10]),  # 0.9 < 0.95: all four
+    # temperature 0.5, then top 3 of 1, 4, 9, 16: 4, 9, 16 (/29)
+    ({"temperature": 0.5, "top_k": 3}, [0, 4 / 29, 9 / 29, 16 / 29]),
+    # temperature 2, then top 3 of sqrt(w), then top-p 0.6: the mass ahead of id 2 is
+    # 2 / (sqrt 2 + sqrt 3 + 2) = 0.389 < 0.6, of id 1 0.725: ids 2 and 3, as sqrt 3 : 2
+    ({"temperature": 2.0, "top_k": 3, "top_p": 0.6},
+     [0, 0, math.sqrt(3) / (math.sqrt(3) + 2), 2 / (math.sqrt(3) + 2)]),
+]
+IDS = [",".join(f"{k}={v}" for k, v in kw.items()) for kw, _ in CASES]
+
+
+@pytest.mark.parametrize(("kw", "expected"), CASES, ids=IDS)
+def test_the_filtered_probabilities_are_exact(kw, expected):
+    np.testing.assert_allclose(probabilities(**kw), expected, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize(("kw", "expected"), [CASES[1], CASES[3], CASES[7], CASES[-1]],
+                         ids=[IDS[1], IDS[3], IDS[7], IDS[-1]])
+def test_many_draws_follow_the_expected_distribution(kw, expected):
+    """DRAWS draws with a fixed seed: each id's count within 5 binomial standard deviations of
+    DRAWS * p (a chance of about 6e-7 per id to fall outside for a correct sampler), and an id
+    with p = 0 never drawn."""
+    rng = np.random.default_rng(1234)
+    counts = np.bincount([sample_next(LOGITS.copy(), rng=rng, **kw) for _ in range(DRAWS)],
+                         minlength=W.size)
+    p = np.asarray(expected, dtype=np.float64)
+    sigma = np.sqrt(DRAWS * p * (1 - p))
+    assert (np.abs(counts - DRAWS * p) <= 5 * sigma).all(), (counts, DRAWS * p, sigma)
+    assert (counts[p == 0] == 0).all()
+
+
+def test_temperature_zero_is_the_argmax_without_drawing():
+    class NoDraw:
+        def choice(self, n, p):
+            raise AssertionError("temperature 0 must not draw")
+
+    assert sample_next(LOGITS.copy(), temperature=0, rng=NoDraw()) == 3
+    assert sample_next(LOGITS[::-1].copy(), temperature=0, top_k=2, rng=NoDraw()) == 0
