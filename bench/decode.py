@@ -80,13 +80,13 @@ def best_run(gpt, prompt: np.ndarray, tokens: int, kv_int8: bool, repeats: int):
 
 def phase_totals(records: dict, phase: str) -> dict:
     out = {"flops": 0, "bytes": 0, "seconds": 0.0, "by_kind": {}}
-    for (_scope, op, kind, ph, dtype), r in records.items():
-        if ph != phase:
+    for k, r in records.items():
+        if k.phase != phase:
             continue
         out["flops"] += r.flops
         out["bytes"] += r.bytes_read + r.bytes_written
         out["seconds"] += r.seconds
-        key = f"{kind}/{dtype}" if kind == "matmul" else kind
+        key = f"{k.kind}/{k.dtype}" if k.kind == "matmul" else k.kind
         out["by_kind"][key] = out["by_kind"].get(key, 0.0) + r.seconds
     return out
 

@@ -5,7 +5,7 @@ predict_forward(cfg, batch, seq, phase)  one forward pass ("forward", "eval" or 
 predict_decode(cfg, batch, position)     one KV-cached decode step for the token at `position`
 allreduce_bytes(nbytes, ranks)           bytes each rank sends (and receives) in a ring allreduce
 
-Each returns {(scope, op, kind, phase, dtype): Record}, the meter's own format, so a test can
+Each returns {RecordKey(scope, op, kind, phase, dtype): Record}, the meter's own format, so a test can
 compare prediction and measurement key by key. Mixture-of-experts blocks take a `routing` (tokens
 each expert computed, per block: what GPT.routing records) and predict exactly that forward; with
 none they assume balanced routing, the expectation the projections (scale/work.py) use. The
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from minigpt.config import expert_capacity, is_moe_block
 from minigpt.counting.meter import FLOPS_PER_ELEMENT as FPE
-from minigpt.counting.meter import Record
+from minigpt.counting.meter import Record, RecordKey
 
 INDEX_BYTES = 8  # token ids are int64
 
@@ -32,10 +32,10 @@ class _Sheet:
     dtype: str = "float32"
 
     def __post_init__(self):
-        self.records: dict[tuple, Record] = {}
+        self.records: dict[RecordKey, Record] = {}
 
     def _add(self, scope, op, kind, flops, read, written, useful=None, dtype=None):
-        key = (scope, op, kind, self.phase, dtype or self.dtype)
+        key = RecordKey(scope, op, kind, self.phase, dtype or self.dtype)
         r = self.records.setdefault(key, Record())
         r.calls += 1
         r.flops += flops

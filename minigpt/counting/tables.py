@@ -24,11 +24,11 @@ CONVENTIONS = (
 
 
 def rows_from_records(records: dict) -> list[dict]:
-    """The meter's {(scope, op, kind, phase, dtype): Record} as a list of dicts."""
+    """The meter's {RecordKey: Record} as a list of dicts."""
     rows = []
-    for (scope, op, kind, phase, dtype), r in records.items():
-        rows.append({"scope": scope, "op": op, "kind": kind, "phase": phase, "dtype": dtype,
-                     "calls": r.calls, "flops": r.flops, "useful_flops": r.useful_flops,
+    for key, r in records.items():
+        rows.append({"scope": key.scope, "op": key.op, "kind": key.kind, "phase": key.phase,
+                     "dtype": key.dtype, "calls": r.calls, "flops": r.flops, "useful_flops": r.useful_flops,
                      "bytes_read": r.bytes_read, "bytes_written": r.bytes_written,
                      "seconds": r.seconds})
     return rows
@@ -36,10 +36,10 @@ def rows_from_records(records: dict) -> list[dict]:
 
 def records_from_rows(rows) -> dict:
     """The inverse of rows_from_records (for restoring a resumed run's meter)."""
-    from minigpt.counting.meter import Record
+    from minigpt.counting.meter import Record, RecordKey
 
-    return {(r["scope"], r["op"], r["kind"], r["phase"], r["dtype"]): Record(**{k: r[k] for k in NUMBERS})
-            for r in rows}
+    return {RecordKey(r["scope"], r["op"], r["kind"], r["phase"], r["dtype"]):
+            Record(**{k: r[k] for k in NUMBERS}) for r in rows}
 
 
 def layer_of(scope: str) -> str:

@@ -11,7 +11,6 @@ import math
 from functools import lru_cache
 
 from minigpt import backend
-from minigpt.counting.meter import FLOPS_PER_ELEMENT as FPE
 from minigpt.counting.meter import METER, matmul
 from minigpt.nn import cuda_kernels, quant
 
@@ -29,24 +28,25 @@ def _nbytes(*arrays) -> int:
 def embedding_forward(idx, wte, wpe, pos0=0):
     """Token plus position embedding. idx (B, T) ints; wte (V, C); wpe (block_size, C)."""
     B, T = idx.shape
-    with METER.op("embedding", "lookup") as c:
+    with METER.op(kind="embedding", op="lookup") as c:
         out = wte[idx] + wpe[pos0 : pos0 + T]  # (B, T, C)
         row = wte.itemsize * wte.shape[1]
-        c.count(FPE["embedding", "lookup"] * out.size, idx.nbytes + (B * T + T) * row, out.nbytes, out.dtype)
+        c.count(elements=out.size, bytes_read=idx.nbytes + (B * T + T) * row,
+                bytes_written=out.nbytes, dtype=out.dtype)
     return out, (idx, pos0)
 
 
 def embedding_backward(dout, cache, dwte, dwpe):
     idx, pos0 = cache
     T, C = dout.shape[1:]
-    with METER.op("embedding", "grad_table") as c:
+    with METER.op(kind="embedding", op="grad_table") as c:
         backend.scatter_add(dwte, idx.reshape(-1), dout.reshape(-1, C))
-        c.count(FPE["embedding", "grad_table"] * dout.size, idx.nbytes + 2 * dout.nbytes,
-                dout.nbytes, dout.dtype)
-    with METER.op("embedding", "grad_position") as c:
+        c.count(elements=dout.size, bytes_read=idx.nbytes + 2 * dout.nbytes,
+                bytes_written=dout.nbytes, dtype=dout.dtype)
+    with METER.op(kind="embedding", op="grad_position") as c:
         dwpe[pos0 : pos0 + T] += dout.sum(axis=0)
-        c.count(FPE["embedding", "grad_position"] * dout.size, dout.nbytes + 2 * T * C * dout.itemsize,
-                T * C * dout.itemsize, dout.dtype)
+        c.count(elements=dout.size, bytes_read=dout.nbytes + 2 * T * C * dout.itemsize,
+                bytes_written=T * C * dout.itemsize, dtype=dout.dtype)
 
 
 # ----------------------------------------------------------------------------- layernorm
@@ -76,9 +76,10 @@ def layernorm_forward(x, w, b, eps=LAYERNORM_EPS):
     xhat, out = xp.empty(x2.shape, x2.dtype), xp.empty(x2.shape, x2.dtype)
     rstd = xp.empty((x2.shape[0], 1), dtype=x.dtype)  # (N, 1)
 
-    with METER.op("layernorm", "normalize") as c:
+    with METER.op(kind="layernorm", op="normalize") as c:
         backend.by_rows(layernorm_rows, C * x.itemsize, (x2, xhat, out, rstd), w, b, eps)
-        c.count(FPE["layernorm", "normalize"] * x.size, _nbytes(x, w, b), _nbytes(out, xhat, rstd), x.dtype)
+        c.count(elements=x.size, bytes_read=_nbytes(x, w, b),
+                bytes_written=_nbytes(out, xhat, rstd), dtype=x.dtype)
     return out.reshape(x.shape), (xhat, w, rstd)
 
 
@@ -102,12 +103,12 @@ def layernorm_backward(dout, cache, dw, db):
         g *= rstd[r]
         return dw_part, db_part
 
-    with METER.op("layernorm", "grad") as c:
+    with METER.op(kind="layernorm", op="grad") as c:
         for dw_part, db_part in backend.map_rows(rows, xhat.shape[0], xhat.shape[1] * xhat.itemsize):
             dw += dw_part
             db += db_part
-        c.count(FPE["layernorm", "grad"] * xhat.size, _nbytes(dout, xhat, w, rstd, dw, db),
-                _nbytes(dx, dw, db), xhat.dtype)
+        c.count(elements=xhat.size, bytes_read=_nbytes(dout, xhat, w, rstd, dw, db),
+                bytes_written=_nbytes(dx, dw, db), dtype=xhat.dtype)
     return dx.reshape(dout.shape)  # dout itself (a copy's result if dout was not contiguous)
 
 
@@ -122,9 +123,10 @@ def linear_forward(x, w, b):
     C, OC = w.shape
     x2 = x.reshape(-1, C)  # (N, C)
     out = matmul(x2, w, op="x@w")  # (N, OC)
-    with METER.op("bias", "add") as c:
+    with METER.op(kind="bias", op="add") as c:
         out += b
-        c.count(FPE["bias", "add"] * out.size, out.nbytes + b.nbytes, out.nbytes, out.dtype)
+        c.count(elements=out.size, bytes_read=out.nbytes + b.nbytes, bytes_written=out.nbytes,
+                dtype=out.dtype)
     return out.reshape(*x.shape[:-1], OC), (x2, w)
 
 
@@ -133,9 +135,10 @@ def linear_backward(dout, cache, dw, db):
     C, OC = w.shape
     d2 = dout.reshape(-1, OC)  # (N, OC)
     dw += matmul(x2.T, d2, op="grad_w")  # (C, OC)
-    with METER.op("bias", "grad") as c:
+    with METER.op(kind="bias", op="grad") as c:
         db += d2.sum(axis=0)
-        c.count(FPE["bias", "grad"] * d2.size, d2.nbytes + db.nbytes, db.nbytes, d2.dtype)
+        c.count(elements=d2.size, bytes_read=d2.nbytes + db.nbytes, bytes_written=db.nbytes,
+                dtype=d2.dtype)
     dx = matmul(d2, w.T, op="grad_x")  # (N, C)
     return dx.reshape(*dout.shape[:-1], C)
 
@@ -171,9 +174,9 @@ def causal_softmax_forward(scores, scale, pos0=0):
     # A query at or past the last key sees every key (a decode step's one query): no mask to add.
     mask = _causal_mask(T, Tk, pos0, scores.dtype, backend.device) if pos0 + 1 < Tk else None
     att = scores.reshape(-1, T, Tk)  # (B*H, T, Tk)
-    with METER.op("softmax", "causal") as c:
+    with METER.op(kind="softmax", op="causal") as c:
         backend.by_rows(softmax_rows, T * Tk * att.itemsize, (att,), scale, mask)
-        c.count(FPE["softmax", "causal"] * att.size, att.nbytes, att.nbytes, att.dtype)
+        c.count(elements=att.size, bytes_read=att.nbytes, bytes_written=att.nbytes, dtype=att.dtype)
     return scores
 
 
@@ -190,9 +193,10 @@ def causal_softmax_backward(datt, att, scale):
         ds -= a * backend.row_sum(ds)
         ds *= scale
 
-    with METER.op("softmax", "grad") as c:
+    with METER.op(kind="softmax", op="grad") as c:
         backend.map_rows(rows, a3.shape[0], T * Tk * att.itemsize)
-        c.count(FPE["softmax", "grad"] * att.size, datt.nbytes + att.nbytes, datt.nbytes, att.dtype)
+        c.count(elements=att.size, bytes_read=datt.nbytes + att.nbytes, bytes_written=datt.nbytes,
+                dtype=att.dtype)
     return d3.reshape(att.shape)
 
 
@@ -315,9 +319,10 @@ def gelu_forward(x):
     xp = backend.xp
     x2 = x.reshape(-1, x.shape[-1])  # (N, 4C)
     th, out = xp.empty(x2.shape, x2.dtype), xp.empty(x2.shape, x2.dtype)
-    with METER.op("gelu", "tanh") as c:
+    with METER.op(kind="gelu", op="tanh") as c:
         backend.by_rows(gelu_rows, x2.shape[1] * x.itemsize, (x2, th, out))
-        c.count(FPE["gelu", "tanh"] * x.size, x.nbytes, out.nbytes + th.nbytes, x.dtype)
+        c.count(elements=x.size, bytes_read=x.nbytes, bytes_written=out.nbytes + th.nbytes,
+                dtype=x.dtype)
     return out.reshape(x.shape), (x2, th)
 
 
@@ -344,9 +349,10 @@ def gelu_backward(dout, cache):
         g += 0.5
         dx[r] *= g
 
-    with METER.op("gelu", "grad") as c:
+    with METER.op(kind="gelu", op="grad") as c:
         backend.map_rows(rows, x2.shape[0], x2.shape[1] * x2.itemsize)
-        c.count(FPE["gelu", "grad"] * x2.size, _nbytes(x2, th, dout), dx.nbytes, x2.dtype)
+        c.count(elements=x2.size, bytes_read=_nbytes(x2, th, dout), bytes_written=dx.nbytes,
+                dtype=x2.dtype)
     return dx.reshape(dout.shape)
 
 
@@ -376,34 +382,36 @@ def mlp_backward(dout, cache, p, g):
 def residual_forward(x, branch):
     """x + branch, written over branch (the branch's fresh output: nothing else keeps it; x is
     kept by the layer that read it, for its backward)."""
-    with METER.op("residual", "add") as c:
+    with METER.op(kind="residual", op="add") as c:
         out = backend.xp.add(x, branch, out=branch)
-        c.count(FPE["residual", "add"] * x.size, 2 * x.nbytes, out.nbytes, x.dtype)
+        c.count(elements=x.size, bytes_read=2 * x.nbytes, bytes_written=out.nbytes, dtype=x.dtype)
     return out
 
 
 def residual_backward(dx, dbranch):
     """The stream's gradient plus the branch's gradient, in place on dx."""
-    with METER.op("residual", "grad") as c:
+    with METER.op(kind="residual", op="grad") as c:
         dx += dbranch
-        c.count(FPE["residual", "grad"] * dx.size, 2 * dx.nbytes, dx.nbytes, dx.dtype)
+        c.count(elements=dx.size, bytes_read=2 * dx.nbytes, bytes_written=dx.nbytes, dtype=dx.dtype)
     return dx
 
 
 def dropout_forward(x, p, rng):
     """Inverted dropout: keep each element with probability 1 - p, scaled by 1 / (1 - p)."""
-    with METER.op("dropout", "mask") as c:
+    with METER.op(kind="dropout", op="mask") as c:
         mask = (backend.asarray(rng.random(x.shape, dtype="float32")) >= p).astype(x.dtype)
         mask *= 1.0 / (1.0 - p)
         out = x * mask
-        c.count(FPE["dropout", "mask"] * x.size, x.nbytes, out.nbytes + mask.nbytes, x.dtype)
+        c.count(elements=x.size, bytes_read=x.nbytes, bytes_written=out.nbytes + mask.nbytes,
+                dtype=x.dtype)
     return out, mask
 
 
 def dropout_backward(dout, mask):
-    with METER.op("dropout", "grad") as c:
+    with METER.op(kind="dropout", op="grad") as c:
         dx = dout * mask
-        c.count(FPE["dropout", "grad"] * dout.size, dout.nbytes + mask.nbytes, dx.nbytes, dx.dtype)
+        c.count(elements=dout.size, bytes_read=dout.nbytes + mask.nbytes, bytes_written=dx.nbytes,
+                dtype=dx.dtype)
     return dx
 
 
@@ -411,7 +419,7 @@ def cross_entropy_forward(logits, targets):
     """Mean negative log-likelihood of targets (B, T) under logits (B, T, V)."""
     xp = backend.xp
     V = logits.shape[-1]
-    with METER.op("cross_entropy", "loss") as c:
+    with METER.op(kind="cross_entropy", op="loss") as c:
         probs = logits - logits.max(axis=-1, keepdims=True)  # (B, T, V), shifted logits for now
         rows = xp.arange(targets.size)
         picked = probs.reshape(-1, V)[rows, targets.reshape(-1)]  # shifted logit of each target
@@ -420,8 +428,8 @@ def cross_entropy_forward(logits, targets):
         probs /= total
         # -log p(target) = log(sum exp) - shifted target logit; averaged in float64
         loss = (xp.log(total.reshape(-1).astype(xp.float64)) - picked).mean()
-        c.count(FPE["cross_entropy", "loss"] * logits.size, logits.nbytes + targets.nbytes,
-                probs.nbytes, logits.dtype)
+        c.count(elements=logits.size, bytes_read=logits.nbytes + targets.nbytes,
+                bytes_written=probs.nbytes, dtype=logits.dtype)
     return loss, (probs, targets)
 
 
@@ -430,10 +438,10 @@ def cross_entropy_backward(cache, dloss=1.0):
     xp = backend.xp
     probs, targets = cache
     V = probs.shape[-1]
-    with METER.op("cross_entropy", "grad") as c:
+    with METER.op(kind="cross_entropy", op="grad") as c:
         flat = probs.reshape(-1, V)
         flat[xp.arange(flat.shape[0]), targets.reshape(-1)] -= 1.0
         probs *= dloss / flat.shape[0]
-        c.count(FPE["cross_entropy", "grad"] * probs.size, probs.nbytes + targets.nbytes,
-                probs.nbytes, probs.dtype)
+        c.count(elements=probs.size, bytes_read=probs.nbytes + targets.nbytes,
+                bytes_written=probs.nbytes, dtype=probs.dtype)
     return probs

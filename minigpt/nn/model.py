@@ -8,7 +8,6 @@ import math
 
 from minigpt import backend
 from minigpt.config import is_moe_block
-from minigpt.counting.meter import FLOPS_PER_ELEMENT as FPE
 from minigpt.counting.meter import METER, matmul
 from minigpt.nn import layers as nn
 from minigpt.nn import moe, quant
@@ -112,9 +111,10 @@ def block_decode(x, p, cfg, kv: "_LayerSlot"):
         useful = nn.useful_causal_flops(B, H, 1, pos0, hs)
         with METER.scope("scores"):
             att = matmul(q, k.swapaxes(-1, -2), op="q@kT", useful_flops=useful)  # (B, H, 1, Tk)
-        with METER.scope("softmax"), METER.op("softmax", "causal") as c:
+        with METER.scope("softmax"), METER.op(kind="softmax", op="causal") as c:
             nn.softmax_rows(att, 1.0 / math.sqrt(hs), None)  # the one query sees every key
-            c.count(FPE["softmax", "causal"] * att.size, att.nbytes, att.nbytes, att.dtype)
+            c.count(elements=att.size, bytes_read=att.nbytes, bytes_written=att.nbytes,
+                    dtype=att.dtype)
         y = xp.empty((B, 1, H, hs), dtype=x.dtype)
         with METER.scope("mix"):
             matmul(att, v, op="att@v", useful_flops=useful, out=y.transpose(0, 2, 1, 3))
@@ -127,10 +127,11 @@ def block_decode(x, p, cfg, kv: "_LayerSlot"):
     with METER.scope("mlp"):
         with METER.scope("c_fc"):
             f, _ = nn.linear_forward(h, p["mlp.c_fc.weight"], p["mlp.c_fc.bias"])  # (B, 4C)
-        with METER.scope("gelu"), METER.op("gelu", "tanh") as c:
+        with METER.scope("gelu"), METER.op(kind="gelu", op="tanh") as c:
             th, g = xp.empty_like(f), xp.empty_like(f)
             nn.gelu_rows(f, th, g)
-            c.count(FPE["gelu", "tanh"] * f.size, f.nbytes, g.nbytes + th.nbytes, f.dtype)
+            c.count(elements=f.size, bytes_read=f.nbytes, bytes_written=g.nbytes + th.nbytes,
+                    dtype=f.dtype)
         with METER.scope("c_proj"):
             m, _ = nn.linear_forward(g, p["mlp.c_proj.weight"], p["mlp.c_proj.bias"])
     with METER.scope("residual_2"):
@@ -142,10 +143,10 @@ def _layernorm_rows(x, w, b):
     """layernorm_forward of rows x (B, C) that fit one block, counted as it counts them."""
     xp = backend.xp
     xhat, out, rstd = xp.empty_like(x), xp.empty_like(x), xp.empty((x.shape[0], 1), dtype=x.dtype)
-    with METER.op("layernorm", "normalize") as c:
+    with METER.op(kind="layernorm", op="normalize") as c:
         nn.layernorm_rows(x, xhat, out, rstd, w, b, nn.LAYERNORM_EPS)
-        c.count(FPE["layernorm", "normalize"] * x.size, x.nbytes + w.nbytes + b.nbytes,
-                out.nbytes + xhat.nbytes + rstd.nbytes, x.dtype)
+        c.count(elements=x.size, bytes_read=x.nbytes + w.nbytes + b.nbytes,
+                bytes_written=out.nbytes + xhat.nbytes + rstd.nbytes, dtype=x.dtype)
     return out
 
 

@@ -101,7 +101,8 @@ class MPIWorld(Single):
         sent = 2 * (N - 1) * nbytes // N  # the ring's traffic (counting.closed_form.allreduce_bytes predicts it)
         if METER.enabled:
             with METER.in_phase("communication"), METER.scope("dist"):
-                METER.add(op, "allreduce", buf.dtype, (N - 1) * n // N, sent, sent, seconds)
+                METER.add(kind="allreduce", op=op, dtype=buf.dtype, flops=(N - 1) * n // N,
+                          bytes_read=sent, bytes_written=sent, seconds=seconds)
 
     def sum_gradients(self, g) -> None:
         self._counted("grad_sum", g, self._allreduce)
