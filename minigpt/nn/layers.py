@@ -9,6 +9,7 @@ caller has set. Arrays come from backend.xp (NumPy or CuPy).
 
 import math
 from functools import lru_cache
+from typing import NamedTuple
 
 from minigpt import backend
 from minigpt.counting.meter import METER, matmul
@@ -206,6 +207,19 @@ def useful_causal_flops(B, H, T, pos0, head_size):
     return 2 * B * H * visible * head_size
 
 
+class AttentionCache(NamedTuple):
+    """What attention_forward keeps for attention_backward."""
+
+    c_attn: tuple  # linear_forward's cache of the q, k, v projection
+    q: object  # (B, H, T, hs) views into c_attn's output
+    k: object
+    v: object
+    probs: object  # (B, H, T, T) the softmax's output
+    att: object  # probs after attention dropout (probs itself without dropout)
+    drop: object  # the dropout mask, or None
+    c_proj: tuple  # linear_forward's cache of the output projection
+
+
 def attention_forward(x, p, n_head, kv=None, dropout=0.0, rng=None):
     """Causal multi-head self-attention. x (B, T, C); p: this block's parameter views.
 
@@ -239,7 +253,7 @@ def attention_forward(x, p, n_head, kv=None, dropout=0.0, rng=None):
         matmul(att, v, op="att@v", useful_flops=useful, out=y.transpose(0, 2, 1, 3))
     with METER.scope("c_proj"):
         out, c_proj = linear_forward(y.reshape(B, T, C), p["attn.c_proj.weight"], p["attn.c_proj.bias"])
-    return out, (c_attn, q, k, v, probs, att, drop, c_proj)
+    return out, AttentionCache(c_attn, q, k, v, probs, att, drop, c_proj)
 
 
 def _attention_int8_kv(q, k, v, kv, p, B, T, C, n_head):
@@ -264,7 +278,7 @@ def _attention_int8_kv(q, k, v, kv, p, B, T, C, n_head):
     return out
 
 
-def attention_backward(dout, cache, p, g):
+def attention_backward(dout, cache: AttentionCache, p, g):
     """g: this block's gradient views."""
     xp = backend.xp
     c_attn, q, k, v, probs, att, drop, c_proj = cache

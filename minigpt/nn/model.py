@@ -5,6 +5,7 @@ runs them in reverse (llm.c's gpt2_backward, read as the forward in reverse).
 """
 
 import math
+from typing import NamedTuple
 
 from minigpt import backend
 from minigpt.config import is_moe_block
@@ -63,6 +64,17 @@ class _LayerSlot:
         return tuple(a[i, :, :t1].swapaxes(1, 2) for a in (c.k, c.k_scale, c.v, c.v_scale))
 
 
+class BlockCache(NamedTuple):
+    """What block_forward keeps for block_backward: each layer's cache, in forward order."""
+
+    ln_1: tuple
+    attn: nn.AttentionCache | None  # None after a forward through an int8 KV cache (inference)
+    d_1: object  # the attention branch's dropout mask, or None
+    ln_2: tuple
+    mlp: object  # nn.mlp_forward's cache, or a moe.MoECache
+    d_2: object  # the MLP branch's dropout mask, or None
+
+
 def block_forward(x, p, cfg, kv=None, rng=None):
     """x + attn(ln_1(x)), then + mlp(ln_2(.)). x (B, T, C)."""
     drop = cfg.dropout if rng is not None else 0.0
@@ -83,7 +95,7 @@ def block_forward(x, p, cfg, kv=None, rng=None):
     m, d_2 = _maybe_dropout(m, drop, rng, "mlp.resid_dropout")
     with METER.scope("residual_2"):
         x = nn.residual_forward(x, m)
-    return x, (ln_1, attn, d_1, ln_2, mlp, d_2)
+    return x, BlockCache(ln_1, attn, d_1, ln_2, mlp, d_2)
 
 
 def block_decode(x, p, cfg, kv: "_LayerSlot"):
@@ -150,7 +162,7 @@ def _layernorm_rows(x, w, b):
     return out
 
 
-def block_backward(dx, cache, p, g, daux: float = 1.0):
+def block_backward(dx, cache: BlockCache, p, g, daux: float = 1.0):
     """daux: the weight of a MoE block's auxiliary loss in the objective (the model's dloss)."""
     ln_1, attn, d_1, ln_2, mlp, d_2 = cache
     dm = _maybe_dropout_backward(dx, d_2, "mlp.resid_dropout")
@@ -229,8 +241,8 @@ class GPT:
                     continue
                 x, cache = block_forward(x, self.block_params(i), cfg, kv.layer(i) if kv else None, rng)
             blocks.append(cache)
-            if isinstance(cache[4], moe.MoECache):
-                self.routing[i] = cache[4].routing
+            if isinstance(cache.mlp, moe.MoECache):
+                self.routing[i] = cache.mlp.routing
         if kv is not None:
             kv.length += T
         with METER.scope("ln_f"):

@@ -23,6 +23,7 @@ expert no token reaches runs nothing and records nothing.
 """
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from minigpt import backend
 from minigpt.config import expert_capacity
@@ -45,6 +46,16 @@ class Routing:
     computed: list  # tokens each expert computed
     dropped: int  # assignments dropped by the capacity limit
     aux_loss: float  # coef * E * sum f_e P_e (already times coef)
+
+
+class ExpertCache(NamedTuple):
+    """One expert's share of a MoE forward, for the backward."""
+
+    ids: object  # (n_e,) its assignments (token * k + pick), in token order
+    tok: object  # (n_e,) the token of each assignment
+    gate: object  # (n_e,) the gate of each assignment
+    out: object  # (n_e, C) the expert's MLP output, before the gates
+    mlp: tuple  # nn.mlp_forward's cache
 
 
 def moe_forward(x, p: dict, cfg):
@@ -109,8 +120,8 @@ def moe_forward(x, p: dict, cfg):
                 out[tok] += g[:, None] * ye  # a token meets each expert at most once
                 c.count(elements=ye.size, bytes_read=2 * ye.nbytes + g.nbytes + tok.nbytes,
                         bytes_written=ye.nbytes, dtype=ye.dtype)
-        experts.append((ids, tok, g, ye, mlp))
-    computed = [0 if ex is None else int(ex[0].shape[0]) for ex in experts]
+        experts.append(ExpertCache(ids, tok, g, ye, mlp))
+    computed = [0 if ex is None else int(ex.ids.shape[0]) for ex in experts]
     routing = Routing(assigned_host, computed, N * k - sum(computed), aux)
     cache = MoECache(x2, probs, top, gates, total, share, experts, routing,
                       (E, k, cfg.aux_loss_coef), x.shape)
@@ -125,7 +136,7 @@ class MoECache:
     gates: object
     total: object
     share: object
-    experts: list
+    experts: list  # an ExpertCache per expert, None for an expert no token reached
     routing: Routing
     sizes: tuple
     shape: tuple
@@ -146,7 +157,7 @@ def moe_backward(dout, cache: MoECache, p: dict, g: dict, daux: float = 1.0):
         if ex is None:
             dys.append(None)
             continue
-        ids, tok, gate, ye, _ = ex
+        ids, tok, gate, ye = ex.ids, ex.tok, ex.gate, ex.out
         with METER.scope(f"expert{e}"), METER.op(kind="combine", op="grad") as c:
             rows = d2[tok]  # (n_e, C)
             dgates[ids] = (rows * ye).sum(axis=1)  # d out / d gate = the expert's output
@@ -176,9 +187,9 @@ def moe_backward(dout, cache: MoECache, p: dict, g: dict, daux: float = 1.0):
     for e, ex in enumerate(cache.experts):
         if ex is None:
             continue
-        tok = ex[1]
+        tok = ex.tok
         with METER.scope(f"expert{e}"):
-            dxe = nn.mlp_backward(dys[e], ex[4], expert_views(p, e), expert_views(g, e))  # (n_e, C)
+            dxe = nn.mlp_backward(dys[e], ex.mlp, expert_views(p, e), expert_views(g, e))  # (n_e, C)
             with METER.op(kind="dispatch", op="grad") as c:
                 dx2[tok] += dxe
                 c.count(elements=dxe.size, bytes_read=2 * dxe.nbytes + tok.nbytes,
