@@ -115,15 +115,15 @@ class Counter:
     def __init__(self, meter, kind: str, op: str):
         self.meter, self.kind, self.op = meter, kind, op
         self.flops_per_element = FLOPS_PER_ELEMENT[kind, op]  # an op missing there fails here
-        self.flops = self.bytes_read = self.bytes_written = 0
-        self.dtype = "float32"
 
     def count(self, elements: int, bytes_read: int, bytes_written: int, dtype) -> None:
         """The block's sizes: elements of its main operand (FLOPS_PER_ELEMENT[kind, op] FLOPs
-        each), the bytes it read and wrote, and the dtype to record it under."""
+        each), the bytes it read and wrote, and the dtype to record it under. Every block calls
+        it once (a block that does not fails as it closes, rather than record nothing)."""
         self.flops = self.flops_per_element * int(elements)
-        self.bytes_read, self.bytes_written = int(bytes_read), int(bytes_written)
-        self.dtype = dtype_name(dtype)
+        self.bytes_read = int(bytes_read)
+        self.bytes_written = int(bytes_written)
+        self.dtype = _DTYPE_NAMES.get(dtype) or dtype_name(dtype)  # dtype_name, less a call
 
     def __enter__(self):
         self.t0 = self.meter.clock()

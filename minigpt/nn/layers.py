@@ -5,6 +5,12 @@ weights and residual branches need no special case.
 Every matrix product goes through minigpt.counting.meter.matmul (the int8 ones through METER.matmul_int8
 and METER.matmul_w8) and every elementwise pass is counted with METER.op, under the scope the
 caller has set. Arrays come from backend.xp (NumPy or CuPy).
+
+The counted passes a decode step also runs (layernorm_normalize, softmax_causal, gelu_tanh) are
+functions of their own, on rows, so model.block_decode calls them as the general forwards do and
+each op's sizes are written once. Each hands rows that fit one block (a decode step's) to its row
+kernel directly, as backend.by_rows would, without that call: on one row the call costs as much
+as a few of the kernel's own NumPy passes.
 """
 
 import math
@@ -56,7 +62,7 @@ def embedding_backward(dout, cache, dwte, dwpe):
 LAYERNORM_EPS = 1e-5  # GPT-2's
 
 
-def layernorm_rows(xs, xh, o, s, w, b, eps):
+def _layernorm_rows(xs, xh, o, s, w, b, eps):
     """LayerNorm of the rows xs: xh the normalised rows, o the output, s the reciprocal std."""
     xp = backend.xp
     xp.subtract(xs, backend.row_mean(xs), out=xh)  # centred
@@ -69,18 +75,25 @@ def layernorm_rows(xs, xh, o, s, w, b, eps):
     o += b
 
 
+def layernorm_normalize(x2, w, b, eps=LAYERNORM_EPS):
+    """The counted LayerNorm of rows x2 (N, C), in blocks of rows: (out, xhat, rstd), xhat the
+    normalised rows (N, C) and rstd the reciprocal stds (N, 1)."""
+    xp = backend.xp
+    xhat, out = xp.empty(x2.shape, x2.dtype), xp.empty(x2.shape, x2.dtype)
+    rstd = xp.empty((x2.shape[0], 1), dtype=x2.dtype)
+    with METER.op(kind="layernorm", op="normalize") as c:
+        if x2.nbytes <= backend.BLOCK_BYTES:
+            _layernorm_rows(x2, xhat, out, rstd, w, b, eps)
+        else:
+            backend.by_rows(_layernorm_rows, x2.shape[1] * x2.itemsize, (x2, xhat, out, rstd), w, b, eps)
+        c.count(elements=x2.size, bytes_read=x2.nbytes + w.nbytes + b.nbytes,
+                bytes_written=out.nbytes + xhat.nbytes + rstd.nbytes, dtype=x2.dtype)
+    return out, xhat, rstd
+
+
 def layernorm_forward(x, w, b, eps=LAYERNORM_EPS):
     """x (..., C) normalised over C, then scaled by w and shifted by b."""
-    xp = backend.xp
-    C = x.shape[-1]
-    x2 = x.reshape(-1, C)  # (N, C)
-    xhat, out = xp.empty(x2.shape, x2.dtype), xp.empty(x2.shape, x2.dtype)
-    rstd = xp.empty((x2.shape[0], 1), dtype=x.dtype)  # (N, 1)
-
-    with METER.op(kind="layernorm", op="normalize") as c:
-        backend.by_rows(layernorm_rows, C * x.itemsize, (x2, xhat, out, rstd), w, b, eps)
-        c.count(elements=x.size, bytes_read=_nbytes(x, w, b),
-                bytes_written=_nbytes(out, xhat, rstd), dtype=x.dtype)
+    out, xhat, rstd = layernorm_normalize(x.reshape(-1, x.shape[-1]), w, b, eps)  # rows (N, C)
     return out.reshape(x.shape), (xhat, w, rstd)
 
 
@@ -156,7 +169,7 @@ def _causal_mask(T, Tk, pos0, dtype, device):
     return xp.where(j <= i, 0.0, -xp.inf).astype(dtype)
 
 
-def softmax_rows(a, scale, mask):
+def _softmax_rows(a, scale, mask):
     """Softmax over the last axis of scale * a (+ mask, unless None), in place."""
     xp = backend.xp
     a *= scale
@@ -174,11 +187,21 @@ def causal_softmax_forward(scores, scale, pos0=0):
     T, Tk = scores.shape[-2:]
     # A query at or past the last key sees every key (a decode step's one query): no mask to add.
     mask = _causal_mask(T, Tk, pos0, scores.dtype, backend.device) if pos0 + 1 < Tk else None
-    att = scores.reshape(-1, T, Tk)  # (B*H, T, Tk)
-    with METER.op(kind="softmax", op="causal") as c:
-        backend.by_rows(softmax_rows, T * Tk * att.itemsize, (att,), scale, mask)
-        c.count(elements=att.size, bytes_read=att.nbytes, bytes_written=att.nbytes, dtype=att.dtype)
+    softmax_causal(scores.reshape(-1, T, Tk), scale, mask)  # (B*H, T, Tk), a view
     return scores
+
+
+def softmax_causal(att, scale, mask):
+    """The counted causal softmax over the last axis of scale * att (+ mask: an additive
+    (T, Tk) mask, or None where every query sees every key), in place, in blocks of att's first
+    axis. att (R, ..., Tk)."""
+    with METER.op(kind="softmax", op="causal") as c:
+        if att.nbytes <= backend.BLOCK_BYTES:
+            _softmax_rows(att, scale, mask)
+        else:
+            backend.by_rows(_softmax_rows, att.nbytes // att.shape[0], (att,), scale, mask)
+        c.count(elements=att.size, bytes_read=att.nbytes, bytes_written=att.nbytes, dtype=att.dtype)
+    return att
 
 
 def causal_softmax_backward(datt, att, scale):
@@ -313,7 +336,7 @@ def attention_backward(dout, cache: AttentionCache, p, g):
 _GELU_K = math.sqrt(2.0 / math.pi)
 
 
-def gelu_rows(xs, t, o):
+def _gelu_rows(xs, t, o):
     """GELU of the rows xs into o; t keeps the tanh for the backward."""
     xp = backend.xp
     xp.multiply(xs, xs, out=t)
@@ -330,14 +353,24 @@ def gelu_forward(x):
     """GPT-2's tanh approximation: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))."""
     if cuda_kernels.active():
         return cuda_kernels.gelu_forward(x)
-    xp = backend.xp
     x2 = x.reshape(-1, x.shape[-1])  # (N, 4C)
+    out, th = gelu_tanh(x2)
+    return out.reshape(x.shape), (x2, th)
+
+
+def gelu_tanh(x2):
+    """The counted GELU of rows x2 (N, 4C), in blocks of rows: (out, th), th the tanh the
+    backward reads."""
+    xp = backend.xp
     th, out = xp.empty(x2.shape, x2.dtype), xp.empty(x2.shape, x2.dtype)
     with METER.op(kind="gelu", op="tanh") as c:
-        backend.by_rows(gelu_rows, x2.shape[1] * x.itemsize, (x2, th, out))
-        c.count(elements=x.size, bytes_read=x.nbytes, bytes_written=out.nbytes + th.nbytes,
-                dtype=x.dtype)
-    return out.reshape(x.shape), (x2, th)
+        if x2.nbytes <= backend.BLOCK_BYTES:
+            _gelu_rows(x2, th, out)
+        else:
+            backend.by_rows(_gelu_rows, x2.shape[1] * x2.itemsize, (x2, th, out))
+        c.count(elements=x2.size, bytes_read=x2.nbytes, bytes_written=out.nbytes + th.nbytes,
+                dtype=x2.dtype)
+    return out, th
 
 
 def gelu_backward(dout, cache):

@@ -100,8 +100,8 @@ def block_forward(x, p, cfg, kv=None, rng=None):
 
 def block_decode(x, p, cfg, kv: "_LayerSlot"):
     """block_forward for one new position of each sequence (x (B, 1, C)) with a float KV cache
-    and a dense MLP: the same operations on the same arrays, counted under the same names and
-    sizes, without what a single row never uses (row blocking, the caches a backward reads,
+    and a dense MLP: the same counted helpers of layers.py on the same arrays (so the same
+    records), without what a single row never uses (reshapes, the caches a backward reads,
     dropout, the MoE and int8-cache branches). tests/test_generate.py checks the records and the
     logits against block_forward's. Why it exists: a decode step of a real-size model is mostly
     weight products that leave the CPU's caches cold, so every line of Python between them runs
@@ -113,7 +113,7 @@ def block_decode(x, p, cfg, kv: "_LayerSlot"):
     hs = C // H
     x = x.reshape(B, C)
     with METER.scope("ln_1"):
-        h = _layernorm_rows(x, p["ln_1.weight"], p["ln_1.bias"])
+        h, _, _ = nn.layernorm_normalize(x, p["ln_1.weight"], p["ln_1.bias"])
     with METER.scope("attn"):
         with METER.scope("c_attn"):
             qkv, _ = nn.linear_forward(h, p["attn.c_attn.weight"], p["attn.c_attn.bias"])  # (B, 3C)
@@ -123,10 +123,8 @@ def block_decode(x, p, cfg, kv: "_LayerSlot"):
         useful = nn.useful_causal_flops(B, H, 1, pos0, hs)
         with METER.scope("scores"):
             att = matmul(q, k.swapaxes(-1, -2), op="q@kT", useful_flops=useful)  # (B, H, 1, Tk)
-        with METER.scope("softmax"), METER.op(kind="softmax", op="causal") as c:
-            nn.softmax_rows(att, 1.0 / math.sqrt(hs), None)  # the one query sees every key
-            c.count(elements=att.size, bytes_read=att.nbytes, bytes_written=att.nbytes,
-                    dtype=att.dtype)
+        with METER.scope("softmax"):
+            nn.softmax_causal(att, 1.0 / math.sqrt(hs), None)  # the one query sees every key
         y = xp.empty((B, 1, H, hs), dtype=x.dtype)
         with METER.scope("mix"):
             matmul(att, v, op="att@v", useful_flops=useful, out=y.transpose(0, 2, 1, 3))
@@ -135,31 +133,17 @@ def block_decode(x, p, cfg, kv: "_LayerSlot"):
     with METER.scope("residual_1"):
         x = nn.residual_forward(x, a)
     with METER.scope("ln_2"):
-        h = _layernorm_rows(x, p["ln_2.weight"], p["ln_2.bias"])
+        h, _, _ = nn.layernorm_normalize(x, p["ln_2.weight"], p["ln_2.bias"])
     with METER.scope("mlp"):
         with METER.scope("c_fc"):
             f, _ = nn.linear_forward(h, p["mlp.c_fc.weight"], p["mlp.c_fc.bias"])  # (B, 4C)
-        with METER.scope("gelu"), METER.op(kind="gelu", op="tanh") as c:
-            th, g = xp.empty_like(f), xp.empty_like(f)
-            nn.gelu_rows(f, th, g)
-            c.count(elements=f.size, bytes_read=f.nbytes, bytes_written=g.nbytes + th.nbytes,
-                    dtype=f.dtype)
+        with METER.scope("gelu"):
+            g, _ = nn.gelu_tanh(f)
         with METER.scope("c_proj"):
             m, _ = nn.linear_forward(g, p["mlp.c_proj.weight"], p["mlp.c_proj.bias"])
     with METER.scope("residual_2"):
         x = nn.residual_forward(x, m)
     return x.reshape(B, 1, C)
-
-
-def _layernorm_rows(x, w, b):
-    """layernorm_forward of rows x (B, C) that fit one block, counted as it counts them."""
-    xp = backend.xp
-    xhat, out, rstd = xp.empty_like(x), xp.empty_like(x), xp.empty((x.shape[0], 1), dtype=x.dtype)
-    with METER.op(kind="layernorm", op="normalize") as c:
-        nn.layernorm_rows(x, xhat, out, rstd, w, b, nn.LAYERNORM_EPS)
-        c.count(elements=x.size, bytes_read=x.nbytes + w.nbytes + b.nbytes,
-                bytes_written=out.nbytes + xhat.nbytes + rstd.nbytes, dtype=x.dtype)
-    return out
 
 
 def block_backward(dx, cache: BlockCache, p, g, daux: float = 1.0):
