@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from minigpt.config import expert_capacity, is_moe_block
 from minigpt.counting.meter import FLOPS_PER_ELEMENT as FPE
-from minigpt.counting.meter import Record, RecordKey
+from minigpt.counting.meter import INT8, W8A32, Record, RecordKey
 
 INDEX_BYTES = 8  # token ids are int64
 
@@ -46,9 +46,9 @@ class _Sheet:
     def product(self, scope, op, batch, m, k, n, a_elems, b_elems, useful=None, dtype=None):
         """(batch, m, k) @ (k, n) products; A and B hold a_elems and b_elems elements.
 
-        dtype "int8": A and B at one byte, C at four (int32 sums); "w8a32": B at one byte."""
+        dtype INT8: A and B at one byte, C at four (int32 sums); W8A32: B at one byte."""
         s = self.itemsize
-        a_size, b_size, c_size = {"int8": (1, 1, 4), "w8a32": (s, 1, s)}.get(dtype, (s, s, s))
+        a_size, b_size, c_size = {INT8: (1, 1, 4), W8A32: (s, 1, s)}.get(dtype, (s, s, s))
         self._add(scope, op, "matmul", 2 * batch * m * n * k, a_elems * a_size + b_elems * b_size,
                   batch * m * n * c_size, useful, dtype)
 
@@ -61,7 +61,7 @@ class _Sheet:
     def quantize(self, scope, rows, cols):
         """Per-row int8 quantization of a (rows, cols) float array: int8 values and row scales."""
         self.elementwise(scope, "quant", "quantize", rows * cols, rows * cols, 0,
-                         extra_written_bytes=rows * cols + rows * 4, dtype="int8")
+                         extra_written_bytes=rows * cols + rows * 4, dtype=INT8)
 
     def rescale(self, scope, n_out, factor_elems, n_factors=1):
         """n_out accumulators (read at 4 bytes) times n_factors float32 scales (factor_elems)."""
@@ -79,13 +79,14 @@ def _causal_useful(B, H, T, Tk, pos0, head_size):
 
 
 def _int8_product(sh, scope, op, N, C, OC, mode):
-    """x (N, C) @ an int8 weight (C, OC) with per-column scales, by mode (nn/quant.py)."""
-    if mode == "w8a32":
-        sh.product(scope, op, 1, N, C, OC, N * C, C * OC, dtype="w8a32")
+    """x (N, C) @ an int8 weight (C, OC) with per-column scales, by mode (nn/quant.py's MODES:
+    the weight-only mode is named as its products' dtype, W8A32; the other is w8a8)."""
+    if mode == W8A32:
+        sh.product(scope, op, 1, N, C, OC, N * C, C * OC, dtype=W8A32)
         sh.rescale(scope, N * OC, OC)
     else:
         sh.quantize(scope, N, C)
-        sh.product(scope, op, 1, N, C, OC, N * C, C * OC, dtype="int8")
+        sh.product(scope, op, 1, N, C, OC, N * C, C * OC, dtype=INT8)
         sh.rescale(scope, N * OC, N + OC, n_factors=2)
 
 
@@ -219,7 +220,7 @@ def _forward(sh, cfg, B, T, pos0=0, last_only=False, targets=False, dropout=Fals
             sh.quantize(f"{h}.attn", B * H * T, hs)
             sh.quantize(f"{h}.attn", B * H * T, hs)
             sh.product(f"{h}.attn.scores", "q@kT", B * H, T, hs, Tk, B * H * T * hs, B * H * Tk * hs,
-                       useful, dtype="w8a32")
+                       useful, dtype=W8A32)
             sh.rescale(f"{h}.attn.scores", n_att, B * H * Tk)
         else:
             sh.product(f"{h}.attn.scores", "q@kT", B * H, T, hs, Tk, B * H * T * hs, B * H * Tk * hs, useful)
@@ -229,7 +230,7 @@ def _forward(sh, cfg, B, T, pos0=0, last_only=False, targets=False, dropout=Fals
         if kv_int8:
             sh.rescale(f"{h}.attn.mix", n_att, B * H * Tk)
             sh.product(f"{h}.attn.mix", "att@v", B * H, T, Tk, hs, n_att, B * H * Tk * hs, useful,
-                       dtype="w8a32")
+                       dtype=W8A32)
         else:
             sh.product(f"{h}.attn.mix", "att@v", B * H, T, Tk, hs, n_att, B * H * Tk * hs, useful)
         _linear_forward(sh, f"{h}.attn.c_proj", N, C, C, mode)

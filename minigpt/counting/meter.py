@@ -84,6 +84,10 @@ def dtype_name(dtype) -> str:
     return name
 
 
+INT8 = "int8"  # the dtype of an integer product's records: int8 operands, int32 sums
+W8A32 = "w8a32"  # the dtype of a product of float activations and int8 weights
+
+
 class RecordKey(NamedTuple):
     """Where the work happened and what it was (see the module's docstring)."""
 
@@ -269,7 +273,7 @@ class Meter:
             m, k = a.shape[-2:]
             n = b.shape[-1]
             flops = 2 * (out.size // (m * n)) * m * n * k
-            self._record(op, "matmul", "int8", flops, a.nbytes + b.nbytes, 4 * out.size, seconds,
+            self._record(op, "matmul", INT8, flops, a.nbytes + b.nbytes, 4 * out.size, seconds,
                          useful_flops)
         return out
 
@@ -284,7 +288,7 @@ class Meter:
             m, k = a.shape[-2:]
             n = b.shape[-1]
             flops = 2 * (out.size // (m * n)) * m * n * k
-            self._record(op, "matmul", "w8a32", flops, a.nbytes + b.nbytes, out.nbytes, seconds,
+            self._record(op, "matmul", W8A32, flops, a.nbytes + b.nbytes, out.nbytes, seconds,
                          useful_flops)
         return out
 

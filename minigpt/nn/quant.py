@@ -25,10 +25,13 @@ integer products as dtype "int8", the KV cache's bytes at one byte.
 from dataclasses import dataclass
 
 from minigpt import backend
-from minigpt.counting.meter import METER
+from minigpt.counting.meter import INT8, METER, W8A32
 from minigpt.errors import ConfigError
 
-MODES = ("w8a32", "w8a8")
+# The int8 options, named once: the API, the commands, checkpoints and the closed form use these.
+W8A8 = "w8a8"  # int8 weights and activations: integer products, recorded as dtype INT8
+MODES = (W8A32, W8A8)  # W8A32: int8 weights only, its products recorded under that same name
+DEFAULT_MODE = W8A8
 
 
 @dataclass
@@ -37,7 +40,7 @@ class Int8Weight:
 
     q: object  # (K, M) int8
     scale: object  # (M,) float32
-    mode: str = "w8a8"
+    mode: str = DEFAULT_MODE
     outlier_threshold: float | None = None
 
     @property
@@ -83,8 +86,7 @@ def quantize_vectors(x):
     with METER.op(kind="quant", op="quantize") as c:
         s = _scale_of(xp.abs(x).max(axis=-1, keepdims=True))
         q = xp.clip(xp.rint(x / s), -127, 127).astype(xp.int8)
-        c.count(elements=x.size, bytes_read=x.nbytes, bytes_written=q.nbytes + s.nbytes,
-                dtype="int8")
+        c.count(elements=x.size, bytes_read=x.nbytes, bytes_written=q.nbytes + s.nbytes, dtype=INT8)
     return q, s
 
 
@@ -104,7 +106,7 @@ def rescale(acc, factors, out_dtype):
 def matmul_int8_weight(x2, w: Int8Weight, op: str = "x@w"):
     """x2 (N, K) float @ w, by w's mode; returns (N, M) in x2's dtype (no bias)."""
     xp = backend.xp
-    if w.mode == "w8a32":
+    if w.mode == W8A32:
         acc = METER.matmul_w8(x2, w.q, op=op)
         return rescale(acc, (w.scale,), x2.dtype)
     outliers = None
@@ -149,10 +151,12 @@ LINEAR_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight",
 
 @dataclass
 class QuantConfig:
-    mode: str = "w8a8"
-    quantize_embedding: bool = False
-    kv_int8: bool = False
-    outlier_threshold: float | None = None
+    """How a model runs in int8 (an int8 checkpoint stores these fields by name)."""
+
+    mode: str = DEFAULT_MODE  # one of MODES
+    quantize_embedding: bool = False  # read the token embedding from the int8 table too
+    kv_int8: bool = False  # keep the KV cache in int8, one scale per key or value vector
+    outlier_threshold: float | None = None  # w8a8: dimensions with any |x| above it stay float
 
 
 class QuantizedWeights:
