@@ -37,6 +37,7 @@ from collections import Counter
 from types import SimpleNamespace
 
 from minigpt import backend
+from minigpt.counting import scopes
 from minigpt.counting.meter import METER
 
 ENABLED = os.environ.get("MINIGPT_FUSED", "1") != "0"
@@ -188,7 +189,7 @@ def adamw_update(p, g, m, v, n_decay: int, lr: float, beta1: float, beta2: float
     (1-based, already advanced), weight decay on p[:n_decay] only; recorded as AdamW.step is."""
     CALLS["adamw_update"] += 1
     dt = p.dtype.type  # the scalars round to the buffers' dtype, as NumPy rounds them
-    with METER.scope("adamw"), METER.op(kind="adamw", op="update") as c:
+    with METER.scope(scopes.ADAMW), METER.op(kind="adamw", op="update") as c:
         _kernels().adamw(g, dt(1.0 - lr * weight_decay), dt(beta1), dt(1.0 - beta1), dt(beta2),
                          dt(1.0 - beta2), dt(math.sqrt(1.0 - beta2**t)), dt(eps),
                          dt(lr / (1.0 - beta1**t)), n_decay, p, m, v)

@@ -18,6 +18,7 @@ from functools import lru_cache
 from typing import NamedTuple
 
 from minigpt import backend
+from minigpt.counting import scopes
 from minigpt.counting.meter import METER, matmul
 from minigpt.nn import cuda_kernels, quant
 
@@ -251,7 +252,7 @@ def attention_forward(x, p, n_head, kv=None, dropout=0.0, rng=None):
     xp = backend.xp
     B, T, C = x.shape
     hs = C // n_head
-    with METER.scope("c_attn"):
+    with METER.scope(scopes.C_ATTN):
         qkv, c_attn = linear_forward(x, p["attn.c_attn.weight"], p["attn.c_attn.bias"])  # (B, T, 3C)
     # Heads as strided views, no copies: BLAS takes a matrix whose rows lie 3C apart, a few
     # percent slower than a contiguous one and far cheaper than making it one.
@@ -263,18 +264,18 @@ def attention_forward(x, p, n_head, kv=None, dropout=0.0, rng=None):
         pos0 = kv.length
         k, v = kv.append(k, v)  # (B, H, pos0 + T, hs)
     useful = useful_causal_flops(B, n_head, T, pos0, hs)
-    with METER.scope("scores"):
+    with METER.scope(scopes.SCORES):
         att = matmul(q, k.swapaxes(-1, -2), op="q@kT", useful_flops=useful)  # (B, H, T, Tk)
-    with METER.scope("softmax"):
+    with METER.scope(scopes.SOFTMAX):
         att = causal_softmax_forward(att, 1.0 / math.sqrt(hs), pos0)
     probs, drop = att, None
     if dropout > 0.0:
-        with METER.scope("attn_dropout"):
+        with METER.scope(scopes.ATTN_DROPOUT):
             att, drop = dropout_forward(probs, dropout, rng)
     y = xp.empty((B, T, n_head, hs), dtype=x.dtype)  # heads side by side again
-    with METER.scope("mix"):
+    with METER.scope(scopes.MIX):
         matmul(att, v, op="att@v", useful_flops=useful, out=y.transpose(0, 2, 1, 3))
-    with METER.scope("c_proj"):
+    with METER.scope(scopes.C_PROJ):
         out, c_proj = linear_forward(y.reshape(B, T, C), p["attn.c_proj.weight"], p["attn.c_proj.bias"])
     return out, AttentionCache(c_attn, q, k, v, probs, att, drop, c_proj)
 
@@ -287,16 +288,16 @@ def _attention_int8_kv(q, k, v, kv, p, B, T, C, n_head):
     pos0 = kv.length
     kq, ks, vq, vs = kv.append(k, v)  # (B, H, Tk, hs) int8 and (B, H, Tk, 1) scales
     useful = useful_causal_flops(B, n_head, T, pos0, hs)
-    with METER.scope("scores"):
+    with METER.scope(scopes.SCORES):
         att = METER.matmul_w8(q, xp.ascontiguousarray(kq.swapaxes(-1, -2)), op="q@kT", useful_flops=useful)
         att = quant.rescale(att, (ks.swapaxes(-1, -2),), att.dtype)  # one scale per key
-    with METER.scope("softmax"):
+    with METER.scope(scopes.SOFTMAX):
         att = causal_softmax_forward(att, 1.0 / math.sqrt(hs), pos0)
-    with METER.scope("mix"):
+    with METER.scope(scopes.MIX):
         att = quant.rescale(att, (vs.swapaxes(-1, -2),), att.dtype)  # fold value scales into att
         y = METER.matmul_w8(att, xp.ascontiguousarray(vq), op="att@v", useful_flops=useful)
     y = y.transpose(0, 2, 1, 3).reshape(B, T, C)
-    with METER.scope("c_proj"):
+    with METER.scope(scopes.C_PROJ):
         out, _ = linear_forward(y, p["attn.c_proj.weight"], p["attn.c_proj.bias"])
     return out
 
@@ -308,24 +309,24 @@ def attention_backward(dout, cache: AttentionCache, p, g):
     B, H, T, hs = q.shape
     C = H * hs
     useful = useful_causal_flops(B, H, T, 0, hs)
-    with METER.scope("c_proj"):
+    with METER.scope(scopes.C_PROJ):
         dy = linear_backward(dout, c_proj, g["attn.c_proj.weight"], g["attn.c_proj.bias"])
     dy = dy.reshape(B, T, H, hs).transpose(0, 2, 1, 3)  # (B, H, T, hs) view
     # The three gradients land in their slots of one (B, T, 3, H, hs) buffer: c_attn's layout.
     dqkv = xp.empty((B, T, 3, H, hs), dtype=q.dtype)
     dq, dk, dv = dqkv.transpose(2, 0, 3, 1, 4)  # each (B, H, T, hs), views
-    with METER.scope("mix"):
+    with METER.scope(scopes.MIX):
         datt = matmul(dy, v.swapaxes(-1, -2), op="grad_att", useful_flops=useful)  # (B, H, T, T)
         matmul(att.swapaxes(-1, -2), dy, op="grad_v", useful_flops=useful, out=dv)
     if drop is not None:
-        with METER.scope("attn_dropout"):
+        with METER.scope(scopes.ATTN_DROPOUT):
             datt = dropout_backward(datt, drop)
-    with METER.scope("softmax"):
+    with METER.scope(scopes.SOFTMAX):
         dscores = causal_softmax_backward(datt, probs, 1.0 / math.sqrt(hs))
-    with METER.scope("scores"):
+    with METER.scope(scopes.SCORES):
         matmul(dscores, k, op="grad_q", useful_flops=useful, out=dq)
         matmul(dscores.swapaxes(-1, -2), q, op="grad_k", useful_flops=useful, out=dk)
-    with METER.scope("c_attn"):
+    with METER.scope(scopes.C_ATTN):
         return linear_backward(dqkv.reshape(B, T, 3 * C), c_attn, g["attn.c_attn.weight"],
                                g["attn.c_attn.bias"])
 
@@ -404,22 +405,22 @@ def gelu_backward(dout, cache):
 
 
 def mlp_forward(x, p):
-    with METER.scope("c_fc"):
+    with METER.scope(scopes.C_FC):
         h, c_fc = linear_forward(x, p["mlp.c_fc.weight"], p["mlp.c_fc.bias"])  # (B, T, 4C)
-    with METER.scope("gelu"):
+    with METER.scope(scopes.GELU):
         h, gelu = gelu_forward(h)
-    with METER.scope("c_proj"):
+    with METER.scope(scopes.C_PROJ):
         out, c_proj = linear_forward(h, p["mlp.c_proj.weight"], p["mlp.c_proj.bias"])  # (B, T, C)
     return out, (c_fc, gelu, c_proj)
 
 
 def mlp_backward(dout, cache, p, g):
     c_fc, gelu, c_proj = cache
-    with METER.scope("c_proj"):
+    with METER.scope(scopes.C_PROJ):
         dh = linear_backward(dout, c_proj, g["mlp.c_proj.weight"], g["mlp.c_proj.bias"])
-    with METER.scope("gelu"):
+    with METER.scope(scopes.GELU):
         dh = gelu_backward(dh, gelu)
-    with METER.scope("c_fc"):
+    with METER.scope(scopes.C_FC):
         return linear_backward(dh, c_fc, g["mlp.c_fc.weight"], g["mlp.c_fc.bias"])
 
 

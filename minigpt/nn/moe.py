@@ -27,6 +27,7 @@ from typing import NamedTuple
 
 from minigpt import backend
 from minigpt.config import expert_capacity
+from minigpt.counting import scopes
 from minigpt.counting.meter import METER, matmul
 from minigpt.nn import layers as nn
 
@@ -67,7 +68,7 @@ def moe_forward(x, p: dict, cfg):
     C, E, k = x.shape[-1], cfg.n_experts, cfg.experts_per_token
     x2 = x.reshape(-1, C)  # (N, C)
     N, s = x2.shape[0], x2.itemsize
-    with METER.scope("router"):
+    with METER.scope(scopes.ROUTER):
         logits = matmul(x2, p["mlp.router.weight"], op="x@w")  # (N, E)
         with METER.op(kind="router", op="softmax") as c:
             probs = logits - logits.max(axis=1, keepdims=True)
@@ -110,7 +111,7 @@ def moe_forward(x, p: dict, cfg):
             continue
         tok = ids // k  # (n_e,) token of each assignment
         g = flat_gates[ids]  # (n_e,)
-        with METER.scope(f"expert{e}"):
+        with METER.scope(scopes.expert(e)):
             with METER.op(kind="dispatch", op="gather") as c:
                 xe = x2[tok]  # (n_e, C)
                 c.count(elements=xe.size, bytes_read=xe.nbytes + tok.nbytes,
@@ -158,14 +159,14 @@ def moe_backward(dout, cache: MoECache, p: dict, g: dict, daux: float = 1.0):
             dys.append(None)
             continue
         ids, tok, gate, ye = ex.ids, ex.tok, ex.gate, ex.out
-        with METER.scope(f"expert{e}"), METER.op(kind="combine", op="grad") as c:
+        with METER.scope(scopes.expert(e)), METER.op(kind="combine", op="grad") as c:
             rows = d2[tok]  # (n_e, C)
             dgates[ids] = (rows * ye).sum(axis=1)  # d out / d gate = the expert's output
             rows *= gate[:, None]  # the expert's dout
             c.count(elements=ye.size, bytes_read=2 * ye.nbytes + gate.nbytes + tok.nbytes,
                     bytes_written=rows.nbytes + gate.nbytes, dtype=ye.dtype)
         dys.append(rows)
-    with METER.scope("router"):
+    with METER.scope(scopes.ROUTER):
         with METER.op(kind="router", op="renormalize_grad") as c:
             dg = dgates.reshape(N, k)
             # gates = picked / total: d picked_j = (dg_j - sum_i dg_i gates_i) / total
@@ -188,7 +189,7 @@ def moe_backward(dout, cache: MoECache, p: dict, g: dict, daux: float = 1.0):
         if ex is None:
             continue
         tok = ex.tok
-        with METER.scope(f"expert{e}"):
+        with METER.scope(scopes.expert(e)):
             dxe = nn.mlp_backward(dys[e], ex.mlp, expert_views(p, e), expert_views(g, e))  # (n_e, C)
             with METER.op(kind="dispatch", op="grad") as c:
                 dx2[tok] += dxe

@@ -25,6 +25,7 @@ integer products as dtype "int8", the KV cache's bytes at one byte.
 from dataclasses import dataclass
 
 from minigpt import backend
+from minigpt.counting import scopes
 from minigpt.counting.meter import INT8, METER, W8A32
 from minigpt.errors import ConfigError
 
@@ -124,7 +125,7 @@ def matmul_int8_weight(x2, w: Int8Weight, op: str = "x@w"):
         from minigpt.counting.meter import matmul  # the float product of the outlier dimensions
 
         w_float = w.q[outliers].astype(out.dtype) * w.scale
-        with METER.scope("outliers"):
+        with METER.scope(scopes.OUTLIERS):
             part = matmul(x_float, w_float, op="x@w")
         with METER.op(kind="quant", op="outlier_add") as c:
             out += part
