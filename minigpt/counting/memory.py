@@ -29,7 +29,7 @@ import sys
 import textwrap
 from dataclasses import dataclass
 
-from minigpt import config
+from minigpt import config, units
 from minigpt.counting import closed_form as cost_model
 from minigpt.errors import ResourceError
 
@@ -168,14 +168,13 @@ def gib(n: float) -> str:
 
 
 def format_table(items: list[Item], title: str) -> str:
-    lines = [title, f"{'what':<30}  {'bytes':>12}  note"]
-    for i in items:
-        lines.append(f"{i.name:<30}  {gib(i.nbytes):>12}  {i.note}")
-    lines.append(f"{'total':<30}  {gib(total(items)):>12}")
+    rows = [(i.name, gib(i.nbytes), i.note) for i in items] + [("total", gib(total(items)), "")]
     avail, where = available_bytes()
     if avail is not None:
-        lines.append(f"{'available on this machine':<30}  {gib(avail):>12}  {where}")
-    return "\n".join(lines)
+        rows.append(("available on this machine", gib(avail), where))
+    # The heads' padding is the columns' least width, so the estimates of different runs line up.
+    head = (f"{'what':<30}", f"{'bytes':>12}", "note")
+    return "\n".join([title, *units.rows_text(head, rows, align="<><", rule=False)])
 
 
 def preflight(cfg, available: int | None = None, batch: int | None = None, processes: int = 1) -> int:
