@@ -216,8 +216,8 @@ def ours_task(spec: dict):
     def breakdown() -> dict:
         """Seconds by 'phase kind' since the last call (the meter is reset after each)."""
         out = {}
-        for (_, _, kind, phase, _), r in METER.records.items():
-            out[f"{phase} {kind}"] = out.get(f"{phase} {kind}", 0.0) + r.seconds
+        for k, r in METER.records.items():
+            out[f"{k.phase} {k.kind}"] = out.get(f"{k.phase} {k.kind}", 0.0) + r.seconds
         METER.reset()
         return out
 

@@ -45,6 +45,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import minigpt
 from minigpt.counting.meter import METER, matmul
 from minigpt.hardware import blas, calibrate
+from minigpt.nn import quant
 from minigpt.nn.model import KVCache
 
 
@@ -80,13 +81,13 @@ def best_run(gpt, prompt: np.ndarray, tokens: int, kv_int8: bool, repeats: int):
 
 def phase_totals(records: dict, phase: str) -> dict:
     out = {"flops": 0, "bytes": 0, "seconds": 0.0, "by_kind": {}}
-    for (_scope, op, kind, ph, dtype), r in records.items():
-        if ph != phase:
+    for k, r in records.items():
+        if k.phase != phase:
             continue
         out["flops"] += r.flops
         out["bytes"] += r.bytes_read + r.bytes_written
         out["seconds"] += r.seconds
-        key = f"{kind}/{dtype}" if kind == "matmul" else kind
+        key = f"{k.kind}/{k.dtype}" if k.kind == "matmul" else k.kind
         out["by_kind"][key] = out["by_kind"].get(key, 0.0) + r.seconds
     return out
 
@@ -94,7 +95,7 @@ def phase_totals(records: dict, phase: str) -> dict:
 def widened_bytes(gpt) -> int:
     """Bytes a w8a32 decode step moves here beyond the meter's count: each int8 weight matrix is
     widened to a float32 copy (4 bytes written) that the product then reads (4 bytes)."""
-    if gpt.quant is None or gpt.quant.qcfg.mode != "w8a32":
+    if gpt.quant is None or gpt.quant.qcfg.mode != quant.W8A32:
         return 0
     return sum(8 * q.size for q, _ in gpt.quant.tables.values())
 
@@ -163,7 +164,7 @@ def plain_matvec_two_threads(gpt, passes: int) -> float:
 def int8_split(gpt, repeats: int = 3) -> dict | None:
     """For w8a32: seconds per token spent widening every int8 table to float32 (what NumPy must do
     before its float BLAS can multiply) against the float32 products of the widened tables."""
-    if gpt.quant is None or gpt.quant.qcfg.mode != "w8a32":
+    if gpt.quant is None or gpt.quant.qcfg.mode != quant.W8A32:
         return None
     tables = [q for q, _ in gpt.quant.tables.values()]
     x = {q.shape[0]: np.ones((1, q.shape[0]), np.float32) for q in tables}
@@ -340,7 +341,7 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3,
                     help="runs of prefill + decode (and of the plain products); each figure is the best "
                     "run's, like the bandwidth's best of 5 (default 3)")
-    ap.add_argument("--int8", choices=("w8a32", "w8a8"), default=None, help="quantize on load")
+    ap.add_argument("--int8", choices=quant.MODES, default=None, help="quantize on load")
     ap.add_argument("--kv-int8", action="store_true", help="with --int8: keep the KV cache in int8")
     ap.add_argument("--blas-threads", default="1,2",
                     help="OpenBLAS thread counts to measure with, comma-separated (default 1,2: the "

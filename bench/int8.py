@@ -63,7 +63,7 @@ def main() -> None:
             t0 = time.perf_counter()
             m.generate(prompt, args.tokens, temperature=0)
             best = min(best, time.perf_counter() - t0)
-        decode = [r for k, r in METER.records.items() if k[3] == "decode"]
+        decode = [r for k, r in METER.records.items() if k.phase == "decode"]
         steps = max(1, args.tokens - 1)
         per_token = sum(r.bytes_read + r.bytes_written for r in decode) / steps
         print(f"{name:<16} {weight_bytes(m.gpt):>12,} {per_token:>12,.0f} {args.tokens / best:>14,.0f} "

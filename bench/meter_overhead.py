@@ -65,7 +65,7 @@ def main() -> None:
     n = 100_000
     METER.enabled = False
     for _ in range(n):
-        with METER.op("bias", "add"):
+        with METER.op(kind="bias", op="add"):
             pass
     METER.enabled = True
     residue = (time.perf_counter() - t0) / n * ops_per_step

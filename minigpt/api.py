@@ -66,8 +66,8 @@ class Model:
         return sampling.generate(self.gpt, prompt, max_new_tokens, temperature, top_k, top_p, seed,
                                  on_token, kv_int8=kv_int8, n_tokens=self.tokenizer.vocab_size)
 
-    def quantize(self, mode: str = "w8a8", quantize_embedding: bool = False, kv_int8: bool = False,
-                 outlier_threshold: float | None = None) -> "Model":
+    def quantize(self, mode: str = quant.DEFAULT_MODE, quantize_embedding: bool = False,
+                 kv_int8: bool = False, outlier_threshold: float | None = None) -> "Model":
         """Switch to int8 inference (see minigpt.nn.quant); returns self."""
         qcfg = quant.QuantConfig(mode, quantize_embedding, kv_int8, outlier_threshold)
         self.gpt.quant = quant.quantize_model(self.gpt.params, self.gpt.cfg, qcfg)

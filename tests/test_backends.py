@@ -248,7 +248,7 @@ def test_prefill_and_decode_match_the_cpu(device):
     got_tokens, got_counts = run_on(device, work)
     assert got_tokens.tolist() == ref_tokens.tolist()
     assert got_counts == ref_counts
-    assert {key[3] for key in got_counts} == {"prefill", "decode"}
+    assert {key.phase for key in got_counts} == {"prefill", "decode"}
 
 
 INT8 = [("w8a32", False, False, 1e-5), ("w8a8", False, False, 1e-3), ("w8a8", True, True, 1e-3)]

@@ -113,7 +113,7 @@ def _training_step(model, idx, targets, rng=None):
 
 
 def _metered_matmuls():
-    recs = [r for k, r in METER.records.items() if k[2] == "matmul"]
+    recs = [r for k, r in METER.records.items() if k.kind == "matmul"]
     return sum(r.calls for r in recs), sum(r.flops for r in recs)
 
 
@@ -133,7 +133,7 @@ def test_every_executed_matmul_is_recorded(monkeypatch):
         model.logits(idx[:1, 7:8], kv)
     assert spy.calls > 0
     assert _metered_matmuls() == (spy.calls, spy.flops)
-    assert {k[3] for k in METER.records if k[2] == "matmul"} == {"forward", "backward", "prefill", "decode"}
+    assert {k.phase for k in METER.records if k.kind == "matmul"} == {"forward", "backward", "prefill", "decode"}
 
 
 def _assert_same(predicted: dict, measured: dict):
@@ -189,7 +189,7 @@ def test_prediction_equals_measurement_float64():
 
 
 def _matmul_flops(records, phases):
-    return sum(r.flops for k, r in records.items() if k[2] == "matmul" and k[3] in phases)
+    return sum(r.flops for k, r in records.items() if k.kind == "matmul" and k.phase in phases)
 
 
 def test_tiny_training_flops_are_three_forwards_and_6n_plus_12ltc():

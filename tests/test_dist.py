@@ -57,8 +57,8 @@ def test_one_rank_predicts_no_communication():
     m = ModelConfig(**cfg)
     one = cost_model.predict_training_step(m, 4, 16)
     two = cost_model.predict_training_step(m, 2, 16, ranks=2)
-    assert not [k for k in one if k[3] == "communication"]
-    comm = {k: v for k, v in two.items() if k[3] == "communication"}
+    assert not [k for k in one if k.phase == "communication"]
+    comm = {k: v for k, v in two.items() if k.phase == "communication"}
     grad = comm["dist", "grad_sum", "allreduce", "communication", "float32"]
     assert grad.bytes_read == grad.bytes_written == cost_model.n_params(m) * 4  # 2 (N-1)/N = 1
 
@@ -207,9 +207,9 @@ def test_resume_on_another_number_of_ranks(tmp_path, runs):
     assert doc["tokens"] == 2 * accum * 4 * T + 2 * accum * 2 * T and doc["ranks"] == 2
     flops = {(r["scope"], r["op"], r["phase"]): r["flops"] for r in doc["records"]}
     for key in one:
-        if key[3] != "eval":
+        if key.phase != "eval":
             want = 2 * one[key].flops + 2 * half[key].flops
-            assert flops[key[0], key[1], key[3]] == want, key
+            assert flops[key.scope, key.op, key.phase] == want, key
 
 
 @needs_mpi

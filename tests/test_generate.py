@@ -86,7 +86,7 @@ def test_decode_blocks_count_and_compute_what_the_general_blocks_do(variant, mon
                   for k, r in METER.records.items()}
         runs.append((np.concatenate(out, axis=1), counts))
     (fast, fast_counts), (general, general_counts) = runs
-    assert any(k[0].endswith("attn.softmax") and k[3] == "decode" for k in fast_counts)
+    assert any(k.scope.endswith("attn.softmax") and k.phase == "decode" for k in fast_counts)
     assert fast_counts == general_counts
     assert rel_diff(fast, general) <= 1e-12
 

@@ -330,8 +330,8 @@ def test_dropless_flops_do_not_depend_on_the_routing():
     assert any(len(set(r.computed)) > 1 for r in model.routing.values())  # not balanced
     predicted = cost_model.predict_training_step(cfg, 3, 8)
     for phase in ("forward", "backward"):
-        assert cost_model.total_flops({k: r for k, r in METER.records.items() if k[3] == phase}) == \
-            cost_model.total_flops({k: r for k, r in predicted.items() if k[3] == phase})
+        assert cost_model.total_flops({k: r for k, r in METER.records.items() if k.phase == phase}) == \
+            cost_model.total_flops({k: r for k, r in predicted.items() if k.phase == phase})
 
 
 def test_the_scale_projections_are_the_meters_counts_for_a_dropless_moe():

@@ -114,7 +114,7 @@ def test_int8_counts_equal_the_closed_form(mode, emb, kv_int8):
     assert predicted.keys() == METER.records.keys()
     for k, p in predicted.items():
         assert [getattr(p, f) for f in FIELDS] == [getattr(METER.records[k], f) for f in FIELDS], k
-    int8_records = [k for k in METER.records if k[4] in ("int8", "w8a32")]
+    int8_records = [k for k in METER.records if k.dtype in ("int8", "w8a32")]
     assert int8_records, "the int8 products are recorded at their own width"
 
 
@@ -128,7 +128,8 @@ def test_int8_logits_stay_close_and_outliers_go_through_float():
     model.quant = quant.quantize_model(model.params, cfg, quant.QuantConfig("w8a8", outlier_threshold=0.5))
     METER.reset()
     model.logits(idx)
-    assert any(".outliers" in k[0] and k[2] == "matmul" and k[4] == "float32" for k in METER.records)
+    assert any(".outliers" in k.scope and k.kind == "matmul" and k.dtype == "float32"
+               for k in METER.records)
 
 
 # ----------------------------------------------------------------------------- checkpoints and CLI

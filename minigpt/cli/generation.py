@@ -9,6 +9,7 @@ from pathlib import Path
 from minigpt.cli.common import Parser
 from minigpt.cli.training import energy_arguments, hardware_for
 from minigpt.errors import ConfigError
+from minigpt.nn import quant
 
 
 def _generate_parser(prog="minigpt generate") -> argparse.ArgumentParser:
@@ -42,7 +43,7 @@ def _generate_parser(prog="minigpt generate") -> argparse.ArgumentParser:
 
 
 def int8_arguments(p, mode_flag="--int8") -> None:
-    p.add_argument(mode_flag, dest="int8", choices=("w8a32", "w8a8"), default=None,
+    p.add_argument(mode_flag, dest="int8", choices=quant.MODES, default=None,
                    help="quantize on load: w8a32 = int8 weights, w8a8 = int8 weights and activations")
     p.add_argument("--int8-embedding", action="store_true", help="also read the token embedding from int8")
     p.add_argument("--kv-int8", action="store_true", help="keep the KV cache in int8")

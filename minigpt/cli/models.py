@@ -6,6 +6,7 @@ from pathlib import Path
 from minigpt.cli.common import Parser
 from minigpt.cli.generation import apply_int8, int8_arguments
 from minigpt.errors import ConfigError, DataError
+from minigpt.nn import quant
 
 
 def cmd_quantize(argv) -> int:
@@ -19,7 +20,8 @@ def cmd_quantize(argv) -> int:
                "python generate.py out/tiny-int8 --prompt 'def '")
     p.add_argument("run", help="a run folder or checkpoint file")
     p.add_argument("-o", "--output", required=True, help="a folder (gets ckpt.npz) or a .npz file")
-    p.add_argument("--mode", choices=("w8a32", "w8a8"), default="w8a8", help="inference mode stored (default w8a8)")
+    p.add_argument("--mode", choices=quant.MODES, default=quant.DEFAULT_MODE,
+                   help=f"inference mode stored (default {quant.DEFAULT_MODE})")
     p.add_argument("--int8-embedding", action="store_true", help="read the token embedding from int8 too")
     p.add_argument("--kv-int8", action="store_true", help="keep the KV cache in int8 when generating")
     p.add_argument("--outlier-threshold", type=float, default=None, help="w8a8 outlier threshold")

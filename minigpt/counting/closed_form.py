@@ -5,7 +5,7 @@ predict_forward(cfg, batch, seq, phase)  one forward pass ("forward", "eval" or 
 predict_decode(cfg, batch, position)     one KV-cached decode step for the token at `position`
 allreduce_bytes(nbytes, ranks)           bytes each rank sends (and receives) in a ring allreduce
 
-Each returns {(scope, op, kind, phase, dtype): Record}, the meter's own format, so a test can
+Each returns {RecordKey(scope, op, kind, phase, dtype): Record}, the meter's own format, so a test can
 compare prediction and measurement key by key. Mixture-of-experts blocks take a `routing` (tokens
 each expert computed, per block: what GPT.routing records) and predict exactly that forward; with
 none they assume balanced routing, the expectation the projections (scale/work.py) use. The
@@ -18,7 +18,36 @@ from dataclasses import dataclass
 
 from minigpt.config import expert_capacity, is_moe_block
 from minigpt.counting.meter import FLOPS_PER_ELEMENT as FPE
-from minigpt.counting.meter import Record
+from minigpt.counting.meter import INT8, W8A32, Record, RecordKey
+from minigpt.counting.scopes import (
+    ADAMW,
+    ATTN,
+    ATTN_DROPOUT,
+    C_ATTN,
+    C_FC,
+    C_PROJ,
+    CLIP,
+    DIST,
+    DROPOUT,
+    EMBEDDING,
+    GELU,
+    LM_HEAD,
+    LN_1,
+    LN_2,
+    LN_F,
+    LOSS,
+    MIX,
+    MLP,
+    RESID_DROPOUT,
+    RESIDUAL_1,
+    RESIDUAL_2,
+    ROUTER,
+    SCORES,
+    SOFTMAX,
+    block,
+    expert,
+    join,
+)
 
 INDEX_BYTES = 8  # token ids are int64
 
@@ -32,10 +61,10 @@ class _Sheet:
     dtype: str = "float32"
 
     def __post_init__(self):
-        self.records: dict[tuple, Record] = {}
+        self.records: dict[RecordKey, Record] = {}
 
     def _add(self, scope, op, kind, flops, read, written, useful=None, dtype=None):
-        key = (scope, op, kind, self.phase, dtype or self.dtype)
+        key = RecordKey(scope, op, kind, self.phase, dtype or self.dtype)
         r = self.records.setdefault(key, Record())
         r.calls += 1
         r.flops += flops
@@ -46,9 +75,9 @@ class _Sheet:
     def product(self, scope, op, batch, m, k, n, a_elems, b_elems, useful=None, dtype=None):
         """(batch, m, k) @ (k, n) products; A and B hold a_elems and b_elems elements.
 
-        dtype "int8": A and B at one byte, C at four (int32 sums); "w8a32": B at one byte."""
+        dtype INT8: A and B at one byte, C at four (int32 sums); W8A32: B at one byte."""
         s = self.itemsize
-        a_size, b_size, c_size = {"int8": (1, 1, 4), "w8a32": (s, 1, s)}.get(dtype, (s, s, s))
+        a_size, b_size, c_size = {INT8: (1, 1, 4), W8A32: (s, 1, s)}.get(dtype, (s, s, s))
         self._add(scope, op, "matmul", 2 * batch * m * n * k, a_elems * a_size + b_elems * b_size,
                   batch * m * n * c_size, useful, dtype)
 
@@ -61,7 +90,7 @@ class _Sheet:
     def quantize(self, scope, rows, cols):
         """Per-row int8 quantization of a (rows, cols) float array: int8 values and row scales."""
         self.elementwise(scope, "quant", "quantize", rows * cols, rows * cols, 0,
-                         extra_written_bytes=rows * cols + rows * 4, dtype="int8")
+                         extra_written_bytes=rows * cols + rows * 4, dtype=INT8)
 
     def rescale(self, scope, n_out, factor_elems, n_factors=1):
         """n_out accumulators (read at 4 bytes) times n_factors float32 scales (factor_elems)."""
@@ -79,13 +108,14 @@ def _causal_useful(B, H, T, Tk, pos0, head_size):
 
 
 def _int8_product(sh, scope, op, N, C, OC, mode):
-    """x (N, C) @ an int8 weight (C, OC) with per-column scales, by mode (nn/quant.py)."""
-    if mode == "w8a32":
-        sh.product(scope, op, 1, N, C, OC, N * C, C * OC, dtype="w8a32")
+    """x (N, C) @ an int8 weight (C, OC) with per-column scales, by mode (nn/quant.py's MODES:
+    the weight-only mode is named as its products' dtype, W8A32; the other is w8a8)."""
+    if mode == W8A32:
+        sh.product(scope, op, 1, N, C, OC, N * C, C * OC, dtype=W8A32)
         sh.rescale(scope, N * OC, OC)
     else:
         sh.quantize(scope, N, C)
-        sh.product(scope, op, 1, N, C, OC, N * C, C * OC, dtype="int8")
+        sh.product(scope, op, 1, N, C, OC, N * C, C * OC, dtype=INT8)
         sh.rescale(scope, N * OC, N + OC, n_factors=2)
 
 
@@ -120,15 +150,15 @@ def _dropout_backward(sh, scope, n):
 
 
 def _mlp_forward(sh, scope, N, C, mode=None):
-    _linear_forward(sh, f"{scope}.c_fc", N, C, 4 * C, mode)
-    sh.elementwise(f"{scope}.gelu", "gelu", "tanh", 4 * N * C, 4 * N * C, 8 * N * C)
-    _linear_forward(sh, f"{scope}.c_proj", N, 4 * C, C, mode)
+    _linear_forward(sh, join(scope, C_FC), N, C, 4 * C, mode)
+    sh.elementwise(join(scope, GELU), "gelu", "tanh", 4 * N * C, 4 * N * C, 8 * N * C)
+    _linear_forward(sh, join(scope, C_PROJ), N, 4 * C, C, mode)
 
 
 def _mlp_backward(sh, scope, N, C):
-    _linear_backward(sh, f"{scope}.c_proj", N, 4 * C, C)
-    sh.elementwise(f"{scope}.gelu", "gelu", "grad", 4 * N * C, 12 * N * C, 4 * N * C)
-    _linear_backward(sh, f"{scope}.c_fc", N, C, 4 * C)
+    _linear_backward(sh, join(scope, C_PROJ), N, 4 * C, C)
+    sh.elementwise(join(scope, GELU), "gelu", "grad", 4 * N * C, 12 * N * C, 4 * N * C)
+    _linear_backward(sh, join(scope, C_FC), N, C, 4 * C)
 
 
 # ----------------------------------------------------------------------------- mixture of experts
@@ -152,7 +182,7 @@ def _tokens(cfg, routing, i, N):
 def _moe_forward(sh, scope, cfg, N, tokens):
     """nn/moe.py's forward: router, then each expert that computed n > 0 tokens."""
     C, E, k = cfg.n_embd, cfg.n_experts, cfg.experts_per_token
-    r = f"{scope}.router"
+    r = join(scope, ROUTER)
     sh.product(r, "x@w", 1, N, C, E, N * C, C * E)
     sh.elementwise(r, "router", "softmax", N * E, N * E, N * E)
     sh.elementwise(r, "router", "top_k", N * E, N * E, 0, extra_written_bytes=N * k * INDEX_BYTES)
@@ -161,7 +191,7 @@ def _moe_forward(sh, scope, cfg, N, tokens):
     for e, n in enumerate(tokens):
         if n == 0:
             continue
-        x = f"{scope}.expert{e}"
+        x = join(scope, expert(e))
         sh.elementwise(x, "dispatch", "gather", n * C, n * C, n * C, extra_read_bytes=n * INDEX_BYTES)
         _mlp_forward(sh, x, n, C)
         sh.elementwise(x, "combine", "scatter", n * C, 2 * n * C + n, n * C,
@@ -170,10 +200,10 @@ def _moe_forward(sh, scope, cfg, N, tokens):
 
 def _moe_backward(sh, scope, cfg, N, tokens):
     C, E, k = cfg.n_embd, cfg.n_experts, cfg.experts_per_token
-    r = f"{scope}.router"
+    r = join(scope, ROUTER)
     for e, n in enumerate(tokens):
         if n:
-            sh.elementwise(f"{scope}.expert{e}", "combine", "grad", n * C, 2 * n * C + n, n * C + n,
+            sh.elementwise(join(scope, expert(e)), "combine", "grad", n * C, 2 * n * C + n, n * C + n,
                            extra_read_bytes=n * INDEX_BYTES)
     sh.elementwise(r, "router", "renormalize_grad", N * k, 2 * N * k + N, N * E,
                    extra_read_bytes=N * k * INDEX_BYTES)
@@ -182,7 +212,7 @@ def _moe_backward(sh, scope, cfg, N, tokens):
     sh.product(r, "grad_x", 1, N, E, C, N * E, C * E)
     for e, n in enumerate(tokens):
         if n:
-            x = f"{scope}.expert{e}"
+            x = join(scope, expert(e))
             _mlp_backward(sh, x, n, C)
             sh.elementwise(x, "dispatch", "grad", n * C, 2 * n * C, n * C, extra_read_bytes=n * INDEX_BYTES)
 
@@ -202,56 +232,57 @@ def _forward(sh, cfg, B, T, pos0=0, last_only=False, targets=False, dropout=Fals
     mode = q.mode if q is not None else None
     useful = _causal_useful(B, H, T, Tk, pos0, hs)
     if q is not None and q.quantize_embedding:
-        sh.elementwise("embedding", "embedding", "lookup_int8", N * C, 0, N * C,
+        sh.elementwise(EMBEDDING, "embedding", "lookup_int8", N * C, 0, N * C,
                        extra_read_bytes=N * INDEX_BYTES + N * (C + 4) + T * C * s)
     else:
-        sh.elementwise("embedding", "embedding", "lookup", N * C, 0, N * C,
+        sh.elementwise(EMBEDDING, "embedding", "lookup", N * C, 0, N * C,
                        extra_read_bytes=N * INDEX_BYTES + (N + T) * C * s)
     if dropout:
-        _dropout_forward(sh, "embedding.dropout", N * C)
+        _dropout_forward(sh, join(EMBEDDING, DROPOUT), N * C)
     kv_int8 = q is not None and q.kv_int8
     n_att = B * H * T * Tk
     for i in range(cfg.n_layer):
-        h = f"h{i}"
-        _layernorm_forward(sh, f"{h}.ln_1", N, C)
-        _linear_forward(sh, f"{h}.attn.c_attn", N, C, 3 * C, mode)
+        h = block(i)
+        attn, mlp = join(h, ATTN), join(h, MLP)
+        _layernorm_forward(sh, join(h, LN_1), N, C)
+        _linear_forward(sh, join(attn, C_ATTN), N, C, 3 * C, mode)
         if kv_int8:  # new keys and values quantized into the cache, read back at one byte
-            sh.quantize(f"{h}.attn", B * H * T, hs)
-            sh.quantize(f"{h}.attn", B * H * T, hs)
-            sh.product(f"{h}.attn.scores", "q@kT", B * H, T, hs, Tk, B * H * T * hs, B * H * Tk * hs,
-                       useful, dtype="w8a32")
-            sh.rescale(f"{h}.attn.scores", n_att, B * H * Tk)
+            sh.quantize(attn, B * H * T, hs)
+            sh.quantize(attn, B * H * T, hs)
+            sh.product(join(attn, SCORES), "q@kT", B * H, T, hs, Tk, B * H * T * hs, B * H * Tk * hs,
+                       useful, dtype=W8A32)
+            sh.rescale(join(attn, SCORES), n_att, B * H * Tk)
         else:
-            sh.product(f"{h}.attn.scores", "q@kT", B * H, T, hs, Tk, B * H * T * hs, B * H * Tk * hs, useful)
-        sh.elementwise(f"{h}.attn.softmax", "softmax", "causal", n_att, n_att, n_att)
+            sh.product(join(attn, SCORES), "q@kT", B * H, T, hs, Tk, B * H * T * hs, B * H * Tk * hs, useful)
+        sh.elementwise(join(attn, SOFTMAX), "softmax", "causal", n_att, n_att, n_att)
         if dropout:
-            _dropout_forward(sh, f"{h}.attn.attn_dropout", n_att)
+            _dropout_forward(sh, join(attn, ATTN_DROPOUT), n_att)
         if kv_int8:
-            sh.rescale(f"{h}.attn.mix", n_att, B * H * Tk)
-            sh.product(f"{h}.attn.mix", "att@v", B * H, T, Tk, hs, n_att, B * H * Tk * hs, useful,
-                       dtype="w8a32")
+            sh.rescale(join(attn, MIX), n_att, B * H * Tk)
+            sh.product(join(attn, MIX), "att@v", B * H, T, Tk, hs, n_att, B * H * Tk * hs, useful,
+                       dtype=W8A32)
         else:
-            sh.product(f"{h}.attn.mix", "att@v", B * H, T, Tk, hs, n_att, B * H * Tk * hs, useful)
-        _linear_forward(sh, f"{h}.attn.c_proj", N, C, C, mode)
+            sh.product(join(attn, MIX), "att@v", B * H, T, Tk, hs, n_att, B * H * Tk * hs, useful)
+        _linear_forward(sh, join(attn, C_PROJ), N, C, C, mode)
         if dropout:
-            _dropout_forward(sh, f"{h}.attn.resid_dropout", N * C)
-        sh.elementwise(f"{h}.residual_1", "residual", "add", N * C, 2 * N * C, N * C)
-        _layernorm_forward(sh, f"{h}.ln_2", N, C)
+            _dropout_forward(sh, join(attn, RESID_DROPOUT), N * C)
+        sh.elementwise(join(h, RESIDUAL_1), "residual", "add", N * C, 2 * N * C, N * C)
+        _layernorm_forward(sh, join(h, LN_2), N, C)
         if is_moe_block(cfg, i):
-            _moe_forward(sh, f"{h}.mlp", cfg, N, _tokens(cfg, routing, i, N))
+            _moe_forward(sh, mlp, cfg, N, _tokens(cfg, routing, i, N))
         else:
-            _mlp_forward(sh, f"{h}.mlp", N, C, mode)
+            _mlp_forward(sh, mlp, N, C, mode)
         if dropout:
-            _dropout_forward(sh, f"{h}.mlp.resid_dropout", N * C)
-        sh.elementwise(f"{h}.residual_2", "residual", "add", N * C, 2 * N * C, N * C)
-    _layernorm_forward(sh, "ln_f", N, C)
+            _dropout_forward(sh, join(mlp, RESID_DROPOUT), N * C)
+        sh.elementwise(join(h, RESIDUAL_2), "residual", "add", N * C, 2 * N * C, N * C)
+    _layernorm_forward(sh, LN_F, N, C)
     M = B if last_only else N
     if mode is None:
-        sh.product("lm_head", "x@wte.T", 1, M, C, V, M * C, V * C)
+        sh.product(LM_HEAD, "x@wte.T", 1, M, C, V, M * C, V * C)
     else:
-        _int8_product(sh, "lm_head", "x@wte.T", M, C, V, mode)
+        _int8_product(sh, LM_HEAD, "x@wte.T", M, C, V, mode)
     if targets:
-        sh.elementwise("loss", "cross_entropy", "loss", N * V, N * V, N * V,
+        sh.elementwise(LOSS, "cross_entropy", "loss", N * V, N * V, N * V,
                        extra_read_bytes=N * INDEX_BYTES)
 
 
@@ -260,38 +291,39 @@ def _backward(sh, cfg, B, T, dropout=False, routing=None):
     hs, N = C // H, B * T
     useful = _causal_useful(B, H, T, T, 0, hs)
     n_att = B * H * T * T
-    sh.elementwise("loss", "cross_entropy", "grad", N * V, N * V, N * V, extra_read_bytes=N * INDEX_BYTES)
-    sh.product("lm_head", "grad_w", 1, V, N, C, N * V, N * C)
-    sh.product("lm_head", "grad_x", 1, N, V, C, N * V, V * C)
-    _layernorm_backward(sh, "ln_f", N, C)
+    sh.elementwise(LOSS, "cross_entropy", "grad", N * V, N * V, N * V, extra_read_bytes=N * INDEX_BYTES)
+    sh.product(LM_HEAD, "grad_w", 1, V, N, C, N * V, N * C)
+    sh.product(LM_HEAD, "grad_x", 1, N, V, C, N * V, V * C)
+    _layernorm_backward(sh, LN_F, N, C)
     for i in reversed(range(cfg.n_layer)):
-        h = f"h{i}"
+        h = block(i)
+        attn, mlp = join(h, ATTN), join(h, MLP)
         if dropout:
-            _dropout_backward(sh, f"{h}.mlp.resid_dropout", N * C)
+            _dropout_backward(sh, join(mlp, RESID_DROPOUT), N * C)
         if is_moe_block(cfg, i):
-            _moe_backward(sh, f"{h}.mlp", cfg, N, _tokens(cfg, routing, i, N))
+            _moe_backward(sh, mlp, cfg, N, _tokens(cfg, routing, i, N))
         else:
-            _mlp_backward(sh, f"{h}.mlp", N, C)
-        _layernorm_backward(sh, f"{h}.ln_2", N, C)
-        sh.elementwise(f"{h}.residual_2", "residual", "grad", N * C, 2 * N * C, N * C)
+            _mlp_backward(sh, mlp, N, C)
+        _layernorm_backward(sh, join(h, LN_2), N, C)
+        sh.elementwise(join(h, RESIDUAL_2), "residual", "grad", N * C, 2 * N * C, N * C)
         if dropout:
-            _dropout_backward(sh, f"{h}.attn.resid_dropout", N * C)
-        _linear_backward(sh, f"{h}.attn.c_proj", N, C, C)
-        sh.product(f"{h}.attn.mix", "grad_att", B * H, T, hs, T, B * H * T * hs, B * H * T * hs, useful)
-        sh.product(f"{h}.attn.mix", "grad_v", B * H, T, T, hs, n_att, B * H * T * hs, useful)
+            _dropout_backward(sh, join(attn, RESID_DROPOUT), N * C)
+        _linear_backward(sh, join(attn, C_PROJ), N, C, C)
+        sh.product(join(attn, MIX), "grad_att", B * H, T, hs, T, B * H * T * hs, B * H * T * hs, useful)
+        sh.product(join(attn, MIX), "grad_v", B * H, T, T, hs, n_att, B * H * T * hs, useful)
         if dropout:
-            _dropout_backward(sh, f"{h}.attn.attn_dropout", n_att)
-        sh.elementwise(f"{h}.attn.softmax", "softmax", "grad", n_att, 2 * n_att, n_att)
-        sh.product(f"{h}.attn.scores", "grad_q", B * H, T, T, hs, n_att, B * H * T * hs, useful)
-        sh.product(f"{h}.attn.scores", "grad_k", B * H, T, T, hs, n_att, B * H * T * hs, useful)
-        _linear_backward(sh, f"{h}.attn.c_attn", N, C, 3 * C)
-        _layernorm_backward(sh, f"{h}.ln_1", N, C)
-        sh.elementwise(f"{h}.residual_1", "residual", "grad", N * C, 2 * N * C, N * C)
+            _dropout_backward(sh, join(attn, ATTN_DROPOUT), n_att)
+        sh.elementwise(join(attn, SOFTMAX), "softmax", "grad", n_att, 2 * n_att, n_att)
+        sh.product(join(attn, SCORES), "grad_q", B * H, T, T, hs, n_att, B * H * T * hs, useful)
+        sh.product(join(attn, SCORES), "grad_k", B * H, T, T, hs, n_att, B * H * T * hs, useful)
+        _linear_backward(sh, join(attn, C_ATTN), N, C, 3 * C)
+        _layernorm_backward(sh, join(h, LN_1), N, C)
+        sh.elementwise(join(h, RESIDUAL_1), "residual", "grad", N * C, 2 * N * C, N * C)
     if dropout:
-        _dropout_backward(sh, "embedding.dropout", N * C)
-    sh.elementwise("embedding", "embedding", "grad_table", N * C, 2 * N * C, N * C,
+        _dropout_backward(sh, join(EMBEDDING, DROPOUT), N * C)
+    sh.elementwise(EMBEDDING, "embedding", "grad_table", N * C, 2 * N * C, N * C,
                    extra_read_bytes=N * INDEX_BYTES)
-    sh.elementwise("embedding", "embedding", "grad_position", N * C, N * C + 2 * T * C, T * C)
+    sh.elementwise(EMBEDDING, "embedding", "grad_position", N * C, N * C + 2 * T * C, T * C)
 
 
 def mlp_params(C: int) -> int:
@@ -319,9 +351,9 @@ def n_active_params(cfg) -> int:
 
 def _optimizer(sh, cfg):
     P = n_params(cfg)
-    sh.elementwise("clip", "clip", "norm", P, P, 0)
-    sh.elementwise("clip", "clip", "scale", P, P, P)
-    sh.elementwise("adamw", "adamw", "update", P, 4 * P, 3 * P)
+    sh.elementwise(CLIP, "clip", "norm", P, P, 0)
+    sh.elementwise(CLIP, "clip", "scale", P, P, P)
+    sh.elementwise(ADAMW, "adamw", "update", P, 4 * P, 3 * P)
 
 
 def allreduce_bytes(nbytes: float, ranks: int) -> float:
@@ -341,7 +373,7 @@ def allreduce_flops(elements: int, ranks: int) -> int:
 
 def _allreduce(sh, op, elements, itemsize, ranks, dtype):
     sent = allreduce_bytes(elements * itemsize, ranks)
-    sh._add("dist", op, "allreduce", allreduce_flops(elements, ranks), sent, sent, dtype=dtype)
+    sh._add(DIST, op, "allreduce", allreduce_flops(elements, ranks), sent, sent, dtype=dtype)
 
 
 def _communication(sh, cfg, ranks, dtype):
@@ -382,7 +414,7 @@ def predict_training_step(cfg, batch: int, seq: int | None = None, grad_accum: i
         _optimizer(opt, cfg)
     else:
         P = n_params(cfg)
-        opt.elementwise("adamw", "adamw", "update", P, 4 * P, 3 * P)
+        opt.elementwise(ADAMW, "adamw", "update", P, 4 * P, 3 * P)
     comm = _sheet("communication", dtype)
     if ranks > 1:
         _communication(comm, cfg, ranks, dtype)

@@ -8,15 +8,20 @@ AdamW moments):
   optimizer state               2 P (AdamW's m and v)
   activations kept for backward what every layer's forward returns in its cache (nn/layers.py),
                                 per block 20 N C + B H T^2 + 2 N values, plus the final
-                                LayerNorm and the loss's probabilities (N V)
+                                LayerNorm and the loss's probabilities (N V): the outputs of
+                                the forward ops whose results the backward reads, each as
+                                large as the closed form says that op writes
   largest temporary             the biggest set of arrays alive only inside one layer
                                 (logits beside the probabilities, an MLP's (N, 4C) gradient,
                                 attention's (B, H, T, T) gradient, ...)
 
 with N = B T tokens of a micro-batch. Each piece is a function of the config, so a new kind of
 layer adds its own activation and temporary terms in one place, as the mixture of experts does
-(moe_block_activations). measured_peak runs a real training step in a fresh
-interpreter and reports its peak resident set: tests/test_memory.py and bench/memory.py compare.
+(moe_block_activations). The activations name which ops' outputs stay alive and take their
+sizes from the closed form's predicted forward (forward_writes), so a layer that changes what it
+writes changes the estimate with it; the temporaries are sized here. measured_peak runs a real
+training step in a fresh interpreter and reports its peak resident set: tests/test_memory.py and
+bench/memory.py compare.
 
 preflight() compares the total with the memory this machine has available now (Linux
 /proc/meminfo MemAvailable; os.sysconf's available pages elsewhere) and refuses, in one line with
@@ -27,10 +32,32 @@ import os
 import subprocess
 import sys
 import textwrap
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from minigpt import config
+from minigpt import config, units
 from minigpt.counting import closed_form as cost_model
+from minigpt.counting.scopes import (
+    ATTN,
+    ATTN_DROPOUT,
+    C_ATTN,
+    C_FC,
+    C_PROJ,
+    DROPOUT,
+    EMBEDDING,
+    GELU,
+    LN_1,
+    LN_2,
+    LN_F,
+    LOSS,
+    MIX,
+    MLP,
+    RESID_DROPOUT,
+    ROUTER,
+    SOFTMAX,
+    block,
+    expert,
+    join,
+)
 from minigpt.errors import ResourceError
 
 ID_BYTES = 8  # token ids are int64 once batched
@@ -43,20 +70,37 @@ class Item:
     note: str
 
 
+def forward_writes(m, B: int, T: int, moe: bool = False) -> dict[tuple[str, str], int]:
+    """Elements each op writes in the training forward of a one-block copy of model m, by
+    (scope, op), as the closed form predicts them (float32 records: 4 bytes an element; an int64
+    id counts as two). moe: the block is a mixture of experts with all N k assignments on
+    expert 0, the dropless worst case; else a dense block."""
+    if moe:
+        one = replace(m, n_layer=1, moe_every=1)
+        routing = [{0: [B * T * m.experts_per_token] + [0] * (m.n_experts - 1)}]
+    else:
+        one, routing = replace(m, n_layer=1, n_experts=1, experts_per_token=1), None
+    records = cost_model.predict_training_step(one, B, T, routing=routing)
+    return {(k.scope, k.op): r.bytes_written // 4 for k, r in records.items() if k.phase == "forward"}
+
+
 def block_activations(m, B: int, T: int) -> dict[str, int]:
     """Elements one transformer block keeps for its backward, by layer."""
-    C, H, N = m.n_embd, m.n_head, B * T
-    drop = m.dropout > 0
+    w, h = forward_writes(m, B, T), block(0)
+    attn, mlp = join(h, ATTN), join(h, MLP)
     acts = {
-        "ln_1 (normalized x, 1/std, output)": 2 * N * C + N,
-        "attn.c_attn output (q, k, v)": 3 * N * C,
-        "attn probabilities": B * H * T * T,
-        "attn heads joined (c_proj input)": N * C,
-        "ln_2 (normalized x, 1/std, output)": 2 * N * C + N,
-        "mlp (c_fc output, tanh, gelu output)": 12 * N * C,
+        "ln_1 (normalized x, 1/std, output)": w[join(h, LN_1), "normalize"],
+        "attn.c_attn output (q, k, v)": w[join(attn, C_ATTN), "x@w"],
+        "attn probabilities": w[join(attn, SOFTMAX), "causal"],
+        "attn heads joined (c_proj input)": w[join(attn, MIX), "att@v"],
+        "ln_2 (normalized x, 1/std, output)": w[join(h, LN_2), "normalize"],
+        "mlp (c_fc output, tanh, gelu output)": w[join(mlp, C_FC), "x@w"] + w[join(mlp, GELU), "tanh"],
     }
-    if drop:  # the dropped copy of the probabilities and its mask, two residual masks
-        acts["dropout masks and outputs"] = 2 * B * H * T * T + 2 * N * C
+    if m.dropout > 0:  # the dropped copy of the probabilities and its mask; of each residual
+        # branch's dropout only the mask, half of what it writes (its output joins the stream)
+        acts["dropout masks and outputs"] = (w[join(attn, ATTN_DROPOUT), "mask"]
+                                             + w[join(attn, RESID_DROPOUT), "mask"] // 2
+                                             + w[join(mlp, RESID_DROPOUT), "mask"] // 2)
     return acts
 
 
@@ -67,27 +111,32 @@ def moe_block_activations(m, B: int, T: int) -> dict[str, int]:
     factor only lowers this, so the estimate stays on the safe side)."""
     acts = block_activations(m, B, T)
     del acts["mlp (c_fc output, tanh, gelu output)"]
-    C, E, k, N = m.n_embd, m.n_experts, m.experts_per_token, B * T
+    w, N, k = forward_writes(m, B, T, moe=True), B * T, m.experts_per_token
+    router, x = join(block(0), MLP, ROUTER), join(block(0), MLP, expert(0))
+    acts["router (probabilities, choices, gates)"] = (w[router, "softmax"] + w[router, "top_k"]
+                                                       + w[router, "renormalize"])
     ids = 2  # an int64 id takes two float32 slots
-    acts["router (probabilities, choices, gates)"] = N * E + N * k * (ids + 1) + N
-    acts["experts (gathered inputs, MLP caches, outputs)"] = k * N * (14 * C + 2 * ids + 1)
+    per_assignment = 2 * ids + 1  # its id, its token's id and its gate, which no op writes
+    acts["experts (gathered inputs, MLP caches, outputs)"] = (
+        w[x, "gather"] + w[join(x, C_FC), "x@w"] + w[join(x, GELU), "tanh"]
+        + w[join(x, C_PROJ), "x@w"] + k * N * per_assignment)
     return acts
 
 
 def model_activations(m, B: int, T: int) -> dict[str, int]:
     """Elements the whole model keeps for its backward (per micro-batch), by part."""
-    C, V, N = m.n_embd, m.vocab_size, B * T
     moe = sum(config.is_moe_block(m, i) for i in range(m.n_layer))
     dense = m.n_layer - moe
     acts = {f"{dense} dense blocks" if moe else f"{m.n_layer} blocks":
             dense * sum(block_activations(m, B, T).values())}
     if moe:
         acts[f"{moe} MoE blocks"] = moe * sum(moe_block_activations(m, B, T).values())
+    w = forward_writes(m, B, T)
     acts |= {
-        "ln_f (normalized x, 1/std, output)": 2 * N * C + N,
-        "loss probabilities (N x V)": N * V}
-    if m.dropout > 0:
-        acts["embedding dropout mask"] = N * C
+        "ln_f (normalized x, 1/std, output)": w[LN_F, "normalize"],
+        "loss probabilities (N x V)": w[LOSS, "loss"]}
+    if m.dropout > 0:  # the mask, half of what the dropout writes
+        acts["embedding dropout mask"] = w[join(EMBEDDING, DROPOUT), "mask"] // 2
     return acts
 
 
@@ -168,14 +217,13 @@ def gib(n: float) -> str:
 
 
 def format_table(items: list[Item], title: str) -> str:
-    lines = [title, f"{'what':<30}  {'bytes':>12}  note"]
-    for i in items:
-        lines.append(f"{i.name:<30}  {gib(i.nbytes):>12}  {i.note}")
-    lines.append(f"{'total':<30}  {gib(total(items)):>12}")
+    rows = [(i.name, gib(i.nbytes), i.note) for i in items] + [("total", gib(total(items)), "")]
     avail, where = available_bytes()
     if avail is not None:
-        lines.append(f"{'available on this machine':<30}  {gib(avail):>12}  {where}")
-    return "\n".join(lines)
+        rows.append(("available on this machine", gib(avail), where))
+    # The heads' padding is the columns' least width, so the estimates of different runs line up.
+    head = (f"{'what':<30}", f"{'bytes':>12}", "note")
+    return "\n".join([title, *units.rows_text(head, rows, align="<><", rule=False)])
 
 
 def preflight(cfg, available: int | None = None, batch: int | None = None, processes: int = 1) -> int:

@@ -1,6 +1,6 @@
 """The counted path: every matrix product and every elementwise pass of the model goes through here.
 
-A record is keyed by where the work happened and what it was:
+A record is keyed by where the work happened and what it was, a RecordKey:
 
     (scope, op, kind, phase, dtype) -> calls, flops, useful_flops, bytes_read, bytes_written, seconds
 
@@ -15,7 +15,8 @@ Counting conventions (docs/costs.md has the long form, and minigpt.counting.clos
 - matmul (..., M, K) @ (..., K, N): 2 * batch * M * N * K FLOPs; A and B read once, C written
   once, each at its dtype's size. `useful_flops` leaves out the products a causal mask throws away.
 - elementwise kinds: FLOPS_PER_ELEMENT[kind, op] per element of the op's main operand, and
-  inputs read once and outputs written once.
+  inputs read once and outputs written once. A block opened with `METER.op(kind=..., op=...)`
+  looks its own FLOPs per element up: the caller reports elements and bytes.
 - allreduce (phase "communication"): bytes_read = bytes this rank sends, bytes_written = bytes it
   receives, each 2 (N - 1) / N x the buffer for N ranks (a ring); FLOPs the (N - 1) / N x elements
   additions it does.
@@ -26,6 +27,7 @@ This module imports only the backend: the model uses it, the cost reports read i
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from minigpt import backend
 
@@ -55,6 +57,7 @@ FLOPS_PER_ELEMENT = {
     ("clip", "scale"): 1,  # g *= min(1, max_norm / norm), run every step
     ("quant", "quantize"): 4,  # |x|, row max, divide by the scale, round (clip free)
     ("quant", "rescale"): 1,  # per scale factor applied to each output element
+    ("quant", "outlier_add"): 1,  # the outlier dimensions' float product added into the output
     ("embedding", "lookup_int8"): 2,  # widen-and-scale the int8 row, add the position
     ("router", "softmax"): 5,  # max, subtract, exp, sum, divide (per router logit)
     ("router", "top_k"): 1,  # one comparison per logit to pick each token's experts
@@ -81,6 +84,20 @@ def dtype_name(dtype) -> str:
     return name
 
 
+INT8 = "int8"  # the dtype of an integer product's records: int8 operands, int32 sums
+W8A32 = "w8a32"  # the dtype of a product of float activations and int8 weights
+
+
+class RecordKey(NamedTuple):
+    """Where the work happened and what it was (see the module's docstring)."""
+
+    scope: str
+    op: str
+    kind: str
+    phase: str
+    dtype: str
+
+
 @dataclass(slots=True)
 class Record:
     calls: int = 0
@@ -96,16 +113,21 @@ class Counter:
     record is added when the block closes. A class rather than a generator context manager: a
     decode step enters a few hundred of these, and the difference shows."""
 
-    __slots__ = ("bytes_read", "bytes_written", "dtype", "flops", "kind", "meter", "op", "t0")
+    __slots__ = ("bytes_read", "bytes_written", "dtype", "flops", "flops_per_element", "kind",
+                 "meter", "op", "t0")
 
     def __init__(self, meter, kind: str, op: str):
         self.meter, self.kind, self.op = meter, kind, op
-        self.flops = self.bytes_read = self.bytes_written = 0
-        self.dtype = "float32"
+        self.flops_per_element = FLOPS_PER_ELEMENT[kind, op]  # an op missing there fails here
 
-    def count(self, flops: int, bytes_read: int, bytes_written: int, dtype) -> None:
-        self.flops, self.bytes_read, self.bytes_written = int(flops), int(bytes_read), int(bytes_written)
-        self.dtype = dtype_name(dtype)
+    def count(self, elements: int, bytes_read: int, bytes_written: int, dtype) -> None:
+        """The block's sizes: elements of its main operand (FLOPS_PER_ELEMENT[kind, op] FLOPs
+        each), the bytes it read and wrote, and the dtype to record it under. Every block calls
+        it once (a block that does not fails as it closes, rather than record nothing)."""
+        self.flops = self.flops_per_element * int(elements)
+        self.bytes_read = int(bytes_read)
+        self.bytes_written = int(bytes_written)
+        self.dtype = _DTYPE_NAMES.get(dtype) or dtype_name(dtype)  # dtype_name, less a call
 
     def __enter__(self):
         self.t0 = self.meter.clock()
@@ -114,8 +136,8 @@ class Counter:
     def __exit__(self, *exc):
         m = self.meter
         if m.enabled and exc[0] is None:
-            m.add(self.op, self.kind, self.dtype, self.flops, self.bytes_read, self.bytes_written,
-                  m.clock() - self.t0)
+            m._record(self.op, self.kind, self.dtype, self.flops, self.bytes_read,
+                      self.bytes_written, m.clock() - self.t0, None)
         return False
 
 
@@ -145,7 +167,7 @@ class _Scope:
 
 class Meter:
     def __init__(self):
-        self.records: dict[tuple, Record] = {}
+        self.records: dict[RecordKey, Record] = {}
         self.scope_path = ""
         self.phase = "forward"
         self.enabled = True
@@ -197,11 +219,21 @@ class Meter:
         finally:
             self.clock = outer
 
-    def add(self, op, kind, dtype, flops, bytes_read, bytes_written, seconds, useful_flops=None):
-        key = (self.scope_path, op, kind, self.phase, dtype_name(dtype))
-        r = self.records.get(key)
+    def add(self, *, kind: str, op: str, dtype, flops: int, bytes_read: int, bytes_written: int,
+            seconds: float, useful_flops: int | None = None) -> None:
+        """Add one call's counts to the record of (the current scope, op, kind, the current phase,
+        dtype): for work that is neither a product nor an elementwise block (an allreduce)."""
+        self._record(op, kind, dtype_name(dtype), flops, bytes_read, bytes_written, seconds,
+                     useful_flops)
+
+    def _record(self, op: str, kind: str, dtype: str, flops: int, bytes_read: int,
+                bytes_written: int, seconds: float, useful_flops: int | None) -> None:
+        """add() with positional arguments and dtype already a name: the counted primitives' path,
+        a few hundred calls a decode step."""
+        key = (self.scope_path, op, kind, self.phase, dtype)
+        r = self.records.get(key)  # a plain tuple finds its RecordKey: they hash and compare alike
         if r is None:
-            r = self.records[key] = Record()
+            r = self.records[RecordKey(*key)] = Record()
         r.calls += 1
         r.flops += flops
         r.useful_flops += flops if useful_flops is None else useful_flops
@@ -220,7 +252,8 @@ class Meter:
         m, k = a.shape[-2:]
         n = b.shape[-1]
         flops = 2 * (out.size // (m * n)) * m * n * k
-        self.add(op, "matmul", out.dtype, flops, a.nbytes + b.nbytes, out.nbytes, seconds, useful_flops)
+        self._record(op, "matmul", dtype_name(out.dtype), flops, a.nbytes + b.nbytes, out.nbytes,
+                     seconds, useful_flops)
         return out
 
     def matmul_int8(self, a, b, op: str = "matmul", useful_flops=None):
@@ -240,7 +273,8 @@ class Meter:
             m, k = a.shape[-2:]
             n = b.shape[-1]
             flops = 2 * (out.size // (m * n)) * m * n * k
-            self.add(op, "matmul", "int8", flops, a.nbytes + b.nbytes, 4 * out.size, seconds, useful_flops)
+            self._record(op, "matmul", INT8, flops, a.nbytes + b.nbytes, 4 * out.size, seconds,
+                         useful_flops)
         return out
 
     def matmul_w8(self, a, b, op: str = "matmul", useful_flops=None):
@@ -254,11 +288,13 @@ class Meter:
             m, k = a.shape[-2:]
             n = b.shape[-1]
             flops = 2 * (out.size // (m * n)) * m * n * k
-            self.add(op, "matmul", "w8a32", flops, a.nbytes + b.nbytes, out.nbytes, seconds, useful_flops)
+            self._record(op, "matmul", W8A32, flops, a.nbytes + b.nbytes, out.nbytes, seconds,
+                         useful_flops)
         return out
 
-    def op(self, kind: str, op: str) -> Counter:
-        """Time an elementwise block; the block calls counter.count(...) with its sizes."""
+    def op(self, *, kind: str, op: str) -> Counter:
+        """Time an elementwise block: `with METER.op(kind="bias", op="add") as c:`, and the block
+        calls c.count(elements=..., bytes_read=..., bytes_written=..., dtype=...) with its sizes."""
         return Counter(self, kind, op)
 
 

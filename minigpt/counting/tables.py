@@ -9,7 +9,7 @@ import io
 import json
 from pathlib import Path
 
-from minigpt import safeio
+from minigpt import safeio, units
 
 FIELDS = ("scope", "op", "kind", "phase", "dtype", "calls", "flops", "useful_flops",
           "bytes_read", "bytes_written", "seconds")
@@ -24,11 +24,11 @@ CONVENTIONS = (
 
 
 def rows_from_records(records: dict) -> list[dict]:
-    """The meter's {(scope, op, kind, phase, dtype): Record} as a list of dicts."""
+    """The meter's {RecordKey: Record} as a list of dicts."""
     rows = []
-    for (scope, op, kind, phase, dtype), r in records.items():
-        rows.append({"scope": scope, "op": op, "kind": kind, "phase": phase, "dtype": dtype,
-                     "calls": r.calls, "flops": r.flops, "useful_flops": r.useful_flops,
+    for key, r in records.items():
+        rows.append({"scope": key.scope, "op": key.op, "kind": key.kind, "phase": key.phase,
+                     "dtype": key.dtype, "calls": r.calls, "flops": r.flops, "useful_flops": r.useful_flops,
                      "bytes_read": r.bytes_read, "bytes_written": r.bytes_written,
                      "seconds": r.seconds})
     return rows
@@ -36,10 +36,10 @@ def rows_from_records(records: dict) -> list[dict]:
 
 def records_from_rows(rows) -> dict:
     """The inverse of rows_from_records (for restoring a resumed run's meter)."""
-    from minigpt.counting.meter import Record
+    from minigpt.counting.meter import Record, RecordKey
 
-    return {(r["scope"], r["op"], r["kind"], r["phase"], r["dtype"]): Record(**{k: r[k] for k in NUMBERS})
-            for r in rows}
+    return {RecordKey(r["scope"], r["op"], r["kind"], r["phase"], r["dtype"]):
+            Record(**{k: r[k] for k in NUMBERS}) for r in rows}
 
 
 def layer_of(scope: str) -> str:
@@ -75,10 +75,9 @@ def totals(rows) -> dict:
 
 
 def si(x: float, unit: str = "") -> str:
-    for factor, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(x) >= factor:
-            return f"{x / factor:.2f} {prefix}{unit}"
-    return f"{x:.0f} {unit}".rstrip()
+    """x with an SI prefix and two decimals, as the cost tables print it (si(1.5e9, "B") ->
+    '1.50 GB'); below 1,000 a whole number ('512 B')."""
+    return units.si(x, unit, spec=".2f", down_to=1e3, rest=".0f")
 
 
 def format_table(groups, title: str = "", top: int | None = None) -> str:
@@ -88,24 +87,25 @@ def format_table(groups, title: str = "", top: int | None = None) -> str:
     timed = any(g["seconds"] > 0 for g in groups)
     energy = bool(groups) and "joules" in groups[0]
     shown = groups[:top] if top else groups
-    width = max([len("name")] + [len(g["name"]) for g in shown])
-    head = f"{'name':<{width}}  {'FLOPs':>11}  {'%':>5}  {'bytes':>10}  {'FLOP/B':>7}"
+    # The heads' padding is each number column's least width, so tables of different runs line up.
+    head = ["name", f"{'FLOPs':>11}", f"{'%':>5}", f"{'bytes':>10}", f"{'FLOP/B':>7}"]
     if timed:
-        head += f"  {'seconds':>8}  {'GFLOP/s':>8}"
+        head += [f"{'seconds':>8}", f"{'GFLOP/s':>8}"]
     if energy:
-        head += f"  {'joules':>9}  {'J roofline':>10}"
-    lines = ([title] if title else []) + [head, "-" * len(head)]
+        head += [f"{'joules':>9}", f"{'J roofline':>10}"]
+    rows = []
     for g in shown:
         nbytes = g["bytes_read"] + g["bytes_written"]
         intensity = g["flops"] / nbytes if nbytes else 0.0
-        line = (f"{g['name']:<{width}}  {si(g['flops']):>11}  {100 * g['flops'] / total:5.1f}  "
-                f"{si(nbytes, 'B'):>10}  {intensity:7.1f}")
+        row = [g["name"], si(g["flops"]), f"{100 * g['flops'] / total:.1f}", si(nbytes, "B"),
+               f"{intensity:.1f}"]
         if timed:
             rate = g["flops"] / g["seconds"] / 1e9 if g["seconds"] > 0 else 0.0
-            line += f"  {g['seconds']:8.3f}  {rate:8.2f}"
+            row += [f"{g['seconds']:.3f}", f"{rate:.2f}"]
         if energy:
-            line += f"  {g['joules']:9.4g}  {g['joules_roofline']:10.4g}"
-        lines.append(line)
+            row += [f"{g['joules']:.4g}", f"{g['joules_roofline']:.4g}"]
+        rows.append(tuple(row))
+    lines = ([title] if title else []) + units.rows_text(tuple(head), rows)
     if top and len(groups) > top:
         lines.append(f"... {len(groups) - top} more")
     return "\n".join(lines)

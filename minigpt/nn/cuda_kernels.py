@@ -37,7 +37,7 @@ from collections import Counter
 from types import SimpleNamespace
 
 from minigpt import backend
-from minigpt.counting.meter import FLOPS_PER_ELEMENT as FPE
+from minigpt.counting import scopes
 from minigpt.counting.meter import METER
 
 ENABLED = os.environ.get("MINIGPT_FUSED", "1") != "0"
@@ -127,9 +127,10 @@ def gelu_forward(x):
     """layers.gelu_forward in one kernel: (out like x, cache (x2 (N, 4C), th))."""
     CALLS["gelu_forward"] += 1
     x2 = x.reshape(-1, x.shape[-1])  # (N, 4C)
-    with METER.op("gelu", "tanh") as c:
+    with METER.op(kind="gelu", op="tanh") as c:
         th, out = _kernels().gelu_forward(x2)
-        c.count(FPE["gelu", "tanh"] * x.size, x.nbytes, out.nbytes + th.nbytes, x.dtype)
+        c.count(elements=x.size, bytes_read=x.nbytes, bytes_written=out.nbytes + th.nbytes,
+                dtype=x.dtype)
     return out.reshape(x.shape), (x2, th)
 
 
@@ -138,10 +139,10 @@ def gelu_backward(dout, cache):
     CALLS["gelu_backward"] += 1
     x2, th = cache  # (N, 4C) each
     d2 = dout.reshape(x2.shape)
-    with METER.op("gelu", "grad") as c:
+    with METER.op(kind="gelu", op="grad") as c:
         dx = _kernels().gelu_backward(x2, th, d2)
-        c.count(FPE["gelu", "grad"] * x2.size, x2.nbytes + th.nbytes + dout.nbytes, dx.nbytes,
-                x2.dtype)
+        c.count(elements=x2.size, bytes_read=x2.nbytes + th.nbytes + dout.nbytes,
+                bytes_written=dx.nbytes, dtype=x2.dtype)
     return dx.reshape(dout.shape)
 
 
@@ -157,12 +158,13 @@ def causal_softmax_forward(scores, scale, pos0=0):
     k = _kernels()
     T, Tk = scores.shape[-2:]
     dt = scores.dtype.type
-    with METER.op("softmax", "causal") as c:
+    with METER.op(kind="softmax", op="causal") as c:
         k.scale_mask(dt(scale), T, Tk, pos0, dt(-math.inf), scores)
         peak = scores.max(axis=-1, keepdims=True)  # (B, H, T, 1); key 0 is always visible
         total = k.sum_exp(scores, peak, axis=-1, keepdims=True)  # (B, H, T, 1)
         k.exp_div(peak, total, scores)
-        c.count(FPE["softmax", "causal"] * scores.size, scores.nbytes, scores.nbytes, scores.dtype)
+        c.count(elements=scores.size, bytes_read=scores.nbytes, bytes_written=scores.nbytes,
+                dtype=scores.dtype)
     return scores
 
 
@@ -170,11 +172,11 @@ def causal_softmax_backward(datt, att, scale):
     """layers.causal_softmax_backward: dscores = scale * att * (datt - sum(datt * att)) per row."""
     CALLS["causal_softmax_backward"] += 1
     k = _kernels()
-    with METER.op("softmax", "grad") as c:
+    with METER.op(kind="softmax", op="grad") as c:
         total = k.sum_prod(datt, att, axis=-1, keepdims=True)  # (B, H, T, 1)
         dscores = k.softmax_grad(datt, att, total, att.dtype.type(scale))  # (B, H, T, Tk)
-        c.count(FPE["softmax", "grad"] * att.size, datt.nbytes + att.nbytes, dscores.nbytes,
-                att.dtype)
+        c.count(elements=att.size, bytes_read=datt.nbytes + att.nbytes,
+                bytes_written=dscores.nbytes, dtype=att.dtype)
     return dscores
 
 
@@ -187,9 +189,9 @@ def adamw_update(p, g, m, v, n_decay: int, lr: float, beta1: float, beta2: float
     (1-based, already advanced), weight decay on p[:n_decay] only; recorded as AdamW.step is."""
     CALLS["adamw_update"] += 1
     dt = p.dtype.type  # the scalars round to the buffers' dtype, as NumPy rounds them
-    with METER.scope("adamw"), METER.op("adamw", "update") as c:
+    with METER.scope(scopes.ADAMW), METER.op(kind="adamw", op="update") as c:
         _kernels().adamw(g, dt(1.0 - lr * weight_decay), dt(beta1), dt(1.0 - beta1), dt(beta2),
                          dt(1.0 - beta2), dt(math.sqrt(1.0 - beta2**t)), dt(eps),
                          dt(lr / (1.0 - beta1**t)), n_decay, p, m, v)
-        c.count(FPE["adamw", "update"] * p.size, p.nbytes + g.nbytes + m.nbytes + v.nbytes,
-                p.nbytes + m.nbytes + v.nbytes, p.dtype)
+        c.count(elements=p.size, bytes_read=p.nbytes + g.nbytes + m.nbytes + v.nbytes,
+                bytes_written=p.nbytes + m.nbytes + v.nbytes, dtype=p.dtype)

@@ -5,13 +5,20 @@ weights and residual branches need no special case.
 Every matrix product goes through minigpt.counting.meter.matmul (the int8 ones through METER.matmul_int8
 and METER.matmul_w8) and every elementwise pass is counted with METER.op, under the scope the
 caller has set. Arrays come from backend.xp (NumPy or CuPy).
+
+The counted passes a decode step also runs (layernorm_normalize, softmax_causal, gelu_tanh) are
+functions of their own, on rows, so model.block_decode calls them as the general forwards do and
+each op's sizes are written once. Each hands rows that fit one block (a decode step's) to its row
+kernel directly, as backend.by_rows would, without that call: on one row the call costs as much
+as a few of the kernel's own NumPy passes.
 """
 
 import math
 from functools import lru_cache
+from typing import NamedTuple
 
 from minigpt import backend
-from minigpt.counting.meter import FLOPS_PER_ELEMENT as FPE
+from minigpt.counting import scopes
 from minigpt.counting.meter import METER, matmul
 from minigpt.nn import cuda_kernels, quant
 
@@ -29,24 +36,25 @@ def _nbytes(*arrays) -> int:
 def embedding_forward(idx, wte, wpe, pos0=0):
     """Token plus position embedding. idx (B, T) ints; wte (V, C); wpe (block_size, C)."""
     B, T = idx.shape
-    with METER.op("embedding", "lookup") as c:
+    with METER.op(kind="embedding", op="lookup") as c:
         out = wte[idx] + wpe[pos0 : pos0 + T]  # (B, T, C)
         row = wte.itemsize * wte.shape[1]
-        c.count(FPE["embedding", "lookup"] * out.size, idx.nbytes + (B * T + T) * row, out.nbytes, out.dtype)
+        c.count(elements=out.size, bytes_read=idx.nbytes + (B * T + T) * row,
+                bytes_written=out.nbytes, dtype=out.dtype)
     return out, (idx, pos0)
 
 
 def embedding_backward(dout, cache, dwte, dwpe):
     idx, pos0 = cache
     T, C = dout.shape[1:]
-    with METER.op("embedding", "grad_table") as c:
+    with METER.op(kind="embedding", op="grad_table") as c:
         backend.scatter_add(dwte, idx.reshape(-1), dout.reshape(-1, C))
-        c.count(FPE["embedding", "grad_table"] * dout.size, idx.nbytes + 2 * dout.nbytes,
-                dout.nbytes, dout.dtype)
-    with METER.op("embedding", "grad_position") as c:
+        c.count(elements=dout.size, bytes_read=idx.nbytes + 2 * dout.nbytes,
+                bytes_written=dout.nbytes, dtype=dout.dtype)
+    with METER.op(kind="embedding", op="grad_position") as c:
         dwpe[pos0 : pos0 + T] += dout.sum(axis=0)
-        c.count(FPE["embedding", "grad_position"] * dout.size, dout.nbytes + 2 * T * C * dout.itemsize,
-                T * C * dout.itemsize, dout.dtype)
+        c.count(elements=dout.size, bytes_read=dout.nbytes + 2 * T * C * dout.itemsize,
+                bytes_written=T * C * dout.itemsize, dtype=dout.dtype)
 
 
 # ----------------------------------------------------------------------------- layernorm
@@ -55,7 +63,7 @@ def embedding_backward(dout, cache, dwte, dwpe):
 LAYERNORM_EPS = 1e-5  # GPT-2's
 
 
-def layernorm_rows(xs, xh, o, s, w, b, eps):
+def _layernorm_rows(xs, xh, o, s, w, b, eps):
     """LayerNorm of the rows xs: xh the normalised rows, o the output, s the reciprocal std."""
     xp = backend.xp
     xp.subtract(xs, backend.row_mean(xs), out=xh)  # centred
@@ -68,17 +76,25 @@ def layernorm_rows(xs, xh, o, s, w, b, eps):
     o += b
 
 
+def layernorm_normalize(x2, w, b, eps=LAYERNORM_EPS):
+    """The counted LayerNorm of rows x2 (N, C), in blocks of rows: (out, xhat, rstd), xhat the
+    normalised rows (N, C) and rstd the reciprocal stds (N, 1)."""
+    xp = backend.xp
+    xhat, out = xp.empty(x2.shape, x2.dtype), xp.empty(x2.shape, x2.dtype)
+    rstd = xp.empty((x2.shape[0], 1), dtype=x2.dtype)
+    with METER.op(kind="layernorm", op="normalize") as c:
+        if x2.nbytes <= backend.BLOCK_BYTES:
+            _layernorm_rows(x2, xhat, out, rstd, w, b, eps)
+        else:
+            backend.by_rows(_layernorm_rows, x2.shape[1] * x2.itemsize, (x2, xhat, out, rstd), w, b, eps)
+        c.count(elements=x2.size, bytes_read=x2.nbytes + w.nbytes + b.nbytes,
+                bytes_written=out.nbytes + xhat.nbytes + rstd.nbytes, dtype=x2.dtype)
+    return out, xhat, rstd
+
+
 def layernorm_forward(x, w, b, eps=LAYERNORM_EPS):
     """x (..., C) normalised over C, then scaled by w and shifted by b."""
-    xp = backend.xp
-    C = x.shape[-1]
-    x2 = x.reshape(-1, C)  # (N, C)
-    xhat, out = xp.empty(x2.shape, x2.dtype), xp.empty(x2.shape, x2.dtype)
-    rstd = xp.empty((x2.shape[0], 1), dtype=x.dtype)  # (N, 1)
-
-    with METER.op("layernorm", "normalize") as c:
-        backend.by_rows(layernorm_rows, C * x.itemsize, (x2, xhat, out, rstd), w, b, eps)
-        c.count(FPE["layernorm", "normalize"] * x.size, _nbytes(x, w, b), _nbytes(out, xhat, rstd), x.dtype)
+    out, xhat, rstd = layernorm_normalize(x.reshape(-1, x.shape[-1]), w, b, eps)  # rows (N, C)
     return out.reshape(x.shape), (xhat, w, rstd)
 
 
@@ -102,12 +118,12 @@ def layernorm_backward(dout, cache, dw, db):
         g *= rstd[r]
         return dw_part, db_part
 
-    with METER.op("layernorm", "grad") as c:
+    with METER.op(kind="layernorm", op="grad") as c:
         for dw_part, db_part in backend.map_rows(rows, xhat.shape[0], xhat.shape[1] * xhat.itemsize):
             dw += dw_part
             db += db_part
-        c.count(FPE["layernorm", "grad"] * xhat.size, _nbytes(dout, xhat, w, rstd, dw, db),
-                _nbytes(dx, dw, db), xhat.dtype)
+        c.count(elements=xhat.size, bytes_read=_nbytes(dout, xhat, w, rstd, dw, db),
+                bytes_written=_nbytes(dx, dw, db), dtype=xhat.dtype)
     return dx.reshape(dout.shape)  # dout itself (a copy's result if dout was not contiguous)
 
 
@@ -122,9 +138,10 @@ def linear_forward(x, w, b):
     C, OC = w.shape
     x2 = x.reshape(-1, C)  # (N, C)
     out = matmul(x2, w, op="x@w")  # (N, OC)
-    with METER.op("bias", "add") as c:
+    with METER.op(kind="bias", op="add") as c:
         out += b
-        c.count(FPE["bias", "add"] * out.size, out.nbytes + b.nbytes, out.nbytes, out.dtype)
+        c.count(elements=out.size, bytes_read=out.nbytes + b.nbytes, bytes_written=out.nbytes,
+                dtype=out.dtype)
     return out.reshape(*x.shape[:-1], OC), (x2, w)
 
 
@@ -133,9 +150,10 @@ def linear_backward(dout, cache, dw, db):
     C, OC = w.shape
     d2 = dout.reshape(-1, OC)  # (N, OC)
     dw += matmul(x2.T, d2, op="grad_w")  # (C, OC)
-    with METER.op("bias", "grad") as c:
+    with METER.op(kind="bias", op="grad") as c:
         db += d2.sum(axis=0)
-        c.count(FPE["bias", "grad"] * d2.size, d2.nbytes + db.nbytes, db.nbytes, d2.dtype)
+        c.count(elements=d2.size, bytes_read=d2.nbytes + db.nbytes, bytes_written=db.nbytes,
+                dtype=d2.dtype)
     dx = matmul(d2, w.T, op="grad_x")  # (N, C)
     return dx.reshape(*dout.shape[:-1], C)
 
@@ -152,7 +170,7 @@ def _causal_mask(T, Tk, pos0, dtype, device):
     return xp.where(j <= i, 0.0, -xp.inf).astype(dtype)
 
 
-def softmax_rows(a, scale, mask):
+def _softmax_rows(a, scale, mask):
     """Softmax over the last axis of scale * a (+ mask, unless None), in place."""
     xp = backend.xp
     a *= scale
@@ -170,11 +188,21 @@ def causal_softmax_forward(scores, scale, pos0=0):
     T, Tk = scores.shape[-2:]
     # A query at or past the last key sees every key (a decode step's one query): no mask to add.
     mask = _causal_mask(T, Tk, pos0, scores.dtype, backend.device) if pos0 + 1 < Tk else None
-    att = scores.reshape(-1, T, Tk)  # (B*H, T, Tk)
-    with METER.op("softmax", "causal") as c:
-        backend.by_rows(softmax_rows, T * Tk * att.itemsize, (att,), scale, mask)
-        c.count(FPE["softmax", "causal"] * att.size, att.nbytes, att.nbytes, att.dtype)
+    softmax_causal(scores.reshape(-1, T, Tk), scale, mask)  # (B*H, T, Tk), a view
     return scores
+
+
+def softmax_causal(att, scale, mask):
+    """The counted causal softmax over the last axis of scale * att (+ mask: an additive
+    (T, Tk) mask, or None where every query sees every key), in place, in blocks of att's first
+    axis. att (R, ..., Tk)."""
+    with METER.op(kind="softmax", op="causal") as c:
+        if att.nbytes <= backend.BLOCK_BYTES:
+            _softmax_rows(att, scale, mask)
+        else:
+            backend.by_rows(_softmax_rows, att.nbytes // att.shape[0], (att,), scale, mask)
+        c.count(elements=att.size, bytes_read=att.nbytes, bytes_written=att.nbytes, dtype=att.dtype)
+    return att
 
 
 def causal_softmax_backward(datt, att, scale):
@@ -190,9 +218,10 @@ def causal_softmax_backward(datt, att, scale):
         ds -= a * backend.row_sum(ds)
         ds *= scale
 
-    with METER.op("softmax", "grad") as c:
+    with METER.op(kind="softmax", op="grad") as c:
         backend.map_rows(rows, a3.shape[0], T * Tk * att.itemsize)
-        c.count(FPE["softmax", "grad"] * att.size, datt.nbytes + att.nbytes, datt.nbytes, att.dtype)
+        c.count(elements=att.size, bytes_read=datt.nbytes + att.nbytes, bytes_written=datt.nbytes,
+                dtype=att.dtype)
     return d3.reshape(att.shape)
 
 
@@ -200,6 +229,19 @@ def useful_causal_flops(B, H, T, pos0, head_size):
     """Products a causal mask keeps: query pos0+i sees pos0+i+1 of the pos0 + T keys."""
     visible = T * pos0 + T * (T + 1) // 2  # sum of pos0 + i + 1 over i < T
     return 2 * B * H * visible * head_size
+
+
+class AttentionCache(NamedTuple):
+    """What attention_forward keeps for attention_backward."""
+
+    c_attn: tuple  # linear_forward's cache of the q, k, v projection
+    q: object  # (B, H, T, hs) views into c_attn's output
+    k: object
+    v: object
+    probs: object  # (B, H, T, T) the softmax's output
+    att: object  # probs after attention dropout (probs itself without dropout)
+    drop: object  # the dropout mask, or None
+    c_proj: tuple  # linear_forward's cache of the output projection
 
 
 def attention_forward(x, p, n_head, kv=None, dropout=0.0, rng=None):
@@ -210,7 +252,7 @@ def attention_forward(x, p, n_head, kv=None, dropout=0.0, rng=None):
     xp = backend.xp
     B, T, C = x.shape
     hs = C // n_head
-    with METER.scope("c_attn"):
+    with METER.scope(scopes.C_ATTN):
         qkv, c_attn = linear_forward(x, p["attn.c_attn.weight"], p["attn.c_attn.bias"])  # (B, T, 3C)
     # Heads as strided views, no copies: BLAS takes a matrix whose rows lie 3C apart, a few
     # percent slower than a contiguous one and far cheaper than making it one.
@@ -222,20 +264,20 @@ def attention_forward(x, p, n_head, kv=None, dropout=0.0, rng=None):
         pos0 = kv.length
         k, v = kv.append(k, v)  # (B, H, pos0 + T, hs)
     useful = useful_causal_flops(B, n_head, T, pos0, hs)
-    with METER.scope("scores"):
+    with METER.scope(scopes.SCORES):
         att = matmul(q, k.swapaxes(-1, -2), op="q@kT", useful_flops=useful)  # (B, H, T, Tk)
-    with METER.scope("softmax"):
+    with METER.scope(scopes.SOFTMAX):
         att = causal_softmax_forward(att, 1.0 / math.sqrt(hs), pos0)
     probs, drop = att, None
     if dropout > 0.0:
-        with METER.scope("attn_dropout"):
+        with METER.scope(scopes.ATTN_DROPOUT):
             att, drop = dropout_forward(probs, dropout, rng)
     y = xp.empty((B, T, n_head, hs), dtype=x.dtype)  # heads side by side again
-    with METER.scope("mix"):
+    with METER.scope(scopes.MIX):
         matmul(att, v, op="att@v", useful_flops=useful, out=y.transpose(0, 2, 1, 3))
-    with METER.scope("c_proj"):
+    with METER.scope(scopes.C_PROJ):
         out, c_proj = linear_forward(y.reshape(B, T, C), p["attn.c_proj.weight"], p["attn.c_proj.bias"])
-    return out, (c_attn, q, k, v, probs, att, drop, c_proj)
+    return out, AttentionCache(c_attn, q, k, v, probs, att, drop, c_proj)
 
 
 def _attention_int8_kv(q, k, v, kv, p, B, T, C, n_head):
@@ -246,45 +288,45 @@ def _attention_int8_kv(q, k, v, kv, p, B, T, C, n_head):
     pos0 = kv.length
     kq, ks, vq, vs = kv.append(k, v)  # (B, H, Tk, hs) int8 and (B, H, Tk, 1) scales
     useful = useful_causal_flops(B, n_head, T, pos0, hs)
-    with METER.scope("scores"):
+    with METER.scope(scopes.SCORES):
         att = METER.matmul_w8(q, xp.ascontiguousarray(kq.swapaxes(-1, -2)), op="q@kT", useful_flops=useful)
         att = quant.rescale(att, (ks.swapaxes(-1, -2),), att.dtype)  # one scale per key
-    with METER.scope("softmax"):
+    with METER.scope(scopes.SOFTMAX):
         att = causal_softmax_forward(att, 1.0 / math.sqrt(hs), pos0)
-    with METER.scope("mix"):
+    with METER.scope(scopes.MIX):
         att = quant.rescale(att, (vs.swapaxes(-1, -2),), att.dtype)  # fold value scales into att
         y = METER.matmul_w8(att, xp.ascontiguousarray(vq), op="att@v", useful_flops=useful)
     y = y.transpose(0, 2, 1, 3).reshape(B, T, C)
-    with METER.scope("c_proj"):
+    with METER.scope(scopes.C_PROJ):
         out, _ = linear_forward(y, p["attn.c_proj.weight"], p["attn.c_proj.bias"])
     return out
 
 
-def attention_backward(dout, cache, p, g):
+def attention_backward(dout, cache: AttentionCache, p, g):
     """g: this block's gradient views."""
     xp = backend.xp
     c_attn, q, k, v, probs, att, drop, c_proj = cache
     B, H, T, hs = q.shape
     C = H * hs
     useful = useful_causal_flops(B, H, T, 0, hs)
-    with METER.scope("c_proj"):
+    with METER.scope(scopes.C_PROJ):
         dy = linear_backward(dout, c_proj, g["attn.c_proj.weight"], g["attn.c_proj.bias"])
     dy = dy.reshape(B, T, H, hs).transpose(0, 2, 1, 3)  # (B, H, T, hs) view
     # The three gradients land in their slots of one (B, T, 3, H, hs) buffer: c_attn's layout.
     dqkv = xp.empty((B, T, 3, H, hs), dtype=q.dtype)
     dq, dk, dv = dqkv.transpose(2, 0, 3, 1, 4)  # each (B, H, T, hs), views
-    with METER.scope("mix"):
+    with METER.scope(scopes.MIX):
         datt = matmul(dy, v.swapaxes(-1, -2), op="grad_att", useful_flops=useful)  # (B, H, T, T)
         matmul(att.swapaxes(-1, -2), dy, op="grad_v", useful_flops=useful, out=dv)
     if drop is not None:
-        with METER.scope("attn_dropout"):
+        with METER.scope(scopes.ATTN_DROPOUT):
             datt = dropout_backward(datt, drop)
-    with METER.scope("softmax"):
+    with METER.scope(scopes.SOFTMAX):
         dscores = causal_softmax_backward(datt, probs, 1.0 / math.sqrt(hs))
-    with METER.scope("scores"):
+    with METER.scope(scopes.SCORES):
         matmul(dscores, k, op="grad_q", useful_flops=useful, out=dq)
         matmul(dscores.swapaxes(-1, -2), q, op="grad_k", useful_flops=useful, out=dk)
-    with METER.scope("c_attn"):
+    with METER.scope(scopes.C_ATTN):
         return linear_backward(dqkv.reshape(B, T, 3 * C), c_attn, g["attn.c_attn.weight"],
                                g["attn.c_attn.bias"])
 
@@ -295,7 +337,7 @@ def attention_backward(dout, cache, p, g):
 _GELU_K = math.sqrt(2.0 / math.pi)
 
 
-def gelu_rows(xs, t, o):
+def _gelu_rows(xs, t, o):
     """GELU of the rows xs into o; t keeps the tanh for the backward."""
     xp = backend.xp
     xp.multiply(xs, xs, out=t)
@@ -312,13 +354,24 @@ def gelu_forward(x):
     """GPT-2's tanh approximation: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))."""
     if cuda_kernels.active():
         return cuda_kernels.gelu_forward(x)
-    xp = backend.xp
     x2 = x.reshape(-1, x.shape[-1])  # (N, 4C)
-    th, out = xp.empty(x2.shape, x2.dtype), xp.empty(x2.shape, x2.dtype)
-    with METER.op("gelu", "tanh") as c:
-        backend.by_rows(gelu_rows, x2.shape[1] * x.itemsize, (x2, th, out))
-        c.count(FPE["gelu", "tanh"] * x.size, x.nbytes, out.nbytes + th.nbytes, x.dtype)
+    out, th = gelu_tanh(x2)
     return out.reshape(x.shape), (x2, th)
+
+
+def gelu_tanh(x2):
+    """The counted GELU of rows x2 (N, 4C), in blocks of rows: (out, th), th the tanh the
+    backward reads."""
+    xp = backend.xp
+    th, out = xp.empty(x2.shape, x2.dtype), xp.empty(x2.shape, x2.dtype)
+    with METER.op(kind="gelu", op="tanh") as c:
+        if x2.nbytes <= backend.BLOCK_BYTES:
+            _gelu_rows(x2, th, out)
+        else:
+            backend.by_rows(_gelu_rows, x2.shape[1] * x2.itemsize, (x2, th, out))
+        c.count(elements=x2.size, bytes_read=x2.nbytes, bytes_written=out.nbytes + th.nbytes,
+                dtype=x2.dtype)
+    return out, th
 
 
 def gelu_backward(dout, cache):
@@ -344,29 +397,30 @@ def gelu_backward(dout, cache):
         g += 0.5
         dx[r] *= g
 
-    with METER.op("gelu", "grad") as c:
+    with METER.op(kind="gelu", op="grad") as c:
         backend.map_rows(rows, x2.shape[0], x2.shape[1] * x2.itemsize)
-        c.count(FPE["gelu", "grad"] * x2.size, _nbytes(x2, th, dout), dx.nbytes, x2.dtype)
+        c.count(elements=x2.size, bytes_read=_nbytes(x2, th, dout), bytes_written=dx.nbytes,
+                dtype=x2.dtype)
     return dx.reshape(dout.shape)
 
 
 def mlp_forward(x, p):
-    with METER.scope("c_fc"):
+    with METER.scope(scopes.C_FC):
         h, c_fc = linear_forward(x, p["mlp.c_fc.weight"], p["mlp.c_fc.bias"])  # (B, T, 4C)
-    with METER.scope("gelu"):
+    with METER.scope(scopes.GELU):
         h, gelu = gelu_forward(h)
-    with METER.scope("c_proj"):
+    with METER.scope(scopes.C_PROJ):
         out, c_proj = linear_forward(h, p["mlp.c_proj.weight"], p["mlp.c_proj.bias"])  # (B, T, C)
     return out, (c_fc, gelu, c_proj)
 
 
 def mlp_backward(dout, cache, p, g):
     c_fc, gelu, c_proj = cache
-    with METER.scope("c_proj"):
+    with METER.scope(scopes.C_PROJ):
         dh = linear_backward(dout, c_proj, g["mlp.c_proj.weight"], g["mlp.c_proj.bias"])
-    with METER.scope("gelu"):
+    with METER.scope(scopes.GELU):
         dh = gelu_backward(dh, gelu)
-    with METER.scope("c_fc"):
+    with METER.scope(scopes.C_FC):
         return linear_backward(dh, c_fc, g["mlp.c_fc.weight"], g["mlp.c_fc.bias"])
 
 
@@ -376,34 +430,36 @@ def mlp_backward(dout, cache, p, g):
 def residual_forward(x, branch):
     """x + branch, written over branch (the branch's fresh output: nothing else keeps it; x is
     kept by the layer that read it, for its backward)."""
-    with METER.op("residual", "add") as c:
+    with METER.op(kind="residual", op="add") as c:
         out = backend.xp.add(x, branch, out=branch)
-        c.count(FPE["residual", "add"] * x.size, 2 * x.nbytes, out.nbytes, x.dtype)
+        c.count(elements=x.size, bytes_read=2 * x.nbytes, bytes_written=out.nbytes, dtype=x.dtype)
     return out
 
 
 def residual_backward(dx, dbranch):
     """The stream's gradient plus the branch's gradient, in place on dx."""
-    with METER.op("residual", "grad") as c:
+    with METER.op(kind="residual", op="grad") as c:
         dx += dbranch
-        c.count(FPE["residual", "grad"] * dx.size, 2 * dx.nbytes, dx.nbytes, dx.dtype)
+        c.count(elements=dx.size, bytes_read=2 * dx.nbytes, bytes_written=dx.nbytes, dtype=dx.dtype)
     return dx
 
 
 def dropout_forward(x, p, rng):
     """Inverted dropout: keep each element with probability 1 - p, scaled by 1 / (1 - p)."""
-    with METER.op("dropout", "mask") as c:
+    with METER.op(kind="dropout", op="mask") as c:
         mask = (backend.asarray(rng.random(x.shape, dtype="float32")) >= p).astype(x.dtype)
         mask *= 1.0 / (1.0 - p)
         out = x * mask
-        c.count(FPE["dropout", "mask"] * x.size, x.nbytes, out.nbytes + mask.nbytes, x.dtype)
+        c.count(elements=x.size, bytes_read=x.nbytes, bytes_written=out.nbytes + mask.nbytes,
+                dtype=x.dtype)
     return out, mask
 
 
 def dropout_backward(dout, mask):
-    with METER.op("dropout", "grad") as c:
+    with METER.op(kind="dropout", op="grad") as c:
         dx = dout * mask
-        c.count(FPE["dropout", "grad"] * dout.size, dout.nbytes + mask.nbytes, dx.nbytes, dx.dtype)
+        c.count(elements=dout.size, bytes_read=dout.nbytes + mask.nbytes, bytes_written=dx.nbytes,
+                dtype=dx.dtype)
     return dx
 
 
@@ -411,7 +467,7 @@ def cross_entropy_forward(logits, targets):
     """Mean negative log-likelihood of targets (B, T) under logits (B, T, V)."""
     xp = backend.xp
     V = logits.shape[-1]
-    with METER.op("cross_entropy", "loss") as c:
+    with METER.op(kind="cross_entropy", op="loss") as c:
         probs = logits - logits.max(axis=-1, keepdims=True)  # (B, T, V), shifted logits for now
         rows = xp.arange(targets.size)
         picked = probs.reshape(-1, V)[rows, targets.reshape(-1)]  # shifted logit of each target
@@ -420,8 +476,8 @@ def cross_entropy_forward(logits, targets):
         probs /= total
         # -log p(target) = log(sum exp) - shifted target logit; averaged in float64
         loss = (xp.log(total.reshape(-1).astype(xp.float64)) - picked).mean()
-        c.count(FPE["cross_entropy", "loss"] * logits.size, logits.nbytes + targets.nbytes,
-                probs.nbytes, logits.dtype)
+        c.count(elements=logits.size, bytes_read=logits.nbytes + targets.nbytes,
+                bytes_written=probs.nbytes, dtype=logits.dtype)
     return loss, (probs, targets)
 
 
@@ -430,10 +486,10 @@ def cross_entropy_backward(cache, dloss=1.0):
     xp = backend.xp
     probs, targets = cache
     V = probs.shape[-1]
-    with METER.op("cross_entropy", "grad") as c:
+    with METER.op(kind="cross_entropy", op="grad") as c:
         flat = probs.reshape(-1, V)
         flat[xp.arange(flat.shape[0]), targets.reshape(-1)] -= 1.0
         probs *= dloss / flat.shape[0]
-        c.count(FPE["cross_entropy", "grad"] * probs.size, probs.nbytes + targets.nbytes,
-                probs.nbytes, probs.dtype)
+        c.count(elements=probs.size, bytes_read=probs.nbytes + targets.nbytes,
+                bytes_written=probs.nbytes, dtype=probs.dtype)
     return probs

@@ -5,10 +5,11 @@ runs them in reverse (llm.c's gpt2_backward, read as the forward in reverse).
 """
 
 import math
+from typing import NamedTuple
 
 from minigpt import backend
 from minigpt.config import is_moe_block
-from minigpt.counting.meter import FLOPS_PER_ELEMENT as FPE
+from minigpt.counting import scopes
 from minigpt.counting.meter import METER, matmul
 from minigpt.nn import layers as nn
 from minigpt.nn import moe, quant
@@ -64,33 +65,44 @@ class _LayerSlot:
         return tuple(a[i, :, :t1].swapaxes(1, 2) for a in (c.k, c.k_scale, c.v, c.v_scale))
 
 
+class BlockCache(NamedTuple):
+    """What block_forward keeps for block_backward: each layer's cache, in forward order."""
+
+    ln_1: tuple
+    attn: nn.AttentionCache | None  # None after a forward through an int8 KV cache (inference)
+    d_1: object  # the attention branch's dropout mask, or None
+    ln_2: tuple
+    mlp: object  # nn.mlp_forward's cache, or a moe.MoECache
+    d_2: object  # the MLP branch's dropout mask, or None
+
+
 def block_forward(x, p, cfg, kv=None, rng=None):
     """x + attn(ln_1(x)), then + mlp(ln_2(.)). x (B, T, C)."""
     drop = cfg.dropout if rng is not None else 0.0
-    with METER.scope("ln_1"):
+    with METER.scope(scopes.LN_1):
         h, ln_1 = nn.layernorm_forward(x, p["ln_1.weight"], p["ln_1.bias"])
-    with METER.scope("attn"):
+    with METER.scope(scopes.ATTN):
         a, attn = nn.attention_forward(h, p, cfg.n_head, kv, drop, rng)
-    a, d_1 = _maybe_dropout(a, drop, rng, "attn.resid_dropout")
-    with METER.scope("residual_1"):
+    a, d_1 = _maybe_dropout(a, drop, rng, scopes.join(scopes.ATTN, scopes.RESID_DROPOUT))
+    with METER.scope(scopes.RESIDUAL_1):
         x = nn.residual_forward(x, a)
-    with METER.scope("ln_2"):
+    with METER.scope(scopes.LN_2):
         h, ln_2 = nn.layernorm_forward(x, p["ln_2.weight"], p["ln_2.bias"])
-    with METER.scope("mlp"):
+    with METER.scope(scopes.MLP):
         if "mlp.router.weight" in p:  # a mixture-of-experts block (config.is_moe_block)
             m, mlp = moe.moe_forward(h, p, cfg)
         else:
             m, mlp = nn.mlp_forward(h, p)
-    m, d_2 = _maybe_dropout(m, drop, rng, "mlp.resid_dropout")
-    with METER.scope("residual_2"):
+    m, d_2 = _maybe_dropout(m, drop, rng, scopes.join(scopes.MLP, scopes.RESID_DROPOUT))
+    with METER.scope(scopes.RESIDUAL_2):
         x = nn.residual_forward(x, m)
-    return x, (ln_1, attn, d_1, ln_2, mlp, d_2)
+    return x, BlockCache(ln_1, attn, d_1, ln_2, mlp, d_2)
 
 
 def block_decode(x, p, cfg, kv: "_LayerSlot"):
     """block_forward for one new position of each sequence (x (B, 1, C)) with a float KV cache
-    and a dense MLP: the same operations on the same arrays, counted under the same names and
-    sizes, without what a single row never uses (row blocking, the caches a backward reads,
+    and a dense MLP: the same counted helpers of layers.py on the same arrays (so the same
+    records), without what a single row never uses (reshapes, the caches a backward reads,
     dropout, the MoE and int8-cache branches). tests/test_generate.py checks the records and the
     logits against block_forward's. Why it exists: a decode step of a real-size model is mostly
     weight products that leave the CPU's caches cold, so every line of Python between them runs
@@ -101,73 +113,59 @@ def block_decode(x, p, cfg, kv: "_LayerSlot"):
     H = cfg.n_head
     hs = C // H
     x = x.reshape(B, C)
-    with METER.scope("ln_1"):
-        h = _layernorm_rows(x, p["ln_1.weight"], p["ln_1.bias"])
-    with METER.scope("attn"):
-        with METER.scope("c_attn"):
+    with METER.scope(scopes.LN_1):
+        h, _, _ = nn.layernorm_normalize(x, p["ln_1.weight"], p["ln_1.bias"])
+    with METER.scope(scopes.ATTN):
+        with METER.scope(scopes.C_ATTN):
             qkv, _ = nn.linear_forward(h, p["attn.c_attn.weight"], p["attn.c_attn.bias"])  # (B, 3C)
         q, k, v = qkv.reshape(B, 1, 3, H, hs).transpose(2, 0, 3, 1, 4)  # each (B, H, 1, hs)
         pos0 = kv.length
         k, v = kv.append(k, v)  # (B, H, pos0 + 1, hs)
         useful = nn.useful_causal_flops(B, H, 1, pos0, hs)
-        with METER.scope("scores"):
+        with METER.scope(scopes.SCORES):
             att = matmul(q, k.swapaxes(-1, -2), op="q@kT", useful_flops=useful)  # (B, H, 1, Tk)
-        with METER.scope("softmax"), METER.op("softmax", "causal") as c:
-            nn.softmax_rows(att, 1.0 / math.sqrt(hs), None)  # the one query sees every key
-            c.count(FPE["softmax", "causal"] * att.size, att.nbytes, att.nbytes, att.dtype)
+        with METER.scope(scopes.SOFTMAX):
+            nn.softmax_causal(att, 1.0 / math.sqrt(hs), None)  # the one query sees every key
         y = xp.empty((B, 1, H, hs), dtype=x.dtype)
-        with METER.scope("mix"):
+        with METER.scope(scopes.MIX):
             matmul(att, v, op="att@v", useful_flops=useful, out=y.transpose(0, 2, 1, 3))
-        with METER.scope("c_proj"):
+        with METER.scope(scopes.C_PROJ):
             a, _ = nn.linear_forward(y.reshape(B, C), p["attn.c_proj.weight"], p["attn.c_proj.bias"])
-    with METER.scope("residual_1"):
+    with METER.scope(scopes.RESIDUAL_1):
         x = nn.residual_forward(x, a)
-    with METER.scope("ln_2"):
-        h = _layernorm_rows(x, p["ln_2.weight"], p["ln_2.bias"])
-    with METER.scope("mlp"):
-        with METER.scope("c_fc"):
+    with METER.scope(scopes.LN_2):
+        h, _, _ = nn.layernorm_normalize(x, p["ln_2.weight"], p["ln_2.bias"])
+    with METER.scope(scopes.MLP):
+        with METER.scope(scopes.C_FC):
             f, _ = nn.linear_forward(h, p["mlp.c_fc.weight"], p["mlp.c_fc.bias"])  # (B, 4C)
-        with METER.scope("gelu"), METER.op("gelu", "tanh") as c:
-            th, g = xp.empty_like(f), xp.empty_like(f)
-            nn.gelu_rows(f, th, g)
-            c.count(FPE["gelu", "tanh"] * f.size, f.nbytes, g.nbytes + th.nbytes, f.dtype)
-        with METER.scope("c_proj"):
+        with METER.scope(scopes.GELU):
+            g, _ = nn.gelu_tanh(f)
+        with METER.scope(scopes.C_PROJ):
             m, _ = nn.linear_forward(g, p["mlp.c_proj.weight"], p["mlp.c_proj.bias"])
-    with METER.scope("residual_2"):
+    with METER.scope(scopes.RESIDUAL_2):
         x = nn.residual_forward(x, m)
     return x.reshape(B, 1, C)
 
 
-def _layernorm_rows(x, w, b):
-    """layernorm_forward of rows x (B, C) that fit one block, counted as it counts them."""
-    xp = backend.xp
-    xhat, out, rstd = xp.empty_like(x), xp.empty_like(x), xp.empty((x.shape[0], 1), dtype=x.dtype)
-    with METER.op("layernorm", "normalize") as c:
-        nn.layernorm_rows(x, xhat, out, rstd, w, b, nn.LAYERNORM_EPS)
-        c.count(FPE["layernorm", "normalize"] * x.size, x.nbytes + w.nbytes + b.nbytes,
-                out.nbytes + xhat.nbytes + rstd.nbytes, x.dtype)
-    return out
-
-
-def block_backward(dx, cache, p, g, daux: float = 1.0):
+def block_backward(dx, cache: BlockCache, p, g, daux: float = 1.0):
     """daux: the weight of a MoE block's auxiliary loss in the objective (the model's dloss)."""
     ln_1, attn, d_1, ln_2, mlp, d_2 = cache
-    dm = _maybe_dropout_backward(dx, d_2, "mlp.resid_dropout")
-    with METER.scope("mlp"):
+    dm = _maybe_dropout_backward(dx, d_2, scopes.join(scopes.MLP, scopes.RESID_DROPOUT))
+    with METER.scope(scopes.MLP):
         if isinstance(mlp, moe.MoECache):
             dh = moe.moe_backward(dm, mlp, p, g, daux)
         else:
             dh = nn.mlp_backward(dm, mlp, p, g)
-    with METER.scope("ln_2"):
+    with METER.scope(scopes.LN_2):
         dh = nn.layernorm_backward(dh, ln_2, g["ln_2.weight"], g["ln_2.bias"])
-    with METER.scope("residual_2"):
+    with METER.scope(scopes.RESIDUAL_2):
         dx = nn.residual_backward(dx, dh)
-    da = _maybe_dropout_backward(dx, d_1, "attn.resid_dropout")
-    with METER.scope("attn"):
+    da = _maybe_dropout_backward(dx, d_1, scopes.join(scopes.ATTN, scopes.RESID_DROPOUT))
+    with METER.scope(scopes.ATTN):
         dh = nn.attention_backward(da, attn, p, g)
-    with METER.scope("ln_1"):
+    with METER.scope(scopes.LN_1):
         dh = nn.layernorm_backward(dh, ln_1, g["ln_1.weight"], g["ln_1.bias"])
-    with METER.scope("residual_1"):
+    with METER.scope(scopes.RESIDUAL_1):
         return nn.residual_backward(dx, dh)
 
 
@@ -210,29 +208,29 @@ class GPT:
         pos0 = kv.length if kv is not None else 0
         if pos0 + T > cfg.block_size:
             raise ValueError(f"positions {pos0}..{pos0 + T - 1} exceed block_size {cfg.block_size}")
-        with METER.scope("embedding"):
+        with METER.scope(scopes.EMBEDDING):
             if self.quant is not None and self.quant.qcfg.quantize_embedding:
                 x, emb = quant.embedding_forward(
                     idx, self.quant.wte_q, self.quant.wte_scale, p["transformer.wpe.weight"], pos0), None
             else:
                 x, emb = nn.embedding_forward(idx, p["transformer.wte.weight"], p["transformer.wpe.weight"], pos0)
         drop = cfg.dropout if rng is not None else 0.0
-        x, d_emb = _maybe_dropout(x, drop, rng, "embedding.dropout")
+        x, d_emb = _maybe_dropout(x, drop, rng, scopes.join(scopes.EMBEDDING, scopes.DROPOUT))
         blocks = []
         self.routing = {}
         for i in range(cfg.n_layer):
-            with METER.scope(f"h{i}"):
+            with METER.scope(scopes.block(i)):
                 if T == 1 and kv is not None and not kv.int8 and not is_moe_block(cfg, i) and drop == 0.0:
                     x = block_decode(x, self.block_params(i), cfg, kv.layer(i))  # a decode step
                     blocks.append(None)
                     continue
                 x, cache = block_forward(x, self.block_params(i), cfg, kv.layer(i) if kv else None, rng)
             blocks.append(cache)
-            if isinstance(cache[4], moe.MoECache):
-                self.routing[i] = cache[4].routing
+            if isinstance(cache.mlp, moe.MoECache):
+                self.routing[i] = cache.mlp.routing
         if kv is not None:
             kv.length += T
-        with METER.scope("ln_f"):
+        with METER.scope(scopes.LN_F):
             x, ln_f = nn.layernorm_forward(x, p["transformer.ln_f.weight"], p["transformer.ln_f.bias"])
         return x, (emb, d_emb, blocks, ln_f)
 
@@ -246,7 +244,7 @@ class GPT:
     def _lm_head(self, x):
         B, T, C = x.shape
         x2 = x.reshape(-1, C)
-        with METER.scope("lm_head"):
+        with METER.scope(scopes.LM_HEAD):
             if self.quant is not None:
                 logits = quant.matmul_int8_weight(x2, self.quant.lm_head, op="x@wte.T")  # (B*T, V)
             else:
@@ -264,7 +262,7 @@ class GPT:
         """Mean cross-entropy of targets (B, T) after tokens idx (B, T); returns (loss, cache)."""
         x, trunk = self.hidden(idx, rng=rng)
         logits, x2 = self._lm_head(x)
-        with METER.scope("loss"):
+        with METER.scope(scopes.LOSS):
             loss, ce = nn.cross_entropy_forward(logits, targets)
         return float(loss), (trunk, x2, ce)
 
@@ -277,20 +275,20 @@ class GPT:
         g = self.grads
         (emb, d_emb, blocks, ln_f), x2, ce = cache
         wte = p["transformer.wte.weight"]
-        with METER.scope("loss"):
+        with METER.scope(scopes.LOSS):
             dlogits = nn.cross_entropy_backward(ce, dloss)  # (B, T, V)
         B, T, V = dlogits.shape
         d2 = dlogits.reshape(-1, V)
-        with METER.scope("lm_head"):
+        with METER.scope(scopes.LM_HEAD):
             dwte = g["transformer.wte.weight"]
             dwte += matmul(d2.T, x2, op="grad_w")  # (V, C)
             dx = matmul(d2, wte, op="grad_x").reshape(B, T, -1)  # (B, T, C)
-        with METER.scope("ln_f"):
+        with METER.scope(scopes.LN_F):
             dx = nn.layernorm_backward(dx, ln_f, g["transformer.ln_f.weight"], g["transformer.ln_f.bias"])
         for i in reversed(range(cfg.n_layer)):
-            with METER.scope(f"h{i}"):
+            with METER.scope(scopes.block(i)):
                 dx = block_backward(dx, blocks[i], p.block(i), g.block(i), dloss)
-        dx = _maybe_dropout_backward(dx, d_emb, "embedding.dropout")
-        with METER.scope("embedding"):
+        dx = _maybe_dropout_backward(dx, d_emb, scopes.join(scopes.EMBEDDING, scopes.DROPOUT))
+        with METER.scope(scopes.EMBEDDING):
             nn.embedding_backward(dx, emb, g["transformer.wte.weight"], g["transformer.wpe.weight"])
         return g

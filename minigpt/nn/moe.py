@@ -23,10 +23,11 @@ expert no token reaches runs nothing and records nothing.
 """
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from minigpt import backend
 from minigpt.config import expert_capacity
-from minigpt.counting.meter import FLOPS_PER_ELEMENT as FPE
+from minigpt.counting import scopes
 from minigpt.counting.meter import METER, matmul
 from minigpt.nn import layers as nn
 
@@ -48,6 +49,16 @@ class Routing:
     aux_loss: float  # coef * E * sum f_e P_e (already times coef)
 
 
+class ExpertCache(NamedTuple):
+    """One expert's share of a MoE forward, for the backward."""
+
+    ids: object  # (n_e,) its assignments (token * k + pick), in token order
+    tok: object  # (n_e,) the token of each assignment
+    gate: object  # (n_e,) the gate of each assignment
+    out: object  # (n_e, C) the expert's MLP output, before the gates
+    mlp: tuple  # nn.mlp_forward's cache
+
+
 def moe_forward(x, p: dict, cfg):
     """x (..., C); p: the block's views (mlp.router.weight (C, E), mlp.experts.<e>.*); cfg: a
     ModelConfig (n_experts, experts_per_token, capacity_factor, aux_loss_coef).
@@ -57,28 +68,31 @@ def moe_forward(x, p: dict, cfg):
     C, E, k = x.shape[-1], cfg.n_experts, cfg.experts_per_token
     x2 = x.reshape(-1, C)  # (N, C)
     N, s = x2.shape[0], x2.itemsize
-    with METER.scope("router"):
+    with METER.scope(scopes.ROUTER):
         logits = matmul(x2, p["mlp.router.weight"], op="x@w")  # (N, E)
-        with METER.op("router", "softmax") as c:
+        with METER.op(kind="router", op="softmax") as c:
             probs = logits - logits.max(axis=1, keepdims=True)
             xp.exp(probs, out=probs)
             probs /= probs.sum(axis=1, keepdims=True)  # (N, E)
-            c.count(FPE["router", "softmax"] * N * E, logits.nbytes, probs.nbytes, x2.dtype)
-        with METER.op("router", "top_k") as c:
+            c.count(elements=N * E, bytes_read=logits.nbytes, bytes_written=probs.nbytes,
+                    dtype=x2.dtype)
+        with METER.op(kind="router", op="top_k") as c:
             top = xp.argsort(-probs, axis=1, kind="stable")[:, :k]  # (N, k) expert ids
-            c.count(FPE["router", "top_k"] * N * E, probs.nbytes, top.nbytes, x2.dtype)
-        with METER.op("router", "renormalize") as c:
+            c.count(elements=N * E, bytes_read=probs.nbytes, bytes_written=top.nbytes,
+                    dtype=x2.dtype)
+        with METER.op(kind="router", op="renormalize") as c:
             picked = xp.take_along_axis(probs, top, axis=1)  # (N, k)
             total = picked.sum(axis=1, keepdims=True)  # (N, 1)
             gates = picked / total  # (N, k)
-            c.count(FPE["router", "renormalize"] * N * k, picked.nbytes + top.nbytes,
-                    gates.nbytes + total.nbytes, x2.dtype)
-        with METER.op("router", "aux_loss") as c:
+            c.count(elements=N * k, bytes_read=picked.nbytes + top.nbytes,
+                    bytes_written=gates.nbytes + total.nbytes, dtype=x2.dtype)
+        with METER.op(kind="router", op="aux_loss") as c:
             assigned = xp.bincount(top.reshape(-1), minlength=E)  # (E,) assignments per expert
             share = (assigned / (N * k)).astype(x2.dtype)  # f_e
             mean_prob = probs.mean(axis=0)  # P_e
             aux = cfg.aux_loss_coef * E * float((share * mean_prob).sum())
-            c.count(FPE["router", "aux_loss"] * N * E, probs.nbytes + top.nbytes, 2 * E * s, x2.dtype)
+            c.count(elements=N * E, bytes_read=probs.nbytes + top.nbytes, bytes_written=2 * E * s,
+                    dtype=x2.dtype)
 
     # Assignments (token n, pick j) are numbered n * k + j; grouped by expert, token order within.
     order = xp.argsort(top.reshape(-1), kind="stable")  # (N * k,)
@@ -97,17 +111,18 @@ def moe_forward(x, p: dict, cfg):
             continue
         tok = ids // k  # (n_e,) token of each assignment
         g = flat_gates[ids]  # (n_e,)
-        with METER.scope(f"expert{e}"):
-            with METER.op("dispatch", "gather") as c:
+        with METER.scope(scopes.expert(e)):
+            with METER.op(kind="dispatch", op="gather") as c:
                 xe = x2[tok]  # (n_e, C)
-                c.count(FPE["dispatch", "gather"] * xe.size, xe.nbytes + tok.nbytes, xe.nbytes, xe.dtype)
+                c.count(elements=xe.size, bytes_read=xe.nbytes + tok.nbytes,
+                        bytes_written=xe.nbytes, dtype=xe.dtype)
             ye, mlp = nn.mlp_forward(xe, expert_views(p, e))  # (n_e, C)
-            with METER.op("combine", "scatter") as c:
+            with METER.op(kind="combine", op="scatter") as c:
                 out[tok] += g[:, None] * ye  # a token meets each expert at most once
-                c.count(FPE["combine", "scatter"] * ye.size, 2 * ye.nbytes + g.nbytes + tok.nbytes,
-                        ye.nbytes, ye.dtype)
-        experts.append((ids, tok, g, ye, mlp))
-    computed = [0 if ex is None else int(ex[0].shape[0]) for ex in experts]
+                c.count(elements=ye.size, bytes_read=2 * ye.nbytes + g.nbytes + tok.nbytes,
+                        bytes_written=ye.nbytes, dtype=ye.dtype)
+        experts.append(ExpertCache(ids, tok, g, ye, mlp))
+    computed = [0 if ex is None else int(ex.ids.shape[0]) for ex in experts]
     routing = Routing(assigned_host, computed, N * k - sum(computed), aux)
     cache = MoECache(x2, probs, top, gates, total, share, experts, routing,
                       (E, k, cfg.aux_loss_coef), x.shape)
@@ -122,7 +137,7 @@ class MoECache:
     gates: object
     total: object
     share: object
-    experts: list
+    experts: list  # an ExpertCache per expert, None for an expert no token reached
     routing: Routing
     sizes: tuple
     shape: tuple
@@ -143,40 +158,41 @@ def moe_backward(dout, cache: MoECache, p: dict, g: dict, daux: float = 1.0):
         if ex is None:
             dys.append(None)
             continue
-        ids, tok, gate, ye, _ = ex
-        with METER.scope(f"expert{e}"), METER.op("combine", "grad") as c:
+        ids, tok, gate, ye = ex.ids, ex.tok, ex.gate, ex.out
+        with METER.scope(scopes.expert(e)), METER.op(kind="combine", op="grad") as c:
             rows = d2[tok]  # (n_e, C)
             dgates[ids] = (rows * ye).sum(axis=1)  # d out / d gate = the expert's output
             rows *= gate[:, None]  # the expert's dout
-            c.count(FPE["combine", "grad"] * ye.size, 2 * ye.nbytes + gate.nbytes + tok.nbytes,
-                    rows.nbytes + gate.nbytes, ye.dtype)
+            c.count(elements=ye.size, bytes_read=2 * ye.nbytes + gate.nbytes + tok.nbytes,
+                    bytes_written=rows.nbytes + gate.nbytes, dtype=ye.dtype)
         dys.append(rows)
-    with METER.scope("router"):
-        with METER.op("router", "renormalize_grad") as c:
+    with METER.scope(scopes.ROUTER):
+        with METER.op(kind="router", op="renormalize_grad") as c:
             dg = dgates.reshape(N, k)
             # gates = picked / total: d picked_j = (dg_j - sum_i dg_i gates_i) / total
             dpicked = (dg - (dg * gates).sum(axis=1, keepdims=True)) / cache.total  # (N, k)
             dprobs = xp.zeros_like(probs)  # (N, E)
             dprobs[xp.arange(N)[:, None], top] = dpicked
-            c.count(FPE["router", "renormalize_grad"] * N * k,
-                    dg.nbytes + gates.nbytes + cache.total.nbytes + top.nbytes, dprobs.nbytes, x2.dtype)
-        with METER.op("router", "softmax_grad") as c:
+            c.count(elements=N * k,
+                    bytes_read=dg.nbytes + gates.nbytes + cache.total.nbytes + top.nbytes,
+                    bytes_written=dprobs.nbytes, dtype=x2.dtype)
+        with METER.op(kind="router", op="softmax_grad") as c:
             dprobs += (daux * coef * E / N) * cache.share  # d aux / d p[n, e] = coef E f_e / N
             dprobs -= (dprobs * probs).sum(axis=1, keepdims=True)
             dprobs *= probs  # d logits
-            c.count(FPE["router", "softmax_grad"] * N * E, dprobs.nbytes + probs.nbytes + E * s,
-                    dprobs.nbytes, x2.dtype)
+            c.count(elements=N * E, bytes_read=dprobs.nbytes + probs.nbytes + E * s,
+                    bytes_written=dprobs.nbytes, dtype=x2.dtype)
         w = p["mlp.router.weight"]
         g["mlp.router.weight"] += matmul(x2.T, dprobs, op="grad_w")  # (C, E)
         dx2 = matmul(dprobs, w.T, op="grad_x")  # (N, C)
     for e, ex in enumerate(cache.experts):
         if ex is None:
             continue
-        tok = ex[1]
-        with METER.scope(f"expert{e}"):
-            dxe = nn.mlp_backward(dys[e], ex[4], expert_views(p, e), expert_views(g, e))  # (n_e, C)
-            with METER.op("dispatch", "grad") as c:
+        tok = ex.tok
+        with METER.scope(scopes.expert(e)):
+            dxe = nn.mlp_backward(dys[e], ex.mlp, expert_views(p, e), expert_views(g, e))  # (n_e, C)
+            with METER.op(kind="dispatch", op="grad") as c:
                 dx2[tok] += dxe
-                c.count(FPE["dispatch", "grad"] * dxe.size, 2 * dxe.nbytes + tok.nbytes, dxe.nbytes,
-                        dxe.dtype)
+                c.count(elements=dxe.size, bytes_read=2 * dxe.nbytes + tok.nbytes,
+                        bytes_written=dxe.nbytes, dtype=dxe.dtype)
     return dx2.reshape(cache.shape)

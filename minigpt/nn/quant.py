@@ -25,11 +25,14 @@ integer products as dtype "int8", the KV cache's bytes at one byte.
 from dataclasses import dataclass
 
 from minigpt import backend
-from minigpt.counting.meter import FLOPS_PER_ELEMENT as FPE
-from minigpt.counting.meter import METER
+from minigpt.counting import scopes
+from minigpt.counting.meter import INT8, METER, W8A32
 from minigpt.errors import ConfigError
 
-MODES = ("w8a32", "w8a8")
+# The int8 options, named once: the API, the commands, checkpoints and the closed form use these.
+W8A8 = "w8a8"  # int8 weights and activations: integer products, recorded as dtype INT8
+MODES = (W8A32, W8A8)  # W8A32: int8 weights only, its products recorded under that same name
+DEFAULT_MODE = W8A8
 
 
 @dataclass
@@ -38,7 +41,7 @@ class Int8Weight:
 
     q: object  # (K, M) int8
     scale: object  # (M,) float32
-    mode: str = "w8a8"
+    mode: str = DEFAULT_MODE
     outlier_threshold: float | None = None
 
     @property
@@ -81,29 +84,30 @@ def quantize_rows(x):
 def quantize_vectors(x):
     """Per-vector (last axis) int8 quantization for the KV cache: (q int8, scale (..., 1))."""
     xp = backend.xp
-    with METER.op("quant", "quantize") as c:
+    with METER.op(kind="quant", op="quantize") as c:
         s = _scale_of(xp.abs(x).max(axis=-1, keepdims=True))
         q = xp.clip(xp.rint(x / s), -127, 127).astype(xp.int8)
-        c.count(FPE["quant", "quantize"] * x.size, x.nbytes, q.nbytes + s.nbytes, "int8")
+        c.count(elements=x.size, bytes_read=x.nbytes, bytes_written=q.nbytes + s.nbytes, dtype=INT8)
     return q, s
 
 
 def rescale(acc, factors, out_dtype):
     """acc times each of factors (broadcast), as out_dtype; counted as quant/rescale."""
-    with METER.op("quant", "rescale") as c:
+    with METER.op(kind="quant", op="rescale") as c:
         out = acc * factors[0]
         for f in factors[1:]:
             out *= f
         out = out.astype(out_dtype, copy=False)
-        c.count(FPE["quant", "rescale"] * len(factors) * out.size,
-                4 * acc.size + sum(f.nbytes for f in factors), out.nbytes, out.dtype)
+        c.count(elements=len(factors) * out.size,
+                bytes_read=4 * acc.size + sum(f.nbytes for f in factors), bytes_written=out.nbytes,
+                dtype=out.dtype)
     return out
 
 
 def matmul_int8_weight(x2, w: Int8Weight, op: str = "x@w"):
     """x2 (N, K) float @ w, by w's mode; returns (N, M) in x2's dtype (no bias)."""
     xp = backend.xp
-    if w.mode == "w8a32":
+    if w.mode == W8A32:
         acc = METER.matmul_w8(x2, w.q, op=op)
         return rescale(acc, (w.scale,), x2.dtype)
     outliers = None
@@ -121,11 +125,12 @@ def matmul_int8_weight(x2, w: Int8Weight, op: str = "x@w"):
         from minigpt.counting.meter import matmul  # the float product of the outlier dimensions
 
         w_float = w.q[outliers].astype(out.dtype) * w.scale
-        with METER.scope("outliers"):
+        with METER.scope(scopes.OUTLIERS):
             part = matmul(x_float, w_float, op="x@w")
-        with METER.op("quant", "outlier_add") as c:
+        with METER.op(kind="quant", op="outlier_add") as c:
             out += part
-            c.count(out.size, 2 * out.nbytes, out.nbytes, out.dtype)
+            c.count(elements=out.size, bytes_read=2 * out.nbytes, bytes_written=out.nbytes,
+                    dtype=out.dtype)
     return out
 
 
@@ -135,9 +140,10 @@ def linear_forward(x, w: Int8Weight, b):
     x2 = x.reshape(-1, K)
     out = matmul_int8_weight(x2, w)
     if b is not None:
-        with METER.op("bias", "add") as c:
+        with METER.op(kind="bias", op="add") as c:
             out += b
-            c.count(FPE["bias", "add"] * out.size, out.nbytes + b.nbytes, out.nbytes, out.dtype)
+            c.count(elements=out.size, bytes_read=out.nbytes + b.nbytes, bytes_written=out.nbytes,
+                    dtype=out.dtype)
     return out.reshape(*x.shape[:-1], M), None
 
 
@@ -146,10 +152,12 @@ LINEAR_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight",
 
 @dataclass
 class QuantConfig:
-    mode: str = "w8a8"
-    quantize_embedding: bool = False
-    kv_int8: bool = False
-    outlier_threshold: float | None = None
+    """How a model runs in int8 (an int8 checkpoint stores these fields by name)."""
+
+    mode: str = DEFAULT_MODE  # one of MODES
+    quantize_embedding: bool = False  # read the token embedding from the int8 table too
+    kv_int8: bool = False  # keep the KV cache in int8, one scale per key or value vector
+    outlier_threshold: float | None = None  # w8a8: dimensions with any |x| above it stay float
 
 
 class QuantizedWeights:
@@ -192,11 +200,12 @@ def quantize_model(params, cfg, qcfg: QuantConfig) -> QuantizedWeights:
 def embedding_forward(idx, wte_q, wte_scale, wpe, pos0=0):
     """Token embedding from the int8 table (rows times their scales) plus positions."""
     B, T = idx.shape
-    with METER.op("embedding", "lookup_int8") as c:
+    with METER.op(kind="embedding", op="lookup_int8") as c:
         out = wte_q[idx].astype(wpe.dtype)  # (B, T, C)
         out *= wte_scale[idx][..., None]
         out += wpe[pos0 : pos0 + T]
         C = wte_q.shape[1]
-        c.count(FPE["embedding", "lookup_int8"] * out.size,
-                idx.nbytes + B * T * (C + wte_scale.itemsize) + T * C * wpe.itemsize, out.nbytes, out.dtype)
+        c.count(elements=out.size,
+                bytes_read=idx.nbytes + B * T * (C + wte_scale.itemsize) + T * C * wpe.itemsize,
+                bytes_written=out.nbytes, dtype=out.dtype)
     return out

@@ -41,6 +41,7 @@ import time
 import numpy as np
 
 from minigpt import backend
+from minigpt.counting import scopes
 from minigpt.counting.meter import METER
 from minigpt.errors import ConfigError
 
@@ -100,8 +101,9 @@ class MPIWorld(Single):
         N = self.size
         sent = 2 * (N - 1) * nbytes // N  # the ring's traffic (counting.closed_form.allreduce_bytes predicts it)
         if METER.enabled:
-            with METER.in_phase("communication"), METER.scope("dist"):
-                METER.add(op, "allreduce", buf.dtype, (N - 1) * n // N, sent, sent, seconds)
+            with METER.in_phase("communication"), METER.scope(scopes.DIST):
+                METER.add(kind="allreduce", op=op, dtype=buf.dtype, flops=(N - 1) * n // N,
+                          bytes_read=sent, bytes_written=sent, seconds=seconds)
 
     def sum_gradients(self, g) -> None:
         self._counted("grad_sum", g, self._allreduce)

@@ -55,7 +55,7 @@ def summary_lines(cfg, state, records: dict, tokens: int) -> list[str]:
     B, T, A = t.batch_size, m.block_size, t.grad_accum
     step = cost_model.total_flops(cost_model.predict_training_step(m, B, T, A)) / (A * B * T)
     fwd = cost_model.total_flops(cost_model.predict_forward(m, B, T, targets=True)) / (B * T)
-    measured = sum(r.flops for k, r in records.items() if k[3] in ("forward", "backward", "optimizer"))
+    measured = sum(r.flops for k, r in records.items() if k.phase in ("forward", "backward", "optimizer"))
     flops_text = partial(units.si, sep="", down_to=1e3)  # 12.3M: prefixes from k up
     lines = [
         (f"mixture of experts: {m.n_experts} experts, top-{m.experts_per_token}, in {n_moe} of "

@@ -3,7 +3,7 @@
 import math
 
 from minigpt import backend
-from minigpt.counting.meter import FLOPS_PER_ELEMENT as FPE
+from minigpt.counting import scopes
 from minigpt.counting.meter import METER
 from minigpt.nn import cuda_kernels
 
@@ -22,13 +22,14 @@ def clip_grad_norm(g, max_norm: float) -> float:
     """Scale the flat gradient g so its global L2 norm is at most max_norm (as torch's
     clip_grad_norm_: coefficient max_norm / (norm + 1e-6), capped at 1). Returns the norm before."""
     xp = backend.xp
-    with METER.scope("clip"), METER.op("clip", "norm") as c:
+    with METER.scope(scopes.CLIP), METER.op(kind="clip", op="norm") as c:
         norm = float(xp.linalg.norm(g))  # sqrt of the sum of squares, without a temporary
-        c.count(FPE["clip", "norm"] * g.size, g.nbytes, 0, g.dtype)
+        c.count(elements=g.size, bytes_read=g.nbytes, bytes_written=0, dtype=g.dtype)
     coef = min(1.0, max_norm / (norm + 1e-6))
-    with METER.scope("clip"), METER.op("clip", "scale") as c:  # always: counts never depend on data
+    # Scaled always, by 1 too: counts never depend on data.
+    with METER.scope(scopes.CLIP), METER.op(kind="clip", op="scale") as c:
         g *= coef
-        c.count(FPE["clip", "scale"] * g.size, g.nbytes, g.nbytes, g.dtype)
+        c.count(elements=g.size, bytes_read=g.nbytes, bytes_written=g.nbytes, dtype=g.dtype)
     return norm
 
 
@@ -72,8 +73,8 @@ class AdamW:
             tmp *= step_size
             p[r] -= tmp
 
-        with METER.scope("adamw"), METER.op("adamw", "update") as c:
+        with METER.scope(scopes.ADAMW), METER.op(kind="adamw", op="update") as c:
             p[: self.params.n_decay] *= 1.0 - lr * self.weight_decay  # decoupled decay, matrices only
             backend.map_rows(block, p.size, p.itemsize)
-            c.count(FPE["adamw", "update"] * p.size, p.nbytes + g.nbytes + m.nbytes + v.nbytes,
-                    p.nbytes + m.nbytes + v.nbytes, p.dtype)
+            c.count(elements=p.size, bytes_read=p.nbytes + g.nbytes + m.nbytes + v.nbytes,
+                    bytes_written=p.nbytes + m.nbytes + v.nbytes, dtype=p.dtype)
