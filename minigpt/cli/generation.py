@@ -52,8 +52,7 @@ def int8_arguments(p, mode_flag="--int8") -> None:
 
 
 def apply_int8(model, args) -> None:
-    if args.outlier_threshold is not None and not 0 < args.outlier_threshold < math.inf:
-        raise ConfigError(f"--outlier-threshold must be > 0, got {args.outlier_threshold}")
+    quant.check_outlier_threshold(args.outlier_threshold, "--outlier-threshold")
     if args.int8 is None:
         if args.int8_embedding or args.kv_int8 or args.outlier_threshold is not None:
             raise ConfigError("--int8-embedding, --kv-int8 and --outlier-threshold need --int8 MODE")

@@ -26,8 +26,7 @@ def cmd_quantize(argv) -> int:
     p.add_argument("--kv-int8", action="store_true", help="keep the KV cache in int8 when generating")
     p.add_argument("--outlier-threshold", type=float, default=None, help="w8a8 outlier threshold")
     args = p.parse_args(argv)
-    if args.outlier_threshold is not None and not 0 < args.outlier_threshold < float("inf"):
-        raise ConfigError(f"--outlier-threshold must be > 0, got {args.outlier_threshold}")
+    quant.check_outlier_threshold(args.outlier_threshold, "--outlier-threshold")
     path = Path(args.output)
     if path.suffix != ".npz":
         path = path / checkpoint.FILENAME

@@ -22,6 +22,7 @@ Everything is counted by the meter at its own width: int8 weights at one byte pl
 integer products as dtype "int8", the KV cache's bytes at one byte.
 """
 
+import math
 from dataclasses import dataclass
 
 from minigpt import backend
@@ -158,6 +159,15 @@ class QuantConfig:
     quantize_embedding: bool = False  # read the token embedding from the int8 table too
     kv_int8: bool = False  # keep the KV cache in int8, one scale per key or value vector
     outlier_threshold: float | None = None  # w8a8: dimensions with any |x| above it stay float
+
+    def __post_init__(self):
+        check_outlier_threshold(self.outlier_threshold)
+
+
+def check_outlier_threshold(value: float | None, name: str = "outlier_threshold") -> None:
+    """None (no outliers kept in float) or a positive, finite |x|; else one ConfigError line."""
+    if value is not None and not 0 < value < math.inf:
+        raise ConfigError(f"{name} must be > 0, got {value}")
 
 
 class QuantizedWeights:
