@@ -12,8 +12,8 @@ device = "cpu"
 
 # Elementwise chains (GELU, softmax, LayerNorm) run block by block on the CPU: each block of rows
 # stays in cache through all of a chain's passes instead of streaming the whole array from memory
-# once per pass (about 1.6x faster for GELU here). Splitting the blocks among threads did not pay
-# on our 2-core machine: the passes are memory-bound, and BLAS's threads hold the other core.
+# once per pass (GELU runs about 1.6x faster so; docs/benchmarks.md). Splitting the blocks among
+# threads does not pay on a few cores: the passes are memory-bound, and BLAS's threads hold the rest.
 BLOCK_BYTES = 256 << 10
 
 
