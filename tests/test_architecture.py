@@ -109,3 +109,19 @@ def test_a_wrong_import_is_caught(tmp_path):
     bad = tmp_path / "bad.py"
     bad.write_text("def f():\n    from minigpt.report import html\n    from minigpt import cli\n")
     assert [t for t, _ in minigpt_imports(bad)] == ["minigpt.report", "minigpt.cli"]
+
+
+def test_the_readmes_public_names_import():
+    """Every `from X import a, b` in the README's table of public names works."""
+    import importlib
+    import re
+
+    readme = (PACKAGE.parent / "README.md").read_text()
+    table = readme[readme.index("Public names, one place each"):]
+    table = table[: table.index("\n\n", table.index("|"))]
+    found = re.findall(r"`from ([\w.]+) import ([\w, ]+)`", table)
+    assert len(found) >= 8
+    for module, names in found:
+        mod = importlib.import_module(module)
+        for name in names.split(","):
+            assert hasattr(mod, name.strip()), f"{module}.{name.strip()}"
