@@ -123,5 +123,6 @@ def test_the_readmes_public_names_import():
     assert len(found) >= 8
     for module, names in found:
         mod = importlib.import_module(module)
-        for name in names.split(","):
-            assert hasattr(mod, name.strip()), f"{module}.{name.strip()}"
+        for name in (n.strip() for n in names.split(",")):
+            if not hasattr(mod, name):  # a submodule: `from minigpt.energy import run_energy`
+                importlib.import_module(f"{module}.{name}")
