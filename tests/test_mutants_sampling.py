@@ -12,8 +12,10 @@ import math
 import numpy as np
 import pytest
 
-from minigpt import config
+from minigpt import config, sampling
 from minigpt.api import Model
+from minigpt.counting import closed_form
+from minigpt.counting.meter import METER
 from minigpt.nn.model import KVCache
 from minigpt.sampling import generate, sample_next
 
@@ -32,7 +34,7 @@ class RecordingRng:
 
 def distribution(logits, **kwargs) -> np.ndarray:
     rng = RecordingRng()
-    sample_next(np.array(logits, dtype=np.float64), rng=rng, **kwargs)
+    sample_next(np.asarray(logits, dtype=getattr(logits, "dtype", np.float64)), rng=rng, **kwargs)
     return rng.p
 
 
@@ -62,6 +64,22 @@ def test_large_logits_do_not_overflow():
 ])
 def test_top_k_keeps_the_k_likeliest(k, expected):
     np.testing.assert_allclose(distribution(LOGITS, top_k=k), expected, rtol=1e-6, atol=0)
+
+
+def test_top_k_on_unsorted_logits():
+    z = np.random.default_rng(0).permutation(40).astype(np.float64)
+    p = distribution(z, top_k=5)
+    assert set(np.flatnonzero(p)) == set(np.flatnonzero(z >= 35))
+
+
+def test_top_p_one_truncates_nothing():
+    # a token far below the rest: the mass ahead of it rounds to exactly 1.0, and it still stays
+    assert distribution([0.0, 0.0, -50.0], top_p=1.0)[2] > 0
+
+
+def test_float32_logits_are_sampled_in_float64():
+    p = distribution(np.array(LOGITS, dtype=np.float32))
+    assert p.dtype == np.float64
 
 
 def test_top_k_keeps_ties_with_the_kth():
@@ -112,14 +130,52 @@ def small_model() -> Model:
     return Model.from_config(cfg, seed=0, dtype="float64")
 
 
-def full_forward_greedy(gpt, ids: list[int], n: int, n_tokens=None) -> list[int]:
-    """n greedy tokens, each from a fresh forward over at most the last block_size ids."""
-    ids, out = list(ids), []
-    for _ in range(n):
-        logits = gpt.logits(np.array([ids[-SMALL["block_size"]:]]))[0, -1, :n_tokens]
-        out.append(int(np.argmax(logits)))
-        ids.append(out[-1])
-    return out
+def recorded_run(monkeypatch, gpt, prompt, n, **kwargs):
+    """generate with sample_next replaced: it records the logits and temperature it is given and
+    picks tokens 3, 4, 5, ... in turn. Returns (new tokens, [(logits, temperature)])."""
+    seen = []
+
+    def pick(logits, temperature, top_k, top_p, rng):
+        seen.append((np.array(logits, dtype=np.float64), temperature))
+        return 3 + len(seen) - 1
+
+    monkeypatch.setattr(sampling, "sample_next", pick)
+    return generate(gpt, prompt, n, **kwargs).tolist(), seen
+
+
+def test_each_step_sees_the_full_forward_logits_and_the_cache_restarts_at_half(monkeypatch):
+    """Every step's logits are those of a fresh forward over the tokens in the cache; past
+    block_size the cache restarts from the last block_size // 2 tokens."""
+    gpt = small_model().gpt
+    B = SMALL["block_size"]
+    prompt = [5, 6, 7, 8, 9]
+    new, seen = recorded_run(monkeypatch, gpt, prompt, 2 * B)
+    assert new == list(range(3, 3 + 2 * B))
+    ids, length = list(prompt), len(prompt)  # tokens in the cache
+    for logits, temperature in seen:
+        if length > B:  # the last step filled the cache: rebuilt from the last B // 2 tokens
+            length = B // 2
+        full = gpt.logits(np.array([ids[-length:]]))[0, -1]
+        np.testing.assert_allclose(logits, full, rtol=1e-9, atol=1e-12)
+        assert temperature == 1.0  # the default
+        ids.append(3 + len(ids) - len(prompt))
+        length += 1
+
+
+def test_n_tokens_limits_the_ids_sampled(monkeypatch):
+    gpt = small_model().gpt
+    _, seen = recorded_run(monkeypatch, gpt, [1, 2, 3], 2, n_tokens=7)
+    assert [logits.shape for logits, _ in seen] == [(7,), (7,)]
+
+
+def test_prefill_computes_only_the_last_positions_logits():
+    gpt = small_model().gpt
+    METER.reset()
+    generate(gpt, [1, 2, 3, 4], 1, temperature=0)
+    predicted = closed_form.predict_forward(gpt.cfg, 1, 4, phase="prefill", dtype="float64")
+    measured = {k: r for k, r in METER.records.items() if k[3] == "prefill"}
+    assert measured.keys() == predicted.keys()
+    assert [measured[k].flops for k in predicted] == [r.flops for r in predicted.values()]
 
 
 def test_on_token_streams_every_new_token_in_order():
@@ -129,33 +185,13 @@ def test_on_token_streams_every_new_token_in_order():
     assert seen == new.tolist() and len(seen) == 4 and new.dtype == np.int64
 
 
-def test_n_tokens_limits_the_ids_sampled():
+def test_prompts_of_one_token_to_block_size_are_taken():
     gpt = small_model().gpt
-    new = generate(gpt, [1, 2, 3], 5, temperature=0, n_tokens=7)
-    assert new.tolist() == full_forward_greedy(gpt, [1, 2, 3], 5, n_tokens=7)
-    sampled = generate(gpt, [1, 2, 3], 40, temperature=5.0, seed=0, n_tokens=3)
-    assert set(sampled.tolist()) <= {0, 1, 2}
-
-
-def test_the_cache_is_rebuilt_from_the_last_half_context(monkeypatch):
-    """Past block_size the cache restarts from the last block_size // 2 tokens: the next token is
-    the greedy one over exactly those (not over the last block_size)."""
-    gpt = small_model().gpt
-    B = SMALL["block_size"]
-    prompt = [5, 6, 7, 8, 9]
-    n = 2 * B
-    new = generate(gpt, prompt, n, temperature=0).tolist()
-    ids = list(prompt)
-    expected = []
-    length = len(prompt)  # tokens in the cache
-    for _ in range(n):
-        if length > B:  # the last step filled the cache: rebuild from the last B // 2
-            length = B // 2
-        context = ids[-length:]
-        expected.append(int(np.argmax(gpt.logits(np.array([context]))[0, -1])))
-        ids.append(expected[-1])
-        length += 1
-    assert new == expected
+    assert generate(gpt, [3], 2, temperature=0).shape == (2,)
+    assert generate(gpt, list(range(SMALL["block_size"])), 2, temperature=0).shape == (2,)
+    for bad in ([], list(range(SMALL["block_size"] + 1))):
+        with pytest.raises(AssertionError, match="the caller trims the prompt to block_size"):
+            generate(gpt, bad, 1)
 
 
 def test_no_decode_step_after_the_last_token(monkeypatch):
@@ -167,14 +203,17 @@ def test_no_decode_step_after_the_last_token(monkeypatch):
     assert len(calls) == 3  # the prefill and two decode steps: the third token needs no forward
 
 
-def test_int8_kv_cache_is_used_when_asked(monkeypatch):
+@pytest.mark.parametrize("kv_int8", [False, True])
+def test_every_cache_has_the_models_dtype_and_the_asked_width(monkeypatch, kv_int8):
+    cfg = config.load(None, [f"model.{k}={v}" for k, v in SMALL.items()])
+    gpt = Model.from_config(cfg, seed=0, dtype="float32").gpt
     made = []
     real = KVCache.__init__
 
-    def spy(self, *args, **kwargs):
-        made.append(kwargs.get("int8"))
-        real(self, *args, **kwargs)
+    def spy(self, cfg, batch, dtype="float32", int8=False):
+        made.append((batch, str(np.dtype(dtype)), int8))
+        real(self, cfg, batch, dtype, int8=int8)
 
     monkeypatch.setattr(KVCache, "__init__", spy)
-    generate(small_model().gpt, [1, 2], 2, temperature=0, kv_int8=True)
-    assert made == [True]
+    generate(gpt, [1, 2], 2 * SMALL["block_size"], temperature=0, kv_int8=kv_int8)
+    assert len(made) >= 2 and set(made) == {(1, "float32", kv_int8)}  # the first and the rebuilt
