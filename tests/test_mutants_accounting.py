@@ -156,6 +156,8 @@ def test_format_layers_columns():
     plain = accounting.format_layers(layers, s, "title")
     assert plain[1].split() == ["layer", "energy", "Wh", "gCO2e", "how"]
     assert plain[3].split() == ["time", "x", "power", "3.6", "MJ", "1000", f"{grams:.3g}", "how"]
+    low = accounting.settings(carbon_kg_per_kwh=0.12444)  # 124.44 g: "124", not 124.56's "125"
+    assert accounting.format_layers(layers, low, "title")[3].split()[6] == "124"
 
 
 def test_report_lines_title_settings_and_estimate():
@@ -163,6 +165,7 @@ def test_report_lines_title_settings_and_estimate():
     lines = accounting.report_lines(ROWS, 2.0, profile="h100-sxm", s=s)
     assert lines[0] == "energy, four ways (2 s measured; profile h100-sxm)"
     assert lines[-1].startswith("PUE 1.50 (given)")
+    assert lines[4].endswith("× PUE 1.50")  # the time x power layer used the settings given
     assert "profile no profile)" in accounting.report_lines(ROWS, 2.0, profile=None)[0]
     quick = dataclasses.replace(load_profile("local-cpu"), name="quick-cpu")
     assert accounting.report_lines(ROWS, 2.0, profile=quick)[0].endswith(
