@@ -187,8 +187,14 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{name:<12} mutmut made no results; its log:")
                 print((dest / "mutmut.log").read_text()[-3000:])
                 continue
-            print(row(name, Counter(results.values())) + ("" if finished else "  (interrupted)"),
-                  flush=True)
+            counts = Counter(results.values())
+            print(row(name, counts) + ("" if finished else "  (interrupted)"), flush=True)
+            if finished and counts["not run"] == len(results):
+                # mutmut stopped before the first mutant: a failing clean run, say; its words
+                lines = (dest / "mutmut.log").read_text(errors="replace").replace("\r", "\n")
+                said = [ln for ln in lines.splitlines()  # without the spinner's Braille frames
+                        if ln.strip() and not "\u2800" <= ln[:1] <= "\u28ff"]
+                print("\n".join(f"{'':<12} {ln}" for ln in said[-15:]))
             survivors[name] = [(m, diff_of(dest, m) if args.survivors else "")
                                for m, s in sorted(results.items()) if s == "survived"]
         finally:
