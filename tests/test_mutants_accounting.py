@@ -8,7 +8,9 @@ import dataclasses
 import pytest
 from test_energy import LOCAL_CPU, ROWS, _row
 
-from minigpt.energy import accounting
+from minigpt import units
+from minigpt.energy import accounting, run_energy
+from minigpt.energy.accounting import PowerBasis
 from minigpt.errors import ConfigError
 from minigpt.hardware import cpu_power
 from minigpt.hardware.counters import NOT_MEASURED, Measurement
@@ -33,7 +35,7 @@ def home(tmp_path, monkeypatch):
     (1e-10, "1e-10 J"), (0.0, "0 J"), (-2500, "-2.5 kJ"), (123456, "123 kJ"),
 ])
 def test_joules_text_has_three_figures_and_the_largest_prefix_that_fits(joules, text):
-    assert accounting.joules_text(joules) == text
+    assert units.si(joules, "J") == text  # the energy report's joules column
 
 
 def test_conversions():
@@ -77,7 +79,7 @@ def test_the_floor_counts_bytes_both_ways_at_each_dtypes_cost():
     layer = accounting.floor_layer([_row(1e12, 1e12)], s)
     sram = (1e12 * f["fp32"] + 1e12 * s.pj_per_byte_sram) * 1e-12
     assert layer.name == "physics floor"
-    assert f"(DRAM; {accounting.joules_text(sram)} if every byte came from SRAM)" in layer.basis
+    assert f"(DRAM; {units.si(sram, 'J')} if every byte came from SRAM)" in layer.basis
     bad = accounting.floor_layer([_row(1, 1, "float8")], s)
     assert bad == accounting.Layer("physics floor", None,
                                    "no per-operation energy for records of dtype 'float8'")
@@ -94,23 +96,31 @@ def test_measured_layer_names_its_readers():
     assert accounting.measured_layer(None, s) == accounting.Layer("measured", None, NOT_MEASURED)
 
 
+def _figure(power: accounting.PowerFigure) -> tuple:
+    return power.watts, power.note
+
+
 def test_power_sources_in_order():
     with pytest.raises(ConfigError, match="--watts must be > 0, got 0"):
         accounting.power_figure(None, 0.0)
-    assert accounting.power_figure(None, 0.5) == (0.5, "--watts")
+    given = accounting.power_figure(None, 0.5)
+    assert _figure(given) == (0.5, "--watts") and given.basis is PowerBasis.GIVEN
     brief = Measurement(joules={"rapl": 1.0, "nvml": 2.0}, seconds=0.5)  # under a second counts
-    assert accounting.power_figure(None, None, brief) == (6.0, "measured: rapl, nvml")
+    measured = accounting.power_figure(None, None, brief)
+    assert _figure(measured) == (6.0, "measured: rapl, nvml") and measured.basis is PowerBasis.MEASURED
     instant = Measurement(joules={"rapl": 1.0}, seconds=0.0)  # no time: no mean power
-    assert accounting.power_figure(None, 40.0, instant) == (40.0, "--watts")
-    h100 = load_profile("h100-sxm")
-    assert accounting.power_figure(h100, None) == (700, "profile h100-sxm")
+    assert _figure(accounting.power_figure(None, 40.0, instant)) == (40.0, "--watts")
+    h100 = accounting.power_figure(load_profile("h100-sxm"), None)
+    assert _figure(h100) == (700, "profile h100-sxm") and h100.basis is PowerBasis.PROFILE
     cpu_only = Measurement(reasons={"rapl": "no RAPL"}, seconds=4.0, cpu_seconds=6.0)
     est = cpu_power.estimate(6.0, 4.0)
-    assert accounting.power_figure(None, None, cpu_only) == (est.watts, est.basis)
-    assert accounting.power_of(None, None, cpu_only) == (est.watts, f"{est.watts:.3g} W ({est.basis})")
-    assert accounting.power_of(None, None, cpu_only, estimate=False)[0] is None
+    estimated = accounting.power_figure(None, None, cpu_only)
+    assert _figure(estimated) == (est.watts, est.basis) and estimated.basis is PowerBasis.ESTIMATED
+    assert estimated.text == f"{est.watts:.3g} W ({est.basis})"
+    assert accounting.power_figure(None, None, cpu_only, estimate=False).watts is None
     none = "needs a power figure (no hardware profile: pass --watts or add power_watts to your profile)"
-    assert accounting.power_figure(None, None) == (None, none)
+    nothing = accounting.power_figure(None, None)
+    assert _figure(nothing) == (None, none) and nothing.basis is PowerBasis.NONE and nothing.text == none
 
 
 def test_roofline_layer_reasons_and_share():
@@ -142,37 +152,40 @@ def test_run_layers_reasons_without_a_profile():
     assert as_object[2].joules == pytest.approx(timed[2].joules)
 
 
-def test_format_layers_columns():
+def test_report_columns():
+    """The energy table's columns: 3.6 MJ is 1 kWh, so Wh = 1000 and gCO2e = the grid's g/kWh."""
     s = accounting.settings()
-    layers = [accounting.Layer("time x power", 3.6e6, "how"), accounting.Layer("roofline", None, "why")]
-    lines = accounting.format_layers(layers, s, "title", tokens=1000)
+    seconds = 3.6e6 / (50 * s.pue)  # at 50 W and the PUE: time x power = 3.6 MJ
+    lines = run_energy.report_lines(run_energy.build(ROWS, seconds, profile=None, watts=50,
+                                                     tokens=1000, s=s))
     grams = 1e3 * s.carbon_kg_per_kwh  # 1 kWh
-    assert lines[0] == "title"
     assert lines[1].split() == ["layer", "energy", "Wh", "gCO2e", "J/token", "how"]
     assert lines[2] == "-" * len(lines[1])  # the rule underlines the whole header
-    assert lines[3].split() == ["time", "x", "power", "3.6", "MJ", "1000", f"{grams:.3g}",
-                                "3.6e+03", "how"]
-    assert lines[4] == f"{'roofline':<14}  why"
-    plain = accounting.format_layers(layers, s, "title")
+    assert lines[4].split()[:8] == ["time", "x", "power", "3.6", "MJ", "1000", f"{grams:.3g}",
+                                    "3.6e+03"]
+    plain = run_energy.report_lines(run_energy.build(ROWS, seconds, profile=None, watts=50, s=s))
     assert plain[1].split() == ["layer", "energy", "Wh", "gCO2e", "how"]
-    assert plain[3].split() == ["time", "x", "power", "3.6", "MJ", "1000", f"{grams:.3g}", "how"]
+    assert plain[4].split()[:7] == ["time", "x", "power", "3.6", "MJ", "1000", f"{grams:.3g}"]
     low = accounting.settings(carbon_kg_per_kwh=0.12444)  # 124.44 g: "124", not 124.56's "125"
-    assert accounting.format_layers(layers, low, "title")[3].split()[6] == "124"
+    low_seconds = 3.6e6 / (50 * low.pue)
+    assert run_energy.report_lines(run_energy.build(ROWS, low_seconds, profile=None, watts=50,
+                                                    s=low))[4].split()[6] == "124"
 
 
 def test_report_lines_title_settings_and_estimate():
     s = accounting.settings(pue=1.5)
-    lines = accounting.report_lines(ROWS, 2.0, profile="h100-sxm", s=s)
+    lines = run_energy.report_lines(run_energy.build(ROWS, 2.0, profile="h100-sxm", s=s))
     assert lines[0] == "energy, four ways (2 s measured; profile h100-sxm)"
     assert lines[-1].startswith("PUE 1.50 (given)")
     assert lines[4].endswith("× PUE 1.50")  # the time x power layer used the settings given
-    assert "profile no profile)" in accounting.report_lines(ROWS, 2.0, profile=None)[0]
+    assert "profile no profile)" in run_energy.report_lines(run_energy.build(ROWS, 2.0, profile=None))[0]
     quick = dataclasses.replace(load_profile("local-cpu"), name="quick-cpu")
-    assert accounting.report_lines(ROWS, 2.0, profile=quick)[0].endswith(
+    assert run_energy.report_lines(run_energy.build(ROWS, 2.0, profile=quick))[0].endswith(
         "profile quick-cpu (this machine's cached quick measurement; `minigpt calibrate` measures "
         "carefully))")
     cpu_only = Measurement(reasons={"rapl": "no RAPL"}, seconds=2.0, cpu_seconds=2.0)
-    text = "\n".join(accounting.report_lines(ROWS, 2.0, profile=None, measured=cpu_only))
+    text = "\n".join(run_energy.report_lines(run_energy.build(ROWS, 2.0, profile=None, measured=cpu_only)))
     assert "estimated: " in text
     assert "estimated: " not in "\n".join(
-        accounting.report_lines(ROWS, 2.0, profile=None, measured=cpu_only, estimate=False))
+        run_energy.report_lines(run_energy.build(ROWS, 2.0, profile=None, measured=cpu_only,
+                                                 estimate=False)))

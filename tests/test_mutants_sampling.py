@@ -146,7 +146,7 @@ def recorded_run(monkeypatch, gpt, prompt, n, **kwargs):
         return 3 + len(seen) - 1
 
     monkeypatch.setattr(sampling, "sample_next", pick)
-    return generate(gpt, prompt, n, **kwargs).tolist(), seen
+    return generate(gpt, prompt, n, **kwargs).tokens.tolist(), seen
 
 
 def test_each_step_sees_the_full_forward_logits_and_the_cache_restarts_at_half(monkeypatch):
@@ -192,14 +192,14 @@ def test_prefills_compute_only_the_last_positions_logits():
 def test_on_token_streams_every_new_token_in_order():
     gpt = small_model().gpt
     seen = []
-    new = generate(gpt, [1, 2, 3], 4, temperature=0, on_token=seen.append)
+    new = generate(gpt, [1, 2, 3], 4, temperature=0, on_token=seen.append).tokens
     assert seen == new.tolist() and len(seen) == 4 and new.dtype == np.int64
 
 
 def test_prompts_of_one_token_to_block_size_are_taken():
     gpt = small_model().gpt
-    assert generate(gpt, [3], 2, temperature=0).shape == (2,)
-    assert generate(gpt, list(range(SMALL["block_size"])), 2, temperature=0).shape == (2,)
+    assert generate(gpt, [3], 2, temperature=0).tokens.shape == (2,)
+    assert generate(gpt, list(range(SMALL["block_size"])), 2, temperature=0).tokens.shape == (2,)
     for bad in ([], list(range(SMALL["block_size"] + 1))):
         with pytest.raises(AssertionError, match="^the caller trims the prompt to block_size$"):
             generate(gpt, bad, 1)
