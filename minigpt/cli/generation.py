@@ -6,6 +6,7 @@ import math
 import sys
 from pathlib import Path
 
+from minigpt import units
 from minigpt.cli.common import Parser
 from minigpt.cli.training import energy_arguments, hardware_for
 from minigpt.errors import ConfigError
@@ -148,18 +149,18 @@ def _print_generation_costs(prompt_tokens: int, gen, measured, args) -> None:
     t = tables.totals(rows)
     new_tokens = len(gen.tokens)
     print(f"\ncosts: prompt of {prompt_tokens} tokens, {new_tokens} new tokens (batch 1, KV cache)")
-    print(f"{'phase':<8}  {'calls':>6}  {'FLOPs':>11}  {'bytes':>10}  {'seconds':>8}  per token")
     calls = {"prefill": gen.prefills, "decode": gen.decode_steps}  # forward passes
     decode_steps = max(1, gen.decode_steps)
-    for phase in ("prefill", "decode"):
-        if phase not in t:
-            continue
+    cells = []
+    for phase in (phase for phase in ("prefill", "decode") if phase in t):
         p = t[phase]
         nbytes = p["bytes_read"] + p["bytes_written"]
         per = (f"{tables.si(p['flops'] / decode_steps)}FLOP, {tables.si(nbytes / decode_steps, 'B')}"
                if phase == "decode" else "")
-        print(f"{phase:<8}  {calls[phase]:>6}  {tables.si(p['flops']):>11}  {tables.si(nbytes, 'B'):>10}  "
-              f"{p['seconds']:8.3f}  {per}")
+        cells.append((phase, str(calls[phase]), tables.si(p["flops"]), tables.si(nbytes, "B"),
+                      f"{p['seconds']:.3f}", per))
+    print("\n".join(units.rows_text(("phase", "calls", "FLOPs", "bytes", "seconds", "per token"),
+                                    cells, align="<>>>><", rule=False)))
     if "decode" in t:
         d = t["decode"]
         print(f"bytes per generated token: {tables.si((d['bytes_read'] + d['bytes_written']) / decode_steps, 'B')}"
@@ -180,13 +181,17 @@ def _print_generation_energy(doc: dict, rows, gen, args) -> None:
 
     run_energy.add_phases(doc, rows, {"prefill": gen.prefill_tokens, "decode": gen.decode_steps})
     print(f"energy by phase ({run_energy.summary_line(doc)})")
+    cells = []
     for phase in ("prefill", "decode"):
         p = doc["phases"].get(phase)
         if p is None or p["joules"] is None:
             continue
         per = f"{p['j_per_token']:.3g} J/token" if p["j_per_token"] is not None else "-"
-        print(f"{phase:<8}  {p['tokens'] or 0:>5} tokens  {p['joules']:9.4g} J  {per}  "
-              f"(roofline {p['joules_roofline']:.3g} J)")
+        cells.append((phase, f"{p['tokens'] or 0} tokens", f"{p['joules']:.4g} J", per,
+                      f"(roofline {p['joules_roofline']:.3g} J)"))
+    if cells:
+        print("\n".join(units.rows_text(("phase", "tokens", "joules", "per token", "roofline"),
+                                        cells, align="<>>><", rule=False)[1:]))
     if args.energy_json:
         import json
 
