@@ -170,16 +170,18 @@ def summary(rows, steps: int, tokens: int, peak_flops: float | None = None,
     comm = totals([r for r in rows if r["phase"] == "communication"]).get("communication")
     lines = [format_table(group(train_rows, "layer"),
                           title=f"cost per layer, training phases, {steps} steps, {tokens:,} tokens"),
-             "",
-             f"{'phase':<10}  {'FLOPs':>11}  {'bytes':>10}  {'seconds':>8}  {'GFLOP/s':>8}"]
-    for phase in ("forward", "backward", "optimizer", "all"):
-        if phase in t:
-            lines.append(_phase_line(phase, t[phase]))
+             ""]
+    cells = [_phase_cells(phase, t[phase]) for phase in ("forward", "backward", "optimizer", "all")
+             if phase in t]
     evals = totals([r for r in rows if r["phase"] == "eval"]).get("eval")
     if evals:  # the periodic validation forwards: real work, but not training's, so not in "all"
-        lines.append(_phase_line("eval", evals) + "  (validation forwards, not in all)")
+        cells.append(_phase_cells("eval", evals, "(validation forwards, not in all)"))
     if comm:
-        lines.extend(communication_lines(t["all"], comm))
+        cells.append(_communication_cells(comm))
+    lines += units.rows_text(("phase", "FLOPs", "bytes", "seconds", "GFLOP/s", ""), cells,
+                             align="<>>>><", rule=False)
+    if comm:
+        lines.append(_communication_share(t["all"], comm))
     if steps:
         mm = sum(r["flops"] for r in train_rows if r["kind"] == "matmul")
         lines.append(f"matmul FLOPs per token: {mm / tokens:,.0f}  (all FLOPs per token: "
@@ -192,21 +194,23 @@ def summary(rows, steps: int, tokens: int, peak_flops: float | None = None,
     return "\n".join(lines)
 
 
-def _phase_line(name: str, p: dict) -> str:
+def _phase_cells(name: str, p: dict, note: str = "") -> tuple[str, ...]:
     rate = p["flops"] / p["seconds"] / 1e9 if p["seconds"] > 0 else 0.0
-    return (f"{name:<10}  {si(p['flops']):>11}  {si(p['bytes_read'] + p['bytes_written'], 'B'):>10}"
-            f"  {p['seconds']:8.2f}  {rate:8.2f}")
+    return (name, si(p["flops"]), si(p["bytes_read"] + p["bytes_written"], "B"),
+            f"{p['seconds']:.2f}", f"{rate:.2f}", note)
 
 
-def communication_lines(compute: dict, comm: dict) -> list[str]:
-    """Data-parallel runs: the allreduces' totals beside the compute phases'. Bytes are those each
-    rank sent and received (ring allreduce); the seconds include waiting for the slowest rank."""
+def _communication_cells(comm: dict) -> tuple[str, ...]:
+    """Data-parallel runs: the allreduces' totals as a row beside the compute phases'. Bytes are
+    those each rank sent and received (ring allreduce); the seconds include waiting for the
+    slowest rank."""
+    sent, received = si(comm["bytes_read"], "B"), si(comm["bytes_written"], "B")
+    return ("communic.", si(comm["flops"]), si(comm["bytes_read"] + comm["bytes_written"], "B"),
+            f"{comm['seconds']:.2f}", "", f"(allreduce: {sent} sent + {received} received by this rank)")
+
+
+def _communication_share(compute: dict, comm: dict) -> str:
     total_s = compute["seconds"] + comm["seconds"]
     share = 100 * comm["seconds"] / total_s if total_s > 0 else 0.0
-    sent, received = si(comm["bytes_read"], "B"), si(comm["bytes_written"], "B")
-    moved = si(comm["bytes_read"] + comm["bytes_written"], "B")
-    table_row = (f"{'communic.':<10}  {si(comm['flops']):>11}  {moved:>10}  {comm['seconds']:8.2f}"
-                 f"  (allreduce: {sent} sent + {received} received by this rank)")
-    share_line = (f"compute {compute['seconds']:.2f} s, communication {comm['seconds']:.2f} s: "
-                  f"{share:.1f}% of the step time went to the allreduces")
-    return [table_row, share_line]
+    return (f"compute {compute['seconds']:.2f} s, communication {comm['seconds']:.2f} s: "
+            f"{share:.1f}% of the step time went to the allreduces")
