@@ -64,7 +64,7 @@ def test_one_optimizer_step_records_the_closed_form(dtype):
         clip_grad_norm(g, 1.0)
         AdamW(params).step(g, 1e-3)
     predicted = closed_form.predict_training_step(CFG, 1, 1, dtype=dtype)
-    predicted = {k: r for k, r in predicted.items() if k[3] == "optimizer"}
+    predicted = {k: r for k, r in predicted.items() if k.phase == "optimizer"}
     assert METER.records.keys() == predicted.keys()
     for key, p in predicted.items():
         m = METER.records[key]

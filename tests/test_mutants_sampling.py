@@ -185,7 +185,7 @@ def test_prefills_compute_only_the_last_positions_logits():
         for key, r in closed_form.predict_forward(gpt.cfg, 1, T, phase="prefill",
                                                   dtype="float64").items():
             predicted[key] = predicted.get(key, 0) + r.flops
-    measured = {k: r.flops for k, r in METER.records.items() if k[3] == "prefill"}
+    measured = {k: r.flops for k, r in METER.records.items() if k.phase == "prefill"}
     assert measured == predicted
 
 

@@ -9,7 +9,7 @@
 
 from pathlib import Path
 
-from minigpt.counting import tables
+from minigpt.counting import scopes, tables
 
 TRAINING = ("forward", "backward", "optimizer")
 
@@ -64,7 +64,7 @@ def roofline_chart(rows, path: Path, peak_flops: float, bandwidth: float, title:
     for r in rows:
         kind = r["kind"]
         if kind == "matmul":
-            attention = r["scope"].endswith((".scores", ".mix"))
+            attention = r["scope"].endswith((f".{scopes.SCORES}", f".{scopes.MIX}"))
             kind = "matmul: attention (QK^T, att V)" if attention else "matmul: weights"
         key = (r["scope"].split(".", 1)[-1] if r["scope"][:1] == "h" else r["scope"], r["op"], kind)
         p = points.setdefault(key, {"flops": 0, "bytes": 0, "seconds": 0.0})
@@ -76,10 +76,10 @@ def roofline_chart(rows, path: Path, peak_flops: float, bandwidth: float, title:
     xs = [lo * (hi / lo) ** (i / 200) for i in range(201)]
     ax.plot(xs, [min(peak_flops, x * bandwidth) / 1e9 for x in xs], "k-", lw=2,
             label=f"ceilings: {peak_flops / 1e9:,.0f} GFLOP/s, {bandwidth / 1e9:,.1f} GB/s")
-    kinds = sorted({k[2] for k in points})
+    kinds = sorted({kind for _, _, kind in points})  # points: {(layer, op, kind): sums}
     cmap = plt.get_cmap("tab10")
     for i, kind in enumerate(kinds):
-        sel = [(k, p) for k, p in points.items() if k[2] == kind and p["flops"] > 0 and p["bytes"] > 0]
+        sel = [(k, p) for k, p in points.items() if k[-1] == kind and p["flops"] > 0 and p["bytes"] > 0]
         ax.scatter([p["flops"] / p["bytes"] for _, p in sel], [p["flops"] / p["seconds"] / 1e9 for _, p in sel],
                    color=cmap(i % 10), label=kind, s=25)
     ax.set_xscale("log")
