@@ -56,15 +56,16 @@ MODULES = {
     "layers": ("minigpt/nn/layers.py",
                ["tests/test_mutants_layers.py", "tests/test_gradients.py",
                 "tests/test_torch_parity.py", "tests/test_kv_int8.py",
-                "tests/test_flops_per_element.py", "tests/test_generate.py", "tests/test_moe.py"]),
+                "tests/test_flops_per_element.py", "tests/test_generate.py", "tests/test_moe.py",
+                "tests/test_costs.py", "tests/test_quant.py"]),
     "model": ("minigpt/nn/model.py",
               ["tests/test_mutants_model.py", "tests/test_gradients.py", "tests/test_generate.py",
                "tests/test_torch_parity.py", "tests/test_moe.py", "tests/test_kv_int8.py",
-               "tests/test_scaling_flops.py", "tests/test_costs.py"]),
+               "tests/test_scaling_flops.py", "tests/test_costs.py", "tests/test_quant.py"]),
 }
 
 # what the copy needs for the tests to run: the package, the tests and the files they read
-COPY = ["minigpt", "tests", "configs", "corpora", "bench", "train.py", "generate.py",
+COPY = ["minigpt", "tests", "configs", "corpora", "bench", "docs", "train.py", "generate.py",
         "pyproject.toml", "README.md"]
 IGNORE = shutil.ignore_patterns("__pycache__", "*.pyc", ".hypothesis", "mutants")
 
@@ -104,6 +105,12 @@ def run_mutmut(dest: Path, seconds: float, children: int, nice: int) -> bool:
     # the tests import minigpt from the mutated tree, and so do the commands they start
     env["PYTHONPATH"] = str(dest / "mutants")
     env.pop("MUTANT_UNDER_TEST", None)
+    # mutmut forks each mutant's test process from one that has already run the tests; a
+    # thread pool that process started (PyTorch's OpenMP in test_torch_parity, a BLAS's) is
+    # gone in the fork, and the first parallel call there waits on it forever, which mutmut
+    # would then count as a kill by timeout. One thread each: no pool to lose.
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        env[var] = "1"
     cmd = ["nice", "-n", str(nice), sys.executable, "-m", "mutmut", "run", "--max-children",
            str(children)]
     with open(dest / "mutmut.log", "w") as log:
