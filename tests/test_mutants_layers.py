@@ -224,3 +224,16 @@ def test_on_a_gpu_each_layer_hands_its_arguments_to_its_kernel(monkeypatch, laye
     assert getattr(nn, layer)(*given) == "the kernel's result"
     assert seen == [given]
 
+
+
+def test_gelu_gradient_covers_every_row():
+    """More rows than the hidden width (N = 48 > 4C = 8): each row's gradient is the derivative
+    of 0.5 x (1 + tanh(k (x + 0.044715 x^3))), k = sqrt(2/pi), written out in float64."""
+    x = np.random.default_rng(10).normal(0, 1.5, (3, 16, 8))
+    dout = np.random.default_rng(11).normal(size=x.shape)
+    _, cache = nn.gelu_forward(x)
+    dx = nn.gelu_backward(dout.copy(), cache)
+    k = math.sqrt(2 / math.pi)
+    th = np.tanh(k * (x + 0.044715 * x**3))
+    want = dout * (0.5 * (1 + th) + 0.5 * x * (1 - th**2) * k * (1 + 3 * 0.044715 * x**2))
+    np.testing.assert_allclose(dx, want, rtol=1e-10, atol=1e-12)
