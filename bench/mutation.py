@@ -106,11 +106,12 @@ def run_mutmut(dest: Path, seconds: float, children: int, nice: int) -> bool:
     # the tests import minigpt from the mutated tree, and so do the commands they start
     env["PYTHONPATH"] = str(dest / "mutants")
     env.pop("MUTANT_UNDER_TEST", None)
-    # mutmut forks each mutant's test process from one that has already run the tests; a
-    # thread pool that process started (PyTorch's OpenMP in test_torch_parity, a BLAS's) is
-    # gone in the fork, and the first parallel call there waits on it forever, which mutmut
-    # would then count as a kill by timeout. One thread each: no pool to lose.
-    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    # mutmut forks each mutant's test process from one that has already run the tests; an
+    # OpenMP thread pool that process started (PyTorch's, in test_torch_parity) is gone in the
+    # fork, and the first parallel call there waits on it forever, which mutmut would then
+    # count as a kill by timeout. One OpenMP thread: no pool to lose. (OPENBLAS_NUM_THREADS
+    # stays as it is: test_energy sets it to see the calibration cache key change.)
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         env[var] = "1"
     cmd = ["nice", "-n", str(nice), sys.executable, "-m", "mutmut", "run", "--max-children",
            str(children)]
