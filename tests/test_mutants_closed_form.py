@@ -117,3 +117,15 @@ def test_a_step_without_clipping_predicts_the_update_alone():
     P = closed_form.n_params(CFG)
     (adamw,) = [r for k, r in predicted.items() if k.phase == "optimizer"]
     assert (adamw.bytes_read, adamw.bytes_written) == (4 * P * 4, 3 * P * 4)
+
+
+def test_backward_records_with_dropout_as_the_config_says():
+    """backward_records follows cfg.dropout: with dropout on, the masks' backward passes too."""
+    cfg = ModelConfig(n_layer=2, n_head=2, n_embd=8, block_size=10, vocab_size=13, dropout=0.5)
+    model = _model(cfg)
+    _, cache = model.loss(IDX[:, :7], IDX[:, 1:8], rng=np.random.default_rng(2))
+    METER.reset()
+    with METER.in_phase("backward"):
+        model.backward(cache)
+    _same(closed_form.backward_records(cfg, 2, 7), METER.records)
+    assert any(k.kind == "dropout" for k in METER.records)
