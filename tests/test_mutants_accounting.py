@@ -189,3 +189,23 @@ def test_report_lines_title_settings_and_estimate():
     assert "estimated: " not in "\n".join(
         run_energy.report_lines(run_energy.build(ROWS, 2.0, profile=None, measured=cpu_only,
                                                  estimate=False)))
+
+
+def test_a_profile_power_figure_cites_the_profiles_source_or_none():
+    """source is where the profile's power figure was published, and "" when the profile names
+    none (energy.json's watts_source)."""
+    h100 = load_profile("h100-sxm")
+    cited = accounting.power_figure(h100, None)
+    assert cited.source == h100.sources["power_watts"] != ""
+    bare = dataclasses.replace(h100, sources={k: v for k, v in h100.sources.items() if k != "power_watts"})
+    uncited = accounting.power_figure(bare, None)
+    assert uncited.basis is PowerBasis.PROFILE and uncited.watts == 700
+    assert uncited.source == "" and uncited.to_json()["watts_source"] == ""
+
+
+def test_layers_without_a_profile_or_its_reason_say_there_is_no_profile():
+    """layers_of called without find_profile's reason: the layers that need a power figure say
+    that there is no hardware profile, as run_layers does for profile=None."""
+    layers = accounting.layers_of(ROWS, 10.0, None, accounting.power_figure(None, None), None,
+                                  accounting.settings())
+    assert layers[1].basis == layers[2].basis == NEEDS_NO_PROFILE
