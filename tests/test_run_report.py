@@ -217,12 +217,12 @@ def test_report_html_renders_in_headless_chromium(trained_run, tmp_path):
     if browser is None:
         pytest.skip("no chromium installed (apt-get install chromium)")
     shot = tmp_path / "report.png"
-    html = tmp_path / "report.html"
-    html.write_text(html.render(trained_run))
+    page = tmp_path / "report.html"
+    page.write_text(html.render(trained_run))
     r = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu",
                         "--disable-background-networking", "--disable-component-update",
                         "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'p'}",
-                        f"--screenshot={shot}", "--window-size=1100,2400", html.as_uri()],
+                        f"--screenshot={shot}", "--window-size=1100,2400", page.as_uri()],
                        capture_output=True, text=True, timeout=120, check=False)
     assert r.returncode == 0, r.stderr[-2000:]
     data = shot.read_bytes()
