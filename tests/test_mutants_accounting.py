@@ -6,7 +6,11 @@ all against values worked by hand."""
 import dataclasses
 
 import pytest
-from test_energy import LOCAL_CPU, ROWS, _row
+from test_energy import (
+    ROWS,
+    _row,
+    home,  # noqa: F401 - autouse: test_energy's calibrated local-cpu, no power
+)
 
 from minigpt import units
 from minigpt.energy import accounting, run_energy
@@ -17,15 +21,6 @@ from minigpt.hardware.counters import NOT_MEASURED, Measurement
 from minigpt.hardware.profiles import load_profile
 
 NEEDS_NO_PROFILE = "needs a power figure (no hardware profile; or pass --watts)"
-
-
-@pytest.fixture(autouse=True)
-def home(tmp_path, monkeypatch):
-    """A $MINIGPT_HOME with test_energy's calibrated local-cpu profile (no power figure)."""
-    folder = tmp_path / "home" / "hardware"
-    folder.mkdir(parents=True)
-    (folder / "local-cpu.toml").write_text(LOCAL_CPU)
-    monkeypatch.setenv("MINIGPT_HOME", str(tmp_path / "home"))
 
 
 @pytest.mark.parametrize("joules, text", [
