@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "minigpt"
 FLOORS = [
     {"errors"},                                 # the errors a user can cause
     {"backend", "config", "safeio", "units"},   # array module, run configuration, safe writes, units
-    {"counting"},                               # the meter, the closed form, tables, memory
+    {"counting", "kernels"},                    # the meter, closed form, tables; compiled kernels
     {"nn", "hardware", "tokenizers"},           # the model's math; the machine; text <-> ids
     {"energy"},                                 # a run's energy, over hardware
     {"scale"},                                  # full-size projections, over energy

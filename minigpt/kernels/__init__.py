@@ -1,0 +1,41 @@
+"""Compiled CPU kernels for what NumPy lacks, built with Numba when it is importable.
+
+NumPy stays the reference path: every kernel here has a NumPy twin it is tested equal to, and a
+machine without Numba (or `--kernels numpy`, or MINIGPT_KERNELS=numpy) runs the NumPy path with the
+same results. `active()` says which path runs; `use(name)` chooses one.
+"""
+
+import importlib.util
+import os
+
+from minigpt.errors import ConfigError
+
+CHOICES = ("numpy", "numba")
+AVAILABLE = importlib.util.find_spec("numba") is not None
+
+
+def _default() -> str:
+    name = os.environ.get("MINIGPT_KERNELS", "numba" if AVAILABLE else "numpy")
+    return name if name in CHOICES and (name != "numba" or AVAILABLE) else "numpy"
+
+
+_active = _default()
+
+
+def use(name: str) -> None:
+    """Run the `name` path ("numpy" or "numba") from now on."""
+    global _active
+    if name not in CHOICES:
+        raise ConfigError(f"--kernels: {name!r} is not one of {', '.join(CHOICES)}")
+    if name == "numba" and not AVAILABLE:
+        raise ConfigError("--kernels numba: Numba is not installed (pip install numba)")
+    _active = name
+
+
+def active() -> str:
+    """The kernels path in use: "numba" or "numpy"."""
+    return _active
+
+
+def numba_on() -> bool:
+    return _active == "numba"
