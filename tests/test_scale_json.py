@@ -16,17 +16,19 @@ ALWAYS = ("train_tokens", "train_flops", "train_flops_6nd", "train_flops_publish
           "energy_mwh", "co2_tonnes", "co2_net_tonnes", "water_onsite_m3", "water_offsite_m3",
           "water_m3", "households_year", "weight_bytes", "kv_bytes_per_token",
           "prefill_s_per_token", "decode_s_per_token", "decode_tokens_per_s_ceiling",
-          "wh_per_query", "wh_per_query_basis", "water_ml_per_query", "gwh_per_year")
+          "wh_per_query", "wh_per_query_basis", "wh_per_query_boundaries", "water_ml_per_query",
+          "gwh_per_year", "breakeven_days", "breakeven_training_mwh", "breakeven_training_mwh_is",
+          "inference_mwh_per_day")
 TRAINING = ("train_flops_used_is", "chip_hours_is", "flops_per_chip_is", "training_layers",
             "sensitivity", "communication", "communication_why")
 PER_QUERY = ("wh_it_per_query", "co2_g_per_query", "co2_net_g_per_query",
              "water_onsite_ml_per_query", "water_offsite_ml_per_query")
+ENERGY = ("wh_per_query_is", "wh_per_query_roofline", "wh_per_query_compute",
+          "wh_per_query_throughput", "throughput", "wh_per_query_boundaries_split")
 SERVING = ("inference_chips", "batch", "weight_bits", "kv_bits", "decode_bytes_per_token",
            "decode_flops_per_token", "weights_only_tokens_per_s", "flops_per_query",
-           "wh_per_query_is", "wh_per_query_roofline", "wh_per_query_compute", "serving_mfu",
-           "fits_in_memory", "fit_note", "inference_layers") + PER_QUERY
-STATED = ("wh_per_query_is", "wh_per_query_roofline", "wh_per_query_compute", "inference_chips",
-          "fits_in_memory", "fit_note") + PER_QUERY
+           *ENERGY, "serving_mfu", "fits_in_memory", "fit_note", "inference_layers") + PER_QUERY
+STATED = (*ENERGY, "inference_chips", "fits_in_memory", "fit_note") + PER_QUERY
 TAIL = ("this_machine", "measured", "assumptions", "published", "published_source", "notes")
 NESTED = {
     "training_layers": ("measured", "time_x_power_mwh", "roofline_mwh", "floor_mwh"),
@@ -37,6 +39,8 @@ NESTED = {
                       "chip_hours", "energy_mwh", "co2_tonnes", "share", "total_days",
                       "total_mwh"),
     "inference_layers": ("measured", "roofline_wh_per_query", "floor_wh_per_query"),
+    "wh_per_query_boundaries": ("accelerator", "host", "idle", "overhead"),
+    "throughput": ("chips", "seconds", "accelerator_watts", "host_watts", "wh_per_query"),
 }
 ROWS = {"assumptions": ("field", "value", "origin"),
         "published": ("key", "published", "ours", "difference")}
@@ -49,10 +53,10 @@ def _empty_home(tmp_path, monkeypatch):
 
 
 def expected_keys(scn: scenario.Scenario) -> tuple[str, ...]:
-    keys = HEAD + ALWAYS + (TRAINING if scn.has("training") else ())
+    keys = HEAD + ALWAYS + (TRAINING if scenario.training_work_given(scn) else ())
     if scn.has("inference"):
-        stated = not scn.has("model") or scn.get("inference", "output_tokens") is None
-        keys += STATED if stated else SERVING
+        no_model = not scn.has("model") or scn.get("inference", "output_tokens") is None
+        keys += STATED if no_model else SERVING
     return keys + TAIL
 
 

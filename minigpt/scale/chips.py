@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from minigpt.errors import ConfigError
 from minigpt.hardware import profiles
 from minigpt.hardware.profiles import Profile
-from minigpt.scale.scenario import Scenario
+from minigpt.scale.scenario import Scenario, training_work_given
 
 FLOOR_ENERGY_OF_PEAK = {"fp32": "fp32", "tf32": "fp32", "fp16": "fp16", "int8": "int8"}
 BASIS_FIGURE = {"chip": "power_watts", "system": "system_power_watts"}
@@ -88,8 +88,8 @@ def _rating(scn: Scenario, prof: Profile, need: bool) -> tuple[float | None, str
 
 
 def chip_of(scn: Scenario) -> Chip:
-    """The scenario's chip; its power is required unless nothing is computed from it (a stated
-    Wh per query with no model and no training)."""
+    """The scenario's chip; its power is required unless nothing needs it: a stated Wh per query
+    (beside which a model's roofline Wh is then left out) and no training work to cost."""
     hw = scn.values["hardware"]
     try:
         prof = profiles.load_profile(hw["profile"])
@@ -108,7 +108,8 @@ def chip_of(scn: Scenario) -> Chip:
         raise ConfigError(f"{scn.where('hardware', 'achieved_flops_per_chip')}: [hardware] "
                           f"achieved_flops_per_chip {achieved:.3g} exceeds {prof.name}'s {dtype} "
                           f"peak {peak:.3g}")
-    rating, basis, source = _rating(scn, prof, scn.has("training") or scn.has("model"))
+    serves = scn.has("inference") and scn.get("inference", "wh_per_query") is None
+    rating, basis, source = _rating(scn, prof, training_work_given(scn) or serves)
     bandwidth = hw.get("memory_bandwidth", prof.memory_bandwidth)  # bytes/s
     return Chip(prof, dtype, peak, achieved, rating, basis, source, hw.get("power_fraction", 1.0),
                 bandwidth, hw.get("chips"))

@@ -17,13 +17,17 @@ formats it; Estimate.to_json() is the JSON `minigpt scale --format json` prints:
     decode_bytes_per_token, decode_flops_per_token, prefill_s_per_token, decode_s_per_token,
     decode_tokens_per_s_ceiling, weights_only_tokens_per_s, flops_per_query, wh_per_query,
     wh_per_query_basis (wh_per_query_is: the same), wh_per_query_roofline,
-    wh_per_query_compute, serving_mfu, gwh_per_year, fits_in_memory, fit_note, inference_layers,
-    wh_it_per_query, co2_g_per_query, co2_net_g_per_query, water_onsite_ml_per_query,
-    water_offsite_ml_per_query, water_ml_per_query       Serving.to_json()
+    wh_per_query_compute, wh_per_query_throughput, throughput, wh_per_query_boundaries,
+    wh_per_query_boundaries_split, serving_mfu, gwh_per_year, fits_in_memory, fit_note,
+    inference_layers, wh_it_per_query, co2_g_per_query, co2_net_g_per_query,
+    water_onsite_ml_per_query, water_offsite_ml_per_query, water_ml_per_query
+                                                        Serving.to_json()
+    breakeven_days, breakeven_training_mwh, breakeven_training_mwh_is, inference_mwh_per_day
+                                                        per_query.Breakeven.to_json()
     this_machine, measured (what rests on measurement), assumptions (each value with where it
     came from), published (the source's figures beside ours), published_source, notes
 
-TRAINING_KEYS and INFERENCE_KEYS are always present: None ("not given" in the table) where the
+TRAINING_KEYS, INFERENCE_KEYS and per_query.BREAKEVEN_KEYS are always present: None ("not given" in the table) where the
 scenario lacks the part or its inputs cannot give the figure.
 """
 
@@ -32,9 +36,10 @@ from dataclasses import asdict, dataclass
 from minigpt.energy import accounting
 from minigpt.errors import ConfigError
 from minigpt.hardware import profiles
-from minigpt.scale import chips, communication, footprint, serving, training, work
+from minigpt.scale import chips, communication, footprint, per_query, serving, training, work
 from minigpt.scale.communication import Communication
-from minigpt.scale.scenario import Scenario
+from minigpt.scale.per_query import BREAKEVEN_KEYS, Breakeven
+from minigpt.scale.scenario import Scenario, training_work_given
 from minigpt.scale.serving import Serving
 from minigpt.scale.training import Training
 from minigpt.units import SECONDS_PER_DAY
@@ -46,7 +51,7 @@ TRAINING_KEYS = ("train_tokens", "train_flops", "train_flops_6nd", "train_flops_
                  "water_offsite_m3", "water_m3", "households_year")
 INFERENCE_KEYS = ("weight_bytes", "kv_bytes_per_token", "prefill_s_per_token", "decode_s_per_token",
                   "decode_tokens_per_s_ceiling", "wh_per_query", "wh_per_query_basis",
-                  "water_ml_per_query", "gwh_per_year")
+                  "wh_per_query_boundaries", "water_ml_per_query", "gwh_per_year")
 
 
 @dataclass(frozen=True)
@@ -102,6 +107,7 @@ class Estimate:
     training: Training | None
     communication: Communication | None  # with training only
     serving: Serving | None
+    breakeven: Breakeven | None  # with a training energy and queries a day
     this_machine: ThisMachine | None
     measured: tuple[str, ...]
     assumptions: tuple[Assumption, ...]
@@ -115,8 +121,8 @@ class Estimate:
                "params": self.params, "active_params": self.active_params,
                "params_closed_form": self.params_closed_form,
                "active_params_closed_form": self.active_params_closed_form} | self.chip.to_json()
-        out |= dict.fromkeys(TRAINING_KEYS + INFERENCE_KEYS)
-        for part in (self.training, self.communication, self.serving):
+        out |= dict.fromkeys(TRAINING_KEYS + INFERENCE_KEYS + BREAKEVEN_KEYS)
+        for part in (self.training, self.communication, self.serving, self.breakeven):
             if part is not None:
                 out |= part.to_json()
         return out | {
@@ -199,10 +205,12 @@ def _measured(machine: ThisMachine | None) -> tuple[str, ...]:
             "per-chip figures marked as measured in the scenario's comments (e.g. Patterson's)")
 
 
-def _published(scn: Scenario, train: Training | None, serve: Serving | None
-               ) -> list[PublishedRow]:
+def _published(scn: Scenario, train: Training | None, serve: Serving | None,
+               even: Breakeven | None) -> list[PublishedRow]:
     """The source's figures beside ours: [published] names output keys of the parts' JSON."""
-    ours = (train.to_json() if train else {}) | (serve.to_json() if serve else {})
+    ours = {}
+    for part in (train, serve, even):
+        ours |= part.to_json() if part else {}
     return [PublishedRow(k, v, ours.get(k),
                          ours[k] / v - 1 if ours.get(k) is not None else None)
             for k, v in scn.published.items()]
@@ -213,15 +221,18 @@ def estimate(scn: Scenario) -> Estimate:
     a, chip, s = work.arch_of(scn), chips.chip_of(scn), footprint.settings_of(scn)
     params, active, computed = work.model_size(scn)
     train = comm = serve = None
-    if scn.has("training"):
+    if training_work_given(scn):
         train = training.training(scn, a, active, chip, s)
         comm = communication.communication(scn, params, chip, s, train.costs)
     if scn.has("inference"):
         serve = serving.inference(scn, a, params, active, chip, s)
+    even = per_query.breakeven(scn, train.costs.footprint.energy_mwh if train else None,
+                               serve.wh_per_query if serve else None)
     notes = _notes(scn, a, serve, s)
     machine = this_machine(train.flops.used if train else None)
     return Estimate(
         scn.name, scn.description, str(scn.path) if scn.path else None, params, active,
         computed[0] if computed else None, computed[1] if computed else None, chip, s,
-        train, comm, serve, machine, _measured(machine), tuple(_assumptions(scn, chip, s)),
-        tuple(_published(scn, train, serve)), scn.published_source, tuple(notes))
+        train, comm, serve, even, machine, _measured(machine),
+        tuple(_assumptions(scn, chip, s)), tuple(_published(scn, train, serve, even)),
+        scn.published_source, tuple(notes))

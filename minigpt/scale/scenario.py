@@ -17,10 +17,18 @@ Published estimates state their inputs in different terms; a scenario takes each
                  (minigpt/scale/communication.py; needs tokens and [hardware] chips)
                  With FLOPs, give a rate ([hardware] achieved_flops_per_chip or mfu) OR a duration
                  (chip_hours, days): the other is derived (implied FLOP/s per chip and MFU).
+                 energy_mwh               a published training energy (MWh drawn, after PUE): the
+                                          break-even uses it; alone, it is the whole [training]
     [inference]  prompt_tokens, output_tokens, batch, weight_bits, kv_bits, chips,
                  queries_per_day, mfu (serving utilisation of peak: a compute-bound estimate,
                  FLOPs per query / (peak × mfu); without it, the roofline), wh_per_query (a stated
-                 figure, used instead of either; then the workload keys are optional)
+                 figure, used instead of either; then the workload keys are optional);
+                 tokens_per_s, latency_s (observed speed and time to first token: the throughput
+                 form, Jegham et al. 2025, with [hardware] accelerator_utilization, host_watts,
+                 host_utilization; needs output_tokens, no model);
+                 accelerator_share, host_share, idle_share (shares of the total per-query energy,
+                 as Google 2025 reports them; overhead is the rest, and must agree with
+                 1 - 1/PUE where [hardware] pue is given, within the rounding of the figures)
     [hardware]   profile, chips, achieved_flops_per_chip | mfu, dtype, memory_bandwidth,
                  watts_per_chip (W per accelerator), power_basis ("chip": the accelerator's rated
                  power, the default; "system": the whole system's power per accelerator, e.g.
@@ -31,7 +39,10 @@ Published estimates state their inputs in different terms; a scenario takes each
                  PUE: the WUE; water_l_per_kwh is an alias), water_offsite_l_per_kwh (litres per
                  kWh drawn, after PUE: the generation's water), household_kwh_per_year,
                  interconnect (nvlink | pcie | infiniband: which profile link the allreduce
-                 crosses; default the slowest), interconnect_bandwidth (bytes/s each way)
+                 crosses; default the slowest), interconnect_bandwidth (bytes/s each way);
+                 accelerator_utilization (share of the accelerators' power drawn, default 1),
+                 host_watts (the host's power beside the accelerators: CPU, DRAM, network),
+                 host_utilization (its share drawn, default 1): the throughput form's powers
 
 minigpt/scale/scenarios/*.toml are the shipped scenarios (load them by name: "gpt3-175b"); their comments cite
 every figure. `--set section.key=value` overrides a field. Anything wrong (an unknown key, with the
@@ -43,6 +54,7 @@ import difflib
 import math
 import sys
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 
 if sys.version_info >= (3, 11):
@@ -59,10 +71,12 @@ PUBLISHED = "published"  # [published]: the figures the scenario's source gives,
 PUBLISHED_KEYS = ("train_flops_used", "chip_hours", "days", "flops_per_chip", "mfu",
                   "energy_it_mwh", "energy_mwh", "co2_tonnes", "co2_net_tonnes", "water_onsite_m3",
                   "water_offsite_m3", "water_m3", "flops_per_query", "wh_per_query",
-                  "co2_g_per_query", "water_ml_per_query", "gwh_per_year")
+                  "co2_g_per_query", "water_ml_per_query", "gwh_per_year", "breakeven_days")
 ARCH = ("n_layer", "n_embd", "n_head", "block_size", "vocab_size")
 PEAK_DTYPES = ("fp32", "tf32", "fp16", "int8")
 POWER_BASES = ("chip", "system")
+SHARES = ("accelerator_share", "host_share", "idle_share")  # Google 2025's order, overhead last
+WORK = ("flops", "tokens", "chip_hours", "days")  # [training] keys that give the work
 RATES = (("hardware", "achieved_flops_per_chip"), ("hardware", "mfu"))
 DURATIONS = (("training", "chip_hours"), ("training", "days"))
 
@@ -74,12 +88,15 @@ SCHEMA: dict[str, dict[str, tuple[str, str]]] = {
               "params": ("num", ">0"), "active_params": ("num", ">0")},
     "training": {"tokens": ("num", ">0"), "flops": ("num", ">0"), "chip_hours": ("num", ">0"),
                  "days": ("num", ">0"),
-                 "batch_tokens": ("num", ">0"), "gradient_bytes": ("num", ">0")},
+                 "batch_tokens": ("num", ">0"), "gradient_bytes": ("num", ">0"),
+                 "energy_mwh": ("num", ">0")},
     "inference": {"prompt_tokens": ("int", ">=0"), "output_tokens": ("int", ">0"),
                   "batch": ("int", ">0"), "weight_bits": ("int", "bits"),
                   "kv_bits": ("int", "bits"),
                   "chips": ("int", ">0"), "queries_per_day": ("num", ">=0"),
-                  "wh_per_query": ("num", ">0"), "mfu": ("num", "(0,1]")},
+                  "wh_per_query": ("num", ">0"), "mfu": ("num", "(0,1]"),
+                  "tokens_per_s": ("num", ">0"), "latency_s": ("num", ">=0"),
+                  **{k: ("num", "[0,1]") for k in SHARES}},
     "hardware": {"profile": ("str", ""), "chips": ("int", ">0"),
                  "achieved_flops_per_chip": ("num", ">0"), "mfu": ("num", "(0,1]"),
                  "dtype": ("str", "dtype"), "watts_per_chip": ("num", ">0"),
@@ -89,9 +106,12 @@ SCHEMA: dict[str, dict[str, tuple[str, str]]] = {
                  "power_fraction": ("num", "(0,1]"), "carbon_net_kg_per_kwh": ("num", ">=0"),
                  "water_onsite_l_per_kwh": ("num", ">=0"),
                  "water_offsite_l_per_kwh": ("num", ">=0"),
-                 "interconnect": ("str", ""), "interconnect_bandwidth": ("num", ">0")},
+                 "interconnect": ("str", ""), "interconnect_bandwidth": ("num", ">0"),
+                 "accelerator_utilization": ("num", "(0,1]"), "host_watts": ("num", ">=0"),
+                 "host_utilization": ("num", "[0,1]")},
 }
 RULES = {">0": "must be > 0", ">=0": "must be >= 0", "(0,1]": "must be in (0, 1]",
+         "[0,1]": "must be in [0, 1]",
          ">=1": "must be >= 1 (facility energy over IT energy)", "bits": "must be 1 to 32 bits"}
 
 
@@ -149,8 +169,8 @@ def _check(where: str, section: str, key: str, value):
         if value != int(value):
             raise ConfigError(f"{label}: expected a whole number, got {value!r}")
         value = int(value)
-    ok = {">0": value > 0, ">=0": value >= 0, "(0,1]": 0 < value <= 1, ">=1": value >= 1,
-          "bits": 1 <= value <= 32}[rule]
+    ok = {">0": value > 0, ">=0": value >= 0, "(0,1]": 0 < value <= 1, "[0,1]": 0 <= value <= 1,
+          ">=1": value >= 1, "bits": 1 <= value <= 32}[rule]
     if not ok or math.isinf(value):
         raise ConfigError(f"{label}: {RULES[rule]}, got {value!r}")
     return value
@@ -165,9 +185,11 @@ def _require(scn: Scenario, section: str, keys) -> None:
 def _validate_model(scn: Scenario) -> None:
     m = scn.values.get("model", {})
     if not m:  # training in its own terms (flops, chip_hours, days) needs no model
-        if scn.has("inference") and scn.get("inference", "wh_per_query") is None:
+        if scn.has("inference") and scn.get("inference", "wh_per_query") is None and (
+                scn.get("inference", "tokens_per_s") is None):
             raise ConfigError(f"{scn.where('inference')}: [inference] needs a [model] (params or "
-                              f"an architecture: {', '.join(ARCH)}) or a stated wh_per_query")
+                              f"an architecture: {', '.join(ARCH)}), a stated wh_per_query, or "
+                              f"tokens_per_s (the throughput form)")
         return
     arch = [k for k in ARCH if k in m]
     if not arch and "params" not in m:
@@ -199,8 +221,15 @@ def flops_known(scn: Scenario) -> bool:
         scn.get("training", "tokens") is not None and scn.has("model"))
 
 
+def training_work_given(scn: Scenario) -> bool:
+    """Does [training] give the work (flops, tokens, chip_hours, days), not only energy_mwh?"""
+    return any(scn.get("training", k) is not None for k in WORK)
+
+
 def _validate_training(scn: Scenario) -> None:
     hw, where = scn.values.get("hardware", {}), scn.where("training")
+    if not training_work_given(scn) and scn.get("training", "energy_mwh") is not None:
+        return  # a published energy alone: nothing to compute the run from
     rate = next((k for s, k in RATES if k in hw), None)
     given = [k for s, k in DURATIONS if scn.get(s, k) is not None]
     if len(given) == 2:
@@ -217,11 +246,79 @@ def _validate_training(scn: Scenario) -> None:
         return
     if not flops_known(scn):
         raise ConfigError(f"{where}: [training] needs the work: flops, tokens with a [model], "
-                          f"chip_hours, or days with [hardware] chips")
+                          f"chip_hours, or days with [hardware] chips (or energy_mwh alone)")
     if not rate:
         raise ConfigError(f"{scn.where('hardware')}: [hardware] training needs "
                           f"achieved_flops_per_chip or mfu (the share of peak reached), or "
                           f"[training] chip_hours or days")
+
+
+THROUGHPUT_ONLY = (("inference", "latency_s"), ("hardware", "accelerator_utilization"),
+                   ("hardware", "host_watts"), ("hardware", "host_utilization"))
+
+
+def _validate_throughput(scn: Scenario) -> None:
+    """The throughput form's keys mean nothing without tokens_per_s; the host is counted once."""
+    if scn.get("inference", "tokens_per_s") is None:
+        for section, key in THROUGHPUT_ONLY:
+            if scn.get(section, key) is not None:
+                raise ConfigError(f"{scn.where(section, key)}: [{section}] {key} belongs to the "
+                                  f"throughput form: give [inference] tokens_per_s too")
+        return
+    if scn.get("inference", "output_tokens") is None:
+        raise ConfigError(f"{scn.where('inference', 'tokens_per_s')}: [inference] tokens_per_s "
+                          f"needs output_tokens (seconds = output_tokens / tokens_per_s + "
+                          f"latency_s)")
+    hw = scn.values.get("hardware", {})
+    if "host_utilization" in hw and "host_watts" not in hw:
+        raise ConfigError(f"{scn.where('hardware', 'host_utilization')}: [hardware] "
+                          f"host_utilization needs host_watts")
+    if "host_watts" in hw and hw.get("power_basis") == "system":
+        raise ConfigError(f"{scn.where('hardware', 'host_watts')}: [hardware] host_watts with "
+                          f"power_basis = \"system\" counts the host twice (the system's power "
+                          f"per accelerator includes it): give the accelerator's own watts")
+
+
+def rounding(value: float) -> float:
+    """Half a unit in the last decimal place written: 0.58 -> 0.005, 1.09 -> 0.005; 0 for a whole
+    number (a share of 0 or 1 is exact)."""
+    if value == int(value):
+        return 0.0
+    return 0.5 * 10.0 ** Decimal(repr(float(value))).as_tuple().exponent
+
+
+def overhead_share(scn: Scenario) -> float | None:
+    """The share of a query's energy outside the IT equipment: 1 - the three shares (None: not
+    given)."""
+    shares = [scn.get("inference", k) for k in SHARES]
+    return None if None in shares else 1 - sum(shares)
+
+
+def _validate_shares(scn: Scenario) -> None:
+    """All three shares or none; they leave a rest of at least 0 (the overhead), and that rest
+    agrees with the PUE, where one is given, within the rounding of the figures written."""
+    given = [k for k in SHARES if scn.get("inference", k) is not None]
+    if not given:
+        return
+    if len(given) < len(SHARES):
+        missing = [k for k in SHARES if k not in given]
+        raise ConfigError(f"{scn.where('inference', given[0])}: [inference] {given[0]} needs "
+                          f"{' and '.join(missing)} too (overhead is the rest of the three)")
+    rest = overhead_share(scn)
+    tolerance = sum(rounding(scn.get("inference", k)) for k in SHARES)
+    if rest < -tolerance:
+        raise ConfigError(f"{scn.where('inference', given[-1])}: [inference] "
+                          f"{' + '.join(SHARES)} = {1 - rest:.4g} exceeds 1")
+    pue = scn.get("hardware", "pue")
+    if pue is None:
+        return
+    outside = 1 - 1 / pue  # the overhead's share of the energy drawn
+    tolerance += rounding(pue) / pue ** 2  # d(1 - 1/PUE) / dPUE = 1 / PUE^2
+    if abs(max(rest, 0.0) - outside) > tolerance:
+        raise ConfigError(f"{scn.where('inference', given[-1])}: [inference] the shares leave "
+                          f"{100 * rest:.3g}% for overhead, but [hardware] pue = {pue:g} means "
+                          f"1 - 1/PUE = {100 * outside:.3g}% (more than the rounding of the "
+                          f"figures, ±{100 * tolerance:.2g} points, apart)")
 
 
 def validate(scn: Scenario) -> Scenario:
@@ -230,7 +327,11 @@ def validate(scn: Scenario) -> Scenario:
     if scn.has("training"):
         _validate_training(scn)
     if scn.has("inference") and scn.get("inference", "wh_per_query") is None:
-        _require(scn, "inference", ("prompt_tokens", "output_tokens"))
+        throughput = scn.get("inference", "tokens_per_s") is not None
+        _require(scn, "inference", ("output_tokens",) if throughput else
+                 ("prompt_tokens", "output_tokens"))
+    _validate_throughput(scn)
+    _validate_shares(scn)
     if scn.has("inference") and scn.get("inference", "output_tokens") is not None:
         block = scn.get("model", "block_size")
         used = scn.get("inference", "prompt_tokens", 0) + scn.get("inference", "output_tokens")

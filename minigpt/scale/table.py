@@ -9,6 +9,7 @@ from minigpt.energy import accounting
 from minigpt.scale.communication import Communication
 from minigpt.scale.estimate import Estimate
 from minigpt.scale.footprint import Footprint
+from minigpt.scale.per_query import Boundaries, Breakeven, Throughput
 from minigpt.scale.serving import Serving
 from minigpt.scale.training import Sensitivity, Training
 
@@ -136,13 +137,18 @@ def _query_lines(sv: Serving) -> list[str]:
         others.append(f"roofline {sv.wh_per_query_roofline:.3g}")
     if basis != "compute-bound" and sv.wh_per_query_compute is not None:
         others.append(f"compute-bound {sv.wh_per_query_compute:.3g}")
+    if basis != "throughput" and sv.throughput is not None:
+        others.append(f"throughput {sv.throughput.wh_per_query:.3g}")
     mfu = sv.roofline.serving_mfu if sv.roofline else None
     how = {"stated": "stated in the scenario",
+           "throughput": "(output / tokens_per_s + latency) × (accelerator + host W) × PUE",
            "compute-bound": f"FLOPs per query / (peak × mfu {_v(mfu)}) × W × PUE",
            "roofline": "max(bytes / bandwidth, FLOPs / peak) per token × W × PUE"}[basis]
     return [
+        *_throughput_lines(sv.throughput),
         row("wh_per_query", f"{sv.wh_per_query:.3g}", f"{basis}: {how}"
             + (f" (beside it: {', '.join(others)})" if others else "")),
+        *_boundary_lines(sv.boundaries),
         row("co2_g_per_query", f"{q.co2_g_per_query:.3g}", "gross gCO2e"
             + (f"; net {q.co2_net_g_per_query:.3g}" if q.co2_net_g_per_query is not None
                else "")),
@@ -152,10 +158,40 @@ def _query_lines(sv: Serving) -> list[str]:
         row("gwh_per_year", _n(sv.gwh_per_year, ",.3g"), "Wh/query × queries/day × 365")]
 
 
+def _throughput_lines(tp: Throughput | None) -> list[str]:
+    if tp is None:
+        return []
+    return [row("query_seconds", f"{tp.seconds:.4g}", "output tokens / tokens_per_s + latency_s"),
+            row("accelerator_watts", f"{tp.accelerator_watts:,.4g}",
+                f"W drawn: {tp.chips} chip(s) × W per chip × accelerator_utilization"),
+            row("host_watts", f"{tp.host_watts:,.4g}", "W drawn: host_watts × host_utilization")]
+
+
+def _boundary_lines(b: Boundaries) -> list[str]:
+    """The Wh inside each boundary, cumulative, and where the split came from."""
+    what = {"accelerator": "active accelerators alone", "host": "+ host CPU and DRAM",
+            "idle": "+ idle reserve machines (all IT)", "overhead": "+ data-centre overhead"}
+    return [f"  wh_per_query_boundaries (cumulative; {b.split}):",
+            *(row(f"  {k}", _n(v, ".3g"), what[k]) for k, v in b.to_json().items())]
+
+
+def _breakeven_lines(b: Breakeven) -> list[str]:
+    return ["fleet and training break-even:",
+            row("inference_mwh_per_day", f"{b.inference_mwh_per_day:,.1f}",
+                "Wh/query × queries/day / 1e6"),
+            row("breakeven_training_mwh", f"{b.training_mwh:,.1f}",
+                f"MWh drawn, {b.training_mwh_is}"
+                + (" ([training] energy_mwh)" if b.training_mwh_is == "stated" else "")),
+            row("breakeven_days", _n(b.days, ",.4g"),
+                "training MWh / inference MWh per day: serving has then used as much")]
+
+
 def _inference_lines(sv: Serving, e: Estimate) -> list[str]:
     r = sv.roofline
     if r is None:
-        title = "inference: a stated energy per query (no model: the roofline is not given)"
+        title = ("inference: a stated energy per query" if sv.wh_per_query_basis == "stated" else
+                 "inference: from observed speed (the throughput form)")
+        title += " (no model: the roofline is not given)"
         return [title, *_query_lines(sv)]
     kv = si(r.kv_bytes_per_token, "B") if r.kv_bytes_per_token else "-"
     fits = {True: "fit", False: "DO NOT FIT", None: "fit: not checked"}[sv.fits_in_memory]
@@ -192,6 +228,8 @@ def format_table(e: Estimate) -> str:
         lines += _training_lines(e.training, e) + communication_lines(e.communication) + [""]
     if e.serving is not None:
         lines += _inference_lines(e.serving, e) + [""]
+    if e.breakeven is not None:
+        lines += _breakeven_lines(e.breakeven) + [""]
     if e.published:
         lines += [f"published ({e.published_source}) beside ours:"]
         lines += [f"  {p.key:<22} {p.published:>14,.6g} {_n(p.ours, ',.6g'):>14}  "
