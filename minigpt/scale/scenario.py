@@ -279,12 +279,17 @@ def _validate_throughput(scn: Scenario) -> None:
                           f"per accelerator includes it): give the accelerator's own watts")
 
 
+PUBLISHED_ROUNDING = 0.005  # shares in whole per cent, PUEs to two decimals: ± half the last unit
+
+
 def rounding(value: float) -> float:
-    """Half a unit in the last decimal place written: 0.58 -> 0.005, 1.09 -> 0.005; 0 for a whole
-    number (a share of 0 or 1 is exact)."""
+    """Half a unit in the last decimal place of a published share or PUE: 0.58 -> 0.005, 1.125 ->
+    0.0005; at most PUBLISHED_ROUNDING (TOML reads 0.10 as 0.1, losing the written zero); 0 for a
+    whole number (a share of 0 or 1 is exact)."""
     if value == int(value):
         return 0.0
-    return 0.5 * 10.0 ** Decimal(repr(float(value))).as_tuple().exponent
+    written = 0.5 * 10.0 ** Decimal(repr(float(value))).as_tuple().exponent
+    return min(written, PUBLISHED_ROUNDING)
 
 
 def overhead_share(scn: Scenario) -> float | None:
@@ -315,7 +320,9 @@ def _validate_shares(scn: Scenario) -> None:
     outside = 1 - 1 / pue  # the overhead's share of the energy drawn
     tolerance += rounding(pue) / pue ** 2  # d(1 - 1/PUE) / dPUE = 1 / PUE^2
     if abs(max(rest, 0.0) - outside) > tolerance:
-        raise ConfigError(f"{scn.where('inference', given[-1])}: [inference] the shares leave "
+        origins = [scn.where("hardware", "pue")] + [scn.where("inference", k) for k in SHARES]
+        where = next((o for o in origins if o.startswith("--set")), origins[-1])  # a --set first
+        raise ConfigError(f"{where}: [inference] the shares leave "
                           f"{100 * rest:.3g}% for overhead, but [hardware] pue = {pue:g} means "
                           f"1 - 1/PUE = {100 * outside:.3g}% (more than the rounding of the "
                           f"figures, ±{100 * tolerance:.2g} points, apart)")
