@@ -152,6 +152,14 @@ def test_rounding_of_published_shares_and_pues():
     assert scenario.rounding(0) == 0 and scenario.rounding(1) == 0
 
 
+def test_overhead_tolerance_by_hand():
+    # Google's shares, each ±0.005, and PUE 1.09 ±0.005 × 1 / 1.09² (0.004208)
+    assert scenario.overhead_tolerance((0.58, 0.25, 0.1), 1.09) == pytest.approx(
+        0.015 + 0.005 / 1.1881)
+    assert scenario.overhead_tolerance((0.5, 0.125, 0), 2.0) == pytest.approx(0.0055)
+    assert scenario.overhead_tolerance((0.58, 0.25, 0.1), None) == pytest.approx(0.015)
+
+
 @pytest.mark.parametrize("pue, accepted", [
     # the shares leave 7% for overhead; the tolerance is 3 × 0.5 points for the shares plus
     # 0.005 / PUE² for the PUE (d(1 - 1/PUE) / dPUE = 1 / PUE²)

@@ -292,6 +292,13 @@ def rounding(value: float) -> float:
     return min(written, PUBLISHED_ROUNDING)
 
 
+def overhead_tolerance(shares, pue: float | None) -> float:
+    """How far the shares' rest may sit from 1 - 1/PUE: the rounding of each share, plus the PUE's
+    carried through d(1 - 1/PUE) / dPUE = 1 / PUE²."""
+    pue_part = rounding(pue) / pue ** 2 if pue is not None else 0.0
+    return sum(rounding(x) for x in shares) + pue_part
+
+
 def overhead_share(scn: Scenario) -> float | None:
     """The share of a query's energy outside the IT equipment: 1 - the three shares (None: not
     given)."""
@@ -310,15 +317,15 @@ def _validate_shares(scn: Scenario) -> None:
         raise ConfigError(f"{scn.where('inference', given[0])}: [inference] {given[0]} needs "
                           f"{' and '.join(missing)} too (overhead is the rest of the three)")
     rest = overhead_share(scn)
-    tolerance = sum(rounding(scn.get("inference", k)) for k in SHARES)
-    if rest < -tolerance:
+    shares = [scn.get("inference", k) for k in SHARES]
+    if rest < -overhead_tolerance(shares, None):
         raise ConfigError(f"{scn.where('inference', given[-1])}: [inference] "
                           f"{' + '.join(SHARES)} = {1 - rest:.4g} exceeds 1")
     pue = scn.get("hardware", "pue")
     if pue is None:
         return
     outside = 1 - 1 / pue  # the overhead's share of the energy drawn
-    tolerance += rounding(pue) / pue ** 2  # d(1 - 1/PUE) / dPUE = 1 / PUE^2
+    tolerance = overhead_tolerance(shares, pue)
     if abs(max(rest, 0.0) - outside) > tolerance:
         origins = [scn.where("hardware", "pue")] + [scn.where("inference", k) for k in SHARES]
         where = next((o for o in origins if o.startswith("--set")), origins[-1])  # a --set first
