@@ -306,3 +306,13 @@ def test_the_host_is_counted_once_and_only_with_its_watts(tmp_path, extra, words
     with pytest.raises(ConfigError) as e:
         estimate(_write(tmp_path, text))
     assert words in str(e.value) and "\n" not in str(e.value)
+
+
+def test_the_shipped_throughput_scenario_as_its_comments_say():
+    sv = estimate("throughput-dgx-h100").serving
+    # 3.5 s × (8 × 700 × 0.1 + 4,600 × 0.0625 = 847.5 W) × PUE 1.10 / 3600
+    assert sv.wh_per_query == pytest.approx(3.5 * 847.5 * 1.1 / 3600)  # 0.906 Wh
+    b = sv.boundaries
+    assert (round(b.accelerator, 3), round(b.host, 3), round(b.overhead, 3)) == (
+        0.544, 0.824, 0.906)
+    assert sv.gwh_per_year == pytest.approx(sv.wh_per_query * 100e6 * 365 / 1e9)

@@ -163,6 +163,12 @@ def _assumptions(scn: Scenario, chip: chips.Chip, s: accounting.Settings) -> lis
                 f"({chip.profile.sources.get('memory_bandwidth', '')})")
         for k, v in serving.DEFAULTS.items():
             default(f"inference.{k}", v, "an assumption")
+    if scn.get("inference", "tokens_per_s") is not None:  # the throughput form's defaults
+        default("inference.latency_s", 0.0, "no time to the first token")
+        default(hw + "accelerator_utilization", 1.0, "the accelerators' whole power")
+        default(hw + "host_watts", 0.0, "no host counted")
+        if "hardware.host_watts" in given:
+            default(hw + "host_utilization", 1.0, "the host's whole power")
     for k in footprint.SETTING_KEYS:
         if not (k == "water_onsite_l_per_kwh" and hw + "water_l_per_kwh" in given):
             default(hw + k, getattr(s, k), s.origins[k].removeprefix("default: "))

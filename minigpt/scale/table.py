@@ -190,7 +190,7 @@ def _inference_lines(sv: Serving, e: Estimate) -> list[str]:
     r = sv.roofline
     if r is None:
         title = ("inference: a stated energy per query" if sv.wh_per_query_basis == "stated" else
-                 "inference: from observed speed (the throughput form)")
+                 f"inference: from observed speed (the throughput form), {e.chip.power_text()}")
         title += " (no model: the roofline is not given)"
         return [title, *_query_lines(sv)]
     kv = si(r.kv_bytes_per_token, "B") if r.kv_bytes_per_token else "-"
