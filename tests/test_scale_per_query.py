@@ -316,3 +316,23 @@ def test_the_shipped_throughput_scenario_as_its_comments_say():
     assert (round(b.accelerator, 3), round(b.host, 3), round(b.overhead, 3)) == (
         0.544, 0.824, 0.906)
     assert sv.gwh_per_year == pytest.approx(sv.wh_per_query * 100e6 * 365 / 1e9)
+
+
+def test_the_docs_table_of_per_query_figures_is_the_commands_own():
+    """docs/energy.md's per-query table: each row's boundaries, as the command gives them."""
+    import re
+
+    text = (Path(__file__).parent.parent / "docs" / "energy.md").read_text()
+    section = text.split("## Per-query figures from the literature")[1].split("\n## ")[0]
+    pattern = re.compile(r"((?:[\d.]+|not separable)(?: / (?:[\d.]+|not separable)){3})")
+    checked = 0
+    for line in section.splitlines():
+        name = re.search(r"`minigpt scale ([\w.-]+)`", line)
+        found = pattern.findall(line.split("|")[-2]) if name else []
+        if not found:
+            continue
+        b = estimate(name.group(1)).serving.boundaries.to_json()
+        ours = ["not separable" if v is None else f"{v:.3g}" for v in b.values()]
+        assert found[-1].split(" / ") == ours, line
+        checked += 1
+    assert checked == 4  # Google, Epoch, the throughput form, the 70B roofline

@@ -251,23 +251,29 @@ SCALE_HELP = """scenario keys (full list: minigpt/scale/scenario.py's docstring;
   [training]   the work in the source's own terms: flops (a published total), tokens (FLOPs by
                our closed form, or 6ND), chip_hours (GPU-hours), or days (with hardware.chips).
                With FLOPs give a rate (hardware.mfu / achieved_flops_per_chip) or a duration;
-               the other is derived (implied FLOP/s per chip, MFU). Missing: "not given"
+               the other is derived (implied FLOP/s per chip, MFU). Missing: "not given".
+               energy_mwh: a published training energy (alone allowed), for breakeven_days
   [inference]  prompt_tokens, output_tokens, batch, weight_bits, kv_bits, chips, queries_per_day;
-               mfu: compute-bound Wh/query (FLOPs / (peak x mfu) x W x PUE), else the roofline;
-               wh_per_query: a stated figure, used instead of both (wh_per_query_basis says which)
+               tokens_per_s, latency_s: the throughput form ((output / tokens_per_s + latency) x
+               (accelerator + host W) x PUE); mfu: compute-bound Wh/query (FLOPs / (peak x mfu)
+               x W x PUE), else the roofline; wh_per_query: a stated figure, used instead of all
+               (wh_per_query_basis says which); accelerator_share, host_share, idle_share: the
+               split into wh_per_query_boundaries (overhead the rest, = 1 - 1/PUE)
   [hardware]   profile, chips, mfu | achieved_flops_per_chip, dtype, memory_bandwidth;
                watts_per_chip, or power_basis = "chip" (rated TDP, default) | "system" (whole
                system per accelerator, e.g. DGX A100 6.5 kW / 8); power_fraction (average draw
                as a share of the rating, default 1); pue; carbon_kg_per_kwh (gross),
                carbon_net_kg_per_kwh (net: co2_net_tonnes); water_onsite_l_per_kwh (per IT kWh,
-               before PUE; alias water_l_per_kwh), water_offsite_l_per_kwh (per kWh drawn)
+               before PUE; alias water_l_per_kwh), water_offsite_l_per_kwh (per kWh drawn);
+               accelerator_utilization, host_watts, host_utilization (the throughput form)
   [published]  source and the figures the source gives: shown beside ours with the difference
 energy = chip-hours x W x power_fraction x PUE; tCO2e = MWh x grid; water = IT MWh x on-site
 + MWh x off-site (m3). Every report names the power basis.
 examples: minigpt scale gpt3-175b;  minigpt scale patterson-t5 (FLOPs alone);  minigpt scale
 llama-65b (GPU-hours);  minigpt scale gpt4-class-moe --set hardware.power_basis=chip;  minigpt
 scale epoch-chatgpt-2025 (compute-bound Wh/query);  minigpt scale dense-70b-h100 --set
-inference.weight_bits=8;  shipped scenarios: minigpt/scale/scenarios/*.toml (docs/energy.md)"""
+inference.weight_bits=8;  minigpt scale throughput-dgx-h100;  minigpt scale seed-1-10-wh
+(36.5 GWh a year, break-even after 500 days);  shipped scenarios: minigpt/scale/scenarios/*.toml (docs/energy.md)"""
 
 
 def _scale_parser() -> argparse.ArgumentParser:
