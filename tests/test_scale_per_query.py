@@ -336,3 +336,28 @@ def test_the_docs_table_of_per_query_figures_is_the_commands_own():
         assert found[-1].split(" / ") == ours, line
         checked += 1
     assert checked == 4  # Google, Epoch, the throughput form, the 70B roofline
+
+
+def test_a_throughput_figure_beside_a_stated_one_needs_the_watts(tmp_path):
+    text = STATED_ON_TPU_V4.replace("wh_per_query = 0.5\n", "wh_per_query = 0.5\ntokens_per_s = 40\n")
+    with pytest.raises(ConfigError, match="tpu-v4 has no power_watts"):
+        estimate(_write(tmp_path, text))
+    sv = estimate(_write(tmp_path, text + "watts_per_chip = 200\n")).serving
+    assert sv.wh_per_query_basis == "stated"
+    assert sv.throughput.wh_per_query == pytest.approx(100 / 40 * 200 * 1.1 / 3600)
+
+
+def test_a_stated_training_energy_set_on_a_serving_scenario():
+    e = estimate("dense-70b-h100", "training.energy_mwh=50000")
+    assert e.training is None and e.breakeven.training_mwh_is == "stated"
+    # 50,000 MWh / (Wh × 100e6 / 1e6 MWh a day)
+    assert e.breakeven.days == pytest.approx(50000 / (e.serving.wh_per_query * 100))
+
+
+def test_the_throughput_forms_chips_are_listed_as_used(tmp_path):
+    text = ('[inference]\noutput_tokens = 300\ntokens_per_s = 50\n'
+            '[hardware]\nprofile = "h100-sxm"\nchips = 4\n')
+    chips = [a for a in estimate(_write(tmp_path, text)).assumptions
+             if a.field == "inference.chips"]
+    assert [(a.value, a.origin) for a in chips] == [
+        (4, "default: the throughput form: [hardware] chips, else 1")]

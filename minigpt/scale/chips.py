@@ -89,7 +89,8 @@ def _rating(scn: Scenario, prof: Profile, need: bool) -> tuple[float | None, str
 
 def chip_of(scn: Scenario) -> Chip:
     """The scenario's chip; its power is required unless nothing needs it: a stated Wh per query
-    (beside which a model's roofline Wh is then left out) and no training work to cost."""
+    (beside which a model's roofline Wh is then left out), no throughput form and no training work
+    to cost."""
     hw = scn.values["hardware"]
     try:
         prof = profiles.load_profile(hw["profile"])
@@ -109,7 +110,8 @@ def chip_of(scn: Scenario) -> Chip:
                           f"achieved_flops_per_chip {achieved:.3g} exceeds {prof.name}'s {dtype} "
                           f"peak {peak:.3g}")
     serves = scn.has("inference") and scn.get("inference", "wh_per_query") is None
-    rating, basis, source = _rating(scn, prof, training_work_given(scn) or serves)
+    from_speed = scn.get("inference", "tokens_per_s") is not None  # even beside a stated figure
+    rating, basis, source = _rating(scn, prof, training_work_given(scn) or serves or from_speed)
     bandwidth = hw.get("memory_bandwidth", prof.memory_bandwidth)  # bytes/s
     return Chip(prof, dtype, peak, achieved, rating, basis, source, hw.get("power_fraction", 1.0),
                 bandwidth, hw.get("chips"))

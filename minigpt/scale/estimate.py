@@ -161,6 +161,11 @@ def _assumptions(scn: Scenario, chip: chips.Chip, s: accounting.Settings) -> lis
     if scn.has("inference"):
         default(hw + "memory_bandwidth", chip.bandwidth, f"{chip.profile.name} memory_bandwidth "
                 f"({chip.profile.sources.get('memory_bandwidth', '')})")
+        from_speed = scn.get("inference", "tokens_per_s") is not None
+        if from_speed and scn.get("inference", "chips") is None:
+            default("inference.chips", per_query.throughput_chips(scn),
+                    "the throughput form: [hardware] chips, else 1")
+            given.add("inference.chips")
         for k, v in serving.DEFAULTS.items():
             default(f"inference.{k}", v, "an assumption")
     if scn.get("inference", "tokens_per_s") is not None:  # the throughput form's defaults

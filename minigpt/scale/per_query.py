@@ -61,10 +61,10 @@ def throughput_chips(scn: Scenario) -> int:
 
 
 def throughput(scn: Scenario, chip: Chip, s: accounting.Settings) -> Throughput | None:
-    """The throughput form of scn (None without tokens_per_s, or without the chips' watts beside a
-    stated figure: the scenario check refuses it otherwise)."""
+    """The throughput form of scn (None without tokens_per_s; chips.chip_of has made sure of the
+    chips' watts)."""
     rate = scn.get("inference", "tokens_per_s")
-    if rate is None or chip.watts is None:
+    if rate is None:
         return None
     get = scn.values["inference"].get
     hw = scn.values["hardware"].get
