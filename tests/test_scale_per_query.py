@@ -361,3 +361,13 @@ def test_the_throughput_forms_chips_are_listed_as_used(tmp_path):
              if a.field == "inference.chips"]
     assert [(a.value, a.origin) for a in chips] == [
         (4, "default: the throughput form: [hardware] chips, else 1")]
+
+
+def test_shares_over_1_within_their_rounding_stop_at_the_total(tmp_path):
+    text = ('[inference]\nwh_per_query = 2\naccelerator_share = 0.6\nhost_share = 0.3\n'
+            'idle_share = 0.105\n[hardware]\nprofile = "h100-sxm"\n')
+    # 1.005, within ±0.0105 of 1: accepted, and the idle boundary is the total, not 2.01 Wh
+    b = estimate(_write(tmp_path, text)).serving.boundaries
+    assert (b.accelerator, b.host, b.idle, b.overhead) == pytest.approx((1.2, 1.8, 2, 2))
+    with pytest.raises(ConfigError, match="exceeds 1"):  # 1.02: beyond
+        estimate(_write(tmp_path, text.replace("0.105", "0.12")))

@@ -27,8 +27,8 @@ formats it; Estimate.to_json() is the JSON `minigpt scale --format json` prints:
     this_machine, measured (what rests on measurement), assumptions (each value with where it
     came from), published (the source's figures beside ours), published_source, notes
 
-TRAINING_KEYS, INFERENCE_KEYS and per_query.BREAKEVEN_KEYS are always present: None ("not given" in the table) where the
-scenario lacks the part or its inputs cannot give the figure.
+TRAINING_KEYS, INFERENCE_KEYS and per_query.BREAKEVEN_KEYS are always present: None ("not given"
+in the table) where the scenario lacks the part or its inputs cannot give the figure.
 """
 
 from dataclasses import asdict, dataclass

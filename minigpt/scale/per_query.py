@@ -18,6 +18,7 @@ machines, data-centre overhead), each cumulative, the energy inside that boundar
     host        = Wh × (accelerator_share + host_share)
     idle        = Wh × (accelerator_share + host_share + idle_share)
     overhead    = Wh                                   (everything; its own share is the rest)
+    (each at most Wh: shares that add to a little over 1, within their rounding, stop there)
 
 Without shares, a form splits what it models: the throughput form its accelerator and host terms
 (no idle machines); the chip power basis the accelerators alone; the system basis accelerators and
@@ -95,8 +96,8 @@ def boundaries(scn: Scenario, wh: float, basis: str, chip: Chip, tp: Throughput 
                s: accounting.Settings) -> Boundaries:
     """Wh per query inside each boundary, by the rule in the module docstring."""
     a, h, i = (scn.get("inference", k) for k in SHARES)
-    if a is not None:
-        return Boundaries(wh * a, wh * (a + h), wh * (a + h + i), wh,
+    if a is not None:  # shares adding to a little over 1, within their rounding, stop at the total
+        return Boundaries(wh * min(a, 1), wh * min(a + h, 1), wh * min(a + h + i, 1), wh,
                           "the scenario's shares of the total; overhead the rest")
     if basis == "throughput":
         acc = units.wh(tp.seconds * tp.accelerator_watts)
