@@ -208,8 +208,10 @@ def cmd_calibrate(argv) -> int:
 
     p = Parser(prog="minigpt calibrate",
                description="Measure this machine's float32/float64 matmul FLOP/s and memory bandwidth "
-               "and save them as the local-cpu hardware profile ($MINIGPT_HOME/hardware, default "
-               "~/.minigpt/hardware), used for utilisation and roofline figures.")
+               "(read, write, copy and triad, on one thread and on all cores, as STREAM does) and save "
+               "them as the local-cpu hardware profile ($MINIGPT_HOME/hardware, default "
+               "~/.minigpt/hardware), used for utilisation and roofline figures: each op is held "
+               "against the bandwidth its read/write mix fits (docs/costs.md).")
     p.add_argument("--quick", action="store_true", help="smaller, faster benchmarks (less exact)")
     p.add_argument("--no-save", action="store_true", help="print the figures only")
     args = p.parse_args(argv)
@@ -218,6 +220,15 @@ def cmd_calibrate(argv) -> int:
     print(f"float32 matmul: {m.fp32 / 1e9:8.1f} GFLOP/s")
     print(f"float64 matmul: {m.fp64 / 1e9:8.1f} GFLOP/s")
     print(f"memory copy:    {m.bandwidth / 1e9:8.1f} GB/s (read + write)")
+    if m.stream:
+        from minigpt.hardware import bandwidth
+
+        print()
+        matvec = (calibrate.MATVEC_MIB, m.matvec) if m.matvec else None
+        print("\n".join(bandwidth.table_lines(m.stream, matvec)))
+        print("bytes counted as the meter counts them (read + written); best of "
+              f"{m.stream[0].repeats} passes each; the roofline holds each op against the kind "
+              "its read/write mix fits, the better of 1 thread and all cores")
     if not args.no_save:
         print(f"saved {calibrate.save(calibrate.profile_toml(m))}")
     return 0
@@ -239,9 +250,11 @@ def cmd_hardware(argv) -> int:
     figures = [(f"peak_flops.{t}", v) for t, v in prof.peak_flops.items()]
     figures += [(f, getattr(prof, f)) for f in profiles.FIGURES + profiles.OPTIONAL_FIGURES]
     figures += [(f"interconnect.{k}", v) for k, v in prof.interconnect.items()]  # bytes/s each way
+    figures += [(f"bandwidth.{k}", v) for k, v in prof.bandwidth.items()]  # measured STREAM, bytes/s
     for key, value in figures:
         shown = f"{value:.4g}" if value is not None else prof.missing.get(key, "unknown")
-        print(f"  {key:<23} {shown:>12}  {prof.sources.get(key, '')}")
+        how = prof.notes.get(key, "") if key.startswith("bandwidth.") else ""
+        print(f"  {key:<23} {shown:>12}  {prof.sources.get(key, '')}" + (f"; {how}" if how else ""))
     return 0
 
 
