@@ -47,15 +47,37 @@ def _run_energy_doc(run):
     return run_energy.load(run)
 
 
+def _ceilings(run_doc, rows) -> tuple[str, list[dict]] | None:
+    """The line saying which roofline ceilings the run's joules_roofline used, and the same as
+    JSON; None without a stored profile (or when it lacks a figure the rows need)."""
+    from minigpt.energy import run_energy
+    from minigpt.hardware import roofline
+
+    if not run_doc or not run_doc.get("profile"):
+        return None
+    prof = run_energy.profile_from_doc(run_doc["profile"])
+    try:
+        used = roofline.by_ceiling(rows, prof)
+        line = roofline.ceilings_line(rows, prof)
+    except ConfigError:
+        return None
+    total = sum(used.values()) or 1.0
+    return line, [{"name": c.name, "value": c.value, "how": c.how, "share_of_ideal_seconds": s / total}
+                  for c, s in used.items()]
+
+
 def _plot_run(run, rows) -> None:
-    from minigpt.hardware import calibrate, profiles
+    from minigpt.hardware import calibrate, profiles, roofline
     from minigpt.report import plots
 
     prof, source = calibrate.local_profile()
-    peak, bandwidth = profiles.peak(prof, "fp32"), profiles.require(prof, "memory_bandwidth")
+    peak = profiles.peak(prof, "fp32")
+    slopes = {roofline.memory_ceiling(prof, r["bytes_read"], r["bytes_written"])
+              for r in rows if r["bytes_read"] + r["bytes_written"]}
+    bandwidths = [(c.name, c.value) for c in sorted(slopes, key=lambda c: -c.value)]
     run = Path(run)
     a = plots.layers_chart(rows, run / "layers.png", f"{run}: training cost per layer")
-    b = plots.roofline_chart(rows, run / "roofline.png", peak, bandwidth,
+    b = plots.roofline_chart(rows, run / "roofline.png", peak, bandwidths,
                              f"{run}: training ops against this machine's ceilings ({source})")
     print(f"wrote {a} and {b}")
 
@@ -137,12 +159,15 @@ def cmd_costs(argv) -> int:
     groups = tables.group(rows, args.by, args.phase, extra=run_energy.row_joules(run_doc))
     energy_note = run_energy.summary_line(run_doc) if run_doc else (
         "no joules: this run has no energy.json" if args.run is not None else "")
+    ceilings = _ceilings(run_doc, [r for r in rows if args.phase in (None, r["phase"])])
     if args.format == "json":
         shown = groups[: args.top] if args.top else groups
         out = {"what": what, "by": args.by, "phase": args.phase, "groups": shown}
         if run_doc:
             out["energy"] = {"watts": run_doc["watts"], "watts_basis": run_doc["watts_basis"],
                              "pue": run_doc["pue"], "note": energy_note}
+        if ceilings:
+            out["roofline_ceilings"] = ceilings[1]
         print(json.dumps(out, indent=1))
     elif args.format == "csv":
         print(tables.groups_csv(groups[: args.top] if args.top else groups), end="")
@@ -152,6 +177,8 @@ def cmd_costs(argv) -> int:
         print(tables.CONVENTIONS)
         if energy_note:
             print(energy_note)
+        if ceilings:
+            print(ceilings[0])
     if args.plot:
         if args.run is None:
             raise ConfigError("--plot draws a run's measured costs: give a run folder")

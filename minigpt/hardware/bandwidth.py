@@ -41,7 +41,6 @@ THREADINGS = ("one_thread", "all_cores")
 WHAT = {"read": "sum of {mib} MiB", "write": "fill {mib} MiB",
         "copy": "{mib} MiB to {mib} MiB, read + write counted",
         "triad": "a = b + s·c over 3 x {mib} MiB, 2 reads + 1 write counted"}
-ARRAYS_MOVED = {"read": 1, "write": 1, "copy": 2, "triad": 3}  # arrays read + arrays written
 FULL_MIB, QUICK_MIB = 256, 64  # the smallest array, full and quick measurement
 LLC_MULTIPLE = 4  # each array at least this many times the last-level cache
 
@@ -101,15 +100,26 @@ def array_mib(quick: bool = False, llc: int | None = None) -> int:
     return max(floor, -(-LLC_MULTIPLE * (llc or 0) // MiB))
 
 
-def _pass(kind: str, a, b, c, threads: int) -> None:
+def run_pass(kind: str, a: np.ndarray, b: np.ndarray, c: np.ndarray, threads: int) -> None:
+    """One pass of a kind over arrays of one size (read: a; write: a; copy: a into b; triad:
+    b + s·c into a), counted through the meter (kind "stream", op the pass's kind) with the
+    FLOPs, bytes read and bytes written of stream.WORK, unless the meter is paused."""
+    t0 = METER.clock()
     if kind == "read":
         stream.read(a, threads)
     elif kind == "write":
         stream.write(a, 2.0, threads)
     elif kind == "copy":
         stream.copy(b, a, threads)
-    else:
+    elif kind == "triad":
         stream.triad(a, b, c, 3.0, threads)
+    else:
+        raise ValueError(f"no stream pass {kind!r} (expected {', '.join(KINDS)})")
+    if METER.enabled:
+        flops, reads, writes = stream.WORK[kind]
+        METER.add(kind="stream", op=kind, dtype=a.dtype, flops=flops * a.size,
+                  bytes_read=reads * a.nbytes, bytes_written=writes * a.nbytes,
+                  seconds=METER.clock() - t0)
 
 
 def measure_stream(quick: bool = False, repeats: int | None = None,
@@ -125,13 +135,14 @@ def measure_stream(quick: bool = False, repeats: int | None = None,
     with METER.paused():
         for kind in KINDS:
             for threads in counts:
-                _pass(kind, a, b, c, threads)  # warm up (Numba compiles on the first call)
+                run_pass(kind, a, b, c, threads)  # warm up (Numba compiles on the first call)
                 best = float("inf")
                 for _ in range(repeats):
                     t0 = time.perf_counter()
-                    _pass(kind, a, b, c, threads)
+                    run_pass(kind, a, b, c, threads)
                     best = min(best, time.perf_counter() - t0)
-                out.append(StreamFigure(kind, threads, ARRAYS_MOVED[kind] * a.nbytes / best, mib,
+                moved = sum(stream.WORK[kind][1:]) * a.nbytes  # bytes read + written
+                out.append(StreamFigure(kind, threads, moved / best, mib,
                                         repeats, stream.path(), llc / MiB if llc else None))
     return tuple(out)
 

@@ -154,14 +154,20 @@ def by_ceiling(rows: Iterable[dict], profile: Profile) -> dict[Ceiling, float]:
     return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
 
-def ceilings_line(rows: list[dict], profile: Profile) -> str:
-    """One line saying which ceilings the roofline used and for what share of its ideal seconds."""
+def ceilings_used(rows: list[dict], profile: Profile, values: bool = True) -> str:
+    """"fp32 peak 224 GFLOP/s 84%, copy bandwidth 43 GB/s 9%, ...": the ceilings that set the
+    ideal seconds and each one's share of them (values=False: names and shares only)."""
     used = by_ceiling(rows, profile)
     total = sum(used.values()) or 1.0
-    parts = [f"{c.label()} {100 * s / total:.0f}%" for c, s in used.items()]
+    return ", ".join(f"{c.label() if values else c.name} {100 * s / total:.0f}%"
+                     for c, s in used.items()) or "none (no FLOPs, no bytes)"
+
+
+def ceilings_line(rows: list[dict], profile: Profile) -> str:
+    """One line saying which ceilings the roofline used and for what share of its ideal seconds."""
     return (f"roofline ceilings on {profile.name} (share of the ideal seconds): "
-            + ("; ".join(parts) or "none (no FLOPs, no bytes)")
-            + "; each op's bytes held against the bandwidth its read/write mix fits (docs/costs.md)")
+            f"{ceilings_used(rows, profile)}; matmuls' FLOPs against the peak, each op's bytes "
+            "against the bandwidth its read/write mix fits (docs/costs.md)")
 
 
 def ridge_point(profile: Profile, dtype: str = "float32", kind: str = "read") -> float:

@@ -15,8 +15,8 @@ NumPy releases the GIL inside reductions, copies and ufunc loops, so the parts s
 NumPy triad runs in cache-sized blocks (b * s into a, then + c into a) so that a's second pass hits
 the cache and the memory traffic stays one pass over each array, as in the compiled loop.
 
-Every call is counted through the meter (kind "stream", op the kernel's name) with what the kernel
-reads and writes, unless the meter is paused, as calibrate's timing loops pause it.
+The kernels sit beside the meter, not above it: minigpt.hardware.bandwidth calls them through its
+counted wrapper (kind "stream", op the kernel's name, the bytes above).
 """
 
 import itertools
@@ -26,9 +26,10 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from minigpt import kernels
-from minigpt.counting.meter import METER
 
 KINDS = ("read", "write", "copy", "triad")
+# per element of the arrays: (FLOPs, arrays read, arrays written), what a counted wrapper records
+WORK = {"read": (1, 1, 0), "write": (0, 0, 1), "copy": (0, 1, 1), "triad": (2, 2, 1)}
 BLOCK = 1 << 15  # elements of the NumPy triad's cache-sized blocks: 256 KiB of float64
 
 if kernels.AVAILABLE:
@@ -100,12 +101,6 @@ def _triad_numpy(a, b, c, scalar) -> None:
         np.add(a[part], b[part], out=a[part])
 
 
-def _count(op: str, dtype, flops: int, bytes_read: int, bytes_written: int, t0: float) -> None:
-    if METER.enabled:
-        METER.add(kind="stream", op=op, dtype=dtype, flops=flops, bytes_read=bytes_read,
-                  bytes_written=bytes_written, seconds=METER.clock() - t0)
-
-
 def _check(threads: int, *arrays: np.ndarray) -> None:
     if threads < 1:
         raise ValueError(f"threads must be >= 1, got {threads}")
@@ -117,43 +112,35 @@ def _check(threads: int, *arrays: np.ndarray) -> None:
 def read(a: np.ndarray, threads: int = 1) -> float:
     """sum(a) on `threads` threads: a pure read stream."""
     _check(threads, a)
-    t0 = METER.clock()
     if kernels.numba_on():
         s = float(_numba_threads(threads, _read_numba, a))
     else:
         s = float(sum(_on_threads(lambda p: a[p].sum(), a.size, threads)))
-    _count("read", a.dtype, a.size, a.nbytes, 0, t0)
     return s
 
 
 def write(a: np.ndarray, value: float, threads: int = 1) -> None:
     """a[:] = value on `threads` threads: a pure write stream."""
     _check(threads, a)
-    t0 = METER.clock()
     if kernels.numba_on():
         _numba_threads(threads, _write_numba, a, value)
     else:
         _on_threads(lambda p: a[p].fill(value), a.size, threads)
-    _count("write", a.dtype, 0, 0, a.nbytes, t0)
 
 
 def copy(dst: np.ndarray, src: np.ndarray, threads: int = 1) -> None:
     """dst[:] = src on `threads` threads: one array read, one written."""
     _check(threads, dst, src)
-    t0 = METER.clock()
     if kernels.numba_on():
         _numba_threads(threads, _copy_numba, dst, src)
     else:
         _on_threads(lambda p: np.copyto(dst[p], src[p]), dst.size, threads)
-    _count("copy", dst.dtype, 0, src.nbytes, dst.nbytes, t0)
 
 
 def triad(a: np.ndarray, b: np.ndarray, c: np.ndarray, scalar: float, threads: int = 1) -> None:
     """a[:] = b + scalar * c on `threads` threads: two arrays read, one written."""
     _check(threads, a, b, c)
-    t0 = METER.clock()
     if kernels.numba_on():
         _numba_threads(threads, _triad_numba, a, b, c, scalar)
     else:
         _on_threads(lambda p: _triad_numpy(a[p], b[p], c[p], scalar), a.size, threads)
-    _count("triad", a.dtype, 2 * a.size, b.nbytes + c.nbytes, a.nbytes, t0)
