@@ -32,6 +32,7 @@ import numpy as np
 
 from minigpt.counting.meter import METER, matmul
 from minigpt.hardware import blas
+from minigpt.hardware.profiles import Profile
 from minigpt.kernels import stream
 from minigpt.units import rows_text
 
@@ -189,3 +190,11 @@ def table_lines(figures, matvec: tuple[int, float] | None = None) -> list[str]:
 def _blas_threads() -> str:
     n = blas.current()
     return f"NumPy's BLAS, {n} thread{'s' if n != 1 else ''}" if n else "NumPy's BLAS"
+
+
+def as_profile(figures: dict[str, float], notes: dict[str, str], name: str = "measured here") -> Profile:
+    """A profile holding only STREAM figures ("read.all_cores" -> bytes/s, with their methods), for
+    roofline.memory_ceiling on figures measured in-process (bench/decode.py)."""
+    return Profile(name=name, description="STREAM bandwidths measured in this process",
+                   peak_flops={}, memory_bandwidth=None, memory_bytes=None, power_watts=None,
+                   bandwidth=dict(figures), notes={f"bandwidth.{k}": v for k, v in notes.items()})
