@@ -5,7 +5,13 @@ by arithmetic or by memory traffic, whichever takes longer:
 
     seconds = max(flops / peak FLOP/s of its dtype, (bytes_read + bytes_written) / its bandwidth)
 
-Its bandwidth is the ceiling that fits its traffic (`memory_ceiling`, the one function every
+and a set of records takes the sum. Real kernels are slower (launch overhead, caches, imperfect
+overlap), so this is a lower bound on time, and with a power figure a lower bound on energy at that
+power. A record's dtype picks the peak: float32 -> fp32, float64 -> fp64, float16/bfloat16 -> fp16,
+int8 or int32 (integer products) -> int8, and w8a32 (int8 weights widened into a float32 product,
+minigpt.nn.quant) -> fp32.
+
+A record's bandwidth is the ceiling that fits its traffic (`memory_ceiling`, the one function every
 figure of the package goes through): the measured STREAM kind (minigpt.hardware.bandwidth) whose
 share of bytes written is nearest the record's own, bytes_written / (bytes_read + bytes_written):
 
@@ -16,12 +22,6 @@ that reads one array and writes one against the copy bandwidth, one that reads t
 triad. Each kind's figure is the better of one thread and all cores. A profile without measured
 kinds (the packaged, published ones) has one figure, memory_bandwidth, and every record uses it;
 the Ceiling says which was used and how it was measured.
-
-and a set of records takes the sum. Real kernels are slower (launch overhead, caches, imperfect
-overlap), so this is a lower bound on time, and with a power figure a lower bound on energy at that
-power. A record's dtype picks the peak: float32 -> fp32, float64 -> fp64, float16/bfloat16 -> fp16,
-int8 or int32 (integer products) -> int8, and w8a32 (int8 weights widened into a float32 product,
-minigpt.nn.quant) -> fp32.
 
     memory_ceiling(profile, read, written)  the bandwidth a record's bytes are held against
     roofline_seconds(rows, profile)         total ideal seconds
@@ -56,7 +56,7 @@ class Ceiling(NamedTuple):
     how: str  # the profile's note or source for the figure
 
     def label(self) -> str:
-        """"read bandwidth 33.0 GB/s" or "fp32 peak 300.8 GFLOP/s"."""
+        """The name and the rate, as in: read bandwidth 33 GB/s; fp32 peak 301 GFLOP/s."""
         unit = "FLOP/s" if self.name.endswith("peak") else "B/s"
         return f"{self.name} {si(self.value, unit)}"
 
@@ -155,8 +155,8 @@ def by_ceiling(rows: Iterable[dict], profile: Profile) -> dict[Ceiling, float]:
 
 
 def ceilings_used(rows: list[dict], profile: Profile, values: bool = True) -> str:
-    """"fp32 peak 224 GFLOP/s 84%, copy bandwidth 43 GB/s 9%, ...": the ceilings that set the
-    ideal seconds and each one's share of them (values=False: names and shares only)."""
+    """The ceilings that set the ideal seconds and each one's share of them, as in: fp32 peak 224
+    GFLOP/s 84%, copy bandwidth 43 GB/s 9% (values=False: names and shares only)."""
     used = by_ceiling(rows, profile)
     total = sum(used.values()) or 1.0
     return ", ".join(f"{c.label() if values else c.name} {100 * s / total:.0f}%"
