@@ -12,7 +12,7 @@ With Numba, each is one `prange` loop compiled once (cached on disk) and run on 
 (numba.set_num_threads, restored afterwards). Without it (or with the kernels switch on "numpy"),
 the NumPy twin splits the arrays into `threads` contiguous parts and hands them to Python threads:
 NumPy releases the GIL inside reductions, copies and ufunc loops, so the parts stream at once. The
-NumPy triad runs in cache-sized blocks (b * s into a, then + c into a) so that a's second pass hits
+NumPy triad runs in cache-sized blocks (s * c into a, then + b into a) so that a's second pass hits
 the cache and the memory traffic stays one pass over each array, as in the compiled loop.
 
 The kernels sit beside the meter, not above it: minigpt.hardware.bandwidth calls them through its
