@@ -258,3 +258,21 @@ def test_costs_and_the_report_say_which_ceilings_they_used(trained_run):
     assert "each op's bytes against the bandwidth its read/write mix fits" in page
     doc = run_energy.load(trained_run)
     assert "ceilings: " in doc["layers"]["roofline"]["why"]
+
+
+def test_the_bandwidth_bench_keeps_each_paths_best_figure(capsys):
+    import importlib.util
+
+    from tests.conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("bench_bandwidth", ROOT / "bench" / "bandwidth.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    outer = kernels.active()
+    assert bench.main(["--rounds", "2", "--mib", "1", "--matvec-mib", "1"]) == 0
+    assert kernels.active() == outer  # the bench puts the switch back
+    out = capsys.readouterr().out
+    assert "read (sum of 1 MiB), 1 thread" in out and "numpy GB/s" in out
+    r = bench.measure(1, 1, 1)
+    assert {f["kernels"] for f in r["figures"]} == set(PATHS)
+    assert len(r["figures"]) == len(PATHS) * len(bandwidth.KINDS) * len({1, stream.max_threads()})
