@@ -77,16 +77,16 @@ class StreamFigure(NamedTuple):
 
 def last_level_cache_bytes(root: str = "/sys/devices/system/cpu") -> int | None:
     """The last-level cache over all its instances (Linux sysfs), bytes; None where not reported."""
+    units = {"K": 1 << 10, "M": MiB, "G": 1 << 30}
     level, found = 0, {}
     for index in Path(root).glob("cpu[0-9]*/cache/index[0-9]*"):
         try:
             lv = int((index / "level").read_text())
-            size = (index / "size").read_text().strip()
+            size = (index / "size").read_text().strip()  # "32768K"
             shared = (index / "shared_cpu_list").read_text().strip()
+            nbytes = int(size[:-1]) * units[size[-1]] if size[-1:] in units else int(size)
         except (OSError, ValueError):
             continue
-        units = {"K": 1 << 10, "M": MiB, "G": 1 << 30}
-        nbytes = int(size[:-1]) * units[size[-1]] if size[-1:] in units else int(size)
         if lv > level:
             level, found = lv, {}
         if lv == level:
