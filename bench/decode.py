@@ -8,10 +8,13 @@ little arithmetic to keep the cores busy, so its speed is bounded by memory band
 is bandwidth / bytes moved per token, where:
 - bytes per token is the meter's count (bytes read + bytes written by every op of the decode
   steps, divided by the steps: the weights, the KV cache, the activations);
-- bandwidth is calibrate's copy measurement (bytes read + bytes written per second copying a
-  256 MiB array, best of 5), taken in this process right before the decode and again right after,
-  so the ceiling is measured under the same load as the decode (other processes on a shared
-  machine slow both); the ceiling uses the mean of the two, and both are printed.
+- bandwidth is the STREAM figure that fits the decode step's read/write mix
+  (minigpt.hardware.roofline.memory_ceiling on the meter's bytes read and bytes written: nearly
+  all reads, so the read bandwidth), the better of 1 thread and all cores; every STREAM figure
+  (minigpt.hardware.bandwidth: 256 MiB arrays, best of 5) is taken in this process right before
+  the decode and again right after, so the ceiling is measured under the same load as the decode
+  (other processes on a shared machine slow both); the ceiling uses the mean of the two, and both
+  are printed, with the fraction of the copy bandwidth for comparison.
 Timings are the best of --repeats runs (default 3; each run prefills the prompt into a fresh
 cache and decodes --tokens tokens), the same statistic as the bandwidth's best of 5: on a shared
 machine a run can lose a step or two to another process (a 20 ms stall is 3% of a 64-token run),
@@ -19,9 +22,7 @@ and the ceiling is what the memory does undisturbed. Every run's figure is print
 JSON (`decode_runs_tokens_per_s`).
 Each --blas-threads count (default 1 and 2) gets its own bandwidth, prefill, decode and peak
 measurements; the headline is the count that decoded fastest, and both are printed. Under load
-from other processes, one thread often wins by far (minigpt/hardware/blas.py says why). The bandwidth is the
-higher of calibrate's copy and the same copy split over 2 threads (one core alone may not fill
-the memory system).
+from other processes, one thread often wins by far (minigpt/hardware/blas.py says why).
 Prefill (the prompt in one forward) is compared with the compute ceiling: calibrate's float32
 matmul FLOP/s over the meter's FLOPs per prompt token, also measured in this process.
 
@@ -44,7 +45,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import minigpt
 from minigpt.counting.meter import METER, matmul
-from minigpt.hardware import blas, calibrate
+from minigpt.hardware import bandwidth, blas, calibrate, roofline
 from minigpt.nn import quant
 from minigpt.nn.model import KVCache
 
@@ -80,12 +81,14 @@ def best_run(gpt, prompt: np.ndarray, tokens: int, kv_int8: bool, repeats: int):
 
 
 def phase_totals(records: dict, phase: str) -> dict:
-    out = {"flops": 0, "bytes": 0, "seconds": 0.0, "by_kind": {}}
+    out = {"flops": 0, "bytes": 0, "bytes_read": 0, "bytes_written": 0, "seconds": 0.0, "by_kind": {}}
     for k, r in records.items():
         if k.phase != phase:
             continue
         out["flops"] += r.flops
         out["bytes"] += r.bytes_read + r.bytes_written
+        out["bytes_read"] += r.bytes_read
+        out["bytes_written"] += r.bytes_written
         out["seconds"] += r.seconds
         key = f"{k.kind}/{k.dtype}" if k.kind == "matmul" else k.kind
         out["by_kind"][key] = out["by_kind"].get(key, 0.0) + r.seconds
@@ -98,19 +101,6 @@ def widened_bytes(gpt) -> int:
     if gpt.quant is None or gpt.quant.qcfg.mode != quant.W8A32:
         return 0
     return sum(8 * q.size for q, _ in gpt.quant.tables.values())
-
-
-def read_bandwidth(nbytes=256 << 20, repeats=5) -> float:
-    """Best bytes/s of summing a float32 array: a pure read stream, for comparison with the
-    decode step's reads (which are most of its bytes)."""
-    a = np.ones(nbytes // 4, dtype=np.float32)
-    a.sum()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        a.sum()
-        best = min(best, time.perf_counter() - t0)
-    return a.nbytes / best
 
 
 def plain_matvec(gpt, passes: int, repeats: int = 1) -> float:
@@ -186,27 +176,9 @@ def int8_split(gpt, repeats: int = 3) -> dict | None:
     return {"widen_s": widen, "float_products_s": product, "int8_bytes": sum(q.nbytes for q in tables)}
 
 
-def copy_bandwidth_threads(n: int = 2, nbytes=256 << 20, repeats=5) -> float:
-    """calibrate.copy_bandwidth's copy split across n threads (NumPy releases the GIL while
-    copying): what n cores move together, where one core's copy may not fill the memory system."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    src = np.ones(nbytes // 8, dtype=np.float64)
-    dst = np.empty_like(src)
-    pairs = list(zip(np.array_split(dst, n), np.array_split(src, n)))
-    best = float("inf")
-    with ThreadPoolExecutor(n) as pool:
-        list(pool.map(lambda p: np.copyto(*p), pairs))
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            list(pool.map(lambda p: np.copyto(*p), pairs))
-            best = min(best, time.perf_counter() - t0)
-    return 2 * src.nbytes / best
-
-
 def bandwidths() -> dict:
-    return {"calibrate copy (1 thread)": calibrate.copy_bandwidth(256 << 20, 5),
-            "copy split over 2 threads": copy_bandwidth_threads(2)}
+    """Every STREAM figure ("read.all_cores" -> StreamFigure): 256 MiB arrays, best of 5."""
+    return {f.key: f for f in bandwidth.measure_stream()}
 
 
 def measure(args) -> dict:
@@ -241,15 +213,17 @@ def _measure(gpt, cfg, args) -> dict:
     plain_s = plain_matvec(gpt, args.tokens, args.repeats) if gpt.quant is None else None
     plain2_s = plain_matvec_two_threads(gpt, args.tokens) if gpt.quant is None else None
     after = bandwidths()
-    read_bw = read_bandwidth()
     peak = calibrate.matmul_flops("float32", 2048, 3)
     pre, dec = phase_totals(records, "prefill"), phase_totals(records, "decode")
-    means = {k: (before[k] + after[k]) / 2 for k in before}
-    source = max(means, key=means.get)
-    bandwidth = means[source]
+    means = {k: (before[k].bytes_per_s + after[k].bytes_per_s) / 2 for k in before}
+    measured = bandwidth.as_profile(means, {k: f.method() for k, f in before.items()})
+    ceiling_bw = roofline.memory_ceiling(measured, dec["bytes_read"], dec["bytes_written"])
+    copy_bw = roofline.memory_ceiling(measured, 1, 1)  # a copy's mix, for comparison
+    read_bw = roofline.memory_ceiling(measured, 1, 0)
+    bandwidth_bps = ceiling_bw.value
     bytes_per_token = dec["bytes"] / args.tokens
     tokens_per_s = args.tokens / decode_s
-    ceiling = bandwidth / bytes_per_token
+    ceiling = bandwidth_bps / bytes_per_token
     here_bytes = bytes_per_token + widened_bytes(gpt)
     prefill_flops_per_token = pre["flops"] / args.prompt
     return {
@@ -258,11 +232,18 @@ def _measure(gpt, cfg, args) -> dict:
         "tokens_per_s": tokens_per_s, "bytes_per_token": bytes_per_token, "repeats": args.repeats,
         "decode_runs_tokens_per_s": [args.tokens / s for s in decode_runs],
         "ceiling_tokens_per_s": ceiling, "fraction_of_ceiling": tokens_per_s / ceiling,
-        "bandwidth": bandwidth, "bandwidth_before": before, "bandwidth_after": after,
-        "bandwidth_source": f"{source}: 256 MiB, (read + written bytes) / s, best of 5, the mean of "
-                            "the measurements right before and right after the decode, in this process",
+        "ceiling": ceiling_bw.name, "ceiling_how": ceiling_bw.how,
+        "decode_bytes_read_per_token": dec["bytes_read"] / args.tokens,
+        "decode_bytes_written_per_token": dec["bytes_written"] / args.tokens,
+        "bandwidth": bandwidth_bps,
+        "bandwidth_before": {k: f.bytes_per_s for k, f in before.items()},
+        "bandwidth_after": {k: f.bytes_per_s for k, f in after.items()},
+        "bandwidth_source": f"{ceiling_bw.name}: {ceiling_bw.how}; the mean of the measurements "
+                            "right before and right after the decode, in this process",
+        "copy_bandwidth": copy_bw.value,
+        "fraction_of_copy_ceiling": tokens_per_s * bytes_per_token / copy_bw.value,
         "bytes_per_token_here": here_bytes,
-        "ceiling_here_tokens_per_s": bandwidth / here_bytes,
+        "ceiling_here_tokens_per_s": bandwidth_bps / here_bytes,
         "decode_seconds_by_kind": {k: v / args.tokens for k, v in sorted(
             dec["by_kind"].items(), key=lambda kv: -kv[1])},
         "decode_metered_fraction": dec["seconds"] / decode_s,
@@ -275,8 +256,8 @@ def _measure(gpt, cfg, args) -> dict:
         "plain_matvec_tokens_per_s": 1 / plain_s if plain_s else None,
         "fraction_of_plain_matvec": tokens_per_s * plain_s if plain_s else None,
         "plain_matvec_two_threads_tokens_per_s": 1 / plain2_s if plain2_s else None,
-        "read_bandwidth": read_bw,
-        "fraction_of_read_ceiling": tokens_per_s * bytes_per_token / read_bw,
+        "read_bandwidth": read_bw.value,
+        "fraction_of_read_ceiling": tokens_per_s * bytes_per_token / read_bw.value,
     }
 
 
@@ -288,7 +269,9 @@ def print_table(r: dict) -> None:
     for k in r["bandwidth_before"]:
         print(f"bandwidth, {k} (read + written): {r['bandwidth_before'][k] / gb:.2f} GB/s before the decode, "
               f"{r['bandwidth_after'][k] / gb:.2f} GB/s after")
-    print(f"ceiling from {r['bandwidth'] / gb:.2f} GB/s ({r['bandwidth_source'].split(':')[0]}, the mean)")
+    print(f"ceiling: the {r['ceiling']}, {r['bandwidth'] / gb:.2f} GB/s (the mean), the STREAM kind nearest "
+          f"the decode step's mix ({r['decode_bytes_read_per_token'] / 1e6:.2f} MB read, "
+          f"{r['decode_bytes_written_per_token'] / 1e6:.3f} MB written per token); {r['ceiling_how']}")
     print()
     print(f"decode    {r['tokens_per_s']:10.2f} tokens/s   {r['bytes_per_token'] / 1e6:9.2f} MB/token (meter)"
           f"   ceiling {r['ceiling_tokens_per_s']:8.2f} tokens/s   achieved {100 * r['fraction_of_ceiling']:5.1f}%")
@@ -296,8 +279,8 @@ def print_table(r: dict) -> None:
         runs = ", ".join(f"{t:.2f}" for t in r["decode_runs_tokens_per_s"])
         print(f"          the best of {r['repeats']} runs ({runs} tokens/s; the mean "
               f"{100 * np.mean(r['decode_runs_tokens_per_s']) / r['ceiling_tokens_per_s']:.1f}% of the ceiling)")
-    print(f"          a pure read stream (sum of 256 MiB) ran at {r['read_bandwidth'] / gb:.2f} GB/s: the decode "
-          f"moved {100 * r['fraction_of_read_ceiling']:.1f}% of that")
+    print(f"          against the copy bandwidth ({r['copy_bandwidth'] / gb:.2f} GB/s, read + write counted) "
+          f"the decode would be {100 * r['fraction_of_copy_ceiling']:.1f}%: a copy is not what a decode does")
     if r["plain_matvec_tokens_per_s"]:
         print(f"          plain NumPy matrix-vector products over the same weights, nothing else: "
               f"{r['plain_matvec_tokens_per_s']:.2f} tokens/s ({100 * r['plain_matvec_tokens_per_s'] / r['ceiling_tokens_per_s']:.1f}% "
@@ -314,7 +297,7 @@ def print_table(r: dict) -> None:
         print(f"          what bounds w8a32 here: widening the {sp['int8_bytes'] / 1e6:.1f} MB of int8 tables to "
               f"float32 takes {1e3 * sp['widen_s']:.1f} ms a token, the float32 products of the widened "
               f"tables {1e3 * sp['float_products_s']:.1f} ms (a kernel reading int8 needs neither: "
-              f"{r['bytes_per_token'] / r['bandwidth'] * 1e3:.1f} ms at the copy bandwidth)")
+              f"{r['bytes_per_token'] / r['bandwidth'] * 1e3:.1f} ms at the {r['ceiling']})")
     print(f"prefill   {r['prefill_tokens_per_s']:10.1f} tokens/s   {r['prefill_flops_per_token'] / 1e9:9.3f} "
           f"GFLOP/token       ceiling {r['prefill_ceiling_tokens_per_s']:8.1f} tokens/s   achieved "
           f"{100 * r['prefill_fraction_of_ceiling']:5.1f}%  (matmul peak {r['matmul_peak_flops'] / 1e9:.0f} GFLOP/s)")

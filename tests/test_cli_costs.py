@@ -133,6 +133,8 @@ def test_calibrate_saves_a_local_profile(tmp_path, monkeypatch):
     prof = profiles.load_profile("local-cpu")
     assert prof.peak_flops["fp32"] > 1e9 and prof.memory_bandwidth > 1e8
     assert "measured by minigpt calibrate" in prof.sources["peak_flops.fp32"]
+    assert "read (sum of" in r.stdout and "triad (a = b + s·c" in r.stdout  # the STREAM table
+    assert prof.bandwidth["read.one_thread"] > 1e8 and "best of" in prof.notes["bandwidth.read.one_thread"]
 
 
 def test_hardware_lists_and_shows_profiles():

@@ -143,15 +143,17 @@ def test_a_profile_with_power_needs_no_watts():
 
 
 def test_no_local_profile_uses_the_cached_quick_measurement(home, monkeypatch):
-    from minigpt.hardware import calibrate
+    from minigpt.hardware import bandwidth, calibrate
 
     (home / "local-cpu.toml").unlink()
     calls = []
 
     def fake_measure(quick=False):
         calls.append(quick)
+        stream = tuple(bandwidth.StreamFigure(kind, 1, 10e9, 64, 3, "test", None)
+                       for kind in bandwidth.KINDS)
         return calibrate.MachineFigures(fp32=100e9, fp64=50e9, bandwidth=10e9, n=1024,
-                                        copy_mib=64)
+                                        copy_mib=64, stream=stream)
 
     monkeypatch.setattr(calibrate, "measure", fake_measure)
     text = "\n".join(report_lines(ROWS, 1.0, watts=60))

@@ -47,15 +47,37 @@ def _run_energy_doc(run):
     return run_energy.load(run)
 
 
+def _ceilings(run_doc, rows) -> tuple[str, list[dict]] | None:
+    """The line saying which roofline ceilings the run's joules_roofline used, and the same as
+    JSON; None without a stored profile (or when it lacks a figure the rows need)."""
+    from minigpt.energy import run_energy
+    from minigpt.hardware import roofline
+
+    if not run_doc or not run_doc.get("profile"):
+        return None
+    prof = run_energy.profile_from_doc(run_doc["profile"])
+    try:
+        used = roofline.by_ceiling(rows, prof)
+        line = roofline.ceilings_line(rows, prof)
+    except ConfigError:
+        return None
+    total = sum(used.values()) or 1.0
+    return line, [{"name": c.name, "value": c.value, "how": c.how, "share_of_ideal_seconds": s / total}
+                  for c, s in used.items()]
+
+
 def _plot_run(run, rows) -> None:
-    from minigpt.hardware import calibrate, profiles
+    from minigpt.hardware import calibrate, profiles, roofline
     from minigpt.report import plots
 
     prof, source = calibrate.local_profile()
-    peak, bandwidth = profiles.peak(prof, "fp32"), profiles.require(prof, "memory_bandwidth")
+    peak = profiles.peak(prof, "fp32")
+    slopes = {roofline.memory_ceiling(prof, r["bytes_read"], r["bytes_written"])
+              for r in rows if r["bytes_read"] + r["bytes_written"]}
+    bandwidths = [(c.name, c.value) for c in sorted(slopes, key=lambda c: -c.value)]
     run = Path(run)
     a = plots.layers_chart(rows, run / "layers.png", f"{run}: training cost per layer")
-    b = plots.roofline_chart(rows, run / "roofline.png", peak, bandwidth,
+    b = plots.roofline_chart(rows, run / "roofline.png", peak, bandwidths,
                              f"{run}: training ops against this machine's ceilings ({source})")
     print(f"wrote {a} and {b}")
 
@@ -137,12 +159,15 @@ def cmd_costs(argv) -> int:
     groups = tables.group(rows, args.by, args.phase, extra=run_energy.row_joules(run_doc))
     energy_note = run_energy.summary_line(run_doc) if run_doc else (
         "no joules: this run has no energy.json" if args.run is not None else "")
+    ceilings = _ceilings(run_doc, [r for r in rows if args.phase in (None, r["phase"])])
     if args.format == "json":
         shown = groups[: args.top] if args.top else groups
         out = {"what": what, "by": args.by, "phase": args.phase, "groups": shown}
         if run_doc:
             out["energy"] = {"watts": run_doc["watts"], "watts_basis": run_doc["watts_basis"],
                              "pue": run_doc["pue"], "note": energy_note}
+        if ceilings:
+            out["roofline_ceilings"] = ceilings[1]
         print(json.dumps(out, indent=1))
     elif args.format == "csv":
         print(tables.groups_csv(groups[: args.top] if args.top else groups), end="")
@@ -152,6 +177,8 @@ def cmd_costs(argv) -> int:
         print(tables.CONVENTIONS)
         if energy_note:
             print(energy_note)
+        if ceilings:
+            print(ceilings[0])
     if args.plot:
         if args.run is None:
             raise ConfigError("--plot draws a run's measured costs: give a run folder")
@@ -208,8 +235,10 @@ def cmd_calibrate(argv) -> int:
 
     p = Parser(prog="minigpt calibrate",
                description="Measure this machine's float32/float64 matmul FLOP/s and memory bandwidth "
-               "and save them as the local-cpu hardware profile ($MINIGPT_HOME/hardware, default "
-               "~/.minigpt/hardware), used for utilisation and roofline figures.")
+               "(read, write, copy and triad, on one thread and on all cores, as STREAM does) and save "
+               "them as the local-cpu hardware profile ($MINIGPT_HOME/hardware, default "
+               "~/.minigpt/hardware), used for utilisation and roofline figures: each op is held "
+               "against the bandwidth its read/write mix fits (docs/costs.md).")
     p.add_argument("--quick", action="store_true", help="smaller, faster benchmarks (less exact)")
     p.add_argument("--no-save", action="store_true", help="print the figures only")
     args = p.parse_args(argv)
@@ -218,6 +247,15 @@ def cmd_calibrate(argv) -> int:
     print(f"float32 matmul: {m.fp32 / 1e9:8.1f} GFLOP/s")
     print(f"float64 matmul: {m.fp64 / 1e9:8.1f} GFLOP/s")
     print(f"memory copy:    {m.bandwidth / 1e9:8.1f} GB/s (read + write)")
+    if m.stream:
+        from minigpt.hardware import bandwidth
+
+        print()
+        matvec = (calibrate.MATVEC_MIB, m.matvec) if m.matvec else None
+        print("\n".join(bandwidth.table_lines(m.stream, matvec)))
+        print("bytes counted as the meter counts them (read + written); best of "
+              f"{m.stream[0].repeats} passes each; the roofline holds each op against the kind "
+              "its read/write mix fits, the better of 1 thread and all cores")
     if not args.no_save:
         print(f"saved {calibrate.save(calibrate.profile_toml(m))}")
     return 0
@@ -239,9 +277,11 @@ def cmd_hardware(argv) -> int:
     figures = [(f"peak_flops.{t}", v) for t, v in prof.peak_flops.items()]
     figures += [(f, getattr(prof, f)) for f in profiles.FIGURES + profiles.OPTIONAL_FIGURES]
     figures += [(f"interconnect.{k}", v) for k, v in prof.interconnect.items()]  # bytes/s each way
+    figures += [(f"bandwidth.{k}", v) for k, v in prof.bandwidth.items()]  # measured STREAM, bytes/s
     for key, value in figures:
         shown = f"{value:.4g}" if value is not None else prof.missing.get(key, "unknown")
-        print(f"  {key:<23} {shown:>12}  {prof.sources.get(key, '')}")
+        how = prof.notes.get(key, "") if key.startswith("bandwidth.") else ""
+        print(f"  {key:<23} {shown:>12}  {prof.sources.get(key, '')}" + (f"; {how}" if how else ""))
     return 0
 
 

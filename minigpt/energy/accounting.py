@@ -228,9 +228,11 @@ def roofline_layer(rows: list[dict], profile: Profile | None, watts: float | Non
         return Layer("roofline", None, f"needs {e}")
     share = f" ({100 * ideal / seconds:.3g}% of the measured time)" if seconds else ""
     where = f"ideal time on {profile.name} {ideal:.4g} s{share}"
+    ceilings = f"; ceilings: {roofline.ceilings_used(rows, profile, values=False)}"
     if watts is None:
-        return Layer("roofline", None, f"{why}; {where}")
-    return Layer("roofline", ideal * watts * s.pue, f"{where} × {watts:.3g} W × PUE {s.pue:.2f}")
+        return Layer("roofline", None, f"{why}; {where}{ceilings}")
+    return Layer("roofline", ideal * watts * s.pue,
+                 f"{where} × {watts:.3g} W × PUE {s.pue:.2f}{ceilings}")
 
 
 def floor_joules(rows: list[dict], s: Settings, pj_per_byte: float | None = None) -> float:

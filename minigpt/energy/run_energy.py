@@ -50,7 +50,9 @@ def profile_dict(prof: Profile | None, note: str = "") -> dict | None:
     return {"name": prof.name, "description": prof.description, "note": note,
             "peak_flops": dict(prof.peak_flops), "memory_bandwidth": prof.memory_bandwidth,
             "memory_bytes": prof.memory_bytes, "power_watts": prof.power_watts,
-            "path": str(prof.path) if prof.path else None}
+            "path": str(prof.path) if prof.path else None,
+            "bandwidth": dict(prof.bandwidth),  # measured STREAM figures, "read.all_cores" -> B/s
+            "bandwidth_notes": {k: prof.notes.get(f"bandwidth.{k}", "") for k in prof.bandwidth}}
 
 
 def profile_from_doc(d: dict) -> Profile:
@@ -59,8 +61,11 @@ def profile_from_doc(d: dict) -> Profile:
     missing = {f"peak_flops.{k}": "unknown" for k, v in peaks.items() if v is None}
     missing |= {k: "unknown" for k in ("memory_bandwidth", "memory_bytes", "power_watts")
                 if d.get(k) is None}
+    bw = dict(d.get("bandwidth") or {})  # absent in documents from before the STREAM figures
+    notes = {f"bandwidth.{k}": v for k, v in (d.get("bandwidth_notes") or {}).items()}
     return Profile(d["name"], d.get("description", ""), peaks, d.get("memory_bandwidth"),
-                   d.get("memory_bytes"), d.get("power_watts"), missing=missing)
+                   d.get("memory_bytes"), d.get("power_watts"), missing=missing, bandwidth=bw,
+                   notes=notes)
 
 
 def _layer_doc(layer: accounting.Layer, s: accounting.Settings, tokens: int | None) -> dict:

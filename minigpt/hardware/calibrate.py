@@ -4,7 +4,11 @@ figures for the CPU rest on measurement, not on a guess.
 
 Micro-benchmarks, best of several runs each (the best run is the one least disturbed):
 - matmul: an n x n x n product in float32 and in float64, through NumPy (the BLAS the model uses);
-- bandwidth: copying a 256 MiB array, counting the bytes read and the bytes written.
+- bandwidth: copying a 256 MiB array, counting the bytes read and the bytes written (the profile's
+  memory_bandwidth);
+- the STREAM bandwidths the roofline holds each op against: read, write, copy and triad, on one
+  thread and on all cores (minigpt.hardware.bandwidth), and, in the full measurement, a BLAS
+  matrix-vector product over 512 MiB of weights for comparison.
 
 Every run needs a roofline, calibrated or not: `quick_profile()` makes the quick version (1024^3
 products, a 64 MiB copy: a few seconds) once per machine and caches it as a profile file under
@@ -27,7 +31,7 @@ from minigpt import safeio
 from minigpt.counting import tables
 from minigpt.counting.meter import METER, matmul
 from minigpt.errors import ConfigError
-from minigpt.hardware import profiles
+from minigpt.hardware import bandwidth, profiles
 
 
 def matmul_flops(dtype="float32", n=2048, repeats=5) -> float:
@@ -83,6 +87,8 @@ class MachineFigures(NamedTuple):
     bandwidth: float  # bytes/s of the copy, bytes read + bytes written
     n: int  # the float32 product's size, n x n x n
     copy_mib: int  # the copied array, MiB
+    stream: tuple[bandwidth.StreamFigure, ...] = ()  # read/write/copy/triad, 1 thread, all cores
+    matvec: float | None = None  # bytes/s of a BLAS product over MATVEC_MIB of weights
 
     def to_json(self) -> dict:
         return self._asdict()
@@ -102,13 +108,19 @@ class LocalPeak(NamedTuple):
     where: str  # "(local-cpu profile)", "(<QUICK_NOTE>)", or ""
 
 
+MATVEC_MIB = 512  # the full measurement's matrix-vector product, MiB of float32 weights
+
+
 def measure(quick: bool = False) -> MachineFigures:
-    """The measured figures: fp32 and fp64 matmul FLOP/s, copy bandwidth (bytes/s)."""
+    """The measured figures: fp32 and fp64 matmul FLOP/s, copy bandwidth (bytes/s), the STREAM
+    bandwidths, and (not quick) the BLAS matrix-vector product's bandwidth."""
     n, repeats = (1024, 3) if quick else (2048, 5)
     mib = 64 if quick else 256
     return MachineFigures(fp32=matmul_flops("float32", n, repeats),
                           fp64=matmul_flops("float64", n // 2 if quick else n, repeats),
-                          bandwidth=copy_bandwidth(mib << 20, repeats), n=n, copy_mib=mib)
+                          bandwidth=copy_bandwidth(mib << 20, repeats), n=n, copy_mib=mib,
+                          stream=bandwidth.measure_stream(quick),
+                          matvec=None if quick else bandwidth.matvec_bandwidth(MATVEC_MIB << 20))
 
 
 def profile_toml(m: MachineFigures, name: str = "local-cpu", how: str = "minigpt calibrate") -> str:
@@ -140,6 +152,7 @@ def profile_toml(m: MachineFigures, name: str = "local-cpu", how: str = "minigpt
         entry("memory_bytes", float(memory), "os.sysconf: physical pages x page size") if memory
         else entry("memory_bytes", "unknown", "not exposed"),
         entry("power_watts", "unknown", "not measured: give the CPU's rated power in your own profile"),
+        bandwidth.profile_entries(m.stream, src),
     ])
 
 
@@ -162,7 +175,9 @@ def quick_profile() -> profiles.Profile:
     path = cache_path()
     if path.is_file():
         try:
-            return profiles.load_profile(path)
+            cached = profiles.load_profile(path)
+            if cached.bandwidth:  # a cache from before the STREAM figures is measured again
+                return cached
         except ConfigError:  # a damaged cache is measured again, not trusted
             path.unlink(missing_ok=True)
     text = profile_toml(measure(quick=True), QUICK_NAME, "minigpt's quick measurement (cached)")

@@ -20,6 +20,12 @@ holds a name, a description and one table per figure:
     value = 450e9            # link sends this much while it receives as much; NVIDIA's headline
                              # NVLink figures count both directions and are twice these)
 
+    [bandwidth.read.all_cores]   # optional: measured STREAM bandwidths, bytes/s (read, write,
+    value = 33.0e9               # copy, triad; one_thread or all_cores), bytes read + written per
+    source = "measured by ..."   # second; the note says how (minigpt.hardware.bandwidth). The
+    note = "numba prange, ..."   # roofline holds each op against the kind its read/write mix fits
+                                 # and falls back to memory_bandwidth where a kind is not given
+
 A value may instead be the string "unknown" (nobody published it) or "unsupported" (the device has
 no such format): both load as None, and `peak` / `require` refuse them with a message rather than
 guessing. A number needs a source. A user directory, $MINIGPT_HOME/hardware (default
@@ -38,6 +44,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -55,7 +62,9 @@ FIGURES = ("memory_bandwidth", "memory_bytes", "power_watts")
 OPTIONAL_FIGURES = ("system_power_watts",)  # "unknown" when absent
 PROFILE_KEYS = ("name", "description", "peak_flops") + FIGURES + OPTIONAL_FIGURES
 LINKS = ("nvlink", "pcie", "infiniband")  # [interconnect.*], optional: absent = unknown
-OPTIONAL_KEYS = ("interconnect",)
+STREAM_KINDS = ("read", "write", "copy", "triad")  # [bandwidth.<kind>.<threading>], optional
+THREADINGS = ("one_thread", "all_cores")
+OPTIONAL_KEYS = ("interconnect", "bandwidth")
 MISSING = ("unknown", "unsupported")
 ENTRY_KEYS = ("value", "source", "note")
 CONSTANT_KEYS = ("value", "unit", "source", "note", "arithmetic")
@@ -79,6 +88,7 @@ class Profile:
     missing: dict[str, str] = field(default_factory=dict)  # field -> "unknown" | "unsupported"
     path: Path | None = None
     system_power_watts: float | None = None  # whole system per accelerator, W (host share in)
+    bandwidth: dict[str, float] = field(default_factory=dict)  # "read.all_cores" -> bytes/s, given only
 
 
 @dataclass(frozen=True)
@@ -173,6 +183,7 @@ def profile_from_dict(d: dict, path: Path) -> Profile:
     raws.update({key: d[key] for key in FIGURES})
     raws.update({key: d.get(key, {"value": "unknown"}) for key in OPTIONAL_FIGURES})
     raws.update(_interconnect_raws(d.get("interconnect", {}), path))
+    raws.update(_bandwidth_raws(d.get("bandwidth", {}), path))
     values, sources, notes, missing = {}, {}, {}, {}
     for key, raw in raws.items():
         values[key] = _entry(path, key, raw, ENTRY_KEYS)
@@ -187,7 +198,9 @@ def profile_from_dict(d: dict, path: Path) -> Profile:
                    memory_bandwidth=values["memory_bandwidth"], memory_bytes=values["memory_bytes"],
                    power_watts=values["power_watts"], sources=sources, notes=notes,
                    missing=missing, path=path, system_power_watts=values["system_power_watts"],
-                   interconnect={k: values[f"interconnect.{k}"] for k in LINKS})
+                   interconnect={k: values[f"interconnect.{k}"] for k in LINKS},
+                   bandwidth={k.split(".", 1)[1]: v for k, v in values.items()
+                              if k.startswith("bandwidth.") and v is not None})
 
 
 def _interconnect_raws(table, path: Path) -> dict:
@@ -199,6 +212,46 @@ def _interconnect_raws(table, path: Path) -> dict:
         if link not in LINKS:
             raise _unknown_key(path, f"interconnect.{link}", [f"interconnect.{k}" for k in LINKS])
     return {f"interconnect.{k}": table.get(k, {"value": "unknown"}) for k in LINKS}
+
+
+def _bandwidth_raws(table, path: Path) -> dict:
+    """[bandwidth.read.all_cores] ... as {"bandwidth.read.all_cores": raw}; only those given."""
+    where = f"expected tables [bandwidth.<{'|'.join(STREAM_KINDS)}>.<{'|'.join(THREADINGS)}>]"
+    if not isinstance(table, dict):
+        raise ConfigError(f"{path}: bandwidth: {where}")
+    out = {}
+    for kind, sub in table.items():
+        if kind not in STREAM_KINDS:
+            raise _unknown_key(path, f"bandwidth.{kind}", [f"bandwidth.{k}" for k in STREAM_KINDS])
+        if not isinstance(sub, dict) or "value" in sub:
+            raise ConfigError(f"{path}: bandwidth.{kind}: {where}")
+        for threading, raw in sub.items():
+            if threading not in THREADINGS:
+                raise _unknown_key(path, f"bandwidth.{kind}.{threading}",
+                                   [f"bandwidth.{kind}.{t}" for t in THREADINGS])
+            out[f"bandwidth.{kind}.{threading}"] = raw
+    return out
+
+
+class StreamBandwidth(NamedTuple):
+    """A profile's best measured bandwidth for one kind of pass, and how it was measured."""
+
+    kind: str  # read, write, copy, triad
+    value: float  # bytes/s
+    key: str  # "read.all_cores": which threading gave the best figure
+    note: str  # the method, as the profile states it
+
+
+def stream_bandwidth(profile: Profile, kind: str) -> StreamBandwidth | None:
+    """The best of a kind's measured figures (one thread or all cores); None where not given."""
+    if kind not in STREAM_KINDS:
+        raise ConfigError(f"{profile.name}: no bandwidth kind {kind!r} (expected "
+                          f"{', '.join(STREAM_KINDS)})")
+    given = [(v, f"{kind}.{t}") for t in THREADINGS if (v := profile.bandwidth.get(f"{kind}.{t}"))]
+    if not given:
+        return None
+    value, key = max(given)
+    return StreamBandwidth(kind, value, key, profile.notes.get(f"bandwidth.{key}", ""))
 
 
 def link_bandwidth(profile: Profile, link: str) -> float:

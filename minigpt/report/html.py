@@ -19,6 +19,7 @@ from minigpt import units
 from minigpt.counting import tables
 from minigpt.energy import run_energy
 from minigpt.errors import ConfigError
+from minigpt.hardware import roofline
 from minigpt.report import svg
 from minigpt.scale import projection
 
@@ -109,17 +110,26 @@ def _roofline_section(rows: list[dict], doc: dict | None) -> str:
     prof = (doc or {}).get("profile")
     if not prof or not prof.get("memory_bandwidth") or not prof["peak_flops"].get("fp32"):
         return '<p class="missing">no roofline profile stored with this run (energy.json)</p>'
+    profile = run_energy.profile_from_doc(prof)
     train = [r for r in rows if r["phase"] in TRAIN_PHASES]
-    points = []
+    points, used = [], {}
     for g in tables.group(train, "op"):
         nbytes = g["bytes_read"] + g["bytes_written"]
         if g["flops"] and nbytes and g["seconds"] > 0:
-            points.append((g["name"], g["flops"] / nbytes, g["flops"] / g["seconds"]))
-    peak, bw = prof["peak_flops"]["fp32"], prof["memory_bandwidth"]
-    chart = svg.roofline_chart(points[:12], peak, bw, "training ops against the roofline "
-                               "(float32)")
+            ceiling = roofline.memory_ceiling(profile, g["bytes_read"], g["bytes_written"])
+            points.append((f"{g['name']} ({ceiling.name})", g["flops"] / nbytes,
+                           g["flops"] / g["seconds"]))
+            used.setdefault(ceiling, []).append(g["name"])
+    peak = roofline.compute_ceiling(profile, "float32")
+    slopes = sorted(used, key=lambda c: -c.value)
+    chart = svg.roofline_chart(points[:12], peak.value, [(c.name, c.value) for c in slopes],
+                               "training ops against the roofline (float32)")
     how = f"{prof['name']}: {prof.get('note') or prof.get('description', '')}"
-    return chart + f'<p class="note">profile {escape(how)}; each dot is one op, all layers</p>'
+    which = "; ".join(f"{c.label()} ({c.how}): {', '.join(names)}" for c, names in
+                      ((c, used[c]) for c in slopes))
+    return chart + (f'<p class="note">profile {escape(how)}; each dot is one op, all layers; '
+                    f"matmuls' FLOPs against the {escape(peak.label())}, each op's bytes against "
+                    f"the bandwidth its read/write mix fits: {escape(which)}</p>")
 
 
 def _energy_section(doc: dict | None) -> str:

@@ -57,7 +57,10 @@ def layers_chart(rows, path: Path, title: str) -> Path:
     return path
 
 
-def roofline_chart(rows, path: Path, peak_flops: float, bandwidth: float, title: str) -> Path:
+def roofline_chart(rows, path: Path, peak_flops: float,
+                   bandwidth: float | list[tuple[str, float]], title: str) -> Path:
+    """Each training op's achieved FLOP/s against its intensity, under the peak and one slope per
+    bandwidth (a number, or (name, bytes/s) pairs: the read, copy... ceilings the ops used)."""
     plt = _pyplot()
     rows = [r for r in rows if r["phase"] in TRAINING and r["seconds"] > 0]
     points = {}
@@ -74,8 +77,11 @@ def roofline_chart(rows, path: Path, peak_flops: float, bandwidth: float, title:
     fig, ax = plt.subplots(figsize=(9, 6))
     lo, hi = 0.05, 1e3
     xs = [lo * (hi / lo) ** (i / 200) for i in range(201)]
-    ax.plot(xs, [min(peak_flops, x * bandwidth) / 1e9 for x in xs], "k-", lw=2,
-            label=f"ceilings: {peak_flops / 1e9:,.0f} GFLOP/s, {bandwidth / 1e9:,.1f} GB/s")
+    slopes = [("", bandwidth)] if isinstance(bandwidth, (int, float)) else bandwidth
+    for k, (name, bw) in enumerate(slopes):
+        ax.plot(xs, [min(peak_flops, x * bw) / 1e9 for x in xs], "k-" if k == 0 else "k--",
+                lw=2 if k == 0 else 1, label=f"ceilings: {peak_flops / 1e9:,.0f} GFLOP/s, "
+                f"{name + ' ' if name else ''}{bw / 1e9:,.1f} GB/s")
     kinds = sorted({kind for _, _, kind in points})  # points: {(layer, op, kind): sums}
     cmap = plt.get_cmap("tab10")
     for i, kind in enumerate(kinds):

@@ -168,25 +168,32 @@ def bar_chart(labels: Sequence[str], values: Sequence[float], title: str,
     return _svg(width, height, body)
 
 
-def roofline_chart(points: list[tuple[str, float, float]], peak: float, bandwidth: float,
-                   title: str, width: int = 760, height: int = 360) -> str:
+def roofline_chart(points: list[tuple[str, float, float]], peak: float,
+                   bandwidth: float | Sequence[tuple[str, float]], title: str, width: int = 760,
+                   height: int = 360) -> str:
     """Log-log: FLOP per byte against achieved FLOP/s for each (label, intensity, rate), under the
-    ceilings min(peak, intensity × bandwidth)."""
+    ceilings min(peak, intensity × bandwidth). `bandwidth` may be several (name, bytes/s), one
+    slope each (the first drawn solid, the rest dashed), e.g. the read and copy bandwidths."""
+    slopes = [("", bandwidth)] if isinstance(bandwidth, (int, float)) else list(bandwidth)
     pts = [(n, i, r) for n, i, r in points if i > 0 and r > 0]
-    xs = [i for _, i, _ in pts] + [peak / bandwidth]
+    xs = [i for _, i, _ in pts] + [peak / bw for _, bw in slopes]
     ys = [r for _, _, r in pts] + [peak]
     xt, yt = log_ticks(min(xs) / 2, max(xs) * 2), log_ticks(min(ys) / 2, peak * 2)
     f = _Frame((xt[0], xt[-1]), (yt[0], yt[-1]), width, height, logx=True, logy=True,
                margin=(60, 150, 30, 45))  # the legend goes in the right margin
     body = f.axes(xt, yt, title, "FLOP per byte moved", "FLOP/s")
-    ridge = peak / bandwidth
-    roof = [(xt[0], min(peak, xt[0] * bandwidth)), (ridge, peak), (xt[-1], peak)]
-    if roof[0][1] < yt[0]:  # the bandwidth slope enters through the bottom edge
-        roof[0] = (yt[0] / bandwidth, yt[0])
-    body.append('<polyline fill="none" stroke="#333" stroke-width="2" points="'
-                + " ".join(f"{f.x(a):.1f},{f.y(b):.1f}" for a, b in roof) + '"/>')
+    for k, (_, bw) in enumerate(slopes):
+        ridge = peak / bw
+        roof = [(xt[0], min(peak, xt[0] * bw)), (ridge, peak), (xt[-1], peak)]
+        if roof[0][1] < yt[0]:  # the bandwidth slope enters through the bottom edge
+            roof[0] = (yt[0] / bw, yt[0])
+        dash = ' stroke-dasharray="6,4"' if k else ""
+        body.append(f'<polyline fill="none" stroke="#333" stroke-width="{1 if k else 2}"{dash} '
+                    'points="' + " ".join(f"{f.x(a):.1f},{f.y(b):.1f}" for a, b in roof) + '"/>')
+    named = ", ".join(f"{name + ' ' if name else ''}{si(bw)}B/s" for name, bw in slopes)
+    ridge = peak / slopes[0][1]
     body.append(f'<text x="{width - f.right - 6}" y="{height - f.bottom - 8}" text-anchor="end">'
-                f'ceilings: peak {si(peak)}FLOP/s, {si(bandwidth)}B/s (ridge {ridge:.3g} FLOP/B)'
+                f'ceilings: peak {si(peak)}FLOP/s, {escape(named)} (ridge {ridge:.3g} FLOP/B)'
                 f'</text>')
     for k, (name, i, r) in enumerate(pts):
         color = COLORS[k % len(COLORS)]
