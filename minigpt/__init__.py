@@ -1,6 +1,14 @@
-"""minigpt: a GPT-2 trained from scratch in NumPy, with every FLOP, byte and second counted."""
+"""minigpt: a GPT-2 trained from scratch in NumPy, with every FLOP, byte and second counted.
+
+The Python front: load a run and generate (load, Model), count what work costs (track, and the
+Costs and Energy it gives), train (train -> Run), and carry the counts to full size (scale ->
+Estimate). README's "A Python API" shows each.
+"""
 
 from minigpt.api import Model, load
+from minigpt.runs import Run, scale, train
+from minigpt.tracking import CostRow, Costs, Energy, EnergyLayer, Estimate, Tracker, track
 
-__all__ = ["Model", "load"]
+__all__ = ["CostRow", "Costs", "Energy", "EnergyLayer", "Estimate", "Model", "Run", "Tracker",
+           "load", "scale", "track", "train"]
 __version__ = "0.1.0"
