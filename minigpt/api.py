@@ -239,7 +239,7 @@ def is_batch(prompt) -> bool:
     if isinstance(prompt, list | tuple):
         if len(prompt) == 0:
             raise ConfigError("the prompt is an empty list: give text, token ids or a list of prompts")
-        return all(isinstance(p, str | bytes | list | tuple | np.ndarray) for p in prompt)
+        return any(isinstance(p, str | bytes | list | tuple | np.ndarray) for p in prompt)
     return False
 
 
