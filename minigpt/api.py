@@ -12,7 +12,7 @@ other implementations.
     m.loss_and_grads(tokens, targets)     # -> (loss, {name: grad})
     m.generation(ids, 100)                # ids (.tokens) and the generation's counts
 
-A list of prompts is generated one prompt after another, prompt i with seed + i.
+A list of prompts decodes together (one batched decode step for all), prompt i with seed + i.
 """
 
 import math
@@ -67,15 +67,20 @@ class Model:
                  top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
                  on_token=None):
         """The continuation of prompt: a str gives a str (the run's tokenizer both ways), bytes
-        give bytes, token ids give ids (an int64 array); a list of prompts gives a list, prompt i
-        sampled with seed + i. A prompt longer than the context keeps its last block_size tokens.
-        on_token(id) is called as each token is chosen. Wrong input raises ConfigError (a bad
-        argument) or DataError (text this run's tokenizer cannot encode)."""
+        give bytes, token ids give ids (an int64 array). A list of prompts gives a list, decoded
+        together (sampling.generate_batch: one decode step for all of them, prompt i sampled
+        with seed + i). A prompt longer than the context keeps its last block_size tokens.
+        on_token(id) is called as each token is chosen (on_token(i, id) for a list). Wrong input
+        raises ConfigError (a bad argument) or DataError (text the tokenizer cannot encode)."""
         check_sampling(max_new_tokens, temperature, top_k, top_p, seed)
         if is_batch(prompt):
-            return [self.generate(p, max_new_tokens, temperature, top_k, top_p,
-                                  None if seed is None else seed + i, on_token)
-                    for i, p in enumerate(prompt)]
+            encoded = [self._encode(p) for p in prompt]
+            block = self.gpt.cfg.block_size
+            gens = sampling.generate_batch(
+                self.gpt, [ids[-block:] for ids, _ in encoded], max_new_tokens, temperature, top_k,
+                top_p, seed, on_token, kv_int8=self._kv_int8, n_tokens=self.tokenizer.vocab_size)
+            tracking.note_tokens(sum(len(g.tokens) for g in gens))
+            return [self._decode(g.tokens, kind) for g, (_, kind) in zip(gens, encoded)]
         ids, kind = self._encode(prompt)
         gen = self.generation(ids, max_new_tokens, temperature, top_k, top_p, seed, on_token)
         tracking.note_tokens(len(gen.tokens))
@@ -140,9 +145,13 @@ class Model:
         """New token ids after prompt_tokens (ids; the last block_size are kept) with the
         generation's own counts: prefill tokens, decode steps, cache rebuilds."""
         prompt = np.asarray(prompt_tokens).reshape(-1)[-self.gpt.cfg.block_size:]
-        kv_int8 = self.gpt.quant is not None and self.gpt.quant.qcfg.kv_int8
         return sampling.generate(self.gpt, prompt, max_new_tokens, temperature, top_k, top_p, seed,
-                                 on_token, kv_int8=kv_int8, n_tokens=self.tokenizer.vocab_size)
+                                 on_token, kv_int8=self._kv_int8,
+                                 n_tokens=self.tokenizer.vocab_size)
+
+    @property
+    def _kv_int8(self) -> bool:
+        return self.gpt.quant is not None and self.gpt.quant.qcfg.kv_int8
 
     def quantize(self, mode: str = quant.DEFAULT_MODE, quantize_embedding: bool = False,
                  kv_int8: bool = False, outlier_threshold: float | None = None) -> "Model":

@@ -42,13 +42,19 @@ def test_ids_in_give_the_generations_ids(model):
         model.generate(tuple(prompt), max_new_tokens=9, seed=5).tolist()
 
 
-def test_a_list_of_prompts_gives_a_list_each_with_its_own_seed(model):
+def test_a_list_of_prompts_decodes_together(model):
     prompts = ["Once", "A lion", "The"]
-    out = model.generate(prompts, max_new_tokens=6, seed=10)
-    assert out == [model.generate(p, max_new_tokens=6, seed=10 + i) for i, p in enumerate(prompts)]
+    steps = []
+    out = model.generate(prompts, max_new_tokens=6, seed=10, on_token=lambda b, t: steps.append(b))
+    gens = sampling.generate_batch(model.gpt, [model.tokenizer.encode(p) for p in prompts], 6,
+                                   seed=10, n_tokens=256)
+    assert out == [model.tokenizer.decode(g.tokens) for g in gens]
+    assert steps == [0, 1, 2] * 6  # one token for every prompt each step
     ids = model.generate(np.array([[1, 2], [3, 4]]), max_new_tokens=4, temperature=0)
     assert [a.tolist() for a in ids] == [model.generate([1, 2], 4, 0).tolist(),
                                          model.generate([3, 4], 4, 0).tolist()]
+    mixed = model.generate(["The", [1, 2]], max_new_tokens=3, temperature=0)
+    assert isinstance(mixed[0], str) and mixed[1].dtype == np.int64
 
 
 def test_stream_yields_what_generate_returns(model):
