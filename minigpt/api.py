@@ -19,7 +19,7 @@ import math
 import numbers
 import queue
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 
 import numpy as np
 
@@ -95,15 +95,18 @@ class Model:
         check_sampling(max_new_tokens, temperature, top_k, top_p, seed)
         if is_batch(prompt):
             raise ConfigError("stream takes one prompt; generate takes a list of them")
-        ids, kind = self._encode(prompt)
-        decode = self.tokenizer.stream_decoder()
+        ids, kind = self._encode(prompt)  # checked now, not at the first piece
 
         def run(on_token):
             return self.generation(ids, max_new_tokens, temperature, top_k, top_p, seed, on_token)
 
+        return self._pieces(stream_tokens(run), kind)
+
+    def _pieces(self, tokens: Generator, kind: str) -> Iterator:
+        decode = self.tokenizer.stream_decoder()
         n = 0
         try:
-            for token in stream_tokens(run):
+            for token in tokens:
                 n += 1
                 if kind == "ids":
                     yield token
@@ -118,6 +121,7 @@ class Model:
                 if tail:
                     yield tail
         finally:
+            tokens.close()  # a reader that stops early stops the generation too
             tracking.note_tokens(n)
 
     def _encode(self, prompt) -> tuple[np.ndarray, str]:
@@ -277,7 +281,7 @@ class _Stop(BaseException):
     """Raised inside a streamed generation when its reader stops early."""
 
 
-def stream_tokens(run: Callable) -> Iterator[int]:
+def stream_tokens(run: Callable) -> Generator[int, None, None]:
     """The token ids of run(on_token) one at a time, as they are sampled. The generation runs in a
     worker thread that hands each token over and waits until the reader asks for the next, so the
     model never runs while the reader's code does (the meter is one per process); a reader that

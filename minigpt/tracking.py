@@ -20,6 +20,7 @@ themselves in a notebook with the report's inline SVG charts and tables (`_repr_
 """
 
 import functools
+import math
 from dataclasses import dataclass
 from html import escape
 
@@ -28,7 +29,7 @@ from minigpt.counting import tables
 from minigpt.counting.meter import METER, Record
 from minigpt.energy import run_energy
 from minigpt.energy.accounting import PowerBasis
-from minigpt.errors import MiniGPTError
+from minigpt.errors import ConfigError, MiniGPTError
 from minigpt.hardware import counters
 from minigpt.report import html, svg
 from minigpt.scale import table as scale_table
@@ -290,13 +291,16 @@ def add_records(into: dict, records: dict) -> None:
 
 class Tracker:
     """`with minigpt.track() as t:` ... then t.costs and t.energy (of the last block the tracker
-    ran; entering again starts anew). As a decorator, each call of the function is a block, and
+    ran; entering again starts anew). Blocks nest: an inner block closes before its outer one. As a decorator, each call of the function is a block, and
     the wrapped function carries the tracker as `.tracker`.
 
     hardware: the roofline profile for the energy (default local-cpu on the CPU, none on a GPU);
     watts: a power figure to use where no energy counter was read (as --watts)."""
 
     def __init__(self, hardware: str | None = None, watts: float | None = None):
+        if watts is not None and (isinstance(watts, bool) or not isinstance(watts, int | float)
+                                  or not 0 < watts < math.inf):
+            raise ConfigError(f"track(watts=...) must be a positive number of watts, got {watts!r}")
         self.hardware, self.watts = hardware, watts
         self._windows: list[_Window] = []
         self._costs: Costs | None = None

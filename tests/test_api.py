@@ -119,7 +119,7 @@ def test_wrong_input_raises_a_minigpt_error_naming_it(model, prompt, kwargs, say
         model.generate(prompt, **kwargs)
     if not isinstance(prompt, list):
         with pytest.raises(ConfigError, match=says):
-            list(model.stream(prompt, **kwargs))
+            model.stream(prompt, **kwargs)  # at the call, before any piece is read
 
 
 def test_text_to_a_run_without_a_tokenizer_is_a_data_error(model):

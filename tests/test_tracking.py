@@ -93,6 +93,9 @@ def test_the_decorator_tracks_each_call(model):
     e = watts.tracker.energy
     assert e.basis is PowerBasis.GIVEN and e.watts == 25.0
     assert e.joules == pytest.approx(e.seconds * 25.0 * e.to_json()["pue"])
+    for bad in (0, -3.0, float("nan"), "25"):
+        with pytest.raises(MiniGPTError, match="watts"):
+            minigpt.track(watts=bad)
 
 
 def test_an_error_in_the_block_keeps_the_counts(model):
