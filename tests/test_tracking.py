@@ -1,16 +1,22 @@
 """minigpt.track(): what a tracked block records equals what the commands report for the same
-work; trackers nest; the decorator; typed Costs and Energy with to_json() and HTML displays."""
+work (generate --costs, train.py's costs.json, the closed form of `minigpt costs --config`);
+trackers nest; the decorator; typed Costs and Energy with to_json() and HTML displays."""
 
+import numpy as np
 import pytest
 from conftest import TINY, TINY_TOML
 
 import minigpt
+from minigpt import config, tracking
 from minigpt.cli import main as cli_main
-from minigpt.counting import tables
+from minigpt.counting import closed_form, tables
 from minigpt.counting.meter import METER
 from minigpt.energy import run_energy
 from minigpt.energy.accounting import PowerBasis
 from minigpt.errors import MiniGPTError
+from minigpt.nn.params import FlatBuffer
+from minigpt.train.optim import AdamW
+from minigpt.train.trainer import training_step
 
 FLAT_TINY = {k: v for table in TINY.values() for k, v in table.items()}
 KEY = ("scope", "op", "kind", "phase", "dtype")
@@ -158,3 +164,29 @@ def test_a_tracked_training_run_matches_its_cost_files(tmp_path):
     on_disk = tables.load(run.out_dir)["records"]
     assert counts(t.costs.rows) == counts(on_disk)
     assert t.energy.floor.joules == pytest.approx(run.energy.floor.joules)
+
+
+@pytest.mark.parametrize(("n_layer", "n_head", "n_embd", "block", "batch", "seq"),
+                         [(1, 2, 8, 16, 2, 5), (2, 4, 16, 12, 3, 12)])
+def test_tracked_steps_and_generations_equal_the_closed_form(n_layer, n_head, n_embd, block,
+                                                            batch, seq):
+    """A training step and a generation, tracked, equal what `minigpt costs --config ... --mode
+    train|prefill|decode` predicts for the same shapes (the closed form), record by record."""
+    cfg = config.load(None, [f"model.n_layer={n_layer}", f"model.n_head={n_head}",
+                             f"model.n_embd={n_embd}", f"model.block_size={block}"])
+    m = minigpt.Model.from_config(cfg, seed=1)
+    m.gpt.grads = FlatBuffer(cfg.model, "float32")
+    rng = np.random.default_rng(0)
+    x, y = (rng.integers(0, 256, (batch, seq)) for _ in range(2))
+    with minigpt.track() as step:
+        training_step(m.gpt, AdamW(m.gpt.params), [(x, y)], lr=1e-3)
+    predicted = closed_form.predict_training_step(cfg.model, batch, seq)
+    assert counts(step.costs.rows) == counts(tables.rows_from_records(predicted))
+
+    prompt, new = x[0, : seq // 2 + 1], block - seq // 2 - 1  # fills the cache, no rebuild
+    with minigpt.track() as gen:
+        m.generate(prompt, max_new_tokens=new, temperature=0)
+    predicted = dict(closed_form.predict_forward(cfg.model, 1, len(prompt), phase="prefill"))
+    for position in range(len(prompt), len(prompt) + new - 1):
+        tracking.add_records(predicted, closed_form.predict_decode(cfg.model, 1, position))
+    assert counts(gen.costs.rows) == counts(tables.rows_from_records(predicted))
