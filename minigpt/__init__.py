@@ -2,7 +2,11 @@
 
 The Python front: load a run and generate (load, Model), count what work costs (track, and the
 Costs and Energy it gives), train (train -> Run), and carry the counts to full size (scale ->
-Estimate). README's "A Python API" shows each.
+Estimate). README's "From Python and in a notebook" shows each.
+
+`minigpt.train` and `minigpt.scale` are functions although minigpt/train/ and minigpt/scale/ are
+packages: the packages are imported (by the lines below) before the functions are bound, so the
+functions keep the names; import the packages' modules by their full names.
 """
 
 from minigpt.api import Model, load

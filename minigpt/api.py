@@ -251,7 +251,8 @@ def is_batch(prompt) -> bool:
         return prompt.ndim == 2
     if isinstance(prompt, list | tuple):
         if len(prompt) == 0:
-            raise ConfigError("the prompt is an empty list: give text, token ids or a list of prompts")
+            raise ConfigError("the prompt is an empty list: give text, token ids or a list of "
+                              "prompts")
         return any(isinstance(p, str | bytes | list | tuple | np.ndarray) for p in prompt)
     return False
 

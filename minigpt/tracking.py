@@ -257,10 +257,11 @@ class Energy:
 
 
 class _Window:
-    """One entry into a tracker: the meter's outer records, the energy measurement, the tokens."""
+    """One entry into a tracker: the meter's records around the block, the block's energy
+    measurement, its tokens."""
 
     def __init__(self):
-        self.outer = METER.records
+        self.around = METER.records
         self.tokens = 0
         self.measuring = counters.measure()
         self.measured = None
@@ -291,8 +292,9 @@ def add_records(into: dict, records: dict) -> None:
 
 class Tracker:
     """`with minigpt.track() as t:` ... then t.costs and t.energy (of the last block the tracker
-    ran; entering again starts anew). Blocks nest: an inner block closes before its outer one. As a decorator, each call of the function is a block, and
-    the wrapped function carries the tracker as `.tracker`.
+    ran; entering again starts anew). Blocks nest: an inner block closes before its outer one.
+    As a decorator, each call of the function is a block, and the wrapped function carries the
+    tracker as `.tracker`.
 
     hardware: the roofline profile for the energy (default local-cpu on the CPU, none on a GPU);
     watts: a power figure to use where no energy counter was read (as --watts)."""
@@ -318,10 +320,10 @@ class Tracker:
         w = self._windows.pop()
         _OPEN.remove(w)
         w.measuring.__exit__(None, None, None)
-        inner = METER.records
-        METER.records = w.outer
-        add_records(w.outer, inner)
-        rows = tables.rows_from_records(inner)
+        mine = METER.records
+        METER.records = w.around
+        add_records(w.around, mine)
+        rows = tables.rows_from_records(mine)
         on_cpu = backend.device == "cpu"
         hw = self.hardware or ("local-cpu" if on_cpu else None)
         doc = run_energy.build(rows, w.measured.seconds, hw, w.measured, self.watts,

@@ -200,3 +200,15 @@ def test_scale_overrides_equal_the_commands_set():
     with pytest.raises(ConfigError, match="no such scenario"):
         minigpt.scale("gpt-3")
     assert "<svg" in est._repr_html_() and "energy_mwh" in est._repr_html_()
+
+
+def test_train_and_scale_stay_functions_beside_their_packages():
+    """minigpt/train/ and minigpt/scale/ are packages too: importing their modules (as the rest
+    of the code does) must not rebind minigpt.train or minigpt.scale to them."""
+    import importlib
+
+    for module in ("minigpt.train.trainer", "minigpt.scale.estimate", "minigpt.scale.table",
+                   "minigpt.train.dist", "minigpt.cli"):
+        importlib.import_module(module)
+    assert callable(minigpt.train) and callable(minigpt.scale)
+    assert minigpt.train.__module__ == minigpt.scale.__module__ == "minigpt.runs"
