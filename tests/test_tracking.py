@@ -97,7 +97,7 @@ def test_the_decorator_tracks_each_call(model):
     watts = minigpt.track(watts=25.0)(lambda: model.generate([1, 2], 3))
     watts()
     e = watts.tracker.energy
-    assert e.basis is PowerBasis.GIVEN and e.watts == 25.0
+    assert e.basis is PowerBasis.GIVEN and e.basis == "given" and e.watts == 25.0
     assert e.joules == pytest.approx(e.seconds * 25.0 * e.to_json()["pue"])
     for bad in (0, -3.0, float("nan"), "25"):
         with pytest.raises(MiniGPTError, match="watts"):
