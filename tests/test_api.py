@@ -74,11 +74,12 @@ def test_a_stream_stopped_early_stops_its_generation(model, monkeypatch):
         return real(*args[:7], lambda t: (chosen.append(t), inner(t)), *args[8:], **kwargs)
 
     monkeypatch.setattr(sampling, "generate", counting)
-    before = threading.active_count()
+    workers = lambda: [t for t in threading.enumerate() if t.name == "minigpt-stream"]
     stream = model.stream([5, 6, 7], max_new_tokens=200, seed=1)
     got = [next(stream) for _ in range(3)]
+    assert len(workers()) == 1
     stream.close()
-    assert threading.active_count() == before  # the worker has ended
+    assert workers() == []  # the worker has ended
     assert chosen == got  # no token was sampled past the last one read
 
 
