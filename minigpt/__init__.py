@@ -5,11 +5,17 @@ Costs and Energy it gives), train (train -> Run), and carry the counts to full s
 Estimate). README's "From Python and in a notebook" shows each.
 
 `minigpt.train` and `minigpt.scale` are functions although minigpt/train/ and minigpt/scale/ are
-packages: the packages are imported (by the lines below) before the functions are bound, so the
-functions keep the names; import the packages' modules by their full names.
+packages: the packages are imported first (importing a package sets its name on this module),
+then the functions are bound, so the functions keep the names; import the packages' modules by
+their full names (`from minigpt.scale import estimate`).
 """
 
+import importlib
+
 from minigpt.api import Model, load
+
+for _package in ("minigpt.train", "minigpt.scale"):
+    importlib.import_module(_package)
 from minigpt.runs import Run, scale, train
 from minigpt.tracking import CostRow, Costs, Energy, EnergyLayer, Estimate, Tracker, track
 

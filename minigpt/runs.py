@@ -21,11 +21,10 @@ from pathlib import Path
 from minigpt import config, tracking
 from minigpt.counting import tables
 from minigpt.counting.meter import METER
-from minigpt.energy import run_energy
 from minigpt.errors import ConfigError
-from minigpt.hardware import counters
-from minigpt.report import html
-from minigpt.scale import estimate, projection, scenario
+
+# The trainer, energy, report and scale modules are imported where they are used, so that
+# `import minigpt` (and with it every command) does not load them.
 
 # ---- keyword overrides --------------------------------------------------------------------------
 
@@ -94,6 +93,8 @@ class Run:
                 f"val loss {self.val_loss:.4f})")
 
     def _repr_html_(self) -> str:
+        from minigpt.report import html
+
         _, parts = html.sections(self.out_dir)
         body = "".join(f"<h4>{escape(title)}</h4>{part}" for title, part in parts
                        if title != "Roofline")
@@ -128,6 +129,10 @@ def train(config_path=None, *, resume: bool = False, progress: bool = True,
     """Train from a TOML config (None: the defaults) with keyword overrides (max_steps=50,
     out_dir="out/x", model__vocab_size=512), as `python train.py CONFIG --set ...` does; returns
     the Run. hardware and watts: as train.py's --hardware and --watts, for the energy."""
+    from minigpt.energy import run_energy
+    from minigpt.hardware import counters
+    from minigpt.report import html
+    from minigpt.scale import projection
     from minigpt.train.trainer import Trainer
 
     cfg = config.load(config_path, set_texts(overrides, _config_keys(), "minigpt.train"))
@@ -165,6 +170,8 @@ def train(config_path=None, *, resume: bool = False, progress: bool = True,
 def scale(name_or_path, **overrides) -> tracking.Estimate:
     """`minigpt scale NAME --set ...` as an Estimate: a shipped scenario's name (gpt3-175b) or a
     scenario file, with keyword overrides (mfu=0.4, hardware__chips=1024, pue=1.1)."""
+    from minigpt.scale import estimate, scenario
+
     keys = {s: list(fields) for s, fields in scenario.SCHEMA.items()}
     scn = scenario.load(name_or_path, set_texts(overrides, keys, "minigpt.scale"))
     return tracking.Estimate(estimate.estimate(scn))

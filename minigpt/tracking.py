@@ -23,16 +23,18 @@ import functools
 import math
 from dataclasses import dataclass
 from html import escape
+from typing import TYPE_CHECKING
 
 from minigpt import backend, units
 from minigpt.counting import tables
 from minigpt.counting.meter import METER, Record
-from minigpt.energy import run_energy
-from minigpt.energy.accounting import PowerBasis
 from minigpt.errors import ConfigError, MiniGPTError
-from minigpt.hardware import counters
-from minigpt.report import html, svg
-from minigpt.scale import table as scale_table
+
+if TYPE_CHECKING:
+    from minigpt.energy.accounting import PowerBasis
+
+# The energy, report and scale modules are imported where they are used, so that `import minigpt`
+# (and with it every command) does not load them.
 
 # ---- costs --------------------------------------------------------------------------------------
 
@@ -111,6 +113,8 @@ class Costs:
     def by(self, grouping: str = "layer", phase: str | None = None) -> list[CostRow]:
         """Rows summed by "layer", "scope", "op", "kind" or "phase" (one phase only, when given),
         biggest FLOPs first, as `minigpt costs RUN --by ...` prints them."""
+        from minigpt.energy import run_energy
+
         if grouping not in tables.GROUPINGS:
             raise MiniGPTError(f"by({grouping!r}): group by one of {', '.join(tables.GROUPINGS)}")
         joules_of = run_energy.row_joules(self.energy) if self.energy else None
@@ -140,6 +144,8 @@ class Costs:
         return self.table()
 
     def _repr_html_(self) -> str:
+        from minigpt.report import html
+
         cells = "".join(
             f"<tr><td style='text-align:left'>{escape(g.name)}</td><td>{g.calls:,}</td>"
             f"<td>{tables.si(g.flops)}</td><td>{tables.si(g.bytes, 'B')}</td>"
@@ -183,6 +189,8 @@ class Energy:
 
     @property
     def layers(self) -> dict[str, EnergyLayer]:
+        from minigpt.energy import run_energy
+
         return {key: self.layer(key) for key in run_energy.LAYER_KEYS.values()}
 
     measured = property(lambda self: self.layer("measured"))
@@ -213,8 +221,10 @@ class Energy:
         return self.best.j_per_token
 
     @property
-    def basis(self) -> PowerBasis:
+    def basis(self) -> "PowerBasis":
         """Where the power figure came from: measured, given, profile, estimated or none."""
+        from minigpt.energy.accounting import PowerBasis
+
         return PowerBasis(self.doc["watts_method"])
 
     @property
@@ -241,6 +251,8 @@ class Energy:
 
     def report(self) -> str:
         """The energy table the commands print."""
+        from minigpt.energy import run_energy
+
         return "\n".join(run_energy.report_lines(self.doc))
 
     def __repr__(self) -> str:
@@ -250,6 +262,8 @@ class Energy:
     __str__ = report
 
     def _repr_html_(self) -> str:
+        from minigpt.report import html
+
         return html.energy_section(self.doc, "this work")
 
 
@@ -261,6 +275,8 @@ class _Window:
     measurement, its tokens."""
 
     def __init__(self):
+        from minigpt.hardware import counters
+
         self.around = METER.records
         self.tokens = 0
         self.measuring = counters.measure()
@@ -317,6 +333,8 @@ class Tracker:
         return self
 
     def __exit__(self, *exc) -> bool:
+        from minigpt.energy import run_energy
+
         w = self._windows.pop()
         _OPEN.remove(w)
         w.measuring.__exit__(None, None, None)
@@ -389,6 +407,8 @@ class Estimate:
         return self.estimate.to_json()
 
     def table(self) -> str:
+        from minigpt.scale import table as scale_table
+
         return scale_table.format_table(self.estimate)
 
     def __repr__(self) -> str:
@@ -397,6 +417,8 @@ class Estimate:
     __str__ = table
 
     def _repr_html_(self) -> str:
+        from minigpt.report import svg
+
         j = self._json
         shown = [(k, j[k]) for k in ("params", "train_flops_used", "days", "energy_mwh",
                                      "co2_tonnes", "water_m3", "decode_tokens_per_s_ceiling",
