@@ -2,7 +2,7 @@
 
     run = minigpt.train("configs/tiny.toml", max_steps=50, out_dir="out/try")
     run.val_loss, run.out_dir, run.costs, run.energy, run.report_path
-    est = minigpt.scale("gpt3-175b", mfu=0.4)
+    est = minigpt.scale("gpt3-175b", hardware__mfu=0.4)
     est.energy_mwh, est.co2_tonnes, est.wh_per_query
 
 Keyword overrides are the commands' `--set section.key=value` fields: a key that names one field
@@ -135,6 +135,7 @@ def train(config_path=None, *, resume: bool = False, progress: bool = True,
     from minigpt.scale import projection
     from minigpt.train.trainer import Trainer
 
+    tracking.check_watts(watts, "minigpt.train(watts=...)")  # before the run, not after it
     cfg = config.load(config_path, set_texts(overrides, _config_keys(), "minigpt.train"))
     trainer = Trainer(cfg, resume=resume, progress=progress, check_memory=check_memory)
     start_tokens = trainer.state.tokens

@@ -306,6 +306,13 @@ def add_records(into: dict, records: dict) -> None:
         mine.seconds += r.seconds
 
 
+def check_watts(watts, where: str) -> None:
+    """A power figure given by hand: None, or a positive, finite number of watts."""
+    if watts is not None and (isinstance(watts, bool) or not isinstance(watts, int | float)
+                              or not 0 < watts < math.inf):
+        raise ConfigError(f"{where} must be a positive number of watts, got {watts!r}")
+
+
 class Tracker:
     """`with minigpt.track() as t:` ... then t.costs and t.energy (of the last block the tracker
     ran; entering again starts anew). Blocks nest: an inner block closes before its outer one.
@@ -316,9 +323,7 @@ class Tracker:
     watts: a power figure to use where no energy counter was read (as --watts)."""
 
     def __init__(self, hardware: str | None = None, watts: float | None = None):
-        if watts is not None and (isinstance(watts, bool) or not isinstance(watts, int | float)
-                                  or not 0 < watts < math.inf):
-            raise ConfigError(f"track(watts=...) must be a positive number of watts, got {watts!r}")
+        check_watts(watts, "track(watts=...)")
         self.hardware, self.watts = hardware, watts
         self._windows: list[_Window] = []
         self._costs: Costs | None = None

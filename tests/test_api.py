@@ -160,6 +160,7 @@ def test_train_does_what_train_py_does(trained_run, tmp_path):
     ({"max_steps": 0}, "max_steps"),
     ({"max_steps": [1]}, "a value must be a number"),
     ({"model__nlayer": 2}, "unknown key 'nlayer'"),
+    ({"watts": -5}, "positive number of watts"),
 ])
 def test_train_overrides_are_checked(tmp_path, overrides, says):
     with pytest.raises(MiniGPTError, match=says):
