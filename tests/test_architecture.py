@@ -22,7 +22,8 @@ FLOORS = [
     {"train"},                                  # the training loop, data, checkpoints, MPI
     {"sampling", "evaluate", "interop"},        # generation, quality, GPT-2 checkpoints in and out
     {"report"},                                 # report.html and charts of a finished run
-    {"api"},                                    # the Python API
+    {"tracking"},                               # minigpt.track and the typed Costs, Energy, Estimate
+    {"api", "runs"},                            # the Python API: a model; training and scale runs
     {"cli"},                                    # the commands
     {"__main__"},                               # python -m minigpt
 ]

@@ -152,6 +152,7 @@ def _print_training_costs(trainer, result, measured, args, start_tokens: int = 0
     from minigpt.energy import run_energy
     from minigpt.hardware import calibrate
     from minigpt.report import html
+    from minigpt.runs import session_rows
     from minigpt.scale import projection
 
     on_cpu = trainer.cfg.train.device == "cpu"
@@ -168,7 +169,7 @@ def _print_training_costs(trainer, result, measured, args, start_tokens: int = 0
     print(f"details: minigpt costs {trainer.out_dir} --by op  (also {trainer.out_dir}/costs.json, costs.csv)")
     print()
     # this session's energy: a resumed run's earlier sessions were reported when they ran
-    session = _session_rows(rows, trainer.meter_rows)
+    session = session_rows(rows, trainer.meter_rows)
     hw = hardware_for(args, trainer.cfg.train.device)
     tokens = (everyone - start_tokens) // ranks  # this session's tokens (rank 0's share of them)
     doc = run_energy.build(session, measured.seconds, hw, measured, args.watts, tokens,
@@ -189,20 +190,3 @@ def _print_moe_summary(trainer, result) -> None:
     if lines:
         print()
         print("\n".join(lines))
-
-
-def _session_rows(rows, before) -> list[dict]:
-    """rows minus a resumed run's rows at its start (the counts this session added)."""
-    from minigpt.counting import tables
-
-    if not before:
-        return rows
-    old = tables.records_from_rows(before)
-    out = []
-    for r in rows:
-        key = (r["scope"], r["op"], r["kind"], r["phase"], r["dtype"])
-        o = old.get(key)
-        d = dict(r) if o is None else r | {k: r[k] - getattr(o, k) for k in tables.NUMBERS}
-        if d["calls"] > 0:
-            out.append(d)
-    return out

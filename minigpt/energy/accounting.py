@@ -149,8 +149,9 @@ def measured_layer(measured: Measurement | None, s: Settings) -> Layer:
                                 f"{s.pue:.2f} (CPU packages, DRAM where exposed, GPUs: not fans, disks, PSU)")
 
 
-class PowerBasis(enum.Enum):
-    """Where a run's power figure came from, best first (energy.json's watts_method)."""
+class PowerBasis(str, enum.Enum):
+    """Where a run's power figure came from, best first (energy.json's watts_method). A str too,
+    so `basis == "estimated"` reads as energy.json does."""
 
     MEASURED = "measured"  # the energy counters' mean power over the run
     GIVEN = "given"  # --watts

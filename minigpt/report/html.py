@@ -72,8 +72,11 @@ def _loss_section(log: list[dict]) -> str:
                     f'{last["tokens"]:,} tokens, validation loss {last["val_loss"]:.4f}</p>')
 
 
-def _layer_section(rows: list[dict], doc: dict | None) -> str:
-    train = [r for r in rows if r["phase"] in TRAIN_PHASES]
+def layer_section(rows: list[dict], doc: dict | None, phases: tuple[str, ...] | None = TRAIN_PHASES
+                  ) -> str:
+    """Bars and a table of FLOPs, bytes, seconds (and joules, with an energy document) per layer,
+    over the records of `phases` (None: every record)."""
+    train = [r for r in rows if phases is None or r["phase"] in phases]
     groups = tables.group(train, "layer", extra=run_energy.row_joules(doc) if doc else None)
     order = {}
     for r in train:  # the model's order: the meter records in the order they first ran
@@ -102,8 +105,11 @@ def _layer_section(rows: list[dict], doc: dict | None) -> str:
         if charts[3:]:
             cells += f"<td>{g['joules']:.4g}</td><td>{g['joules_roofline']:.4g}</td>"
         body.append(f"<tr>{cells}</tr>")
-    return (f'<div class="grid">{"".join(charts)}</div><p class="note">{escape(note)}; training '
-            f'phases ({", ".join(TRAIN_PHASES)})</p><table>{head}{"".join(body)}</table>')
+    which = f"phases {', '.join(phases)}" if phases is not None else "all phases"
+    if phases == TRAIN_PHASES:
+        which = f"training phases ({', '.join(TRAIN_PHASES)})"
+    return (f'<div class="grid">{"".join(charts)}</div><p class="note">{escape(note)}; {which}'
+            f'</p><table>{head}{"".join(body)}</table>')
 
 
 def _roofline_section(rows: list[dict], doc: dict | None) -> str:
@@ -132,7 +138,9 @@ def _roofline_section(rows: list[dict], doc: dict | None) -> str:
                     f"the bandwidth its read/write mix fits: {escape(which)}</p>")
 
 
-def _energy_section(doc: dict | None) -> str:
+def energy_section(doc: dict | None, what: str = "this run") -> str:
+    """The four energy layers of an energy document (run_energy.build's): the power figure, a
+    chart, a table with each layer's basis, PUE and grid."""
     if doc is None:
         return '<p class="missing">no energy.json (a run from before it existed)</p>'
     names = {"measured": "measured", "time_x_power": "time x power", "roofline": "roofline",
@@ -147,7 +155,7 @@ def _energy_section(doc: dict | None) -> str:
                 f"<td>{layer['gco2e']:.3g}</td><td>{layer['j_per_token'] or 0:.3g}</td>"
                 if j is not None else "<td>-</td><td>-</td><td>-</td><td>-</td>")
         rows.append(f"<tr><td class=l>{name}</td>{nums}<td class=l>{escape(layer['why'])}</td></tr>")
-    chart = svg.bar_chart(labels, values, "energy of this run, four ways (log scale)",
+    chart = svg.bar_chart(labels, values, f"energy of {what}, four ways (log scale)",
                           partial(units.si, unit="J"), svg.COLORS[3], log=True, width=560,
                           notes=[("" if v is not None else "not available") for v in values])
     watts = (f"{doc['watts']:.3g} W ({doc['watts_basis']})" if doc["watts"] is not None
@@ -170,8 +178,9 @@ def _projection(rows: list[dict], tokens: int, doc: dict | None) -> str:
         return f'<span class="missing">no projection: {escape(str(e))}</span>'
 
 
-def render(run) -> str:
-    """The report's HTML for a run folder (log.jsonl, costs.json, energy.json)."""
+def sections(run) -> tuple[dict, list[tuple[str, str]]]:
+    """A run folder's costs.json and the report's sections [(title, html)]: loss, energy, cost
+    per layer, roofline, the GPT-3 line."""
     run = Path(run)
     try:
         costs = tables.load(run)
@@ -180,12 +189,18 @@ def render(run) -> str:
     except (OSError, ValueError) as e:
         raise ConfigError(f"{run}/costs.json: unreadable: {e}") from None
     rows, doc, log = costs["records"], run_energy.load(run), _read_log(run)
+    return costs, [("Loss", _loss_section(log)), ("Energy", energy_section(doc)),
+                   ("Cost per layer", layer_section(rows, doc)),
+                   ("Roofline", _roofline_section(rows, doc)),
+                   ("At GPT-3 scale", f"<p>{_projection(rows, costs['tokens'], doc)}</p>")]
+
+
+def render(run) -> str:
+    """The report's HTML for a run folder (log.jsonl, costs.json, energy.json)."""
+    run = Path(run)
+    costs, parts = sections(run)
     when = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
-    sections = [("Loss", _loss_section(log)), ("Energy", _energy_section(doc)),
-                ("Cost per layer", _layer_section(rows, doc)),
-                ("Roofline", _roofline_section(rows, doc)),
-                ("At GPT-3 scale", f"<p>{_projection(rows, costs['tokens'], doc)}</p>")]
-    body = "".join(f"<h2>{name}</h2>{html}" for name, html in sections)
+    body = "".join(f"<h2>{name}</h2>{html}" for name, html in parts)
     return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>minigpt run '
             f'{escape(str(run))}</title><style>{STYLE}</style></head><body>'
             f"<h1>minigpt run {escape(str(run))}</h1><p class=note>{costs['steps']} steps, "
