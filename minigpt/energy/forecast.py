@@ -1,0 +1,180 @@
+"""A run predicted before it runs: seconds from the time model (minigpt.hardware.timing) applied to
+the closed form's calls, joules from those seconds at the power the run would be reported at.
+
+    forecast(cfg, time_model, mode, steps, batch, seq)   a Forecast of `steps` steps of `mode`
+    comparison_line(forecast, measured_seconds, ...)    "predicted ... measured ... (error)"
+
+A training run's forecast is steps x a training step plus its evaluations (cfg.eval.batches
+validation forwards every cfg.eval.interval steps and at the last step, as the trainer does). The
+power is the one the run's energy report would use where it is known before the run: --watts,
+else the profile's power_watts, else the CPU estimate at the share of the cores the calibration
+runs kept busy ("estimated"). Joules are seconds x watts x PUE, as the time x power layer counts.
+"""
+
+import math
+from dataclasses import dataclass
+
+from minigpt import units
+from minigpt.counting import closed_form, tables
+from minigpt.energy import accounting
+from minigpt.hardware import cpu_power, timing
+from minigpt.hardware.profiles import Profile
+
+PHASE_OF_MODE = {"train": None, "eval": "eval", "prefill": "prefill", "decode": "decode"}
+
+
+@dataclass
+class Forecast:
+    """Predicted seconds and joules of `steps` steps of `mode` (and a training run's evaluations)."""
+
+    mode: str
+    steps: int
+    batch: int
+    seq: int
+    seconds_per_step: float  # s, metered and unmetered
+    evaluations: int  # validation passes in a training run (0 otherwise)
+    seconds_per_evaluation: float  # s, cfg.eval.batches forwards
+    rows: list[dict]  # one step's records, "seconds" predicted (evaluation rows after them)
+    unmetered_per_step: float  # s
+    power: accounting.PowerFigure
+    pue: float
+    provenance: str  # where the time model came from
+    suspect: str  # why its figures may be wrong, or ""
+
+    @property
+    def seconds(self) -> float:
+        return self.steps * self.seconds_per_step + self.evaluations * self.seconds_per_evaluation
+
+    @property
+    def joules(self) -> float | None:
+        w = self.power.watts
+        return None if w is None else self.seconds * w * self.pue
+
+    def to_json(self) -> dict:
+        j = self.joules
+        layers = tables.group([r for r in self.rows if r["phase"] != "eval"], "layer")
+        phases = tables.group(self.rows, "phase")
+        scale = (self.power.watts or 0.0) * self.pue
+        return {"mode": self.mode, "steps": self.steps, "batch": self.batch, "seq": self.seq,
+                "seconds": self.seconds, "seconds_per_step": self.seconds_per_step,
+                "evaluations": self.evaluations,
+                "seconds_per_evaluation": self.seconds_per_evaluation,
+                "unmetered_seconds_per_step": self.unmetered_per_step,
+                "joules": j, "wh": None if j is None else units.wh(j),
+                "watts": self.power.watts, "watts_basis": self.power.note, "pue": self.pue,
+                "time_model": self.provenance, "suspect": self.suspect or None,
+                "layers": [{"name": g["name"], "seconds_per_step": g["seconds"],
+                            "joules_per_step": g["seconds"] * scale if self.power.watts else None}
+                           for g in layers],
+                "phases": [{"name": g["name"], "seconds_per_step": g["seconds"]} for g in phases]}
+
+
+def predicted_power(profile: Profile | None, watts: float | None, busy_cores: float,
+                    estimate: bool = True) -> accounting.PowerFigure:
+    """The power a run's report would use, as far as it is known before the run (see above)."""
+    if watts is not None:
+        return accounting.PowerFigure(watts, accounting.PowerBasis.GIVEN, "--watts")
+    if profile is not None and profile.power_watts is not None:
+        return accounting.PowerFigure(profile.power_watts, accounting.PowerBasis.PROFILE,
+                                      f"profile {profile.name}",
+                                      profile.sources.get("power_watts", ""))
+    if estimate:
+        est = cpu_power.estimate(busy_cores, 1.0)
+        return accounting.PowerFigure(est.watts, accounting.PowerBasis.ESTIMATED,
+                                      est.basis + " (as in the calibration runs)", est.source)
+    return accounting.PowerFigure(None, accounting.PowerBasis.NONE,
+                                  "needs a power figure (pass --watts or add power_watts to your profile)")
+
+
+def evaluations(steps: int, interval: int) -> int:
+    """Validation passes in a run of `steps` steps: every `interval` steps and at the last."""
+    return steps // interval + (steps % interval != 0)
+
+
+def _step(tm: timing.TimeModel, cfg, mode: str, batch: int, seq: int, grad_accum: int = 1):
+    calls = closed_form.op_calls(cfg, mode, batch, seq, grad_accum)
+    step = timing.predict_calls(tm, calls, mode)
+    rows = []
+    for key, seconds in step.by_key.items():
+        rows.append({"scope": key.scope, "op": key.op, "kind": key.kind, "phase": key.phase,
+                     "dtype": key.dtype, "seconds": seconds})
+    counts = tables.rows_from_records(_records(calls))
+    for row, counted in zip(rows, counts):
+        row.update({k: counted[k] for k in tables.NUMBERS if k != "seconds"})
+    return step, rows
+
+
+def _records(calls) -> dict:
+    """The calls summed per key, in the order the keys first appear (what the meter would hold)."""
+    from minigpt.counting.meter import Record
+
+    out: dict = {}
+    for c in calls:
+        r = out.setdefault(c.key, Record())
+        r.calls += 1
+        r.flops += c.flops
+        r.bytes_read += c.bytes_read
+        r.bytes_written += c.bytes_written
+    return out
+
+
+def forecast(cfg, tm: timing.TimeModel, mode: str = "train", steps: int | None = None,
+             batch: int | None = None, seq: int | None = None, profile: Profile | None = None,
+             watts: float | None = None, estimate: bool = True,
+             settings: accounting.Settings | None = None) -> Forecast:
+    """The forecast of a run of config cfg (a minigpt.config.Config): `steps` steps (default
+    cfg.train.max_steps) of `mode`, each a (batch, seq) training step, a prefill of seq tokens,
+    or a decode step at position seq (the steps then run at seq, seq + 1, ...)."""
+    B = batch if batch is not None else cfg.train.batch_size
+    T = seq if seq is not None else cfg.model.block_size
+    n = steps if steps is not None else cfg.train.max_steps
+    if mode == "train":
+        step, rows = _step(tm, cfg.model, "train", B, T, cfg.train.grad_accum)
+        per_step = step.seconds
+        n_eval = evaluations(n, cfg.eval.interval)
+        ev, ev_rows = _step(tm, cfg.model, "eval", cfg.train.batch_size, cfg.model.block_size)
+        per_eval = cfg.eval.batches * ev.seconds
+        rows += ev_rows
+    elif mode == "decode":  # positions seq .. seq + n - 1, each step's own length of cache
+        last = min(T + n, cfg.model.block_size) - 1
+        positions = range(T, max(last, T) + 1)
+        first, rows = _step(tm, cfg.model, "decode", B, T)
+        total = sum(_step(tm, cfg.model, "decode", B, p)[0].seconds for p in positions)
+        per_step, step = total / len(positions), first
+        n_eval, per_eval = 0, 0.0
+    else:
+        step, rows = _step(tm, cfg.model, mode, B, T)
+        per_step, n_eval, per_eval = step.seconds, 0, 0.0
+    s = settings or accounting.settings()
+    return Forecast(mode, n, B, T, per_step, n_eval, per_eval, rows, step.unmetered,
+                    predicted_power(profile, watts, tm.busy_cores, estimate), s.pue,
+                    timing.provenance(tm), timing.suspect(tm))
+
+
+def duration(seconds: float) -> str:
+    """2 min 25 s, 3 h 5 min, 0.42 s: a duration as a person reads it."""
+    if seconds < 10:
+        return f"{seconds:.2g} s"
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    minutes, s = divmod(round(seconds), 60)
+    if minutes < 60:
+        return f"{minutes} min {s} s"
+    hours, minutes = divmod(minutes, 60)
+    if hours < 48:
+        return f"{hours} h {minutes} min"
+    return f"{hours / 24:.1f} days"
+
+
+def headline(f: Forecast) -> str:
+    """"about 2 min 25 s and 1.2 kJ here (500 steps at 0.19 s + 5 evaluations)"."""
+    energy = f" and {units.si(f.joules, 'J')}" if f.joules is not None else ""
+    what = f"{f.steps} steps at {f.seconds_per_step:.3g} s"
+    if f.evaluations:
+        what += f" + {f.evaluations} evaluations at {f.seconds_per_evaluation:.3g} s"
+    return f"about {duration(f.seconds)}{energy} here ({what})"
+
+
+def error(predicted: float, measured: float) -> float:
+    """(predicted - measured) / measured: + when the prediction was too slow."""
+    return (predicted - measured) / measured if measured > 0 else math.nan
