@@ -178,3 +178,46 @@ def headline(f: Forecast) -> str:
 def error(predicted: float, measured: float) -> float:
     """(predicted - measured) / measured: + when the prediction was too slow."""
     return (predicted - measured) / measured if measured > 0 else math.nan
+
+
+def against(f: Forecast, step_s: float, eval_s: float, wall_s: float,
+            joules: float | None, joules_basis: str) -> dict:
+    """energy.json's "prediction": the forecast beside what the run measured, with the errors.
+
+    step_s: measured seconds per training step (the trainer's clock around each step); eval_s:
+    measured seconds per evaluation; wall_s: the run's wall seconds (which also hold startup and
+    checkpoints, not predicted); joules: the energy the run reports (its measured layer, else
+    time x power), joules_basis: which."""
+    j = f.joules
+    out = {"seconds": f.seconds, "seconds_per_step": f.seconds_per_step,
+           "seconds_per_evaluation": f.seconds_per_evaluation, "steps": f.steps,
+           "evaluations": f.evaluations, "joules": j, "wh": None if j is None else units.wh(j),
+           "watts": f.power.watts, "watts_basis": f.power.note, "time_model": f.provenance,
+           "suspect": f.suspect or None,
+           "measured": {"seconds": wall_s, "seconds_per_step": step_s,
+                        "seconds_per_evaluation": eval_s, "joules": joules,
+                        "joules_basis": joules_basis}}
+    out["error"] = {"seconds_per_step": error(f.seconds_per_step, step_s),
+                    "seconds_per_evaluation": error(f.seconds_per_evaluation, eval_s)
+                    if f.evaluations and eval_s else None,
+                    "seconds": error(f.seconds, wall_s),
+                    "joules": error(j, joules) if j is not None and joules else None}
+    return out
+
+
+def comparison_lines(p: dict) -> list[str]:
+    """The end-of-run lines of against()'s document: predicted against measured, with errors."""
+    m, e = p["measured"], p["error"]
+    lines = [f"predicted against measured: a step {p['seconds_per_step']:.4g} s against "
+             f"{m['seconds_per_step']:.4g} s ({100 * e['seconds_per_step']:+.1f}%)"]
+    if e["seconds_per_evaluation"] is not None:
+        lines[0] += (f"; an evaluation {p['seconds_per_evaluation']:.4g} s against "
+                     f"{m['seconds_per_evaluation']:.4g} s ({100 * e['seconds_per_evaluation']:+.1f}%)")
+    lines.append(f"  the run {duration(p['seconds'])} against {duration(m['seconds'])} of wall time "
+                 f"({100 * e['seconds']:+.1f}%; the wall also holds startup and checkpoints)")
+    if e["joules"] is not None:
+        lines[-1] += (f"; {units.si(p['joules'], 'J')} against {units.si(m['joules'], 'J')} "
+                      f"{m['joules_basis']} ({100 * e['joules']:+.1f}%)")
+    if p["suspect"]:
+        lines.append(f"  note: the time model was {p['suspect']}")
+    return lines

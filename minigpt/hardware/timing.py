@@ -292,5 +292,6 @@ def suspect(model: TimeModel) -> str:
     load = max(model.load_average) if model.load_average else 0.0
     if load > 0.5 * model.cores:
         return (f"measured under load (load average {load:.2g} on {model.cores} cores): "
-                f"predictions may be too slow; `minigpt calibrate --check` on a quiet machine")
+                f"its figures may be low (a quiet machine runs faster than predicted); "
+                f"`minigpt calibrate` on a quiet machine")
     return ""
