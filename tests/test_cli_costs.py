@@ -133,6 +133,10 @@ def test_calibrate_saves_a_local_profile(tmp_path, monkeypatch):
     prof = profiles.load_profile("local-cpu")
     assert prof.peak_flops["fp32"] > 1e9 and prof.memory_bandwidth > 1e8
     assert "measured by minigpt calibrate" in prof.sources["peak_flops.fp32"]
+    from minigpt.hardware import timing
+
+    tm = timing.load(timing.calibrated_path())  # the time model, measured beside the profile
+    assert tm.how == "quick" and tm.rate(256, 256, 256) > 1e8 and "gelu/tanh" in tm.elementwise
 
 
 def test_hardware_lists_and_shows_profiles():

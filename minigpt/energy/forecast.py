@@ -208,8 +208,8 @@ def against(f: Forecast, step_s: float, eval_s: float, wall_s: float,
 def comparison_lines(p: dict) -> list[str]:
     """The end-of-run lines of against()'s document: predicted against measured, with errors."""
     m, e = p["measured"], p["error"]
-    lines = [f"predicted against measured: a step {p['seconds_per_step']:.4g} s against "
-             f"{m['seconds_per_step']:.4g} s ({100 * e['seconds_per_step']:+.1f}%)"]
+    lines = [(f"predicted against measured: a step {p['seconds_per_step']:.4g} s against "
+              f"{m['seconds_per_step']:.4g} s ({100 * e['seconds_per_step']:+.1f}%)")]
     if e["seconds_per_evaluation"] is not None:
         lines[0] += (f"; an evaluation {p['seconds_per_evaluation']:.4g} s against "
                      f"{m['seconds_per_evaluation']:.4g} s ({100 * e['seconds_per_evaluation']:+.1f}%)")

@@ -243,7 +243,7 @@ def suspect_note(meta: dict | None = None) -> str:
 
 
 # A record's rate is trusted against the peak only when it is long enough to time well.
-MIN_RECORD_SECONDS = 0.05  # s, summed over the record's calls
+MIN_RECORD_SECONDS = 0.01  # s, summed over the record's calls
 MIN_STREAM_BYTES = 32 << 20  # bytes per call: larger than the caches, so memory bandwidth
 
 

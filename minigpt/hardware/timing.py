@@ -8,8 +8,8 @@ would time for each, plus what the meter does not time (Python between the ops):
     unmetered, per step:       gap_per_call[mode] * calls + gap_per_byte[mode] * bytes
 
 - rate(m, k, n) is the FLOP/s of one (m, k) @ (k, n) float32 product measured on a grid of sizes
-  (GRID_QUICK or GRID_CAREFUL on each of m, k and n, each measured inside a batched call so the
-  per-call cost is left out), interpolated linearly in log(rate) over log(m), log(k), log(n) and
+  (GRID_QUICK or GRID_CAREFUL: sizes of m, of k and of n, each point measured inside a batched
+  call so the per-call cost is left out), interpolated linearly in log(rate) over log(m), log(k), log(n) and
   held at the grid's edge beyond it (products larger than the grid run at its largest rate).
 - stream_bandwidth is the bytes/s of a product whose weights come from memory (m = 1, a 64 MiB
   B): a product cannot beat reading its operands, so the bound holds for skinny products.
@@ -45,8 +45,11 @@ from minigpt.counting.meter import METER, matmul
 from minigpt.errors import ConfigError
 from minigpt.hardware import profiles
 
-GRID_QUICK = (1, 16, 128, 1024)  # m, k and n of the measured products
-GRID_CAREFUL = (1, 8, 64, 256, 1024, 2048)
+# the sizes of m, of k and of n measured: m = 1 is a decode step's product; k and n start at a
+# head's width (a product with k or n below the grid's first is held at it: a few such products
+# are a decode step's first positions, where the call's fixed cost is all that shows)
+GRID_QUICK = ((1, 16, 128, 1024), (16, 128, 1024), (16, 128, 1024))
+GRID_CAREFUL = ((1, 8, 64, 256, 1024, 2048), (8, 64, 256, 1024, 2048), (8, 64, 256, 1024, 2048))
 MODES = ("train", "eval", "prefill", "decode")
 VERSION = 1
 
@@ -55,8 +58,8 @@ VERSION = 1
 class TimeModel:
     """This machine's measured figures for the time model (see the module's docstring)."""
 
-    grid: list[int]  # sizes of m, k and n measured
-    rates: list  # rates[i][j][l]: FLOP/s of a (grid[i], grid[j]) @ (grid[j], grid[l]) product
+    grid: list[list[int]]  # the sizes of m, of k and of n measured
+    rates: list  # rates[i][j][l]: FLOP/s of an (m_i, k_j) @ (k_j, n_l) product
     stream_bandwidth: float  # bytes/s of a product streaming its weights from memory
     call_s: float  # seconds of one smallest counted product
     elementwise: dict[str, list[list[float]]]  # "kind/op" -> [[bytes per call, seconds], ...]
@@ -74,10 +77,24 @@ class TimeModel:
         return asdict(self)
 
     @classmethod
+    def constant(cls, flops: float, bandwidth: float, call_s: float, gap_per_call: float = 0.0,
+                 busy_cores: float = 1.0) -> "TimeModel":
+        """A machine with one product rate for every shape, one bandwidth for every elementwise
+        op (each call costing at least call_s), and gap_per_call between calls: for what-if
+        questions and for tests that must not depend on this machine's speed."""
+        return cls(grid=[[1, 4096]] * 3, rates=[[[flops] * 2] * 2] * 2, stream_bandwidth=bandwidth,
+                   call_s=call_s, elementwise={"generic": [[bandwidth * call_s, call_s]]},
+                   gap_per_call=dict.fromkeys(MODES, gap_per_call),
+                   gap_per_byte=dict.fromkeys(MODES, 0.0), busy_cores=busy_cores, how="given",
+                   measured_at=now_iso(), load_average=[0.0, 0.0], cores=logical_cores())
+
+    @classmethod
     def from_json(cls, d: dict, where: str = "time model") -> "TimeModel":
         try:
             m = cls(**d)
-            ok = (m.version == VERSION and len(m.rates) == len(m.grid) and m.stream_bandwidth > 0
+            shape = np.shape(np.asarray(m.rates, dtype=float))
+            ok = (m.version == VERSION and len(m.grid) == 3 and shape == tuple(map(len, m.grid))
+                  and all(len(g) >= 2 for g in m.grid) and m.stream_bandwidth > 0
                   and all(mode in m.gap_per_call for mode in MODES) and "generic" in m.elementwise)
         except (TypeError, ValueError):
             ok = False
@@ -89,12 +106,12 @@ class TimeModel:
 
     def rate(self, m: int, k: int, n: int) -> float:
         """FLOP/s of one (m, k) @ (k, n) float32 product: log-linear in the grid, clamped."""
-        logs = np.log(np.asarray(self.grid, dtype=float))
         table = np.log(np.asarray(self.rates, dtype=float))
         corners = []
-        for size in (m, k, n):
+        for size, axis in zip((m, k, n), self.grid):
+            logs = [math.log(g) for g in axis]
             x = min(max(math.log(max(size, 1)), logs[0]), logs[-1])
-            i = min(max(bisect_left(logs.tolist(), x) - 1, 0), len(logs) - 2)
+            i = min(max(bisect_left(logs, x) - 1, 0), len(logs) - 2)
             w = (x - logs[i]) / (logs[i + 1] - logs[i])
             corners.append(((i, 1 - w), (i + 1, w)))
         value = 0.0
@@ -197,20 +214,21 @@ def _best(fn, tries: int, min_s: float = 2e-3) -> float:
     return best
 
 
-def measure_products(grid, tries: int, target_flops: float = 3e7) -> tuple[list, float, float]:
-    """(rates on the grid, stream bandwidth, seconds of the smallest call), best of `tries`."""
+def measure_products(grid, tries: int, target_flops: float = 1e7) -> tuple[list, float, float]:
+    """(rates on the grid (sizes of m, of k, of n), stream bandwidth, seconds of the smallest
+    call), each the best of `tries`."""
     rng = np.random.default_rng(0)
-    n = len(grid)
-    rates = [[[0.0] * n for _ in range(n)] for _ in range(n)]
+    ms, ks, ns = grid
+    rates = [[[0.0] * len(ns) for _ in ks] for _ in ms]
     with METER.paused():  # the model's own product path, left out of the records
         for _ in range(tries):  # sweeps of the whole grid: a disturbance spoils one try, not all
-            for i, m in enumerate(grid):
-                for j, k in enumerate(grid):
-                    for l_, nn in enumerate(grid):
-                        flops = 2 * m * k * nn
+            for i, m in enumerate(ms):
+                for j, k in enumerate(ks):
+                    for l_, n in enumerate(ns):
+                        flops = 2 * m * k * n
                         batch = int(min(max(target_flops // flops, 1), 256))
                         a = rng.standard_normal((batch, m, k), dtype=np.float32)
-                        b = rng.standard_normal((batch, k, nn), dtype=np.float32)
+                        b = rng.standard_normal((batch, k, n), dtype=np.float32)
                         rate = batch * flops / _best(lambda a=a, b=b: matmul(a, b), 1)
                         rates[i][j][l_] = max(rates[i][j][l_], rate)
         x = rng.standard_normal((1, 1024), dtype=np.float32)
@@ -282,7 +300,7 @@ def provenance(model: TimeModel) -> str:
     """Where the figures came from: "quick measurement of 2026-12-06 15:01 UTC, load 0.4 on 2
     cores" (the load average before and after, the higher shown)."""
     when = model.measured_at.replace("T", " ")[:16] + " UTC" if model.measured_at else "unknown time"
-    what = "minigpt calibrate" if model.how == "calibrate" else "quick measurement"
+    what = {"calibrate": "minigpt calibrate", "quick": "quick measurement"}.get(model.how, model.how)
     load = max(model.load_average) if model.load_average else 0.0
     return f"{what} of {when}, load average {load:.2g} on {model.cores} cores"
 

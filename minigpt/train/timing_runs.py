@@ -127,18 +127,21 @@ def _fit_gap(runs: list[ModeRun]) -> tuple[float, float]:
     return (sag / saa if saa else 0.0), 0.0  # per call alone
 
 
-def measure(quick: bool = True) -> timing.TimeModel:
-    """A fresh time model of this machine (quick: a few seconds; careful: about a minute)."""
-    tries = 3 if quick else 5
-    grid = timing.GRID_QUICK if quick else timing.GRID_CAREFUL
+def measure(quick: bool = True, shapes: tuple[Shape, ...] | None = None, grid=None,
+            tries: int | None = None) -> timing.TimeModel:
+    """A fresh time model of this machine (quick: a few seconds; careful: about a minute).
+    shapes, grid, tries: other calibration shapes, product grid, tries than quick's or careful's."""
+    tries = tries or (2 if quick else 5)
+    grid = grid or (timing.GRID_QUICK if quick else timing.GRID_CAREFUL)
+    shapes = shapes or (QUICK_SHAPES if quick else CAREFUL_SHAPES)
     load_before = timing.load_average()
-    rates, stream, call_s = timing.measure_products(grid, tries)
+    rates, stream, call_s = timing.measure_products(grid, tries + 1)
     points: dict[str, list] = {"generic": []}
     runs: list[ModeRun] = []
     saved = METER.records, METER.phase, METER.scope_path
     cpu0, wall0 = time.process_time(), time.perf_counter()
     try:
-        steps = [(i, mode, fn) for i, shape in enumerate(QUICK_SHAPES if quick else CAREFUL_SHAPES)
+        steps = [(i, mode, fn) for i, shape in enumerate(shapes)
                  for mode, fn in step_functions(*build(shape), shape).items()]
         best: dict = {}
         for sweep in range(tries + 1):  # sweeps over every shape and mode; the first warms up
@@ -163,7 +166,7 @@ def measure(quick: bool = True) -> timing.TimeModel:
     elementwise["generic"] = timing.generic_points(tries)
     gaps = {mode: _fit_gap([r for r in runs if r.mode == mode]) for mode in timing.MODES}
     return timing.TimeModel(
-        grid=list(grid), rates=rates, stream_bandwidth=stream, call_s=call_s,
+        grid=[list(g) for g in grid], rates=rates, stream_bandwidth=stream, call_s=call_s,
         elementwise=elementwise, gap_per_call={m: g[0] for m, g in gaps.items()},
         gap_per_byte={m: g[1] for m, g in gaps.items()}, busy_cores=busy,
         how="quick" if quick else "calibrate", measured_at=timing.now_iso(),
