@@ -221,3 +221,53 @@ def comparison_lines(p: dict) -> list[str]:
     if p["suspect"]:
         lines.append(f"  note: the time model was {p['suspect']}")
     return lines
+
+
+@dataclass
+class GenerationForecast:
+    """A generation's predicted seconds: one prefill of the prompt, then decode steps from the
+    prompt's length on (batch sequences at once), metered (what the meter times) and in all."""
+
+    prefill_s: float
+    prefill_metered_s: float
+    decode_s: float  # all the decode steps
+    decode_metered_s: float
+    steps: int
+    batch: int
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Decoded tokens per second (batch tokens a step)."""
+        return self.batch * self.steps / self.decode_s if self.decode_s > 0 else math.nan
+
+
+def generation(cfg, tm: timing.TimeModel, prompt_tokens: int, steps: int, batch: int = 1,
+               quant=None) -> GenerationForecast:
+    """The forecast of a prefill of prompt_tokens and `steps` decode steps after it, for a model
+    config (a ModelConfig); quant: the QuantConfig of int8 inference (its products are predicted at
+    the float32 rate: docs/costs.md)."""
+    def step(mode, seq):
+        return timing.predict_calls(tm, closed_form.op_calls(cfg, mode, batch, seq, quant=quant), mode)
+
+    pre = step("prefill", prompt_tokens)
+    positions = range(prompt_tokens, min(prompt_tokens + steps, cfg.block_size))
+    decode = [step("decode", p) for p in positions]
+    return GenerationForecast(pre.seconds, pre.seconds - pre.unmetered,
+                              sum(d.seconds for d in decode),
+                              sum(d.seconds - d.unmetered for d in decode), len(decode), batch)
+
+
+def generation_line(g: GenerationForecast, prefill_s: float | None, decode_s: float | None) -> str:
+    """`generate --costs`'s line: predicted metered seconds against the meter's (prefill_s,
+    decode_s: the measured phases' metered seconds, None where the phase did not run)."""
+    parts = [f"predicted here: prefill {g.prefill_metered_s:.3g} s"]
+    if prefill_s:
+        parts[0] += f" (measured {prefill_s:.3g} s, {100 * error(g.prefill_metered_s, prefill_s):+.0f}%)"
+    if g.steps:
+        rate = g.batch * g.steps / g.decode_metered_s
+        text = f"decode {rate:,.0f} tokens/s"
+        if decode_s:
+            measured = g.batch * g.steps / decode_s
+            text += f" (measured {measured:,.0f}, {100 * error(rate, measured):+.0f}%)"
+        parts.append(text)
+    return "; ".join(parts) + " (metered seconds; minigpt costs --config RUN --predict --mode decode)"

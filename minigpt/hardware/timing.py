@@ -4,6 +4,7 @@ A step's predicted seconds are the sum over its calls (closed_form.op_calls) of 
 would time for each, plus what the meter does not time (Python between the ops):
 
     product (batch, m, k, n):  call_s + max(batch * 2mkn / rate(m, k, n), bytes / stream_bandwidth)
+                               (the second only when the step moves more than the cache holds)
     elementwise (kind, op):    seconds(bytes per call), interpolated in that op's measured points
     unmetered, per step:       gap_per_call[mode] * calls + gap_per_byte[mode] * bytes
 
@@ -12,7 +13,10 @@ would time for each, plus what the meter does not time (Python between the ops):
   call so the per-call cost is left out), interpolated linearly in log(rate) over log(m), log(k), log(n) and
   held at the grid's edge beyond it (products larger than the grid run at its largest rate).
 - stream_bandwidth is the bytes/s of a product whose weights come from memory (m = 1, a 64 MiB
-  B): a product cannot beat reading its operands, so the bound holds for skinny products.
+  B): a product cannot beat reading its operands, so the bound holds for skinny products, where a
+  step moves more bytes than the last-level cache holds (cache_bytes, from the system's cache
+  description). The grid's products reuse one B, as a layer's weights are reused, so a small
+  model's decode step, whose weights stay in the cache, runs at the grid's rates.
 - call_s is the seconds of the smallest counted product, the fixed cost of one call.
 - an elementwise op's points are (bytes per call, seconds per call) measured by running the
   model's own layers (minigpt.train.timing_runs); between points the seconds are interpolated
@@ -71,6 +75,7 @@ class TimeModel:
     load_average: list[float] = field(default_factory=list)  # 1-minute load before, after
     cores: int = 1  # logical cores this process may use
     tries: int = 1  # best of this many tries each
+    cache_bytes: int = 32 << 20  # the last-level cache: a step moving less stays in it
     version: int = VERSION
 
     def to_json(self) -> dict:
@@ -126,13 +131,15 @@ class TimeModel:
         points = self.elementwise.get(f"{kind}/{op}") or self.elementwise["generic"]
         return interpolate(points, nbytes)
 
-    def call_seconds(self, call: OpCall) -> float:
-        """What the meter would time for one call."""
+    def call_seconds(self, call: OpCall, streaming: bool = True) -> float:
+        """What the meter would time for one call; streaming: its operands come from memory (the
+        step moves more than the cache holds), so a product takes at least its bytes' time."""
         nbytes = call.bytes_read + call.bytes_written
         if call.shape is not None:
             b, m, k, n = call.shape
             compute = b * 2 * m * k * n / self.rate(m, k, n)
-            return self.call_s + max(compute, nbytes / self.stream_bandwidth)
+            stream = nbytes / self.stream_bandwidth if streaming else 0.0
+            return self.call_s + max(compute, stream)
         return self.elementwise_seconds(call.key.kind, call.key.op, nbytes)
 
     def gap_seconds(self, mode: str, calls: int, nbytes: float) -> float:
@@ -188,10 +195,10 @@ class StepTime:
 def predict_calls(model: TimeModel, calls: list[OpCall], mode: str) -> StepTime:
     """The predicted seconds of one step made of these calls (closed_form.op_calls)."""
     by_key: dict = {}
-    nbytes = 0
+    nbytes = sum(c.bytes_read + c.bytes_written for c in calls)
+    streaming = nbytes > model.cache_bytes
     for c in calls:
-        by_key[c.key] = by_key.get(c.key, 0.0) + model.call_seconds(c)
-        nbytes += c.bytes_read + c.bytes_written
+        by_key[c.key] = by_key.get(c.key, 0.0) + model.call_seconds(c, streaming)
     return StepTime(by_key, model.gap_seconds(mode, len(calls), nbytes), len(calls))
 
 
@@ -228,7 +235,7 @@ def measure_products(grid, tries: int, target_flops: float = 1e7) -> tuple[list,
                         flops = 2 * m * k * n
                         batch = int(min(max(target_flops // flops, 1), 256))
                         a = rng.standard_normal((batch, m, k), dtype=np.float32)
-                        b = rng.standard_normal((batch, k, n), dtype=np.float32)
+                        b = rng.standard_normal((k, n), dtype=np.float32)  # reused, as weights are
                         rate = batch * flops / _best(lambda a=a, b=b: matmul(a, b), 1)
                         rates[i][j][l_] = max(rates[i][j][l_], rate)
         x = rng.standard_normal((1, 1024), dtype=np.float32)
@@ -248,6 +255,18 @@ def generic_points(tries: int) -> list[list[float]]:
         s = _best(lambda a=a, b=b, c=c: np.add(a, b, out=c), tries, 0.0 if nbytes > (4 << 20) else 2e-3)
         raw.append((3 * nbytes, s))
     return tidy_points(raw)
+
+
+def last_level_cache() -> int:
+    """Bytes of the largest CPU cache the system describes (32 MiB where it describes none)."""
+    best = 0
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            text = (index / "size").read_text().strip().upper()
+            best = max(best, int(text.rstrip("KMG")) << {"K": 10, "M": 20, "G": 30}.get(text[-1:], 0))
+        except (OSError, ValueError):
+            continue
+    return best or 32 << 20
 
 
 def load_average() -> float:

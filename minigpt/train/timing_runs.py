@@ -171,7 +171,7 @@ def measure(quick: bool = True, shapes: tuple[Shape, ...] | None = None, grid=No
         gap_per_byte={m: g[1] for m, g in gaps.items()}, busy_cores=busy,
         how="quick" if quick else "calibrate", measured_at=timing.now_iso(),
         load_average=[load_before, timing.load_average()], cores=timing.logical_cores(),
-        tries=tries)
+        tries=tries, cache_bytes=timing.last_level_cache())
 
 
 def cache_key() -> str:
