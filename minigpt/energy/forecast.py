@@ -20,8 +20,6 @@ from minigpt.energy import accounting
 from minigpt.hardware import cpu_power, timing
 from minigpt.hardware.profiles import Profile
 
-PHASE_OF_MODE = {"train": None, "eval": "eval", "prefill": "prefill", "decode": "decode"}
-
 
 @dataclass
 class Forecast:
@@ -94,14 +92,10 @@ def evaluations(steps: int, interval: int) -> int:
 def _step(tm: timing.TimeModel, cfg, mode: str, batch: int, seq: int, grad_accum: int = 1):
     calls = closed_form.op_calls(cfg, mode, batch, seq, grad_accum)
     step = timing.predict_calls(tm, calls, mode)
-    rows = []
+    records = _records(calls)
     for key, seconds in step.by_key.items():
-        rows.append({"scope": key.scope, "op": key.op, "kind": key.kind, "phase": key.phase,
-                     "dtype": key.dtype, "seconds": seconds})
-    counts = tables.rows_from_records(_records(calls))
-    for row, counted in zip(rows, counts):
-        row.update({k: counted[k] for k in tables.NUMBERS if k != "seconds"})
-    return step, rows
+        records[key].seconds = seconds
+    return step, tables.rows_from_records(records)
 
 
 def _records(calls) -> dict:

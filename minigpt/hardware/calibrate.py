@@ -110,14 +110,17 @@ class LocalPeak(NamedTuple):
     where: str  # "(local-cpu profile)", "(<QUICK_NOTE>)", or ""
 
 
+QUICK_TRIES = 3
+
+
 def measure(quick: bool = False, tries: int | None = None) -> MachineFigures:
     """The measured figures: fp32 and fp64 matmul FLOP/s, copy bandwidth (bytes/s). Each is the
-    best of `tries` short tries (default 5 quick, 3 careful, each try itself a best of a few
-    runs), taken in sweeps (fp32, fp64, copy, fp32, ...) so that another process running for a
-    moment spoils one try of each figure rather than all tries of one."""
-    n, repeats = (1024, 2) if quick else (2048, 5)
+    best of `tries` short tries (default QUICK_TRIES quick, 3 careful, each try itself a best of a
+    few runs), taken in sweeps (fp32, fp64, copy, fp32, ...) so that another process running for
+    a moment spoils one try of each figure rather than all tries of one."""
+    n, repeats = (1024, 1) if quick else (2048, 5)
     mib = 64 if quick else 256
-    tries = tries or (5 if quick else 3)
+    tries = tries or (QUICK_TRIES if quick else 3)
     fp32 = fp64 = bandwidth = 0.0
     for _ in range(tries):
         fp32 = max(fp32, matmul_flops("float32", n, repeats))
@@ -203,7 +206,8 @@ def measure_quick() -> tuple[MachineFigures, dict]:
     before = _load_average()
     m = measure(quick=True)
     meta = {"measured_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "load_average": [before, _load_average()], "cores": _cores(), "tries": 5, "raised": []}
+            "load_average": [before, _load_average()], "cores": _cores(), "tries": QUICK_TRIES,
+            "raised": []}
     return m, meta
 
 
