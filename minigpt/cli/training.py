@@ -181,7 +181,7 @@ def _print_training_costs(trainer, result, measured, args, start_tokens: int = 0
     rows = tables.rows_from_records(METER.records)
     notes = calibrate.check_run(rows).notes if on_cpu else []  # a figure the run beat is replaced
     peak, where = calibrate.local_peak() if on_cpu else (None, "")
-    if on_cpu and "quick" in where and (note := calibrate.suspect_note()):
+    if on_cpu and calibrate.QUICK_NOTE in where and (note := calibrate.suspect_note()):
         notes.append(f"note: {note}")
     ranks, everyone = trainer.world.size, result.tokens
     if ranks > 1:  # the counts are rank 0's: its share of the tokens goes with them
