@@ -202,7 +202,8 @@ def test_costs_predict_json_has_the_issue_keys_and_the_forecast_figures():
 
 
 @pytest.mark.parametrize("args, what", [(["--steps", "0"], "--steps"), (["--watts", "-3"], "--watts"),
-                                        (["--ranks", "2"], "--ranks")])
+                                        (["--ranks", "2"], "--ranks"),
+                                        (["--format", "csv"], "--format")])
 def test_costs_predict_bad_input_is_one_line(args, what):
     r = _run("-m", "minigpt", "costs", "--config", TINY_TOML, "--predict", *args)
     assert r.returncode == 2 and what in r.stderr and len(r.stderr.strip().splitlines()) == 1

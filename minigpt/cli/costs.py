@@ -16,7 +16,8 @@ def _costs_parser() -> argparse.ArgumentParser:
         "(<run>/costs.json), with each group's joules at the run's power (<run>/energy.json), or "
         "the closed-form prediction for a config with no run at all.",
         epilog="examples: minigpt costs out/tiny --by layer;  minigpt costs out/tiny --by op "
-        "--phase backward --top 10;  minigpt costs --config configs/tiny.toml --batch 32 --seq 128",
+        "--phase backward --top 10;  minigpt costs --config configs/tiny.toml --batch 32 --seq 128;  "
+        "minigpt costs --config configs/tiny.toml --predict --steps 100",
     )
     p.add_argument("run", nargs="?", help="a run folder holding costs.json")
     p.add_argument("--config", help="predict for this config instead of reading a run")
@@ -187,6 +188,8 @@ def _print_prediction(cfg, B: int, T: int, args) -> int:
         raise ConfigError(f"--watts must be > 0, got {args.watts}")
     if args.ranks > 1:
         raise ConfigError("--predict forecasts one process: drop --ranks")
+    if args.format == "csv":
+        raise ConfigError("--predict prints a table or JSON: --format table or json")
     prof, _ = accounting.find_profile("local-cpu")
     f = forecast.forecast(cfg, timing_runs.time_model(), args.mode, args.steps, B, T, prof,
                           args.watts)

@@ -227,8 +227,12 @@ def measure_products(grid, tries: int, target_flops: float = 1e7) -> tuple[list,
     rng = np.random.default_rng(0)
     ms, ks, ns = grid
     rates = [[[0.0] * len(ns) for _ in ks] for _ in ms]
+    x = rng.standard_normal((1, 1024), dtype=np.float32)
+    w = rng.standard_normal((1024, 16384), dtype=np.float32)  # 64 MiB
+    one = np.ones((1, 1), dtype=np.float32)
+    stream, call_s = 0.0, float("inf")
     with METER.paused():  # the model's own product path, left out of the records
-        for _ in range(tries):  # sweeps of the whole grid: a disturbance spoils one try, not all
+        for _ in range(tries):  # sweeps of everything: a disturbance spoils one try, not all
             for i, m in enumerate(ms):
                 for j, k in enumerate(ks):
                     for l_, n in enumerate(ns):
@@ -238,11 +242,9 @@ def measure_products(grid, tries: int, target_flops: float = 1e7) -> tuple[list,
                         b = rng.standard_normal((k, n), dtype=np.float32)  # reused, as weights are
                         rate = batch * flops / _best(lambda a=a, b=b: matmul(a, b), 1)
                         rates[i][j][l_] = max(rates[i][j][l_], rate)
-        x = rng.standard_normal((1, 1024), dtype=np.float32)
-        w = rng.standard_normal((1024, 16384), dtype=np.float32)  # 64 MiB
-        stream = (x.nbytes + w.nbytes + 16384 * 4) / _best(lambda: matmul(x, w), tries, 0.0)
-        one = np.ones((1, 1), dtype=np.float32)
-        call_s = _best(lambda: matmul(one, one), tries)
+            seconds = _best(lambda: matmul(x, w), 1, 0.0)
+            stream = max(stream, (x.nbytes + w.nbytes + 16384 * 4) / seconds)
+            call_s = min(call_s, _best(lambda: matmul(one, one), 1))
     return rates, stream, call_s
 
 
