@@ -212,7 +212,8 @@ def _print_prediction(cfg, B: int, T: int, args) -> int:
     print("\n".join(units.rows_text(("phase", "s/step"), cells, align="<>", rule=False)))
     print("(unmetered: Python between the ops, per step; eval: one validation forward)")
     print(f"one step: {f.seconds_per_step:.4g} s" + (
-        f"; {f.evaluations} evaluations of {cfg.eval.batches} batches: {f.seconds_per_evaluation:.4g} s each"
+        f"; {forecast.plural(f.evaluations, 'evaluation')} of {cfg.eval.batches} batches: "
+        f"{f.seconds_per_evaluation:.4g} s each"
         if f.evaluations else ""))
     energy = (f"{units.si(f.joules, 'J')} ({doc['wh']:.3g} Wh) = {f.seconds:.4g} s x "
               f"{f.power.watts:.3g} W ({f.power.note}) x PUE {f.pue:.2f}" if f.joules is not None

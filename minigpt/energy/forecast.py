@@ -163,10 +163,15 @@ def duration(seconds: float) -> str:
 def headline(f: Forecast) -> str:
     """"about 2 min 25 s and 1.2 kJ here (500 steps at 0.19 s + 5 evaluations)"."""
     energy = f" and {units.si(f.joules, 'J')}" if f.joules is not None else ""
-    what = f"{f.steps} steps at {f.seconds_per_step:.3g} s"
+    what = f"{plural(f.steps, 'step')} at {f.seconds_per_step:.3g} s"
     if f.evaluations:
-        what += f" + {f.evaluations} evaluations at {f.seconds_per_evaluation:.3g} s"
+        what += f" + {plural(f.evaluations, 'evaluation')} at {f.seconds_per_evaluation:.3g} s"
     return f"about {duration(f.seconds)}{energy} here ({what})"
+
+
+def plural(n: int, noun: str) -> str:
+    """"1 step", "5 steps"."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def error(predicted: float, measured: float) -> float:
