@@ -26,6 +26,9 @@ from other processes, one thread often wins by far (minigpt/hardware/blas.py say
 Prefill (the prompt in one forward) is compared with the compute ceiling: calibrate's float32
 matmul FLOP/s over the meter's FLOPs per prompt token, also measured in this process.
 
+predicted_tokens_per_s (and predicted_prefill_tokens_per_s): what the time model forecasts for
+the same prompt and tokens (minigpt.energy.forecast.generation; `minigpt costs --predict`).
+
 --int8 MODE quantizes on load. NumPy has no int8 matrix kernel: w8a32 widens each int8 weight
 matrix to float32 inside every product (reading 1 byte, writing 4 and reading 4 again per weight),
 w8a8 runs its integer products on the float64 BLAS. The table then says what a kernel that reads
@@ -258,7 +261,19 @@ def _measure(gpt, cfg, args) -> dict:
         "plain_matvec_two_threads_tokens_per_s": 1 / plain2_s if plain2_s else None,
         "read_bandwidth": read_bw.value,
         "fraction_of_read_ceiling": tokens_per_s * bytes_per_token / read_bw.value,
+        **predicted_rates(gpt, args),
     }
+
+
+def predicted_rates(gpt, args) -> dict:
+    """The time model's decode and prefill rates for this run (minigpt.energy.forecast)."""
+    from minigpt.energy import forecast
+    from minigpt.train import timing_runs
+
+    qcfg = gpt.quant.qcfg if gpt.quant is not None else None
+    g = forecast.generation(gpt.cfg, timing_runs.time_model(), args.prompt, args.tokens, quant=qcfg)
+    return {"predicted_tokens_per_s": g.tokens_per_s,
+            "predicted_prefill_tokens_per_s": args.prompt / g.prefill_s}
 
 
 def print_table(r: dict) -> None:
@@ -281,6 +296,9 @@ def print_table(r: dict) -> None:
               f"{100 * np.mean(r['decode_runs_tokens_per_s']) / r['ceiling_tokens_per_s']:.1f}% of the ceiling)")
     print(f"          against the copy bandwidth ({r['copy_bandwidth'] / gb:.2f} GB/s, read + write counted) "
           f"the decode would be {100 * r['fraction_of_copy_ceiling']:.1f}%: a copy is not what a decode does")
+    print(f"          predicted {r['predicted_tokens_per_s']:.2f} tokens/s by the time model "
+          f"({100 * (r['predicted_tokens_per_s'] / r['tokens_per_s'] - 1):+.1f}%; prefill "
+          f"{r['predicted_prefill_tokens_per_s']:.1f} tokens/s predicted)")
     if r["plain_matvec_tokens_per_s"]:
         print(f"          plain NumPy matrix-vector products over the same weights, nothing else: "
               f"{r['plain_matvec_tokens_per_s']:.2f} tokens/s ({100 * r['plain_matvec_tokens_per_s'] / r['ceiling_tokens_per_s']:.1f}% "

@@ -20,6 +20,21 @@ from minigpt import config
 os.environ["MINIGPT_HOME"] = tempfile.mkdtemp(prefix="minigpt-test-home-")
 atexit.register(shutil.rmtree, os.environ["MINIGPT_HOME"], True)
 
+
+def fixed_time_model(home: Path) -> Path:
+    """Give a $MINIGPT_HOME a fixed time model (50 GFLOP/s, 10 GB/s, 5 us a call) as if
+    `minigpt calibrate` had written it, so a run's prediction neither waits for this machine to be
+    measured nor depends on its speed (tests/test_timing.py measures the real one)."""
+    from minigpt.hardware import timing
+
+    path = home / "hardware" / timing.calibrated_path().name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(timing.TimeModel.constant(50e9, 10e9, 5e-6, 2e-6).to_json()))
+    return path
+
+
+fixed_time_model(Path(os.environ["MINIGPT_HOME"]))
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY_TOML = ROOT / "configs" / "tiny.toml"
 FABLES = ROOT / "corpora" / "fables.txt"

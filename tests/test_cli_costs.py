@@ -135,6 +135,10 @@ def test_calibrate_saves_a_local_profile(tmp_path, monkeypatch):
     assert "measured by minigpt calibrate" in prof.sources["peak_flops.fp32"]
     assert "read (sum of" in r.stdout and "triad (a = b + s·c" in r.stdout  # the STREAM table
     assert prof.bandwidth["read.one_thread"] > 1e8 and "best of" in prof.notes["bandwidth.read.one_thread"]
+    from minigpt.hardware import timing
+
+    tm = timing.load(timing.calibrated_path())  # the time model, measured beside the profile
+    assert tm.how == "quick" and tm.rate(256, 256, 256) > 1e8 and "gelu/tanh" in tm.elementwise
 
 
 def test_hardware_lists_and_shows_profiles():

@@ -16,7 +16,8 @@ def _costs_parser() -> argparse.ArgumentParser:
         "(<run>/costs.json), with each group's joules at the run's power (<run>/energy.json), or "
         "the closed-form prediction for a config with no run at all.",
         epilog="examples: minigpt costs out/tiny --by layer;  minigpt costs out/tiny --by op "
-        "--phase backward --top 10;  minigpt costs --config configs/tiny.toml --batch 32 --seq 128",
+        "--phase backward --top 10;  minigpt costs --config configs/tiny.toml --batch 32 --seq 128;  "
+        "minigpt costs --config configs/tiny.toml --predict --steps 100",
     )
     p.add_argument("run", nargs="?", help="a run folder holding costs.json")
     p.add_argument("--config", help="predict for this config instead of reading a run")
@@ -35,6 +36,16 @@ def _costs_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("table", "json", "csv"), default="table")
     p.add_argument("--plot", action="store_true",
                    help="with a run: also write layers.png and roofline.png into it (needs matplotlib)")
+    p.add_argument("--predict", action="store_true",
+                   help="with --config: predicted seconds and joules here, per layer, per phase and "
+                   "for the whole run (--steps steps, a training run's evaluations included), from "
+                   "this machine's time model (measured and cached on first use; minigpt calibrate "
+                   "measures carefully)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="with --predict: steps of --mode (default: the config's max_steps)")
+    p.add_argument("--watts", type=float, default=None,
+                   help="with --predict: this machine's power draw in W (default: the local "
+                   "profile's, else an estimate from the CPU's rated power)")
     p.add_argument("--memory", action="store_true",
                    help="with --config: the memory a training run needs (parameters, gradients, "
                    "optimizer state, activations, largest temporary) against what this machine has")
@@ -116,6 +127,8 @@ def cmd_costs(argv) -> int:
             raise ConfigError(f"--ranks must be >= 1, got {args.ranks}")
         if args.memory:
             return _print_memory(cfg, B, T, args)
+        if args.predict:
+            return _print_prediction(cfg, B, T, args)
         if args.mode == "train" and args.ranks > 1:
             from minigpt.train.dist import local_batch
 
@@ -134,6 +147,8 @@ def cmd_costs(argv) -> int:
             what = f"predicted: one decode step at position {T}, batch {B}, {args.config}"
         rows = tables.rows_from_records(records)
     else:
+        if args.predict:
+            raise ConfigError("--predict forecasts a run from a config: give --config")
         if args.memory:
             raise ConfigError("--memory estimates a training run from a config: give --config "
                               "(a run's measured costs have no memory estimate)")
@@ -186,6 +201,57 @@ def cmd_costs(argv) -> int:
     return 0
 
 
+def _print_prediction(cfg, B: int, T: int, args) -> int:
+    """`minigpt costs --config C --predict`: the forecast's table, or its JSON."""
+    import json
+
+    from minigpt import units
+    from minigpt.energy import accounting, forecast
+    from minigpt.train import timing_runs
+
+    if args.steps is not None and args.steps < 1:
+        raise ConfigError(f"--steps must be >= 1, got {args.steps}")
+    if args.watts is not None and not args.watts > 0:
+        raise ConfigError(f"--watts must be > 0, got {args.watts}")
+    if args.ranks > 1:
+        raise ConfigError("--predict forecasts one process: drop --ranks")
+    if args.format == "csv":
+        raise ConfigError("--predict prints a table or JSON: --format table or json")
+    prof, _ = accounting.find_profile("local-cpu")
+    f = forecast.forecast(cfg, timing_runs.time_model(), args.mode, args.steps, B, T, prof,
+                          args.watts)
+    kind = {"train": "training steps", "prefill": "prefills", "decode": "decode steps"}[args.mode]
+    where = f"positions {T}.." if args.mode == "decode" else f"{T} tokens"
+    what = (f"predicted here: {f.steps} {kind} of {args.config}, batch {B} x {where} "
+            f"(time model: {f.provenance})")
+    if args.format == "json":
+        print(json.dumps({"what": what} | f.to_json(), indent=1))
+        return 0
+    doc = f.to_json()
+    print(what)
+    scale = (f.power.watts or 0.0) * f.pue
+    cells = [(g["name"], f"{g['seconds_per_step']:.4g}", f"{100 * g['seconds_per_step'] / f.seconds_per_step:.1f}",
+              units.si(g["seconds_per_step"] * scale, "J") if f.power.watts else "-")
+             for g in doc["layers"]]
+    print("\n".join(units.rows_text(("layer", "s/step", "%", "J/step"), cells, align="<>>>")))
+    cells = [(g["name"], f"{g['seconds_per_step']:.4g}") for g in doc["phases"]]
+    cells.append(("unmetered", f"{f.unmetered_per_step:.4g}"))
+    print("\n".join(units.rows_text(("phase", "s/step"), cells, align="<>", rule=False)))
+    print("(unmetered: Python between the ops, per step; eval: one validation forward)")
+    print(f"one step: {f.seconds_per_step:.4g} s" + (
+        f"; {forecast.plural(f.evaluations, 'evaluation')} of {cfg.eval.batches} batches: "
+        f"{f.seconds_per_evaluation:.4g} s each"
+        if f.evaluations else ""))
+    energy = (f"{units.si(f.joules, 'J')} ({doc['wh']:.3g} Wh) = {f.seconds:.4g} s x "
+              f"{f.power.watts:.3g} W ({f.power.note}) x PUE {f.pue:.2f}" if f.joules is not None
+              else f"none: {f.power.note}")
+    print(f"whole run: {forecast.headline(f)}")
+    print(f"energy: {energy}")
+    if f.suspect:
+        print(f"note: the time model was {f.suspect}")
+    return 0
+
+
 def _print_memory(cfg, B: int, T: int, args) -> int:
     import json
 
@@ -231,18 +297,28 @@ def cmd_report(argv) -> int:
 
 
 def cmd_calibrate(argv) -> int:
-    from minigpt.hardware import calibrate
+    from minigpt.hardware import calibrate, timing
+    from minigpt.train import timing_runs
 
     p = Parser(prog="minigpt calibrate",
                description="Measure this machine's float32/float64 matmul FLOP/s and memory bandwidth "
                "(read, write, copy and triad, on one thread and on all cores, as STREAM does) and save "
                "them as the local-cpu hardware profile ($MINIGPT_HOME/hardware, default "
                "~/.minigpt/hardware), used for utilisation and roofline figures: each op is held "
-               "against the bandwidth its read/write mix fits (docs/costs.md).")
+               "against the bandwidth its read/write mix fits (docs/costs.md); and measure the "
+               "time model (products on a grid of shapes, the model's elementwise ops, the cost "
+               "between ops) that `minigpt costs --predict` and train.py's prediction use "
+               "($MINIGPT_HOME/hardware/local-timing.json).")
     p.add_argument("--quick", action="store_true", help="smaller, faster benchmarks (less exact)")
     p.add_argument("--no-save", action="store_true", help="print the figures only")
+    p.add_argument("--check", action="store_true",
+                   help="compare the figures in use (the local-cpu profile, else the cached quick "
+                   "measurement) with a fresh quick measurement; a fresh figure above a cached "
+                   "quick one replaces it")
     args = p.parse_args(argv)
-    print("measuring (a few seconds)...", file=sys.stderr)
+    if args.check:
+        return _calibrate_check()
+    print("measuring (a few seconds; the time model a minute or so)...", file=sys.stderr)
     m = calibrate.measure(quick=args.quick)
     print(f"float32 matmul: {m.fp32 / 1e9:8.1f} GFLOP/s")
     print(f"float64 matmul: {m.fp64 / 1e9:8.1f} GFLOP/s")
@@ -256,8 +332,64 @@ def cmd_calibrate(argv) -> int:
         print("bytes counted as the meter counts them (read + written); best of "
               f"{m.stream[0].repeats} passes each; the roofline holds each op against the kind "
               "its read/write mix fits, the better of 1 thread and all cores")
+    tm = timing_runs.measure(quick=args.quick)
+    print(f"time model:     products {tm.rate(1024, 1024, 1024) / 1e9:.1f} GFLOP/s at 1024^3, "
+          f"{tm.stream_bandwidth / 1e9:.1f} GB/s streaming weights, {tm.call_s * 1e6:.2g} us a "
+          f"call; {len(tm.elementwise) - 1} elementwise ops ({timing.provenance(tm)})")
+    if tm_note := timing.suspect(tm):
+        print(f"note: {tm_note}")
     if not args.no_save:
         print(f"saved {calibrate.save(calibrate.profile_toml(m))}")
+        print(f"saved {timing.save(tm, timing.calibrated_path())}")
+    return 0
+
+
+def _calibrate_check() -> int:
+    """`minigpt calibrate --check`: the figures in use beside a fresh quick measurement."""
+    from minigpt import units
+    from minigpt.hardware import calibrate, profiles
+
+    prof, note = calibrate.local_profile()
+    print("measuring (a few seconds)...", file=sys.stderr)
+    fresh, meta = calibrate.measure_quick()
+    cells, higher = [], []
+    for label, key, value in (("float32 matmul", "fp32", fresh.fp32),
+                              ("float64 matmul", "fp64", fresh.fp64),
+                              ("memory copy", "memory_bandwidth", fresh.bandwidth)):
+        cached = (profiles.require(prof, key) if key == "memory_bandwidth"
+                  else profiles.peak(prof, key))
+        ratio = value / cached
+        cells.append((label, f"{cached / 1e9:.1f}", f"{value / 1e9:.1f}", f"{ratio:.2f}",
+                      "suspect" if abs(ratio - 1) > 0.15 else "agrees"))
+        higher.append(value > cached)
+    for f in fresh.stream:  # read/write/copy/triad, 1 thread and all cores
+        cached = prof.bandwidth.get(f.key)
+        if cached:
+            ratio = f.bytes_per_s / cached
+            cells.append((f"{f.kind}, {f.threading.replace('_', ' ')}", f"{cached / 1e9:.1f}",
+                          f"{f.bytes_per_s / 1e9:.1f}", f"{ratio:.2f}",
+                          "suspect" if abs(ratio - 1) > 0.15 else "agrees"))
+            higher.append(f.bytes_per_s > cached)
+    print(f"in use: {prof.name} ({note}); fresh: a quick measurement now, load average "
+          f"{max(meta['load_average']):.2g} on {meta['cores']} cores")
+    print("\n".join(units.rows_text(("figure", "in use G/s", "fresh G/s", "fresh/used", ""), cells,
+                                    align="<>>><")))
+    if prof.name == calibrate.QUICK_NAME:
+        print(f"the cached figures: {calibrate.cache_meta().get('measured_at', 'when unknown')}")
+        if any(higher):
+            old = calibrate._figures_of(prof)
+            best = old._replace(fp32=max(old.fp32, fresh.fp32), fp64=max(old.fp64, fresh.fp64),
+                                bandwidth=max(old.bandwidth, fresh.bandwidth),
+                                stream=calibrate.higher_stream(old.stream, fresh.stream))
+            calibrate._write_quick(best, meta)
+            print(f"replaced the cached quick figures with the higher of each ({calibrate.cache_path()})")
+    elif any(r[-1] == "suspect" for r in cells):
+        print("the local-cpu profile disagrees with this machine now: run `minigpt calibrate` "
+              "on a quiet machine")
+    if calibrate.suspect_note(meta):
+        print(f"note: the fresh measurement was taken under load too (load average "
+              f"{max(meta['load_average']):.2g} on {meta['cores']} cores): compare again when the "
+              f"machine is quiet")
     return 0
 
 

@@ -121,7 +121,7 @@ def cmd_generate(argv) -> int:
                                args.seed, emit)
     out.write(decode([], final=True) + "\n")
     if args.costs:
-        _print_generation_costs(len(ids), gen, measured, args)
+        _print_generation_costs(len(ids), gen, measured, args, model)
     return 0
 
 
@@ -137,7 +137,7 @@ def _prompt_ids(text: str, model) -> list[int]:
     return ids
 
 
-def _print_generation_costs(prompt_tokens: int, gen, measured, args) -> None:
+def _print_generation_costs(prompt_tokens: int, gen, measured, args, model=None) -> None:
     """The prefill's and the decode steps' FLOPs and bytes, then the energy report and the energy
     by phase, both from one energy document (--energy-json writes it). gen: the
     sampling.Generation, whose counts say how many forward passes and tokens each phase had."""
@@ -166,6 +166,8 @@ def _print_generation_costs(prompt_tokens: int, gen, measured, args) -> None:
         print(f"bytes per generated token: {tables.si((d['bytes_read'] + d['bytes_written']) / decode_steps, 'B')}"
               f"; decode speed here: {decode_steps / d['seconds']:,.0f} tokens/s (metered seconds)"
               if d["seconds"] > 0 else "")
+    if model is not None and args.device == "cpu":
+        print(_predicted_line(model, prompt_tokens, gen, t))
     print(tables.CONVENTIONS)
     print()
     hw, on_cpu = hardware_for(args, args.device), args.device == "cpu"
@@ -173,6 +175,18 @@ def _print_generation_costs(prompt_tokens: int, gen, measured, args) -> None:
                            estimate=on_cpu)
     print("\n".join(run_energy.report_lines(doc)))
     _print_generation_energy(doc, rows, gen, args)
+
+
+def _predicted_line(model, prompt_tokens: int, gen, t: dict) -> str:
+    """The time model's prefill and decode against the meter's (int8 and KV-int8 included)."""
+    from minigpt.energy import forecast
+    from minigpt.train import timing_runs
+
+    qcfg = model.gpt.quant.qcfg if model.gpt.quant is not None else None
+    g = forecast.generation(model.gpt.cfg, timing_runs.time_model(), prompt_tokens,
+                            gen.decode_steps, quant=qcfg)
+    return forecast.generation_line(g, t.get("prefill", {}).get("seconds"),
+                                    t.get("decode", {}).get("seconds"))
 
 
 def _print_generation_energy(doc: dict, rows, gen, args) -> None:

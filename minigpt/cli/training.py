@@ -126,6 +126,8 @@ def _train(argv, args=None, trainer=None) -> int:
     from minigpt.hardware import counters
 
     start_tokens = trainer.state.tokens  # > 0 when resumed
+    start_step, start_elapsed = trainer.state.step, trainer.state.elapsed_s
+    prediction = _predict_run(trainer, args)
     with counters.measure() as measured:
         result = trainer.run()
     if result.interrupted:
@@ -138,47 +140,89 @@ def _train(argv, args=None, trainer=None) -> int:
         return 143 if trainer.stopped_by == "SIGTERM" else 130
     print(f"done: {result.steps} steps, {result.tokens:,} tokens in {result.elapsed_s:.1f} s; "
           f"val loss {result.val_loss:.4f} nats/token ({result.val_bpb:.4f} bits/byte); checkpoint {trainer.ckpt_path}")
-    _print_training_costs(trainer, result, measured, args, start_tokens)
+    session = (result.steps - start_step, trainer.state.elapsed_s - start_elapsed)
+    _print_training_costs(trainer, result, measured, args, start_tokens, prediction, session)
     return 0
+
+
+def _predict_run(trainer, args):
+    """Print the forecast of the steps left (CPU runs): "prediction: about 2 min 25 s and 1.2 kJ
+    here (...)"; returns the Forecast, or None (a GPU run: the time model is the CPU's)."""
+    from minigpt.energy import accounting, forecast
+    from minigpt.train import timing_runs
+
+    cfg = trainer.cfg
+    left = cfg.train.max_steps - trainer.state.step
+    if cfg.train.device != "cpu" or left < 1 or trainer.world.size > 1:
+        return None
+    prof, _ = accounting.find_profile(hardware_for(args, "cpu"))
+    f = forecast.forecast(cfg, timing_runs.time_model(), "train", left, profile=prof,
+                          watts=args.watts)
+    print(f"prediction: {forecast.headline(f)}", file=sys.stderr)
+    if f.suspect:
+        print(f"note: the time model was {f.suspect}", file=sys.stderr)
+    return f
 
 
 def hardware_for(args, device: str):
     return args.hardware or ("local-cpu" if device == "cpu" else None)
 
 
-def _print_training_costs(trainer, result, measured, args, start_tokens: int = 0) -> None:
+def _print_training_costs(trainer, result, measured, args, start_tokens: int = 0,
+                          prediction=None, session: tuple[int, float] = (0, 0.0)) -> None:
     from minigpt.counting import tables
     from minigpt.counting.meter import METER
-    from minigpt.energy import run_energy
+    from minigpt.energy import forecast, run_energy
     from minigpt.hardware import calibrate
     from minigpt.report import html
     from minigpt.runs import session_rows
     from minigpt.scale import projection
 
     on_cpu = trainer.cfg.train.device == "cpu"
-    peak, where = calibrate.local_peak() if on_cpu else (None, "")
     rows = tables.rows_from_records(METER.records)
+    notes = calibrate.check_run(rows).notes if on_cpu else []  # a figure the run beat is replaced
+    peak, where = calibrate.local_peak() if on_cpu else (None, "")
+    if on_cpu and calibrate.QUICK_NOTE in where and (note := calibrate.suspect_note()):
+        notes.append(f"note: {note}")
     ranks, everyone = trainer.world.size, result.tokens
     if ranks > 1:  # the counts are rank 0's: its share of the tokens goes with them
         result.tokens = trainer.state.counted_tokens
     print()
     print(tables.summary(rows, result.steps, result.tokens, peak, where))
+    for note in notes:
+        print(note)
     if ranks > 1:
         print(f"data parallel over {ranks} MPI ranks: the counts above are rank 0's, on its "
               f"{result.tokens:,} of the {everyone:,} tokens (every rank did the same)")
     print(f"details: minigpt costs {trainer.out_dir} --by op  (also {trainer.out_dir}/costs.json, costs.csv)")
     print()
     # this session's energy: a resumed run's earlier sessions were reported when they ran
-    session = session_rows(rows, trainer.meter_rows)
+    this_session = session_rows(rows, trainer.meter_rows)
     hw = hardware_for(args, trainer.cfg.train.device)
     tokens = (everyone - start_tokens) // ranks  # this session's tokens (rank 0's share of them)
-    doc = run_energy.build(session, measured.seconds, hw, measured, args.watts, tokens,
+    doc = run_energy.build(this_session, measured.seconds, hw, measured, args.watts, tokens,
                            estimate=on_cpu)
     print("\n".join(run_energy.report_lines(doc)))  # the table, from what energy.json holds
+    steps, step_s = session
+    if prediction is not None and steps > 0:
+        evals = trainer.eval_seconds
+        joules, basis = _reported_joules(doc)
+        doc["prediction"] = forecast.against(prediction, step_s / steps,
+                                             sum(evals) / len(evals) if evals else 0.0,
+                                             measured.seconds, joules, basis)
+        print("\n".join(forecast.comparison_lines(doc["prediction"])))
     print(f"wrote {run_energy.save(trainer.out_dir, doc)}")
     print(projection.gpt3_projection_line(result.tokens, rows, joules=measured.total_joules))
     print(f"report: {html.write(trainer.out_dir)}  (open it in a browser)")
     _print_moe_summary(trainer, result)
+
+
+def _reported_joules(doc: dict) -> tuple[float | None, str]:
+    """The run's energy to hold a prediction against: measured where read, else time x power."""
+    for key, name in (("measured", "measured"), ("time_x_power", "time x power")):
+        if doc["layers"][key]["joules"] is not None:
+            return doc["layers"][key]["joules"], name
+    return None, ""
 
 
 def _print_moe_summary(trainer, result) -> None:

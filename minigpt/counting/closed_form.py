@@ -4,6 +4,8 @@ predict_training_step(cfg, batch, seq)   forward + backward + optimizer of one o
 predict_forward(cfg, batch, seq, phase)  one forward pass ("forward", "eval" or "prefill")
 predict_decode(cfg, batch, position)     one KV-cached decode step for the token at `position`
 allreduce_bytes(nbytes, ranks)           bytes each rank sends (and receives) in a ring allreduce
+op_calls(cfg, mode, batch, seq)          the same work call by call, each product with its shape
+                                         (what a time model needs: minigpt.hardware.timing)
 
 Each returns {RecordKey(scope, op, kind, phase, dtype): Record}, the meter's own format, so a test can
 compare prediction and measurement key by key. Mixture-of-experts blocks take a `routing` (tokens
@@ -15,6 +17,7 @@ inputs and outputs once.
 """
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from minigpt.config import expert_capacity, is_moe_block
 from minigpt.counting.meter import FLOPS_PER_ELEMENT as FPE
@@ -52,6 +55,17 @@ from minigpt.counting.scopes import (
 INDEX_BYTES = 8  # token ids are int64
 
 
+class OpCall(NamedTuple):
+    """One call the meter would record: its record's key, its counts, and for a product its shape
+    (batch, m, k, n) of (batch, m, k) @ (k, n); elementwise calls have shape None."""
+
+    key: RecordKey
+    flops: int
+    bytes_read: int
+    bytes_written: int
+    shape: tuple[int, int, int, int] | None
+
+
 @dataclass
 class _Sheet:
     """Accumulates predicted records for one phase."""
@@ -62,9 +76,11 @@ class _Sheet:
 
     def __post_init__(self):
         self.records: dict[RecordKey, Record] = {}
+        self.calls: list[OpCall] = []
 
-    def _add(self, scope, op, kind, flops, read, written, useful=None, dtype=None):
+    def _add(self, scope, op, kind, flops, read, written, useful=None, dtype=None, shape=None):
         key = RecordKey(scope, op, kind, self.phase, dtype or self.dtype)
+        self.calls.append(OpCall(key, flops, read, written, shape))
         r = self.records.setdefault(key, Record())
         r.calls += 1
         r.flops += flops
@@ -79,7 +95,7 @@ class _Sheet:
         s = self.itemsize
         a_size, b_size, c_size = {INT8: (1, 1, 4), W8A32: (s, 1, s)}.get(dtype, (s, s, s))
         self._add(scope, op, "matmul", 2 * batch * m * n * k, a_elems * a_size + b_elems * b_size,
-                  batch * m * n * c_size, useful, dtype)
+                  batch * m * n * c_size, useful, dtype, shape=(batch, m, k, n))
 
     def elementwise(self, scope, kind, op, n, read_elems, written_elems, extra_read_bytes=0,
                     factor=1, dtype=None, extra_written_bytes=0):
@@ -403,6 +419,11 @@ def predict_training_step(cfg, batch: int, seq: int | None = None, grad_accum: i
 
     routing: for a MoE model, one {block index: tokens each expert computed} per micro-batch (as
     GPT.routing holds after each forward: Routing.computed), or None for balanced routing."""
+    return _merge(*_training_sheets(cfg, batch, seq, grad_accum, clip, dtype, ranks, routing))
+
+
+def _training_sheets(cfg, batch, seq, grad_accum=1, clip=True, dtype="float32", ranks=1,
+                     routing=None) -> tuple:
     T = seq or cfg.block_size
     drop = cfg.dropout > 0
     fwd, bwd, opt = _sheet("forward", dtype), _sheet("backward", dtype), _sheet("optimizer", dtype)
@@ -418,7 +439,7 @@ def predict_training_step(cfg, batch: int, seq: int | None = None, grad_accum: i
     comm = _sheet("communication", dtype)
     if ranks > 1:
         _communication(comm, cfg, ranks, dtype)
-    return _merge(fwd, bwd, opt, comm)
+    return fwd, bwd, opt, comm
 
 
 def predict_forward(cfg, batch: int, seq: int, phase: str = "forward", targets: bool = False,
@@ -426,18 +447,22 @@ def predict_forward(cfg, batch: int, seq: int, phase: str = "forward", targets: 
     """A forward pass of (batch, seq) tokens; phase "prefill" keeps only the last position's logits.
     quant: a QuantConfig (int8 inference), or None for float; routing: as predict_training_step's
     (one micro-batch's dict)."""
+    return _forward_sheet(cfg, batch, seq, phase, targets, dtype, quant, routing).records
+
+
+def _forward_sheet(cfg, batch, seq, phase="forward", targets=False, dtype="float32", quant=None,
+                   routing=None, pos0=0) -> _Sheet:
     sh = _sheet(phase, dtype)
-    _forward(sh, cfg, batch, seq, last_only=phase == "prefill", targets=targets, q=quant,
+    _forward(sh, cfg, batch, seq, pos0=pos0, last_only=phase == "prefill", targets=targets, q=quant,
              routing=routing)
-    return sh.records
+    return sh
 
 
 def predict_decode(cfg, batch: int, position: int, dtype: str = "float32", quant=None,
                    routing=None) -> dict:
     """One decode step: the token at `position` attends to the position + 1 cached keys."""
-    sh = _sheet("decode", dtype)
-    _forward(sh, cfg, batch, 1, pos0=position, q=quant, routing=routing)
-    return sh.records
+    return _forward_sheet(cfg, batch, 1, "decode", dtype=dtype, quant=quant, routing=routing,
+                          pos0=position).records
 
 
 def forward_records(cfg, batch: int, seq: int, pos0: int = 0, last_only: bool = False,
@@ -457,3 +482,24 @@ def backward_records(cfg, batch: int, seq: int, routing=None) -> dict:
 
 def total_flops(records: dict) -> int:
     return sum(r.flops for r in records.values())
+
+
+MODES = ("train", "eval", "prefill", "decode")
+
+
+def op_calls(cfg, mode: str, batch: int, seq: int, grad_accum: int = 1, dtype: str = "float32",
+             quant=None) -> list[OpCall]:
+    """Every call of one step, in order, as the predict_* functions count them: mode "train" (one
+    optimizer step of grad_accum micro-batches of (batch, seq)), "eval" (a validation forward with
+    its loss), "prefill" (a prompt of seq tokens) or "decode" (one token at position seq)."""
+    if mode == "train":
+        sheets = _training_sheets(cfg, batch, seq, grad_accum, dtype=dtype)
+    elif mode == "eval":
+        sheets = (_forward_sheet(cfg, batch, seq, "eval", targets=True, dtype=dtype),)
+    elif mode == "prefill":
+        sheets = (_forward_sheet(cfg, batch, seq, "prefill", dtype=dtype, quant=quant),)
+    elif mode == "decode":
+        sheets = (_forward_sheet(cfg, batch, 1, "decode", dtype=dtype, quant=quant, pos0=seq),)
+    else:
+        raise ValueError(f"mode {mode!r}: expected one of {', '.join(MODES)}")
+    return [c for sh in sheets for c in sh.calls]

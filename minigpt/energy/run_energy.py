@@ -19,6 +19,8 @@ run prints and the energy.json it writes cannot differ. energy.json holds, as nu
     profile the roofline profile's figures (so `minigpt costs` need not measure again)
     phases  (a generation only) {prefill, decode}: {tokens, seconds, joules, joules_roofline,
             j_per_token}
+    prediction  (a CPU training run) the forecast taken before it started, with what was measured
+            and the errors (minigpt.energy.forecast.against)
 
 A group's `joules` is its metered seconds × the run's watts × PUE (facility energy, as the layers
 report it), so over all groups they add up to metered.joules; that is less than the time x power

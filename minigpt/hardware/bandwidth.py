@@ -56,6 +56,7 @@ class StreamFigure(NamedTuple):
     repeats: int  # passes timed (the best is kept)
     path: str  # "numba prange" or "numpy, Python threads"
     llc_mib: float | None  # the last-level cache the size was chosen against
+    recorded: str = ""  # the method as a profile recorded it, for a figure read back from one
 
     @property
     def threading(self) -> str:
@@ -68,6 +69,8 @@ class StreamFigure(NamedTuple):
 
     def method(self) -> str:
         """How it was measured, in one line (the profile's note)."""
+        if self.recorded:
+            return self.recorded
         llc = f"{self.llc_mib:g} MiB" if self.llc_mib else "not reported"
         threads = "1 thread" if self.threads == 1 else f"{self.threads} threads (all cores)"
         return (f"{self.path}, {threads}: {WHAT[self.kind].format(mib=self.array_mib)}, float64; "
@@ -171,6 +174,17 @@ def profile_entries(figures, source: str) -> str:
         lines += [f"[bandwidth.{f.key}]", f"value = {f.bytes_per_s!r}", f'source = "{source}"',
                   f'note = "{f.method()}"', ""]
     return "\n".join(lines)
+
+
+def figures_from_profile(prof: Profile, cores: int) -> tuple[StreamFigure, ...]:
+    """The STREAM figures a profile holds, read back with their recorded methods (so a profile
+    rewritten from them keeps them as they were measured)."""
+    out = []
+    for key, value in prof.bandwidth.items():
+        kind, threading = key.split(".")
+        out.append(StreamFigure(kind, 1 if threading == "one_thread" else cores, value, 0, 0, "",
+                                None, prof.notes.get(f"bandwidth.{key}", "")))
+    return tuple(out)
 
 
 def table_lines(figures, matvec: tuple[int, float] | None = None) -> list[str]:

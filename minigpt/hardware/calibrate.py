@@ -15,10 +15,18 @@ products, a 64 MiB copy: a few seconds) once per machine and caches it as a prof
 $MINIGPT_HOME/cache/ keyed by the CPU model and the BLAS environment variables, so a run without
 `minigpt calibrate` still gets roofline and MFU figures ("quick measurement", said where used).
 `local_profile()` is the careful local-cpu profile where one exists, else that quick one.
+
+The quick figures cannot silently lie: each is the best of several tries; a record beside the
+cache (roofline-<key>.json) says when they were taken and under what load (the 1-minute load
+average), and `suspect_note()` says so when that load was high; `check_run(rows)` compares a
+finished run's fastest records with the figures, and a run faster than the cache replaces the
+cached figure (recording what raised it), where a calibrated profile is only flagged. `minigpt
+calibrate --check` compares the figures in use with a fresh quick measurement.
 """
 
 import datetime
 import hashlib
+import json
 import os
 import platform
 import time
@@ -108,17 +116,25 @@ class LocalPeak(NamedTuple):
     where: str  # "(local-cpu profile)", "(<QUICK_NOTE>)", or ""
 
 
+QUICK_TRIES = 3
 MATVEC_MIB = 512  # the full measurement's matrix-vector product, MiB of float32 weights
 
 
-def measure(quick: bool = False) -> MachineFigures:
+def measure(quick: bool = False, tries: int | None = None) -> MachineFigures:
     """The measured figures: fp32 and fp64 matmul FLOP/s, copy bandwidth (bytes/s), the STREAM
-    bandwidths, and (not quick) the BLAS matrix-vector product's bandwidth."""
-    n, repeats = (1024, 3) if quick else (2048, 5)
+    bandwidths, and (not quick) the BLAS matrix-vector product's bandwidth. Each is the
+    best of `tries` short tries (default QUICK_TRIES quick, 3 careful, each try itself a best of a
+    few runs), taken in sweeps (fp32, fp64, copy, fp32, ...) so that another process running for
+    a moment spoils one try of each figure rather than all tries of one."""
+    n, repeats = (1024, 1) if quick else (2048, 5)
     mib = 64 if quick else 256
-    return MachineFigures(fp32=matmul_flops("float32", n, repeats),
-                          fp64=matmul_flops("float64", n // 2 if quick else n, repeats),
-                          bandwidth=copy_bandwidth(mib << 20, repeats), n=n, copy_mib=mib,
+    tries = tries or (QUICK_TRIES if quick else 3)
+    fp32 = fp64 = copy_bw = 0.0
+    for _ in range(tries):
+        fp32 = max(fp32, matmul_flops("float32", n, repeats))
+        fp64 = max(fp64, matmul_flops("float64", n // 2 if quick else n, repeats))
+        copy_bw = max(copy_bw, copy_bandwidth(mib << 20, repeats))
+    return MachineFigures(fp32=fp32, fp64=fp64, bandwidth=copy_bw, n=n, copy_mib=mib,
                           stream=bandwidth.measure_stream(quick),
                           matvec=None if quick else bandwidth.matvec_bandwidth(MATVEC_MIB << 20))
 
@@ -170,6 +186,52 @@ def cache_path() -> Path:
     return profiles.user_dir().parent / "cache" / f"roofline-{key}.toml"
 
 
+def meta_path() -> Path:
+    """The quick measurement's record beside it: when, under what load, and what raised it."""
+    return cache_path().with_suffix(".json")
+
+
+def cache_meta() -> dict:
+    """{"measured_at", "load_average", "cores", "tries", "raised": [...]}, or {} when unknown."""
+    try:
+        d = json.loads(meta_path().read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return d if isinstance(d, dict) else {}
+
+
+def _write_quick(m: MachineFigures, meta: dict, how: str = "minigpt's quick measurement (cached)") -> None:
+    path = cache_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tables._atomic_write(path, profile_toml(m, QUICK_NAME, how))
+    tables._atomic_write(meta_path(), json.dumps(meta, indent=1) + "\n")
+
+
+def _figures_of(prof: profiles.Profile) -> MachineFigures:
+    return MachineFigures(fp32=profiles.peak(prof, "fp32"), fp64=profiles.peak(prof, "fp64"),
+                          bandwidth=profiles.require(prof, "memory_bandwidth"), n=1024, copy_mib=64,
+                          stream=bandwidth.figures_from_profile(prof, _cores()))
+
+
+def higher_stream(old, fresh) -> tuple:
+    """The STREAM figures keeping, for each kind and thread count, the higher of the two."""
+    best = {f.key: f for f in old}
+    for f in fresh:
+        if f.key not in best or f.bytes_per_s > best[f.key].bytes_per_s:
+            best[f.key] = f
+    return tuple(best.values())
+
+
+def measure_quick() -> tuple[MachineFigures, dict]:
+    """A fresh quick measurement and its record (when, the 1-minute load before and after)."""
+    before = _load_average()
+    m = measure(quick=True)
+    meta = {"measured_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "load_average": [before, _load_average()], "cores": _cores(), "tries": QUICK_TRIES,
+            "raised": []}
+    return m, meta
+
+
 def quick_profile() -> profiles.Profile:
     """The cached quick measurement of this machine as a profile, measured on first use."""
     path = cache_path()
@@ -180,10 +242,107 @@ def quick_profile() -> profiles.Profile:
                 return cached
         except ConfigError:  # a damaged cache is measured again, not trusted
             path.unlink(missing_ok=True)
-    text = profile_toml(measure(quick=True), QUICK_NAME, "minigpt's quick measurement (cached)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tables._atomic_write(path, text)
+    _write_quick(*measure_quick())
     return profiles.load_profile(path)
+
+
+def _load_average() -> float:
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return 0.0
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def suspect_note(meta: dict | None = None) -> str:
+    """Why the quick measurement may be too low, or "": taken while other work kept the cores
+    busy (a 1-minute load average above half the cores before it started)."""
+    meta = cache_meta() if meta is None else meta
+    loads, cores = meta.get("load_average") or [0.0], meta.get("cores") or _cores()
+    if max(loads) > 0.5 * cores:
+        return (f"the quick measurement ({meta.get('measured_at', '?')}) was taken under load "
+                f"(load average {max(loads):.2g} on {cores} cores): its peak may be low and "
+                f"utilisation high; `minigpt calibrate --check` compares it with a fresh one")
+    return ""
+
+
+# A record's rate is trusted against the peak only when it is long enough to time well.
+MIN_RECORD_SECONDS = 0.01  # s, summed over the record's calls
+MIN_STREAM_BYTES = 32 << 20  # bytes per call: larger than the caches, so memory bandwidth
+
+
+class RunCheck(NamedTuple):
+    """What a run's records say about the machine figures: the best rates they reached, and the
+    notes to print (a figure raised, or one that a calibrated profile should be measured again)."""
+
+    matmul_flops: float  # FLOP/s, the fastest fp32 product record
+    matmul_where: str  # its scope and op
+    bandwidth: float  # bytes/s, the fastest large elementwise record
+    bandwidth_where: str
+    notes: list[str]
+
+
+def best_rates(rows: list[dict]) -> RunCheck:
+    """The fastest float32 product record and the fastest large elementwise record of a run."""
+    flops, bw, fw, bww = 0.0, 0.0, "", ""
+    for r in rows:
+        if r["seconds"] < MIN_RECORD_SECONDS or not r["calls"]:
+            continue
+        if r["kind"] == "matmul" and r["dtype"] == "float32":
+            if r["flops"] / r["seconds"] > flops:
+                flops, fw = r["flops"] / r["seconds"], f"{r['scope']} {r['op']}"
+        elif r["kind"] not in ("matmul", "allreduce"):
+            nbytes = r["bytes_read"] + r["bytes_written"]
+            if nbytes / r["calls"] >= MIN_STREAM_BYTES and nbytes / r["seconds"] > bw:
+                bw, bww = nbytes / r["seconds"], f"{r['scope']} {r['kind']} {r['op']}"
+    return RunCheck(flops, fw, bw, bww, [])
+
+
+def check_run(rows: list[dict]) -> RunCheck:
+    """Compare a run's fastest records with the machine figures it is reported against. A run
+    faster than the cached quick measurement replaces that figure (the cache was measured low:
+    under load, or on a bad moment), recording what raised it; faster than a calibrated local-cpu
+    profile, it says to calibrate again (a profile the user wrote is not rewritten)."""
+    got = best_rates(rows)
+    try:
+        calibrated = profiles.load_profile("local-cpu")
+    except Exception:  # noqa: BLE001 - none, or unreadable: the quick one is used
+        calibrated = None
+    notes = []
+    if calibrated is not None:
+        for label, value, where, cached in (
+                ("float32 matmul", got.matmul_flops, got.matmul_where, profiles.peak(calibrated, "fp32")),
+                ("memory bandwidth", got.bandwidth, got.bandwidth_where,
+                 profiles.require(calibrated, "memory_bandwidth"))):
+            if value > cached:
+                notes.append(f"suspect figure: this run's {where} reached {value / 1e9:.1f} G/s, above "
+                             f"the local-cpu profile's {label} {cached / 1e9:.1f} G/s: run "
+                             f"`minigpt calibrate` again")
+        return got._replace(notes=notes)
+    if not cache_path().is_file():
+        return got._replace(notes=notes)
+    m, meta = _figures_of(quick_profile()), cache_meta()
+    raised = []
+    now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    if got.matmul_flops > m.fp32:
+        raised.append({"figure": "fp32", "from": m.fp32, "to": got.matmul_flops, "at": now,
+                       "by": got.matmul_where})
+        m = m._replace(fp32=got.matmul_flops)
+    if got.bandwidth > m.bandwidth:
+        raised.append({"figure": "memory_bandwidth", "from": m.bandwidth, "to": got.bandwidth,
+                       "at": now, "by": got.bandwidth_where})
+        m = m._replace(bandwidth=got.bandwidth)
+    if raised:
+        meta["raised"] = meta.get("raised", []) + raised
+        _write_quick(m, meta, "minigpt's quick measurement (cached), raised to a run's own rates")
+        for r in raised:
+            notes.append(f"suspect figure replaced: this run's {r['by']} reached "
+                         f"{r['to'] / 1e9:.1f} G/s, above the cached quick measurement's "
+                         f"{r['figure']} {r['from'] / 1e9:.1f} G/s; the cache now holds the run's figure")
+    return got._replace(notes=notes)
 
 
 def local_profile() -> LocalProfile:

@@ -5,7 +5,8 @@ matplotlib, no scripts, nothing fetched from the network), so it opens in any br
 Sections: the loss curves (train and validation against tokens, from log.jsonl); cost per layer
 (FLOPs, bytes, seconds, joules, from costs.json and energy.json); the roofline (each op's achieved
 FLOP/s against the run's roofline profile); the four energy layers with the power figure's basis,
-PUE and grid figures; and the GPT-3 projection line. A part whose file is missing (a run from
+PUE and grid figures, and the run's prediction (taken before it started) against what it measured;
+and the GPT-3 projection line. A part whose file is missing (a run from
 before energy.json) says so instead of failing.
 """
 
@@ -17,7 +18,7 @@ from pathlib import Path
 
 from minigpt import units
 from minigpt.counting import tables
-from minigpt.energy import run_energy
+from minigpt.energy import forecast, run_energy
 from minigpt.errors import ConfigError
 from minigpt.hardware import roofline
 from minigpt.report import svg
@@ -162,11 +163,23 @@ def energy_section(doc: dict | None, what: str = "this run") -> str:
              else f"none: {doc['watts_basis']}")
     source = f"power figure's source: {doc['watts_source']}" if doc.get("watts_source") else ""
     return (f"<p>power: {escape(watts)}; {doc['seconds']:.4g} s of wall time</p>"
-            f'<p class="note">{escape(source)}</p>{chart}'
+            f'<p class="note">{escape(source)}</p>{_prediction(doc)}{chart}'
             "<table><tr><th class=l>layer</th><th>energy</th><th>Wh</th><th>gCO2e</th>"
             f"<th>J/token</th><th class=l>how</th></tr>{''.join(rows)}</table>"
             f'<p class="note">PUE {doc["pue"]:.2f} ({escape(doc["pue_source"])}); grid '
             f'{doc["grid_kg_co2e_per_kwh"]:g} kgCO2e/kWh ({escape(doc["grid_source"])})</p>')
+
+
+def _prediction(doc: dict) -> str:
+    """The run's forecast (taken before it started) against what it measured, where it has one."""
+    p = doc.get("prediction")
+    if not isinstance(p, dict):
+        return ""
+    try:
+        lines = forecast.comparison_lines(p)
+    except (KeyError, TypeError, ValueError):
+        return '<p class="missing">energy.json\'s prediction is unreadable</p>'
+    return "<p>" + "<br>".join(escape(line.strip()) for line in lines) + "</p>"
 
 
 def _projection(rows: list[dict], tokens: int, doc: dict | None) -> str:

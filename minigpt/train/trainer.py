@@ -165,6 +165,7 @@ class Trainer:
         self.opt = AdamW(params, t.beta1, t.beta2, t.eps, t.weight_decay)
         self.state = RunState()
         self.meter_rows = []  # a resumed run's counts so far
+        self.eval_seconds: list[float] = []  # wall seconds of this session's evaluations
         self.resumed = resume
         self._log_started = False
         self._resumed_log: list[tuple[str, dict]] = []  # rank 0's log lines, read on resuming
@@ -310,10 +311,12 @@ class Trainer:
     def evaluate(self) -> float:
         """Mean loss over the fixed validation batches (phase "eval")."""
         losses = []
+        t0 = time.perf_counter()
         with METER.in_phase("eval"):
             for x, y in self.val_batches:
                 loss, _ = self.model.loss(backend.asarray(x), backend.asarray(y))
                 losses.append(loss)
+        self.eval_seconds.append(time.perf_counter() - t0)
         return float(np.mean(losses))
 
     def bits_per_byte(self, loss_nats_per_token: float) -> float:

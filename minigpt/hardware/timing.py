@@ -1,0 +1,336 @@
+"""The time model: predicted seconds of every op from its counts and shape, calibrated on this machine.
+
+A step's predicted seconds are the sum over its calls (closed_form.op_calls) of what the meter
+would time for each, plus what the meter does not time (Python between the ops):
+
+    product (batch, m, k, n):  call_s + max(batch * 2mkn / rate(m, k, n), bytes / stream_bandwidth)
+                               (the second only when the step moves more than the cache holds)
+    elementwise (kind, op):    seconds(bytes per call), interpolated in that op's measured points
+    unmetered, per step:       gap_per_call[mode] * calls + gap_per_byte[mode] * bytes
+
+- rate(m, k, n) is the FLOP/s of one (m, k) @ (k, n) float32 product measured on a grid of sizes
+  (GRID_QUICK or GRID_CAREFUL: sizes of m, of k and of n, each point measured inside a batched
+  call so the per-call cost is left out), interpolated linearly in log(rate) over log(m), log(k), log(n) and
+  held at the grid's edge beyond it (products larger than the grid run at its largest rate).
+- stream_bandwidth is the bytes/s of a product whose weights come from memory (m = 1, a 64 MiB
+  B): a product cannot beat reading its operands, so the bound holds for skinny products, where a
+  step moves more bytes than the last-level cache holds (cache_bytes, from the system's cache
+  description). The grid's products reuse one B, as a layer's weights are reused, so a small
+  model's decode step, whose weights stay in the cache, runs at the grid's rates.
+- call_s is the seconds of the smallest counted product, the fixed cost of one call.
+- an elementwise op's points are (bytes per call, seconds per call) measured by running the
+  model's own layers (minigpt.train.timing_runs); between points the seconds are interpolated
+  log-log, above the largest the op keeps its achieved bandwidth there (seconds in proportion to
+  bytes), below the smallest it costs what the smallest did. An op never measured uses "generic",
+  a plain add's points.
+- gap_per_call and gap_per_byte are fitted per mode (train, eval, prefill, decode) to the wall
+  seconds of the calibration runs less their metered seconds.
+
+Known limits (docs/costs.md): float32 products only (int8 and float64 products use the float32
+rate); one thread count (the one calibrated); cache effects beyond what the grid and the points
+saw; a machine under other load runs slower than its calibration, and the prediction says when the
+calibration itself was taken under load.
+"""
+
+import datetime
+import json
+import math
+import os
+import time
+from bisect import bisect_left
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from minigpt import safeio
+from minigpt.counting.closed_form import OpCall
+from minigpt.counting.meter import METER, matmul
+from minigpt.errors import ConfigError
+from minigpt.hardware import profiles
+
+# the sizes of m, of k and of n measured: m = 1 is a decode step's product; k and n start at a
+# head's width (a product with k or n below the grid's first is held at it: a few such products
+# are a decode step's first positions, where the call's fixed cost is all that shows)
+GRID_QUICK = ((1, 16, 128, 1024), (16, 128, 1024), (16, 128, 1024))
+GRID_CAREFUL = ((1, 8, 64, 256, 1024, 2048), (8, 64, 256, 1024, 2048), (8, 64, 256, 1024, 2048))
+MODES = ("train", "eval", "prefill", "decode")
+VERSION = 1
+
+
+@dataclass
+class TimeModel:
+    """This machine's measured figures for the time model (see the module's docstring)."""
+
+    grid: list[list[int]]  # the sizes of m, of k and of n measured
+    rates: list  # rates[i][j][l]: FLOP/s of an (m_i, k_j) @ (k_j, n_l) product
+    stream_bandwidth: float  # bytes/s of a product streaming its weights from memory
+    call_s: float  # seconds of one smallest counted product
+    elementwise: dict[str, list[list[float]]]  # "kind/op" -> [[bytes per call, seconds], ...]
+    gap_per_call: dict[str, float]  # mode -> unmetered seconds per metered call
+    gap_per_byte: dict[str, float]  # mode -> unmetered seconds per metered byte
+    busy_cores: float  # CPU seconds per wall second while the calibration ran the model
+    how: str = "quick"  # "quick" (cached on first use) or "calibrate" (minigpt calibrate)
+    measured_at: str = ""  # ISO 8601, UTC
+    load_average: list[float] = field(default_factory=list)  # 1-minute load before, after
+    cores: int = 1  # logical cores this process may use
+    tries: int = 1  # best of this many tries each
+    cache_bytes: int = 32 << 20  # the last-level cache: a step moving less stays in it
+    version: int = VERSION
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def constant(cls, flops: float, bandwidth: float, call_s: float, gap_per_call: float = 0.0,
+                 busy_cores: float = 1.0) -> "TimeModel":
+        """A machine with one product rate for every shape, one bandwidth for every elementwise
+        op (each call costing at least call_s), and gap_per_call between calls: for what-if
+        questions and for tests that must not depend on this machine's speed."""
+        return cls(grid=[[1, 4096]] * 3, rates=[[[flops] * 2] * 2] * 2, stream_bandwidth=bandwidth,
+                   call_s=call_s, elementwise={"generic": [[bandwidth * call_s, call_s]]},
+                   gap_per_call=dict.fromkeys(MODES, gap_per_call),
+                   gap_per_byte=dict.fromkeys(MODES, 0.0), busy_cores=busy_cores, how="given",
+                   measured_at=now_iso(), load_average=[0.0, 0.0], cores=logical_cores())
+
+    @classmethod
+    def from_json(cls, d: dict, where: str = "time model") -> "TimeModel":
+        try:
+            m = cls(**d)
+            shape = np.shape(np.asarray(m.rates, dtype=float))
+            ok = (m.version == VERSION and len(m.grid) == 3 and shape == tuple(map(len, m.grid))
+                  and all(len(g) >= 2 for g in m.grid) and m.stream_bandwidth > 0
+                  and all(mode in m.gap_per_call for mode in MODES) and "generic" in m.elementwise)
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise ConfigError(f"{where}: not a minigpt time model (version {VERSION})")
+        return m
+
+    # --------------------------------------------------------------------------- the figures
+
+    def rate(self, m: int, k: int, n: int) -> float:
+        """FLOP/s of one (m, k) @ (k, n) float32 product: log-linear in the grid, clamped."""
+        table = np.log(np.asarray(self.rates, dtype=float))
+        corners = []
+        for size, axis in zip((m, k, n), self.grid):
+            logs = [math.log(g) for g in axis]
+            x = min(max(math.log(max(size, 1)), logs[0]), logs[-1])
+            i = min(max(bisect_left(logs, x) - 1, 0), len(logs) - 2)
+            w = (x - logs[i]) / (logs[i + 1] - logs[i])
+            corners.append(((i, 1 - w), (i + 1, w)))
+        value = 0.0
+        for i, wi in corners[0]:
+            for j, wj in corners[1]:
+                for l_, wl in corners[2]:
+                    value += wi * wj * wl * table[i, j, l_]
+        return math.exp(value)
+
+    def elementwise_seconds(self, kind: str, op: str, nbytes: float) -> float:
+        """Seconds of one call of an elementwise op moving nbytes (see the module's docstring)."""
+        points = self.elementwise.get(f"{kind}/{op}") or self.elementwise["generic"]
+        return interpolate(points, nbytes)
+
+    def call_seconds(self, call: OpCall, streaming: bool = True) -> float:
+        """What the meter would time for one call; streaming: its operands come from memory (the
+        step moves more than the cache holds), so a product takes at least its bytes' time."""
+        nbytes = call.bytes_read + call.bytes_written
+        if call.shape is not None:
+            b, m, k, n = call.shape
+            compute = b * 2 * m * k * n / self.rate(m, k, n)
+            stream = nbytes / self.stream_bandwidth if streaming else 0.0
+            return self.call_s + max(compute, stream)
+        return self.elementwise_seconds(call.key.kind, call.key.op, nbytes)
+
+    def gap_seconds(self, mode: str, calls: int, nbytes: float) -> float:
+        """Unmetered seconds of a step of `calls` calls moving `nbytes` in all."""
+        return self.gap_per_call[mode] * calls + self.gap_per_byte[mode] * nbytes
+
+
+def interpolate(points: list[list[float]], nbytes: float) -> float:
+    """Seconds at nbytes from sorted (bytes, seconds) points: log-log between them, constant
+    below the first, constant bandwidth above the last."""
+    xs = [p[0] for p in points]
+    if nbytes <= xs[0]:
+        return points[0][1]
+    if nbytes >= xs[-1]:
+        return points[-1][1] * nbytes / xs[-1]
+    i = bisect_left(xs, nbytes)
+    (x0, y0), (x1, y1) = points[i - 1], points[i]
+    w = (math.log(nbytes) - math.log(x0)) / (math.log(x1) - math.log(x0))
+    return math.exp((1 - w) * math.log(y0) + w * math.log(y1))
+
+
+def tidy_points(raw: list[tuple[float, float]]) -> list[list[float]]:
+    """Measured (bytes, seconds) pairs -> sorted points: the fastest of the pairs within 10% in
+    bytes of each other (best of the tries), then seconds made non-decreasing in bytes (an op
+    never takes less time for more bytes; a lower later point is a disturbed earlier one)."""
+    out: list[list[float]] = []
+    for b, s in sorted((float(b), float(s)) for b, s in raw if b > 0 and s > 0):
+        if out and b <= out[-1][0] * 1.1:
+            out[-1][1] = min(out[-1][1], s)
+        else:
+            out.append([b, s])
+    for i in range(len(out) - 2, -1, -1):  # from the right: each at most the next
+        out[i][1] = min(out[i][1], out[i + 1][1])
+    return out
+
+
+# ----------------------------------------------------------------------------- prediction
+
+
+@dataclass
+class StepTime:
+    """A step's predicted seconds: metered by record key, and the unmetered rest."""
+
+    by_key: dict  # RecordKey -> predicted metered seconds
+    unmetered: float  # s
+    calls: int
+
+    @property
+    def seconds(self) -> float:
+        return sum(self.by_key.values()) + self.unmetered
+
+
+def predict_calls(model: TimeModel, calls: list[OpCall], mode: str) -> StepTime:
+    """The predicted seconds of one step made of these calls (closed_form.op_calls)."""
+    by_key: dict = {}
+    nbytes = sum(c.bytes_read + c.bytes_written for c in calls)
+    streaming = nbytes > model.cache_bytes
+    for c in calls:
+        by_key[c.key] = by_key.get(c.key, 0.0) + model.call_seconds(c, streaming)
+    return StepTime(by_key, model.gap_seconds(mode, len(calls), nbytes), len(calls))
+
+
+# ----------------------------------------------------------------------------- measuring products
+
+
+def _best(fn, tries: int, min_s: float = 2e-3) -> float:
+    """Best seconds of one fn() over `tries` tries, each repeating fn until min_s has passed."""
+    fn()
+    best = float("inf")
+    for _ in range(tries):
+        reps, t0 = 0, time.perf_counter()
+        while True:
+            fn()
+            reps += 1
+            elapsed = time.perf_counter() - t0
+            if elapsed >= min_s:
+                break
+        best = min(best, elapsed / reps)
+    return best
+
+
+def measure_products(grid, tries: int, target_flops: float = 1e7) -> tuple[list, float, float]:
+    """(rates on the grid (sizes of m, of k, of n), stream bandwidth, seconds of the smallest
+    call), each the best of `tries`."""
+    rng = np.random.default_rng(0)
+    ms, ks, ns = grid
+    rates = [[[0.0] * len(ns) for _ in ks] for _ in ms]
+    x = rng.standard_normal((1, 1024), dtype=np.float32)
+    w = rng.standard_normal((1024, 16384), dtype=np.float32)  # 64 MiB
+    one = np.ones((1, 1), dtype=np.float32)
+    stream, call_s = 0.0, float("inf")
+    with METER.paused():  # the model's own product path, left out of the records
+        for _ in range(tries):  # sweeps of everything: a disturbance spoils one try, not all
+            for i, m in enumerate(ms):
+                for j, k in enumerate(ks):
+                    for l_, n in enumerate(ns):
+                        flops = 2 * m * k * n
+                        batch = int(min(max(target_flops // flops, 1), 256))
+                        a = rng.standard_normal((batch, m, k), dtype=np.float32)
+                        b = rng.standard_normal((k, n), dtype=np.float32)  # reused, as weights are
+                        rate = batch * flops / _best(lambda a=a, b=b: matmul(a, b), 1)
+                        rates[i][j][l_] = max(rates[i][j][l_], rate)
+            seconds = _best(lambda: matmul(x, w), 1, 0.0)
+            stream = max(stream, (x.nbytes + w.nbytes + 16384 * 4) / seconds)
+            call_s = min(call_s, _best(lambda: matmul(one, one), 1))
+    return rates, stream, call_s
+
+
+def generic_points(tries: int) -> list[list[float]]:
+    """A plain add (two inputs, one output) at sizes from 4 KiB to 64 MiB: the fallback points."""
+    raw = []
+    for nbytes in (4 << 10, 64 << 10, 1 << 20, 16 << 20, 64 << 20):
+        a = np.ones(nbytes // 4, dtype=np.float32)
+        b, c = a.copy(), np.empty_like(a)
+        s = _best(lambda a=a, b=b, c=c: np.add(a, b, out=c), tries, 0.0 if nbytes > (4 << 20) else 2e-3)
+        raw.append((3 * nbytes, s))
+    return tidy_points(raw)
+
+
+def last_level_cache() -> int:
+    """Bytes of the largest CPU cache the system describes (32 MiB where it describes none)."""
+    best = 0
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            text = (index / "size").read_text().strip().upper()
+            best = max(best, int(text.rstrip("KMG")) << {"K": 10, "M": 20, "G": 30}.get(text[-1:], 0))
+        except (OSError, ValueError):
+            continue
+    return best or 32 << 20
+
+
+def load_average() -> float:
+    """The 1-minute load average (0 where the system has none)."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return 0.0
+
+
+def logical_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def now_iso() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def cache_path(key: str) -> Path:
+    """$MINIGPT_HOME/cache/timing-<key>.json: the quick model, keyed like the roofline's cache."""
+    return profiles.user_dir().parent / "cache" / f"timing-{key}.json"
+
+
+def calibrated_path() -> Path:
+    """$MINIGPT_HOME/hardware/local-timing.json: the careful model `minigpt calibrate` writes."""
+    return profiles.user_dir() / "local-timing.json"
+
+
+def save(model: TimeModel, path: Path) -> Path:
+    return safeio.write_text(path, json.dumps(model.to_json(), indent=1) + "\n")
+
+
+def load(path: Path) -> TimeModel:
+    """The time model in a file; ConfigError (one line) when it is unreadable or not one."""
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror or e}") from None
+    except ValueError as e:
+        raise ConfigError(f"{path}: not JSON: {e}") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"{path}: not a minigpt time model")
+    return TimeModel.from_json(d, str(path))
+
+
+def provenance(model: TimeModel) -> str:
+    """Where the figures came from: "quick measurement of 2026-12-06 15:01 UTC, load 0.4 on 2
+    cores" (the load average before and after, the higher shown)."""
+    when = model.measured_at.replace("T", " ")[:16] + " UTC" if model.measured_at else "unknown time"
+    what = {"calibrate": "minigpt calibrate", "quick": "quick measurement"}.get(model.how, model.how)
+    load = max(model.load_average) if model.load_average else 0.0
+    return f"{what} of {when}, load average {load:.2g} on {model.cores} cores"
+
+
+def suspect(model: TimeModel) -> str:
+    """Why the figures may be low, or "": measured while other work kept the cores busy."""
+    load = max(model.load_average) if model.load_average else 0.0
+    if load > 0.5 * model.cores:
+        return (f"measured under load (load average {load:.2g} on {model.cores} cores): "
+                f"its figures may be low (a quiet machine runs faster than predicted); "
+                f"`minigpt calibrate` on a quiet machine")
+    return ""
