@@ -4,6 +4,8 @@ Sampling follows the usual order: temperature, then top-k, then top-p (nucleus);
 is greedy. The prefill runs under the meter's "prefill" phase and each new token under "decode".
 When the cache is full it is rebuilt by another prefill, of the last block_size // 2 tokens.
 `generate` returns the new ids with the generation's own counts of that schedule (Generation).
+`generate_batch` decodes several sequences together (several prompts, or several samples of one):
+each keeps its own KV cache, and every decode step is one `GPT.decode_step` over all of them.
 """
 
 from dataclasses import dataclass
@@ -94,3 +96,69 @@ def generate(model, prompt, max_new_tokens: int, temperature=1.0, top_k=None, to
                 logits = model.logits(backend.asarray(np.array([[token]])), kv)
             decode_steps += 1
     return Generation(np.array(new, dtype=np.int64), prefill_tokens, decode_steps, rebuilds)
+
+
+def sequence_rng(seed, index: int):
+    """The sampler of sequence `index` of a batch: seeded seed + index, so sequence 0 samples as
+    `generate` with the same seed does; unseeded (fresh entropy) when seed is None."""
+    return np.random.default_rng(None if seed is None else seed + index)
+
+
+def generate_batch(model, prompts, max_new_tokens: int, temperature=1.0, top_k=None, top_p=None,
+                   seed=None, on_token=None, kv_int8: bool = False,
+                   n_tokens: int | None = None) -> list[Generation]:
+    """`generate` for several sequences decoded together: prompts a list of 1-D id sequences
+    (repeat one prompt for several samples of it), each at most block_size long; lengths may
+    differ. Each sequence is prefilled on its own into its own KV cache; then each decode step
+    runs one `model.decode_step` over every sequence, so each weight is read once a step for all
+    of them. A sequence whose cache is full is rebuilt by a prefill of its last block_size // 2
+    tokens, as in `generate`, and sits that step out.
+
+    Sequence b samples from sequence_rng(seed, b); on_token(b, id) is called as each token is
+    chosen. Returns one Generation per prompt, in order."""
+    cfg = model.cfg
+    dtype = model.params.data.dtype
+    n = len(prompts)
+    ids = [[int(t) for t in prompt] for prompt in prompts]
+    for b, seq in enumerate(ids):
+        assert 0 < len(seq) <= cfg.block_size, f"the caller trims prompt {b} to block_size"
+    rngs = [sequence_rng(seed, b) for b in range(n)]
+    caches = [KVCache(cfg, 1, dtype, int8=kv_int8) for _ in range(n)]
+    rows: list = [None] * n  # each sequence's next-token logits (V,)
+    with METER.in_phase("prefill"):
+        for b in range(n):
+            rows[b] = model.logits(backend.asarray(np.array([ids[b]])), caches[b], last_only=True)[0, -1]
+    prefill_tokens = [len(seq) for seq in ids]
+    decode_steps, rebuilds = [0] * n, [0] * n
+    new: list[list[int]] = [[] for _ in range(n)]
+    for i in range(max_new_tokens):
+        tokens = []
+        for b in range(n):
+            token = sample_next(rows[b][:n_tokens], temperature, top_k, top_p, rngs[b])
+            new[b].append(token)
+            ids[b].append(token)
+            tokens.append(token)
+            if on_token is not None:
+                on_token(b, token)
+        if i == max_new_tokens - 1:
+            break
+        stepping = []
+        for b in range(n):
+            if caches[b].length < caches[b].capacity:
+                stepping.append(b)
+                continue
+            caches[b] = KVCache(cfg, 1, dtype, int8=kv_int8)
+            context = ids[b][-(cfg.block_size // 2):]
+            with METER.in_phase("prefill"):
+                rows[b] = model.logits(backend.asarray(np.array([context])), caches[b], last_only=True)[0, -1]
+            prefill_tokens[b] += len(context)
+            rebuilds[b] += 1
+        if stepping:
+            with METER.in_phase("decode"):
+                logits = model.decode_step(np.array([tokens[b] for b in stepping]),
+                                           [caches[b] for b in stepping])
+            for row, b in enumerate(stepping):
+                rows[b] = logits[row]
+                decode_steps[b] += 1
+    return [Generation(np.array(new[b], dtype=np.int64), prefill_tokens[b], decode_steps[b], rebuilds[b])
+            for b in range(n)]

@@ -11,6 +11,7 @@ from minigpt import backend
 from minigpt.config import is_moe_block
 from minigpt.counting import scopes
 from minigpt.counting.meter import METER, matmul
+from minigpt.nn import decode as batched
 from minigpt.nn import layers as nn
 from minigpt.nn import moe, quant
 from minigpt.nn.params import FlatBuffer
@@ -40,6 +41,16 @@ class KVCache:
             self.v_scale = xp.zeros(shape[:-1] + (1,), dtype="float32")
         self.length = 0  # positions filled, the same in every layer
         self.capacity = cfg.block_size
+
+    def copy(self) -> "KVCache":
+        """An independent cache holding the same positions (to decode several continuations of
+        one prefilled prompt)."""
+        twin = object.__new__(KVCache)
+        twin.int8, twin.length, twin.capacity = self.int8, self.length, self.capacity
+        twin.k, twin.v = self.k.copy(), self.v.copy()
+        if self.int8:
+            twin.k_scale, twin.v_scale = self.k_scale.copy(), self.v_scale.copy()
+        return twin
 
     def layer(self, i: int) -> "_LayerSlot":
         return _LayerSlot(self, i)
@@ -233,6 +244,14 @@ class GPT:
         with METER.scope(scopes.LN_F):
             x, ln_f = nn.layernorm_forward(x, p["transformer.ln_f.weight"], p["transformer.ln_f.bias"])
         return x, (emb, d_emb, blocks, ln_f)
+
+    def decode_step(self, tokens, caches: list) -> object:
+        """Next-token logits (B, V) after one new token per sequence: tokens (B,) ids, caches B
+        KVCaches of batch 1, each with its own length (ragged). The weight products (the linear
+        layers, the MLP, the LM head) run once over all B rows, so each weight is read once a
+        step for every sequence; attention runs per sequence against its own cache. Each cache
+        advances by one. Counted under the meter's current phase."""
+        return batched.decode_step(self, tokens, caches)
 
     def logits(self, idx, kv: KVCache | None = None, last_only: bool = False):
         """Next-token logits (B, T, V) for tokens idx (B, T); last_only: just the last position."""

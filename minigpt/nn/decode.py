@@ -1,0 +1,147 @@
+"""Batched decode: one new token for each of B sequences, each with its own KV cache.
+
+A decode step of a real-size model is mostly weight products, and a weight product of B rows reads
+each weight once, however many rows it has. So the step stacks the sequences' new tokens into one
+(B, C) activation and runs every linear layer, the MLP and the LM head once over all of them; only
+attention, whose operands (each sequence's cached keys and values) differ per sequence, runs per
+sequence against its own cache. The caches can hold different lengths (ragged): sequence b's token
+sits at position caches[b].length, and each cache advances by one.
+
+Every product and elementwise pass goes through the same counted helpers as the model's other
+paths (layers.py, quant.py), so the records are the meter's usual ones; the closed form predicts a
+step of B sequences at their lengths (closed_form.predict_decode_batch).
+"""
+
+import math
+
+import numpy as np
+
+from minigpt import backend
+from minigpt.config import is_moe_block
+from minigpt.counting import scopes
+from minigpt.counting.meter import METER, matmul
+from minigpt.nn import layers as nn
+from minigpt.nn import moe, quant
+
+
+def embed(model, tokens, positions):
+    """Token plus position embedding of one token per sequence: (B, C), tokens and positions (B,).
+    Counted as the prefill's lookup: the ids, one table row and one position row per sequence."""
+    p = model.params
+    wpe = p["transformer.wpe.weight"]
+    C = wpe.shape[1]
+    q = model.quant
+    if q is not None and q.qcfg.quantize_embedding:
+        with METER.op(kind="embedding", op="lookup_int8") as c:
+            out = q.wte_q[tokens].astype(wpe.dtype)  # (B, C)
+            out *= q.wte_scale[tokens][:, None]
+            out += wpe[positions]
+            B = len(tokens)
+            c.count(elements=out.size,
+                    bytes_read=tokens.nbytes + B * (C + q.wte_scale.itemsize) + B * C * wpe.itemsize,
+                    bytes_written=out.nbytes, dtype=out.dtype)
+        return out
+    wte = p["transformer.wte.weight"]
+    with METER.op(kind="embedding", op="lookup") as c:
+        out = wte[tokens] + wpe[positions]  # (B, C)
+        c.count(elements=out.size, bytes_read=tokens.nbytes + 2 * len(tokens) * C * wte.itemsize,
+                bytes_written=out.nbytes, dtype=out.dtype)
+    return out
+
+
+def _attend(q, k, v, slot, hs, y):
+    """One sequence's attention for its new token: q, k, v (1, H, 1, hs) views; slot its cache's
+    layer slot (float or int8). Writes the heads' outputs into y (1, 1, H, hs)."""
+    xp = backend.xp
+    pos0 = slot.length
+    H = q.shape[1]
+    useful = nn.useful_causal_flops(1, H, 1, pos0, hs)
+    if not slot.int8:
+        k, v = slot.append(k, v)  # (1, H, pos0 + 1, hs)
+        with METER.scope(scopes.SCORES):
+            att = matmul(q, k.swapaxes(-1, -2), op="q@kT", useful_flops=useful)  # (1, H, 1, Tk)
+        with METER.scope(scopes.SOFTMAX):
+            nn.softmax_causal(att, 1.0 / math.sqrt(hs), None)  # the one query sees every key
+        with METER.scope(scopes.MIX):
+            matmul(att, v, op="att@v", useful_flops=useful, out=y.transpose(0, 2, 1, 3))
+        return
+    kq, ks, vq, vs = slot.append(k, v)  # int8 (1, H, Tk, hs) and their scales (1, H, Tk, 1)
+    with METER.scope(scopes.SCORES):
+        att = METER.matmul_w8(q, xp.ascontiguousarray(kq.swapaxes(-1, -2)), op="q@kT", useful_flops=useful)
+        att = quant.rescale(att, (ks.swapaxes(-1, -2),), att.dtype)  # one scale per key
+    with METER.scope(scopes.SOFTMAX):
+        nn.softmax_causal(att, 1.0 / math.sqrt(hs), None)
+    with METER.scope(scopes.MIX):
+        att = quant.rescale(att, (vs.swapaxes(-1, -2),), att.dtype)  # the value scales folded in
+        y[...] = METER.matmul_w8(att, xp.ascontiguousarray(vq), op="att@v",
+                                 useful_flops=useful).transpose(0, 2, 1, 3)
+
+
+def block_step(x, p, cfg, slots, moe_block: bool):
+    """One block for one new token of each sequence: x (B, C), slots the sequences' layer slots
+    of this block. Returns x (B, C)."""
+    xp = backend.xp
+    B, C = x.shape
+    H = cfg.n_head
+    hs = C // H
+    with METER.scope(scopes.LN_1):
+        h, _, _ = nn.layernorm_normalize(x, p["ln_1.weight"], p["ln_1.bias"])
+    with METER.scope(scopes.ATTN):
+        with METER.scope(scopes.C_ATTN):
+            qkv, _ = nn.linear_forward(h, p["attn.c_attn.weight"], p["attn.c_attn.bias"])  # (B, 3C)
+        q, k, v = qkv.reshape(B, 1, 3, H, hs).transpose(2, 0, 3, 1, 4)  # each (B, H, 1, hs)
+        y = xp.empty((B, 1, H, hs), dtype=x.dtype)
+        for b, slot in enumerate(slots):
+            _attend(q[b:b + 1], k[b:b + 1], v[b:b + 1], slot, hs, y[b:b + 1])
+        with METER.scope(scopes.C_PROJ):
+            a, _ = nn.linear_forward(y.reshape(B, C), p["attn.c_proj.weight"], p["attn.c_proj.bias"])
+    with METER.scope(scopes.RESIDUAL_1):
+        x = nn.residual_forward(x, a)
+    with METER.scope(scopes.LN_2):
+        h, _, _ = nn.layernorm_normalize(x, p["ln_2.weight"], p["ln_2.bias"])
+    with METER.scope(scopes.MLP):
+        if moe_block:
+            m, _ = moe.moe_forward(h.reshape(B, 1, C), p, cfg)
+            m = m.reshape(B, C)
+        else:
+            with METER.scope(scopes.C_FC):
+                f, _ = nn.linear_forward(h, p["mlp.c_fc.weight"], p["mlp.c_fc.bias"])  # (B, 4C)
+            with METER.scope(scopes.GELU):
+                g, _ = nn.gelu_tanh(f)
+            with METER.scope(scopes.C_PROJ):
+                m, _ = nn.linear_forward(g, p["mlp.c_proj.weight"], p["mlp.c_proj.bias"])
+    with METER.scope(scopes.RESIDUAL_2):
+        return nn.residual_forward(x, m)
+
+
+def decode_step(model, tokens, caches: list):
+    """Next-token logits (B, V) after tokens (B,) ids, one per sequence, each sequence's KV cache
+    (batch 1) in caches; each cache advances by one. See the module's docstring."""
+    cfg = model.cfg
+    B = len(caches)
+    if not isinstance(tokens, np.ndarray):  # a list of ids, or an array of the active module
+        tokens = backend.to_host(tokens) if hasattr(tokens, "get") else np.asarray(tokens)
+    tokens = backend.asarray(tokens.astype(np.int64, copy=False).reshape(-1))
+    if tokens.shape[0] != B:
+        raise ValueError(f"decode_step: {tokens.shape[0]} tokens for {B} caches")
+    if B == 0:
+        raise ValueError("decode_step: no sequences")
+    for b, kv in enumerate(caches):
+        if kv.k.shape[1] != 1:
+            raise ValueError(f"decode_step: cache {b} holds a batch of {kv.k.shape[1]}, not 1")
+        if kv.length >= cfg.block_size:
+            raise ValueError(f"decode_step: cache {b} is full (position {kv.length} exceeds "
+                             f"block_size {cfg.block_size})")
+    positions = backend.asarray(np.array([kv.length for kv in caches], dtype=np.int64))
+    with METER.scope(scopes.EMBEDDING):
+        x = embed(model, tokens, positions)
+    for i in range(cfg.n_layer):
+        with METER.scope(scopes.block(i)):
+            x = block_step(x, model.block_params(i), cfg, [kv.layer(i) for kv in caches],
+                           is_moe_block(cfg, i))
+    for kv in caches:
+        kv.length += 1
+    p = model.params
+    with METER.scope(scopes.LN_F):
+        x, _, _ = nn.layernorm_normalize(x, p["transformer.ln_f.weight"], p["transformer.ln_f.bias"])
+    return model._lm_head(x.reshape(B, 1, -1))[0].reshape(B, -1)
