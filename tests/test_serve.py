@@ -11,7 +11,8 @@ import openai
 import pytest
 from serve_helpers import MODEL, FixedEnergy, random_model, serve, slowed, wait_until
 
-from minigpt.serve.engine import Job, default_step, serial_step
+from minigpt import sampling
+from minigpt.serve.engine import Engine, Job, default_step, serial_step
 from minigpt.serve.protocol import GenerationRequest, Sampling
 
 
@@ -88,6 +89,17 @@ def test_stop_strings_cut_the_text_streamed_or_not(client):
     assert whole.choices[0].text == texts[0] == expected
     assert whole.choices[0].finish_reason == reasons[0] == "stop"
     assert whole.usage.completion_tokens < 30
+
+
+def test_a_seeded_choice_samples_as_generate_does(server, client):
+    """Choice 0 at seed s draws what minigpt's own generate draws at seed s (the same sampler,
+    the same logits): the server adds no sampling of its own."""
+    r = client.completions.create(model=MODEL, prompt="The fox", max_tokens=20, temperature=0.8,
+                                  top_p=0.9, seed=5)
+    tok = server.engine.tokenizer
+    gen = sampling.generate(server.engine.model, tok.encode("The fox"), 20, 0.8, None, 0.9, seed=5,
+                            n_tokens=tok.vocab_size)
+    assert r.choices[0].text == tok.decode(gen.tokens)
 
 
 def test_seed_repeats_and_choices_differ(client):
@@ -197,7 +209,6 @@ def test_a_batched_step_shares_its_joules():
     """Two jobs admitted together: each prefill's joules go to its own job, each decode step's
     are split between the two sequences in it; a later lone job pays its steps in full."""
     model = random_model()
-    from minigpt.serve.engine import Engine
 
     engine = Engine(model.gpt, model.tokenizer, max_batch=4, energy=FixedEnergy(1.0))
     done = {}

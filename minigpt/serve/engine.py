@@ -29,7 +29,7 @@ from minigpt import backend
 from minigpt.counting.meter import METER
 from minigpt.hardware.counters import SAMPLE_INTERVAL_S
 from minigpt.nn.model import KVCache
-from minigpt.sampling import sample_next
+from minigpt.sampling import sample_next, sequence_rng
 from minigpt.serve.energy import StepEnergy
 from minigpt.serve.metrics import Metrics
 from minigpt.serve.protocol import ApiError, GenerationRequest
@@ -105,8 +105,8 @@ class Job:
         for p, prompt in enumerate(request.prompts):
             for j in range(request.n):
                 index = p * request.n + j
-                rng = np.random.default_rng(None if s.seed is None else [s.seed, index])
-                self.slots.append(Slot(self, index, prompt, rng, StopText(tokenizer, s.stop)))
+                self.slots.append(Slot(self, index, prompt, sequence_rng(s.seed, index),
+                                       StopText(tokenizer, s.stop)))
         self.open = len(self.slots)
 
     def usage(self, basis: str) -> Usage:
