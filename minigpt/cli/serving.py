@@ -35,6 +35,9 @@ def _serve_parser():
     p.add_argument("--watts", type=float, default=None,
                    help="the power figure for the joules where no energy counter can be read "
                    "(default: measured where possible, else estimated from the CPU)")
+    p.add_argument("--blas-threads", type=int, default=None,
+                   help="OpenBLAS threads for the model's steps (default: OpenBLAS's own count); "
+                   "on a busy machine 1 is often fastest (minigpt/hardware/blas.py)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where to run")
     return p
 
@@ -51,6 +54,8 @@ def cmd_serve(argv) -> int:
         raise ConfigError(f"--port must be in 0..65535, got {args.port}")
     if args.max_batch < 1:
         raise ConfigError(f"--max-batch must be >= 1, got {args.max_batch}")
+    if args.blas_threads is not None and args.blas_threads < 1:
+        raise ConfigError(f"--blas-threads must be >= 1, got {args.blas_threads}")
     if args.max_queue < 1:
         raise ConfigError(f"--max-queue must be >= 1, got {args.max_queue}")
     if not 0 <= args.drain_seconds < math.inf:
@@ -71,7 +76,8 @@ def cmd_serve(argv) -> int:
     name = args.model_name or Path(args.run).resolve().name
     if Path(args.run).is_file():
         name = args.model_name or Path(args.run).resolve().parent.name
-    engine = Engine(model.gpt, model.tokenizer, args.max_batch, args.max_queue, energy=energy)
+    engine = Engine(model.gpt, model.tokenizer, args.max_batch, args.max_queue, energy=energy,
+                    blas_threads=args.blas_threads)
     try:
         sock = bind(args.host, args.port)
     except OSError as e:

@@ -27,6 +27,7 @@ import numpy as np
 
 from minigpt import backend
 from minigpt.counting.meter import METER
+from minigpt.hardware import blas
 from minigpt.hardware.counters import SAMPLE_INTERVAL_S
 from minigpt.nn.model import KVCache
 from minigpt.sampling import sample_next, sequence_rng
@@ -120,8 +121,10 @@ class Engine:
     """The model's thread: a bounded queue of slots, the running batch, the step loop."""
 
     def __init__(self, model, tokenizer, max_batch: int = 8, max_queue: int = 64, step=None,
-                 energy: StepEnergy | None = None, metrics: Metrics | None = None):
+                 energy: StepEnergy | None = None, metrics: Metrics | None = None,
+                 blas_threads: int | None = None):
         self.model, self.tokenizer = model, tokenizer
+        self.blas_threads = blas_threads  # OpenBLAS threads for the steps; None: as it is
         self.max_batch, self.max_queue = max_batch, max_queue
         self.step = step or default_step(model)
         self.energy = energy or StepEnergy()
@@ -205,6 +208,10 @@ class Engine:
     # ---- the model's thread --------------------------------------------------------------------
 
     def _loop(self) -> None:
+        with blas.threads(self.blas_threads or 0):
+            self._steps()
+
+    def _steps(self) -> None:
         while True:
             with self.cond:
                 while not self.waiting and not self.running and not self.stopping:
