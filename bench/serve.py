@@ -7,8 +7,8 @@
 For each model shape (random GPT-2-initialised weights from `minigpt init`, written once to a
 temporary folder: speed does not depend on what the weights learned) it starts `minigpt serve` as
 its own process on 127.0.0.1, sends one warm-up request, and then, for each client count C, runs C
-client threads that each send --requests completions one after another (--prompt-tokens bytes of
-prompt, exactly --max-tokens new tokens: no stop, temperature 1, a seed per request). It reports
+client threads that each send --requests completions one after another (a prompt of
+--prompt-tokens token ids, exactly --max-tokens new tokens: no stop, temperature 1, a seed per request). It reports
 
     tokens/s      completion tokens of every answered request / the wall seconds of the round
     p50, p99 (s)  request latency, send to last byte (nearest-rank percentiles)
@@ -67,7 +67,7 @@ def start_server(run: pathlib.Path, max_batch: int, max_queue: int, blas_threads
     return proc, line.split(" at ")[1].split()[0], line.strip()
 
 
-def one_round(url: str, model: str, clients: int, requests: int, prompt: str,
+def one_round(url: str, model: str, clients: int, requests: int, prompt: list[int],
               max_tokens: int) -> dict:
     latencies, joules, tokens = [], [], []
     refused, lost = [0], [0]
@@ -129,9 +129,12 @@ def bench_model(name: str, folder: pathlib.Path, args) -> dict:
             sys.exit(f"error: minigpt init {name}: {r.stderr.strip()}")
     proc, url, banner = start_server(run, args.max_batch, args.max_queue, args.blas_threads)
     try:
-        prompt = ("The quick brown fox jumps over the lazy dog. " * 50)[:args.prompt_tokens]
-        httpx.post(url + "/completions", json={"model": name, "prompt": prompt, "max_tokens": 4},
-                   timeout=600).raise_for_status()  # warm-up
+        # token ids (a GPT-2-shaped run from `minigpt init` has no tokenizer files: ids only)
+        prompt = [(97 + 7 * i) % 256 for i in range(args.prompt_tokens)]
+        warm = httpx.post(url + "/completions", timeout=600,
+                          json={"model": name, "prompt": prompt, "max_tokens": 4})
+        if warm.status_code != 200:
+            sys.exit(f"error: the warm-up request got {warm.status_code}: {warm.text}")
         rounds = [one_round(url, name, c, args.requests, prompt, args.max_tokens)
                   for c in args.clients]
     finally:
@@ -167,7 +170,7 @@ def main(argv=None) -> int:
     p.add_argument("--clients", default="1,4,8,16", help="concurrent client counts, the first the base")
     p.add_argument("--requests", type=int, default=3, help="requests per client per round")
     p.add_argument("--max-tokens", type=int, default=32, help="new tokens per request")
-    p.add_argument("--prompt-tokens", type=int, default=16, help="prompt length in bytes (tokens)")
+    p.add_argument("--prompt-tokens", type=int, default=16, help="prompt length in tokens")
     p.add_argument("--max-batch", type=int, default=16, help="the server's --max-batch")
     p.add_argument("--max-queue", type=int, default=256, help="the server's --max-queue")
     p.add_argument("--blas-threads", type=int, default=1,

@@ -12,6 +12,7 @@ import pytest
 from serve_helpers import MODEL, FixedEnergy, random_model, serve, slowed, wait_until
 
 from minigpt import sampling
+from minigpt.counting.meter import METER
 from minigpt.serve.engine import Engine, Job, default_step, serial_step
 from minigpt.serve.protocol import GenerationRequest, Sampling
 
@@ -233,6 +234,32 @@ def test_a_batched_step_shares_its_joules():
         assert done[name].completion_tokens == 5
     assert done["c"].decode_joules == pytest.approx(2.0)  # 2 steps alone
     assert done["a"].to_json()["energy"]["joules_per_token"] == pytest.approx(3.0 / 5)
+
+
+def test_the_choices_of_a_prompt_share_one_prefill():
+    """n = 3: one prefill forward, each choice a 1/3 share of it plus the cache copy it takes
+    (the last choice takes the prefilled cache itself, free); the choices still differ."""
+    model = random_model()
+    engine = Engine(model.gpt, model.tokenizer, max_batch=4, energy=FixedEnergy(1.0))
+    events = []
+    req = GenerationRequest(False, ((1, 2, 3), (4, 5)), ("", ""), 3,
+                            Sampling(6, 1.0, None, (), 9), False, False, False)
+    job = Job(req, model.tokenizer, events.append)
+    METER.reset()
+    engine.submit(job)
+    engine.start()
+    try:
+        wait_until(lambda: events and events[-1][0] == "done", what="the job")
+    finally:
+        engine.stop(10)
+    prefills = sum(r.calls for k, r in METER.records.items()
+                   if k.phase == "prefill" and k.scope == "lm_head")
+    assert prefills == 2  # one per prompt, not one per choice
+    joules = [s.prefill_joules for s in job.slots]
+    assert joules == pytest.approx([1 / 3 + 1, 1 / 3 + 1, 1 / 3] * 2)
+    assert events[-1][1].prefill_joules == pytest.approx(2 * (1 + 2))  # 2 prefills, 4 copies
+    assert all(len(s.ids) == 6 for s in job.slots) and not job.prefilled
+    assert len({tuple(s.ids) for s in job.slots}) > 1
 
 
 # ------------------------------------------------------------------ load: the queue, disconnects

@@ -4,13 +4,15 @@ Each request (a Job) has one sequence (a Slot) per choice, each with its own bat
 lengths are ragged. The loop, step after step:
 
     1. admit waiting slots while the batch has room (--max-batch): prefill each one's prompt into a
-       fresh cache (phase "prefill") and sample its first token from the prefill's logits;
+       fresh cache (phase "prefill") and sample its first token from the prefill's logits; the n
+       choices of one prompt share its prefill, each starting from a copy of the cache;
     2. drop the slots whose clients went away (their caches are freed);
     3. one decode step for every running slot at once, `step(model, tokens, caches) -> logits (B, V)`
        (phase "decode"), then sample each slot's next token.
 
-Every step is timed and its joules taken (serve.energy.StepEnergy): a prefill's go to its slot, a
-decode step's are shared equally by the B slots in it. Tokens, text deltas and the end of each
+Every step is timed and its joules taken (serve.energy.StepEnergy): a prefill's are shared by the
+n choices of its prompt (a copy of the cache is paid by the choice that takes it), a decode step's
+equally by the B slots in it. Tokens, text deltas and the end of each
 choice go to the job's `sink` (called from this thread; the app hands them to its event loop).
 
 The waiting queue is bounded: a submit that does not fit is refused with 429 and a Retry-After
@@ -80,6 +82,7 @@ class Slot:
 
     job: "Job"
     index: int  # the choice's index in the response
+    group: int  # the prompt's index in the request: its n choices share one prefill
     prompt: tuple[int, ...]
     rng: np.random.Generator
     text: StopText
@@ -106,9 +109,12 @@ class Job:
         for p, prompt in enumerate(request.prompts):
             for j in range(request.n):
                 index = p * request.n + j
-                self.slots.append(Slot(self, index, prompt, sequence_rng(s.seed, index),
+                self.slots.append(Slot(self, index, p, prompt, sequence_rng(s.seed, index),
                                        StopText(tokenizer, s.stop)))
         self.open = len(self.slots)
+        # prompt index -> (its prefilled cache, the prefill's logits, one choice's share of the
+        # prefill's joules, the choices yet to start from it)
+        self.prefilled: dict[int, tuple[KVCache, object, float, int]] = {}
 
     def usage(self, basis: str) -> Usage:
         return Usage(sum(len(p) for p in self.request.prompts),
@@ -247,14 +253,28 @@ class Engine:
         return slot.finish_reason is not None
 
     def _prefill(self, slot: Slot) -> None:
-        cfg = self.model.cfg
-        slot.kv = KVCache(cfg, 1, self.model.params.data.dtype, int8=self.kv_int8)
-        ids = backend.asarray(np.array([slot.prompt]))
-        with self.energy.step() as cost, METER.in_phase("prefill"):
-            logits = self.model.logits(ids, slot.kv, last_only=True)[0, -1]
-            backend.to_host(logits)
-        slot.prefill_joules += cost.joules
-        self.metrics.add("minigpt_joules_total", cost.joules, phase="prefill")
+        """Prefill the slot's prompt, or take a copy of its prompt's prefilled cache: each of the
+        n choices pays a 1/n share of the prefill and the copy it takes (the last takes the
+        prefilled cache itself)."""
+        job, n = slot.job, slot.job.request.n
+        if slot.group not in job.prefilled:
+            kv = KVCache(self.model.cfg, 1, self.model.params.data.dtype, int8=self.kv_int8)
+            ids = backend.asarray(np.array([slot.prompt]))
+            with self.energy.step() as cost, METER.in_phase("prefill"):
+                logits = backend.to_host(self.model.logits(ids, kv, last_only=True)[0, -1])
+            self.metrics.add("minigpt_joules_total", cost.joules, phase="prefill")
+            job.prefilled[slot.group] = (kv, logits, cost.joules / n, n)
+        template, logits, share, left = job.prefilled[slot.group]
+        slot.prefill_joules += share
+        if left > 1:
+            with self.energy.step() as copying:
+                slot.kv = template.copy()
+            self.metrics.add("minigpt_joules_total", copying.joules, phase="prefill")
+            slot.prefill_joules += copying.joules
+            job.prefilled[slot.group] = (template, logits, share, left - 1)
+        else:
+            slot.kv = template
+            del job.prefilled[slot.group]
         self._take(slot, logits)
 
     def _decode(self) -> None:
