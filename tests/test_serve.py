@@ -103,6 +103,21 @@ def test_a_seeded_choice_samples_as_generate_does(server, client):
     assert r.choices[0].text == tok.decode(gen.tokens)
 
 
+@pytest.mark.parametrize("mode", ["w8a32", "w8a8"])
+def test_an_int8_model_serves_what_it_generates(mode):
+    """--int8 MODE: the batched decode steps run the quantized weights, and the answer is the
+    quantized model's own generate at the same seed."""
+    model = random_model().quantize(mode, kv_int8=mode == "w8a8")
+    s = serve(model)
+    try:
+        c = openai.OpenAI(base_url=s.url, api_key="none", max_retries=0, timeout=30)
+        r = c.completions.create(model=MODEL, prompt="ab", max_tokens=10, temperature=0.7, seed=2)
+    finally:
+        s.close()
+    gen = model.generation(model.tokenizer.encode("ab"), 10, 0.7, None, None, seed=2)
+    assert r.choices[0].text == model.tokenizer.decode(gen.tokens)
+
+
 def test_seed_repeats_and_choices_differ(client):
     args = {"model": MODEL, "prompt": "x", "max_tokens": 20, "temperature": 1.5, "n": 3, "seed": 11}
     a, b = (client.completions.create(**args) for _ in range(2))

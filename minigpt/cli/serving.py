@@ -5,6 +5,7 @@ import os
 from pathlib import Path
 
 from minigpt.cli.common import Parser
+from minigpt.cli.generation import apply_int8, int8_arguments
 from minigpt.errors import ConfigError
 
 
@@ -39,6 +40,7 @@ def _serve_parser():
                    help="OpenBLAS threads for the model's steps (default: OpenBLAS's own count); "
                    "on a busy machine 1 is often fastest (minigpt/hardware/blas.py)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where to run")
+    int8_arguments(p)
     return p
 
 
@@ -73,6 +75,7 @@ def cmd_serve(argv) -> int:
                           f"pip install -e \".[serve]\"") from None
     energy = StepEnergy(args.watts)
     model = minigpt.load(args.run, device=args.device)
+    apply_int8(model, args)
     name = args.model_name or Path(args.run).resolve().name
     if Path(args.run).is_file():
         name = args.model_name or Path(args.run).resolve().parent.name
