@@ -8,7 +8,8 @@ For each model shape (random GPT-2-initialised weights from `minigpt init`, writ
 temporary folder: speed does not depend on what the weights learned) it starts `minigpt serve` as
 its own process on 127.0.0.1, sends one warm-up request, and then, for each client count C, runs C
 client threads that each send --requests completions one after another (a prompt of
---prompt-tokens token ids, exactly --max-tokens new tokens: no stop, temperature 1, a seed per request). It reports
+--prompt-tokens token ids, exactly --max-tokens new tokens: no stop, temperature 1, a seed per
+request). It reports
 
     tokens/s      completion tokens of every answered request / the wall seconds of the round
     p50, p99 (s)  request latency, send to last byte (nearest-rank percentiles)
