@@ -344,6 +344,35 @@ def test_a_client_that_leaves_frees_its_slot(stream):
         s.close()
 
 
+def test_a_queued_client_that_leaves_frees_its_place_in_the_queue():
+    gate = threading.Event()
+    model = random_model()
+    step = default_step(model.gpt)
+
+    def held(m, tokens, caches):
+        gate.wait(30)
+        return step(m, tokens, caches)
+
+    s = serve(model, max_batch=1, max_queue=1, step=held)
+    try:
+        body = {"model": MODEL, "prompt": "a", "max_tokens": 3}
+        first = threading.Thread(target=lambda: httpx.post(s.url + "/completions", json=body,
+                                                           timeout=30))
+        first.start()
+        wait_until(lambda: len(s.engine.running) == 1, what="the first request to run")
+        with pytest.raises(httpx.ReadTimeout):  # queued behind the held step, then gone
+            httpx.post(s.url + "/completions", json=body, timeout=httpx.Timeout(30, read=0.5))
+        wait_until(lambda: not s.engine.waiting, what="the queue to let the left request go")
+        gate.set()
+        r = httpx.post(s.url + "/completions", json=body, timeout=30)
+        assert r.status_code == 200
+        first.join(30)
+        assert s.engine.metrics.get("minigpt_refused_total", reason="queue_full") == 0
+    finally:
+        gate.set()
+        s.close()
+
+
 def test_api_key_guards_the_api_not_health():
     s = serve(api_key="sekret")
     try:

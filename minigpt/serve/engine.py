@@ -142,7 +142,7 @@ class Engine:
         self.cond = threading.Condition()
         self.draining = False
         self.stopping = False
-        self.seconds_per_token = 0.0  # recent pace of a decode step per sequence, for Retry-After
+        self.step_seconds = 0.0  # the last decode step's seconds, the pace Retry-After guesses from
         self.thread = threading.Thread(target=self._loop, name="minigpt-serve-engine", daemon=True)
 
     # ---- the event loop's side -----------------------------------------------------------------
@@ -154,7 +154,7 @@ class Engine:
         """Seconds until a slot is likely free: the queue's tokens at the recent pace."""
         with self.cond:
             tokens = sum(s.job.request.sampling.max_tokens for s in self.waiting)
-        guess = tokens * self.seconds_per_token / max(1, self.max_batch)
+        guess = tokens * self.step_seconds / max(1, self.max_batch)  # steps of a full batch
         return max(1, min(60, math.ceil(guess)))
 
     def submit(self, job: Job) -> None:
@@ -182,9 +182,11 @@ class Engine:
                        retry)
 
     def cancel(self, job: Job) -> None:
-        """The client went away: its slots leave the queue and the batch at the next step."""
+        """The client went away: its slots leave the queue now and the batch at the next step."""
         with self.cond:
             job.cancelled = True
+            self.waiting = deque(s for s in self.waiting if s.job is not job)
+            self.metrics.set("minigpt_queue_depth", len(self.waiting))
             self.cond.notify()
 
     def drain(self) -> None:
@@ -283,7 +285,7 @@ class Engine:
             logits = self.step(self.model, [s.ids[-1] for s in batch], [s.kv for s in batch])
             logits = backend.to_host(logits)
         share = cost.joules / len(batch)  # one sequence's share of the step
-        self.seconds_per_token = cost.seconds
+        self.step_seconds = cost.seconds
         self.metrics.observe("minigpt_batch_size", len(batch))
         self.metrics.add("minigpt_joules_total", cost.joules, phase="decode")
         for slot, row in zip(batch, logits):
