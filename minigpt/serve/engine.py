@@ -10,15 +10,16 @@ lengths are ragged. The loop, step after step:
     3. one decode step for every running slot at once, `step(model, tokens, caches) -> logits (B, V)`
        (phase "decode"), then sample each slot's next token.
 
-Every step is timed and its joules taken (serve.energy.StepEnergy): a prefill's are shared by the
-n choices of its prompt (a copy of the cache is paid by the choice that takes it), a decode step's
-equally by the B slots in it. Tokens, text deltas and the end of each
+Every step is timed and its joules taken (serve.energy.StepEnergy), the sampling of its tokens
+included: a prefill's are shared by the n choices of its prompt (a copy of the cache is paid by
+the choice that takes it), a decode step's equally by the B slots in it. Tokens, text deltas and the end of each
 choice go to the job's `sink` (called from this thread; the app hands them to its event loop).
 
 The waiting queue is bounded: a submit that does not fit is refused with 429 and a Retry-After
 from the recent pace; once draining (SIGTERM) submits get 503, while what was admitted finishes.
 """
 
+import dataclasses
 import math
 import threading
 import time
@@ -256,46 +257,55 @@ class Engine:
 
     def _prefill(self, slot: Slot) -> None:
         """Prefill the slot's prompt, or take a copy of its prompt's prefilled cache: each of the
-        n choices pays a 1/n share of the prefill and the copy it takes (the last takes the
-        prefilled cache itself)."""
+        n choices pays a 1/n share of the prefill and its own step (the copy it takes, the last
+        taking the prefilled cache itself, and the sampling of its first token)."""
         job, n = slot.job, slot.job.request.n
         if slot.group not in job.prefilled:
-            kv = KVCache(self.model.cfg, 1, self.model.params.data.dtype, int8=self.kv_int8)
+            # room for the prompt and max_tokens (which the request was checked to fit in the
+            # context), not the whole context: a GPT-2 124M cache of 1024 positions is 75 MB
+            room = len(slot.prompt) + job.request.sampling.max_tokens
+            cfg = dataclasses.replace(self.model.cfg, block_size=room)
+            kv = KVCache(cfg, 1, self.model.params.data.dtype, int8=self.kv_int8)
             ids = backend.asarray(np.array([slot.prompt]))
             with self.energy.step() as cost, METER.in_phase("prefill"):
                 logits = backend.to_host(self.model.logits(ids, kv, last_only=True)[0, -1])
             self.metrics.add("minigpt_joules_total", cost.joules, phase="prefill")
             job.prefilled[slot.group] = (kv, logits, cost.joules / n, n)
         template, logits, share, left = job.prefilled[slot.group]
-        slot.prefill_joules += share
-        if left > 1:
-            with self.energy.step() as copying:
+        with self.energy.step() as own:  # this choice's own part: its cache, its first token
+            if left > 1:
                 slot.kv = template.copy()
-            self.metrics.add("minigpt_joules_total", copying.joules, phase="prefill")
-            slot.prefill_joules += copying.joules
-            job.prefilled[slot.group] = (template, logits, share, left - 1)
-        else:
-            slot.kv = template
-            del job.prefilled[slot.group]
-        self._take(slot, logits)
+                job.prefilled[slot.group] = (template, logits, share, left - 1)
+            else:
+                slot.kv = template
+                del job.prefilled[slot.group]
+            token = self._sample(slot, logits)
+        self.metrics.add("minigpt_joules_total", own.joules, phase="prefill")
+        slot.prefill_joules += share + own.joules
+        self._take(slot, token)
 
     def _decode(self) -> None:
         batch = self.running
-        with self.energy.step() as cost, METER.in_phase("decode"):
-            logits = self.step(self.model, [s.ids[-1] for s in batch], [s.kv for s in batch])
-            logits = backend.to_host(logits)
+        with self.energy.step() as cost:
+            with METER.in_phase("decode"):
+                logits = self.step(self.model, [s.ids[-1] for s in batch], [s.kv for s in batch])
+                logits = backend.to_host(logits)
+            tokens = [self._sample(slot, row) for slot, row in zip(batch, logits)]
         share = cost.joules / len(batch)  # one sequence's share of the step
         self.step_seconds = cost.seconds
         self.metrics.observe("minigpt_batch_size", len(batch))
         self.metrics.add("minigpt_joules_total", cost.joules, phase="decode")
-        for slot, row in zip(batch, logits):
+        for slot, token in zip(batch, tokens):
             slot.decode_joules += share
-            self._take(slot, row)
+            self._take(slot, token)
 
-    def _take(self, slot: Slot, logits) -> None:
-        """Sample the slot's next token, send its text, and end the choice when it is done."""
+    def _sample(self, slot: Slot, logits) -> int:
         s = slot.job.request.sampling
-        token = sample_next(logits[:self.n_tokens], s.temperature, None, s.top_p, slot.rng)
+        return sample_next(logits[:self.n_tokens], s.temperature, None, s.top_p, slot.rng)
+
+    def _take(self, slot: Slot, token: int) -> None:
+        """Append the slot's next token, send its text, and end the choice when it is done."""
+        s = slot.job.request.sampling
         slot.ids.append(token)
         job = slot.job
         if job.first_token is None:
