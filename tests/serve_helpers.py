@@ -9,10 +9,10 @@ import uvicorn
 
 from minigpt import config
 from minigpt.api import Model
-from minigpt.serve import bind
 from minigpt.serve.app import Server, build_app
 from minigpt.serve.energy import StepCost, StepEnergy
 from minigpt.serve.engine import Engine
+from minigpt.serve.runner import bind
 
 SMALL = {"n_layer": 2, "n_embd": 32, "n_head": 4, "block_size": 64}
 MODEL = "tiny-serve"

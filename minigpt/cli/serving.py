@@ -46,10 +46,10 @@ def _serve_parser():
 
 def cmd_serve(argv) -> int:
     import minigpt
-    from minigpt.serve import bind, is_loopback, run
     from minigpt.serve.app import Server
     from minigpt.serve.energy import StepEnergy
     from minigpt.serve.engine import Engine
+    from minigpt.serve.runner import bind, is_loopback, run
 
     args = _serve_parser().parse_args(argv)
     if not 0 <= args.port <= 65535:
