@@ -139,7 +139,7 @@ BODIES = st.one_of(JSON, st.dictionaries(st.sampled_from(FIELDS), JSON, max_size
                    st.fixed_dictionaries({}, optional={k: PLAUSIBLE.get(k, JSON) for k in FIELDS}))
 
 
-@settings(max_examples=int(os.environ.get("MINIGPT_FUZZ_EXAMPLES", "120")), deadline=None,
+@settings(max_examples=2 * int(os.environ.get("FUZZ_EXAMPLES", "60")), deadline=None,
           database=None, suppress_health_check=list(HealthCheck))
 @given(body=BODIES, chat=st.booleans())
 def test_no_request_body_gets_a_500(server, body, chat):

@@ -37,9 +37,9 @@ BUCKETS = {"minigpt_batch_size": BATCH_BUCKETS,
 def _labels(labels: dict) -> str:
     if not labels:
         return ""
-    inner = ",".join(f'{k}="{str(v).replace(chr(92), chr(92) * 2).replace(chr(34), chr(92) + chr(34))}"'
+    pairs = ",".join(f'{k}="{str(v).replace(chr(92), chr(92) * 2).replace(chr(34), chr(92) + chr(34))}"'
                      for k, v in sorted(labels.items()))
-    return "{" + inner + "}"
+    return "{" + pairs + "}"
 
 
 def _number(x: float) -> str:
