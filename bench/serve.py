@@ -1,6 +1,6 @@
 """minigpt serve under 1, 4, 8 and 16 concurrent clients: tokens/s, latency, joules per token.
 
-    python bench/serve.py [--models tiny,gpt2-124m] [--clients 1,4,8,16] [--requests 3]
+    python bench/serve.py [--models tiny,gpt2-124m] [--clients 1,4,8,16] [--requests 3] [--repeats 3]
                           [--max-tokens 32] [--prompt-tokens 16] [--max-batch 16]
                           [--blas-threads 1] [--format json]
 
@@ -20,7 +20,9 @@ request). It reports
                   enough that none should be)
     lost          requests with no answer, or an answer with fewer tokens than asked
 
-and, per model, the speed-up of each client count over one client. The clients run in this
+and, per model, the speed-up of each client count over one client. Each client count runs
+--repeats rounds, interleaved with the other counts (1, 4, 8, 16, 1, 4, ...); the table shows each
+count's fastest round (refused and lost summed over all of them), the JSON every round's tokens/s. The clients run in this
 process: on a 2-core machine they take some CPU from the server, which the figures include.
 """
 
@@ -136,11 +138,20 @@ def bench_model(name: str, folder: pathlib.Path, args) -> dict:
                           json={"model": name, "prompt": prompt, "max_tokens": 4})
         if warm.status_code != 200:
             sys.exit(f"error: the warm-up request got {warm.status_code}: {warm.text}")
-        rounds = [one_round(url, name, c, args.requests, prompt, args.max_tokens)
-                  for c in args.clients]
+        # the client counts interleaved, --repeats times over (1, 4, 8, 16, 1, 4, ...), so that
+        # a change in the machine's load falls on every count alike
+        tried = [one_round(url, name, c, args.requests, prompt, args.max_tokens)
+                 for _ in range(args.repeats) for c in args.clients]
     finally:
         proc.terminate()
         code = proc.wait(timeout=120)
+    rounds = []
+    for c in args.clients:  # the best of each count's tries: the least disturbed by other work
+        mine = [r for r in tried if r["clients"] == c]
+        best = max(mine, key=lambda r: r["tokens_per_s"] or 0.0)
+        rounds.append({**best, "tries_tokens_per_s": [r["tokens_per_s"] for r in mine],
+                       "refused": sum(r["refused"] for r in mine),
+                       "lost": sum(r["lost"] for r in mine)})
     base = rounds[0]["tokens_per_s"]
     for r in rounds:
         r["speedup"] = r["tokens_per_s"] / base if base and r["tokens_per_s"] else None
@@ -170,6 +181,8 @@ def main(argv=None) -> int:
     p.add_argument("--models", default="tiny,gpt2-124m", help="comma-separated: tiny, gpt2-124m")
     p.add_argument("--clients", default="1,4,8,16", help="concurrent client counts, the first the base")
     p.add_argument("--requests", type=int, default=3, help="requests per client per round")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="rounds per client count, interleaved; the table shows the fastest")
     p.add_argument("--max-tokens", type=int, default=32, help="new tokens per request")
     p.add_argument("--prompt-tokens", type=int, default=16, help="prompt length in tokens")
     p.add_argument("--max-batch", type=int, default=16, help="the server's --max-batch")
@@ -182,8 +195,9 @@ def main(argv=None) -> int:
     args.clients = [int(c) for c in args.clients.split(",")]
     models = args.models.split(",")
     unknown = [m for m in models if m not in CONFIGS]
-    if unknown or min(args.clients) < 1 or args.requests < 1 or args.max_tokens < 1:
-        p.error(f"--models from {', '.join(CONFIGS)}; --clients, --requests, --max-tokens >= 1")
+    if unknown or min(args.clients) < 1 or min(args.requests, args.repeats, args.max_tokens) < 1:
+        p.error(f"--models from {', '.join(CONFIGS)}; --clients, --requests, --repeats, "
+                f"--max-tokens >= 1")
     with tempfile.TemporaryDirectory(prefix="minigpt-bench-serve-") as tmp:
         folder = pathlib.Path(args.runs or tmp)
         results = [bench_model(m, folder, args) for m in models]
