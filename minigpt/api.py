@@ -67,9 +67,13 @@ class Model:
                                  on_token, kv_int8=kv_int8, n_tokens=self.tokenizer.vocab_size)
 
     def quantize(self, mode: str = quant.DEFAULT_MODE, quantize_embedding: bool = False,
-                 kv_int8: bool = False, outlier_threshold: float | None = None) -> "Model":
-        """Switch to int8 inference (see minigpt.nn.quant); returns self."""
-        qcfg = quant.QuantConfig(mode, quantize_embedding, kv_int8, outlier_threshold)
+                 kv_int8: bool = False, outlier_threshold: float | None = None,
+                 bits: int | None = None, group_size: int = 32, storage16: str = "fp16") -> "Model":
+        """Switch to quantized inference; returns self. bits None: the int8 `mode` (see
+        minigpt.nn.quant); bits 16, 8 or 4: packed weight-only weights (see minigpt.nn.lowbit),
+        group_size inputs a scale at 4 bits, storage16 "fp16" or "bf16" at 16."""
+        qcfg = quant.QuantConfig(mode, quantize_embedding, kv_int8, outlier_threshold, bits,
+                                 group_size, storage16)
         self.gpt.quant = quant.quantize_model(self.gpt.params, self.gpt.cfg, qcfg)
         return self
 
