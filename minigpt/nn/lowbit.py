@@ -115,7 +115,9 @@ def quantize(w, bits: int, group_size: int = DEFAULT_GROUP_SIZE, storage16: str 
         return PackedWeight(8, K, M, q, scale, data, ts)
     if bits == 4:
         if K % group_size:
-            raise ConfigError(f"--group-size {group_size} does not divide {name}'s {K} inputs")
+            divisors = [g for g in (64, 32, 16, 8, 4, 2) if K % g == 0]
+            raise ConfigError(f"--group-size {group_size} does not divide {name}'s {K} inputs "
+                              f"(--group-size {divisors[0] if divisors else 2} would)")
         groups = w.reshape(K // group_size, group_size, M)
         scale = _absmax_scale(np.abs(groups).max(axis=1), 7)  # (K / G, M)
         q = np.clip(np.rint(groups / scale[:, None]), -7, 7).astype(np.int8).reshape(K, M)
@@ -205,7 +207,11 @@ class PackedWeights:
 
 
 def quantize_model(params, cfg, qcfg) -> PackedWeights:
-    """Pack a FlatBuffer's linear weights and LM head at qcfg.bits (a quant.QuantConfig)."""
+    """Pack a FlatBuffer's linear weights and LM head at qcfg.bits (a quant.QuantConfig).
+
+    The token table in params is overwritten with the head's dequantized weights: the lookup and
+    the head are one tied matrix and stay so, and a model loaded from a --bits checkpoint (which
+    stores the packed matrix only) computes exactly what this one does."""
     if cfg.n_experts > 1:
         raise ConfigError(f"{qcfg.bits}-bit quantization of a mixture-of-experts model (n_experts = "
                           f"{cfg.n_experts}) is not supported; run it in float32")
@@ -217,4 +223,6 @@ def quantize_model(params, cfg, qcfg) -> PackedWeights:
         for short in LINEAR_WEIGHTS:
             name = f"transformer.h.{i}.{short}"
             weights[name] = mk(params[name], name)
+    wte = params["transformer.wte.weight"]
+    wte[...] = backend.asarray(weights["transformer.wte.weight"].dequantize().T.astype(wte.dtype))
     return PackedWeights(cfg, qcfg, weights)
