@@ -144,3 +144,26 @@ def minigpt_config():
     from minigpt import config
 
     return config.ModelConfig(n_layer=1, n_head=2, n_embd=8, block_size=16, vocab_size=32)
+
+
+def test_the_grid_reports_every_bits_and_batch_point(trained_run, monkeypatch, capsys):
+    bench = _bench()
+    spec = importlib.util.spec_from_file_location("bench_decode_grid", ROOT / "bench" / "decode_grid.py")
+    grid = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(grid)
+    monkeypatch.setattr(grid, "_decode_bench", lambda: bench)
+    monkeypatch.setattr(calibrate, "copy_bandwidth", lambda *a: 8e9)
+    monkeypatch.setattr(calibrate, "matmul_flops", lambda *a: 1e11)
+    monkeypatch.setattr(bench, "read_bandwidth", lambda *a: 6e9)
+    monkeypatch.setattr(bench, "copy_bandwidth_threads", lambda *a: 7e9)
+    args = argparse.Namespace(run=trained_run, bits=[32, 8], batch=[1, 3], tokens=2, prompt=3, repeats=1,
+                              blas_threads=[1], group_size=16, storage16="fp16", kernels="numpy", watts=10.0)
+    g = grid.grid(args)
+    assert [(r["bits"], r["batch"]) for r in g["rows"]] == [(32, 1), (32, 3), (8, 1), (8, 3)]
+    by = {(r["bits"], r["batch"]): r for r in g["rows"]}
+    for (bits, batch), r in by.items():
+        assert r["speedup_over_fp32"] == pytest.approx(r["tokens_per_s"] / by[32, batch]["tokens_per_s"])
+        assert r["j_per_token"] == pytest.approx(10.0 / r["tokens_per_s"])  # W x step s / batch
+    assert by[8, 1]["bytes_per_token"] < by[32, 1]["bytes_per_token"] / 2
+    grid.print_table(g)
+    assert "J/token at 10.0 W" in capsys.readouterr().out
