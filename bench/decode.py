@@ -1,7 +1,19 @@
-"""Batch-1 KV-cached decode against the memory-bandwidth ceiling, and prefill against the compute
-ceiling, on a run folder (e.g. `minigpt init configs/gpt2-124m.toml out/gpt2-124m`).
+"""KV-cached decode against the memory-bandwidth and compute ceilings, at any weight width and
+batch, and prefill against the compute ceiling, on a run folder (e.g. `minigpt init
+configs/gpt2-124m.toml out/gpt2-124m`).
 
-    python bench/decode.py RUN [--tokens N] [--prompt P] [--repeats R] [--int8 MODE] [--format json]
+    python bench/decode.py RUN [--tokens N] [--prompt P] [--repeats R] [--bits 32|16|8|4]
+                           [--batch B[,B...]] [--kernels numba|numpy] [--int8 MODE] [--format json]
+
+--bits 16, 8 or 4 packs the weights (minigpt/nn/lowbit.py; --bits 32 is the float32 model, so a
+script can loop over widths). --batch B decodes B sequences together (GPT.decode_step, one KV
+cache each, each prompt --prompt random tokens): tokens/s counts all sequences; bytes and FLOPs
+per step are the meter's; the bandwidth ceiling is B x bandwidth / bytes per step and the compute
+ceiling B x matmul peak / FLOPs per step; the lower binds ("bound"). A list (1,8,64) sweeps: the
+table gains a row per batch, and the batch at which decode turns compute-bound is predicted from
+the closed form and, with three or more batches, measured (knee()). The first batch is the
+headline of every other figure. Numba's kernels run on as many threads as OpenBLAS in each
+--blas-threads pass.
 
 Generating one token at batch 1 reads every weight once and does two FLOPs per weight: far too
 little arithmetic to keep the cores busy, so its speed is bounded by memory bandwidth. The ceiling
