@@ -295,8 +295,9 @@ def knee(points: list, peak: float, bandwidth: float) -> dict:
     activations and KV caches only), so it is found by doubling then bisecting on the closed form.
     None if it is still bandwidth-bound at KNEE_SEARCH_LIMIT sequences.
     Measured: where the flat line of the batch-1 step time meets the line through the two largest
-    batches' step times (the time each further sequence adds once the step is compute-bound);
-    None with fewer than three batches."""
+    batches' step times (the time each further sequence adds once the step is compute-bound), at
+    least 1 (a line that meets it below batch 1: compute-bound from the first batch on); None with
+    fewer than three batches."""
     cfg, pos, quant_cfg = points[0]["_cfg"], points[0]["_position"], points[0]["_quant"]
 
     def totals(B):
@@ -322,8 +323,8 @@ def knee(points: list, peak: float, bandwidth: float) -> dict:
     if len(points) >= 3:
         (_, t1), (ba, ta), (bb, tb) = [(p["batch"], p["step_s"]) for p in (points[0], *points[-2:])]
         slope = (tb - ta) / (bb - ba)
-        if slope > 0:
-            measured = ba - (ta - t1) / slope  # t1 = ta + slope * (B - ba)
+        if slope > 0:  # where t1 = ta + slope * (B - ba); below 1: compute-bound from batch 1 on
+            measured = max(1.0, ba - (ta - t1) / slope)
     return {"knee_batch_predicted": hi, "knee_batch_measured": measured}
 
 

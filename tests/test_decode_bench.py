@@ -115,7 +115,7 @@ def test_a_batch_sweep_reports_each_batch_against_both_ceilings(trained_run, mon
         assert not compute_bound(bench.KNEE_SEARCH_LIMIT)
     else:
         assert compute_bound(k) and (k == 1 or not compute_bound(k - 1))
-    assert r["knee_batch_measured"] is None or r["knee_batch_measured"] > -1e9
+    assert r["knee_batch_measured"] is None or r["knee_batch_measured"] >= 1
 
 
 def test_the_measured_knee_is_where_the_two_lines_meet():
@@ -126,6 +126,8 @@ def test_the_measured_knee_is_where_the_two_lines_meet():
     # flat at 10 ms; then 30 ms at 32 rising 0.9375 ms a sequence: they meet at 32 - 20 / 0.9375
     assert bench.knee(points, 1e11, 8e9)["knee_batch_measured"] == pytest.approx(32 - 20 / 0.9375)
     assert bench.knee(points[:2], 1e11, 8e9)["knee_batch_measured"] is None
+    steep = [dict(p, step_s=0.010 * p["batch"]) for p in points]  # time grows from batch 1 on
+    assert bench.knee(steep, 1e11, 8e9)["knee_batch_measured"] == 1.0
     # this model's weights are tiny beside its activations: never compute-bound at 1e11 / 8e9
     assert bench.knee(points, 1e11, 8e9)["knee_batch_predicted"] is None
     # at 1e5 FLOP/s compute binds from batch 1
