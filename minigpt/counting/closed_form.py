@@ -148,10 +148,11 @@ def packed_weight_bytes(K: int, M: int, packed: Packed) -> int:
 
 
 def _packed_product(sh, scope, op, N, K, M, packed: Packed):
-    """x (N, K) float32 @ a packed weight: the kernel computes the padded channels too."""
-    Mp = packed_columns(M)
-    sh._add(scope, op, "matmul", 2 * N * K * Mp, 4 * N * K + packed_weight_bytes(K, M, packed),
-            4 * N * M, useful=2 * N * K * M, dtype=f"w{packed.bits}a32")
+    """x (N, K) @ a packed weight: the kernel computes the padded channels too; x and the output
+    at the activations' width."""
+    Mp, s = packed_columns(M), sh.itemsize
+    sh._add(scope, op, "matmul", 2 * N * K * Mp, s * N * K + packed_weight_bytes(K, M, packed),
+            s * N * M, useful=2 * N * K * M, dtype=f"w{packed.bits}a32")
 
 
 def _linear_forward(sh, scope, N, C, OC, mode=None):

@@ -155,15 +155,18 @@ def from_stored(bits: int, K: int, M: int, q, scale, group_size: int, bf16: bool
 
 
 def _run(x2, w: PackedWeight):
-    """The product itself: the Numba kernel, or the NumPy twin."""
+    """The product itself: the Numba kernel, or the NumPy twin (float32 arithmetic either way;
+    the result in x2's dtype)."""
     if kernels.active() == "numba" and backend.xp is np:
-        return packed_kernels.product(x2, w.bits, w.data, w.tile_scale, w.bf16, w.M)
+        out = packed_kernels.product(x2, w.bits, w.data, w.tile_scale, w.bf16, w.M)
+        return out.astype(x2.dtype, copy=False)
     with METER.paused():  # the twin's float product is not what the record describes
-        return matmul(np.asarray(x2, np.float32), w.dequantize())
+        out = matmul(x2.astype("float32", copy=False), backend.asarray(w.dequantize()))
+        return out.astype(x2.dtype, copy=False)
 
 
 def product(x2, w: PackedWeight, op: str = "x@w"):
-    """x2 (N, K) float32 @ w -> (N, M) float32, counted as the kernel moves it (module docstring)."""
+    """x2 (N, K) @ w -> (N, M) in x2's dtype, counted as the kernel moves it (module docstring)."""
     if not METER.enabled:
         return _run(x2, w)
     t0 = METER.clock()
