@@ -1,7 +1,19 @@
-"""Batch-1 KV-cached decode against the memory-bandwidth ceiling, and prefill against the compute
-ceiling, on a run folder (e.g. `minigpt init configs/gpt2-124m.toml out/gpt2-124m`).
+"""KV-cached decode against the memory-bandwidth and compute ceilings, at any weight width and
+batch, and prefill against the compute ceiling, on a run folder (e.g. `minigpt init
+configs/gpt2-124m.toml out/gpt2-124m`).
 
-    python bench/decode.py RUN [--tokens N] [--prompt P] [--repeats R] [--int8 MODE] [--format json]
+    python bench/decode.py RUN [--tokens N] [--prompt P] [--repeats R] [--bits 32|16|8|4]
+                           [--batch B[,B...]] [--kernels numba|numpy] [--int8 MODE] [--format json]
+
+--bits 16, 8 or 4 packs the weights (minigpt/nn/lowbit.py; --bits 32 is the float32 model, so a
+script can loop over widths). --batch B decodes B sequences together (GPT.decode_step, one KV
+cache each, each prompt --prompt random tokens): tokens/s counts all sequences; bytes and FLOPs
+per step are the meter's; the bandwidth ceiling is B x bandwidth / bytes per step and the compute
+ceiling B x matmul peak / FLOPs per step; the lower binds ("bound"). A list (1,8,64) sweeps: the
+table gains a row per batch, and the batch at which decode turns compute-bound is predicted from
+the closed form and, with three or more batches, measured (knee()). The first batch is the
+headline of every other figure. Numba's kernels run on as many threads as OpenBLAS in each
+--blas-threads pass.
 
 Generating one token at batch 1 reads every weight once and does two FLOPs per weight: far too
 little arithmetic to keep the cores busy, so its speed is bounded by memory bandwidth. The ceiling
@@ -43,24 +55,29 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import minigpt
+from minigpt import kernels
+from minigpt.counting import closed_form as cost_model
 from minigpt.counting.meter import METER, matmul
+from minigpt.evaluate import weight_bytes
 from minigpt.hardware import blas, calibrate
 from minigpt.nn import quant
 from minigpt.nn.model import KVCache
+from minigpt.units import rows_text
 
 
 def decode_run(gpt, prompt: np.ndarray, tokens: int, kv_int8: bool):
-    """Prefill prompt, then `tokens` greedy decode steps; (prefill seconds, decode seconds)."""
-    kv = KVCache(gpt.cfg, 1, gpt.params.data.dtype, int8=kv_int8)
+    """Prefill each prompt (a row of prompt (B, P), or prompt (P,) for one) into its own KV
+    cache, then `tokens` greedy decode steps of GPT.decode_step over all B sequences;
+    (prefill seconds for all of them, decode seconds)."""
+    prompts = prompt.reshape(-1, prompt.shape[-1])
+    caches = [KVCache(gpt.cfg, 1, gpt.params.data.dtype, int8=kv_int8) for _ in prompts]
     t0 = time.perf_counter()
     with METER.in_phase("prefill"):
-        logits = gpt.logits(prompt[None, :], kv, last_only=True)
+        logits = np.stack([gpt.logits(p[None, :], kv, last_only=True)[0, -1] for p, kv in zip(prompts, caches)])
     t1 = time.perf_counter()
-    token = np.empty((1, 1), dtype=np.int64)
     with METER.in_phase("decode"):
         for _ in range(tokens):
-            token[0, 0] = int(np.argmax(logits[0, -1]))
-            logits = gpt.logits(token, kv)
+            logits = gpt.decode_step(logits.argmax(axis=-1), caches)
     return t1 - t0, time.perf_counter() - t1
 
 
@@ -209,18 +226,30 @@ def bandwidths() -> dict:
             "copy split over 2 threads": copy_bandwidth_threads(2)}
 
 
-def measure(args) -> dict:
-    """Load once; then, for each OpenBLAS thread count asked for, bandwidth, prefill + decode,
-    bandwidth again, and the compute peak. The headline is the thread count that decoded fastest."""
+def load_model(args):
+    """The run, quantized as asked: --int8 MODE, or --bits 16/8/4 (32: the float32 model)."""
     model = minigpt.load(args.run)
+    bits = getattr(args, "bits", 32)
     if args.int8:
         model.quantize(args.int8, kv_int8=args.kv_int8)
+    elif bits != 32:
+        model.quantize(bits=bits, group_size=getattr(args, "group_size", 32),
+                       storage16=getattr(args, "storage16", "fp16"), kv_int8=args.kv_int8)
+    return model
+
+
+def measure(args) -> dict:
+    """Load once; then, for each thread count asked for (OpenBLAS's and Numba's), bandwidth,
+    prefill + decode at each batch, bandwidth again, and the compute peak. The headline is the
+    thread count that decoded fastest at the first batch."""
+    kernels.use(getattr(args, "kernels", kernels.active()))
+    model = load_model(args)
     gpt, cfg = model.gpt, model.config.model
     if args.prompt + args.tokens > cfg.block_size:
         raise SystemExit(f"--prompt {args.prompt} + --tokens {args.tokens} exceed block_size {cfg.block_size}")
     runs = []
     for n in args.blas_threads:
-        with blas.threads(n) as applied:
+        with blas.threads(n) as applied, numba_threads(n):
             r = _measure(gpt, cfg, args)
         r["blas_threads"] = n if applied else blas.current()
         runs.append(r)
@@ -232,59 +261,161 @@ def measure(args) -> dict:
     return best
 
 
+class numba_threads:
+    """`with numba_threads(n):` the Numba kernels run on n threads (at most what Numba has)."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __enter__(self):
+        self.outer = None
+        if kernels.active() == "numba":
+            import numba
+
+            self.outer = numba.get_num_threads()
+            numba.set_num_threads(max(1, min(self.n, numba.config.NUMBA_NUM_THREADS)))
+        return self
+
+    def __exit__(self, *exc):
+        if self.outer is not None:
+            import numba
+
+            numba.set_num_threads(self.outer)
+        return False
+
+
+KNEE_SEARCH_LIMIT = 1024
+
+
+def knee(points: list, peak: float, bandwidth: float) -> dict:
+    """The batch at which decode turns compute-bound.
+
+    Predicted: the smallest batch B whose step FLOPs / peak reach its step bytes / bandwidth; both
+    grow with B (the closed form's counts: FLOPs by 2 per weight per sequence, bytes by the
+    activations and KV caches only), so it is found by doubling then bisecting on the closed form.
+    None if it is still bandwidth-bound at KNEE_SEARCH_LIMIT sequences.
+    Measured: where the flat line of the batch-1 step time meets the line through the two largest
+    batches' step times (the time each further sequence adds once the step is compute-bound), at
+    least 1 (a line that meets it below batch 1: compute-bound from the first batch on); None with
+    fewer than three batches."""
+    cfg, pos, quant_cfg = points[0]["_cfg"], points[0]["_position"], points[0]["_quant"]
+
+    def totals(B):
+        recs = cost_model.predict_decode_batch(cfg, [pos] * B, quant=quant_cfg)
+        return (sum(r.flops for r in recs.values()),
+                sum(r.bytes_read + r.bytes_written for r in recs.values()))
+
+    def compute_bound(B):
+        flops, nbytes = totals(B)
+        return flops / peak >= nbytes / bandwidth
+
+    hi = 1
+    while not compute_bound(hi) and hi < KNEE_SEARCH_LIMIT:
+        hi *= 2
+    if compute_bound(hi):
+        lo = hi // 2
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if compute_bound(mid) else (mid, hi)
+    else:
+        hi = None  # the activations' and caches' bytes grow as fast as the FLOPs: never
+    measured = None
+    if len(points) >= 3:
+        (_, t1), (ba, ta), (bb, tb) = [(p["batch"], p["step_s"]) for p in (points[0], *points[-2:])]
+        slope = (tb - ta) / (bb - ba)
+        if slope > 0:  # where t1 = ta + slope * (B - ba); below 1: compute-bound from batch 1 on
+            measured = max(1.0, ba - (ta - t1) / slope)
+    return {"knee_batch_predicted": hi, "knee_batch_measured": measured}
+
+
 def _measure(gpt, cfg, args) -> dict:
-    prompt = np.random.default_rng(0).integers(0, cfg.vocab_size, size=args.prompt)
+    batches = getattr(args, "batch", [1])
+    rng = np.random.default_rng(0)
+    prompts = {B: rng.integers(0, cfg.vocab_size, size=(B, args.prompt)) for B in batches}
     with METER.paused():
-        decode_run(gpt, prompt[:8], 2, args.kv_int8)  # warm up: page faults, BLAS buffers
+        decode_run(gpt, prompts[batches[0]][:, :8], 2, args.kv_int8)  # warm up: page faults, BLAS buffers
     before = bandwidths()
-    prefill_s, decode_s, records, decode_runs = best_run(gpt, prompt, args.tokens, args.kv_int8, args.repeats)
+    timed = {B: best_run(gpt, prompts[B], args.tokens, args.kv_int8, args.repeats) for B in batches}
     plain_s = plain_matvec(gpt, args.tokens, args.repeats) if gpt.quant is None else None
     plain2_s = plain_matvec_two_threads(gpt, args.tokens) if gpt.quant is None else None
     after = bandwidths()
     read_bw = read_bandwidth()
     peak = calibrate.matmul_flops("float32", 2048, 3)
-    pre, dec = phase_totals(records, "prefill"), phase_totals(records, "decode")
     means = {k: (before[k] + after[k]) / 2 for k in before}
     source = max(means, key=means.get)
     bandwidth = means[source]
-    bytes_per_token = dec["bytes"] / args.tokens
-    tokens_per_s = args.tokens / decode_s
-    ceiling = bandwidth / bytes_per_token
-    here_bytes = bytes_per_token + widened_bytes(gpt)
-    prefill_flops_per_token = pre["flops"] / args.prompt
-    return {
-        "run": str(args.run), "mode": args.int8 or "fp32", "kv_int8": args.kv_int8,
-        "params": gpt.params.size, "prompt_tokens": args.prompt, "new_tokens": args.tokens,
-        "tokens_per_s": tokens_per_s, "bytes_per_token": bytes_per_token, "repeats": args.repeats,
-        "decode_runs_tokens_per_s": [args.tokens / s for s in decode_runs],
-        "ceiling_tokens_per_s": ceiling, "fraction_of_ceiling": tokens_per_s / ceiling,
+    qcfg = gpt.quant.qcfg if gpt.quant is not None else None
+    points = []
+    for B in batches:
+        prefill_s, decode_s, records, decode_runs = timed[B]
+        pre, dec = phase_totals(records, "prefill"), phase_totals(records, "decode")
+        steps = args.tokens
+        step_s = decode_s / steps
+        bytes_per_step, flops_per_step = dec["bytes"] / steps, dec["flops"] / steps
+        bw_ceiling = B * bandwidth / bytes_per_step  # tokens/s over all sequences
+        compute_ceiling = B * peak / flops_per_step
+        tokens_per_s = B * steps / decode_s
+        ceiling = min(bw_ceiling, compute_ceiling)
+        points.append({
+            "batch": B, "tokens_per_s": tokens_per_s, "step_s": step_s,
+            "bytes_per_step": bytes_per_step, "bytes_per_token": bytes_per_step / B,
+            "flops_per_step": flops_per_step,
+            "bandwidth_ceiling_tokens_per_s": bw_ceiling, "compute_ceiling_tokens_per_s": compute_ceiling,
+            "ceiling_tokens_per_s": ceiling, "fraction_of_ceiling": tokens_per_s / ceiling,
+            "bound": "bandwidth" if bw_ceiling <= compute_ceiling else "compute",
+            "overhead_per_step_s": max(0.0, step_s - dec["seconds"] / steps),
+            "decode_metered_fraction": dec["seconds"] / decode_s,
+            "decode_runs_tokens_per_s": [B * steps / s for s in decode_runs],
+            "decode_seconds_by_kind": {k: v / steps for k, v in sorted(
+                dec["by_kind"].items(), key=lambda kv: -kv[1])},
+            "prefill_s": prefill_s, "_pre": pre,
+            "_cfg": cfg, "_position": args.prompt + args.tokens // 2, "_quant": qcfg,
+        })
+    first = points[0]
+    B = first["batch"]
+    pre = first["_pre"]
+    prefill_tokens = B * args.prompt
+    prefill_flops_per_token = pre["flops"] / prefill_tokens
+    tokens_per_s = first["tokens_per_s"]
+    bytes_per_token = first["bytes_per_token"]
+    here_bytes = bytes_per_token + widened_bytes(gpt) / B
+    bits = 8 if args.int8 else getattr(args, "bits", 32)
+    out = {
+        "run": str(args.run), "mode": args.int8 or (qcfg.name if qcfg is not None else "fp32"),
+        "kv_int8": args.kv_int8, "bits": bits, "batch": B, "kernels": kernels.active(),
+        "params": gpt.params.size, "weight_bytes": weight_bytes(gpt),
+        "prompt_tokens": args.prompt, "new_tokens": args.tokens,
+        "repeats": args.repeats,
         "bandwidth": bandwidth, "bandwidth_before": before, "bandwidth_after": after,
         "bandwidth_source": f"{source}: 256 MiB, (read + written bytes) / s, best of 5, the mean of "
                             "the measurements right before and right after the decode, in this process",
         "bytes_per_token_here": here_bytes,
         "ceiling_here_tokens_per_s": bandwidth / here_bytes,
-        "decode_seconds_by_kind": {k: v / args.tokens for k, v in sorted(
-            dec["by_kind"].items(), key=lambda kv: -kv[1])},
-        "decode_metered_fraction": dec["seconds"] / decode_s,
-        "prefill_tokens_per_s": args.prompt / prefill_s,
+        "prefill_tokens_per_s": prefill_tokens / first["prefill_s"],
         "prefill_flops_per_token": prefill_flops_per_token,
         "matmul_peak_flops": peak,
         "prefill_ceiling_tokens_per_s": peak / prefill_flops_per_token,
-        "prefill_fraction_of_ceiling": (args.prompt / prefill_s) / (peak / prefill_flops_per_token),
+        "prefill_fraction_of_ceiling": (prefill_tokens / first["prefill_s"]) / (peak / prefill_flops_per_token),
         "environment": calibrate._environment(),
         "plain_matvec_tokens_per_s": 1 / plain_s if plain_s else None,
-        "fraction_of_plain_matvec": tokens_per_s * plain_s if plain_s else None,
+        "fraction_of_plain_matvec": tokens_per_s / B * plain_s if plain_s else None,
         "plain_matvec_two_threads_tokens_per_s": 1 / plain2_s if plain2_s else None,
         "read_bandwidth": read_bw,
         "fraction_of_read_ceiling": tokens_per_s * bytes_per_token / read_bw,
     }
+    out |= {k: v for k, v in first.items() if not k.startswith("_") and k != "prefill_s"}
+    out |= knee(points, peak, bandwidth)
+    out["batches"] = [{k: v for k, v in p.items() if not k.startswith("_") and k not in (
+        "decode_seconds_by_kind", "prefill_s")} for p in points]
+    return out
 
 
 def print_table(r: dict) -> None:
     gb = 1e9
     print(f"{r['run']}: {r['params']:,} parameters, {r['mode']}"
-          f"{' + int8 KV cache' if r['kv_int8'] else ''}, batch 1, prompt {r['prompt_tokens']} tokens, "
-          f"{r['new_tokens']} decoded ({r['environment']}; OpenBLAS threads: {r['blas_threads']})")
+          f"{' + int8 KV cache' if r['kv_int8'] else ''}, weights {r['weight_bytes'] / 1e6:.1f} MB, "
+          f"batch {r['batch']}, prompt {r['prompt_tokens']} tokens, {r['new_tokens']} decoded "
+          f"({r['environment']}; threads: {r['blas_threads']}; kernels: {r['kernels']})")
     for k in r["bandwidth_before"]:
         print(f"bandwidth, {k} (read + written): {r['bandwidth_before'][k] / gb:.2f} GB/s before the decode, "
               f"{r['bandwidth_after'][k] / gb:.2f} GB/s after")
@@ -292,6 +423,10 @@ def print_table(r: dict) -> None:
     print()
     print(f"decode    {r['tokens_per_s']:10.2f} tokens/s   {r['bytes_per_token'] / 1e6:9.2f} MB/token (meter)"
           f"   ceiling {r['ceiling_tokens_per_s']:8.2f} tokens/s   achieved {100 * r['fraction_of_ceiling']:5.1f}%")
+    print(f"          compute ceiling {r['compute_ceiling_tokens_per_s']:.2f} tokens/s "
+          f"({r['flops_per_step'] / 1e9:.3f} GFLOP a step at the {r['matmul_peak_flops'] / 1e9:.0f} GFLOP/s "
+          f"matmul peak): {r['bound']}-bound; {1e3 * r['overhead_per_step_s']:.2f} ms a step outside "
+          "the metered ops (Python between them)")
     if r["repeats"] > 1:
         runs = ", ".join(f"{t:.2f}" for t in r["decode_runs_tokens_per_s"])
         print(f"          the best of {r['repeats']} runs ({runs} tokens/s; the mean "
@@ -315,6 +450,22 @@ def print_table(r: dict) -> None:
               f"float32 takes {1e3 * sp['widen_s']:.1f} ms a token, the float32 products of the widened "
               f"tables {1e3 * sp['float_products_s']:.1f} ms (a kernel reading int8 needs neither: "
               f"{r['bytes_per_token'] / r['bandwidth'] * 1e3:.1f} ms at the copy bandwidth)")
+    if len(r["batches"]) > 1:
+        print()
+        print("\n".join(rows_text(
+            ("batch", "tokens/s", "ms/step", "MB/token", "GFLOP/step", "bw ceiling", "compute ceiling",
+             "bound", "of ceiling"),
+            [(str(p["batch"]), f"{p['tokens_per_s']:.1f}", f"{1e3 * p['step_s']:.2f}",
+              f"{p['bytes_per_token'] / 1e6:.2f}", f"{p['flops_per_step'] / 1e9:.3f}",
+              f"{p['bandwidth_ceiling_tokens_per_s']:.1f}", f"{p['compute_ceiling_tokens_per_s']:.1f}",
+              p["bound"], f"{100 * p['fraction_of_ceiling']:.1f}%") for p in r["batches"]])))
+        measured = r["knee_batch_measured"]
+        predicted = r["knee_batch_predicted"]
+        print(f"decode turns compute-bound at batch "
+              f"{f'> {KNEE_SEARCH_LIMIT}' if predicted is None else predicted} (predicted: the closed form's "
+              f"FLOPs and bytes against the peak and bandwidth above); measured "
+              f"{'-' if measured is None else f'{measured:.1f}'} (where the batch-1 step time meets the "
+              "line through the two largest batches')")
     print(f"prefill   {r['prefill_tokens_per_s']:10.1f} tokens/s   {r['prefill_flops_per_token'] / 1e9:9.3f} "
           f"GFLOP/token       ceiling {r['prefill_ceiling_tokens_per_s']:8.1f} tokens/s   achieved "
           f"{100 * r['prefill_fraction_of_ceiling']:5.1f}%  (matmul peak {r['matmul_peak_flops'] / 1e9:.0f} GFLOP/s)")
@@ -342,6 +493,15 @@ def main(argv=None) -> int:
                     help="runs of prefill + decode (and of the plain products); each figure is the best "
                     "run's, like the bandwidth's best of 5 (default 3)")
     ap.add_argument("--int8", choices=quant.MODES, default=None, help="quantize on load")
+    ap.add_argument("--bits", type=int, choices=(32, 16, 8, 4), default=32,
+                    help="weight width: 32 = the float32 model; 16, 8, 4 = packed weight-only (default 32)")
+    ap.add_argument("--group-size", type=int, default=32, help="--bits 4: inputs sharing a scale (default 32)")
+    ap.add_argument("--storage16", choices=("fp16", "bf16"), default="fp16", help="--bits 16: the format")
+    ap.add_argument("--batch", default="1",
+                    help="sequences decoded together, comma-separated to sweep (e.g. 1,8,64; three or "
+                    "more give a measured knee); the first is the headline (default 1)")
+    ap.add_argument("--kernels", choices=kernels.CHOICES, default=kernels.active(),
+                    help=f"the packed products' path (default {kernels.active()})")
     ap.add_argument("--kv-int8", action="store_true", help="with --int8: keep the KV cache in int8")
     ap.add_argument("--blas-threads", default="1,2",
                     help="OpenBLAS thread counts to measure with, comma-separated (default 1,2: the "
@@ -354,8 +514,16 @@ def main(argv=None) -> int:
         ap.error(f"--blas-threads {args.blas_threads!r}: expected counts like 1,2")
     if min(args.tokens, args.prompt, args.repeats, *args.blas_threads) < 1:
         ap.error("--tokens, --prompt, --repeats and --blas-threads must be >= 1")
-    if args.kv_int8 and not args.int8:
-        ap.error("--kv-int8 needs --int8 MODE")
+    try:
+        args.batch = [int(n) for n in args.batch.split(",")]
+    except ValueError:
+        ap.error(f"--batch {args.batch!r}: expected sizes like 1,8,64")
+    if min(args.batch) < 1:
+        ap.error("--batch sizes must be >= 1")
+    if args.kv_int8 and not (args.int8 or args.bits != 32):
+        ap.error("--kv-int8 needs --int8 MODE or --bits 16|8|4")
+    if args.int8 and args.bits != 32:
+        ap.error("--int8 MODE and --bits are two ways to quantize: give one")
     r = measure(args)
     if args.format == "json":
         print(json.dumps(r, indent=1))
