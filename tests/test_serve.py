@@ -103,11 +103,15 @@ def test_a_seeded_choice_samples_as_generate_does(server, client):
     assert r.choices[0].text == tok.decode(gen.tokens)
 
 
-@pytest.mark.parametrize("mode", ["w8a32", "w8a8"])
-def test_an_int8_model_serves_what_it_generates(mode):
-    """--int8 MODE: the batched decode steps run the quantized weights, and the answer is the
-    quantized model's own generate at the same seed."""
-    model = random_model().quantize(mode, kv_int8=mode == "w8a8")
+@pytest.mark.parametrize("mode, bits", [("w8a32", None), ("w8a8", None), (None, 16), (None, 8),
+                                        (None, 4)])
+def test_a_quantized_model_serves_what_it_generates(mode, bits):
+    """--int8 MODE and --bits B: the batched decode steps run the quantized weights, and the
+    answer is the quantized model's own generate at the same seed."""
+    if bits is None:
+        model = random_model().quantize(mode, kv_int8=mode == "w8a8")
+    else:
+        model = random_model().quantize(bits=bits, group_size=16)
     s = serve(model)
     try:
         c = openai.OpenAI(base_url=s.url, api_key="none", max_retries=0, timeout=30)
