@@ -2,7 +2,7 @@
 
     python bench/serve.py [--models tiny,gpt2-124m] [--clients 1,4,8,16] [--requests 3] [--repeats 3]
                           [--max-tokens 32] [--prompt-tokens 16] [--max-batch 16]
-                          [--blas-threads 1] [--format json]
+                          [--blas-threads 1] [--bits 32|16|8|4] [--format json]
 
 For each model shape (random GPT-2-initialised weights from `minigpt init`, written once to a
 temporary folder: speed does not depend on what the weights learned) it starts `minigpt serve` as
@@ -56,11 +56,12 @@ def metric(text: str, name: str) -> float:
     return 0.0
 
 
-def start_server(run: pathlib.Path, max_batch: int, max_queue: int, blas_threads: int):
+def start_server(run: pathlib.Path, max_batch: int, max_queue: int, blas_threads: int, bits: int):
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.Popen([sys.executable, "-m", "minigpt", "serve", str(run), "--port", "0",
                              "--max-batch", str(max_batch), "--max-queue", str(max_queue),
-                             *(["--blas-threads", str(blas_threads)] if blas_threads else [])],
+                             *(["--blas-threads", str(blas_threads)] if blas_threads else []),
+                             "--bits", str(bits)],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     line = proc.stdout.readline()
@@ -130,7 +131,8 @@ def bench_model(name: str, folder: pathlib.Path, args) -> dict:
                            cwd=ROOT, capture_output=True, text=True, check=False)
         if r.returncode != 0:
             sys.exit(f"error: minigpt init {name}: {r.stderr.strip()}")
-    proc, url, banner = start_server(run, args.max_batch, args.max_queue, args.blas_threads)
+    proc, url, banner = start_server(run, args.max_batch, args.max_queue, args.blas_threads,
+                                     args.bits)
     try:
         # token ids (a GPT-2-shaped run from `minigpt init` has no tokenizer files: ids only)
         prompt = [(97 + 7 * i) % 256 for i in range(args.prompt_tokens)]
@@ -155,7 +157,8 @@ def bench_model(name: str, folder: pathlib.Path, args) -> dict:
     base = rounds[0]["tokens_per_s"]
     for r in rounds:
         r["speedup"] = r["tokens_per_s"] / base if base and r["tokens_per_s"] else None
-    return {"model": name, "server": banner, "blas_threads": args.blas_threads or None,
+    return {"model": name, "server": banner, "bits": args.bits,
+            "blas_threads": args.blas_threads or None,
             "exit_code": code, "rounds": rounds}
 
 
@@ -171,8 +174,8 @@ def table(results: list[dict]) -> str:
                          f"{fmt(r['p99_s'], '7.3f')} {fmt(r['j_per_token'], '9.3g')} "
                          f"{fmt(r['mean_batch'], '6.2f')} {r['refused']:>7} {r['lost']:>5}")
     lines.append("")
-    lines += [f"{res['model']}: {res['server']}, BLAS threads {res['blas_threads'] or 'default'} "
-              f"(exit {res['exit_code']})" for res in results]
+    lines += [f"{res['model']}: {res['server']}, {res['bits']}-bit weights, BLAS threads "
+              f"{res['blas_threads'] or 'default'} (exit {res['exit_code']})" for res in results]
     return "\n".join(lines)
 
 
@@ -189,6 +192,8 @@ def main(argv=None) -> int:
     p.add_argument("--max-queue", type=int, default=256, help="the server's --max-queue")
     p.add_argument("--blas-threads", type=int, default=1,
                    help="the server's --blas-threads (default 1; 0: OpenBLAS's own count)")
+    p.add_argument("--bits", type=int, choices=(32, 16, 8, 4), default=32,
+                   help="the server's --bits: 32 = float32 weights, 16/8/4 = packed")
     p.add_argument("--runs", default=None, help="keep the run folders here (default: a temp folder)")
     p.add_argument("--format", choices=("table", "json"), default="table")
     args = p.parse_args(argv)
