@@ -1,20 +1,29 @@
-"""Batch-1 KV-cached decode against the memory-bandwidth ceiling, and prefill against the compute
-ceiling, on a run folder (e.g. `minigpt init configs/gpt2-124m.toml out/gpt2-124m`).
+"""KV-cached decode against the memory-bandwidth and compute ceilings, at any weight width and
+batch, and prefill against the compute ceiling, on a run folder (e.g. `minigpt init
+configs/gpt2-124m.toml out/gpt2-124m`).
 
-    python bench/decode.py RUN [--tokens N] [--prompt P] [--repeats R] [--int8 MODE] [--format json]
+    python bench/decode.py RUN [--tokens N] [--prompt P] [--repeats R] [--bits 32|16|8|4]
+                           [--batch B[,B...]] [--kernels numba|numpy] [--int8 MODE] [--format json]
+
+--bits 16, 8 or 4 packs the weights (minigpt/nn/lowbit.py; --bits 32 is the float32 model, so a
+script can loop over widths). --batch B decodes B sequences together (GPT.decode_step, one KV
+cache each, each prompt --prompt random tokens): tokens/s counts all sequences; bytes and FLOPs
+per step are the meter's; the bandwidth ceiling is B x bandwidth / bytes per step and the compute
+ceiling B x matmul peak / FLOPs per step; the lower binds ("bound"). A list (1,8,64) sweeps: the
+table gains a row per batch, and the batch at which decode turns compute-bound is predicted from
+the closed form and, with three or more batches, measured (knee()). The first batch is the
+headline of every other figure. Numba's kernels run on as many threads as OpenBLAS in each
+--blas-threads pass.
 
 Generating one token at batch 1 reads every weight once and does two FLOPs per weight: far too
 little arithmetic to keep the cores busy, so its speed is bounded by memory bandwidth. The ceiling
 is bandwidth / bytes moved per token, where:
 - bytes per token is the meter's count (bytes read + bytes written by every op of the decode
   steps, divided by the steps: the weights, the KV cache, the activations);
-- bandwidth is the STREAM figure that fits the decode step's read/write mix
-  (minigpt.hardware.roofline.memory_ceiling on the meter's bytes read and bytes written: nearly
-  all reads, so the read bandwidth), the better of 1 thread and all cores; every STREAM figure
-  (minigpt.hardware.bandwidth: 256 MiB arrays, best of 5) is taken in this process right before
-  the decode and again right after, so the ceiling is measured under the same load as the decode
-  (other processes on a shared machine slow both); the ceiling uses the mean of the two, and both
-  are printed, with the fraction of the copy bandwidth for comparison.
+- bandwidth is calibrate's copy measurement (bytes read + bytes written per second copying a
+  256 MiB array, best of 5), taken in this process right before the decode and again right after,
+  so the ceiling is measured under the same load as the decode (other processes on a shared
+  machine slow both); the ceiling uses the mean of the two, and both are printed.
 Timings are the best of --repeats runs (default 3; each run prefills the prompt into a fresh
 cache and decodes --tokens tokens), the same statistic as the bandwidth's best of 5: on a shared
 machine a run can lose a step or two to another process (a 20 ms stall is 3% of a 64-token run),
@@ -22,12 +31,11 @@ and the ceiling is what the memory does undisturbed. Every run's figure is print
 JSON (`decode_runs_tokens_per_s`).
 Each --blas-threads count (default 1 and 2) gets its own bandwidth, prefill, decode and peak
 measurements; the headline is the count that decoded fastest, and both are printed. Under load
-from other processes, one thread often wins by far (minigpt/hardware/blas.py says why).
+from other processes, one thread often wins by far (minigpt/hardware/blas.py says why). The bandwidth is the
+higher of calibrate's copy and the same copy split over 2 threads (one core alone may not fill
+the memory system).
 Prefill (the prompt in one forward) is compared with the compute ceiling: calibrate's float32
 matmul FLOP/s over the meter's FLOPs per prompt token, also measured in this process.
-
-predicted_tokens_per_s (and predicted_prefill_tokens_per_s): what the time model forecasts for
-the same prompt and tokens (minigpt.energy.forecast.generation; `minigpt costs --predict`).
 
 --int8 MODE quantizes on load. NumPy has no int8 matrix kernel: w8a32 widens each int8 weight
 matrix to float32 inside every product (reading 1 byte, writing 4 and reading 4 again per weight),
@@ -47,24 +55,29 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import minigpt
+from minigpt import kernels
+from minigpt.counting import closed_form as cost_model
 from minigpt.counting.meter import METER, matmul
-from minigpt.hardware import bandwidth, blas, calibrate, roofline
+from minigpt.evaluate import weight_bytes
+from minigpt.hardware import blas, calibrate
 from minigpt.nn import quant
 from minigpt.nn.model import KVCache
+from minigpt.units import rows_text
 
 
 def decode_run(gpt, prompt: np.ndarray, tokens: int, kv_int8: bool):
-    """Prefill prompt, then `tokens` greedy decode steps; (prefill seconds, decode seconds)."""
-    kv = KVCache(gpt.cfg, 1, gpt.params.data.dtype, int8=kv_int8)
+    """Prefill each prompt (a row of prompt (B, P), or prompt (P,) for one) into its own KV
+    cache, then `tokens` greedy decode steps of GPT.decode_step over all B sequences;
+    (prefill seconds for all of them, decode seconds)."""
+    prompts = prompt.reshape(-1, prompt.shape[-1])
+    caches = [KVCache(gpt.cfg, 1, gpt.params.data.dtype, int8=kv_int8) for _ in prompts]
     t0 = time.perf_counter()
     with METER.in_phase("prefill"):
-        logits = gpt.logits(prompt[None, :], kv, last_only=True)
+        logits = np.stack([gpt.logits(p[None, :], kv, last_only=True)[0, -1] for p, kv in zip(prompts, caches)])
     t1 = time.perf_counter()
-    token = np.empty((1, 1), dtype=np.int64)
     with METER.in_phase("decode"):
         for _ in range(tokens):
-            token[0, 0] = int(np.argmax(logits[0, -1]))
-            logits = gpt.logits(token, kv)
+            logits = gpt.decode_step(logits.argmax(axis=-1), caches)
     return t1 - t0, time.perf_counter() - t1
 
 
@@ -84,14 +97,12 @@ def best_run(gpt, prompt: np.ndarray, tokens: int, kv_int8: bool, repeats: int):
 
 
 def phase_totals(records: dict, phase: str) -> dict:
-    out = {"flops": 0, "bytes": 0, "bytes_read": 0, "bytes_written": 0, "seconds": 0.0, "by_kind": {}}
+    out = {"flops": 0, "bytes": 0, "seconds": 0.0, "by_kind": {}}
     for k, r in records.items():
         if k.phase != phase:
             continue
         out["flops"] += r.flops
         out["bytes"] += r.bytes_read + r.bytes_written
-        out["bytes_read"] += r.bytes_read
-        out["bytes_written"] += r.bytes_written
         out["seconds"] += r.seconds
         key = f"{k.kind}/{k.dtype}" if k.kind == "matmul" else k.kind
         out["by_kind"][key] = out["by_kind"].get(key, 0.0) + r.seconds
@@ -104,6 +115,19 @@ def widened_bytes(gpt) -> int:
     if gpt.quant is None or gpt.quant.qcfg.mode != quant.W8A32:
         return 0
     return sum(8 * q.size for q, _ in gpt.quant.tables.values())
+
+
+def read_bandwidth(nbytes=256 << 20, repeats=5) -> float:
+    """Best bytes/s of summing a float32 array: a pure read stream, for comparison with the
+    decode step's reads (which are most of its bytes)."""
+    a = np.ones(nbytes // 4, dtype=np.float32)
+    a.sum()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a.sum()
+        best = min(best, time.perf_counter() - t0)
+    return a.nbytes / best
 
 
 def plain_matvec(gpt, passes: int, repeats: int = 1) -> float:
@@ -179,23 +203,53 @@ def int8_split(gpt, repeats: int = 3) -> dict | None:
     return {"widen_s": widen, "float_products_s": product, "int8_bytes": sum(q.nbytes for q in tables)}
 
 
+def copy_bandwidth_threads(n: int = 2, nbytes=256 << 20, repeats=5) -> float:
+    """calibrate.copy_bandwidth's copy split across n threads (NumPy releases the GIL while
+    copying): what n cores move together, where one core's copy may not fill the memory system."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    src = np.ones(nbytes // 8, dtype=np.float64)
+    dst = np.empty_like(src)
+    pairs = list(zip(np.array_split(dst, n), np.array_split(src, n)))
+    best = float("inf")
+    with ThreadPoolExecutor(n) as pool:
+        list(pool.map(lambda p: np.copyto(*p), pairs))
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            list(pool.map(lambda p: np.copyto(*p), pairs))
+            best = min(best, time.perf_counter() - t0)
+    return 2 * src.nbytes / best
+
+
 def bandwidths() -> dict:
-    """Every STREAM figure ("read.all_cores" -> StreamFigure): 256 MiB arrays, best of 5."""
-    return {f.key: f for f in bandwidth.measure_stream()}
+    return {"calibrate copy (1 thread)": calibrate.copy_bandwidth(256 << 20, 5),
+            "copy split over 2 threads": copy_bandwidth_threads(2)}
+
+
+def load_model(args):
+    """The run, quantized as asked: --int8 MODE, or --bits 16/8/4 (32: the float32 model)."""
+    model = minigpt.load(args.run)
+    bits = getattr(args, "bits", 32)
+    if args.int8:
+        model.quantize(args.int8, kv_int8=args.kv_int8)
+    elif bits != 32:
+        model.quantize(bits=bits, group_size=getattr(args, "group_size", 32),
+                       storage16=getattr(args, "storage16", "fp16"), kv_int8=args.kv_int8)
+    return model
 
 
 def measure(args) -> dict:
-    """Load once; then, for each OpenBLAS thread count asked for, bandwidth, prefill + decode,
-    bandwidth again, and the compute peak. The headline is the thread count that decoded fastest."""
-    model = minigpt.load(args.run)
-    if args.int8:
-        model.quantize(args.int8, kv_int8=args.kv_int8)
+    """Load once; then, for each thread count asked for (OpenBLAS's and Numba's), bandwidth,
+    prefill + decode at each batch, bandwidth again, and the compute peak. The headline is the
+    thread count that decoded fastest at the first batch."""
+    kernels.use(getattr(args, "kernels", kernels.active()))
+    model = load_model(args)
     gpt, cfg = model.gpt, model.config.model
     if args.prompt + args.tokens > cfg.block_size:
         raise SystemExit(f"--prompt {args.prompt} + --tokens {args.tokens} exceed block_size {cfg.block_size}")
     runs = []
     for n in args.blas_threads:
-        with blas.threads(n) as applied:
+        with blas.threads(n) as applied, numba_threads(n):
             r = _measure(gpt, cfg, args)
         r["blas_threads"] = n if applied else blas.current()
         runs.append(r)
@@ -207,98 +261,178 @@ def measure(args) -> dict:
     return best
 
 
+class numba_threads:
+    """`with numba_threads(n):` the Numba kernels run on n threads (at most what Numba has)."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __enter__(self):
+        self.outer = None
+        if kernels.active() == "numba":
+            import numba
+
+            self.outer = numba.get_num_threads()
+            numba.set_num_threads(max(1, min(self.n, numba.config.NUMBA_NUM_THREADS)))
+        return self
+
+    def __exit__(self, *exc):
+        if self.outer is not None:
+            import numba
+
+            numba.set_num_threads(self.outer)
+        return False
+
+
+KNEE_SEARCH_LIMIT = 1024
+
+
+def knee(points: list, peak: float, bandwidth: float) -> dict:
+    """The batch at which decode turns compute-bound.
+
+    Predicted: the smallest batch B whose step FLOPs / peak reach its step bytes / bandwidth; both
+    grow with B (the closed form's counts: FLOPs by 2 per weight per sequence, bytes by the
+    activations and KV caches only), so it is found by doubling then bisecting on the closed form.
+    None if it is still bandwidth-bound at KNEE_SEARCH_LIMIT sequences.
+    Measured: where the flat line of the batch-1 step time meets the line through the two largest
+    batches' step times (the time each further sequence adds once the step is compute-bound), at
+    least 1 (a line that meets it below batch 1: compute-bound from the first batch on); None with
+    fewer than three batches."""
+    cfg, pos, quant_cfg = points[0]["_cfg"], points[0]["_position"], points[0]["_quant"]
+
+    def totals(B):
+        recs = cost_model.predict_decode_batch(cfg, [pos] * B, quant=quant_cfg)
+        return (sum(r.flops for r in recs.values()),
+                sum(r.bytes_read + r.bytes_written for r in recs.values()))
+
+    def compute_bound(B):
+        flops, nbytes = totals(B)
+        return flops / peak >= nbytes / bandwidth
+
+    hi = 1
+    while not compute_bound(hi) and hi < KNEE_SEARCH_LIMIT:
+        hi *= 2
+    if compute_bound(hi):
+        lo = hi // 2
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if compute_bound(mid) else (mid, hi)
+    else:
+        hi = None  # the activations' and caches' bytes grow as fast as the FLOPs: never
+    measured = None
+    if len(points) >= 3:
+        (_, t1), (ba, ta), (bb, tb) = [(p["batch"], p["step_s"]) for p in (points[0], *points[-2:])]
+        slope = (tb - ta) / (bb - ba)
+        if slope > 0:  # where t1 = ta + slope * (B - ba); below 1: compute-bound from batch 1 on
+            measured = max(1.0, ba - (ta - t1) / slope)
+    return {"knee_batch_predicted": hi, "knee_batch_measured": measured}
+
+
 def _measure(gpt, cfg, args) -> dict:
-    prompt = np.random.default_rng(0).integers(0, cfg.vocab_size, size=args.prompt)
+    batches = getattr(args, "batch", [1])
+    rng = np.random.default_rng(0)
+    prompts = {B: rng.integers(0, cfg.vocab_size, size=(B, args.prompt)) for B in batches}
     with METER.paused():
-        decode_run(gpt, prompt[:8], 2, args.kv_int8)  # warm up: page faults, BLAS buffers
+        decode_run(gpt, prompts[batches[0]][:, :8], 2, args.kv_int8)  # warm up: page faults, BLAS buffers
     before = bandwidths()
-    prefill_s, decode_s, records, decode_runs = best_run(gpt, prompt, args.tokens, args.kv_int8, args.repeats)
+    timed = {B: best_run(gpt, prompts[B], args.tokens, args.kv_int8, args.repeats) for B in batches}
     plain_s = plain_matvec(gpt, args.tokens, args.repeats) if gpt.quant is None else None
     plain2_s = plain_matvec_two_threads(gpt, args.tokens) if gpt.quant is None else None
     after = bandwidths()
+    read_bw = read_bandwidth()
     peak = calibrate.matmul_flops("float32", 2048, 3)
-    pre, dec = phase_totals(records, "prefill"), phase_totals(records, "decode")
-    means = {k: (before[k].bytes_per_s + after[k].bytes_per_s) / 2 for k in before}
-    measured = bandwidth.as_profile(means, {k: f.method() for k, f in before.items()})
-    ceiling_bw = roofline.memory_ceiling(measured, dec["bytes_read"], dec["bytes_written"])
-    copy_bw = roofline.memory_ceiling(measured, 1, 1)  # a copy's mix, for comparison
-    read_bw = roofline.memory_ceiling(measured, 1, 0)
-    bandwidth_bps = ceiling_bw.value
-    bytes_per_token = dec["bytes"] / args.tokens
-    tokens_per_s = args.tokens / decode_s
-    ceiling = bandwidth_bps / bytes_per_token
-    here_bytes = bytes_per_token + widened_bytes(gpt)
-    prefill_flops_per_token = pre["flops"] / args.prompt
-    return {
-        "run": str(args.run), "mode": args.int8 or "fp32", "kv_int8": args.kv_int8,
-        "params": gpt.params.size, "prompt_tokens": args.prompt, "new_tokens": args.tokens,
-        "tokens_per_s": tokens_per_s, "bytes_per_token": bytes_per_token, "repeats": args.repeats,
-        "decode_runs_tokens_per_s": [args.tokens / s for s in decode_runs],
-        "ceiling_tokens_per_s": ceiling, "fraction_of_ceiling": tokens_per_s / ceiling,
-        "ceiling": ceiling_bw.name, "ceiling_how": ceiling_bw.how,
-        "decode_bytes_read_per_token": dec["bytes_read"] / args.tokens,
-        "decode_bytes_written_per_token": dec["bytes_written"] / args.tokens,
-        "bandwidth": bandwidth_bps,
-        "bandwidth_before": {k: f.bytes_per_s for k, f in before.items()},
-        "bandwidth_after": {k: f.bytes_per_s for k, f in after.items()},
-        "bandwidth_source": f"{ceiling_bw.name}: {ceiling_bw.how}; the mean of the measurements "
-                            "right before and right after the decode, in this process",
-        "copy_bandwidth": copy_bw.value,
-        "fraction_of_copy_ceiling": tokens_per_s * bytes_per_token / copy_bw.value,
+    means = {k: (before[k] + after[k]) / 2 for k in before}
+    source = max(means, key=means.get)
+    bandwidth = means[source]
+    qcfg = gpt.quant.qcfg if gpt.quant is not None else None
+    points = []
+    for B in batches:
+        prefill_s, decode_s, records, decode_runs = timed[B]
+        pre, dec = phase_totals(records, "prefill"), phase_totals(records, "decode")
+        steps = args.tokens
+        step_s = decode_s / steps
+        bytes_per_step, flops_per_step = dec["bytes"] / steps, dec["flops"] / steps
+        bw_ceiling = B * bandwidth / bytes_per_step  # tokens/s over all sequences
+        compute_ceiling = B * peak / flops_per_step
+        tokens_per_s = B * steps / decode_s
+        ceiling = min(bw_ceiling, compute_ceiling)
+        points.append({
+            "batch": B, "tokens_per_s": tokens_per_s, "step_s": step_s,
+            "bytes_per_step": bytes_per_step, "bytes_per_token": bytes_per_step / B,
+            "flops_per_step": flops_per_step,
+            "bandwidth_ceiling_tokens_per_s": bw_ceiling, "compute_ceiling_tokens_per_s": compute_ceiling,
+            "ceiling_tokens_per_s": ceiling, "fraction_of_ceiling": tokens_per_s / ceiling,
+            "bound": "bandwidth" if bw_ceiling <= compute_ceiling else "compute",
+            "overhead_per_step_s": max(0.0, step_s - dec["seconds"] / steps),
+            "decode_metered_fraction": dec["seconds"] / decode_s,
+            "decode_runs_tokens_per_s": [B * steps / s for s in decode_runs],
+            "decode_seconds_by_kind": {k: v / steps for k, v in sorted(
+                dec["by_kind"].items(), key=lambda kv: -kv[1])},
+            "prefill_s": prefill_s, "_pre": pre,
+            "_cfg": cfg, "_position": args.prompt + args.tokens // 2, "_quant": qcfg,
+        })
+    first = points[0]
+    B = first["batch"]
+    pre = first["_pre"]
+    prefill_tokens = B * args.prompt
+    prefill_flops_per_token = pre["flops"] / prefill_tokens
+    tokens_per_s = first["tokens_per_s"]
+    bytes_per_token = first["bytes_per_token"]
+    here_bytes = bytes_per_token + widened_bytes(gpt) / B
+    bits = 8 if args.int8 else getattr(args, "bits", 32)
+    out = {
+        "run": str(args.run), "mode": args.int8 or (qcfg.name if qcfg is not None else "fp32"),
+        "kv_int8": args.kv_int8, "bits": bits, "batch": B, "kernels": kernels.active(),
+        "params": gpt.params.size, "weight_bytes": weight_bytes(gpt),
+        "prompt_tokens": args.prompt, "new_tokens": args.tokens,
+        "repeats": args.repeats,
+        "bandwidth": bandwidth, "bandwidth_before": before, "bandwidth_after": after,
+        "bandwidth_source": f"{source}: 256 MiB, (read + written bytes) / s, best of 5, the mean of "
+                            "the measurements right before and right after the decode, in this process",
         "bytes_per_token_here": here_bytes,
-        "ceiling_here_tokens_per_s": bandwidth_bps / here_bytes,
-        "decode_seconds_by_kind": {k: v / args.tokens for k, v in sorted(
-            dec["by_kind"].items(), key=lambda kv: -kv[1])},
-        "decode_metered_fraction": dec["seconds"] / decode_s,
-        "prefill_tokens_per_s": args.prompt / prefill_s,
+        "ceiling_here_tokens_per_s": bandwidth / here_bytes,
+        "prefill_tokens_per_s": prefill_tokens / first["prefill_s"],
         "prefill_flops_per_token": prefill_flops_per_token,
         "matmul_peak_flops": peak,
         "prefill_ceiling_tokens_per_s": peak / prefill_flops_per_token,
-        "prefill_fraction_of_ceiling": (args.prompt / prefill_s) / (peak / prefill_flops_per_token),
+        "prefill_fraction_of_ceiling": (prefill_tokens / first["prefill_s"]) / (peak / prefill_flops_per_token),
         "environment": calibrate._environment(),
         "plain_matvec_tokens_per_s": 1 / plain_s if plain_s else None,
-        "fraction_of_plain_matvec": tokens_per_s * plain_s if plain_s else None,
+        "fraction_of_plain_matvec": tokens_per_s / B * plain_s if plain_s else None,
         "plain_matvec_two_threads_tokens_per_s": 1 / plain2_s if plain2_s else None,
-        "read_bandwidth": read_bw.value,
-        "fraction_of_read_ceiling": tokens_per_s * bytes_per_token / read_bw.value,
-        **predicted_rates(gpt, args),
+        "read_bandwidth": read_bw,
+        "fraction_of_read_ceiling": tokens_per_s * bytes_per_token / read_bw,
     }
-
-
-def predicted_rates(gpt, args) -> dict:
-    """The time model's decode and prefill rates for this run (minigpt.energy.forecast)."""
-    from minigpt.energy import forecast
-    from minigpt.train import timing_runs
-
-    qcfg = gpt.quant.qcfg if gpt.quant is not None else None
-    g = forecast.generation(gpt.cfg, timing_runs.time_model(), args.prompt, args.tokens, quant=qcfg)
-    return {"predicted_tokens_per_s": g.tokens_per_s,
-            "predicted_prefill_tokens_per_s": args.prompt / g.prefill_s}
+    out |= {k: v for k, v in first.items() if not k.startswith("_") and k != "prefill_s"}
+    out |= knee(points, peak, bandwidth)
+    out["batches"] = [{k: v for k, v in p.items() if not k.startswith("_") and k not in (
+        "decode_seconds_by_kind", "prefill_s")} for p in points]
+    return out
 
 
 def print_table(r: dict) -> None:
     gb = 1e9
     print(f"{r['run']}: {r['params']:,} parameters, {r['mode']}"
-          f"{' + int8 KV cache' if r['kv_int8'] else ''}, batch 1, prompt {r['prompt_tokens']} tokens, "
-          f"{r['new_tokens']} decoded ({r['environment']}; OpenBLAS threads: {r['blas_threads']})")
+          f"{' + int8 KV cache' if r['kv_int8'] else ''}, weights {r['weight_bytes'] / 1e6:.1f} MB, "
+          f"batch {r['batch']}, prompt {r['prompt_tokens']} tokens, {r['new_tokens']} decoded "
+          f"({r['environment']}; threads: {r['blas_threads']}; kernels: {r['kernels']})")
     for k in r["bandwidth_before"]:
         print(f"bandwidth, {k} (read + written): {r['bandwidth_before'][k] / gb:.2f} GB/s before the decode, "
               f"{r['bandwidth_after'][k] / gb:.2f} GB/s after")
-    print(f"ceiling: the {r['ceiling']}, {r['bandwidth'] / gb:.2f} GB/s (the mean), the STREAM kind nearest "
-          f"the decode step's mix ({r['decode_bytes_read_per_token'] / 1e6:.2f} MB read, "
-          f"{r['decode_bytes_written_per_token'] / 1e6:.3f} MB written per token); {r['ceiling_how']}")
+    print(f"ceiling from {r['bandwidth'] / gb:.2f} GB/s ({r['bandwidth_source'].split(':')[0]}, the mean)")
     print()
     print(f"decode    {r['tokens_per_s']:10.2f} tokens/s   {r['bytes_per_token'] / 1e6:9.2f} MB/token (meter)"
           f"   ceiling {r['ceiling_tokens_per_s']:8.2f} tokens/s   achieved {100 * r['fraction_of_ceiling']:5.1f}%")
+    print(f"          compute ceiling {r['compute_ceiling_tokens_per_s']:.2f} tokens/s "
+          f"({r['flops_per_step'] / 1e9:.3f} GFLOP a step at the {r['matmul_peak_flops'] / 1e9:.0f} GFLOP/s "
+          f"matmul peak): {r['bound']}-bound; {1e3 * r['overhead_per_step_s']:.2f} ms a step outside "
+          "the metered ops (Python between them)")
     if r["repeats"] > 1:
         runs = ", ".join(f"{t:.2f}" for t in r["decode_runs_tokens_per_s"])
         print(f"          the best of {r['repeats']} runs ({runs} tokens/s; the mean "
               f"{100 * np.mean(r['decode_runs_tokens_per_s']) / r['ceiling_tokens_per_s']:.1f}% of the ceiling)")
-    print(f"          against the copy bandwidth ({r['copy_bandwidth'] / gb:.2f} GB/s, read + write counted) "
-          f"the decode would be {100 * r['fraction_of_copy_ceiling']:.1f}%: a copy is not what a decode does")
-    print(f"          predicted {r['predicted_tokens_per_s']:.2f} tokens/s by the time model "
-          f"({100 * (r['predicted_tokens_per_s'] / r['tokens_per_s'] - 1):+.1f}%; prefill "
-          f"{r['predicted_prefill_tokens_per_s']:.1f} tokens/s predicted)")
+    print(f"          a pure read stream (sum of 256 MiB) ran at {r['read_bandwidth'] / gb:.2f} GB/s: the decode "
+          f"moved {100 * r['fraction_of_read_ceiling']:.1f}% of that")
     if r["plain_matvec_tokens_per_s"]:
         print(f"          plain NumPy matrix-vector products over the same weights, nothing else: "
               f"{r['plain_matvec_tokens_per_s']:.2f} tokens/s ({100 * r['plain_matvec_tokens_per_s'] / r['ceiling_tokens_per_s']:.1f}% "
@@ -315,7 +449,23 @@ def print_table(r: dict) -> None:
         print(f"          what bounds w8a32 here: widening the {sp['int8_bytes'] / 1e6:.1f} MB of int8 tables to "
               f"float32 takes {1e3 * sp['widen_s']:.1f} ms a token, the float32 products of the widened "
               f"tables {1e3 * sp['float_products_s']:.1f} ms (a kernel reading int8 needs neither: "
-              f"{r['bytes_per_token'] / r['bandwidth'] * 1e3:.1f} ms at the {r['ceiling']})")
+              f"{r['bytes_per_token'] / r['bandwidth'] * 1e3:.1f} ms at the copy bandwidth)")
+    if len(r["batches"]) > 1:
+        print()
+        print("\n".join(rows_text(
+            ("batch", "tokens/s", "ms/step", "MB/token", "GFLOP/step", "bw ceiling", "compute ceiling",
+             "bound", "of ceiling"),
+            [(str(p["batch"]), f"{p['tokens_per_s']:.1f}", f"{1e3 * p['step_s']:.2f}",
+              f"{p['bytes_per_token'] / 1e6:.2f}", f"{p['flops_per_step'] / 1e9:.3f}",
+              f"{p['bandwidth_ceiling_tokens_per_s']:.1f}", f"{p['compute_ceiling_tokens_per_s']:.1f}",
+              p["bound"], f"{100 * p['fraction_of_ceiling']:.1f}%") for p in r["batches"]])))
+        measured = r["knee_batch_measured"]
+        predicted = r["knee_batch_predicted"]
+        print(f"decode turns compute-bound at batch "
+              f"{f'> {KNEE_SEARCH_LIMIT}' if predicted is None else predicted} (predicted: the closed form's "
+              f"FLOPs and bytes against the peak and bandwidth above); measured "
+              f"{'-' if measured is None else f'{measured:.1f}'} (where the batch-1 step time meets the "
+              "line through the two largest batches')")
     print(f"prefill   {r['prefill_tokens_per_s']:10.1f} tokens/s   {r['prefill_flops_per_token'] / 1e9:9.3f} "
           f"GFLOP/token       ceiling {r['prefill_ceiling_tokens_per_s']:8.1f} tokens/s   achieved "
           f"{100 * r['prefill_fraction_of_ceiling']:5.1f}%  (matmul peak {r['matmul_peak_flops'] / 1e9:.0f} GFLOP/s)")
@@ -343,6 +493,15 @@ def main(argv=None) -> int:
                     help="runs of prefill + decode (and of the plain products); each figure is the best "
                     "run's, like the bandwidth's best of 5 (default 3)")
     ap.add_argument("--int8", choices=quant.MODES, default=None, help="quantize on load")
+    ap.add_argument("--bits", type=int, choices=(32, 16, 8, 4), default=32,
+                    help="weight width: 32 = the float32 model; 16, 8, 4 = packed weight-only (default 32)")
+    ap.add_argument("--group-size", type=int, default=32, help="--bits 4: inputs sharing a scale (default 32)")
+    ap.add_argument("--storage16", choices=("fp16", "bf16"), default="fp16", help="--bits 16: the format")
+    ap.add_argument("--batch", default="1",
+                    help="sequences decoded together, comma-separated to sweep (e.g. 1,8,64; three or "
+                    "more give a measured knee); the first is the headline (default 1)")
+    ap.add_argument("--kernels", choices=kernels.CHOICES, default=kernels.active(),
+                    help=f"the packed products' path (default {kernels.active()})")
     ap.add_argument("--kv-int8", action="store_true", help="with --int8: keep the KV cache in int8")
     ap.add_argument("--blas-threads", default="1,2",
                     help="OpenBLAS thread counts to measure with, comma-separated (default 1,2: the "
@@ -355,8 +514,16 @@ def main(argv=None) -> int:
         ap.error(f"--blas-threads {args.blas_threads!r}: expected counts like 1,2")
     if min(args.tokens, args.prompt, args.repeats, *args.blas_threads) < 1:
         ap.error("--tokens, --prompt, --repeats and --blas-threads must be >= 1")
-    if args.kv_int8 and not args.int8:
-        ap.error("--kv-int8 needs --int8 MODE")
+    try:
+        args.batch = [int(n) for n in args.batch.split(",")]
+    except ValueError:
+        ap.error(f"--batch {args.batch!r}: expected sizes like 1,8,64")
+    if min(args.batch) < 1:
+        ap.error("--batch sizes must be >= 1")
+    if args.kv_int8 and not (args.int8 or args.bits != 32):
+        ap.error("--kv-int8 needs --int8 MODE or --bits 16|8|4")
+    if args.int8 and args.bits != 32:
+        ap.error("--int8 MODE and --bits are two ways to quantize: give one")
     r = measure(args)
     if args.format == "json":
         print(json.dumps(r, indent=1))

@@ -26,7 +26,7 @@ import numpy as np
 from minigpt import backend, sampling, tracking
 from minigpt import config as config_mod
 from minigpt.errors import CheckpointError, ConfigError
-from minigpt.nn import quant
+from minigpt.nn import lowbit, quant
 from minigpt.nn.model import GPT
 from minigpt.nn.params import FlatBuffer, init, layout
 from minigpt.tokenizers import ByteTokenizer
@@ -157,10 +157,25 @@ class Model:
     def _kv_int8(self) -> bool:
         return self.gpt.quant is not None and self.gpt.quant.qcfg.kv_int8
 
+    def generate_batch(self, prompts, max_new_tokens=100, temperature=1.0, top_k=None, top_p=None,
+                       seed=None, on_token=None) -> list:
+        """sampling.generate_batch: several prompts (repeat one for several samples of it) decoded
+        together, one KV cache each; each prompt's last block_size tokens are kept. Returns one
+        sampling.Generation per prompt; sequence i samples with seed + i."""
+        block = self.gpt.cfg.block_size
+        seqs = [np.asarray(p).reshape(-1)[-block:] for p in prompts]
+        kv_int8 = self.gpt.quant is not None and self.gpt.quant.qcfg.kv_int8
+        return sampling.generate_batch(self.gpt, seqs, max_new_tokens, temperature, top_k, top_p, seed,
+                                       on_token, kv_int8=kv_int8, n_tokens=self.tokenizer.vocab_size)
+
     def quantize(self, mode: str = quant.DEFAULT_MODE, quantize_embedding: bool = False,
-                 kv_int8: bool = False, outlier_threshold: float | None = None) -> "Model":
-        """Switch to int8 inference (see minigpt.nn.quant); returns self."""
-        qcfg = quant.QuantConfig(mode, quantize_embedding, kv_int8, outlier_threshold)
+                 kv_int8: bool = False, outlier_threshold: float | None = None,
+                 bits: int | None = None, group_size: int = 32, storage16: str = "fp16") -> "Model":
+        """Switch to quantized inference; returns self. bits None: the int8 `mode` (see
+        minigpt.nn.quant); bits 16, 8 or 4: packed weight-only weights (see minigpt.nn.lowbit),
+        group_size inputs a scale at 4 bits, storage16 "fp16" or "bf16" at 16."""
+        qcfg = quant.QuantConfig(mode, quantize_embedding, kv_int8, outlier_threshold, bits,
+                                 group_size, storage16)
         self.gpt.quant = quant.quantize_model(self.gpt.params, self.gpt.cfg, qcfg)
         return self
 
@@ -169,7 +184,10 @@ class Model:
         if self.gpt.quant is None:
             raise ValueError("quantize the model before saving an int8 checkpoint")
         q = self.gpt.quant
-        tables = {n: (backend.to_host(a), backend.to_host(s)) for n, (a, s) in q.tables.items()}
+        if q.qcfg.bits is not None:  # packed: each matrix's logical arrays (see nn/lowbit.py)
+            tables = {n: (w.q, w.scale) for n, w in q.weights.items()}
+        else:
+            tables = {n: (backend.to_host(a), backend.to_host(s)) for n, (a, s) in q.tables.items()}
         floats = {n: backend.to_host(v) for n, v in self.gpt.params.views.items() if n not in tables}
         meta = {"config": self.config.to_dict(), "tokenizer": self.tokenizer.to_dict(),
                 "layout": self.gpt.params.layout, "quant": q.qcfg.__dict__}
@@ -205,8 +223,30 @@ def load(path, device: str = "cpu") -> Model:
     return Model(cfg, GPT(cfg.model, params), tokenizer)
 
 
+def _load_packed(meta, arrays, cfg, tokenizer) -> Model:
+    """A --bits checkpoint: packed weights for inference, their dequantized values in params."""
+    qcfg = quant.QuantConfig(**meta["quant"])
+    params = FlatBuffer(cfg.model, "float32")
+    weights = {}
+    for name, view in params.views.items():
+        if name in meta["int8_names"]:
+            head = name == "transformer.wte.weight"
+            K, M = (view.shape[1], view.shape[0]) if head else view.shape
+            w = lowbit.from_stored(qcfg.bits, K, M, arrays[f"int8/{name}"], arrays.get(f"scale/{name}"),
+                                   qcfg.group_size, qcfg.storage16 == "bf16")
+            view[...] = backend.asarray(w.dequantize().T if head else w.dequantize())
+            weights[name] = w
+        else:
+            view[...] = backend.asarray(arrays[f"float/{name}"])
+    gpt = GPT(cfg.model, params)
+    gpt.quant = lowbit.PackedWeights(cfg.model, qcfg, weights)
+    return Model(cfg, gpt, tokenizer)
+
+
 def _load_int8(meta, arrays, cfg, tokenizer) -> Model:
     """An int8 checkpoint: int8 weights for inference, and their dequantized values in params."""
+    if meta["quant"].get("bits") is not None:
+        return _load_packed(meta, arrays, cfg, tokenizer)
     params = FlatBuffer(cfg.model, "float32")
     tables = {}
     for name, view in params.views.items():

@@ -21,7 +21,7 @@ FLOORS = [
     {"scale"},                                  # full-size projections, over energy
     {"train"},                                  # the training loop, data, checkpoints, MPI
     {"sampling", "evaluate", "interop"},        # generation, quality, GPT-2 checkpoints in and out
-    {"report"},                                 # report.html and charts of a finished run
+    {"report", "serve"},                        # report.html; the OpenAI-compatible server
     {"tracking"},                               # minigpt.track and the typed Costs, Energy, Estimate
     {"api", "runs"},                            # the Python API: a model; training and scale runs
     {"cli"},                                    # the commands

@@ -31,7 +31,7 @@ def test_bytes_per_token_is_the_closed_forms_and_the_ceiling_follows(trained_run
     monkeypatch.setattr(bandwidth, "measure_stream", _fake_stream)
     monkeypatch.setattr(calibrate, "matmul_flops", lambda *a: 1e11)
     args = argparse.Namespace(run=trained_run, tokens=5, prompt=4, int8=None, kv_int8=False, blas_threads=[1],
-                              repeats=2)
+                              repeats=2, bits=32, batch=[1])
     r = bench.measure(args)
     assert len(r["decode_runs_tokens_per_s"]) == 2  # the headline is the best run's
     assert r["tokens_per_s"] == pytest.approx(max(r["decode_runs_tokens_per_s"]))
@@ -82,3 +82,105 @@ def test_blas_threads_sets_and_restores():
     with blas.threads(1) as applied:
         assert applied and blas.current() == 1
     assert blas.current() == before
+
+
+@pytest.mark.parametrize("bits", [32, 8, 4])
+def test_a_batch_sweep_reports_each_batch_against_both_ceilings(trained_run, monkeypatch, bits):
+    bench = _bench()
+    monkeypatch.setattr(calibrate, "copy_bandwidth", lambda *a: 8e9)
+    monkeypatch.setattr(calibrate, "matmul_flops", lambda *a: 1e11)
+    monkeypatch.setattr(bench, "read_bandwidth", lambda *a: 6e9)
+    monkeypatch.setattr(bench, "copy_bandwidth_threads", lambda *a: 7e9)
+    args = argparse.Namespace(run=trained_run, tokens=3, prompt=4, int8=None, kv_int8=False, blas_threads=[1],
+                              repeats=1, bits=bits, group_size=16, storage16="fp16", batch=[1, 2, 5],
+                              kernels="numpy")
+    r = bench.measure(args)
+    import minigpt
+
+    model = bench.load_model(args)
+    cfg = model.config.model
+    qcfg = model.gpt.quant.qcfg if model.gpt.quant is not None else None
+    assert (r["bits"], r["batch"], r["kernels"]) == (bits, 1, "numpy")
+    assert r["params"] == sum(v.size for v in minigpt.load(trained_run).params.values())
+    for p in r["batches"]:
+        B = p["batch"]
+        predicted = [cost_model.predict_decode_batch(cfg, [pos] * B, quant=qcfg)
+                     for pos in range(args.prompt, args.prompt + args.tokens)]
+        nbytes = sum(x.bytes_read + x.bytes_written for recs in predicted for x in recs.values())
+        flops = sum(x.flops for recs in predicted for x in recs.values())
+        assert p["bytes_per_step"] == pytest.approx(nbytes / args.tokens, rel=1e-12)
+        assert p["bytes_per_token"] == pytest.approx(p["bytes_per_step"] / B)
+        assert p["flops_per_step"] == pytest.approx(flops / args.tokens, rel=1e-12)
+        assert p["bandwidth_ceiling_tokens_per_s"] == pytest.approx(B * 8e9 / p["bytes_per_step"])
+        assert p["compute_ceiling_tokens_per_s"] == pytest.approx(B * 1e11 / p["flops_per_step"])
+        binding = min(p["bandwidth_ceiling_tokens_per_s"], p["compute_ceiling_tokens_per_s"])
+        assert p["ceiling_tokens_per_s"] == binding
+        assert p["bound"] == ("bandwidth" if binding == p["bandwidth_ceiling_tokens_per_s"] else "compute")
+        assert p["fraction_of_ceiling"] == pytest.approx(p["tokens_per_s"] / binding)
+    assert r["batches"][0]["tokens_per_s"] == r["tokens_per_s"]
+    # the predicted knee: compute-bound there, bandwidth-bound one batch before
+    k = r["knee_batch_predicted"]
+
+    def compute_bound(B):
+        recs = cost_model.predict_decode_batch(cfg, [args.prompt + args.tokens // 2] * B, quant=qcfg)
+        return sum(x.flops for x in recs.values()) / 1e11 >= \
+            sum(x.bytes_read + x.bytes_written for x in recs.values()) / 8e9
+
+    if k is None:
+        assert not compute_bound(bench.KNEE_SEARCH_LIMIT)
+    else:
+        assert compute_bound(k) and (k == 1 or not compute_bound(k - 1))
+    assert r["knee_batch_measured"] is None or r["knee_batch_measured"] >= 1
+
+
+def test_the_measured_knee_is_where_the_two_lines_meet():
+    bench = _bench()
+    cfg = minigpt_config()
+    points = [{"batch": b, "step_s": t, "_cfg": cfg, "_position": 4, "_quant": None}
+              for b, t in ((1, 0.010), (8, 0.011), (32, 0.030), (64, 0.060))]
+    # flat at 10 ms; then 30 ms at 32 rising 0.9375 ms a sequence: they meet at 32 - 20 / 0.9375
+    assert bench.knee(points, 1e11, 8e9)["knee_batch_measured"] == pytest.approx(32 - 20 / 0.9375)
+    assert bench.knee(points[:2], 1e11, 8e9)["knee_batch_measured"] is None
+    steep = [dict(p, step_s=0.010 * p["batch"]) for p in points]  # time grows from batch 1 on
+    assert bench.knee(steep, 1e11, 8e9)["knee_batch_measured"] == 1.0
+    # this model's weights are tiny beside its activations: never compute-bound at 1e11 / 8e9
+    assert bench.knee(points, 1e11, 8e9)["knee_batch_predicted"] is None
+    # at 1e5 FLOP/s compute binds from batch 1
+    assert bench.knee(points, 1e5, 8e9)["knee_batch_predicted"] == 1
+    # GPT-2 124M's shape: 2 FLOPs a weight a sequence against ~4 bytes a weight a step: at 1e11
+    # FLOP/s and 2e10 B/s the step's 0.5 GB takes 25 ms, a sequence's 0.25 GFLOP 2.5 ms: about 10
+    from minigpt import config
+
+    gpt2 = config.load(str(ROOT / "configs" / "gpt2-124m.toml"), []).model
+    big = [dict(p, _cfg=gpt2, _position=64) for p in points]
+    k = bench.knee(big, 1e11, 2e10)["knee_batch_predicted"]
+    assert 8 <= k <= 14
+
+
+def minigpt_config():
+    from minigpt import config
+
+    return config.ModelConfig(n_layer=1, n_head=2, n_embd=8, block_size=16, vocab_size=32)
+
+
+def test_the_grid_reports_every_bits_and_batch_point(trained_run, monkeypatch, capsys):
+    bench = _bench()
+    spec = importlib.util.spec_from_file_location("bench_decode_grid", ROOT / "bench" / "decode_grid.py")
+    grid = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(grid)
+    monkeypatch.setattr(grid, "_decode_bench", lambda: bench)
+    monkeypatch.setattr(calibrate, "copy_bandwidth", lambda *a: 8e9)
+    monkeypatch.setattr(calibrate, "matmul_flops", lambda *a: 1e11)
+    monkeypatch.setattr(bench, "read_bandwidth", lambda *a: 6e9)
+    monkeypatch.setattr(bench, "copy_bandwidth_threads", lambda *a: 7e9)
+    args = argparse.Namespace(run=trained_run, bits=[32, 8], batch=[1, 3], tokens=2, prompt=3, repeats=1,
+                              blas_threads=[1], group_size=16, storage16="fp16", kernels="numpy", watts=10.0)
+    g = grid.grid(args)
+    assert [(r["bits"], r["batch"]) for r in g["rows"]] == [(32, 1), (32, 3), (8, 1), (8, 3)]
+    by = {(r["bits"], r["batch"]): r for r in g["rows"]}
+    for (bits, batch), r in by.items():
+        assert r["speedup_over_fp32"] == pytest.approx(r["tokens_per_s"] / by[32, batch]["tokens_per_s"])
+        assert r["j_per_token"] == pytest.approx(10.0 / r["tokens_per_s"])  # W x step s / batch
+    assert by[8, 1]["bytes_per_token"] < by[32, 1]["bytes_per_token"] / 2
+    grid.print_table(g)
+    assert "J/token at 10.0 W" in capsys.readouterr().out

@@ -4,6 +4,7 @@
     generation.py  generate (generate.py wraps it)
     costs.py       costs, report, calibrate, hardware, scale
     models.py      quantize, eval, import, export, init
+    serving.py     serve (the OpenAI-compatible server, minigpt.serve)
 
 Bad input of any kind ends in one line on stderr and exit code 2; see minigpt.errors.
 """
@@ -14,6 +15,7 @@ from minigpt.cli.common import EXIT_BAD_INPUT
 from minigpt.cli.costs import cmd_calibrate, cmd_costs, cmd_hardware, cmd_report, cmd_scale
 from minigpt.cli.generation import cmd_generate
 from minigpt.cli.models import cmd_eval, cmd_export, cmd_import, cmd_init, cmd_quantize
+from minigpt.cli.serving import cmd_serve
 from minigpt.cli.training import cmd_train
 from minigpt.errors import MiniGPTError
 
@@ -30,6 +32,7 @@ COMMANDS = {
     "import": (cmd_import, "a Hugging Face GPT-2 folder (safetensors) -> a run folder"),
     "export": (cmd_export, "a run folder -> a Hugging Face GPT-2 folder"),
     "init": (cmd_init, "a run folder of GPT-2-initialised weights for a config (no training)"),
+    "serve": (cmd_serve, "an OpenAI-compatible server with each request's joules"),
 }
 
 

@@ -6,7 +6,7 @@ import math
 import sys
 from pathlib import Path
 
-from minigpt import units
+from minigpt import kernels, units
 from minigpt.cli.common import Parser
 from minigpt.cli.training import energy_arguments, hardware_for
 from minigpt.errors import ConfigError
@@ -22,11 +22,16 @@ def _generate_parser(prog="minigpt generate") -> argparse.ArgumentParser:
     )
     p.add_argument("run", help="a run folder (out/tiny) or a checkpoint file")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--prompt", default=None, help="the text to continue (default: a newline)")
+    src.add_argument("--prompt", action="append", default=None,
+                     help="the text to continue (default: a newline); repeat it to decode several "
+                     "prompts together, one KV cache each")
     src.add_argument("--prompt-file", default=None, help="read the prompt from this file")
     src.add_argument("--prompt-ids", default=None, metavar="ID,ID,...",
                      help="the prompt as token ids (for a run with no tokenizer)")
     p.add_argument("--max-new-tokens", type=int, default=300, help="tokens to generate (default 300)")
+    p.add_argument("--num-samples", type=int, default=1,
+                   help="continuations of each prompt, decoded together in one batch (default 1); "
+                   "sample i of a batch uses seed + i")
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
     p.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest tokens")
     p.add_argument("--top-p", type=float, default=None, help="sample within this probability mass")
@@ -44,6 +49,16 @@ def _generate_parser(prog="minigpt generate") -> argparse.ArgumentParser:
 
 
 def int8_arguments(p, mode_flag="--int8") -> None:
+    """The quantization options generate and eval share: --bits, --int8 MODE and their details."""
+    p.add_argument("--bits", type=int, choices=(32, 16, 8, 4), default=32,
+                   help="weight width on load: 32 = float32 (default); 16, 8 or 4 = packed weight-only "
+                   "weights (every linear layer and the LM head), read by the compiled kernels")
+    p.add_argument("--group-size", type=int, default=32, help="--bits 4: inputs sharing one scale (default 32)")
+    p.add_argument("--storage16", choices=("fp16", "bf16"), default="fp16",
+                   help="--bits 16: fp16 (default) or bf16")
+    p.add_argument("--kernels", choices=kernels.CHOICES, default=None,
+                   help=f"the packed products' path: numba (compiled) or numpy (the reference); "
+                   f"default {kernels.active()} (MINIGPT_KERNELS)")
     p.add_argument(mode_flag, dest="int8", choices=quant.MODES, default=None,
                    help="quantize on load: w8a32 = int8 weights, w8a8 = int8 weights and activations")
     p.add_argument("--int8-embedding", action="store_true", help="also read the token embedding from int8")
@@ -53,10 +68,24 @@ def int8_arguments(p, mode_flag="--int8") -> None:
 
 
 def apply_int8(model, args) -> None:
+    """Quantize as the options say: --bits 16/8/4, or --int8 MODE (and --kernels)."""
     quant.check_outlier_threshold(args.outlier_threshold, "--outlier-threshold")
+    if args.kernels is not None:
+        kernels.use(args.kernels)
+    if args.bits != 32:
+        if args.int8 is not None:
+            raise ConfigError("--bits and --int8 are two ways to quantize: give one")
+        if args.int8_embedding or args.outlier_threshold is not None:
+            raise ConfigError("--int8-embedding and --outlier-threshold belong to --int8 MODE, not --bits")
+        if model.gpt.quant is not None:
+            raise ConfigError(f"{args.run}: already a quantized checkpoint; load it without --bits")
+        model.quantize(bits=args.bits, group_size=args.group_size, storage16=args.storage16,
+                       kv_int8=args.kv_int8)
+        return
     if args.int8 is None:
         if args.int8_embedding or args.kv_int8 or args.outlier_threshold is not None:
-            raise ConfigError("--int8-embedding, --kv-int8 and --outlier-threshold need --int8 MODE")
+            raise ConfigError("--int8-embedding, --kv-int8 and --outlier-threshold need --int8 MODE "
+                              "(--kv-int8: or --bits)")
         return
     model.quantize(args.int8, args.int8_embedding, args.kv_int8, args.outlier_threshold)
 
@@ -81,29 +110,39 @@ def cmd_generate(argv) -> int:
         if not Path(args.energy_json).parent.is_dir():
             raise ConfigError(f"--energy-json {args.energy_json}: no folder "
                               f"{Path(args.energy_json).parent}")
+    if args.num_samples < 1:
+        raise ConfigError(f"--num-samples must be >= 1, got {args.num_samples}")
     if args.prompt_file is not None:
         try:
             with open(args.prompt_file, "rb") as f:
-                prompt = f.read()
+                prompts = [f.read()]
         except OSError as e:
             raise ConfigError(f"--prompt-file {args.prompt_file}: cannot read: {e.strerror or e}") from None
     else:
-        prompt = args.prompt if args.prompt is not None else "\n"
+        prompts = args.prompt if args.prompt is not None else ["\n"]
+    if args.costs and (len(prompts) > 1 or args.num_samples > 1):
+        raise ConfigError("--costs reports one sequence's generation: give one --prompt and no "
+                          "--num-samples (bench/decode.py --batch measures batched decode)")
     model = minigpt.load(args.run, device=args.device)
     apply_int8(model, args)
     if args.prompt_ids is not None:  # "" too: an empty list of ids is not a request for "\n"
         ids = _prompt_ids(args.prompt_ids, model)
         if not ids:
             raise ConfigError(f"--prompt-ids {args.prompt_ids!r}: no token ids given")
+        batch = [ids]
     else:
-        ids = model.tokenizer.encode(prompt)
-    if len(ids) == 0:
+        batch = [model.tokenizer.encode(prompt) for prompt in prompts]
+    if any(len(ids) == 0 for ids in batch):
         raise ConfigError("the prompt is empty: give --prompt TEXT or a non-empty --prompt-file")
     block = model.config.model.block_size
-    if len(ids) > block:
-        print(f"note: the prompt has {len(ids)} tokens; keeping its last {block} (the context length)",
-              file=sys.stderr)
-        ids = ids[-block:]
+    for i, ids in enumerate(batch):
+        if len(ids) > block:
+            print(f"note: the prompt has {len(ids)} tokens; keeping its last {block} (the context length)",
+                  file=sys.stderr)
+            batch[i] = ids[-block:]
+    if len(batch) > 1 or args.num_samples > 1:
+        return _generate_batch(model, batch, args)
+    ids = batch[0]
     out = sys.stdout
     out.write(model.tokenizer.decode(ids))
     decode = model.tokenizer.stream_decoder()
@@ -122,6 +161,21 @@ def cmd_generate(argv) -> int:
     out.write(decode([], final=True) + "\n")
     if args.costs:
         _print_generation_costs(len(ids), gen, measured, args, model)
+    return 0
+
+
+def _generate_batch(model, prompts: list, args) -> int:
+    """Every prompt's --num-samples continuations, decoded together (sampling.generate_batch),
+    printed one after another once all are done, each under a header line."""
+    seqs = [ids for ids in prompts for _ in range(args.num_samples)]
+    gens = model.generate_batch(seqs, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+                                args.seed)
+    out = sys.stdout
+    for i, (ids, gen) in enumerate(zip(seqs, gens)):
+        p, k = divmod(i, args.num_samples)
+        out.write(f"--- prompt {p + 1}, sample {k + 1} ---\n")
+        out.write(model.tokenizer.decode(list(ids) + gen.tokens.tolist()) + "\n")
+    out.flush()
     return 0
 
 

@@ -14,14 +14,21 @@ def cmd_quantize(argv) -> int:
     from minigpt.train import checkpoint
 
     p = Parser(prog="minigpt quantize",
-               description="Write an int8 checkpoint of a trained run: every linear layer's weights and "
-               "the (tied) token table in int8 with one float32 scale per output channel.",
-               epilog="example: minigpt quantize out/tiny -o out/tiny-int8 && "
-               "python generate.py out/tiny-int8 --prompt 'def '")
+               description="Write a quantized checkpoint of a trained run: every linear layer's weights and "
+               "the (tied) token table in int8 with one float32 scale per output channel (--mode), or "
+               "packed at --bits 16, 8 or 4 for the compiled kernels.",
+               epilog="example: minigpt quantize out/tiny -o out/tiny-q4 --bits 4 && "
+               "python generate.py out/tiny-q4 --prompt 'def '")
     p.add_argument("run", help="a run folder or checkpoint file")
     p.add_argument("-o", "--output", required=True, help="a folder (gets ckpt.npz) or a .npz file")
+    p.add_argument("--bits", type=int, choices=(16, 8, 4), default=None,
+                   help="packed weight-only weights instead of an --int8 mode: 16 (fp16 or bf16), 8 "
+                   "(per-channel scales) or 4 (a scale per --group-size inputs); every linear layer "
+                   "and the LM head, read by the compiled kernels")
+    p.add_argument("--group-size", type=int, default=32, help="--bits 4: inputs sharing one scale (default 32)")
+    p.add_argument("--storage16", choices=("fp16", "bf16"), default="fp16", help="--bits 16: the format")
     p.add_argument("--mode", choices=quant.MODES, default=quant.DEFAULT_MODE,
-                   help=f"inference mode stored (default {quant.DEFAULT_MODE})")
+                   help=f"inference mode stored without --bits (default {quant.DEFAULT_MODE})")
     p.add_argument("--int8-embedding", action="store_true", help="read the token embedding from int8 too")
     p.add_argument("--kv-int8", action="store_true", help="keep the KV cache in int8 when generating")
     p.add_argument("--outlier-threshold", type=float, default=None, help="w8a8 outlier threshold")
@@ -37,12 +44,18 @@ def cmd_quantize(argv) -> int:
     model = minigpt.load(args.run)
     if model.gpt.quant is not None:
         raise ConfigError(f"{args.run}: already an int8 checkpoint")
-    model.quantize(args.mode, args.int8_embedding, args.kv_int8, args.outlier_threshold)
+    if args.bits is not None:
+        if args.int8_embedding or args.outlier_threshold is not None:
+            raise ConfigError("--int8-embedding and --outlier-threshold belong to --mode, not --bits")
+        model.quantize(kv_int8=args.kv_int8, bits=args.bits, group_size=args.group_size,
+                       storage16=args.storage16)
+    else:
+        model.quantize(args.mode, args.int8_embedding, args.kv_int8, args.outlier_threshold)
     model.save_int8(path)
     from minigpt.evaluate import weight_bytes
 
     fp32 = model.gpt.params.data.nbytes
-    print(f"wrote {path}: {args.mode}, weights {weight_bytes(model.gpt):,} bytes (fp32: {fp32:,})")
+    print(f"wrote {path}: {model.gpt.quant.qcfg.name}, weights {weight_bytes(model.gpt):,} bytes (fp32: {fp32:,})")
     return 0
 
 
@@ -53,10 +66,10 @@ def cmd_eval(argv) -> int:
     from minigpt.evaluate import evaluate
 
     p = Parser(prog="minigpt eval",
-               description="Validation loss and perplexity of a run; with --int8, the quantized model "
+               description="Validation loss and perplexity of a run; with --bits or --int8, the quantized model "
                "against fp32: relative loss change, KL divergence of the next-token distributions, "
                "top-1 agreement, weight bytes and bytes moved per generated token.",
-               epilog="example: minigpt eval out/tiny --int8 w8a8 --format json")
+               epilog="example: minigpt eval out/tiny --bits 4 --format json")
     p.add_argument("run", help="a run folder or checkpoint file")
     int8_arguments(p)
     p.add_argument("--max-tokens", type=int, default=1 << 17, help="validation tokens to use (default 131072)")
@@ -69,14 +82,17 @@ def cmd_eval(argv) -> int:
         raise DataError(f"{args.run}: this run has no tokenizer (no vocab.json + merges.txt were given), so "
                         "eval cannot encode its validation text; import the model with its tokenizer files")
     reference = None
-    if args.int8 is not None:
+    if args.int8 is not None or args.bits != 32:
         if model.gpt.quant is not None:
-            raise ConfigError(f"{args.run}: already an int8 checkpoint; evaluate it without --int8")
+            raise ConfigError(f"{args.run}: already a quantized checkpoint; evaluate it without "
+                              f"{'--int8' if args.int8 is not None else '--bits'}")
         reference = minigpt.load(args.run)
-        apply_int8(model, args)
+    apply_int8(model, args)
     result = evaluate(model, reference, args.max_tokens)
-    mode = (model.gpt.quant.qcfg.mode if model.gpt.quant is not None else "fp32")
-    result = {"run": str(args.run), "mode": mode} | result
+    q = model.gpt.quant
+    mode = q.qcfg.name if q is not None else "fp32"
+    bits = 32 if q is None else (8 if q.qcfg.bits is None else q.qcfg.bits)
+    result = {"run": str(args.run), "mode": mode, "bits": bits} | result
     if args.format == "json":
         print(json.dumps(result, indent=1))
     else:

@@ -3,6 +3,7 @@
 predict_training_step(cfg, batch, seq)   forward + backward + optimizer of one optimizer step
 predict_forward(cfg, batch, seq, phase)  one forward pass ("forward", "eval" or "prefill")
 predict_decode(cfg, batch, position)     one KV-cached decode step for the token at `position`
+predict_decode_batch(cfg, positions)     one batched decode step, sequences at their own positions
 allreduce_bytes(nbytes, ranks)           bytes each rank sends (and receives) in a ring allreduce
 op_calls(cfg, mode, batch, seq)          the same work call by call, each product with its shape
                                          (what a time model needs: minigpt.hardware.timing)
@@ -135,9 +136,45 @@ def _int8_product(sh, scope, op, N, C, OC, mode):
         sh.rescale(scope, N * OC, N + OC, n_factors=2)
 
 
+class Packed(NamedTuple):
+    """Packed weight-only weights (nn/lowbit.py): bits 16, 8 or 4; group_size inputs a scale at 4."""
+
+    bits: int
+    group_size: int
+
+
+PACK_TILE = 256  # output channels a tile of the packed layout (minigpt/kernels/quant.py's TILE)
+
+
+def packed_columns(M: int) -> int:
+    """M output channels padded to whole tiles, as kernels/quant.py lays a packed weight out."""
+    W = PACK_TILE if M >= PACK_TILE else -(-M // 8) * 8
+    return -(-M // W) * W
+
+
+def packed_weight_bytes(K: int, M: int, packed: Packed) -> int:
+    """Bytes of a packed (K, M) weight with its scales: what one product reads of it."""
+    Mp = packed_columns(M)
+    if packed.bits == 16:
+        return 2 * K * Mp
+    if packed.bits == 8:
+        return K * Mp + 4 * Mp  # int8, one float32 scale per channel
+    return K // 2 * Mp + 4 * (K // packed.group_size) * Mp  # two a byte, a scale per group
+
+
+def _packed_product(sh, scope, op, N, K, M, packed: Packed):
+    """x (N, K) @ a packed weight: the kernel computes the padded channels too; x and the output
+    at the activations' width."""
+    Mp, s = packed_columns(M), sh.itemsize
+    sh._add(scope, op, "matmul", 2 * N * K * Mp, s * N * K + packed_weight_bytes(K, M, packed),
+            s * N * M, useful=2 * N * K * M, dtype=f"w{packed.bits}a32")
+
+
 def _linear_forward(sh, scope, N, C, OC, mode=None):
     if mode is None:
         sh.product(scope, "x@w", 1, N, C, OC, N * C, C * OC)
+    elif isinstance(mode, Packed):
+        _packed_product(sh, scope, "x@w", N, C, OC, mode)
     else:
         _int8_product(sh, scope, "x@w", N, C, OC, mode)
     sh.elementwise(scope, "bias", "add", N * OC, N * OC + OC, N * OC)
@@ -236,49 +273,63 @@ def _moe_backward(sh, scope, cfg, N, tokens):
 # ----------------------------------------------------------------------------- the model
 
 
+def _attention(sh, attn, B, H, T, pos0, hs, kv_int8, dropout):
+    """Scores, softmax and mix of B sequences of T new tokens after pos0 cached ones."""
+    Tk = pos0 + T
+    useful = _causal_useful(B, H, T, Tk, pos0, hs)
+    n_att = B * H * T * Tk
+    if kv_int8:  # new keys and values quantized into the cache, read back at one byte
+        sh.quantize(attn, B * H * T, hs)
+        sh.quantize(attn, B * H * T, hs)
+        sh.product(join(attn, SCORES), "q@kT", B * H, T, hs, Tk, B * H * T * hs, B * H * Tk * hs,
+                   useful, dtype=W8A32)
+        sh.rescale(join(attn, SCORES), n_att, B * H * Tk)
+    else:
+        sh.product(join(attn, SCORES), "q@kT", B * H, T, hs, Tk, B * H * T * hs, B * H * Tk * hs, useful)
+    sh.elementwise(join(attn, SOFTMAX), "softmax", "causal", n_att, n_att, n_att)
+    if dropout:
+        _dropout_forward(sh, join(attn, ATTN_DROPOUT), n_att)
+    if kv_int8:
+        sh.rescale(join(attn, MIX), n_att, B * H * Tk)
+        sh.product(join(attn, MIX), "att@v", B * H, T, Tk, hs, n_att, B * H * Tk * hs, useful,
+                   dtype=W8A32)
+    else:
+        sh.product(join(attn, MIX), "att@v", B * H, T, Tk, hs, n_att, B * H * Tk * hs, useful)
+
+
 def _forward(sh, cfg, B, T, pos0=0, last_only=False, targets=False, dropout=False, q=None,
-             routing=None):
+             routing=None, positions=None):
     """Records of GPT.hidden + lm head (+ loss) for B sequences of T new tokens after pos0.
 
-    q: a quant.QuantConfig for int8 inference (outlier_threshold is data-dependent: not predicted).
-    routing: {MoE block index: tokens each expert computed}, or None for balanced routing."""
+    q: a quant.QuantConfig for quantized inference (outlier_threshold is data-dependent: not
+    predicted). routing: {MoE block index: tokens each expert computed}, or None for balanced
+    routing. positions: a batched decode step (GPT.decode_step): one new token for each sequence,
+    sequence b's at positions[b] (B = len(positions), T = 1); attention then runs per sequence."""
     C, H, V = cfg.n_embd, cfg.n_head, cfg.vocab_size
-    hs, N, Tk = C // H, B * T, pos0 + T
+    hs, N = C // H, B * T
     s = sh.itemsize
-    mode = q.mode if q is not None else None
-    useful = _causal_useful(B, H, T, Tk, pos0, hs)
+    mode = None
+    if q is not None:
+        mode = Packed(q.bits, q.group_size) if getattr(q, "bits", None) else q.mode
     if q is not None and q.quantize_embedding:
         sh.elementwise(EMBEDDING, "embedding", "lookup_int8", N * C, 0, N * C,
-                       extra_read_bytes=N * INDEX_BYTES + N * (C + 4) + T * C * s)
+                       extra_read_bytes=N * INDEX_BYTES + N * (C + 4) + (N if positions else T) * C * s)
     else:
         sh.elementwise(EMBEDDING, "embedding", "lookup", N * C, 0, N * C,
-                       extra_read_bytes=N * INDEX_BYTES + (N + T) * C * s)
+                       extra_read_bytes=N * INDEX_BYTES + (N + (N if positions else T)) * C * s)
     if dropout:
         _dropout_forward(sh, join(EMBEDDING, DROPOUT), N * C)
     kv_int8 = q is not None and q.kv_int8
-    n_att = B * H * T * Tk
     for i in range(cfg.n_layer):
         h = block(i)
         attn, mlp = join(h, ATTN), join(h, MLP)
         _layernorm_forward(sh, join(h, LN_1), N, C)
         _linear_forward(sh, join(attn, C_ATTN), N, C, 3 * C, mode)
-        if kv_int8:  # new keys and values quantized into the cache, read back at one byte
-            sh.quantize(attn, B * H * T, hs)
-            sh.quantize(attn, B * H * T, hs)
-            sh.product(join(attn, SCORES), "q@kT", B * H, T, hs, Tk, B * H * T * hs, B * H * Tk * hs,
-                       useful, dtype=W8A32)
-            sh.rescale(join(attn, SCORES), n_att, B * H * Tk)
+        if positions:
+            for p in positions:
+                _attention(sh, attn, 1, H, 1, p, hs, kv_int8, False)
         else:
-            sh.product(join(attn, SCORES), "q@kT", B * H, T, hs, Tk, B * H * T * hs, B * H * Tk * hs, useful)
-        sh.elementwise(join(attn, SOFTMAX), "softmax", "causal", n_att, n_att, n_att)
-        if dropout:
-            _dropout_forward(sh, join(attn, ATTN_DROPOUT), n_att)
-        if kv_int8:
-            sh.rescale(join(attn, MIX), n_att, B * H * Tk)
-            sh.product(join(attn, MIX), "att@v", B * H, T, Tk, hs, n_att, B * H * Tk * hs, useful,
-                       dtype=W8A32)
-        else:
-            sh.product(join(attn, MIX), "att@v", B * H, T, Tk, hs, n_att, B * H * Tk * hs, useful)
+            _attention(sh, attn, B, H, T, pos0, hs, kv_int8, dropout)
         _linear_forward(sh, join(attn, C_PROJ), N, C, C, mode)
         if dropout:
             _dropout_forward(sh, join(attn, RESID_DROPOUT), N * C)
@@ -295,6 +346,8 @@ def _forward(sh, cfg, B, T, pos0=0, last_only=False, targets=False, dropout=Fals
     M = B if last_only else N
     if mode is None:
         sh.product(LM_HEAD, "x@wte.T", 1, M, C, V, M * C, V * C)
+    elif isinstance(mode, Packed):
+        _packed_product(sh, LM_HEAD, "x@wte.T", M, C, V, mode)
     else:
         _int8_product(sh, LM_HEAD, "x@wte.T", M, C, V, mode)
     if targets:
@@ -463,6 +516,15 @@ def predict_decode(cfg, batch: int, position: int, dtype: str = "float32", quant
     """One decode step: the token at `position` attends to the position + 1 cached keys."""
     return _forward_sheet(cfg, batch, 1, "decode", dtype=dtype, quant=quant, routing=routing,
                           pos0=position).records
+
+
+def predict_decode_batch(cfg, positions, dtype: str = "float32", quant=None) -> dict:
+    """One GPT.decode_step over len(positions) sequences, sequence b's new token at positions[b]
+    (ragged): the weight products once over all rows, attention per sequence."""
+    sh = _sheet("decode", dtype)
+    positions = [int(p) for p in positions]
+    _forward(sh, cfg, len(positions), 1, q=quant, positions=positions)
+    return sh.records
 
 
 def forward_records(cfg, batch: int, seq: int, pos0: int = 0, last_only: bool = False,

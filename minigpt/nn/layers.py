@@ -20,7 +20,7 @@ from typing import NamedTuple
 from minigpt import backend
 from minigpt.counting import scopes
 from minigpt.counting.meter import METER, matmul
-from minigpt.nn import cuda_kernels, quant
+from minigpt.nn import cuda_kernels, lowbit, quant
 
 
 def _nbytes(*arrays) -> int:
@@ -132,9 +132,12 @@ def layernorm_backward(dout, cache, dw, db):
 
 def linear_forward(x, w, b):
     """x (..., C) @ w (C, OC) + b (OC,), under the caller's scope (e.g. h3.attn.c_attn).
-    An int8 weight (quant.Int8Weight) runs the quantized product instead (inference only)."""
+    An int8 weight (quant.Int8Weight) or a packed one (lowbit.PackedWeight) runs the quantized
+    product instead (inference only)."""
     if isinstance(w, quant.Int8Weight):
         return quant.linear_forward(x, w, b)
+    if isinstance(w, lowbit.PackedWeight):
+        return lowbit.linear_forward(x, w, b)
     C, OC = w.shape
     x2 = x.reshape(-1, C)  # (N, C)
     out = matmul(x2, w, op="x@w")  # (N, OC)

@@ -13,7 +13,7 @@ from minigpt.counting import scopes
 from minigpt.counting.meter import METER, matmul
 from minigpt.nn import decode as batched
 from minigpt.nn import layers as nn
-from minigpt.nn import moe, quant
+from minigpt.nn import lowbit, moe, quant
 from minigpt.nn.params import FlatBuffer
 
 
@@ -201,7 +201,8 @@ class GPT:
         self.cfg = cfg
         self.params = params
         self.grads: FlatBuffer | None = None
-        self.quant: quant.QuantizedWeights | None = None  # set for int8 inference
+        # set for quantized inference: QuantizedWeights (int8 modes) or lowbit.PackedWeights (--bits)
+        self.quant: quant.QuantizedWeights | lowbit.PackedWeights | None = None
         self.routing: dict[int, moe.Routing] = {}  # the last forward's MoE blocks, by index
 
     def block_params(self, i: int) -> dict:
@@ -264,7 +265,9 @@ class GPT:
         B, T, C = x.shape
         x2 = x.reshape(-1, C)
         with METER.scope(scopes.LM_HEAD):
-            if self.quant is not None:
+            if isinstance(self.quant, lowbit.PackedWeights):
+                logits = lowbit.product(x2, self.quant.lm_head, op="x@wte.T")  # (B*T, V)
+            elif self.quant is not None:
                 logits = quant.matmul_int8_weight(x2, self.quant.lm_head, op="x@wte.T")  # (B*T, V)
             else:
                 logits = matmul(x2, self.params["transformer.wte.weight"].T, op="x@wte.T")

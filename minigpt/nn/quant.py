@@ -29,6 +29,7 @@ from minigpt import backend
 from minigpt.counting import scopes
 from minigpt.counting.meter import INT8, METER, W8A32
 from minigpt.errors import ConfigError
+from minigpt.nn import lowbit
 
 # The int8 options, named once: the API, the commands, checkpoints and the closed form use these.
 W8A8 = "w8a8"  # int8 weights and activations: integer products, recorded as dtype INT8
@@ -159,9 +160,22 @@ class QuantConfig:
     quantize_embedding: bool = False  # read the token embedding from the int8 table too
     kv_int8: bool = False  # keep the KV cache in int8, one scale per key or value vector
     outlier_threshold: float | None = None  # w8a8: dimensions with any |x| above it stay float
+    bits: int | None = None  # 16, 8 or 4: weight-only packed weights (nn/lowbit.py), mode unused
+    group_size: int = lowbit.DEFAULT_GROUP_SIZE  # 4 bits: inputs sharing one scale
+    storage16: str = "fp16"  # 16 bits: "fp16" or "bf16"
 
     def __post_init__(self):
         check_outlier_threshold(self.outlier_threshold)
+        if self.bits is not None:
+            lowbit.check(self.bits, self.group_size, self.storage16)
+            if self.quantize_embedding or self.outlier_threshold is not None:
+                raise ConfigError(f"--bits {self.bits} quantizes weights only: the int8 embedding "
+                                  "and the outlier threshold belong to the --int8 modes")
+
+    @property
+    def name(self) -> str:
+        """What the model runs: the int8 mode, or w16a32 / w8a32 / w4a32 for packed weights."""
+        return self.mode if self.bits is None else lowbit.dtype_name(self.bits)
 
 
 def check_outlier_threshold(value: float | None, name: str = "outlier_threshold") -> None:
@@ -192,8 +206,11 @@ class QuantizedWeights:
         return sum(q.nbytes + s.nbytes for q, s in self.tables.values())
 
 
-def quantize_model(params, cfg, qcfg: QuantConfig) -> QuantizedWeights:
-    """Quantize a FlatBuffer's matrices (not the position table) for inference."""
+def quantize_model(params, cfg, qcfg: QuantConfig):
+    """Quantize a FlatBuffer's matrices (not the position table) for inference: QuantizedWeights
+    for an int8 mode, lowbit.PackedWeights for qcfg.bits."""
+    if qcfg.bits is not None:
+        return lowbit.quantize_model(params, cfg, qcfg)
     if qcfg.mode not in MODES:
         raise ValueError(f"int8 mode must be one of {MODES}, not {qcfg.mode!r}")
     if cfg.n_experts > 1:

@@ -209,8 +209,31 @@ def _check_arrays(path, meta, arrays) -> None:
 # QuantConfig and meta["int8_names"] the quantized names.
 
 
+#
+# With meta["quant"]["bits"] (16, 8 or 4: `minigpt quantize --bits`), each quantized matrix is
+# stored as x @ w reads it, (K, M): the token table as the LM head's (C, V). "int8/<name>" then
+# holds 8 bits: int8 (K, M) and "scale/<name>" (M,); 4 bits: uint8 (K / 2, M), two weights a byte
+# (row 2i low nibble, 2i + 1 high, each biased by 8), and "scale/<name>" (K / G, M) for group size
+# G = meta["quant"]["group_size"]; 16 bits: uint16 (K, M) fp16 or bf16 patterns (meta["quant"]
+# ["storage16"]) and no scales.
+
+
 def _int8_scale_shape(name, shape):
     return (shape[0],) if name == "transformer.wte.weight" else (shape[-1],)
+
+
+def _packed_arrays(name, shape, quant: dict) -> list:
+    """The (key, shape, dtype) a --bits checkpoint holds for quantized matrix `name`."""
+    K, M = (shape[1], shape[0]) if name == "transformer.wte.weight" else shape
+    bits = quant["bits"]
+    if bits == 16:
+        return [(f"int8/{name}", (K, M), np.uint16)]
+    if bits == 8:
+        return [(f"int8/{name}", (K, M), np.int8), (f"scale/{name}", (M,), np.float32)]
+    G = int(quant["group_size"])
+    if bits != 4 or G < 2 or G % 2 or K % G:
+        raise ValueError(f"bits {bits} with group_size {G} for {K} inputs")
+    return [(f"int8/{name}", (K // 2, M), np.uint8), (f"scale/{name}", (K // G, M), np.float32)]
 
 
 def _check_int8_arrays(path, meta, arrays) -> None:
@@ -218,10 +241,16 @@ def _check_int8_arrays(path, meta, arrays) -> None:
         layout = [(n, tuple(s)) for n, s in meta["layout"]]
         int8_names = set(meta["int8_names"])
         meta["quant"]["mode"]
-    except (KeyError, TypeError, ValueError):
+        packed = meta["quant"].get("bits") is not None
+        if packed:
+            wants = {name: _packed_arrays(name, shape, meta["quant"]) for name, shape in layout
+                     if name in int8_names}
+    except (KeyError, TypeError, ValueError, AttributeError):
         raise CheckpointError(f"{path}: int8 checkpoint header lacks layout, int8_names or quant") from None
     for name, shape in layout:
-        if name in int8_names:
+        if name in int8_names and packed:
+            want = wants[name]
+        elif name in int8_names:
             want = [(f"int8/{name}", shape, np.int8), (f"scale/{name}", _int8_scale_shape(name, shape), np.float32)]
         else:
             want = [(f"float/{name}", shape, np.float32)]
@@ -236,10 +265,13 @@ def _check_int8_arrays(path, meta, arrays) -> None:
 
 
 def save_int8(path, meta: dict, tables: dict, floats: dict) -> None:
-    """tables: {name: (q int8, scale float32)}; floats: {name: float32 array} for the rest."""
+    """tables: {name: (q int8, scale float32)} (scale None: a 16-bit matrix, no scales);
+    floats: {name: float32 array} for the rest."""
     arrays = {}
     for name, (q, scale) in tables.items():
-        arrays[f"int8/{name}"], arrays[f"scale/{name}"] = q, scale
+        arrays[f"int8/{name}"] = q
+        if scale is not None:
+            arrays[f"scale/{name}"] = scale
     for name, a in floats.items():
         arrays[f"float/{name}"] = a
     save(path, {**meta, "int8_names": sorted(tables)}, arrays, fmt=INT8_FORMAT)

@@ -1,0 +1,228 @@
+"""Products of float32 activations and packed 16-, 8- and 4-bit weights, for decode on the CPU.
+
+A decode step streams every weight once, so its speed is bytes per second divided by bytes per
+weight; NumPy has no product that reads narrow weights and would widen each to float32 in memory
+first (four bytes written and read back for every one it saves). These kernels read the packed
+bytes and widen them in registers.
+
+Layout (what `pack_*` returns and the kernels read): the weight (K, M) of x (N, K) @ w is cut into
+column tiles of W = tile_width(M) output channels, zero-padded to a whole number of tiles, and each
+tile stored contiguously, row k after row k - 1: (M_pad / W, K, W). One thread takes one tile at a
+time and streams it front to back; its N x W float32 accumulators stay in the core's first-level
+cache, and the innermost loop, over the W channels of a row, is the one the compiler vectorizes.
+
+- 8 bits: int8, one float32 scale per output channel: w[k, j] = q[k, j] * scale[j].
+- 4 bits: two weights a byte (row 2i in the low nibble, 2i + 1 in the high), stored as q + 8 with
+  q in [-7, 7]; one float32 scale per group of G consecutive inputs of each output channel:
+  w[k, j] = q[k, j] * scale[k // G, j]. Tiles (M_pad / W, K / 2, W) and scales (M_pad / W, K / G, W).
+- 16 bits: IEEE half (fp16) or bfloat16 bit patterns as uint16, no scales. bf16 widens by a shift;
+  fp16 by moving its exponent and mantissa bits into a float32's place and multiplying by 2**112,
+  which rebiases the exponent and makes half subnormals exact (weights are finite: no inf or NaN).
+
+The sums run over k in order in float32 (no reassociation, so a result is the same on any number of
+threads); minigpt.nn.lowbit holds the NumPy twins the tests compare against, and calls these through
+the meter. Without Numba this module still packs (pure NumPy) and `KERNELS` is None.
+"""
+
+import numpy as np
+
+from minigpt.kernels import AVAILABLE
+
+TILE = 256  # output channels a tile: wide enough to keep a core's loads streaming
+
+
+def tile_width(M: int) -> int:
+    """Output channels per tile for a weight with M of them: TILE, or M rounded up to 8 if fewer."""
+    return TILE if M >= TILE else -(-M // 8) * 8
+
+
+def padded(M: int) -> int:
+    """M rounded up to a whole number of tiles."""
+    W = tile_width(M)
+    return -(-M // W) * W
+
+
+def _tiles(a, W):
+    """(K, M_pad) -> (M_pad / W, K, W), contiguous."""
+    K, M = a.shape
+    return np.ascontiguousarray(a.reshape(K, M // W, W).transpose(1, 0, 2))
+
+
+def _pad(a, M_pad, fill=0):
+    K, M = a.shape
+    if M == M_pad:
+        return a
+    out = np.full((K, M_pad), fill, dtype=a.dtype)
+    out[:, :M] = a
+    return out
+
+
+def pack_int8(q, scale):
+    """q (K, M) int8 and scale (M,) float32 -> tiles (T, K, W) int8, scales (T, W) float32."""
+    M = q.shape[1]
+    W, M_pad = tile_width(M), padded(M)
+    s = _pad(np.asarray(scale, np.float32).reshape(1, M), M_pad, 1.0)
+    return _tiles(_pad(q, M_pad), W), s.reshape(M_pad // W, W).copy()
+
+
+def pack_int4(q, scale):
+    """q (K, M) int8 in [-7, 7], scale (K / G, M) float32 -> tiles (T, K / 2, W) uint8 (two
+    weights a byte, biased by 8), scales (T, K / G, W) float32."""
+    M = q.shape[1]
+    W, M_pad = tile_width(M), padded(M)
+    b = _pad((q.astype(np.int16) + 8).astype(np.uint8), M_pad, 8)  # padding decodes to 0
+    nibbles = (b[0::2] | (b[1::2] << 4)).astype(np.uint8)  # (K / 2, M_pad)
+    s = _pad(np.asarray(scale, np.float32), M_pad, 1.0)
+    return _tiles(nibbles, W), _tiles(s, W)
+
+
+def pack_16(bits):
+    """bits (K, M) uint16 (fp16 or bf16 patterns) -> tiles (T, K, W) uint16."""
+    M = bits.shape[1]
+    return _tiles(_pad(bits, padded(M)), tile_width(M))
+
+
+def unpack(tiles, M):
+    """Tiles (T, R, W) -> (R, M): the inverse of _tiles and _pad (for the NumPy twins)."""
+    T, R, W = tiles.shape
+    return tiles.transpose(1, 0, 2).reshape(R, T * W)[:, :M]
+
+
+def _build():
+    """The Numba kernels, compiled on first use and cached on disk."""
+    from llvmlite import ir
+    from numba import njit, prange
+    from numba.core import types
+    from numba.extending import intrinsic
+
+    @intrinsic
+    def as_float32(typingctx, u):
+        """The float32 whose bits are the uint32 u (a register move, which vectorizes)."""
+        def codegen(context, builder, signature, args):
+            return builder.bitcast(args[0], ir.FloatType())
+        return types.float32(types.uint32), codegen
+
+    @intrinsic
+    def as_uint32(typingctx, f):
+        """The bits of the float32 f."""
+        def codegen(context, builder, signature, args):
+            return builder.bitcast(args[0], ir.IntType(32))
+        return types.uint32(types.float32), codegen
+
+    # The innermost loops read the packed row (an integer type) and accumulate into float32: the
+    # compiler can tell by type that the two never overlap, and vectorizes. A float32 scratch row
+    # read in those loops would defeat that, so each loop widens the packed value itself.
+
+    @njit(parallel=True, cache=True)
+    def w8(x, q, scale, out):
+        N, K = x.shape
+        T, _, W = q.shape
+        M = out.shape[1]
+        for t in prange(T):
+            acc = np.zeros((N, W), np.float32)
+            qt = q[t]
+            for k in range(K):
+                row = qt[k]
+                for n in range(N):
+                    xk = x[n, k]
+                    a = acc[n]
+                    for j in range(W):
+                        a[j] += xk * np.float32(row[j])
+            j0 = t * W
+            st = scale[t]
+            for n in range(N):
+                for j in range(min(W, M - j0)):
+                    out[n, j0 + j] = acc[n, j] * st[j]
+
+    @njit(parallel=True, cache=True)
+    def w4(x, q, scale, out):
+        N, K = x.shape
+        T, _, W = q.shape
+        n_groups = scale.shape[1]
+        half = K // n_groups // 2  # bytes of a group, per channel
+        M = out.shape[1]
+        for t in prange(T):
+            acc = np.zeros((N, W), np.float32)
+            part = np.empty((N, W), np.float32)
+            lo = np.empty(W, np.int8)  # the row's two weights a byte, as int8 in [-8, 7]
+            hi = np.empty(W, np.int8)
+            qt = q[t]
+            for g in range(n_groups):
+                part[:] = 0.0
+                for i in range(g * half, (g + 1) * half):
+                    row = qt[i]
+                    for j in range(W):
+                        b = row[j]
+                        lo[j] = np.int8(b & np.uint8(15)) - np.int8(8)
+                        hi[j] = np.int8(b >> np.uint8(4)) - np.int8(8)
+                    for n in range(N):
+                        x0 = x[n, 2 * i]
+                        x1 = x[n, 2 * i + 1]
+                        p = part[n]
+                        for j in range(W):
+                            p[j] += x0 * np.float32(lo[j]) + x1 * np.float32(hi[j])
+                sg = scale[t, g]
+                for n in range(N):
+                    a = acc[n]
+                    p = part[n]
+                    for j in range(W):
+                        a[j] += p[j] * sg[j]
+            j0 = t * W
+            for n in range(N):
+                for j in range(min(W, M - j0)):
+                    out[n, j0 + j] = acc[n, j]
+
+    @njit(parallel=True, cache=True)
+    def w16(x, q, bf16, out):
+        N, K = x.shape
+        T, _, W = q.shape
+        M = out.shape[1]
+        rebias = np.float32(2.0 ** 112)
+        for t in prange(T):
+            acc = np.zeros((N, W), np.float32)
+            qt = q[t]
+            for k in range(K):
+                row = qt[k]
+                for n in range(N):
+                    xk = x[n, k]
+                    a = acc[n]
+                    if bf16:
+                        for j in range(W):
+                            a[j] += xk * as_float32(np.uint32(row[j]) << np.uint32(16))
+                    else:
+                        for j in range(W):
+                            h = np.uint32(row[j])
+                            v = as_float32((h & np.uint32(0x7FFF)) << np.uint32(13)) * rebias
+                            v = as_float32(as_uint32(v) | ((h & np.uint32(0x8000)) << np.uint32(16)))
+                            a[j] += xk * v
+            j0 = t * W
+            for n in range(N):
+                for j in range(min(W, M - j0)):
+                    out[n, j0 + j] = acc[n, j]
+
+    return {8: w8, 4: w4, 16: w16}
+
+
+_KERNELS: dict | None = None
+
+
+def kernels() -> dict:
+    """{bits: kernel}, compiled (or loaded from Numba's cache) on first call; needs Numba."""
+    global _KERNELS
+    if _KERNELS is None:
+        if not AVAILABLE:
+            raise RuntimeError("the packed-weight kernels need Numba")
+        _KERNELS = _build()
+    return _KERNELS
+
+
+def product(x, bits: int, data, scale, bf16: bool, M: int):
+    """x (N, K) float32 @ the packed weight -> (N, M) float32, by the Numba kernel for `bits`."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    out = np.empty((x.shape[0], M), np.float32)
+    k = kernels()[bits]
+    if bits == 16:
+        k(x, data, bf16, out)
+    else:
+        k(x, data, scale, out)
+    return out

@@ -1,0 +1,231 @@
+"""Weight-only 16-, 8- and 4-bit inference: packed weights, their counted product, their NumPy twin.
+
+Quantization (symmetric, absmax, float32 scales):
+- 8 bits: one scale per output channel, scale[j] = max_k |w[k, j]| / 127, q = round(w / scale) in
+  [-127, 127]; |w - q * scale| <= scale / 2.
+- 4 bits: one scale per group of G consecutive inputs of an output channel (G = group_size, 32 by
+  default), scale[g, j] = max over the group of |w| / 7, q in [-7, 7]. Small groups follow the
+  weights' local range (an outlier spoils only its own group) at 4 / G bytes of scale per weight.
+- 16 bits: the weight rounded to IEEE half (fp16: 10 mantissa bits, |w| <= 65504) or bfloat16
+  (7 mantissa bits, float32's range), round to nearest even; no scales.
+
+Every linear layer of every block and the LM head (x @ wte.T, quantized per vocabulary entry, or per
+group of each entry's inputs) are quantized: the head is a third of GPT-2 124M's weights. The token
+embedding lookup and the position table stay float32 (a step reads one row of each per sequence).
+Activations stay float32 ("w4a32" and so on): the weight is widened to float32 inside the product.
+
+The product runs the Numba kernel of minigpt.kernels.quant (kernels.active() == "numba") or its
+NumPy twin (dequantize, then the float product), and is recorded once, as the kernel moves it:
+FLOPs 2 N K M_pad (the kernel computes the tile padding too; useful_flops leave it out), bytes read
+x plus the packed weight plus its scales, bytes written the (N, M) output, dtype "w{bits}a32". The
+twin is the reference for results, not for traffic: it writes and reads a widened float32 copy that
+the record does not show.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from minigpt import backend, kernels
+from minigpt.counting.meter import METER, matmul
+from minigpt.errors import ConfigError
+from minigpt.kernels import quant as packed_kernels
+
+BITS = (16, 8, 4)
+STORAGE16 = ("fp16", "bf16")
+DEFAULT_GROUP_SIZE = 32
+LINEAR_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+FP16_MAX = 65504.0
+
+
+def dtype_name(bits: int) -> str:
+    """The records' dtype of a product with `bits`-bit weights and float32 activations."""
+    return f"w{bits}a32"
+
+
+def check(bits: int, group_size: int, storage16: str) -> None:
+    """One ConfigError line for a bits / group size / 16-bit storage the format cannot take."""
+    if bits not in BITS:
+        raise ConfigError(f"--bits must be one of 32, {', '.join(map(str, BITS))}; got {bits}")
+    if group_size < 2 or group_size % 2:
+        raise ConfigError(f"--group-size must be an even number >= 2, got {group_size}")
+    if storage16 not in STORAGE16:
+        raise ConfigError(f"16-bit storage must be one of {', '.join(STORAGE16)}, got {storage16!r}")
+
+
+@dataclass
+class PackedWeight:
+    """A weight (K, M) as x @ w sees it, packed for the kernels (layout: kernels/quant.py).
+
+    q: the logical quantized values before tiling (int8 (K, M) for 8 bits; uint8 (K / 2, M) of
+    nibble pairs for 4; uint16 (K, M) bit patterns for 16), and scale ((M,) for 8 bits, (K / G, M)
+    for 4, None for 16), kept to save them; data and tile_scale are what the kernels read."""
+
+    bits: int
+    K: int
+    M: int
+    q: np.ndarray
+    scale: np.ndarray | None
+    data: np.ndarray
+    tile_scale: np.ndarray | None
+    group_size: int = DEFAULT_GROUP_SIZE
+    bf16: bool = False
+
+    @property
+    def shape(self):
+        return (self.K, self.M)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes a product reads of the weight: the packed tiles (with their padding) and scales."""
+        return self.data.nbytes + (0 if self.tile_scale is None else self.tile_scale.nbytes)
+
+    def dequantize(self) -> np.ndarray:
+        """The float32 weight (K, M) the packed one stands for."""
+        if self.bits == 16:
+            u = self.q
+            if self.bf16:
+                return (u.astype(np.uint32) << 16).view(np.float32)
+            return u.view(np.float16).astype(np.float32)
+        if self.bits == 8:
+            return self.q.astype(np.float32) * self.scale
+        lo = (self.q & 15).astype(np.int8) - 8
+        hi = (self.q >> 4).astype(np.int8) - 8
+        q = np.empty((self.K, self.M), np.float32)
+        q[0::2], q[1::2] = lo, hi
+        return q * np.repeat(self.scale, self.group_size, axis=0)
+
+
+def _absmax_scale(absmax, levels: int):
+    scale = np.where(absmax > 0, absmax / levels, 1.0).astype(np.float32)
+    return np.maximum(scale, np.finfo(np.float32).tiny)
+
+
+def quantize(w, bits: int, group_size: int = DEFAULT_GROUP_SIZE, storage16: str = "fp16",
+             name: str = "weight") -> PackedWeight:
+    """Quantize and pack a float weight w (K, M) (x @ w's orientation)."""
+    w = np.ascontiguousarray(backend.to_host(w), dtype=np.float32)
+    K, M = w.shape
+    if not np.isfinite(w).all():
+        raise ConfigError(f"{name}: holds inf or NaN; it cannot be quantized")
+    if bits == 8:
+        scale = _absmax_scale(np.abs(w).max(axis=0), 127)
+        q = np.clip(np.rint(w / scale), -127, 127).astype(np.int8)
+        data, ts = packed_kernels.pack_int8(q, scale)
+        return PackedWeight(8, K, M, q, scale, data, ts)
+    if bits == 4:
+        if K % group_size:
+            divisors = [g for g in (64, 32, 16, 8, 4, 2) if K % g == 0]
+            raise ConfigError(f"--group-size {group_size} does not divide {name}'s {K} inputs "
+                              f"(--group-size {divisors[0] if divisors else 2} would)")
+        groups = w.reshape(K // group_size, group_size, M)
+        scale = _absmax_scale(np.abs(groups).max(axis=1), 7)  # (K / G, M)
+        q = np.clip(np.rint(groups / scale[:, None]), -7, 7).astype(np.int8).reshape(K, M)
+        b = (q + 8).astype(np.uint8)
+        nibbles = (b[0::2] | (b[1::2] << 4)).astype(np.uint8)
+        data, ts = packed_kernels.pack_int4(q, scale)
+        return PackedWeight(4, K, M, nibbles, scale, data, ts, group_size)
+    if bits == 16:
+        bf16 = storage16 == "bf16"
+        if bf16:
+            u = w.view(np.uint32)
+            u = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)  # round to nearest even
+        else:
+            if np.abs(w).max(initial=0.0) > FP16_MAX:
+                raise ConfigError(f"{name}: |w| up to {np.abs(w).max():.6g} exceeds fp16's {FP16_MAX:g}; "
+                                  "use bf16 storage")
+            u = w.astype(np.float16).view(np.uint16)
+        return PackedWeight(16, K, M, u, None, packed_kernels.pack_16(u), None, bf16=bf16)
+    check(bits, group_size, storage16)
+    raise AssertionError("unreachable")
+
+
+def from_stored(bits: int, K: int, M: int, q, scale, group_size: int, bf16: bool) -> PackedWeight:
+    """A PackedWeight from its saved logical arrays (see PackedWeight.q and .scale)."""
+    q = np.ascontiguousarray(q)
+    if bits == 8:
+        data, ts = packed_kernels.pack_int8(q, scale)
+    elif bits == 4:
+        b = np.empty((K, M), np.uint8)
+        b[0::2], b[1::2] = q & 15, q >> 4
+        data, ts = packed_kernels.pack_int4(b.astype(np.int8) - 8, scale)
+    else:
+        data, ts = packed_kernels.pack_16(q), None
+    return PackedWeight(bits, K, M, q, scale, data, ts, group_size, bf16)
+
+
+def _run(x2, w: PackedWeight):
+    """The product itself: the Numba kernel, or the NumPy twin (float32 arithmetic either way;
+    the result in x2's dtype)."""
+    if kernels.active() == "numba" and backend.xp is np:
+        out = packed_kernels.product(x2, w.bits, w.data, w.tile_scale, w.bf16, w.M)
+        return out.astype(x2.dtype, copy=False)
+    with METER.paused():  # the twin's float product is not what the record describes
+        out = matmul(x2.astype("float32", copy=False), backend.asarray(w.dequantize()))
+        return out.astype(x2.dtype, copy=False)
+
+
+def product(x2, w: PackedWeight, op: str = "x@w"):
+    """x2 (N, K) @ w -> (N, M) in x2's dtype, counted as the kernel moves it (module docstring)."""
+    if not METER.enabled:
+        return _run(x2, w)
+    t0 = METER.clock()
+    out = _run(x2, w)
+    seconds = METER.clock() - t0
+    N, K = x2.shape
+    M_pad = w.data.shape[0] * w.data.shape[2]
+    METER.add(kind="matmul", op=op, dtype=dtype_name(w.bits), flops=2 * N * K * M_pad,
+              useful_flops=2 * N * K * w.M, bytes_read=x2.nbytes + w.nbytes,
+              bytes_written=out.nbytes, seconds=seconds)
+    return out
+
+
+def linear_forward(x, w: PackedWeight, b):
+    """x (..., K) @ w + b with a packed weight."""
+    x2 = x.reshape(-1, w.K)
+    out = product(x2, w)
+    if b is not None:
+        with METER.op(kind="bias", op="add") as c:
+            out += b
+            c.count(elements=out.size, bytes_read=out.nbytes + b.nbytes, bytes_written=out.nbytes,
+                    dtype=out.dtype)
+    return out.reshape(*x.shape[:-1], w.M), None
+
+
+class PackedWeights:
+    """A model's packed weights: every block's linear layers, and the LM head (wte.T)."""
+
+    def __init__(self, cfg, qcfg, weights: dict):
+        """weights: {name: PackedWeight} for every block's LINEAR_WEIGHTS and
+        "transformer.wte.weight" (the head's (C, V) orientation)."""
+        self.cfg, self.qcfg, self.weights = cfg, qcfg, weights
+        self.blocks = [{short: weights[f"transformer.h.{i}.{short}"] for short in LINEAR_WEIGHTS}
+                       for i in range(cfg.n_layer)]
+        self.lm_head = weights["transformer.wte.weight"]
+        self.tables = weights  # the quantized names, as QuantizedWeights names them
+
+    @property
+    def nbytes(self) -> int:
+        return sum(w.nbytes for w in self.weights.values())
+
+
+def quantize_model(params, cfg, qcfg) -> PackedWeights:
+    """Pack a FlatBuffer's linear weights and LM head at qcfg.bits (a quant.QuantConfig).
+
+    The token table in params is overwritten with the head's dequantized weights: the lookup and
+    the head are one tied matrix and stay so, and a model loaded from a --bits checkpoint (which
+    stores the packed matrix only) computes exactly what this one does."""
+    if cfg.n_experts > 1:
+        raise ConfigError(f"{qcfg.bits}-bit quantization of a mixture-of-experts model (n_experts = "
+                          f"{cfg.n_experts}) is not supported; run it in float32")
+    check(qcfg.bits, qcfg.group_size, qcfg.storage16)
+    mk = lambda w, name: quantize(w, qcfg.bits, qcfg.group_size, qcfg.storage16, name)
+    weights = {"transformer.wte.weight": mk(backend.to_host(params["transformer.wte.weight"]).T,
+                                            "transformer.wte.weight")}
+    for i in range(cfg.n_layer):
+        for short in LINEAR_WEIGHTS:
+            name = f"transformer.h.{i}.{short}"
+            weights[name] = mk(params[name], name)
+    wte = params["transformer.wte.weight"]
+    wte[...] = backend.asarray(weights["transformer.wte.weight"].dequantize().T.astype(wte.dtype))
+    return PackedWeights(cfg, qcfg, weights)

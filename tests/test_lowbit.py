@@ -1,0 +1,197 @@
+"""Packed 16-, 8- and 4-bit weights: the Numba kernels against their NumPy twins (exactly where
+the arithmetic is exact), the quantization's error bounds, and the meter's records of quantized and
+batched decode steps against the closed form, for every bits x batch point."""
+
+import itertools
+
+import numpy as np
+import pytest
+
+from minigpt import config as config_mod
+from minigpt import kernels
+from minigpt.counting import closed_form as cost_model
+from minigpt.counting.meter import METER
+from minigpt.errors import ConfigError
+from minigpt.kernels import quant as kq
+from minigpt.nn import lowbit, quant
+from minigpt.nn.model import GPT, KVCache
+from minigpt.nn.params import init
+
+FIELDS = ("calls", "flops", "useful_flops", "bytes_read", "bytes_written")
+FORMATS = [(16, "fp16"), (16, "bf16"), (8, "fp16"), (4, "fp16")]
+needs_numba = pytest.mark.skipif(not kernels.AVAILABLE, reason="Numba is not installed")
+
+
+@pytest.fixture
+def path():
+    """Run a block under kernels.use(name) and restore the path that was active."""
+    before = kernels.active()
+
+    def run(name, fn, *args):
+        kernels.use(name)
+        try:
+            return fn(*args)
+        finally:
+            kernels.use(before)
+
+    return run
+
+
+def _weight(K, M, seed=0, scale=0.05):
+    return (np.random.default_rng(seed).standard_normal((K, M)) * scale).astype(np.float32)
+
+
+@needs_numba
+@pytest.mark.parametrize("bits, storage", FORMATS)
+@pytest.mark.parametrize("N, K, M", [(1, 64, 300), (3, 96, 50), (8, 32, 256), (5, 128, 520)])
+def test_each_kernel_equals_its_numpy_twin(path, bits, storage, N, K, M):
+    w = lowbit.quantize(_weight(K, M), bits, 32, storage)
+    x = np.random.default_rng(1).standard_normal((N, K)).astype(np.float32)
+    fast = path("numba", lowbit.product, x, w)
+    twin = path("numpy", lowbit.product, x, w)
+    assert fast.shape == twin.shape == (N, M) and fast.dtype == np.float32
+    # float32 sums of K terms in two orders: a few ulps of the largest partial sum apart
+    bound = 1e-6 * K * np.abs(x).max() * np.abs(w.dequantize()).max()
+    assert np.max(np.abs(fast - twin)) <= bound
+
+
+@needs_numba
+@pytest.mark.parametrize("bits, storage", FORMATS)
+def test_a_kernel_reads_back_every_weight_exactly(path, bits, storage):
+    """x = the identity: each output row is one input row of the weight, times 1 plus zeros, so
+    the kernel's widening must give the dequantized weight bit for bit."""
+    K, M = 64, 300  # a padded last tile
+    w = lowbit.quantize(_weight(K, M, seed=2), bits, 16, storage)
+    out = path("numba", lowbit.product, np.eye(K, dtype=np.float32), w)
+    assert np.array_equal(out, w.dequantize())
+
+
+@needs_numba
+@pytest.mark.parametrize("storage", ["fp16", "bf16"])
+def test_every_finite_16_bit_pattern_widens_exactly(path, storage):
+    bits = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+    if storage == "fp16":
+        value = bits.view(np.float16).astype(np.float32)
+    else:
+        value = (bits.astype(np.uint32) << 16).view(np.float32)
+    bits = bits[np.isfinite(value)]  # subnormals, both zeros, every normal
+    K = 256
+    bits = bits[: len(bits) // K * K].reshape(K, -1)
+    w = lowbit.from_stored(16, K, bits.shape[1], bits, None, 32, storage == "bf16")
+    out = path("numba", lowbit.product, np.eye(K, dtype=np.float32), w)
+    assert np.array_equal(out, w.dequantize())  # (a sum starting from +0.0 turns -0.0 into +0.0)
+    assert np.count_nonzero(out) == out.size - 2  # and nothing else is lost: only the two zeros
+
+
+@needs_numba
+def test_integer_products_are_exact_on_both_paths(path):
+    """Small integers: every partial sum is an integer below 2**24, exact in float32 whatever the
+    order, so the kernel and the twin agree exactly."""
+    rng = np.random.default_rng(3)
+    q = rng.integers(-127, 128, (96, 40)).astype(np.int8)
+    w = lowbit.from_stored(8, 96, 40, q, np.ones(40, np.float32), 32, False)
+    x = rng.integers(-20, 21, (4, 96)).astype(np.float32)
+    exact = x.astype(np.int64) @ q.astype(np.int64)
+    assert np.array_equal(path("numba", lowbit.product, x, w), exact)
+    assert np.array_equal(path("numpy", lowbit.product, x, w), exact)
+
+
+@pytest.mark.parametrize("bits, group", [(8, 32), (4, 32), (4, 8)])
+def test_quantization_error_is_at_most_half_a_step(bits, group):
+    w = _weight(64, 70, seed=4)
+    p = lowbit.quantize(w, bits, group)
+    step = p.scale if bits == 8 else np.repeat(p.scale, group, axis=0)
+    assert np.all(np.abs(w - p.dequantize()) <= step / 2 * (1 + 1e-6))
+    levels = 127 if bits == 8 else 7
+    assert np.abs(p.dequantize()).max() == pytest.approx(np.abs(w).max(), rel=1e-6)
+    assert p.nbytes == cost_model.packed_weight_bytes(64, 70, cost_model.Packed(bits, group))
+    assert levels * step.max() == pytest.approx(np.abs(w).max(), rel=1e-6)
+
+
+def test_16_bit_rounds_to_nearest():
+    w = _weight(32, 40, seed=5)
+    w[0, :8] = [1e-7, -3e-6, 6e-5, 2.0 ** -24, 0.0, 1.0 + 2.0 ** -11, 1.0 + 3 * 2.0 ** -11, 65504.0]
+    for storage, mantissa, subnormal_step in (("fp16", 10, 2.0 ** -24), ("bf16", 7, 0.0)):
+        back = lowbit.quantize(w, 16, storage16=storage).dequantize()
+        assert np.all(np.abs(back - w) <= np.maximum(np.abs(w) * 2.0 ** -(mantissa + 1), subnormal_step / 2))
+    assert back[0, 4] == 0.0 and back[0, 7] == 65536.0  # bf16: 65504 rounds up to 2**16
+    fp16 = lowbit.quantize(w, 16).dequantize()
+    assert (fp16[0, 5], fp16[0, 6]) == (1.0, 1.0 + 4 * 2.0 ** -11)  # ties to even
+
+
+def test_bad_formats_are_one_clear_line():
+    with pytest.raises(ConfigError, match="--group-size 24 does not divide"):
+        lowbit.quantize(_weight(64, 8), 4, 24, name="w")
+    with pytest.raises(ConfigError, match="--bits must be one of"):
+        quant.QuantConfig(bits=3)
+    with pytest.raises(ConfigError, match="--group-size must be an even"):
+        quant.QuantConfig(bits=4, group_size=7)
+    with pytest.raises(ConfigError, match="exceeds fp16"):
+        lowbit.quantize(np.full((4, 4), 7e4, np.float32), 16, name="w")
+    assert lowbit.quantize(np.full((4, 4), 7e4, np.float32), 16, storage16="bf16").dequantize()[0, 0] == 70144.0
+
+
+def _model(vocab=300):
+    cfg = config_mod.ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=12, vocab_size=vocab)
+    return GPT(cfg, init(cfg, np.random.default_rng(0))), cfg
+
+
+@pytest.mark.parametrize("bits, positions, kernel_path", list(itertools.product(
+    (16, 8, 4), ([5], [3, 7, 1], [0, 2, 4, 6, 8, 10, 1, 3]), ("numpy", "numba"))))
+def test_a_quantized_batched_step_counts_what_the_closed_form_predicts(path, bits, positions, kernel_path):
+    if kernel_path == "numba" and not kernels.AVAILABLE:
+        pytest.skip("Numba is not installed")
+    gpt, cfg = _model()
+    qcfg = quant.QuantConfig(bits=bits, group_size=16, kv_int8=bits == 8)
+    gpt.quant = quant.quantize_model(gpt.params, cfg, qcfg)
+    caches = [KVCache(cfg, 1, int8=qcfg.kv_int8) for _ in positions]
+    for kv, n in zip(caches, positions):
+        if n:
+            gpt.logits(np.arange(n)[None] % 300, kv)
+    METER.reset()
+    with METER.in_phase("decode"):
+        path(kernel_path, gpt.decode_step, np.arange(len(positions)), caches)
+    predicted = cost_model.predict_decode_batch(cfg, positions, quant=qcfg)
+    assert predicted.keys() == METER.records.keys()
+    for k, p in predicted.items():
+        assert [getattr(p, f) for f in FIELDS] == [getattr(METER.records[k], f) for f in FIELDS], k
+    head = next(r for k, r in METER.records.items() if k.scope == "lm_head")
+    assert head.bytes_read == 4 * len(positions) * 32 + cost_model.packed_weight_bytes(32, 300, cost_model.Packed(bits, 16))
+    assert head.flops == 2 * len(positions) * 32 * 512 and head.useful_flops == 2 * len(positions) * 32 * 300
+
+
+@pytest.mark.parametrize("positions", [[5], [3, 7, 1]])
+def test_a_float_batched_step_counts_what_the_closed_form_predicts(positions):
+    gpt, cfg = _model()
+    caches = [KVCache(cfg, 1) for _ in positions]
+    for kv, n in zip(caches, positions):
+        gpt.logits(np.arange(n)[None], kv)
+    METER.reset()
+    with METER.in_phase("decode"):
+        gpt.decode_step(np.arange(len(positions)), caches)
+    predicted = cost_model.predict_decode_batch(cfg, positions)
+    assert predicted.keys() == METER.records.keys()
+    for k, p in predicted.items():
+        assert [getattr(p, f) for f in FIELDS] == [getattr(METER.records[k], f) for f in FIELDS], k
+    if len(positions) == 1:  # batch 1 is the model's single-sequence decode step
+        single = cost_model.predict_decode(cfg, 1, positions[0])
+        assert {k: [getattr(r, f) for f in FIELDS] for k, r in single.items()} == \
+            {k: [getattr(r, f) for f in FIELDS] for k, r in predicted.items()}
+
+
+def test_the_closed_forms_tile_is_the_kernels():
+    for M in (1, 7, 8, 9, 255, 256, 257, 300, 50257):
+        assert cost_model.packed_columns(M) == kq.padded(M)
+    assert cost_model.PACK_TILE == kq.TILE
+
+
+@pytest.mark.parametrize("bits", [16, 8, 4])
+def test_a_quantized_model_stays_close_to_fp32(bits):
+    gpt, cfg = _model()
+    x = np.random.default_rng(6).integers(0, 300, (2, 10))
+    ref = gpt.logits(x)
+    gpt.quant = quant.quantize_model(gpt.params, cfg, quant.QuantConfig(bits=bits, group_size=16))
+    out = gpt.logits(x)
+    err = np.max(np.abs(out - ref)) / np.max(np.abs(ref))
+    assert err <= {16: 1e-3, 8: 2e-2, 4: 0.2}[bits]
+    assert err > 0  # the quantized weights really are the ones in use
