@@ -44,7 +44,9 @@ def train(config_path: str, out: Path, resume: bool = False, stop_at: int | None
     trainer.run()
     rank = trainer.world.rank
     rows = tables.rows_from_records(METER.records)
-    (out / f"rank{rank}.json").write_text(json.dumps({"rank": rank, "size": trainer.world.size,
+    w = trainer.world
+    (out / f"rank{rank}.json").write_text(json.dumps({"rank": rank, "size": w.size,
+                                                      "local": [w.local_rank, w.local_size],
                                                       "losses": losses, "rows": rows}))
     np.save(out / f"rank{rank}.npy", trainer.model.params.data)
 

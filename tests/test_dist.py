@@ -18,9 +18,11 @@ from conftest import ROOT, TINY, merge, write_toml
 from minigpt.counting import closed_form as cost_model
 from minigpt.counting import tables
 from minigpt.errors import ConfigError
+from minigpt.hardware import blas
 from minigpt.train import checkpoint, dist
 
 WORKER = Path(__file__).with_name("mpi_worker.py")
+THREAD_VARS = ("MINIGPT_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS")
 # float64, so "equal to rounding" is a tight tolerance; two micro-batches a step; eval at the end
 RUN = merge(TINY, {"train": {"dtype": "float64", "max_steps": 4, "batch_size": 4, "grad_accum": 2},
                    "eval": {"interval": 100, "batches": 1}})
@@ -115,9 +117,13 @@ needs_mpi = pytest.mark.skipif(
     reason="mpi4py or mpiexec not installed (pip install -e '.[mpi]')")
 
 
-def _ranks(n: int, *args, timeout: float = 120) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+def _ranks(n: int, *args, timeout: float = 120, threads: str | None = "1") -> subprocess.CompletedProcess:
+    """Run the worker on n ranks, with OMP_NUM_THREADS and OPENBLAS_NUM_THREADS = threads (None:
+    no thread variable set, so train's own choice)."""
+    env = {k: v for k, v in os.environ.items() if k not in THREAD_VARS}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    if threads is not None:
+        env |= {"OMP_NUM_THREADS": threads, "OPENBLAS_NUM_THREADS": threads}
     return subprocess.run([_mpiexec(), "-n", str(n), sys.executable, str(WORKER), *map(str, args)],
                           capture_output=True, text=True, env=env, cwd=ROOT, timeout=timeout,
                           check=False)
@@ -150,6 +156,7 @@ def _rank(out: Path, rank: int = 0) -> dict:
 def test_two_ranks_train_as_one_process_does(runs):
     one, two = _rank(runs["one"]), [_rank(runs["two"], i) for i in range(2)]
     assert [t["size"] for t in two] == [2, 2]
+    assert [t["local"] for t in two] == [[0, 2], [1, 2]]  # both on this node: rank, node's size
     assert two[0]["losses"] == two[1]["losses"]  # the summed loss, identical on both
     np.testing.assert_allclose(two[0]["losses"], one["losses"], rtol=1e-12, atol=0)
     w0, w1 = (np.load(runs["two"] / f"rank{i}.npy") for i in range(2))
@@ -229,8 +236,15 @@ def test_a_stop_on_one_rank_stops_every_rank_after_the_same_step(tmp_path):
 @needs_mpi
 def test_the_command_prints_once_with_compute_and_communication_side_by_side(tmp_path):
     cfg = write_toml(tmp_path / "c.toml", merge(RUN, {"train": {"out_dir": str(tmp_path)}}))
-    proc = _ranks(2, "--fail-rank", 9, cfg, "--no-progress", timeout=60)  # no rank fails
+    proc = _ranks(2, "--fail-rank", 9, cfg, "--no-progress", timeout=60, threads=None)  # none fails
     assert proc.returncode == 0, proc.stderr[-2000:]
+    # no thread variable set: each rank gets half of this node's cores, and rank 0 says so once
+    cores = blas.usable_cores()
+    each = max(1, cores // 2)
+    assert proc.stderr.count("threads:") == 1
+    assert f"threads: {each} per rank (BLAS and Numba): {cores} cores / 2 ranks on this node" in (
+        proc.stderr)
+    assert ("oversubscribed" in proc.stderr) == (cores < 2)
     assert proc.stdout.count("done: 4 steps") == 1
     assert "communic." in proc.stdout and "went to the allreduces" in proc.stdout
     assert "data parallel over 2 MPI ranks" in proc.stdout

@@ -66,9 +66,27 @@ def _train_setup(argv):
     from minigpt.train.trainer import Trainer
 
     args = _train_parser().parse_args(argv)
+    _set_threads()
     cfg = config.load(args.config, args.overrides)
     return args, Trainer(cfg, resume=args.resume, progress=not args.no_progress,
                          check_memory=not args.skip_memory_check)
+
+
+def _set_threads() -> None:
+    """Threads per process for the BLAS and Numba before either computes anything: the cores of
+    this node shared among the ranks on it (minigpt.hardware.blas.plan). Rank 0 prints the choice
+    and its reason where there is one to make (several ranks, a thread variable set, or more
+    threads than cores); a plain run with nothing set keeps the libraries' own default."""
+    from minigpt.hardware import blas
+    from minigpt.train import dist
+
+    w = dist.world()
+    plan = blas.plan(w.local_size)
+    if w.local_size == 1 and plan.automatic:
+        return
+    blas.apply(plan)
+    if w.rank == 0:
+        print(plan.line(), file=sys.stderr)
 
 
 def _train_on_ranks(argv) -> int:

@@ -49,6 +49,7 @@ from minigpt.errors import ConfigError
 # its node (the rank itself comes from MPI)
 SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
 LOCAL_RANK_VARS = ("MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK", "MV2_COMM_WORLD_LOCAL_RANK")
+LOCAL_SIZE_VARS = ("MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE", "MV2_COMM_WORLD_LOCAL_SIZE")
 
 
 def launched_size() -> int:
@@ -63,7 +64,7 @@ def launched_size() -> int:
 class Single:
     """The one-process world: every collective is a no-op, and nothing is counted."""
 
-    rank, size, local_rank = 0, 1, 0
+    rank, size, local_rank, local_size = 0, 1, 0, 1
 
     def sum_gradients(self, g) -> None:
         """Sum the flat gradient buffer g over the ranks, in place."""
@@ -88,7 +89,19 @@ class MPIWorld(Single):
                 f"pip install -e \".[mpi]\"") from None
         self.MPI, self.comm = MPI, MPI.COMM_WORLD
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
-        self.local_rank = _env_int(LOCAL_RANK_VARS, self.rank)
+        self.local_rank, self.local_size = self._node()
+
+    def _node(self) -> tuple[int, int]:
+        """(this rank's number on its node, the ranks on its node): from the communicator of
+        the ranks that share this one's memory, else from the launcher's environment."""
+        try:
+            node = self.comm.Split_type(self.MPI.COMM_TYPE_SHARED)
+        except Exception:  # noqa: BLE001 - an MPI without shared-memory splits: ask the launcher
+            return _env_int(LOCAL_RANK_VARS, self.rank), _env_int(LOCAL_SIZE_VARS, self.size)
+        try:
+            return node.Get_rank(), node.Get_size()
+        finally:
+            node.Free()
 
     def _allreduce(self, buf) -> None:
         self.comm.Allreduce(self.MPI.IN_PLACE, buf, op=self.MPI.SUM)
