@@ -4,6 +4,7 @@ report: the cost per layer, the energy in four layers, energy.json, the GPT-3 li
 import argparse
 import math
 import sys
+from typing import NamedTuple
 
 from minigpt.cli.common import EXIT_BAD_INPUT, Parser
 from minigpt.errors import MiniGPTError
@@ -142,10 +143,14 @@ def _train(argv, args=None, trainer=None) -> int:
     print(f"corpus: {c.source}: {c.n_files} files, {len(c.train):,} training and {len(c.val):,} "
           f"validation tokens", file=sys.stderr)
     from minigpt.hardware import counters
+    from minigpt.train import throughput
 
-    start_tokens = trainer.state.tokens  # > 0 when resumed
+    start_step = trainer.state.step
+    start_tokens, start_s = trainer.state.tokens, trainer.state.elapsed_s  # > 0 when resumed
     with counters.measure() as measured:
         result = trainer.run()
+    session = _Session(result.steps - start_step, result.tokens - start_tokens,
+                       result.elapsed_s - start_s)
     if result.interrupted:
         import shlex
 
@@ -156,15 +161,51 @@ def _train(argv, args=None, trainer=None) -> int:
         return 143 if trainer.stopped_by == "SIGTERM" else 130
     print(f"done: {result.steps} steps, {result.tokens:,} tokens in {result.elapsed_s:.1f} s; "
           f"val loss {result.val_loss:.4f} nats/token ({result.val_bpb:.4f} bits/byte); checkpoint {trainer.ckpt_path}")
-    _print_training_costs(trainer, result, measured, args, start_tokens)
+    if trainer.world.size == 1:  # one process's speed, for a data-parallel run's comparison
+        throughput.remember(trainer.cfg, session.tokens, session.seconds, session.steps)
+    _print_training_costs(trainer, result, measured, args, start_tokens, session)
     return 0
+
+
+class _Session(NamedTuple):
+    """What this invocation trained (a resumed run's earlier sessions excluded): all ranks' tokens
+    over rank 0's summed step time."""
+
+    steps: int
+    tokens: int
+    seconds: float
+
+
+def _data_parallel_lines(trainer, counted: int, everyone: int, session: _Session) -> list[str]:
+    """Whose numbers the table shows, and the job's tokens/s beside one process's for this config
+    on this machine where one was recorded (minigpt.train.throughput)."""
+    from minigpt.train import throughput
+
+    ranks = trainer.world.size
+    lines = [(f"data parallel over {ranks} MPI ranks: the table above is rank 0's share, not the "
+              f"job's: its {counted:,} of the {everyone:,} tokens, its FLOPs and bytes, its seconds "
+              f"(each rank did the same work)")]
+    if session.seconds <= 0 or session.steps <= 0:
+        return lines
+    job = session.tokens / session.seconds
+    text = (f"the whole job: {job:,.0f} tokens/s ({session.tokens:,} tokens over {ranks} ranks in "
+            f"rank 0's {session.seconds:.1f} s of steps)")
+    one = throughput.recall(trainer.cfg)
+    if one is not None:
+        text += (f"; one process: {one['tokens_per_s']:,.0f} tokens/s for this config on this "
+                 f"machine ({one['steps']} steps, {one['when']}), so {job / one['tokens_per_s']:.2f}x")
+    else:
+        text += ("; one process's figure for this config is not known here yet (a plain `python "
+                 f"train.py` run of {throughput.MIN_STEPS} steps or more records it)")
+    return lines + [text]
 
 
 def hardware_for(args, device: str):
     return args.hardware or ("local-cpu" if device == "cpu" else None)
 
 
-def _print_training_costs(trainer, result, measured, args, start_tokens: int = 0) -> None:
+def _print_training_costs(trainer, result, measured, args, start_tokens: int = 0,
+                          session: "_Session | None" = None) -> None:
     from minigpt.counting import tables
     from minigpt.counting.meter import METER
     from minigpt.energy import run_energy
@@ -181,8 +222,8 @@ def _print_training_costs(trainer, result, measured, args, start_tokens: int = 0
     print()
     print(tables.summary(rows, result.steps, result.tokens, peak, where))
     if ranks > 1:
-        print(f"data parallel over {ranks} MPI ranks: the counts above are rank 0's, on its "
-              f"{result.tokens:,} of the {everyone:,} tokens (every rank did the same)")
+        session = session or _Session(result.steps, everyone, result.elapsed_s)
+        print("\n".join(_data_parallel_lines(trainer, result.tokens, everyone, session)))
     print(f"details: minigpt costs {trainer.out_dir} --by op  (also {trainer.out_dir}/costs.json, costs.csv)")
     print()
     # this session's energy: a resumed run's earlier sessions were reported when they ran
