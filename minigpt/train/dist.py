@@ -26,12 +26,21 @@ by convention, as the bandwidth-optimal figure a large buffer approaches.)
 On a GPU (device = "cuda") the gradient allreduce goes through NCCL (cupy.cuda.nccl), with the
 communicator's id handed out over MPI; each rank uses GPU local_rank % device count.
 
-The gradients go in one allreduce after the whole backward pass, not in buckets overlapped with
-it: on the CPU, MPICH makes progress on a non-blocking allreduce only inside MPI calls (unless an
-asynchronous progress thread is configured), so overlap would need the backward pass to poll MPI
-between layers, and the flat buffer keeps a layer's matrices and vectors in separate regions, so a
-layer's gradients are not one contiguous bucket. One call also keeps the count simple: one record
-per step.
+Threads: before the trainer is built, `train` gives each rank this node's cores divided by the
+ranks on it (`local_size`, from a shared-memory split of COMM_WORLD) for OpenBLAS and Numba
+(minigpt.hardware.blas.plan; MINIGPT_THREADS or the usual variables override it), and rank 0
+prints the choice: two ranks on two cores each with a thread per core ran slower than one process.
+
+Overlap (GradientBuckets, MINIGPT_OVERLAP=1): the gradients go in buckets, each a non-blocking
+allreduce started as the backward pass finishes its blocks (last first, as DDP does), tested at
+each later block, waited for before clipping; one record per slice. By default (OVERLAP = False)
+the gradients go in one allreduce after the whole backward pass instead, because overlapping did
+not pay on the CPU (docs/benchmarks.md, bench/dist.py): MPICH advances a non-blocking allreduce
+only inside MPI calls (without an asynchronous progress thread, which would need a core of its
+own), so the sums move at the block boundaries where the ranks test them, on the same cores that
+compute; and with every core busy computing there is no idle core for the transfer to hide on.
+The one allreduce costs a few per cent of a step, most of it one rank waiting for the other to
+finish its backward pass, which no overlap removes.
 """
 
 import os
