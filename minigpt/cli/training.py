@@ -16,7 +16,10 @@ def _train_parser(prog="minigpt train") -> argparse.ArgumentParser:
         description="Train a GPT-2 from scratch on a corpus. Writes <out_dir>/log.jsonl (one line per "
         "evaluation) and <out_dir>/ckpt.npz (everything needed to resume or generate), then the "
         "costs (costs.json, costs.csv), the run's energy (energy.json) and report.html.",
-        epilog="example: python train.py configs/tiny.toml --set train.max_steps=100",
+        epilog="example: python train.py configs/tiny.toml --set train.max_steps=100.  On MPI: "
+        "mpiexec -n 2 python train.py configs/tiny.toml; each rank gets this node's cores / the "
+        "ranks on it as BLAS and Numba threads (MINIGPT_THREADS=n chooses n; MINIGPT_OVERLAP=1 sums "
+        "the gradients in buckets during the backward pass).",
     )
     p.add_argument("config", help="a TOML config, e.g. configs/tiny.toml")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",

@@ -56,8 +56,10 @@ def accumulate(model, batches, n: int, rng=None, ranks: int = 1,
         if routings is not None:
             routings.append(model.routing)
         with METER.in_phase("backward"):
-            model.backward(cache, dloss=1.0 / (n * ranks),
-                           on_block_done=on_block_done if k == n - 1 else None)
+            if on_block_done is not None and k == n - 1:
+                model.backward(cache, dloss=1.0 / (n * ranks), on_block_done=on_block_done)
+            else:  # (a plain call: a wrapped backward without the hook still works)
+                model.backward(cache, dloss=1.0 / (n * ranks))
         loss += micro_loss / n
         del cache  # before the next forward: one micro-batch's activations alive, not two
     return loss
