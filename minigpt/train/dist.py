@@ -228,15 +228,14 @@ def _block_spans(layout) -> list[tuple[tuple[int, int], tuple[int, int]]]:
     contiguous: params.layout lists a block's parameters together within each region)."""
     import math
 
-    spans: dict[int, list[list[int]]] = {}
+    spans: dict[int, list[list]] = {}
     offset = 0
     for name, shape in layout:
         n = math.prod(shape)
         if name.startswith("transformer.h."):
             i = int(name.split(".")[2])
             region = 0 if len(shape) >= 2 else 1
-            s = spans.setdefault(i, [[offset, offset], [None, None]])
-            r = s[region]
+            r = spans.setdefault(i, [[None, None], [None, None]])[region]
             if r[0] is None:
                 r[0] = r[1] = offset
             if r[1] != offset:
