@@ -4,6 +4,8 @@ and write, per rank, the loss of every step, the final weights and the meter's r
     python tests/mpi_worker.py CONFIG OUT [--resume] [--stop-at STEP --stop-rank R]
     python tests/mpi_worker.py --fail-rank R TRAIN_ARGS...
 
+MINIGPT_BUCKET_BYTES in the environment sets dist.BUCKET_BYTES (with MINIGPT_OVERLAP=1).
+
 --stop-at STEP --stop-rank R: rank R alone asks to stop after STEP (as Ctrl-C would); every rank
 must stop after that same step.
 
@@ -12,6 +14,7 @@ to show that an error on one rank aborts all of them rather than leaving them wa
 """
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -21,6 +24,7 @@ from minigpt import cli, config
 from minigpt.counting import tables
 from minigpt.counting.meter import METER
 from minigpt.errors import DataError
+from minigpt.train import dist
 from minigpt.train.trainer import Trainer
 
 
@@ -28,6 +32,8 @@ def train(config_path: str, out: Path, resume: bool = False, stop_at: int | None
           stop_rank: int | None = None) -> None:
     """Train; write out/rank<r>.json (losses, meter rows) and out/rank<r>.npy (weights)."""
     cfg = config.load(config_path)
+    if "MINIGPT_BUCKET_BYTES" in os.environ:  # the tests' small models: buckets of one block
+        dist.BUCKET_BYTES = int(os.environ["MINIGPT_BUCKET_BYTES"])
     METER.reset()
     trainer = Trainer(cfg, resume=resume, progress=False)
     losses, step = [], trainer.train_step
@@ -44,7 +50,9 @@ def train(config_path: str, out: Path, resume: bool = False, stop_at: int | None
     trainer.run()
     rank = trainer.world.rank
     rows = tables.rows_from_records(METER.records)
-    (out / f"rank{rank}.json").write_text(json.dumps({"rank": rank, "size": trainer.world.size,
+    w = trainer.world
+    (out / f"rank{rank}.json").write_text(json.dumps({"rank": rank, "size": w.size,
+                                                      "local": [w.local_rank, w.local_size],
                                                       "losses": losses, "rows": rows}))
     np.save(out / f"rank{rank}.npy", trainer.model.params.data)
 

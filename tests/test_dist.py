@@ -18,9 +18,11 @@ from conftest import ROOT, TINY, merge, write_toml
 from minigpt.counting import closed_form as cost_model
 from minigpt.counting import tables
 from minigpt.errors import ConfigError
+from minigpt.hardware import blas
 from minigpt.train import checkpoint, dist
 
 WORKER = Path(__file__).with_name("mpi_worker.py")
+THREAD_VARS = ("MINIGPT_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS")
 # float64, so "equal to rounding" is a tight tolerance; two micro-batches a step; eval at the end
 RUN = merge(TINY, {"train": {"dtype": "float64", "max_steps": 4, "batch_size": 4, "grad_accum": 2},
                    "eval": {"interval": 100, "batches": 1}})
@@ -115,9 +117,16 @@ needs_mpi = pytest.mark.skipif(
     reason="mpi4py or mpiexec not installed (pip install -e '.[mpi]')")
 
 
-def _ranks(n: int, *args, timeout: float = 120) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+def _ranks(n: int, *args, timeout: float = 120, threads: str | None = "1",
+           env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run the worker on n ranks, with OMP_NUM_THREADS and OPENBLAS_NUM_THREADS = threads (None:
+    no thread variable set, so train's own choice) and env added to the environment."""
+    extra = env or {}
+    env = {k: v for k, v in os.environ.items() if k not in THREAD_VARS + ("MINIGPT_OVERLAP",)}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    if threads is not None:
+        env |= {"OMP_NUM_THREADS": threads, "OPENBLAS_NUM_THREADS": threads}
+    env |= extra
     return subprocess.run([_mpiexec(), "-n", str(n), sys.executable, str(WORKER), *map(str, args)],
                           capture_output=True, text=True, env=env, cwd=ROOT, timeout=timeout,
                           check=False)
@@ -150,6 +159,7 @@ def _rank(out: Path, rank: int = 0) -> dict:
 def test_two_ranks_train_as_one_process_does(runs):
     one, two = _rank(runs["one"]), [_rank(runs["two"], i) for i in range(2)]
     assert [t["size"] for t in two] == [2, 2]
+    assert [t["local"] for t in two] == [[0, 2], [1, 2]]  # both on this node: rank, node's size
     assert two[0]["losses"] == two[1]["losses"]  # the summed loss, identical on both
     np.testing.assert_allclose(two[0]["losses"], one["losses"], rtol=1e-12, atol=0)
     w0, w1 = (np.load(runs["two"] / f"rank{i}.npy") for i in range(2))
@@ -227,13 +237,37 @@ def test_a_stop_on_one_rank_stops_every_rank_after_the_same_step(tmp_path):
 
 
 @needs_mpi
-def test_the_command_prints_once_with_compute_and_communication_side_by_side(tmp_path):
+def test_the_command_prints_once_with_compute_and_communication_side_by_side(tmp_path, monkeypatch):
     cfg = write_toml(tmp_path / "c.toml", merge(RUN, {"train": {"out_dir": str(tmp_path)}}))
-    proc = _ranks(2, "--fail-rank", 9, cfg, "--no-progress", timeout=60)  # no rank fails
+    from minigpt import config
+    from minigpt.train import throughput
+
+    for var in THREAD_VARS:
+        monkeypatch.delenv(var, raising=False)
+    assert throughput.remember(config.load(cfg), 1234, 1.0, 100)  # as a plain run would record
+    proc = _ranks(2, "--fail-rank", 9, cfg, "--no-progress", timeout=60, threads=None)  # none fails
     assert proc.returncode == 0, proc.stderr[-2000:]
+    # no thread variable set: each rank gets half of this node's cores, and rank 0 says so once
+    cores = blas.usable_cores()
+    each = max(1, cores // 2)
+    assert proc.stderr.count("threads:") == 1
+    assert f"threads: {each} per rank (BLAS and Numba): {cores} cores / 2 ranks on this node" in (
+        proc.stderr)
+    assert ("oversubscribed" in proc.stderr) == (cores < 2)
     assert proc.stdout.count("done: 4 steps") == 1
     assert "communic." in proc.stdout and "went to the allreduces" in proc.stdout
-    assert "data parallel over 2 MPI ranks" in proc.stdout
+    assert "data parallel over 2 MPI ranks: the table above is rank 0's share, not the job's: its " \
+           f"{4 * 2 * 2 * 16:,} of the {4 * 2 * 4 * 16:,} tokens" in proc.stdout
+    job = [x for x in proc.stdout.splitlines() if x.startswith("the whole job: ")]
+    assert len(job) == 1, proc.stdout
+    log = json.loads((tmp_path / "log.jsonl").read_text().splitlines()[-1])
+    rate = float(job[0].split()[3].replace(",", ""))
+    # all ranks' tokens over rank 0's step time (the log rounds it to milliseconds)
+    assert log["tokens"] / (log["elapsed_s"] + 5e-4) - 1 <= rate <= log["tokens"] / (
+        log["elapsed_s"] - 5e-4) + 1
+    ratio = float(job[0].rsplit("so ", 1)[1].rstrip("x"))
+    assert "one process: 1,234 tokens/s for this config on this machine (100 steps" in job[0]
+    assert ratio == pytest.approx(rate / 1234, rel=0.01, abs=0.01)
     assert proc.stderr.count("corpus:") == 1  # rank 1 is quiet
 
 
@@ -275,3 +309,133 @@ def test_two_gpu_ranks_through_nccl_train_as_one_gpu_does(tmp_path):
                                rtol=1e-12, atol=0)
     grad = [r for r in _rank(tmp_path / "two")["rows"] if r["op"] == "grad_sum"]
     assert grad and grad[0]["calls"] == RUN["train"]["max_steps"]
+
+
+# --------------------------------------------------------------------------- gradient buckets
+
+
+class _FakeMPI:
+    """Enough of mpi4py for GradientBuckets: records each allreduce's slice, completes at once."""
+
+    IN_PLACE, SUM = object(), object()
+
+    class Request:
+        @staticmethod
+        def Testall(requests):
+            return True
+
+        @staticmethod
+        def Waitall(requests):
+            return None
+
+
+class _FakeWorld(dist.MPIWorld):
+    def __init__(self, events):
+        self.MPI, self.size, self.rank, self.events = _FakeMPI, 2, 0, events
+        self.comm = self
+
+    def Iallreduce(self, sendbuf, buf, op):
+        assert sendbuf is _FakeMPI.IN_PLACE and op is _FakeMPI.SUM
+        base = buf.base if buf.base is not None else buf
+        start = (buf.__array_interface__["data"][0] - base.__array_interface__["data"][0]) // buf.itemsize
+        self.events.append(("sum", start, start + buf.size))
+        return object()
+
+
+@pytest.mark.parametrize("model, cap", [({"n_layer": 3}, 0), ({"n_layer": 4}, 1),
+                                        ({"n_layer": 4}, 10**9), ({"n_layer": 5}, 40_000),
+                                        ({"n_layer": 4, "n_experts": 2, "moe_every": 2}, 0)])
+def test_buckets_cover_the_buffer_once_and_start_as_blocks_finish(model, cap):
+    from minigpt.config import ModelConfig
+    from minigpt.nn.params import FlatBuffer
+
+    cfg = ModelConfig(**(RUN["model"] | model))
+    g = FlatBuffer(cfg, "float64")
+    events = []
+    buckets = dist.GradientBuckets(_FakeWorld(events), g.layout, g.data, cap)
+    for i in reversed(range(cfg.n_layer)):
+        events.append(("done", i))
+        buckets.block_done(i)
+    events.append(("end",))
+    buckets.finish()
+    sums = [e[1:] for e in events if e[0] == "sum"]
+    covered = np.zeros(g.size, dtype=int)
+    for a, b in sums:
+        covered[a:b] += 1
+    assert (covered == 1).all()  # every gradient summed exactly once
+    offsets, offset = {}, 0
+    for name, shape in g.layout:
+        offsets[name] = (offset, offset + int(np.prod(shape)))
+        offset += int(np.prod(shape))
+    done = set()
+    for e in events:  # no slice holds a gradient of a block (or embedding) not yet finished
+        if e[0] == "done":
+            done.add(e[1])
+        elif e[0] == "end":
+            done.add("all")
+        else:
+            for name, (a, b) in offsets.items():
+                if a < e[2] and e[1] < b and "all" not in done:
+                    assert name.startswith(("transformer.h.", "transformer.ln_f"))
+                    if name.startswith("transformer.h."):
+                        assert int(name.split(".")[2]) in done, (name, e)
+    early = [e for e in events[:events.index(("end",))] if e[0] == "sum"]
+    block_bytes = sum(b - a for (a, b) in (offsets[n] for n in offsets
+                                          if n.startswith("transformer.h.0."))) * 8
+    if cap <= block_bytes:  # every block fills a bucket: two slices per block, as it finishes
+        assert len(early) == 2 * cfg.n_layer
+    elif cap < g.size * 8:  # buckets of two blocks or so: some start during the backward pass
+        assert 2 <= len(early) < 2 * cfg.n_layer
+    if cap >= g.size * 8:  # none fills: the whole buffer in one, after the backward pass
+        assert sums == [(0, g.size)] and not early
+    assert len(buckets.pending) == 0
+
+
+def test_block_spans_are_each_blocks_matrices_and_vectors():
+    from minigpt.config import ModelConfig
+    from minigpt.nn.params import FlatBuffer
+
+    g = FlatBuffer(ModelConfig(**(RUN["model"] | {"n_layer": 2})), "float32")
+    spans = dist._block_spans(g.layout)
+    for i, ((ma, mb), (va, vb)) in enumerate(spans):
+        names = [n for n, s in g.layout if n.startswith(f"transformer.h.{i}.")]
+        assert sum(int(np.prod(s)) for n, s in g.layout if n in names) == (mb - ma) + (vb - va)
+        assert g[f"transformer.h.{i}.attn.c_attn.weight"].ctypes.data == g.data[ma:].ctypes.data
+        assert g[f"transformer.h.{i}.ln_1.weight"].ctypes.data == g.data[va:].ctypes.data
+
+
+def test_overlap_is_chosen_by_minigpt_overlap(monkeypatch):
+    monkeypatch.delenv("MINIGPT_OVERLAP", raising=False)
+    assert dist.overlap_wanted() is dist.OVERLAP
+    monkeypatch.setenv("MINIGPT_OVERLAP", "1")
+    assert dist.overlap_wanted() is True
+    monkeypatch.setenv("MINIGPT_OVERLAP", "0")
+    assert dist.overlap_wanted() is False
+    monkeypatch.setenv("MINIGPT_OVERLAP", "yes")
+    with pytest.raises(ConfigError, match=r"MINIGPT_OVERLAP = 'yes': 1 \(buckets"):
+        dist.overlap_wanted()
+
+
+@needs_mpi
+def test_two_ranks_with_buckets_train_as_one_process_and_count_each_slice(tmp_path, runs):
+    out = tmp_path / "buckets"
+    out.mkdir()
+    cfg = write_toml(tmp_path / "b.toml", merge(RUN, {"train": {"out_dir": str(out)}}))
+    proc = _ranks(2, cfg, out, env={"MINIGPT_OVERLAP": "1", "MINIGPT_BUCKET_BYTES": "0"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    one, two = _rank(runs["one"]), [_rank(out, i) for i in range(2)]
+    np.testing.assert_allclose(two[0]["losses"], one["losses"], rtol=1e-12, atol=0)
+    w0, w1 = (np.load(out / f"rank{i}.npy") for i in range(2))
+    np.testing.assert_array_equal(w0, w1)
+    np.testing.assert_allclose(w0, np.load(runs["one"] / "rank0.npy"), rtol=1e-9, atol=1e-12)
+    from minigpt.config import ModelConfig
+
+    P, steps = cost_model.n_params(ModelConfig(**RUN["model"])), RUN["train"]["max_steps"]
+    for rank in (0, 1):
+        grad = [r for r in _rank(out, rank)["rows"] if r["op"] == "grad_sum"]
+        assert len(grad) == 1 and grad[0]["phase"] == "communication"
+        # one block, in a bucket of its own (matrices, vectors with ln_f's), then the embeddings:
+        # three allreduces a step, which a ring of two sends whole: the float64 gradients once
+        assert grad[0]["calls"] == 3 * steps
+        assert grad[0]["bytes_read"] == grad[0]["bytes_written"] == steps * P * 8
+        assert grad[0]["seconds"] > 0

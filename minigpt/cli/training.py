@@ -4,6 +4,7 @@ report: the cost per layer, the energy in four layers, energy.json, the GPT-3 li
 import argparse
 import math
 import sys
+from typing import NamedTuple
 
 from minigpt.cli.common import EXIT_BAD_INPUT, Parser
 from minigpt.errors import MiniGPTError
@@ -15,7 +16,10 @@ def _train_parser(prog="minigpt train") -> argparse.ArgumentParser:
         description="Train a GPT-2 from scratch on a corpus. Writes <out_dir>/log.jsonl (one line per "
         "evaluation) and <out_dir>/ckpt.npz (everything needed to resume or generate), then the "
         "costs (costs.json, costs.csv), the run's energy (energy.json) and report.html.",
-        epilog="example: python train.py configs/tiny.toml --set train.max_steps=100",
+        epilog="example: python train.py configs/tiny.toml --set train.max_steps=100.  On MPI: "
+        "mpiexec -n 2 python train.py configs/tiny.toml; each rank gets this node's cores / the "
+        "ranks on it as BLAS and Numba threads (MINIGPT_THREADS=n chooses n; MINIGPT_OVERLAP=1 sums "
+        "the gradients in buckets during the backward pass).",
     )
     p.add_argument("config", help="a TOML config, e.g. configs/tiny.toml")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -66,9 +70,27 @@ def _train_setup(argv):
     from minigpt.train.trainer import Trainer
 
     args = _train_parser().parse_args(argv)
+    _set_threads()
     cfg = config.load(args.config, args.overrides)
     return args, Trainer(cfg, resume=args.resume, progress=not args.no_progress,
                          check_memory=not args.skip_memory_check)
+
+
+def _set_threads() -> None:
+    """Threads per process for the BLAS and Numba before either computes anything: the cores of
+    this node shared among the ranks on it (minigpt.hardware.blas.plan). Rank 0 prints the choice
+    and its reason where there is one to make (several ranks, a thread variable set, or more
+    threads than cores); a plain run with nothing set keeps the libraries' own default."""
+    from minigpt.hardware import blas
+    from minigpt.train import dist
+
+    w = dist.world()
+    plan = blas.plan(w.local_size)
+    if w.local_size == 1 and plan.automatic:
+        return
+    blas.apply(plan)
+    if w.rank == 0:
+        print(plan.line(), file=sys.stderr)
 
 
 def _train_on_ranks(argv) -> int:
@@ -124,12 +146,15 @@ def _train(argv, args=None, trainer=None) -> int:
     print(f"corpus: {c.source}: {c.n_files} files, {len(c.train):,} training and {len(c.val):,} "
           f"validation tokens", file=sys.stderr)
     from minigpt.hardware import counters
+    from minigpt.train import throughput
 
-    start_tokens = trainer.state.tokens  # > 0 when resumed
-    start_step, start_elapsed = trainer.state.step, trainer.state.elapsed_s
+    start_step = trainer.state.step
+    start_tokens, start_s = trainer.state.tokens, trainer.state.elapsed_s  # > 0 when resumed
     prediction = _predict_run(trainer, args)
     with counters.measure() as measured:
         result = trainer.run()
+    session = _Session(result.steps - start_step, result.tokens - start_tokens,
+                       result.elapsed_s - start_s)
     if result.interrupted:
         import shlex
 
@@ -140,7 +165,8 @@ def _train(argv, args=None, trainer=None) -> int:
         return 143 if trainer.stopped_by == "SIGTERM" else 130
     print(f"done: {result.steps} steps, {result.tokens:,} tokens in {result.elapsed_s:.1f} s; "
           f"val loss {result.val_loss:.4f} nats/token ({result.val_bpb:.4f} bits/byte); checkpoint {trainer.ckpt_path}")
-    session = (result.steps - start_step, trainer.state.elapsed_s - start_elapsed)
+    if trainer.world.size == 1:  # one process's speed, for a data-parallel run's comparison
+        throughput.remember(trainer.cfg, session.tokens, session.seconds, session.steps)
     _print_training_costs(trainer, result, measured, args, start_tokens, prediction, session)
     return 0
 
@@ -164,12 +190,45 @@ def _predict_run(trainer, args):
     return f
 
 
+class _Session(NamedTuple):
+    """What this invocation trained (a resumed run's earlier sessions excluded): all ranks' tokens
+    over rank 0's summed step time."""
+
+    steps: int
+    tokens: int
+    seconds: float
+
+
+def _data_parallel_lines(trainer, counted: int, everyone: int, session: _Session) -> list[str]:
+    """Whose numbers the table shows, and the job's tokens/s beside one process's for this config
+    on this machine where one was recorded (minigpt.train.throughput)."""
+    from minigpt.train import throughput
+
+    ranks = trainer.world.size
+    lines = [(f"data parallel over {ranks} MPI ranks: the table above is rank 0's share, not the "
+              f"job's: its {counted:,} of the {everyone:,} tokens, its FLOPs and bytes, its seconds "
+              f"(each rank did the same work)")]
+    if session.seconds <= 0 or session.steps <= 0:
+        return lines
+    job = session.tokens / session.seconds
+    text = (f"the whole job: {job:,.0f} tokens/s ({session.tokens:,} tokens over {ranks} ranks in "
+            f"rank 0's {session.seconds:.1f} s of steps)")
+    one = throughput.recall(trainer.cfg)
+    if one is not None:
+        text += (f"; one process: {one['tokens_per_s']:,.0f} tokens/s for this config on this "
+                 f"machine ({one['steps']} steps, {one['when']}), so {job / one['tokens_per_s']:.2f}x")
+    else:
+        text += ("; one process's figure for this config is not known here yet (a plain `python "
+                 f"train.py` run of {throughput.MIN_STEPS} steps or more records it)")
+    return lines + [text]
+
+
 def hardware_for(args, device: str):
     return args.hardware or ("local-cpu" if device == "cpu" else None)
 
 
 def _print_training_costs(trainer, result, measured, args, start_tokens: int = 0,
-                          prediction=None, session: tuple[int, float] = (0, 0.0)) -> None:
+                          prediction=None, session: "_Session | None" = None) -> None:
     from minigpt.counting import tables
     from minigpt.counting.meter import METER
     from minigpt.energy import forecast, run_energy
@@ -192,8 +251,8 @@ def _print_training_costs(trainer, result, measured, args, start_tokens: int = 0
     for note in notes:
         print(note)
     if ranks > 1:
-        print(f"data parallel over {ranks} MPI ranks: the counts above are rank 0's, on its "
-              f"{result.tokens:,} of the {everyone:,} tokens (every rank did the same)")
+        session = session or _Session(result.steps, everyone, result.elapsed_s)
+        print("\n".join(_data_parallel_lines(trainer, result.tokens, everyone, session)))
     print(f"details: minigpt costs {trainer.out_dir} --by op  (also {trainer.out_dir}/costs.json, costs.csv)")
     print()
     # this session's energy: a resumed run's earlier sessions were reported when they ran
@@ -203,7 +262,7 @@ def _print_training_costs(trainer, result, measured, args, start_tokens: int = 0
     doc = run_energy.build(this_session, measured.seconds, hw, measured, args.watts, tokens,
                            estimate=on_cpu)
     print("\n".join(run_energy.report_lines(doc)))  # the table, from what energy.json holds
-    steps, step_s = session
+    steps, step_s = (session.steps, session.seconds) if session else (0, 0.0)
     if prediction is not None and steps > 0:
         evals = trainer.eval_seconds
         joules, basis = _reported_joules(doc)

@@ -288,9 +288,10 @@ class GPT:
             loss, ce = nn.cross_entropy_forward(logits, targets)
         return float(loss), (trunk, x2, ce)
 
-    def backward(self, cache, dloss: float = 1.0) -> FlatBuffer:
+    def backward(self, cache, dloss: float = 1.0, on_block_done=None) -> FlatBuffer:
         """Add d(dloss * (loss + aux_loss))/d(params) into self.grads (zero them between steps
-        yourself)."""
+        yourself). on_block_done(i), when given, is called as soon as block i's gradients are
+        complete (blocks finish last to first; data parallelism starts their allreduce there)."""
         cfg, p = self.cfg, self.params
         if self.grads is None:
             self.grads = FlatBuffer(cfg, p.data.dtype)
@@ -310,6 +311,8 @@ class GPT:
         for i in reversed(range(cfg.n_layer)):
             with METER.scope(scopes.block(i)):
                 dx = block_backward(dx, blocks[i], p.block(i), g.block(i), dloss)
+            if on_block_done is not None:
+                on_block_done(i)
         dx = _maybe_dropout_backward(dx, d_emb, scopes.join(scopes.EMBEDDING, scopes.DROPOUT))
         with METER.scope(scopes.EMBEDDING):
             nn.embedding_backward(dx, emb, g["transformer.wte.weight"], g["transformer.wpe.weight"])

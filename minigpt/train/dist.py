@@ -26,12 +26,21 @@ by convention, as the bandwidth-optimal figure a large buffer approaches.)
 On a GPU (device = "cuda") the gradient allreduce goes through NCCL (cupy.cuda.nccl), with the
 communicator's id handed out over MPI; each rank uses GPU local_rank % device count.
 
-The gradients go in one allreduce after the whole backward pass, not in buckets overlapped with
-it: on the CPU, MPICH makes progress on a non-blocking allreduce only inside MPI calls (unless an
-asynchronous progress thread is configured), so overlap would need the backward pass to poll MPI
-between layers, and the flat buffer keeps a layer's matrices and vectors in separate regions, so a
-layer's gradients are not one contiguous bucket. One call also keeps the count simple: one record
-per step.
+Threads: before the trainer is built, `train` gives each rank this node's cores divided by the
+ranks on it (`local_size`, from a shared-memory split of COMM_WORLD) for OpenBLAS and Numba
+(minigpt.hardware.blas.plan; MINIGPT_THREADS or the usual variables override it), and rank 0
+prints the choice: two ranks on two cores each with a thread per core ran slower than one process.
+
+Overlap (GradientBuckets, MINIGPT_OVERLAP=1): the gradients go in buckets, each a non-blocking
+allreduce started as the backward pass finishes its blocks (last first, as DDP does), tested at
+each later block, waited for before clipping; one record per slice. By default (OVERLAP = False)
+the gradients go in one allreduce after the whole backward pass instead, because overlapping did
+not pay on the CPU (docs/benchmarks.md, bench/dist.py): MPICH advances a non-blocking allreduce
+only inside MPI calls (without an asynchronous progress thread, which would need a core of its
+own), so the sums move at the block boundaries where the ranks test them, on the same cores that
+compute; and with every core busy computing there is no idle core for the transfer to hide on.
+The one allreduce costs a few per cent of a step, most of it one rank waiting for the other to
+finish its backward pass, which no overlap removes.
 """
 
 import os
@@ -49,6 +58,7 @@ from minigpt.errors import ConfigError
 # its node (the rank itself comes from MPI)
 SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
 LOCAL_RANK_VARS = ("MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK", "MV2_COMM_WORLD_LOCAL_RANK")
+LOCAL_SIZE_VARS = ("MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE", "MV2_COMM_WORLD_LOCAL_SIZE")
 
 
 def launched_size() -> int:
@@ -63,7 +73,7 @@ def launched_size() -> int:
 class Single:
     """The one-process world: every collective is a no-op, and nothing is counted."""
 
-    rank, size, local_rank = 0, 1, 0
+    rank, size, local_rank, local_size = 0, 1, 0, 1
 
     def sum_gradients(self, g) -> None:
         """Sum the flat gradient buffer g over the ranks, in place."""
@@ -74,6 +84,10 @@ class Single:
 
     def abort(self, code: int) -> None:
         """Stop every rank (with one, there is nothing else to stop)."""
+
+    def buckets(self, grads) -> "GradientBuckets | None":
+        """The gradients' buckets, overlapped with the backward pass; None: one sum after it."""
+        return None
 
 
 class MPIWorld(Single):
@@ -88,16 +102,31 @@ class MPIWorld(Single):
                 f"pip install -e \".[mpi]\"") from None
         self.MPI, self.comm = MPI, MPI.COMM_WORLD
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
-        self.local_rank = _env_int(LOCAL_RANK_VARS, self.rank)
+        self.local_rank, self.local_size = self._node()
+
+    def _node(self) -> tuple[int, int]:
+        """(this rank's number on its node, the ranks on its node): from the communicator of
+        the ranks that share this one's memory, else from the launcher's environment."""
+        try:
+            node = self.comm.Split_type(self.MPI.COMM_TYPE_SHARED)
+        except Exception:  # noqa: BLE001 - an MPI without shared-memory splits: ask the launcher
+            return _env_int(LOCAL_RANK_VARS, self.rank), _env_int(LOCAL_SIZE_VARS, self.size)
+        try:
+            return node.Get_rank(), node.Get_size()
+        finally:
+            node.Free()
 
     def _allreduce(self, buf) -> None:
         self.comm.Allreduce(self.MPI.IN_PLACE, buf, op=self.MPI.SUM)
 
     def _counted(self, op: str, buf, reduce) -> None:
-        n, nbytes = int(buf.size), int(buf.nbytes)
         t0 = METER.clock()
         reduce(buf)
-        seconds = METER.clock() - t0
+        self._record(op, buf, METER.clock() - t0)
+
+    def _record(self, op: str, buf, seconds: float) -> None:
+        """One allreduce of buf, taking `seconds`, as a meter record (the ring's counts)."""
+        n, nbytes = int(buf.size), int(buf.nbytes)
         N = self.size
         sent = 2 * (N - 1) * nbytes // N  # the ring's traffic (counting.closed_form.allreduce_bytes predicts it)
         if METER.enabled:
@@ -108,6 +137,11 @@ class MPIWorld(Single):
     def sum_gradients(self, g) -> None:
         self._counted("grad_sum", g, self._allreduce)
 
+    def buckets(self, grads) -> "GradientBuckets | None":
+        if not overlap_wanted():
+            return None
+        return GradientBuckets(self, grads.layout, grads.data, BUCKET_BYTES)
+
     def sum_scalars(self, values: np.ndarray) -> np.ndarray:
         values = np.ascontiguousarray(values, dtype=np.float64)
         self._counted("loss_sum", values, self._allreduce)
@@ -115,6 +149,101 @@ class MPIWorld(Single):
 
     def abort(self, code: int) -> None:
         self.comm.Abort(code)
+
+
+class GradientBuckets:
+    """The gradients summed in buckets, each by a non-blocking allreduce started as soon as the
+    backward pass has finished its blocks (last block first, the order DDP uses), and waited for
+    before clipping. A bucket is the blocks finished since the last one, once they hold at least
+    cap_bytes of gradients: two contiguous slices of the flat buffer (the blocks' matrices, and
+    their vectors; the first bucket's vectors take ln_f's along, finished before any block). The
+    rest (the embeddings, tied to the LM head and so finished last, and any blocks not yet sent)
+    goes when the backward pass ends. MPI advances a non-blocking allreduce only inside MPI calls,
+    so each finished block also tests the pending ones.
+
+    Counting: one allreduce record per slice, as MPIWorld counts one (op "grad_sum", the ring's
+    bytes for that slice); its seconds are the time in the MPI calls (the start, its share of the
+    tests made while it was pending, and of the final wait)."""
+
+    def __init__(self, world: "MPIWorld", layout, data, cap_bytes: int):
+        self.world, self.data, self.cap = world, data, cap_bytes
+        self.spans = _block_spans(layout)  # block -> (matrices (a, b), vectors (a, b))
+        self.vectors_end = int(data.size)
+        self.pending: list[list] = []  # [request, slice, seconds in MPI calls]
+        self.sent_from = len(self.spans)  # blocks >= this one are on their way
+
+    def block_done(self, i: int) -> None:
+        """Block i's gradients are complete: test the pending sums; start a bucket if the blocks
+        finished since the last one are large enough."""
+        self._test()
+        (m, _), (v, _) = self.spans[i]
+        top = self.sent_from
+        if top == len(self.spans):
+            m_end, v_end = self.spans[top - 1][0][1], self.vectors_end  # ln_f's vectors too
+        else:
+            m_end, v_end = self.spans[top][0][0], self.spans[top][1][0]
+        if (m_end - m + v_end - v) * self.data.itemsize >= self.cap:
+            self._start(m, m_end)
+            self._start(v, v_end)
+            self.sent_from = i
+
+    def finish(self) -> None:
+        """The backward pass is over: start the rest, wait for every sum, count each."""
+        if self.sent_from == len(self.spans):  # no bucket filled: the whole buffer in one
+            self._start(0, self.vectors_end)
+        else:  # the embeddings and the blocks below the last bucket: matrices, then vectors
+            (m, _), (v, _) = self.spans[self.sent_from]
+            self._start(0, m)
+            self._start(self.spans[0][1][0], v)
+        MPI = self.world.MPI
+        t0 = METER.clock()
+        MPI.Request.Waitall([p[0] for p in self.pending])
+        self._share(METER.clock() - t0)
+        for _, buf, seconds in self.pending:
+            self.world._record("grad_sum", buf, seconds)
+        self.pending = []
+        self.sent_from = len(self.spans)
+
+    def _start(self, a: int, b: int) -> None:
+        if b <= a:
+            return
+        buf = self.data[a:b]
+        t0 = METER.clock()
+        request = self.world.comm.Iallreduce(self.world.MPI.IN_PLACE, buf, op=self.world.MPI.SUM)
+        self.pending.append([request, buf, METER.clock() - t0])
+
+    def _test(self) -> None:
+        if self.pending:
+            t0 = METER.clock()
+            self.world.MPI.Request.Testall([p[0] for p in self.pending])
+            self._share(METER.clock() - t0)
+
+    def _share(self, seconds: float) -> None:
+        for p in self.pending:
+            p[2] += seconds / len(self.pending)
+
+
+def _block_spans(layout) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+    """Per block, the flat buffer's (start, end) of its matrices and of its vectors (each
+    contiguous: params.layout lists a block's parameters together within each region)."""
+    import math
+
+    spans: dict[int, list[list]] = {}
+    offset = 0
+    for name, shape in layout:
+        n = math.prod(shape)
+        if name.startswith("transformer.h."):
+            i = int(name.split(".")[2])
+            region = 0 if len(shape) >= 2 else 1
+            r = spans.setdefault(i, [[None, None], [None, None]])[region]
+            if r[0] is None:
+                r[0] = r[1] = offset
+            if r[1] != offset:
+                raise ValueError(f"block {i}'s {'matrices' if region == 0 else 'vectors'} are not "
+                                 f"contiguous in the flat buffer ({name})")
+            r[1] = offset + n
+        offset += n
+    return [(tuple(spans[i][0]), tuple(spans[i][1])) for i in range(len(spans))]
 
 
 class NCCLWorld(MPIWorld):
@@ -149,6 +278,10 @@ class NCCLWorld(MPIWorld):
     def sum_gradients(self, g) -> None:
         self._counted("grad_sum", g, self._nccl_allreduce)
 
+    def buckets(self, grads) -> "GradientBuckets | None":
+        """On the GPU the gradients go in one NCCL call after the backward pass."""
+        return None
+
 
 def _env_int(names, default: int) -> int:
     for var in names:
@@ -156,6 +289,21 @@ def _env_int(names, default: int) -> int:
         if value.isdigit():
             return int(value)
     return default
+
+
+# Overlap: MINIGPT_OVERLAP=1 sums the gradients in buckets during the backward pass, =0 in one
+# allreduce after it; unset, OVERLAP. (the module's docstring and docs/benchmarks.md say why)
+OVERLAP = False
+BUCKET_BYTES = 512 * 1024  # a bucket closes once its blocks hold this many gradient bytes
+
+
+def overlap_wanted() -> bool:
+    """Whether a CPU run's gradients go in buckets during the backward pass (MINIGPT_OVERLAP)."""
+    value = os.environ.get("MINIGPT_OVERLAP", "").strip()
+    if value not in ("", "0", "1"):
+        raise ConfigError(f"MINIGPT_OVERLAP = {value!r}: 1 (buckets during the backward pass) or "
+                          f"0 (one allreduce after it)")
+    return OVERLAP if value == "" else value == "1"
 
 
 _WORLD: Single | None = None

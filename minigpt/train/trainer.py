@@ -40,22 +40,26 @@ from minigpt.train.runlock import RunLock
 
 
 def accumulate(model, batches, n: int, rng=None, ranks: int = 1,
-               routings: list | None = None) -> float:
+               routings: list | None = None, on_block_done=None) -> float:
     """Zero the gradients, then forward and backward over n micro-batches (an iterable of (x, y)),
     each loss weighted 1 / n, under the meter's forward and backward phases. Returns the mean loss
     (cross-entropy: a MoE model's auxiliary loss is in the gradient, and each micro-batch's routing
     is appended to `routings` when given). With ranks > 1 the gradients are weighted
     1 / (n * ranks), so their sum over the ranks is the global batch's mean gradient (the loss
-    returned is still this rank's mean)."""
+    returned is still this rank's mean). on_block_done(i) is called as each block's gradients
+    become complete in the last micro-batch's backward pass (data parallelism's buckets)."""
     model.grads.data.fill(0)
     loss = 0.0
-    for x, y in batches:
+    for k, (x, y) in enumerate(batches):
         with METER.in_phase("forward"):
             micro_loss, cache = model.loss(x, y, rng)
         if routings is not None:
             routings.append(model.routing)
         with METER.in_phase("backward"):
-            model.backward(cache, dloss=1.0 / (n * ranks))
+            if on_block_done is not None and k == n - 1:
+                model.backward(cache, dloss=1.0 / (n * ranks), on_block_done=on_block_done)
+            else:  # (a plain call: a wrapped backward without the hook still works)
+                model.backward(cache, dloss=1.0 / (n * ranks))
         loss += micro_loss / n
         del cache  # before the next forward: one micro-batch's activations alive, not two
     return loss
@@ -162,6 +166,8 @@ class Trainer:
         params = init(cfg.model, np.random.default_rng(t.seed), t.dtype)
         self.model = GPT(cfg.model, params)
         self.model.grads = FlatBuffer(cfg.model, t.dtype)
+        # None: the gradients go in one allreduce after the backward pass (dist.OVERLAP says why)
+        self.buckets = self.world.buckets(self.model.grads)
         self.opt = AdamW(params, t.beta1, t.beta2, t.eps, t.weight_decay)
         self.state = RunState()
         self.meter_rows = []  # a resumed run's counts so far
@@ -258,7 +264,8 @@ class Trainer:
         batches = (self._batch() for _ in range(t.grad_accum))  # drawn one at a time, as used
         routings = []
         with np.errstate(over="ignore", invalid="ignore"):  # a diverged loss is reported below
-            loss = accumulate(self.model, batches, t.grad_accum, drop_rng, self.world.size, routings)
+            loss = accumulate(self.model, batches, t.grad_accum, drop_rng, self.world.size, routings,
+                              self.buckets.block_done if self.buckets else None)
         loss = self._sum_over_ranks(loss)
         if not math.isfinite(loss):
             raise TrainingDiverged(
@@ -298,7 +305,10 @@ class Trainer:
         the stop flag (so a Ctrl-C on any rank stops every rank after this same step)."""
         if self.world.size == 1:
             return loss
-        self.world.sum_gradients(self.model.grads.data)
+        if self.buckets is not None:
+            self.buckets.finish()
+        else:
+            self.world.sum_gradients(self.model.grads.data)
         total = self.world.sum_scalars(np.array([loss / self.world.size, float(self._stop)]))
         self._agreed_stop = bool(total[1] > 0)
         self._stop = self._stop or self._agreed_stop
