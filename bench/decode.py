@@ -8,8 +8,9 @@ configs/gpt2-124m.toml out/gpt2-124m`).
 --bits 16, 8 or 4 packs the weights (minigpt/nn/lowbit.py; --bits 32 is the float32 model, so a
 script can loop over widths). --batch B decodes B sequences together (GPT.decode_step, one KV
 cache each, each prompt --prompt random tokens): tokens/s counts all sequences; bytes and FLOPs
-per step are the meter's; the bandwidth ceiling is B x bandwidth / bytes per step and the compute
-ceiling B x matmul peak / FLOPs per step; the lower binds ("bound"). A list (1,8,64) sweeps: the
+per step are the meter's; the bandwidth ceiling is B x bandwidth / bytes per step, the bandwidth
+being the STREAM figure that fits that batch's own read/write mix (below), and the compute ceiling
+B x matmul peak / FLOPs per step; the lower binds ("bound", and "ceiling" names it). A list (1,8,64) sweeps: the
 table gains a row per batch, and the batch at which decode turns compute-bound is predicted from
 the closed form and, with three or more batches, measured (knee()). The first batch is the
 headline of every other figure. Numba's kernels run on as many threads as OpenBLAS in each
@@ -20,10 +21,13 @@ little arithmetic to keep the cores busy, so its speed is bounded by memory band
 is bandwidth / bytes moved per token, where:
 - bytes per token is the meter's count (bytes read + bytes written by every op of the decode
   steps, divided by the steps: the weights, the KV cache, the activations);
-- bandwidth is calibrate's copy measurement (bytes read + bytes written per second copying a
-  256 MiB array, best of 5), taken in this process right before the decode and again right after,
-  so the ceiling is measured under the same load as the decode (other processes on a shared
-  machine slow both); the ceiling uses the mean of the two, and both are printed.
+- bandwidth is the STREAM figure that fits the decode step's read/write mix
+  (minigpt.hardware.roofline.memory_ceiling on the meter's bytes read and bytes written: nearly
+  all reads, so the read bandwidth), the better of 1 thread and all cores; every STREAM figure
+  (minigpt.hardware.bandwidth: 256 MiB arrays, best of 5) is taken in this process right before
+  the decode and again right after, so the ceiling is measured under the same load as the decode
+  (other processes on a shared machine slow both); the ceiling uses the mean of the two, and both
+  are printed, with the fraction of the copy bandwidth for comparison.
 Timings are the best of --repeats runs (default 3; each run prefills the prompt into a fresh
 cache and decodes --tokens tokens), the same statistic as the bandwidth's best of 5: on a shared
 machine a run can lose a step or two to another process (a 20 ms stall is 3% of a 64-token run),
@@ -31,11 +35,15 @@ and the ceiling is what the memory does undisturbed. Every run's figure is print
 JSON (`decode_runs_tokens_per_s`).
 Each --blas-threads count (default 1 and 2) gets its own bandwidth, prefill, decode and peak
 measurements; the headline is the count that decoded fastest, and both are printed. Under load
-from other processes, one thread often wins by far (minigpt/hardware/blas.py says why). The bandwidth is the
-higher of calibrate's copy and the same copy split over 2 threads (one core alone may not fill
-the memory system).
+from other processes, one thread often wins by far (minigpt/hardware/blas.py says why).
 Prefill (the prompt in one forward) is compared with the compute ceiling: calibrate's float32
 matmul FLOP/s over the meter's FLOPs per prompt token, also measured in this process.
+
+predicted_tokens_per_s (each batch's) and predicted_prefill_tokens_per_s: what the time model
+forecasts for the same prompt, tokens and batch (minigpt.energy.forecast.generation; `minigpt
+costs --predict`). Prefill is forecast for one sequence, as each is prefilled here. The time model
+has product rates for the float32 BLAS only: int8 and packed (--bits 16/8/4) products are
+forecast at those rates with their own bytes, and predicted_how says so.
 
 --int8 MODE quantizes on load. NumPy has no int8 matrix kernel: w8a32 widens each int8 weight
 matrix to float32 inside every product (reading 1 byte, writing 4 and reading 4 again per weight),
@@ -59,7 +67,7 @@ from minigpt import kernels
 from minigpt.counting import closed_form as cost_model
 from minigpt.counting.meter import METER, matmul
 from minigpt.evaluate import weight_bytes
-from minigpt.hardware import blas, calibrate
+from minigpt.hardware import bandwidth, blas, calibrate, roofline
 from minigpt.nn import quant
 from minigpt.nn.model import KVCache
 from minigpt.units import rows_text
@@ -97,12 +105,14 @@ def best_run(gpt, prompt: np.ndarray, tokens: int, kv_int8: bool, repeats: int):
 
 
 def phase_totals(records: dict, phase: str) -> dict:
-    out = {"flops": 0, "bytes": 0, "seconds": 0.0, "by_kind": {}}
+    out = {"flops": 0, "bytes": 0, "bytes_read": 0, "bytes_written": 0, "seconds": 0.0, "by_kind": {}}
     for k, r in records.items():
         if k.phase != phase:
             continue
         out["flops"] += r.flops
         out["bytes"] += r.bytes_read + r.bytes_written
+        out["bytes_read"] += r.bytes_read
+        out["bytes_written"] += r.bytes_written
         out["seconds"] += r.seconds
         key = f"{k.kind}/{k.dtype}" if k.kind == "matmul" else k.kind
         out["by_kind"][key] = out["by_kind"].get(key, 0.0) + r.seconds
@@ -115,19 +125,6 @@ def widened_bytes(gpt) -> int:
     if gpt.quant is None or gpt.quant.qcfg.mode != quant.W8A32:
         return 0
     return sum(8 * q.size for q, _ in gpt.quant.tables.values())
-
-
-def read_bandwidth(nbytes=256 << 20, repeats=5) -> float:
-    """Best bytes/s of summing a float32 array: a pure read stream, for comparison with the
-    decode step's reads (which are most of its bytes)."""
-    a = np.ones(nbytes // 4, dtype=np.float32)
-    a.sum()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        a.sum()
-        best = min(best, time.perf_counter() - t0)
-    return a.nbytes / best
 
 
 def plain_matvec(gpt, passes: int, repeats: int = 1) -> float:
@@ -203,27 +200,9 @@ def int8_split(gpt, repeats: int = 3) -> dict | None:
     return {"widen_s": widen, "float_products_s": product, "int8_bytes": sum(q.nbytes for q in tables)}
 
 
-def copy_bandwidth_threads(n: int = 2, nbytes=256 << 20, repeats=5) -> float:
-    """calibrate.copy_bandwidth's copy split across n threads (NumPy releases the GIL while
-    copying): what n cores move together, where one core's copy may not fill the memory system."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    src = np.ones(nbytes // 8, dtype=np.float64)
-    dst = np.empty_like(src)
-    pairs = list(zip(np.array_split(dst, n), np.array_split(src, n)))
-    best = float("inf")
-    with ThreadPoolExecutor(n) as pool:
-        list(pool.map(lambda p: np.copyto(*p), pairs))
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            list(pool.map(lambda p: np.copyto(*p), pairs))
-            best = min(best, time.perf_counter() - t0)
-    return 2 * src.nbytes / best
-
-
 def bandwidths() -> dict:
-    return {"calibrate copy (1 thread)": calibrate.copy_bandwidth(256 << 20, 5),
-            "copy split over 2 threads": copy_bandwidth_threads(2)}
+    """Every STREAM figure ("read.all_cores" -> StreamFigure): 256 MiB arrays, best of 5."""
+    return {f.key: f for f in bandwidth.measure_stream()}
 
 
 def load_model(args):
@@ -287,9 +266,11 @@ class numba_threads:
 KNEE_SEARCH_LIMIT = 1024
 
 
-def knee(points: list, peak: float, bandwidth: float) -> dict:
+def knee(points: list, peak: float, memory) -> dict:
     """The batch at which decode turns compute-bound.
 
+    memory: a bandwidth in bytes/s, or a profile (bandwidth.as_profile) whose STREAM figure
+    nearest each batch's read/write mix is that batch's bandwidth (roofline.memory_ceiling).
     Predicted: the smallest batch B whose step FLOPs / peak reach its step bytes / bandwidth; both
     grow with B (the closed form's counts: FLOPs by 2 per weight per sequence, bytes by the
     activations and KV caches only), so it is found by doubling then bisecting on the closed form.
@@ -300,14 +281,12 @@ def knee(points: list, peak: float, bandwidth: float) -> dict:
     fewer than three batches."""
     cfg, pos, quant_cfg = points[0]["_cfg"], points[0]["_position"], points[0]["_quant"]
 
-    def totals(B):
-        recs = cost_model.predict_decode_batch(cfg, [pos] * B, quant=quant_cfg)
-        return (sum(r.flops for r in recs.values()),
-                sum(r.bytes_read + r.bytes_written for r in recs.values()))
-
     def compute_bound(B):
-        flops, nbytes = totals(B)
-        return flops / peak >= nbytes / bandwidth
+        recs = cost_model.predict_decode_batch(cfg, [pos] * B, quant=quant_cfg).values()
+        flops = sum(r.flops for r in recs)
+        read, written = sum(r.bytes_read for r in recs), sum(r.bytes_written for r in recs)
+        bw = memory if isinstance(memory, (int, float)) else roofline.memory_ceiling(memory, read, written).value
+        return flops / peak >= (read + written) / bw
 
     hi = 1
     while not compute_bound(hi) and hi < KNEE_SEARCH_LIMIT:
@@ -339,12 +318,14 @@ def _measure(gpt, cfg, args) -> dict:
     plain_s = plain_matvec(gpt, args.tokens, args.repeats) if gpt.quant is None else None
     plain2_s = plain_matvec_two_threads(gpt, args.tokens) if gpt.quant is None else None
     after = bandwidths()
-    read_bw = read_bandwidth()
     peak = calibrate.matmul_flops("float32", 2048, 3)
-    means = {k: (before[k] + after[k]) / 2 for k in before}
-    source = max(means, key=means.get)
-    bandwidth = means[source]
+    peak_how = "calibrate.matmul_flops: float32 2048 x 2048 products, best of 3, in this process"
+    means = {k: (before[k].bytes_per_s + after[k].bytes_per_s) / 2 for k in before}
+    measured = bandwidth.as_profile(means, {k: f.method() for k, f in before.items()})
+    copy_bw = roofline.memory_ceiling(measured, 1, 1)  # a copy's mix, for comparison
+    read_bw = roofline.memory_ceiling(measured, 1, 0)
     qcfg = gpt.quant.qcfg if gpt.quant is not None else None
+    forecasts = predicted_rates(cfg, qcfg, args, batches)
     points = []
     for B in batches:
         prefill_s, decode_s, records, decode_runs = timed[B]
@@ -352,17 +333,26 @@ def _measure(gpt, cfg, args) -> dict:
         steps = args.tokens
         step_s = decode_s / steps
         bytes_per_step, flops_per_step = dec["bytes"] / steps, dec["flops"] / steps
-        bw_ceiling = B * bandwidth / bytes_per_step  # tokens/s over all sequences
+        # this batch's own read/write mix picks the STREAM kind (more sequences: more written)
+        memory = roofline.memory_ceiling(measured, dec["bytes_read"], dec["bytes_written"])
+        bw_ceiling = B * memory.value / bytes_per_step  # tokens/s over all sequences
         compute_ceiling = B * peak / flops_per_step
         tokens_per_s = B * steps / decode_s
         ceiling = min(bw_ceiling, compute_ceiling)
+        bound = "bandwidth" if bw_ceiling <= compute_ceiling else "compute"
         points.append({
             "batch": B, "tokens_per_s": tokens_per_s, "step_s": step_s,
             "bytes_per_step": bytes_per_step, "bytes_per_token": bytes_per_step / B,
+            "decode_bytes_read_per_token": dec["bytes_read"] / (steps * B),
+            "decode_bytes_written_per_token": dec["bytes_written"] / (steps * B),
             "flops_per_step": flops_per_step,
+            "bandwidth_ceiling": memory.name, "bandwidth": memory.value,
             "bandwidth_ceiling_tokens_per_s": bw_ceiling, "compute_ceiling_tokens_per_s": compute_ceiling,
             "ceiling_tokens_per_s": ceiling, "fraction_of_ceiling": tokens_per_s / ceiling,
-            "bound": "bandwidth" if bw_ceiling <= compute_ceiling else "compute",
+            "bound": bound,
+            "ceiling": memory.name if bound == "bandwidth" else "float32 matmul peak",
+            "ceiling_how": memory.how if bound == "bandwidth" else peak_how,
+            **forecasts[B],
             "overhead_per_step_s": max(0.0, step_s - dec["seconds"] / steps),
             "decode_metered_fraction": dec["seconds"] / decode_s,
             "decode_runs_tokens_per_s": [B * steps / s for s in decode_runs],
@@ -386,11 +376,17 @@ def _measure(gpt, cfg, args) -> dict:
         "params": gpt.params.size, "weight_bytes": weight_bytes(gpt),
         "prompt_tokens": args.prompt, "new_tokens": args.tokens,
         "repeats": args.repeats,
-        "bandwidth": bandwidth, "bandwidth_before": before, "bandwidth_after": after,
-        "bandwidth_source": f"{source}: 256 MiB, (read + written bytes) / s, best of 5, the mean of "
-                            "the measurements right before and right after the decode, in this process",
+        "bandwidth_before": {k: f.bytes_per_s for k, f in before.items()},
+        "bandwidth_after": {k: f.bytes_per_s for k, f in after.items()},
+        "bandwidth_source": f"{first['bandwidth_ceiling']}: the STREAM kind nearest the decode step's "
+                            "read/write mix; the mean of the measurements right before and right after "
+                            "the decode, in this process",
+        "copy_bandwidth": copy_bw.value,
+        "fraction_of_copy_ceiling": tokens_per_s * bytes_per_token / copy_bw.value,
         "bytes_per_token_here": here_bytes,
-        "ceiling_here_tokens_per_s": bandwidth / here_bytes,
+        "ceiling_here_tokens_per_s": first["bandwidth"] / here_bytes,
+        "predicted_prefill_tokens_per_s": forecasts["prefill_tokens_per_s"],
+        "predicted_how": forecasts["how"],
         "prefill_tokens_per_s": prefill_tokens / first["prefill_s"],
         "prefill_flops_per_token": prefill_flops_per_token,
         "matmul_peak_flops": peak,
@@ -400,13 +396,36 @@ def _measure(gpt, cfg, args) -> dict:
         "plain_matvec_tokens_per_s": 1 / plain_s if plain_s else None,
         "fraction_of_plain_matvec": tokens_per_s / B * plain_s if plain_s else None,
         "plain_matvec_two_threads_tokens_per_s": 1 / plain2_s if plain2_s else None,
-        "read_bandwidth": read_bw,
-        "fraction_of_read_ceiling": tokens_per_s * bytes_per_token / read_bw,
+        "read_bandwidth": read_bw.value,
+        "fraction_of_read_ceiling": tokens_per_s * bytes_per_token / read_bw.value,
     }
     out |= {k: v for k, v in first.items() if not k.startswith("_") and k != "prefill_s"}
-    out |= knee(points, peak, bandwidth)
+    out |= knee(points, peak, measured)
     out["batches"] = [{k: v for k, v in p.items() if not k.startswith("_") and k not in (
         "decode_seconds_by_kind", "prefill_s")} for p in points]
+    return out
+
+
+def predicted_rates(cfg, qcfg, args, batches) -> dict:
+    """The time model's forecast (minigpt.energy.forecast.generation) for this run: {B:
+    {"predicted_tokens_per_s"}} for each batch, the prefill rate of one sequence (each is
+    prefilled on its own here) and how the forecast treats this run's products."""
+    from minigpt.energy import forecast
+    from minigpt.train import timing_runs
+
+    model = timing_runs.time_model()
+    out = {}
+    for B in batches:
+        g = forecast.generation(cfg, model, args.prompt, args.tokens, batch=B, quant=qcfg)
+        out[B] = {"predicted_tokens_per_s": g.tokens_per_s}
+    one = forecast.generation(cfg, model, args.prompt, args.tokens, batch=1, quant=qcfg)
+    out["prefill_tokens_per_s"] = args.prompt / one.prefill_s
+    if qcfg is None:
+        out["how"] = "the time model's float32 product rates and stream bandwidth"
+    else:
+        width = f"{qcfg.bits}-bit packed" if qcfg.bits else f"int8 {qcfg.mode}"
+        out["how"] = (f"the time model has no rate for {width} products: forecast at its float32 product "
+                      "rates, with their own bytes")
     return out
 
 
@@ -419,7 +438,12 @@ def print_table(r: dict) -> None:
     for k in r["bandwidth_before"]:
         print(f"bandwidth, {k} (read + written): {r['bandwidth_before'][k] / gb:.2f} GB/s before the decode, "
               f"{r['bandwidth_after'][k] / gb:.2f} GB/s after")
-    print(f"ceiling from {r['bandwidth'] / gb:.2f} GB/s ({r['bandwidth_source'].split(':')[0]}, the mean)")
+    print(f"bandwidth ceiling: the {r['bandwidth_ceiling']}, {r['bandwidth'] / gb:.2f} GB/s (the mean), the STREAM "
+          f"kind nearest the decode step's mix ({r['decode_bytes_read_per_token'] / 1e6:.2f} MB read, "
+          f"{r['decode_bytes_written_per_token'] / 1e6:.3f} MB written per token); {r['ceiling_how']}"
+          if r["bound"] == "bandwidth" else
+          f"bandwidth ceiling: the {r['bandwidth_ceiling']}, {r['bandwidth'] / gb:.2f} GB/s (the mean), the STREAM "
+          f"kind nearest the decode step's mix; the {r['ceiling']} binds ({r['ceiling_how']})")
     print()
     print(f"decode    {r['tokens_per_s']:10.2f} tokens/s   {r['bytes_per_token'] / 1e6:9.2f} MB/token (meter)"
           f"   ceiling {r['ceiling_tokens_per_s']:8.2f} tokens/s   achieved {100 * r['fraction_of_ceiling']:5.1f}%")
@@ -431,8 +455,11 @@ def print_table(r: dict) -> None:
         runs = ", ".join(f"{t:.2f}" for t in r["decode_runs_tokens_per_s"])
         print(f"          the best of {r['repeats']} runs ({runs} tokens/s; the mean "
               f"{100 * np.mean(r['decode_runs_tokens_per_s']) / r['ceiling_tokens_per_s']:.1f}% of the ceiling)")
-    print(f"          a pure read stream (sum of 256 MiB) ran at {r['read_bandwidth'] / gb:.2f} GB/s: the decode "
-          f"moved {100 * r['fraction_of_read_ceiling']:.1f}% of that")
+    print(f"          against the copy bandwidth ({r['copy_bandwidth'] / gb:.2f} GB/s, read + write counted) "
+          f"the decode would be {100 * r['fraction_of_copy_ceiling']:.1f}%: a copy is not what a decode does")
+    print(f"          predicted {r['predicted_tokens_per_s']:.2f} tokens/s by the time model "
+          f"({100 * (r['predicted_tokens_per_s'] / r['tokens_per_s'] - 1):+.1f}%; prefill "
+          f"{r['predicted_prefill_tokens_per_s']:.1f} tokens/s predicted; {r['predicted_how']})")
     if r["plain_matvec_tokens_per_s"]:
         print(f"          plain NumPy matrix-vector products over the same weights, nothing else: "
               f"{r['plain_matvec_tokens_per_s']:.2f} tokens/s ({100 * r['plain_matvec_tokens_per_s'] / r['ceiling_tokens_per_s']:.1f}% "
@@ -449,21 +476,23 @@ def print_table(r: dict) -> None:
         print(f"          what bounds w8a32 here: widening the {sp['int8_bytes'] / 1e6:.1f} MB of int8 tables to "
               f"float32 takes {1e3 * sp['widen_s']:.1f} ms a token, the float32 products of the widened "
               f"tables {1e3 * sp['float_products_s']:.1f} ms (a kernel reading int8 needs neither: "
-              f"{r['bytes_per_token'] / r['bandwidth'] * 1e3:.1f} ms at the copy bandwidth)")
+              f"{r['bytes_per_token'] / r['bandwidth'] * 1e3:.1f} ms at the {r['bandwidth_ceiling']})")
     if len(r["batches"]) > 1:
         print()
         print("\n".join(rows_text(
-            ("batch", "tokens/s", "ms/step", "MB/token", "GFLOP/step", "bw ceiling", "compute ceiling",
-             "bound", "of ceiling"),
-            [(str(p["batch"]), f"{p['tokens_per_s']:.1f}", f"{1e3 * p['step_s']:.2f}",
-              f"{p['bytes_per_token'] / 1e6:.2f}", f"{p['flops_per_step'] / 1e9:.3f}",
-              f"{p['bandwidth_ceiling_tokens_per_s']:.1f}", f"{p['compute_ceiling_tokens_per_s']:.1f}",
-              p["bound"], f"{100 * p['fraction_of_ceiling']:.1f}%") for p in r["batches"]])))
+            ("batch", "tokens/s", "predicted", "ms/step", "MB/token", "GFLOP/step", "bw ceiling", "at",
+             "compute ceiling", "bound", "of ceiling"),
+            [(str(p["batch"]), f"{p['tokens_per_s']:.1f}", f"{p['predicted_tokens_per_s']:.1f}",
+              f"{1e3 * p['step_s']:.2f}", f"{p['bytes_per_token'] / 1e6:.2f}", f"{p['flops_per_step'] / 1e9:.3f}",
+              f"{p['bandwidth_ceiling_tokens_per_s']:.1f}",
+              f"{p['bandwidth_ceiling'].replace(' bandwidth', '')} {p['bandwidth'] / gb:.2f} GB/s",
+              f"{p['compute_ceiling_tokens_per_s']:.1f}", p["bound"], f"{100 * p['fraction_of_ceiling']:.1f}%")
+             for p in r["batches"]])))
         measured = r["knee_batch_measured"]
         predicted = r["knee_batch_predicted"]
         print(f"decode turns compute-bound at batch "
               f"{f'> {KNEE_SEARCH_LIMIT}' if predicted is None else predicted} (predicted: the closed form's "
-              f"FLOPs and bytes against the peak and bandwidth above); measured "
+              f"FLOPs and bytes against the peak and the STREAM bandwidth of each batch's mix); measured "
               f"{'-' if measured is None else f'{measured:.1f}'} (where the batch-1 step time meets the "
               "line through the two largest batches')")
     print(f"prefill   {r['prefill_tokens_per_s']:10.1f} tokens/s   {r['prefill_flops_per_token'] / 1e9:9.3f} "

@@ -87,20 +87,26 @@ def test_blas_threads_sets_and_restores():
 @pytest.mark.parametrize("bits", [32, 8, 4])
 def test_a_batch_sweep_reports_each_batch_against_both_ceilings(trained_run, monkeypatch, bits):
     bench = _bench()
-    monkeypatch.setattr(calibrate, "copy_bandwidth", lambda *a: 8e9)
+    monkeypatch.setattr(bandwidth, "measure_stream", _fake_stream)
     monkeypatch.setattr(calibrate, "matmul_flops", lambda *a: 1e11)
-    monkeypatch.setattr(bench, "read_bandwidth", lambda *a: 6e9)
-    monkeypatch.setattr(bench, "copy_bandwidth_threads", lambda *a: 7e9)
     args = argparse.Namespace(run=trained_run, tokens=3, prompt=4, int8=None, kv_int8=False, blas_threads=[1],
                               repeats=1, bits=bits, group_size=16, storage16="fp16", batch=[1, 2, 5],
                               kernels="numpy")
     r = bench.measure(args)
     import minigpt
+    from minigpt.energy import forecast
+    from minigpt.train import timing_runs
 
     model = bench.load_model(args)
     cfg = model.config.model
     qcfg = model.gpt.quant.qcfg if model.gpt.quant is not None else None
+    time_model = timing_runs.time_model()
     assert (r["bits"], r["batch"], r["kernels"]) == (bits, 1, "numpy")
+    # the prefill forecast is one sequence's, as each sequence is prefilled on its own
+    one = forecast.generation(cfg, time_model, args.prompt, args.tokens, batch=1, quant=qcfg)
+    assert r["predicted_prefill_tokens_per_s"] == pytest.approx(args.prompt / one.prefill_s)
+    assert ("float32 product rates" in r["predicted_how"]
+            and (bits == 32) == ("no rate" not in r["predicted_how"]))
     assert r["params"] == sum(v.size for v in minigpt.load(trained_run).params.values())
     for p in r["batches"]:
         B = p["batch"]
@@ -111,20 +117,33 @@ def test_a_batch_sweep_reports_each_batch_against_both_ceilings(trained_run, mon
         assert p["bytes_per_step"] == pytest.approx(nbytes / args.tokens, rel=1e-12)
         assert p["bytes_per_token"] == pytest.approx(p["bytes_per_step"] / B)
         assert p["flops_per_step"] == pytest.approx(flops / args.tokens, rel=1e-12)
-        assert p["bandwidth_ceiling_tokens_per_s"] == pytest.approx(B * 8e9 / p["bytes_per_step"])
+        # the bandwidth is the STREAM kind of this batch's own read/write mix, at its all-cores figure
+        read = sum(x.bytes_read for recs in predicted for x in recs.values())
+        kind = roofline.stream_kind(read, nbytes - read)
+        assert p["decode_bytes_read_per_token"] == pytest.approx(read / (args.tokens * B), rel=1e-12)
+        assert p["bandwidth_ceiling"] == f"{kind} bandwidth" and p["bandwidth"] == FIGURES[kind][1]
+        assert p["bandwidth_ceiling_tokens_per_s"] == pytest.approx(B * FIGURES[kind][1] / p["bytes_per_step"])
         assert p["compute_ceiling_tokens_per_s"] == pytest.approx(B * 1e11 / p["flops_per_step"])
         binding = min(p["bandwidth_ceiling_tokens_per_s"], p["compute_ceiling_tokens_per_s"])
         assert p["ceiling_tokens_per_s"] == binding
         assert p["bound"] == ("bandwidth" if binding == p["bandwidth_ceiling_tokens_per_s"] else "compute")
         assert p["fraction_of_ceiling"] == pytest.approx(p["tokens_per_s"] / binding)
+        assert p["ceiling"] == (p["bandwidth_ceiling"] if p["bound"] == "bandwidth" else "float32 matmul peak")
+        assert ("all cores" in p["ceiling_how"]) == (p["bound"] == "bandwidth")
+        g = forecast.generation(cfg, time_model, args.prompt, args.tokens, batch=B, quant=qcfg)
+        assert p["predicted_tokens_per_s"] == pytest.approx(B * args.tokens / g.decode_s) and g.steps == args.tokens
     assert r["batches"][0]["tokens_per_s"] == r["tokens_per_s"]
+    assert r["predicted_tokens_per_s"] == r["batches"][0]["predicted_tokens_per_s"]
+    assert r["ceiling"] == r["batches"][0]["ceiling"] and r["bandwidth"] == r["batches"][0]["bandwidth"]
+    assert r["fraction_of_read_ceiling"] == pytest.approx(r["tokens_per_s"] * r["bytes_per_token"] / 8e9)
     # the predicted knee: compute-bound there, bandwidth-bound one batch before
     k = r["knee_batch_predicted"]
 
     def compute_bound(B):
         recs = cost_model.predict_decode_batch(cfg, [args.prompt + args.tokens // 2] * B, quant=qcfg)
-        return sum(x.flops for x in recs.values()) / 1e11 >= \
-            sum(x.bytes_read + x.bytes_written for x in recs.values()) / 8e9
+        read = sum(x.bytes_read for x in recs.values())
+        nbytes = sum(x.bytes_read + x.bytes_written for x in recs.values())
+        return sum(x.flops for x in recs.values()) / 1e11 >= nbytes / FIGURES[roofline.stream_kind(read, nbytes - read)][1]
 
     if k is None:
         assert not compute_bound(bench.KNEE_SEARCH_LIMIT)
@@ -169,10 +188,8 @@ def test_the_grid_reports_every_bits_and_batch_point(trained_run, monkeypatch, c
     grid = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(grid)
     monkeypatch.setattr(grid, "_decode_bench", lambda: bench)
-    monkeypatch.setattr(calibrate, "copy_bandwidth", lambda *a: 8e9)
+    monkeypatch.setattr(bandwidth, "measure_stream", _fake_stream)
     monkeypatch.setattr(calibrate, "matmul_flops", lambda *a: 1e11)
-    monkeypatch.setattr(bench, "read_bandwidth", lambda *a: 6e9)
-    monkeypatch.setattr(bench, "copy_bandwidth_threads", lambda *a: 7e9)
     args = argparse.Namespace(run=trained_run, bits=[32, 8], batch=[1, 3], tokens=2, prompt=3, repeats=1,
                               blas_threads=[1], group_size=16, storage16="fp16", kernels="numpy", watts=10.0)
     g = grid.grid(args)
@@ -181,6 +198,13 @@ def test_the_grid_reports_every_bits_and_batch_point(trained_run, monkeypatch, c
     for (bits, batch), r in by.items():
         assert r["speedup_over_fp32"] == pytest.approx(r["tokens_per_s"] / by[32, batch]["tokens_per_s"])
         assert r["j_per_token"] == pytest.approx(10.0 / r["tokens_per_s"])  # W x step s / batch
+        # the grid's ceiling is bench/decode.py's: bandwidth-bound on the read figure, "of ceiling"
+        # is the share of the all-cores read bandwidth the decode moved
+        if r["ceiling"] == "read bandwidth":
+            assert r["fraction_of_ceiling"] == pytest.approx(r["tokens_per_s"] * r["bytes_per_token"] / 8e9)
+            assert r["fraction_of_ceiling"] == pytest.approx(r["fraction_of_read_ceiling"])
+        assert r["predicted_tokens_per_s"] > 0
+    assert by[32, 1]["ceiling"] == "read bandwidth"
     assert by[8, 1]["bytes_per_token"] < by[32, 1]["bytes_per_token"] / 2
     grid.print_table(g)
     assert "J/token at 10.0 W" in capsys.readouterr().out
