@@ -4,9 +4,12 @@
                                 [--repeats R] [--blas-threads 1,2] [--watts W] [--format json]
 
 Runs bench/decode.py's measurement once per width (each over the batches given), and prints one
-table: for each bits x batch point, tokens/s over all sequences, bytes per token (the meter's
-count), the binding ceiling and the fraction of it reached, which ceiling binds, the speed-up
-over the float32 model at the same batch, and joules per token = watts x step seconds / batch.
+table: for each bits x batch point, tokens/s over all sequences and the time model's forecast of
+it, bytes per token (the meter's count), the binding ceiling and the fraction of it reached, which
+ceiling binds, the speed-up over the float32 model at the same batch, and joules per token = watts
+x step seconds / batch. The bandwidth ceiling is bench/decode.py's: the in-process STREAM figure
+nearest the point's read/write mix (the read bandwidth for a decode step), so "of ceiling" and "of
+read bw" agree wherever the point is bandwidth-bound on the read figure.
 Watts: --watts, else the energy module's power figure for this machine (a calibrated profile's
 power_watts); with neither, J/token is left out. Per width, the predicted and measured batch at
 which decode turns compute-bound follow the table.
@@ -54,8 +57,9 @@ def grid(args) -> dict:
         by_bits[bits] = r
         for p in r["batches"]:
             rows.append({"bits": bits, "batch": p["batch"], "tokens_per_s": p["tokens_per_s"],
+                         "predicted_tokens_per_s": p["predicted_tokens_per_s"],
                          "bytes_per_token": p["bytes_per_token"],
-                         "ceiling_tokens_per_s": p["ceiling_tokens_per_s"],
+                         "ceiling": p["ceiling"], "ceiling_tokens_per_s": p["ceiling_tokens_per_s"],
                          "fraction_of_ceiling": p["fraction_of_ceiling"],
                          "fraction_of_read_ceiling": p["tokens_per_s"] * p["bytes_per_token"] / r["read_bandwidth"],
                          "bound": p["bound"], "overhead_per_step_s": p["overhead_per_step_s"],
@@ -70,6 +74,7 @@ def grid(args) -> dict:
                       for bits, r in by_bits.items()},
             "bandwidth": {bits: r["bandwidth"] for bits, r in by_bits.items()},
             "read_bandwidth": {bits: r["read_bandwidth"] for bits, r in by_bits.items()},
+            "predicted_how": {bits: r["predicted_how"] for bits, r in by_bits.items()},
             "matmul_peak_flops": {bits: r["matmul_peak_flops"] for bits, r in by_bits.items()}}
 
 
@@ -78,19 +83,21 @@ def print_table(g: dict) -> None:
           f"J/token at {g['watts']} W)" if g["watts"] else
           f"{g['run']}: decode by weight width and batch ({g['environment']}; kernels: {g['kernels']}; "
           "no power figure: pass --watts for J/token)")
-    cells = [(str(r["bits"]), str(r["batch"]), f"{r['tokens_per_s']:.1f}",
+    cells = [(str(r["bits"]), str(r["batch"]), f"{r['tokens_per_s']:.1f}", f"{r['predicted_tokens_per_s']:.1f}",
               "-" if r["speedup_over_fp32"] is None else f"{r['speedup_over_fp32']:.2f}x",
-              f"{r['bytes_per_token'] / 1e6:.2f}", f"{r['ceiling_tokens_per_s']:.1f}",
+              f"{r['bytes_per_token'] / 1e6:.2f}", f"{r['ceiling_tokens_per_s']:.1f}", r["ceiling"],
               f"{100 * r['fraction_of_ceiling']:.1f}%", f"{100 * r['fraction_of_read_ceiling']:.1f}%",
               r["bound"], f"{1e3 * r['overhead_per_step_s']:.2f}",
               "-" if r["j_per_token"] is None else f"{r['j_per_token']:.3g}", str(r["threads"]))
              for r in g["rows"]]
-    print("\n".join(rows_text(("bits", "batch", "tokens/s", "vs fp32", "MB/token", "ceiling", "of ceiling",
+    print("\n".join(rows_text(("bits", "batch", "tokens/s", "predicted", "vs fp32", "MB/token", "ceiling",
+                               "ceiling is", "of ceiling",
                                "of read bw", "bound", "ms outside ops", "J/token", "threads"), cells)))
     for bits, k in g["knees"].items():
         measured = "-" if k["measured"] is None else f"{k['measured']:.1f}"
         predicted = "beyond the search" if k["predicted"] is None else k["predicted"]
-        print(f"{bits}-bit: compute-bound from batch {predicted} (predicted), {measured} (measured)")
+        print(f"{bits}-bit: compute-bound from batch {predicted} (predicted), {measured} (measured); "
+              f"forecast: {g['predicted_how'][bits]}")
 
 
 def main(argv=None) -> int:
