@@ -59,6 +59,7 @@ class _Sheet:
     phase: str
     itemsize: int = 4
     dtype: str = "float32"
+    fused: bool = False  # the fused kernels' schedule (minigpt/kernels/fused.py), else NumPy's
 
     def __post_init__(self):
         self.records: dict[RecordKey, Record] = {}
@@ -119,6 +120,13 @@ def _int8_product(sh, scope, op, N, C, OC, mode):
         sh.rescale(scope, N * OC, N + OC, n_factors=2)
 
 
+def _visible(T, Tk, pos0):
+    """Scores a causal mask keeps in one (T, Tk) block (nn/layers.py's visible_scores)."""
+    if Tk >= pos0 + T:
+        return T * pos0 + T * (T + 1) // 2
+    return sum(min(pos0 + i + 1, Tk) for i in range(T))
+
+
 def _linear_forward(sh, scope, N, C, OC, mode=None):
     if mode is None:
         sh.product(scope, "x@w", 1, N, C, OC, N * C, C * OC)
@@ -133,12 +141,60 @@ def _linear_backward(sh, scope, N, C, OC):
     sh.product(scope, "grad_x", 1, N, OC, C, N * OC, C * OC)
 
 
-def _layernorm_forward(sh, scope, N, C):
-    sh.elementwise(scope, "layernorm", "normalize", N * C, N * C + 2 * C, 2 * N * C + N)
+def _layernorm_forward(sh, scope, N, C, residual=False):
+    """The NumPy schedule keeps xhat (N, C) and rstd (N); the fused one keeps mean and rstd, and
+    with residual=True adds the residual branch into the stream in the same pass."""
+    if not sh.fused:
+        sh.elementwise(scope, "layernorm", "normalize", N * C, N * C + 2 * C, 2 * N * C + N)
+    elif residual:
+        sh.elementwise(scope, "layernorm", "residual_normalize", N * C, 2 * N * C + 2 * C,
+                       2 * N * C + 2 * N)
+    else:
+        sh.elementwise(scope, "layernorm", "normalize_fused", N * C, N * C + 2 * C, N * C + 2 * N)
 
 
-def _layernorm_backward(sh, scope, N, C):
-    sh.elementwise(scope, "layernorm", "grad", N * C, 2 * N * C + N + 3 * C, N * C + 2 * C)
+def _layernorm_backward(sh, scope, N, C, residual=False):
+    """residual=True (fused schedule): dx added into the stream's gradient in the same pass."""
+    if not sh.fused:
+        sh.elementwise(scope, "layernorm", "grad", N * C, 2 * N * C + N + 3 * C, N * C + 2 * C)
+    elif residual:
+        sh.elementwise(scope, "layernorm", "grad_residual", N * C, 3 * N * C + 2 * N + 3 * C,
+                       N * C + 2 * C)
+    else:
+        sh.elementwise(scope, "layernorm", "grad_fused", N * C, 2 * N * C + 2 * N + 3 * C,
+                       N * C + 2 * C)
+
+
+def _residual_layernorm_forward(sh, h, N, C):
+    """residual_1 then ln_2: two passes in NumPy's schedule, one in the fused one."""
+    if not sh.fused:
+        sh.elementwise(join(h, RESIDUAL_1), "residual", "add", N * C, 2 * N * C, N * C)
+    _layernorm_forward(sh, join(h, LN_2), N, C, residual=True)
+
+
+def _layernorm_residual_backward(sh, scope, residual_scope, N, C):
+    """A block's LayerNorm backward, then its dx added into the stream's gradient."""
+    _layernorm_backward(sh, scope, N, C, residual=True)
+    if not sh.fused:
+        sh.elementwise(residual_scope, "residual", "grad", N * C, 2 * N * C, N * C)
+
+
+def _softmax_forward(sh, scope, B, H, T, Tk, pos0):
+    n_att = B * H * T * Tk
+    if sh.fused:
+        vis = B * H * _visible(T, Tk, pos0)
+        sh.elementwise(scope, "softmax", "causal_fused", vis, vis, n_att)
+    else:
+        sh.elementwise(scope, "softmax", "causal", n_att, n_att, n_att)
+
+
+def _softmax_backward(sh, scope, B, H, T):
+    n_att = B * H * T * T
+    if sh.fused:
+        vis = B * H * _visible(T, T, 0)
+        sh.elementwise(scope, "softmax", "grad_fused", vis, 2 * vis, n_att)
+    else:
+        sh.elementwise(scope, "softmax", "grad", n_att, 2 * n_att, n_att)
 
 
 def _dropout_forward(sh, scope, n):
@@ -150,15 +206,27 @@ def _dropout_backward(sh, scope, n):
 
 
 def _mlp_forward(sh, scope, N, C, mode=None):
-    _linear_forward(sh, join(scope, C_FC), N, C, 4 * C, mode)
-    sh.elementwise(join(scope, GELU), "gelu", "tanh", 4 * N * C, 4 * N * C, 8 * N * C)
+    """The fused schedule (float weights) adds c_fc's bias inside the GELU's pass and keeps the
+    product before it, where NumPy's keeps the tanh."""
+    if sh.fused and mode is None:
+        sh.product(join(scope, C_FC), "x@w", 1, N, C, 4 * C, N * C, C * 4 * C)
+        sh.elementwise(join(scope, GELU), "gelu", "bias_tanh", 4 * N * C, 4 * N * C + 4 * C, 4 * N * C)
+    else:
+        _linear_forward(sh, join(scope, C_FC), N, C, 4 * C, mode)
+        sh.elementwise(join(scope, GELU), "gelu", "tanh", 4 * N * C, 4 * N * C, 8 * N * C)
     _linear_forward(sh, join(scope, C_PROJ), N, 4 * C, C, mode)
 
 
 def _mlp_backward(sh, scope, N, C):
     _linear_backward(sh, join(scope, C_PROJ), N, 4 * C, C)
-    sh.elementwise(join(scope, GELU), "gelu", "grad", 4 * N * C, 12 * N * C, 4 * N * C)
-    _linear_backward(sh, join(scope, C_FC), N, C, 4 * C)
+    if sh.fused:  # c_fc's bias gradient summed inside the GELU's backward pass
+        sh.elementwise(join(scope, GELU), "gelu", "grad_bias", 4 * N * C, 8 * N * C + 8 * C,
+                       4 * N * C + 4 * C)
+        sh.product(join(scope, C_FC), "grad_w", 1, C, N, 4 * C, N * C, N * 4 * C)
+        sh.product(join(scope, C_FC), "grad_x", 1, N, 4 * C, C, N * 4 * C, C * 4 * C)
+    else:
+        sh.elementwise(join(scope, GELU), "gelu", "grad", 4 * N * C, 12 * N * C, 4 * N * C)
+        _linear_backward(sh, join(scope, C_FC), N, C, 4 * C)
 
 
 # ----------------------------------------------------------------------------- mixture of experts
@@ -221,8 +289,11 @@ def _moe_backward(sh, scope, cfg, N, tokens):
 
 
 def _forward(sh, cfg, B, T, pos0=0, last_only=False, targets=False, dropout=False, q=None,
-             routing=None):
+             routing=None, decode=False):
     """Records of GPT.hidden + lm head (+ loss) for B sequences of T new tokens after pos0.
+
+    decode: a KV-cached step of one token, whose dense float blocks run model.block_decode (NumPy's
+    passes in either schedule).
 
     q: a quant.QuantConfig for int8 inference (outlier_threshold is data-dependent: not predicted).
     routing: {MoE block index: tokens each expert computed}, or None for balanced routing."""
@@ -241,9 +312,11 @@ def _forward(sh, cfg, B, T, pos0=0, last_only=False, targets=False, dropout=Fals
         _dropout_forward(sh, join(EMBEDDING, DROPOUT), N * C)
     kv_int8 = q is not None and q.kv_int8
     n_att = B * H * T * Tk
+    fused = sh.fused
     for i in range(cfg.n_layer):
         h = block(i)
         attn, mlp = join(h, ATTN), join(h, MLP)
+        sh.fused = fused and not (decode and not kv_int8 and not is_moe_block(cfg, i) and not dropout)
         _layernorm_forward(sh, join(h, LN_1), N, C)
         _linear_forward(sh, join(attn, C_ATTN), N, C, 3 * C, mode)
         if kv_int8:  # new keys and values quantized into the cache, read back at one byte
@@ -254,7 +327,7 @@ def _forward(sh, cfg, B, T, pos0=0, last_only=False, targets=False, dropout=Fals
             sh.rescale(join(attn, SCORES), n_att, B * H * Tk)
         else:
             sh.product(join(attn, SCORES), "q@kT", B * H, T, hs, Tk, B * H * T * hs, B * H * Tk * hs, useful)
-        sh.elementwise(join(attn, SOFTMAX), "softmax", "causal", n_att, n_att, n_att)
+        _softmax_forward(sh, join(attn, SOFTMAX), B, H, T, Tk, pos0)
         if dropout:
             _dropout_forward(sh, join(attn, ATTN_DROPOUT), n_att)
         if kv_int8:
@@ -266,8 +339,7 @@ def _forward(sh, cfg, B, T, pos0=0, last_only=False, targets=False, dropout=Fals
         _linear_forward(sh, join(attn, C_PROJ), N, C, C, mode)
         if dropout:
             _dropout_forward(sh, join(attn, RESID_DROPOUT), N * C)
-        sh.elementwise(join(h, RESIDUAL_1), "residual", "add", N * C, 2 * N * C, N * C)
-        _layernorm_forward(sh, join(h, LN_2), N, C)
+        _residual_layernorm_forward(sh, h, N, C)
         if is_moe_block(cfg, i):
             _moe_forward(sh, mlp, cfg, N, _tokens(cfg, routing, i, N))
         else:
@@ -275,6 +347,7 @@ def _forward(sh, cfg, B, T, pos0=0, last_only=False, targets=False, dropout=Fals
         if dropout:
             _dropout_forward(sh, join(mlp, RESID_DROPOUT), N * C)
         sh.elementwise(join(h, RESIDUAL_2), "residual", "add", N * C, 2 * N * C, N * C)
+    sh.fused = fused
     _layernorm_forward(sh, LN_F, N, C)
     M = B if last_only else N
     if mode is None:
@@ -304,8 +377,7 @@ def _backward(sh, cfg, B, T, dropout=False, routing=None):
             _moe_backward(sh, mlp, cfg, N, _tokens(cfg, routing, i, N))
         else:
             _mlp_backward(sh, mlp, N, C)
-        _layernorm_backward(sh, join(h, LN_2), N, C)
-        sh.elementwise(join(h, RESIDUAL_2), "residual", "grad", N * C, 2 * N * C, N * C)
+        _layernorm_residual_backward(sh, join(h, LN_2), join(h, RESIDUAL_2), N, C)
         if dropout:
             _dropout_backward(sh, join(attn, RESID_DROPOUT), N * C)
         _linear_backward(sh, join(attn, C_PROJ), N, C, C)
@@ -313,12 +385,11 @@ def _backward(sh, cfg, B, T, dropout=False, routing=None):
         sh.product(join(attn, MIX), "grad_v", B * H, T, T, hs, n_att, B * H * T * hs, useful)
         if dropout:
             _dropout_backward(sh, join(attn, ATTN_DROPOUT), n_att)
-        sh.elementwise(join(attn, SOFTMAX), "softmax", "grad", n_att, 2 * n_att, n_att)
+        _softmax_backward(sh, join(attn, SOFTMAX), B, H, T)
         sh.product(join(attn, SCORES), "grad_q", B * H, T, T, hs, n_att, B * H * T * hs, useful)
         sh.product(join(attn, SCORES), "grad_k", B * H, T, T, hs, n_att, B * H * T * hs, useful)
         _linear_backward(sh, join(attn, C_ATTN), N, C, 3 * C)
-        _layernorm_backward(sh, join(h, LN_1), N, C)
-        sh.elementwise(join(h, RESIDUAL_1), "residual", "grad", N * C, 2 * N * C, N * C)
+        _layernorm_residual_backward(sh, join(h, LN_1), join(h, RESIDUAL_1), N, C)
     if dropout:
         _dropout_backward(sh, join(EMBEDDING, DROPOUT), N * C)
     sh.elementwise(EMBEDDING, "embedding", "grad_table", N * C, 2 * N * C, N * C,
@@ -390,22 +461,25 @@ def _merge(*sheets) -> dict:
     return out
 
 
-def _sheet(phase, dtype):
-    return _Sheet(phase, itemsize=4 if dtype == "float32" else 8, dtype=dtype)
+def _sheet(phase, dtype, fused=False):
+    return _Sheet(phase, itemsize=4 if dtype == "float32" else 8, dtype=dtype, fused=fused)
 
 
 def predict_training_step(cfg, batch: int, seq: int | None = None, grad_accum: int = 1,
                           clip: bool = True, dtype: str = "float32", ranks: int = 1,
-                          routing=None) -> dict:
+                          routing=None, fused: bool = False) -> dict:
     """One optimizer step: grad_accum micro-batches of (batch, seq) tokens, then clip + AdamW.
     ranks > 1: one rank's step of data-parallel training (batch is then its share, batch_size /
     ranks), with the allreduces of phase "communication".
 
     routing: for a MoE model, one {block index: tokens each expert computed} per micro-batch (as
-    GPT.routing holds after each forward: Routing.computed), or None for balanced routing."""
+    GPT.routing holds after each forward: Routing.computed), or None for balanced routing.
+    fused: the fused kernels' schedule (nn.layers.fused(): Numba chosen, on the CPU), whose
+    records differ from NumPy's passes; the other functions here take it too."""
     T = seq or cfg.block_size
     drop = cfg.dropout > 0
-    fwd, bwd, opt = _sheet("forward", dtype), _sheet("backward", dtype), _sheet("optimizer", dtype)
+    fwd, bwd = _sheet("forward", dtype, fused), _sheet("backward", dtype, fused)
+    opt = _sheet("optimizer", dtype)  # AdamW's records are the same in both schedules
     for micro in range(grad_accum):
         r = None if routing is None else routing[micro]
         _forward(fwd, cfg, batch, T, targets=True, dropout=drop, routing=r)
@@ -422,35 +496,38 @@ def predict_training_step(cfg, batch: int, seq: int | None = None, grad_accum: i
 
 
 def predict_forward(cfg, batch: int, seq: int, phase: str = "forward", targets: bool = False,
-                    dtype: str = "float32", quant=None, routing=None) -> dict:
+                    dtype: str = "float32", quant=None, routing=None, fused: bool = False) -> dict:
     """A forward pass of (batch, seq) tokens; phase "prefill" keeps only the last position's logits.
     quant: a QuantConfig (int8 inference), or None for float; routing: as predict_training_step's
     (one micro-batch's dict)."""
-    sh = _sheet(phase, dtype)
+    sh = _sheet(phase, dtype, fused)
+    # A one-token prefill runs through the KV cache as a decode step does (GPT.hidden).
     _forward(sh, cfg, batch, seq, last_only=phase == "prefill", targets=targets, q=quant,
-             routing=routing)
+             routing=routing, decode=phase == "prefill" and seq == 1)
     return sh.records
 
 
 def predict_decode(cfg, batch: int, position: int, dtype: str = "float32", quant=None,
-                   routing=None) -> dict:
+                   routing=None, fused: bool = False) -> dict:
     """One decode step: the token at `position` attends to the position + 1 cached keys."""
-    sh = _sheet("decode", dtype)
-    _forward(sh, cfg, batch, 1, pos0=position, q=quant, routing=routing)
+    sh = _sheet("decode", dtype, fused)
+    _forward(sh, cfg, batch, 1, pos0=position, q=quant, routing=routing, decode=True)
     return sh.records
 
 
 def forward_records(cfg, batch: int, seq: int, pos0: int = 0, last_only: bool = False,
-                    targets: bool = False, routing=None) -> dict:
-    """A forward of `seq` new tokens after `pos0` cached ones (the general case of the above)."""
-    sh = _sheet("forward", "float32")
-    _forward(sh, cfg, batch, seq, pos0=pos0, last_only=last_only, targets=targets, routing=routing)
+                    targets: bool = False, routing=None, fused: bool = False) -> dict:
+    """A forward of `seq` new tokens after `pos0` cached ones (the general case of the above; a
+    KV-cached decode step if seq is 1 and pos0 > 0)."""
+    sh = _sheet("forward", "float32", fused)
+    _forward(sh, cfg, batch, seq, pos0=pos0, last_only=last_only, targets=targets, routing=routing,
+             decode=seq == 1 and pos0 > 0)
     return sh.records
 
 
-def backward_records(cfg, batch: int, seq: int, routing=None) -> dict:
+def backward_records(cfg, batch: int, seq: int, routing=None, fused: bool = False) -> dict:
     """The backward of a (batch, seq) training forward, dropout as the config says."""
-    sh = _sheet("backward", "float32")
+    sh = _sheet("backward", "float32", fused)
     _backward(sh, cfg, batch, seq, dropout=cfg.dropout > 0, routing=routing)
     return sh.records
 

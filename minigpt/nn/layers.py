@@ -529,7 +529,7 @@ def bias_gelu_backward(dout, cache: BiasGeluCache, db):
 
 
 def mlp_forward(x, p):
-    if fused():
+    if fused() and not isinstance(p["mlp.c_fc.weight"], quant.Int8Weight):
         C = x.shape[-1]
         x2 = x.reshape(-1, C)  # (N, C)
         with METER.scope(scopes.C_FC):
