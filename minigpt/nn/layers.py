@@ -287,7 +287,7 @@ def _causal_softmax_fused(scores, scale, pos0):
     a3 = scores.reshape(-1, T, Tk)  # (B*H, T, Tk)
     visible = a3.shape[0] * visible_scores(T, Tk, pos0)
     with METER.op(kind="softmax", op="causal_fused") as c:
-        fk.causal_softmax_forward(a3, scale, pos0)
+        fk.causal_softmax_forward(a3, scale, pos0, fk.fast(a3))
         c.count(elements=visible, bytes_read=visible * a3.itemsize, bytes_written=a3.nbytes,
                 dtype=a3.dtype)
     return scores
@@ -511,7 +511,7 @@ def bias_gelu_forward(h, b):
     """gelu(h + b) in one pass, h (N, 4C) the c_fc product without its bias (fused schedule)."""
     out = backend.xp.empty(h.shape, h.dtype)
     with METER.op(kind="gelu", op="bias_tanh") as c:
-        fk.bias_gelu_forward(h, b, out)
+        fk.bias_gelu_forward(h, b, out, fk.fast(h))
         c.count(elements=h.size, bytes_read=h.nbytes + b.nbytes, bytes_written=out.nbytes, dtype=h.dtype)
     return out, BiasGeluCache(h, b)
 
@@ -522,7 +522,7 @@ def bias_gelu_backward(dout, cache: BiasGeluCache, db):
     h, b = cache
     d2 = dout.reshape(h.shape)
     with METER.op(kind="gelu", op="grad_bias") as c:
-        fk.bias_gelu_backward(d2, h, b, d2, db, fk.parts(h.shape[0]))
+        fk.bias_gelu_backward(d2, h, b, d2, db, fk.parts(h.shape[0]), fk.fast(h))
         c.count(elements=h.size, bytes_read=_nbytes(d2, h, b, db), bytes_written=d2.nbytes + db.nbytes,
                 dtype=h.dtype)
     return d2
@@ -612,7 +612,7 @@ def cross_entropy_forward(logits, targets):
         l2, t1 = logits.reshape(-1, V), targets.reshape(-1)
         probs, losses = xp.empty(logits.shape, logits.dtype), xp.empty(t1.size, xp.float64)
         with METER.op(kind="cross_entropy", op="loss") as c:  # the same passes' counts, one pass
-            fk.cross_entropy_forward(l2, t1, probs.reshape(-1, V), losses)
+            fk.cross_entropy_forward(l2, t1, probs.reshape(-1, V), losses, fk.fast(l2))
             c.count(elements=logits.size, bytes_read=logits.nbytes + targets.nbytes,
                     bytes_written=probs.nbytes, dtype=logits.dtype)
         return losses.mean(), (probs, targets)
