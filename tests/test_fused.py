@@ -209,3 +209,33 @@ def test_the_fused_schedule_moves_fewer_bytes_in_every_phase_it_changes():
     for phase in ("forward", "backward"):
         assert moved(fused_step, phase) < moved(numpy_step, phase), phase
     assert moved(fused_step, "optimizer") == moved(numpy_step, "optimizer")
+
+
+def test_fusion_compare_reports_both_schedules_and_leaves_the_run_alone(tmp_path, numba_path):
+    from minigpt.report import html
+    from minigpt.train import fusion
+
+    cfg = ModelConfig(n_layer=2, n_head=2, n_embd=16, block_size=8, vocab_size=20)
+    model = GPT(cfg, init(cfg, np.random.default_rng(0)))
+    model.grads = FlatBuffer(cfg)
+    model.grads.data[:] = 0.25
+    params = model.params.data.copy()
+    x = np.random.default_rng(1).integers(0, 20, (3, 8))
+    METER.reset()
+    METER.records = before = {"kept": "as it was"}
+    doc = fusion.compare(model, x, x, steps=5, grad_accum=2, dtype="float32", repeats=1)
+    assert METER.records is before and kernels.active() == "numba"
+    assert np.all(model.grads.data == 0.25) and np.array_equal(model.params.data, params)
+    moved = {f: sum(r.bytes_read + r.bytes_written
+                    for r in closed_form.predict_training_step(cfg, 3, 8, 2, fused=f).values())
+             for f in (False, True)}
+    assert (doc["bytes_per_step_numpy"], doc["bytes_per_step_fused"]) == (moved[False], moved[True])
+    assert doc["bytes_saved"] == 5 * (moved[False] - moved[True]) > 0
+    assert doc["micro_batches"] == 10 and doc["elementwise_s_per_micro_batch_fused"] > 0
+    assert "less" in fusion.lines(doc)[0]
+    assert html._fusion_section(tmp_path).startswith('<p class="missing">')
+    fusion.save(tmp_path, doc)
+    section = html._fusion_section(tmp_path)
+    assert "fused kernels" in section and "NumPy" in section
+    kernels.use("numpy")
+    assert fusion.compare(model, x, x, 5, 2, "float32") is None  # nothing to say on NumPy's path
