@@ -179,8 +179,10 @@ def _gelu_slope(u, t):  # pragma: no cover - compiled
 
 
 @njit(parallel=True, cache=True, fastmath=FAST)
-def bias_gelu_backward(dout, h, b, dx, db, n_parts, fast):  # pragma: no cover - compiled
-    """dx = dout * gelu'(h + b) (dx may be dout itself); db += its sum over rows."""
+def bias_gelu_backward(dout, h, b, db, n_parts, fast):  # pragma: no cover - compiled
+    """dout *= gelu'(h + b), in place; db += its sum over rows. In place rather than into another
+    array that may be dout: the compiler vectorises a loop only where its arrays provably do
+    not overlap, and two names for one array make it fall back to one element at a time."""
     N, F = h.shape
     pb = np.zeros((n_parts, F))
     for k in prange(n_parts):
@@ -189,13 +191,13 @@ def bias_gelu_backward(dout, h, b, dx, db, n_parts, fast):  # pragma: no cover -
                 for j in range(F):
                     u = h[i, j] + b[j]
                     d = dout[i, j] * _gelu_slope(u, tanh_fast(GELU_K * u * (1.0 + GELU_C * u * u)))
-                    dx[i, j] = d
+                    dout[i, j] = d
                     pb[k, j] += d
             else:
                 for j in range(F):
                     u = h[i, j] + b[j]
                     d = dout[i, j] * _gelu_slope(u, math.tanh(GELU_K * u * (1.0 + GELU_C * u * u)))
-                    dx[i, j] = d
+                    dout[i, j] = d
                     pb[k, j] += d
     for j in range(F):
         s = 0.0

@@ -522,7 +522,7 @@ def bias_gelu_backward(dout, cache: BiasGeluCache, db):
     h, b = cache
     d2 = dout.reshape(h.shape)
     with METER.op(kind="gelu", op="grad_bias") as c:
-        fk.bias_gelu_backward(d2, h, b, d2, db, fk.parts(h.shape[0]), fk.fast(h))
+        fk.bias_gelu_backward(d2, h, b, db, fk.parts(h.shape[0]), fk.fast(h))
         c.count(elements=h.size, bytes_read=_nbytes(d2, h, b, db), bytes_written=d2.nbytes + db.nbytes,
                 dtype=h.dtype)
     return d2
