@@ -144,8 +144,9 @@ def residual_layernorm_forward(x, branch, w, b, eps=LAYERNORM_EPS):
     """x + branch (written over branch, as residual_forward) and the LayerNorm of that sum, in one
     pass: (stream, out, cache). Fused schedule only (fused())."""
     C = x.shape[-1]
-    out, cache = _layernorm_fused(x.reshape(-1, C), branch.reshape(-1, C), w, b, eps, x.shape)
-    return branch, out, cache
+    a2 = branch.reshape(-1, C)  # (N, C), a view of a contiguous branch (else a copy, summed into)
+    out, cache = _layernorm_fused(x.reshape(-1, C), a2, w, b, eps, x.shape)
+    return a2.reshape(x.shape), out, cache
 
 
 def layernorm_backward(dout, cache, dw, db, into=None):
