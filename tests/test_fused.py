@@ -239,3 +239,31 @@ def test_fusion_compare_reports_both_schedules_and_leaves_the_run_alone(tmp_path
     assert "fused kernels" in section and "NumPy" in section
     kernels.use("numpy")
     assert fusion.compare(model, x, x, 5, 2, "float32") is None  # nothing to say on NumPy's path
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_adamw_in_one_pass_equals_numpy_passes(dtype):
+    """Five steps from the same state: parameters and both moments agree, and the decay reaches
+    the matrices only (the fused loop's n_decay boundary)."""
+    cfg = ModelConfig(n_layer=1, n_head=2, n_embd=8, block_size=4, vocab_size=10)
+    rng = np.random.default_rng(5)
+    grads = [rng.normal(0, 1, FlatBuffer(cfg).size).astype(dtype) for _ in range(5)]
+    out = {}
+    for path in ("numpy", "numba"):
+        kernels.use(path)
+        params = init(cfg, np.random.default_rng(0), dtype)
+        params.data += 0.5  # decay shows on every element (biases and LN weights stay undecayed)
+        opt = AdamW(params, weight_decay=0.3)
+        for i, g in enumerate(grads):
+            opt.step(g.copy(), lr=1e-2 * (i + 1))
+        out[path] = (params.data, opt.m, opt.v)
+    rtol = 1e-12 if dtype == "float64" else 1e-5
+    for ref, got in zip(out["numpy"], out["numba"]):
+        np.testing.assert_allclose(got, ref, rtol=rtol, atol=rtol * 1e-2)
+    kernels.use("numba")
+    params = init(cfg, np.random.default_rng(0), dtype)
+    params.data[:] = 1.0
+    AdamW(params, weight_decay=0.5).step(np.zeros_like(params.data), lr=0.1)
+    n = params.n_decay
+    np.testing.assert_allclose(params.data[:n], 0.95, rtol=1e-6)  # decayed, no gradient
+    np.testing.assert_array_equal(params.data[n:], 1.0)
