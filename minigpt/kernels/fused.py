@@ -18,8 +18,15 @@ how threads were scheduled.
 """
 
 import math
+import os
 
-import numba
+# Numba's OpenMP threads, idle between two kernels, would otherwise spin on the cores OpenBLAS's
+# threads need for the matrix product that follows: on our shared 2-core machine that spinning
+# made a training step's elementwise passes several times slower (docs/benchmarks.md). Passive:
+# they sleep at once. Read when OpenMP starts (the first parallel kernel); a value already set wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "passive")
+
+import numba  # after the variable OpenMP reads (set above)
 import numpy as np
 from numba import njit, prange
 
