@@ -47,6 +47,7 @@ import argparse
 import ctypes
 import datetime
 import importlib.metadata
+import importlib.util
 import json
 import os
 import pathlib
@@ -134,11 +135,9 @@ def matmul_peak(source: str) -> tuple[float, str, str]:
 
 
 def numba_threads() -> str:
-    try:
-        import numba
-    except ImportError:
+    if importlib.util.find_spec("numba") is None:
         return "(Numba not installed)"
-    return str(numba.config.NUMBA_NUM_THREADS)
+    return os.environ.get("NUMBA_NUM_THREADS", "1 (minigpt's default)")
 
 
 def cpu_name() -> str:

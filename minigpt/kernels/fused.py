@@ -30,6 +30,12 @@ import numba  # after the variable OpenMP reads (set above)
 import numpy as np
 from numba import njit, prange
 
+# One thread unless NUMBA_NUM_THREADS says otherwise: beside OpenBLAS's threads on our shared
+# 2-core machine a training step ran faster with the kernels on one thread than on two
+# (bench/train_step.py, docs/benchmarks.md), though each kernel alone runs faster on two.
+if "NUMBA_NUM_THREADS" not in os.environ:
+    numba.set_num_threads(1)
+
 # Reassociation lets the compiler vectorise sums (row means, dot products): results change in the
 # last bits only. No "no NaNs / no infinities" assumptions: a softmax starts its max at -inf.
 FAST = {"reassoc", "contract", "nsz", "arcp"}
