@@ -1,7 +1,9 @@
 """minigpt against PyTorch on this CPU: training-step and generation throughput, peak memory, MFU.
 
-    python bench/compare_torch.py [--shapes tiny,baby] [--steps N] [--rounds 7] [--baby-batch 16]
-                                  [--gen-tokens 256] [--peak profile|measure] [--quick] [--json PATH]
+    python bench/compare_torch.py [--shapes tiny,baby,gpt2] [--steps N] [--rounds 7]
+                                  [--baby-batch 16] [--gpt2-batch 1] [--gpt2-seq 256]
+                                  [--variants fused,numpy,eager,sdpa] [--gen-tokens 256]
+                                  [--peak profile|measure] [--quick] [--json PATH]
 
 The defaults take 3 to 4 minutes on our 2-core machine; --quick (a smoke run) under a minute.
 
@@ -12,6 +14,9 @@ random token ids every step (data loading is left out of both), float32.
 - train, shape "baby": nanoGPT's character-level "baby GPT" (6 layers, 6 heads, 384 wide, context
   256), vocab 256, dropout 0; batch --baby-batch, 16 by default: 4,096 tokens a step, as tiny's
   (nanoGPT's 64 would take about 8 s a step here).
+- train, shape "gpt2": GPT-2 124M (12 layers, 12 heads, 768 wide, vocab 50,257, 1,024 positions),
+  batch --gpt2-batch x --gpt2-seq tokens (1 x 256 by default: a step of a few seconds here); not
+  in the default --shapes (each of its workers holds about 2 GiB).
   One step is forward, backward, gradient clipping to norm 1 and AdamW (betas and eps and weight
   decay from tiny.toml, decay on matrices only), at a constant learning rate. Ours is the
   trainer's train_step (GPT.loss, GPT.backward, clip_grad_norm, AdamW.step under the meter's
@@ -19,8 +24,11 @@ random token ids every step (data loading is left out of both), float32.
   clip_grad_norm_, torch.optim.AdamW.step().
 - generate: 256 new tokens, greedy, batch 1, KV-cached, from the tiny model and a fixed prompt;
   ours is minigpt.sampling.generate, PyTorch's is the same loop over its own preallocated KV cache.
-PyTorch runs twice: "eager" attention (matmul, masked_fill, softmax, matmul: the same work as ours)
-and "sdpa" (F.scaled_dot_product_attention, PyTorch's fused fast path).
+minigpt runs twice: "fused" (minigpt/kernels/fused.py's Numba kernels for the elementwise passes,
+the default where Numba is installed) and "numpy" (NumPy's passes, kernels.use("numpy")); "ours"
+in the ratio column is the fused one. PyTorch runs twice: "eager" attention (matmul, masked_fill,
+softmax, matmul: the same work as ours) and "sdpa" (F.scaled_dot_product_attention, PyTorch's fused
+fast path). --variants picks which of the four run.
 
 How it is measured. Every (framework, task) runs in its own fresh worker process, so its peak
 resident set (VmHWM) belongs to that framework alone. The workers of one task start one after
@@ -39,6 +47,7 @@ import argparse
 import ctypes
 import datetime
 import importlib.metadata
+import importlib.util
 import json
 import os
 import pathlib
@@ -58,8 +67,11 @@ from minigpt.config import ModelConfig
 SEED = 1337
 PROMPT = list(b"def generate(model, prompt):\n")  # byte ids
 BABY = ModelConfig(n_layer=6, n_head=6, n_embd=384, block_size=256, vocab_size=256, dropout=0.0)
-VARIANTS = [("ours", None), ("torch", "eager"), ("torch", "sdpa")]
-LABELS = {"ours": "minigpt (numpy)", "eager": "torch eager", "sdpa": "torch sdpa"}
+GPT2 = ModelConfig(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50257, dropout=0.0)
+VARIANTS = {"fused": ("ours", "numba"), "numpy": ("ours", "numpy"), "eager": ("torch", "eager"),
+            "sdpa": ("torch", "sdpa")}  # name: (framework, minigpt's kernels or torch's attention)
+LABELS = {"numba": "minigpt (fused)", "numpy": "minigpt (numpy)", "eager": "torch eager",
+          "sdpa": "torch sdpa"}
 PAUSE_S = 0.25  # between hand-offs: OpenBLAS and OpenMP threads stop spinning well within this
 
 
@@ -122,6 +134,12 @@ def matmul_peak(source: str) -> tuple[float, str, str]:
     return profile, f"({both})", warning
 
 
+def numba_threads() -> str:
+    if importlib.util.find_spec("numba") is None:
+        return "(Numba not installed)"
+    return os.environ.get("NUMBA_NUM_THREADS", "1 (minigpt's default)")
+
+
 def cpu_name() -> str:
     with open("/proc/cpuinfo") as f:
         for line in f:
@@ -142,8 +160,8 @@ def header(threads: int, blas: str, peak: float, peak_note: str) -> str:
     return (
         f"{datetime.datetime.now():%Y-%m-%d %H:%M}  {cpu_name()}, "
         f"{len(os.sched_getaffinity(0))} cores, load average {os.getloadavg()[0]:.2f}  "
-        f"threads {threads} (numpy's BLAS; torch.set_num_threads({threads}); minigpt's "
-        f"elementwise passes run on one thread, as NumPy's do)\n"
+        f"threads {threads} (numpy's BLAS; torch.set_num_threads({threads}); NumPy's "
+        f"elementwise passes run on one thread, the fused kernels on Numba's {numba_threads()})\n"
         f"numpy {np.__version__} ({blas})  torch {torch_version}  {env}  "
         f"MFU's fp32 matmul peak {peak / 1e9:.1f} GFLOP/s {peak_note}"
     )
@@ -156,6 +174,8 @@ def shape_config(shape: str) -> tuple[ModelConfig, int, int]:
     """(model config, batch, sequence length) of a shape, before any --baby-batch."""
     if shape == "baby":
         return BABY, 64, BABY.block_size
+    if shape == "gpt2":
+        return GPT2, 1, 256
     cfg = config.load(ROOT / "configs" / "tiny.toml")
     return cfg.model, cfg.train.batch_size, cfg.model.block_size
 
@@ -188,7 +208,7 @@ def generation_flops(cfg: ModelConfig, prompt_len: int, n_new: int) -> int:
 def ours_task(spec: dict):
     """minigpt's training step (or generation) as (step function, meter breakdown function);
     notes the resident set after the imports in spec["import_rss"]."""
-    from minigpt import backend
+    from minigpt import backend, kernels
     from minigpt.counting.meter import METER
     from minigpt.nn.model import GPT
     from minigpt.nn.params import FlatBuffer, init
@@ -197,6 +217,7 @@ def ours_task(spec: dict):
     from minigpt.train.trainer import training_step
 
     backend.keep_freed_memory()
+    kernels.use(spec["attention"])  # "numba" or "numpy"
     spec["import_rss"] = rss_mib("VmRSS")
     t = config.load(ROOT / "configs" / "tiny.toml").train
     cfg, B, T = spec["cfg"], spec["batch"], spec["seq"]
@@ -323,16 +344,16 @@ class Worker:
 
 
 def run_task(task: str, shape: str, cfg, B: int, T: int, n: int, args, threads: int) -> list:
-    """Start the three workers of one task in turn, alternate --rounds rounds of n calls among
-    them, and return one result row per framework."""
+    """Start the workers of one task (one per --variants) in turn, alternate --rounds rounds of n
+    calls among them, and return one result row per framework."""
     workers = []
     try:
-        for framework, attention in VARIANTS:
+        for framework, attention in (VARIANTS[v] for v in args.variants.split(",")):
             spec = {
                 "task": task,
                 "framework": framework,
                 "attention": attention,
-                "label": LABELS[attention or framework],
+                "label": LABELS[attention],
                 "cfg": vars(cfg),
                 "batch": B,
                 "seq": T,
@@ -342,24 +363,26 @@ def run_task(task: str, shape: str, cfg, B: int, T: int, n: int, args, threads: 
             }
             workers.append(Worker(spec))
         seconds = {w.spec["label"]: [] for w in workers}
-        meters = []  # minigpt's metered seconds by kind, one dict per round
+        meters = {w.spec["label"]: [] for w in workers}  # minigpt's seconds by kind, per round
         for r in range(args.rounds):
-            for w in workers[r % 3 :] + workers[: r % 3]:
+            k = r % len(workers)
+            for w in workers[k:] + workers[:k]:
                 time.sleep(PAUSE_S)
                 reply = w.ask({"run": n})
                 seconds[w.spec["label"]].append(reply["seconds"])
                 if reply["meter"]:
-                    meters.append(reply["meter"])
+                    meters[w.spec["label"]].append(reply["meter"])
             print(f"  {shape} {task}: round {r + 1}/{args.rounds} done", file=sys.stderr)
         final = [w.ask({"stop": True}) for w in workers]
     finally:
         for w in workers:
             w.close()
     tokens = n * (B * T if task == "train" else args.gen_tokens)
-    ours = [tokens / s for s in seconds[LABELS["ours"]]]
+    ours = [tokens / s for s in seconds[workers[0].spec["label"]]]  # the first variant's
     rows = []
     for w, end in zip(workers, final):
         tps = [tokens / s for s in seconds[w.spec["label"]]]
+        mine = meters[w.spec["label"]]
         rows.append(
             {
                 "shape": shape,
@@ -369,15 +392,16 @@ def run_task(task: str, shape: str, cfg, B: int, T: int, n: int, args, threads: 
                 "tokens_per_s": statistics.median(tps),
                 "spread": (max(tps) - min(tps)) / statistics.median(tps),
                 "ratio": statistics.median(o / x for o, x in zip(ours, tps)),
+                "ms_per_step": 1e3 * statistics.median(seconds[w.spec["label"]]) / n,
                 "round_seconds": seconds[w.spec["label"]],
                 "calls_per_round": n,
                 "import_rss_mib": w.ready["import_rss"],
                 "peak_rss_mib": end["peak_rss"],
                 "check": w.ready["check"],
                 "meter_s_per_call": {
-                    k: statistics.median(m.get(k, 0.0) for m in meters) / n for k in meters[0]
+                    k: statistics.median(m.get(k, 0.0) for m in mine) / n for k in mine[0]
                 }
-                if meters and w is workers[0]
+                if mine
                 else None,
             }
         )
@@ -390,6 +414,7 @@ def table(rows: list) -> str:
         "shape",
         "framework",
         "batch",
+        "ms/call",
         "tokens/s",
         "spread",
         "ours/torch",
@@ -398,11 +423,13 @@ def table(rows: list) -> str:
         "MFU",
     ]
     lines = [f"{cols[0]:<9} {cols[1]:<16} {cols[2]:<12} " + " ".join(f"{c:>12}" for c in cols[3:])]
+    first = {}
     for r in rows:
-        ratio = "" if r["framework"] == LABELS["ours"] else f"{r['ratio']:.2f}"
+        first.setdefault(r["shape"], r["framework"])
+        ratio = "" if r["framework"] == first[r["shape"]] else f"{r['ratio']:.2f}"
         lines.append(
             f"{r['shape']:<9} {r['framework']:<16} {r['batch']:<12} "
-            f"{r['tokens_per_s']:>12,.0f} {100 * r['spread']:>11.0f}% {ratio:>12} "
+            f"{r['ms_per_step']:>12,.1f} {r['tokens_per_s']:>12,.0f} {100 * r['spread']:>11.0f}% {ratio:>12} "
             f"{r['import_rss_mib']:>12.0f} {r['peak_rss_mib']:>12.0f} "
             f"{100 * r['mfu']:>11.1f}%"
         )
@@ -417,13 +444,15 @@ def notes(rows: list) -> list:
         if group[0]["task"] == "train":
             losses = ", ".join(f"{r['framework']} {r['check']:.6f}" for r in group)
             out.append(f"{shape}: first-step loss (same weights, same batch): {losses}")
-            kinds = sorted(group[0]["meter_s_per_call"].items(), key=lambda kv: -kv[1])
-            out.append(
-                f"{shape}: minigpt's metered seconds per step: "
-                + ", ".join(f"{k} {v:.3f}" for k, v in kinds[:8])
-                + f" (of {group[0]['s_per_call']:.3f}; "
-                f"medians of the rounds)"
-            )
+            for r in group:
+                if not r["meter_s_per_call"]:
+                    continue
+                kinds = sorted(r["meter_s_per_call"].items(), key=lambda kv: -kv[1])
+                out.append(
+                    f"{shape}: {r['framework']}'s metered seconds per step (share of the step): "
+                    + ", ".join(f"{k} {v:.3f} ({100 * v / r['s_per_call']:.0f}%)" for k, v in kinds[:10])
+                    + f"; of {r['s_per_call']:.3f} s a step (medians of the rounds)"
+                )
         else:
             ref = group[0]["check"]
             same = ", ".join(
@@ -436,10 +465,14 @@ def notes(rows: list) -> list:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shapes", default="tiny,baby", help="training shapes: tiny, baby")
-    ap.add_argument("--steps", type=int, help="timed steps per round (default: tiny 10, baby 3)")
+    ap.add_argument("--shapes", default="tiny,baby", help="training shapes: tiny, baby, gpt2")
+    ap.add_argument("--steps", type=int, help="timed steps per round (default: tiny 10, baby 3, gpt2 1)")
     ap.add_argument("--rounds", type=int, default=7, help="timed rounds per framework")
     ap.add_argument("--baby-batch", type=int, default=16, help="batch of the baby shape")
+    ap.add_argument("--gpt2-batch", type=int, default=1, help="batch of the gpt2 shape")
+    ap.add_argument("--gpt2-seq", type=int, default=256, help="sequence length of the gpt2 shape")
+    ap.add_argument("--variants", default="fused,numpy,eager,sdpa",
+                    help="which run, the first the others are compared with: fused, numpy, eager, sdpa")
     ap.add_argument("--gen-tokens", type=int, default=256, help="tokens to generate; 0: skip")
     ap.add_argument("--gen-runs", type=int, default=2, help="generations per round")
     ap.add_argument("--warmup", type=int, default=2, help="untimed calls first")
@@ -458,12 +491,15 @@ def main() -> None:
         return worker(json.loads(args.worker))
     if args.quick:
         args.rounds, args.warmup, args.gen_runs = 2, 1, 1
-    steps = {"tiny": 10, "baby": 3} if not args.quick else {"tiny": 2, "baby": 1}
+    steps = {"tiny": 10, "baby": 3, "gpt2": 1} if not args.quick else {"tiny": 2, "baby": 1, "gpt2": 1}
+    variants = args.variants.split(",")
+    if set(variants) - set(VARIANTS) or not variants:
+        ap.error(f"--variants: choose from {', '.join(VARIANTS)}")
     shapes = args.shapes.split(",") if args.shapes else []
     if set(shapes) - set(steps):
         ap.error(
             f"--shapes: unknown {', '.join(sorted(set(shapes) - set(steps)))} "
-            f"(choose from tiny, baby)"
+            f"(choose from tiny, baby, gpt2)"
         )
 
     threads, blas = blas_threads()
@@ -477,7 +513,8 @@ def main() -> None:
     rows = []
     for shape in shapes:
         cfg, B, T = shape_config(shape)
-        B = args.baby_batch if shape == "baby" else B
+        B = {"baby": args.baby_batch, "gpt2": args.gpt2_batch}.get(shape, B)
+        T = args.gpt2_seq if shape == "gpt2" else T
         n = args.steps or steps[shape]
         for r in run_task("train", shape, cfg, B, T, n, args, threads):
             r["s_per_call"] = B * T / r["tokens_per_s"]

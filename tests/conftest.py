@@ -13,7 +13,19 @@ from pathlib import Path
 
 import pytest
 
-from minigpt import config
+# The suite runs NumPy's passes unless a test chooses the fused kernels (kernels.use("numba"), as
+# tests/test_fused.py and the cost-model equality tests do): the commands it starts inherit this.
+os.environ["MINIGPT_KERNELS"] = "numpy"
+
+from minigpt import config, kernels  # after the environment it reads
+
+
+@pytest.fixture(autouse=True)
+def _numpy_kernels_unless_chosen():
+    """Each test starts on NumPy's path, whatever the test before it chose."""
+    kernels.use("numpy")
+    yield
+    kernels.use("numpy")
 
 # Tests never write the user's real ~/.minigpt: one private $MINIGPT_HOME for the whole session
 # (the quick roofline measurement is cached there once), inherited by the commands tests run.

@@ -2,7 +2,8 @@
 
 - No matrix product in the package escapes the meter (a walk over the source, and a count of
   every product actually executed, made by wrapping the array module).
-- The closed-form model predicts every record exactly, on random configurations.
+- The closed-form model predicts every record exactly, on random configurations, for both
+  schedules: NumPy's passes and the fused kernels' (`fused=True`, kernels.use("numba")).
 - Training matmul FLOPs are 3x the forward's and equal (6 N_matmul + 12 L T C) per token.
 """
 
@@ -14,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minigpt import backend
+from minigpt import backend, kernels
 from minigpt import config as config_mod
 from minigpt.counting import closed_form as cost_model
 from minigpt.counting.meter import METER
@@ -26,6 +27,14 @@ from minigpt.train.trainer import training_step
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "minigpt"
 MATMUL_NAMES = {"matmul", "dot", "einsum", "tensordot", "inner", "vdot"}
 FIELDS = ("calls", "flops", "useful_flops", "bytes_read", "bytes_written")
+PATHS = ["numpy", "numba"] if kernels.AVAILABLE else ["numpy"]
+
+
+def _use(path: str) -> bool:
+    """Run the model on this kernels path (conftest puts NumPy's back after the test); True for
+    the fused schedule."""
+    kernels.use(path)
+    return path == "numba"
 
 
 def _imports_meter_matmul(tree) -> bool:
@@ -151,20 +160,24 @@ configs = st.builds(
 )
 
 
+@pytest.mark.parametrize("path", PATHS)
 @settings(max_examples=25, deadline=None)
 @given(cfg=configs, batch=st.integers(1, 3), data=st.data())
-def test_prediction_equals_measurement_training(cfg, batch, data):
+def test_prediction_equals_measurement_training(path, cfg, batch, data):
+    fused = _use(path)
     T = data.draw(st.integers(1, cfg.block_size), label="T")
     rng = np.random.default_rng(0)
     idx, targets = rng.integers(0, cfg.vocab_size, (batch, T)), rng.integers(0, cfg.vocab_size, (batch, T))
     METER.reset()
     _training_step(_model(cfg), idx, targets, rng if cfg.dropout > 0 else None)
-    _assert_same(cost_model.predict_training_step(cfg, batch, T), METER.records)
+    _assert_same(cost_model.predict_training_step(cfg, batch, T, fused=fused), METER.records)
 
 
+@pytest.mark.parametrize("path", PATHS)
 @settings(max_examples=25, deadline=None)
 @given(cfg=configs, batch=st.integers(1, 3), data=st.data())
-def test_prediction_equals_measurement_prefill_and_decode(cfg, batch, data):
+def test_prediction_equals_measurement_prefill_and_decode(path, cfg, batch, data):
+    fused = _use(path)
     P = data.draw(st.integers(1, cfg.block_size - 1), label="prompt")
     model = _model(cfg)
     idx = np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, cfg.block_size))
@@ -172,20 +185,22 @@ def test_prediction_equals_measurement_prefill_and_decode(cfg, batch, data):
     METER.reset()
     with METER.in_phase("prefill"):
         model.logits(idx[:, :P], kv, last_only=True)
-    _assert_same(cost_model.predict_forward(cfg, batch, P, "prefill"), METER.records)
+    _assert_same(cost_model.predict_forward(cfg, batch, P, "prefill", fused=fused), METER.records)
     for position in range(P, cfg.block_size):
         METER.reset()
         with METER.in_phase("decode"):
             model.logits(idx[:, position : position + 1], kv)
-        _assert_same(cost_model.predict_decode(cfg, batch, position), METER.records)
+        _assert_same(cost_model.predict_decode(cfg, batch, position, fused=fused), METER.records)
 
 
-def test_prediction_equals_measurement_float64():
+@pytest.mark.parametrize("path", PATHS)
+def test_prediction_equals_measurement_float64(path):
+    fused = _use(path)
     cfg = config_mod.ModelConfig(n_layer=1, n_head=2, n_embd=8, block_size=6, vocab_size=11)
     idx = np.random.default_rng(0).integers(0, 11, (2, 6))
     METER.reset()
     _training_step(_model(cfg, dtype="float64"), idx, idx)
-    _assert_same(cost_model.predict_training_step(cfg, 2, 6, dtype="float64"), METER.records)
+    _assert_same(cost_model.predict_training_step(cfg, 2, 6, dtype="float64", fused=fused), METER.records)
 
 
 def _matmul_flops(records, phases):

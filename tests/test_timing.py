@@ -234,7 +234,9 @@ def test_a_poisoned_cache_is_detected_and_replaced_by_the_run(tmp_path, monkeypa
     _poison(tmp_path / "home")
     assert profiles.peak(calibrate.quick_profile(), "fp32") == 1e9
     out = tmp_path / "run"
-    sections = merge(TINY, {"train": {"out_dir": str(out), "max_steps": 10, "batch_size": 8},
+    # batch 32: the run's products must be long enough to be trusted as rates (MIN_RECORD_SECONDS)
+    # on a quiet, fast machine too
+    sections = merge(TINY, {"train": {"out_dir": str(out), "max_steps": 10, "batch_size": 32},
                             "model": {"n_embd": 128, "block_size": 64}})
     r = subprocess.run([sys.executable, "train.py", str(TINY_TOML), "--no-progress",
                         *set_args(sections)], cwd=ROOT, capture_output=True, text=True, timeout=300,

@@ -129,23 +129,28 @@ def cmd_costs(argv) -> int:
             return _print_memory(cfg, B, T, args)
         if args.predict:
             return _print_prediction(cfg, B, T, args)
+        from minigpt.nn import layers
+
+        # the schedule a run on this machine records: the fused kernels' on the CPU with Numba
+        fused = layers.fused() and cfg.train.device == "cpu"
         if args.mode == "train" and args.ranks > 1:
             from minigpt.train.dist import local_batch
 
             records = cost_model.predict_training_step(cfg.model, local_batch(B, args.ranks), T,
-                                                       cfg.train.grad_accum, ranks=args.ranks)
+                                                       cfg.train.grad_accum, ranks=args.ranks, fused=fused)
             what = (f"predicted: one rank's training step of {args.config}, batch {B} x {T} tokens "
                     f"over {args.ranks} ranks")
         elif args.mode == "train":
-            records = cost_model.predict_training_step(cfg.model, B, T, cfg.train.grad_accum)
+            records = cost_model.predict_training_step(cfg.model, B, T, cfg.train.grad_accum, fused=fused)
             what = f"predicted: one training step of {args.config}, batch {B} x {T} tokens"
         elif args.mode == "prefill":
-            records = cost_model.predict_forward(cfg.model, B, T, "prefill")
+            records = cost_model.predict_forward(cfg.model, B, T, "prefill", fused=fused)
             what = f"predicted: prefill of {T} tokens, batch {B}, {args.config}"
         else:
-            records = cost_model.predict_decode(cfg.model, B, T)
+            records = cost_model.predict_decode(cfg.model, B, T, fused=fused)
             what = f"predicted: one decode step at position {T}, batch {B}, {args.config}"
         rows = tables.rows_from_records(records)
+        what += " (the fused kernels' schedule)" if fused else ""
     else:
         if args.predict:
             raise ConfigError("--predict forecasts a run from a config: give --config")

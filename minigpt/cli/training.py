@@ -254,6 +254,7 @@ def _print_training_costs(trainer, result, measured, args, start_tokens: int = 0
         session = session or _Session(result.steps, everyone, result.elapsed_s)
         print("\n".join(_data_parallel_lines(trainer, result.tokens, everyone, session)))
     print(f"details: minigpt costs {trainer.out_dir} --by op  (also {trainer.out_dir}/costs.json, costs.csv)")
+    _print_fusion(trainer, result)
     print()
     # this session's energy: a resumed run's earlier sessions were reported when they ran
     this_session = session_rows(rows, trainer.meter_rows)
@@ -282,6 +283,25 @@ def _reported_joules(doc: dict) -> tuple[float | None, str]:
         if doc["layers"][key]["joules"] is not None:
             return doc["layers"][key]["joules"], name
     return None, ""
+
+
+def _print_fusion(trainer, result) -> None:
+    """What the fused kernels saved this run (bytes, and an estimate of seconds), written to
+    fusion.json for report.html; nothing on NumPy's path."""
+    import numpy as np
+
+    from minigpt import backend
+    from minigpt.train import fusion
+    from minigpt.train.data import get_batch
+
+    t = trainer.cfg.train
+    x, y = get_batch(trainer.corpus.train, trainer.local_batch, trainer.cfg.model.block_size,
+                     np.random.default_rng(0))  # a fixed batch: the run's data stream is untouched
+    doc = fusion.compare(trainer.model, backend.asarray(x), backend.asarray(y), result.steps,
+                         t.grad_accum, t.dtype)
+    if doc is not None:
+        print("\n".join(fusion.lines(doc)))
+        fusion.save(trainer.out_dir, doc)
 
 
 def _print_moe_summary(trainer, result) -> None:

@@ -74,6 +74,7 @@ class _Sheet:
     phase: str
     itemsize: int = 4
     dtype: str = "float32"
+    fused: bool = False  # the fused kernels' schedule (minigpt/kernels/fused.py), else NumPy's
 
     def __post_init__(self):
         self.records: dict[RecordKey, Record] = {}
@@ -170,6 +171,13 @@ def _packed_product(sh, scope, op, N, K, M, packed: Packed):
             s * N * M, useful=2 * N * K * M, dtype=f"w{packed.bits}a32")
 
 
+def _visible(T, Tk, pos0):
+    """Scores a causal mask keeps in one (T, Tk) block (nn/layers.py's visible_scores)."""
+    if Tk >= pos0 + T:
+        return T * pos0 + T * (T + 1) // 2
+    return sum(min(pos0 + i + 1, Tk) for i in range(T))
+
+
 def _linear_forward(sh, scope, N, C, OC, mode=None):
     if mode is None:
         sh.product(scope, "x@w", 1, N, C, OC, N * C, C * OC)
@@ -186,12 +194,60 @@ def _linear_backward(sh, scope, N, C, OC):
     sh.product(scope, "grad_x", 1, N, OC, C, N * OC, C * OC)
 
 
-def _layernorm_forward(sh, scope, N, C):
-    sh.elementwise(scope, "layernorm", "normalize", N * C, N * C + 2 * C, 2 * N * C + N)
+def _layernorm_forward(sh, scope, N, C, residual=False):
+    """The NumPy schedule keeps xhat (N, C) and rstd (N); the fused one keeps mean and rstd, and
+    with residual=True adds the residual branch into the stream in the same pass."""
+    if not sh.fused:
+        sh.elementwise(scope, "layernorm", "normalize", N * C, N * C + 2 * C, 2 * N * C + N)
+    elif residual:
+        sh.elementwise(scope, "layernorm", "residual_normalize", N * C, 2 * N * C + 2 * C,
+                       2 * N * C + 2 * N)
+    else:
+        sh.elementwise(scope, "layernorm", "normalize_fused", N * C, N * C + 2 * C, N * C + 2 * N)
 
 
-def _layernorm_backward(sh, scope, N, C):
-    sh.elementwise(scope, "layernorm", "grad", N * C, 2 * N * C + N + 3 * C, N * C + 2 * C)
+def _layernorm_backward(sh, scope, N, C, residual=False):
+    """residual=True (fused schedule): dx added into the stream's gradient in the same pass."""
+    if not sh.fused:
+        sh.elementwise(scope, "layernorm", "grad", N * C, 2 * N * C + N + 3 * C, N * C + 2 * C)
+    elif residual:
+        sh.elementwise(scope, "layernorm", "grad_residual", N * C, 3 * N * C + 2 * N + 3 * C,
+                       N * C + 2 * C)
+    else:
+        sh.elementwise(scope, "layernorm", "grad_fused", N * C, 2 * N * C + 2 * N + 3 * C,
+                       N * C + 2 * C)
+
+
+def _residual_layernorm_forward(sh, h, N, C):
+    """residual_1 then ln_2: two passes in NumPy's schedule, one in the fused one."""
+    if not sh.fused:
+        sh.elementwise(join(h, RESIDUAL_1), "residual", "add", N * C, 2 * N * C, N * C)
+    _layernorm_forward(sh, join(h, LN_2), N, C, residual=True)
+
+
+def _layernorm_residual_backward(sh, scope, residual_scope, N, C):
+    """A block's LayerNorm backward, then its dx added into the stream's gradient."""
+    _layernorm_backward(sh, scope, N, C, residual=True)
+    if not sh.fused:
+        sh.elementwise(residual_scope, "residual", "grad", N * C, 2 * N * C, N * C)
+
+
+def _softmax_forward(sh, scope, B, H, T, Tk, pos0):
+    n_att = B * H * T * Tk
+    if sh.fused:
+        vis = B * H * _visible(T, Tk, pos0)
+        sh.elementwise(scope, "softmax", "causal_fused", vis, vis, n_att)
+    else:
+        sh.elementwise(scope, "softmax", "causal", n_att, n_att, n_att)
+
+
+def _softmax_backward(sh, scope, B, H, T):
+    n_att = B * H * T * T
+    if sh.fused:
+        vis = B * H * _visible(T, T, 0)
+        sh.elementwise(scope, "softmax", "grad_fused", vis, 2 * vis, n_att)
+    else:
+        sh.elementwise(scope, "softmax", "grad", n_att, 2 * n_att, n_att)
 
 
 def _dropout_forward(sh, scope, n):
@@ -203,15 +259,27 @@ def _dropout_backward(sh, scope, n):
 
 
 def _mlp_forward(sh, scope, N, C, mode=None):
-    _linear_forward(sh, join(scope, C_FC), N, C, 4 * C, mode)
-    sh.elementwise(join(scope, GELU), "gelu", "tanh", 4 * N * C, 4 * N * C, 8 * N * C)
+    """The fused schedule (float weights) adds c_fc's bias inside the GELU's pass and keeps the
+    product before it, where NumPy's keeps the tanh."""
+    if sh.fused and mode is None:
+        sh.product(join(scope, C_FC), "x@w", 1, N, C, 4 * C, N * C, C * 4 * C)
+        sh.elementwise(join(scope, GELU), "gelu", "bias_tanh", 4 * N * C, 4 * N * C + 4 * C, 4 * N * C)
+    else:
+        _linear_forward(sh, join(scope, C_FC), N, C, 4 * C, mode)
+        sh.elementwise(join(scope, GELU), "gelu", "tanh", 4 * N * C, 4 * N * C, 8 * N * C)
     _linear_forward(sh, join(scope, C_PROJ), N, 4 * C, C, mode)
 
 
 def _mlp_backward(sh, scope, N, C):
     _linear_backward(sh, join(scope, C_PROJ), N, 4 * C, C)
-    sh.elementwise(join(scope, GELU), "gelu", "grad", 4 * N * C, 12 * N * C, 4 * N * C)
-    _linear_backward(sh, join(scope, C_FC), N, C, 4 * C)
+    if sh.fused:  # c_fc's bias gradient summed inside the GELU's backward pass
+        sh.elementwise(join(scope, GELU), "gelu", "grad_bias", 4 * N * C, 8 * N * C + 8 * C,
+                       4 * N * C + 4 * C)
+        sh.product(join(scope, C_FC), "grad_w", 1, C, N, 4 * C, N * C, N * 4 * C)
+        sh.product(join(scope, C_FC), "grad_x", 1, N, 4 * C, C, N * 4 * C, C * 4 * C)
+    else:
+        sh.elementwise(join(scope, GELU), "gelu", "grad", 4 * N * C, 12 * N * C, 4 * N * C)
+        _linear_backward(sh, join(scope, C_FC), N, C, 4 * C)
 
 
 # ----------------------------------------------------------------------------- mixture of experts
@@ -286,7 +354,7 @@ def _attention(sh, attn, B, H, T, pos0, hs, kv_int8, dropout):
         sh.rescale(join(attn, SCORES), n_att, B * H * Tk)
     else:
         sh.product(join(attn, SCORES), "q@kT", B * H, T, hs, Tk, B * H * T * hs, B * H * Tk * hs, useful)
-    sh.elementwise(join(attn, SOFTMAX), "softmax", "causal", n_att, n_att, n_att)
+    _softmax_forward(sh, join(attn, SOFTMAX), B, H, T, Tk, pos0)
     if dropout:
         _dropout_forward(sh, join(attn, ATTN_DROPOUT), n_att)
     if kv_int8:
@@ -298,13 +366,15 @@ def _attention(sh, attn, B, H, T, pos0, hs, kv_int8, dropout):
 
 
 def _forward(sh, cfg, B, T, pos0=0, last_only=False, targets=False, dropout=False, q=None,
-             routing=None, positions=None):
+             routing=None, positions=None, decode=False):
     """Records of GPT.hidden + lm head (+ loss) for B sequences of T new tokens after pos0.
 
     q: a quant.QuantConfig for quantized inference (outlier_threshold is data-dependent: not
     predicted). routing: {MoE block index: tokens each expert computed}, or None for balanced
     routing. positions: a batched decode step (GPT.decode_step): one new token for each sequence,
-    sequence b's at positions[b] (B = len(positions), T = 1); attention then runs per sequence."""
+    sequence b's at positions[b] (B = len(positions), T = 1); attention then runs per sequence.
+    decode: a KV-cached step of one token, whose dense float blocks run model.block_decode (NumPy's
+    passes in either schedule)."""
     C, H, V = cfg.n_embd, cfg.n_head, cfg.vocab_size
     hs, N = C // H, B * T
     s = sh.itemsize
@@ -320,9 +390,14 @@ def _forward(sh, cfg, B, T, pos0=0, last_only=False, targets=False, dropout=Fals
     if dropout:
         _dropout_forward(sh, join(EMBEDDING, DROPOUT), N * C)
     kv_int8 = q is not None and q.kv_int8
+    fused = sh.fused
     for i in range(cfg.n_layer):
         h = block(i)
         attn, mlp = join(h, ATTN), join(h, MLP)
+        # NumPy's passes in either schedule: GPT.decode_step's blocks (nn/decode.py), and
+        # model.block_decode (a decode step's dense float block without dropout)
+        sh.fused = fused and not positions and not (
+            decode and not kv_int8 and not is_moe_block(cfg, i) and not dropout)
         _layernorm_forward(sh, join(h, LN_1), N, C)
         _linear_forward(sh, join(attn, C_ATTN), N, C, 3 * C, mode)
         if positions:
@@ -333,8 +408,7 @@ def _forward(sh, cfg, B, T, pos0=0, last_only=False, targets=False, dropout=Fals
         _linear_forward(sh, join(attn, C_PROJ), N, C, C, mode)
         if dropout:
             _dropout_forward(sh, join(attn, RESID_DROPOUT), N * C)
-        sh.elementwise(join(h, RESIDUAL_1), "residual", "add", N * C, 2 * N * C, N * C)
-        _layernorm_forward(sh, join(h, LN_2), N, C)
+        _residual_layernorm_forward(sh, h, N, C)
         if is_moe_block(cfg, i):
             _moe_forward(sh, mlp, cfg, N, _tokens(cfg, routing, i, N))
         else:
@@ -342,6 +416,7 @@ def _forward(sh, cfg, B, T, pos0=0, last_only=False, targets=False, dropout=Fals
         if dropout:
             _dropout_forward(sh, join(mlp, RESID_DROPOUT), N * C)
         sh.elementwise(join(h, RESIDUAL_2), "residual", "add", N * C, 2 * N * C, N * C)
+    sh.fused = fused and not positions  # decode_step's final LayerNorm is NumPy's pass
     _layernorm_forward(sh, LN_F, N, C)
     M = B if last_only else N
     if mode is None:
@@ -373,8 +448,7 @@ def _backward(sh, cfg, B, T, dropout=False, routing=None):
             _moe_backward(sh, mlp, cfg, N, _tokens(cfg, routing, i, N))
         else:
             _mlp_backward(sh, mlp, N, C)
-        _layernorm_backward(sh, join(h, LN_2), N, C)
-        sh.elementwise(join(h, RESIDUAL_2), "residual", "grad", N * C, 2 * N * C, N * C)
+        _layernorm_residual_backward(sh, join(h, LN_2), join(h, RESIDUAL_2), N, C)
         if dropout:
             _dropout_backward(sh, join(attn, RESID_DROPOUT), N * C)
         _linear_backward(sh, join(attn, C_PROJ), N, C, C)
@@ -382,12 +456,11 @@ def _backward(sh, cfg, B, T, dropout=False, routing=None):
         sh.product(join(attn, MIX), "grad_v", B * H, T, T, hs, n_att, B * H * T * hs, useful)
         if dropout:
             _dropout_backward(sh, join(attn, ATTN_DROPOUT), n_att)
-        sh.elementwise(join(attn, SOFTMAX), "softmax", "grad", n_att, 2 * n_att, n_att)
+        _softmax_backward(sh, join(attn, SOFTMAX), B, H, T)
         sh.product(join(attn, SCORES), "grad_q", B * H, T, T, hs, n_att, B * H * T * hs, useful)
         sh.product(join(attn, SCORES), "grad_k", B * H, T, T, hs, n_att, B * H * T * hs, useful)
         _linear_backward(sh, join(attn, C_ATTN), N, C, 3 * C)
-        _layernorm_backward(sh, join(h, LN_1), N, C)
-        sh.elementwise(join(h, RESIDUAL_1), "residual", "grad", N * C, 2 * N * C, N * C)
+        _layernorm_residual_backward(sh, join(h, LN_1), join(h, RESIDUAL_1), N, C)
     if dropout:
         _dropout_backward(sh, join(EMBEDDING, DROPOUT), N * C)
     sh.elementwise(EMBEDDING, "embedding", "grad_table", N * C, 2 * N * C, N * C,
@@ -459,27 +532,30 @@ def _merge(*sheets) -> dict:
     return out
 
 
-def _sheet(phase, dtype):
-    return _Sheet(phase, itemsize=4 if dtype == "float32" else 8, dtype=dtype)
+def _sheet(phase, dtype, fused=False):
+    return _Sheet(phase, itemsize=4 if dtype == "float32" else 8, dtype=dtype, fused=fused)
 
 
 def predict_training_step(cfg, batch: int, seq: int | None = None, grad_accum: int = 1,
                           clip: bool = True, dtype: str = "float32", ranks: int = 1,
-                          routing=None) -> dict:
+                          routing=None, fused: bool = False) -> dict:
     """One optimizer step: grad_accum micro-batches of (batch, seq) tokens, then clip + AdamW.
     ranks > 1: one rank's step of data-parallel training (batch is then its share, batch_size /
     ranks), with the allreduces of phase "communication".
 
     routing: for a MoE model, one {block index: tokens each expert computed} per micro-batch (as
-    GPT.routing holds after each forward: Routing.computed), or None for balanced routing."""
-    return _merge(*_training_sheets(cfg, batch, seq, grad_accum, clip, dtype, ranks, routing))
+    GPT.routing holds after each forward: Routing.computed), or None for balanced routing.
+    fused: the fused kernels' schedule (nn.layers.fused(): Numba chosen, on the CPU), whose
+    records differ from NumPy's passes; the other functions here take it too."""
+    return _merge(*_training_sheets(cfg, batch, seq, grad_accum, clip, dtype, ranks, routing, fused))
 
 
 def _training_sheets(cfg, batch, seq, grad_accum=1, clip=True, dtype="float32", ranks=1,
-                     routing=None) -> tuple:
+                     routing=None, fused=False) -> tuple:
     T = seq or cfg.block_size
     drop = cfg.dropout > 0
-    fwd, bwd, opt = _sheet("forward", dtype), _sheet("backward", dtype), _sheet("optimizer", dtype)
+    fwd, bwd = _sheet("forward", dtype, fused), _sheet("backward", dtype, fused)
+    opt = _sheet("optimizer", dtype)  # AdamW's records are the same in both schedules
     for micro in range(grad_accum):
         r = None if routing is None else routing[micro]
         _forward(fwd, cfg, batch, T, targets=True, dropout=drop, routing=r)
@@ -496,48 +572,52 @@ def _training_sheets(cfg, batch, seq, grad_accum=1, clip=True, dtype="float32", 
 
 
 def predict_forward(cfg, batch: int, seq: int, phase: str = "forward", targets: bool = False,
-                    dtype: str = "float32", quant=None, routing=None) -> dict:
+                    dtype: str = "float32", quant=None, routing=None, fused: bool = False) -> dict:
     """A forward pass of (batch, seq) tokens; phase "prefill" keeps only the last position's logits.
     quant: a QuantConfig (int8 inference), or None for float; routing: as predict_training_step's
     (one micro-batch's dict)."""
-    return _forward_sheet(cfg, batch, seq, phase, targets, dtype, quant, routing).records
+    return _forward_sheet(cfg, batch, seq, phase, targets, dtype, quant, routing, fused=fused).records
 
 
 def _forward_sheet(cfg, batch, seq, phase="forward", targets=False, dtype="float32", quant=None,
-                   routing=None, pos0=0) -> _Sheet:
-    sh = _sheet(phase, dtype)
+                   routing=None, pos0=0, fused=False) -> _Sheet:
+    sh = _sheet(phase, dtype, fused)
+    # A one-token step through the KV cache runs as a decode step does (GPT.hidden).
     _forward(sh, cfg, batch, seq, pos0=pos0, last_only=phase == "prefill", targets=targets, q=quant,
-             routing=routing)
+             routing=routing, decode=seq == 1 and phase in ("prefill", "decode"))
     return sh
 
 
 def predict_decode(cfg, batch: int, position: int, dtype: str = "float32", quant=None,
-                   routing=None) -> dict:
+                   routing=None, fused: bool = False) -> dict:
     """One decode step: the token at `position` attends to the position + 1 cached keys."""
     return _forward_sheet(cfg, batch, 1, "decode", dtype=dtype, quant=quant, routing=routing,
-                          pos0=position).records
+                          pos0=position, fused=fused).records
 
 
-def predict_decode_batch(cfg, positions, dtype: str = "float32", quant=None) -> dict:
+def predict_decode_batch(cfg, positions, dtype: str = "float32", quant=None,
+                         fused: bool = False) -> dict:
     """One GPT.decode_step over len(positions) sequences, sequence b's new token at positions[b]
     (ragged): the weight products once over all rows, attention per sequence."""
-    sh = _sheet("decode", dtype)
+    sh = _sheet("decode", dtype, fused)
     positions = [int(p) for p in positions]
-    _forward(sh, cfg, len(positions), 1, q=quant, positions=positions)
+    _forward(sh, cfg, len(positions), 1, q=quant, positions=positions, decode=True)
     return sh.records
 
 
 def forward_records(cfg, batch: int, seq: int, pos0: int = 0, last_only: bool = False,
-                    targets: bool = False, routing=None) -> dict:
-    """A forward of `seq` new tokens after `pos0` cached ones (the general case of the above)."""
-    sh = _sheet("forward", "float32")
-    _forward(sh, cfg, batch, seq, pos0=pos0, last_only=last_only, targets=targets, routing=routing)
+                    targets: bool = False, routing=None, fused: bool = False) -> dict:
+    """A forward of `seq` new tokens after `pos0` cached ones (the general case of the above; a
+    KV-cached decode step if seq is 1 and pos0 > 0)."""
+    sh = _sheet("forward", "float32", fused)
+    _forward(sh, cfg, batch, seq, pos0=pos0, last_only=last_only, targets=targets, routing=routing,
+             decode=seq == 1 and pos0 > 0)
     return sh.records
 
 
-def backward_records(cfg, batch: int, seq: int, routing=None) -> dict:
+def backward_records(cfg, batch: int, seq: int, routing=None, fused: bool = False) -> dict:
     """The backward of a (batch, seq) training forward, dropout as the config says."""
-    sh = _sheet("backward", "float32")
+    sh = _sheet("backward", "float32", fused)
     _backward(sh, cfg, batch, seq, dropout=cfg.dropout > 0, routing=routing)
     return sh.records
 
@@ -550,18 +630,20 @@ MODES = ("train", "eval", "prefill", "decode")
 
 
 def op_calls(cfg, mode: str, batch: int, seq: int, grad_accum: int = 1, dtype: str = "float32",
-             quant=None) -> list[OpCall]:
+             quant=None, fused: bool = False) -> list[OpCall]:
     """Every call of one step, in order, as the predict_* functions count them: mode "train" (one
     optimizer step of grad_accum micro-batches of (batch, seq)), "eval" (a validation forward with
-    its loss), "prefill" (a prompt of seq tokens) or "decode" (one token at position seq)."""
+    its loss), "prefill" (a prompt of seq tokens) or "decode" (one token at position seq); fused: the
+    fused kernels' schedule."""
     if mode == "train":
-        sheets = _training_sheets(cfg, batch, seq, grad_accum, dtype=dtype)
+        sheets = _training_sheets(cfg, batch, seq, grad_accum, dtype=dtype, fused=fused)
     elif mode == "eval":
-        sheets = (_forward_sheet(cfg, batch, seq, "eval", targets=True, dtype=dtype),)
+        sheets = (_forward_sheet(cfg, batch, seq, "eval", targets=True, dtype=dtype, fused=fused),)
     elif mode == "prefill":
-        sheets = (_forward_sheet(cfg, batch, seq, "prefill", dtype=dtype, quant=quant),)
+        sheets = (_forward_sheet(cfg, batch, seq, "prefill", dtype=dtype, quant=quant, fused=fused),)
     elif mode == "decode":
-        sheets = (_forward_sheet(cfg, batch, 1, "decode", dtype=dtype, quant=quant, pos0=seq),)
+        sheets = (_forward_sheet(cfg, batch, 1, "decode", dtype=dtype, quant=quant, pos0=seq,
+                                 fused=fused),)
     else:
         raise ValueError(f"mode {mode!r}: expected one of {', '.join(MODES)}")
     return [c for sh in sheets for c in sh.calls]

@@ -70,6 +70,16 @@ FLOPS_PER_ELEMENT = {
     ("combine", "scatter"): 2,  # gate * expert output, added into the token's row
     ("combine", "grad"): 3,  # dout * gate for the expert; dout . output for the gate (2)
     ("adamw", "update"): 14,  # decay (1), first moment (3), second (4), denominator (3), step (3)
+    # The fused schedule (minigpt/kernels/fused.py): one pass each, so the counts are what each
+    # kernel's loop does per element, recomputing what NumPy's passes keep in memory.
+    ("layernorm", "normalize_fused"): 8,  # sum, centre, square, sum; centre, * rstd, * w, + b
+    ("layernorm", "residual_normalize"): 9,  # the residual add, then normalize_fused's 8
+    ("layernorm", "grad_fused"): 16,  # xhat (2), dw (2), db (1), dxhat (1), sums (3); dx (7)
+    ("layernorm", "grad_residual"): 17,  # grad_fused's 16, its dx added into the stream's (1)
+    ("gelu", "bias_tanh"): 10,  # + b, u*u, * c, + 1, * u, * k, tanh, 1 + t, * u, * 0.5
+    ("gelu", "grad_bias"): 20,  # + b, u*u, tanh's argument (4) and tanh, slope (11), * dout, db
+    ("softmax", "causal_fused"): 7,  # per visible score: scale, max, scale, subtract, exp, sum, * 1/sum
+    ("softmax", "grad_fused"): 5,  # per visible score: datt * att, sum, subtract, * att, * scale
 }
 
 

@@ -89,8 +89,15 @@ def evaluations(steps: int, interval: int) -> int:
     return steps // interval + (steps % interval != 0)
 
 
+def _fused() -> bool:
+    """Whether a CPU run here records the fused kernels' schedule (nn.layers.fused())."""
+    from minigpt.nn import layers
+
+    return layers.fused()
+
+
 def _step(tm: timing.TimeModel, cfg, mode: str, batch: int, seq: int, grad_accum: int = 1):
-    calls = closed_form.op_calls(cfg, mode, batch, seq, grad_accum)
+    calls = closed_form.op_calls(cfg, mode, batch, seq, grad_accum, fused=_fused())
     step = timing.predict_calls(tm, calls, mode)
     records = _records(calls)
     for key, seconds in step.by_key.items():
@@ -246,7 +253,8 @@ def generation(cfg, tm: timing.TimeModel, prompt_tokens: int, steps: int, batch:
     config (a ModelConfig); quant: the QuantConfig of int8 inference (its products are predicted at
     the float32 rate: docs/costs.md)."""
     def step(mode, seq):
-        return timing.predict_calls(tm, closed_form.op_calls(cfg, mode, batch, seq, quant=quant), mode)
+        calls = closed_form.op_calls(cfg, mode, batch, seq, quant=quant, fused=_fused())
+        return timing.predict_calls(tm, calls, mode)
 
     pre = step("prefill", prompt_tokens)
     positions = range(prompt_tokens, min(prompt_tokens + steps, cfg.block_size))

@@ -17,10 +17,20 @@ import math
 from functools import lru_cache
 from typing import NamedTuple
 
-from minigpt import backend
+from minigpt import backend, kernels
 from minigpt.counting import scopes
 from minigpt.counting.meter import METER, matmul
 from minigpt.nn import cuda_kernels, lowbit, quant
+
+if kernels.AVAILABLE:
+    from minigpt.kernels import fused as fk
+
+
+def fused() -> bool:
+    """Whether the training path runs the fused kernels (minigpt/kernels/fused.py): Numba chosen
+    (kernels.active()) and the arrays in host memory. Their records differ from NumPy's passes
+    (closed_form's `fused` schedule predicts them)."""
+    return kernels.numba_on() and backend.device == "cpu"
 
 
 def _nbytes(*arrays) -> int:
@@ -92,14 +102,60 @@ def layernorm_normalize(x2, w, b, eps=LAYERNORM_EPS):
     return out, xhat, rstd
 
 
+class FusedNormCache(NamedTuple):
+    """What the fused LayerNorm keeps: its input rows and their statistics (xhat is recomputed)."""
+
+    x: object  # (N, C) the input rows (the residual stream: nothing writes over it)
+    w: object  # (C,)
+    mean: object  # (N,)
+    rstd: object  # (N,)
+
+
 def layernorm_forward(x, w, b, eps=LAYERNORM_EPS):
     """x (..., C) normalised over C, then scaled by w and shifted by b."""
-    out, xhat, rstd = layernorm_normalize(x.reshape(-1, x.shape[-1]), w, b, eps)  # rows (N, C)
+    x2 = x.reshape(-1, x.shape[-1])  # rows (N, C)
+    if fused():
+        return _layernorm_fused(x2, None, w, b, eps, x.shape)
+    out, xhat, rstd = layernorm_normalize(x2, w, b, eps)
     return out.reshape(x.shape), (xhat, w, rstd)
 
 
-def layernorm_backward(dout, cache, dw, db):
-    """dx, written over dout (the model hands each backward a gradient nothing else reads)."""
+def _layernorm_fused(x2, a2, w, b, eps, shape):
+    """The fused LayerNorm of rows x2, or of x2 + a2 written over a2 (a residual add) if a2 is
+    given: (out, FusedNormCache), out shaped as `shape`."""
+    xp = backend.xp
+    N = x2.shape[0]
+    out = xp.empty(x2.shape, x2.dtype)
+    mean, rstd = xp.empty(N, x2.dtype), xp.empty(N, x2.dtype)
+    op = "normalize_fused" if a2 is None else "residual_normalize"
+    with METER.op(kind="layernorm", op=op) as c:
+        if a2 is None:
+            fk.layernorm_forward(x2, w, b, eps, out, mean, rstd)
+        else:
+            fk.residual_layernorm_forward(x2, a2, w, b, eps, out, mean, rstd)
+            x2 = a2  # the stream after the add: what the backward normalises again
+        read = x2.nbytes * (1 if a2 is None else 2) + w.nbytes + b.nbytes
+        written = out.nbytes * (1 if a2 is None else 2) + mean.nbytes + rstd.nbytes
+        c.count(elements=x2.size, bytes_read=read, bytes_written=written, dtype=x2.dtype)
+    return out.reshape(shape), FusedNormCache(x2, w, mean, rstd)
+
+
+def residual_layernorm_forward(x, branch, w, b, eps=LAYERNORM_EPS):
+    """x + branch (written over branch, as residual_forward) and the LayerNorm of that sum, in one
+    pass: (stream, out, cache). Fused schedule only (fused())."""
+    C = x.shape[-1]
+    a2 = branch.reshape(-1, C)  # (N, C), a view of a contiguous branch (else a copy, summed into)
+    out, cache = _layernorm_fused(x.reshape(-1, C), a2, w, b, eps, x.shape)
+    return a2.reshape(x.shape), out, cache
+
+
+def layernorm_backward(dout, cache, dw, db, into=None):
+    """dx, written over dout (the model hands each backward a gradient nothing else reads).
+
+    into: with a fused cache, the residual stream's gradient to add dx into (returned), the
+    residual_backward that follows a LayerNorm's backward done in the same pass."""
+    if isinstance(cache, FusedNormCache):
+        return _layernorm_backward_fused(dout, cache, dw, db, into)
     xp = backend.xp
     xhat, w, rstd = cache  # xhat (N, C), rstd (N, 1)
     dx = dout.reshape(xhat.shape)  # (N, C)
@@ -125,6 +181,18 @@ def layernorm_backward(dout, cache, dw, db):
         c.count(elements=xhat.size, bytes_read=_nbytes(dout, xhat, w, rstd, dw, db),
                 bytes_written=_nbytes(dx, dw, db), dtype=xhat.dtype)
     return dx.reshape(dout.shape)  # dout itself (a copy's result if dout was not contiguous)
+
+
+def _layernorm_backward_fused(dout, cache, dw, db, into):
+    x2, w, mean, rstd = cache
+    d2 = dout.reshape(x2.shape)
+    dx = d2 if into is None else into.reshape(x2.shape)
+    op = "grad_fused" if into is None else "grad_residual"
+    with METER.op(kind="layernorm", op=op) as c:
+        fk.layernorm_backward(d2, x2, mean, rstd, w, dx, dw, db, into is not None, fk.parts(x2.shape[0]))
+        read = _nbytes(d2, x2, mean, rstd, w, dw, db) + (0 if into is None else dx.nbytes)
+        c.count(elements=x2.size, bytes_read=read, bytes_written=_nbytes(dx, dw, db), dtype=x2.dtype)
+    return dx.reshape(dout.shape)
 
 
 # ----------------------------------------------------------------------------- linear
@@ -189,6 +257,8 @@ def causal_softmax_forward(scores, scale, pos0=0):
     if cuda_kernels.active():
         return cuda_kernels.causal_softmax_forward(scores, scale, pos0)
     T, Tk = scores.shape[-2:]
+    if fused():
+        return _causal_softmax_fused(scores, scale, pos0)
     # A query at or past the last key sees every key (a decode step's one query): no mask to add.
     mask = _causal_mask(T, Tk, pos0, scores.dtype, backend.device) if pos0 + 1 < Tk else None
     softmax_causal(scores.reshape(-1, T, Tk), scale, mask)  # (B*H, T, Tk), a view
@@ -208,11 +278,38 @@ def softmax_causal(att, scale, mask):
     return att
 
 
+def visible_scores(T: int, Tk: int, pos0: int) -> int:
+    """Scores a causal mask keeps in one (T, Tk) block: query i sees min(pos0 + i + 1, Tk) keys."""
+    if Tk >= pos0 + T:
+        return T * pos0 + T * (T + 1) // 2
+    return sum(min(pos0 + i + 1, Tk) for i in range(T))
+
+
+def _causal_softmax_fused(scores, scale, pos0):
+    """scale, mask and softmax in one pass over the visible scores; the hidden ones written 0."""
+    T, Tk = scores.shape[-2:]
+    a3 = scores.reshape(-1, T, Tk)  # (B*H, T, Tk)
+    visible = a3.shape[0] * visible_scores(T, Tk, pos0)
+    with METER.op(kind="softmax", op="causal_fused") as c:
+        fk.causal_softmax_forward(a3, scale, pos0, fk.fast(a3))
+        c.count(elements=visible, bytes_read=visible * a3.itemsize, bytes_written=a3.nbytes,
+                dtype=a3.dtype)
+    return scores
+
+
 def causal_softmax_backward(datt, att, scale):
     """dscores = scale * att * (datt - sum(datt * att)), per row of keys, written over datt."""
     if cuda_kernels.active():
         return cuda_kernels.causal_softmax_backward(datt, att, scale)
     T, Tk = att.shape[-2:]
+    if fused():
+        d3, a3 = datt.reshape(-1, T, Tk), att.reshape(-1, T, Tk)
+        visible = a3.shape[0] * visible_scores(T, Tk, Tk - T)
+        with METER.op(kind="softmax", op="grad_fused") as c:
+            fk.causal_softmax_backward(d3, a3, scale, Tk - T)
+            c.count(elements=visible, bytes_read=2 * visible * a3.itemsize, bytes_written=d3.nbytes,
+                    dtype=a3.dtype)
+        return d3.reshape(att.shape)
     a3, d3 = att.reshape(-1, T, Tk), datt.reshape(-1, T, Tk)  # (B*H, T, Tk)
 
     def rows(r):
@@ -407,7 +504,45 @@ def gelu_backward(dout, cache):
     return dx.reshape(dout.shape)
 
 
+class BiasGeluCache(NamedTuple):
+    """What the fused bias + GELU keeps: the product before its bias, and the bias."""
+
+    h: object  # (N, 4C) x @ w of c_fc
+    b: object  # (4C,)
+
+
+def bias_gelu_forward(h, b):
+    """gelu(h + b) in one pass, h (N, 4C) the c_fc product without its bias (fused schedule)."""
+    out = backend.xp.empty(h.shape, h.dtype)
+    with METER.op(kind="gelu", op="bias_tanh") as c:
+        fk.bias_gelu_forward(h, b, out, fk.fast(h))
+        c.count(elements=h.size, bytes_read=h.nbytes + b.nbytes, bytes_written=out.nbytes, dtype=h.dtype)
+    return out, BiasGeluCache(h, b)
+
+
+def bias_gelu_backward(dout, cache: BiasGeluCache, db):
+    """d(h + b) = dout * gelu'(h + b), written over dout; db += its column sums (c_fc's bias
+    gradient, in the same pass)."""
+    h, b = cache
+    d2 = dout.reshape(h.shape)
+    with METER.op(kind="gelu", op="grad_bias") as c:
+        fk.bias_gelu_backward(d2, h, b, db, fk.parts(h.shape[0]), fk.fast(h))
+        c.count(elements=h.size, bytes_read=_nbytes(d2, h, b, db), bytes_written=d2.nbytes + db.nbytes,
+                dtype=h.dtype)
+    return d2
+
+
 def mlp_forward(x, p):
+    if fused() and not isinstance(p["mlp.c_fc.weight"], quant.Int8Weight):
+        C = x.shape[-1]
+        x2 = x.reshape(-1, C)  # (N, C)
+        with METER.scope(scopes.C_FC):
+            h = matmul(x2, p["mlp.c_fc.weight"], op="x@w")  # (N, 4C), its bias added by the GELU
+        with METER.scope(scopes.GELU):
+            h, gelu = bias_gelu_forward(h, p["mlp.c_fc.bias"])
+        with METER.scope(scopes.C_PROJ):
+            out, c_proj = linear_forward(h, p["mlp.c_proj.weight"], p["mlp.c_proj.bias"])  # (N, C)
+        return out.reshape(x.shape), ((x2, p["mlp.c_fc.weight"]), gelu, c_proj)
     with METER.scope(scopes.C_FC):
         h, c_fc = linear_forward(x, p["mlp.c_fc.weight"], p["mlp.c_fc.bias"])  # (B, T, 4C)
     with METER.scope(scopes.GELU):
@@ -421,6 +556,13 @@ def mlp_backward(dout, cache, p, g):
     c_fc, gelu, c_proj = cache
     with METER.scope(scopes.C_PROJ):
         dh = linear_backward(dout, c_proj, g["mlp.c_proj.weight"], g["mlp.c_proj.bias"])
+    if isinstance(gelu, BiasGeluCache):
+        with METER.scope(scopes.GELU):
+            dh = bias_gelu_backward(dh, gelu, g["mlp.c_fc.bias"])
+        x2, w = c_fc
+        with METER.scope(scopes.C_FC):
+            g["mlp.c_fc.weight"][...] += matmul(x2.T, dh, op="grad_w")  # (C, 4C)
+            return matmul(dh, w.T, op="grad_x").reshape(dout.shape)  # (N, C)
     with METER.scope(scopes.GELU):
         dh = gelu_backward(dh, gelu)
     with METER.scope(scopes.C_FC):
@@ -470,6 +612,14 @@ def cross_entropy_forward(logits, targets):
     """Mean negative log-likelihood of targets (B, T) under logits (B, T, V)."""
     xp = backend.xp
     V = logits.shape[-1]
+    if fused():
+        l2, t1 = logits.reshape(-1, V), targets.reshape(-1)
+        probs, losses = xp.empty(logits.shape, logits.dtype), xp.empty(t1.size, xp.float64)
+        with METER.op(kind="cross_entropy", op="loss") as c:  # the same passes' counts, one pass
+            fk.cross_entropy_forward(l2, t1, probs.reshape(-1, V), losses, fk.fast(l2))
+            c.count(elements=logits.size, bytes_read=logits.nbytes + targets.nbytes,
+                    bytes_written=probs.nbytes, dtype=logits.dtype)
+        return losses.mean(), (probs, targets)
     with METER.op(kind="cross_entropy", op="loss") as c:
         probs = logits - logits.max(axis=-1, keepdims=True)  # (B, T, V), shifted logits for now
         rows = xp.arange(targets.size)
@@ -491,8 +641,11 @@ def cross_entropy_backward(cache, dloss=1.0):
     V = probs.shape[-1]
     with METER.op(kind="cross_entropy", op="grad") as c:
         flat = probs.reshape(-1, V)
-        flat[xp.arange(flat.shape[0]), targets.reshape(-1)] -= 1.0
-        probs *= dloss / flat.shape[0]
+        if fused():
+            fk.cross_entropy_backward(flat, targets.reshape(-1), dloss / flat.shape[0])
+        else:
+            flat[xp.arange(flat.shape[0]), targets.reshape(-1)] -= 1.0
+            probs *= dloss / flat.shape[0]
         c.count(elements=probs.size, bytes_read=probs.nbytes + targets.nbytes,
                 bytes_written=probs.nbytes, dtype=probs.dtype)
     return probs

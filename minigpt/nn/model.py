@@ -95,10 +95,14 @@ def block_forward(x, p, cfg, kv=None, rng=None):
     with METER.scope(scopes.ATTN):
         a, attn = nn.attention_forward(h, p, cfg.n_head, kv, drop, rng)
     a, d_1 = _maybe_dropout(a, drop, rng, scopes.join(scopes.ATTN, scopes.RESID_DROPOUT))
-    with METER.scope(scopes.RESIDUAL_1):
-        x = nn.residual_forward(x, a)
-    with METER.scope(scopes.LN_2):
-        h, ln_2 = nn.layernorm_forward(x, p["ln_2.weight"], p["ln_2.bias"])
+    if nn.fused():  # the residual add inside ln_2's pass
+        with METER.scope(scopes.LN_2):
+            x, h, ln_2 = nn.residual_layernorm_forward(x, a, p["ln_2.weight"], p["ln_2.bias"])
+    else:
+        with METER.scope(scopes.RESIDUAL_1):
+            x = nn.residual_forward(x, a)
+        with METER.scope(scopes.LN_2):
+            h, ln_2 = nn.layernorm_forward(x, p["ln_2.weight"], p["ln_2.bias"])
     with METER.scope(scopes.MLP):
         if "mlp.router.weight" in p:  # a mixture-of-experts block (config.is_moe_block)
             m, mlp = moe.moe_forward(h, p, cfg)
@@ -167,13 +171,20 @@ def block_backward(dx, cache: BlockCache, p, g, daux: float = 1.0):
             dh = moe.moe_backward(dm, mlp, p, g, daux)
         else:
             dh = nn.mlp_backward(dm, mlp, p, g)
-    with METER.scope(scopes.LN_2):
-        dh = nn.layernorm_backward(dh, ln_2, g["ln_2.weight"], g["ln_2.bias"])
-    with METER.scope(scopes.RESIDUAL_2):
-        dx = nn.residual_backward(dx, dh)
+    if isinstance(ln_2, nn.FusedNormCache):  # its dx added into the stream's in the same pass
+        with METER.scope(scopes.LN_2):
+            dx = nn.layernorm_backward(dh, ln_2, g["ln_2.weight"], g["ln_2.bias"], into=dx)
+    else:
+        with METER.scope(scopes.LN_2):
+            dh = nn.layernorm_backward(dh, ln_2, g["ln_2.weight"], g["ln_2.bias"])
+        with METER.scope(scopes.RESIDUAL_2):
+            dx = nn.residual_backward(dx, dh)
     da = _maybe_dropout_backward(dx, d_1, scopes.join(scopes.ATTN, scopes.RESID_DROPOUT))
     with METER.scope(scopes.ATTN):
         dh = nn.attention_backward(da, attn, p, g)
+    if isinstance(ln_1, nn.FusedNormCache):
+        with METER.scope(scopes.LN_1):
+            return nn.layernorm_backward(dh, ln_1, g["ln_1.weight"], g["ln_1.bias"], into=dx)
     with METER.scope(scopes.LN_1):
         dh = nn.layernorm_backward(dh, ln_1, g["ln_1.weight"], g["ln_1.bias"])
     with METER.scope(scopes.RESIDUAL_1):

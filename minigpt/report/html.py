@@ -23,6 +23,7 @@ from minigpt.errors import ConfigError
 from minigpt.hardware import roofline
 from minigpt.report import svg
 from minigpt.scale import projection
+from minigpt.train import fusion
 
 FILENAME = "report.html"
 TRAIN_PHASES = ("forward", "backward", "optimizer")
@@ -139,6 +140,29 @@ def _roofline_section(rows: list[dict], doc: dict | None) -> str:
                     f"the bandwidth its read/write mix fits: {escape(which)}</p>")
 
 
+def _fusion_section(run: Path) -> str:
+    """Bytes and seconds the fused kernels saved (fusion.json), as a table and two bars."""
+    doc = fusion.load(run)
+    if doc is None:
+        return '<p class="missing">no fusion.json: this run used NumPy\'s passes</p>'
+    steps = doc["steps"]
+    moved = [steps * doc["bytes_per_step_numpy"], steps * doc["bytes_per_step_fused"]]
+    chart = svg.bar_chart(["NumPy's passes", "fused kernels"], moved,
+                          f"bytes the training phases moved over {steps} steps",
+                          partial(units.si, unit="B"), svg.COLORS[1], width=560)
+    sn = 1e3 * doc["elementwise_s_per_micro_batch_numpy"]
+    sf = 1e3 * doc["elementwise_s_per_micro_batch_fused"]
+    return (f"{chart}<table><tr><th class=l>schedule</th><th>bytes a step</th>"
+            f"<th>elementwise ms a micro-batch</th></tr>"
+            f"<tr><td class=l>NumPy's passes</td><td>{units.si(doc['bytes_per_step_numpy'], 'B')}</td>"
+            f"<td>{sn:.2f}</td></tr><tr><td class=l>fused kernels</td>"
+            f"<td>{units.si(doc['bytes_per_step_fused'], 'B')}</td><td>{sf:.2f}</td></tr></table>"
+            f"<p>saved: {units.si(doc['bytes_saved'], 'B')} moved; elementwise seconds over the run, "
+            f"estimated: {doc['micro_batches'] * sf / 1e3:.2f} s fused, "
+            f"{doc['micro_batches'] * sn / 1e3:.2f} s NumPy's</p>"
+            f'<p class="note">{escape(doc["how"])}</p>')
+
+
 def energy_section(doc: dict | None, what: str = "this run") -> str:
     """The four energy layers of an energy document (run_energy.build's): the power figure, a
     chart, a table with each layer's basis, PUE and grid."""
@@ -193,7 +217,7 @@ def _projection(rows: list[dict], tokens: int, doc: dict | None) -> str:
 
 def sections(run) -> tuple[dict, list[tuple[str, str]]]:
     """A run folder's costs.json and the report's sections [(title, html)]: loss, energy, cost
-    per layer, roofline, the GPT-3 line."""
+    per layer, roofline, fusion, the GPT-3 line."""
     run = Path(run)
     try:
         costs = tables.load(run)
@@ -205,6 +229,7 @@ def sections(run) -> tuple[dict, list[tuple[str, str]]]:
     return costs, [("Loss", _loss_section(log)), ("Energy", energy_section(doc)),
                    ("Cost per layer", layer_section(rows, doc)),
                    ("Roofline", _roofline_section(rows, doc)),
+                   ("Fusion", _fusion_section(run)),
                    ("At GPT-3 scale", f"<p>{_projection(rows, costs['tokens'], doc)}</p>")]
 
 

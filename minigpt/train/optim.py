@@ -2,7 +2,7 @@
 
 import math
 
-from minigpt import backend
+from minigpt import backend, kernels
 from minigpt.counting import scopes
 from minigpt.counting.meter import METER
 from minigpt.nn import cuda_kernels
@@ -56,6 +56,15 @@ class AdamW:
                                              self.weight_decay, self.t)
         step_size = lr / (1.0 - b1**self.t)
         root_bc2 = math.sqrt(1.0 - b2**self.t)
+        if kernels.numba_on() and backend.device == "cpu":  # every pass below in one pass
+            from minigpt.kernels import fused
+
+            with METER.scope(scopes.ADAMW), METER.op(kind="adamw", op="update") as c:
+                fused.adamw_update(p, g, m, v, self.params.n_decay, 1.0 - lr * self.weight_decay,
+                                   b1, b2, self.eps, step_size, root_bc2)
+                c.count(elements=p.size, bytes_read=p.nbytes + g.nbytes + m.nbytes + v.nbytes,
+                        bytes_written=p.nbytes + m.nbytes + v.nbytes, dtype=p.dtype)
+            return None
 
         def block(r):  # one cache-sized block of the flat buffers through every pass
             gr, mr, vr = g[r], m[r], v[r]

@@ -174,8 +174,11 @@ def measure(quick: bool = True, shapes: tuple[Shape, ...] | None = None, grid=No
 
 
 def cache_key() -> str:
-    """The roofline cache's key (CPU model, BLAS variables), so both are found and lost together."""
-    return calibrate.cache_path().stem.removeprefix("roofline-")
+    """The roofline cache's key (CPU model, BLAS variables), so both are found and lost together,
+    and the kernels path: the fused kernels' elementwise ops are other ops than NumPy's passes."""
+    from minigpt import kernels
+
+    return f'{calibrate.cache_path().stem.removeprefix("roofline-")}-{kernels.active()}'
 
 
 def time_model(measure_if_missing: bool = True) -> timing.TimeModel | None:
