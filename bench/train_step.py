@@ -1,7 +1,7 @@
 """minigpt's training step under different kernels and thread settings, interleaved: which wins.
 
     python bench/train_step.py [--shape tiny|baby|gpt2] [--rounds 7] [--steps N]
-                               [--variants numpy,fused,fused-1thread,...] [--format table|json]
+                               [--variants numpy,fused,fused-2threads,...] [--format table|json]
 
 Each variant runs in its own worker process (so thread settings taken at start-up apply), all
 workers start, warm up (Numba's kernels compile or load from its cache), then take turns: one
@@ -11,9 +11,8 @@ variant alike. A row: the median ms per step over the rounds, its ratio to the f
 elementwise passes and matrix products. The variants:
 
   numpy            NumPy's passes (kernels.use("numpy")), BLAS on every core
-  fused            the fused Numba kernels (minigpt/kernels/fused.py) as minigpt runs them:
-                   Numba's default threads (one per core) unless NUMBA_NUM_THREADS is set
-  fused-1thread    the fused kernels on one thread (NUMBA_NUM_THREADS=1)
+  fused            the fused Numba kernels (minigpt/kernels/fused.py) as minigpt runs them: one
+                   thread unless NUMBA_NUM_THREADS is set
   fused-2threads   the fused kernels on two threads (NUMBA_NUM_THREADS=2)
   fused-active     the fused kernels, OpenMP threads spinning when idle (OMP_WAIT_POLICY=active;
                    minigpt sets passive unless the variable is set)
@@ -37,7 +36,6 @@ sys.path.insert(0, str(ROOT))
 VARIANTS = {  # name: (kernels path, environment)
     "numpy": ("numpy", {}),
     "fused": ("numba", {}),
-    "fused-1thread": ("numba", {"NUMBA_NUM_THREADS": "1"}),
     "fused-2threads": ("numba", {"NUMBA_NUM_THREADS": "2"}),
     "fused-active": ("numba", {"OMP_WAIT_POLICY": "active"}),
     "fused-workqueue": ("numba", {"NUMBA_THREADING_LAYER": "workqueue"}),
@@ -120,7 +118,7 @@ def main() -> None:
     ap.add_argument("--shape", default="tiny", choices=sorted(SHAPES))
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--steps", type=int, help="steps per round (default: tiny 10, baby 3, gpt2 1)")
-    ap.add_argument("--variants", default="numpy,fused,fused-1thread,fused-active")
+    ap.add_argument("--variants", default="numpy,fused,fused-2threads,fused-active")
     ap.add_argument("--format", default="table", choices=("table", "json"))
     args = ap.parse_args()
     names = args.variants.split(",")
