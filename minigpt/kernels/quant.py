@@ -16,8 +16,8 @@ cache, and the innermost loop, over the W channels of a row, is the one the comp
   q in [-7, 7]; one float32 scale per group of G consecutive inputs of each output channel:
   w[k, j] = q[k, j] * scale[k // G, j]. Tiles (M_pad / W, K / 2, W) and scales (M_pad / W, K / G, W).
 - 16 bits: IEEE half (fp16) or bfloat16 bit patterns as uint16, no scales. bf16 widens by a shift;
-  fp16 by moving its exponent and mantissa bits into a float32's place and multiplying by 2**112,
-  which rebiases the exponent and makes half subnormals exact (weights are finite: no inf or NaN).
+  fp16 by the compiler's own half-to-float conversion (LLVM's fpext, one F16C instruction for eight
+  weights on x86-64 since 2013), exact for every finite half, subnormals included.
 
 The sums run over k in order in float32 (no reassociation, so a result is the same on any number of
 threads); minigpt.nn.lowbit holds the NumPy twins the tests compare against, and calls these through
@@ -103,11 +103,11 @@ def _build():
         return types.float32(types.uint32), codegen
 
     @intrinsic
-    def as_uint32(typingctx, f):
-        """The bits of the float32 f."""
+    def half_as_float32(typingctx, u):
+        """The float32 value of the IEEE half whose bits are the uint16 u (exact; vectorizes)."""
         def codegen(context, builder, signature, args):
-            return builder.bitcast(args[0], ir.IntType(32))
-        return types.uint32(types.float32), codegen
+            return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+        return types.float32(types.uint16), codegen
 
     # The innermost loops read the packed row (an integer type) and accumulate into float32: the
     # compiler can tell by type that the two never overlap, and vectorizes. A float32 scratch row
@@ -177,7 +177,6 @@ def _build():
         N, K = x.shape
         T, _, W = q.shape
         M = out.shape[1]
-        rebias = np.float32(2.0 ** 112)
         for t in prange(T):
             acc = np.zeros((N, W), np.float32)
             qt = q[t]
@@ -191,10 +190,7 @@ def _build():
                             a[j] += xk * as_float32(np.uint32(row[j]) << np.uint32(16))
                     else:
                         for j in range(W):
-                            h = np.uint32(row[j])
-                            v = as_float32((h & np.uint32(0x7FFF)) << np.uint32(13)) * rebias
-                            v = as_float32(as_uint32(v) | ((h & np.uint32(0x8000)) << np.uint32(16)))
-                            a[j] += xk * v
+                            a[j] += xk * half_as_float32(row[j])
             j0 = t * W
             for n in range(N):
                 for j in range(min(W, M - j0)):
