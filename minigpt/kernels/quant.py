@@ -19,8 +19,9 @@ cache, and the innermost loop, over the W channels of a row, is the one the comp
   fp16 by the compiler's own half-to-float conversion (LLVM's fpext, one F16C instruction for eight
   weights on x86-64 since 2013), exact for every finite half, subnormals included.
 
-The sums run over k in order in float32 (no reassociation, so a result is the same on any number of
-threads); minigpt.nn.lowbit holds the NumPy twins the tests compare against, and calls these through
+The sums run over k in a fixed order in float32 (in order, except that the 4-bit kernel adds four
+inputs' products together before they join a group's partial sum), so a result is the same on any
+number of threads; minigpt.nn.lowbit holds the NumPy twins the tests compare against, and calls these through
 the meter. Without Numba this module still packs (pure NumPy) and `KERNELS` is None.
 """
 
@@ -144,23 +145,48 @@ def _build():
         for t in prange(T):
             acc = np.zeros((N, W), np.float32)
             part = np.empty((N, W), np.float32)
-            lo = np.empty(W, np.int8)  # the row's two weights a byte, as int8 in [-8, 7]
-            hi = np.empty(W, np.int8)
+            # two byte rows' four weights a channel, as int8 in [-8, 7]: each pass over the
+            # partial sums adds four inputs' products, so they are loaded and stored half as often
+            lo0 = np.empty(W, np.int8)
+            hi0 = np.empty(W, np.int8)
+            lo1 = np.empty(W, np.int8)
+            hi1 = np.empty(W, np.int8)
             qt = q[t]
             for g in range(n_groups):
                 part[:] = 0.0
-                for i in range(g * half, (g + 1) * half):
+                i, end = g * half, (g + 1) * half
+                while i + 1 < end:
+                    r0 = qt[i]
+                    r1 = qt[i + 1]
+                    for j in range(W):
+                        b0 = r0[j]
+                        b1 = r1[j]
+                        lo0[j] = np.int8(b0 & np.uint8(15)) - np.int8(8)
+                        hi0[j] = np.int8(b0 >> np.uint8(4)) - np.int8(8)
+                        lo1[j] = np.int8(b1 & np.uint8(15)) - np.int8(8)
+                        hi1[j] = np.int8(b1 >> np.uint8(4)) - np.int8(8)
+                    for n in range(N):
+                        x0 = x[n, 2 * i]
+                        x1 = x[n, 2 * i + 1]
+                        x2 = x[n, 2 * i + 2]
+                        x3 = x[n, 2 * i + 3]
+                        p = part[n]
+                        for j in range(W):
+                            p[j] += ((x0 * np.float32(lo0[j]) + x1 * np.float32(hi0[j]))
+                                     + (x2 * np.float32(lo1[j]) + x3 * np.float32(hi1[j])))
+                    i += 2
+                if i < end:  # an odd number of byte rows a group: the last one alone
                     row = qt[i]
                     for j in range(W):
                         b = row[j]
-                        lo[j] = np.int8(b & np.uint8(15)) - np.int8(8)
-                        hi[j] = np.int8(b >> np.uint8(4)) - np.int8(8)
+                        lo0[j] = np.int8(b & np.uint8(15)) - np.int8(8)
+                        hi0[j] = np.int8(b >> np.uint8(4)) - np.int8(8)
                     for n in range(N):
                         x0 = x[n, 2 * i]
                         x1 = x[n, 2 * i + 1]
                         p = part[n]
                         for j in range(W):
-                            p[j] += x0 * np.float32(lo[j]) + x1 * np.float32(hi[j])
+                            p[j] += x0 * np.float32(lo0[j]) + x1 * np.float32(hi0[j])
                 sg = scale[t, g]
                 for n in range(N):
                     a = acc[n]
