@@ -19,10 +19,11 @@ cache, and the innermost loop, over the W channels of a row, is the one the comp
   fp16 by the compiler's own half-to-float conversion (LLVM's fpext, one F16C instruction for eight
   weights on x86-64 since 2013), exact for every finite half, subnormals included.
 
-The sums run over k in a fixed order in float32 (in order, except that the 4-bit kernel adds four
-inputs' products together before they join a group's partial sum), so a result is the same on any
-number of threads; minigpt.nn.lowbit holds the NumPy twins the tests compare against, and calls these through
-the meter. Without Numba this module still packs (pure NumPy) and `KERNELS` is None.
+The sums run over k in a fixed order in float32 (in order, except that each pass over the
+accumulators adds two inputs' products in the 8-bit kernel, four in the 4-bit one, before they join
+the sum), so a result is the same on any number of threads; minigpt.nn.lowbit holds the NumPy twins
+the tests compare against, and calls these through the meter. Without Numba this module still packs
+(pure NumPy) and `KERNELS` is None.
 """
 
 import numpy as np
@@ -122,7 +123,18 @@ def _build():
         for t in prange(T):
             acc = np.zeros((N, W), np.float32)
             qt = q[t]
-            for k in range(K):
+            k = 0
+            while k + 1 < K:  # two rows a pass over the accumulators (see the 4-bit kernel)
+                r0 = qt[k]
+                r1 = qt[k + 1]
+                for n in range(N):
+                    x0 = x[n, k]
+                    x1 = x[n, k + 1]
+                    a = acc[n]
+                    for j in range(W):
+                        a[j] += x0 * np.float32(r0[j]) + x1 * np.float32(r1[j])
+                k += 2
+            if k < K:  # an odd K: the last row alone
                 row = qt[k]
                 for n in range(N):
                     xk = x[n, k]
