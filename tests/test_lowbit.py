@@ -67,6 +67,35 @@ def test_a_kernel_reads_back_every_weight_exactly(path, bits, storage):
 
 
 @needs_numba
+@pytest.mark.parametrize("group", [2, 6, 8, 10])
+def test_the_4_bit_kernel_takes_odd_and_even_byte_rows_a_group(path, group):
+    """The 4-bit kernel adds two byte rows (four inputs) a pass and the last byte row of a group
+    alone when a group has an odd number of them (G / 2 odd: 2, 6, 10): each case reads back
+    every weight exactly and equals the twin."""
+    K, M = 120, 270
+    w = lowbit.quantize(_weight(K, M, seed=4), 4, group)
+    assert np.array_equal(path("numba", lowbit.product, np.eye(K, dtype=np.float32), w), w.dequantize())
+    x = np.random.default_rng(5).standard_normal((3, K)).astype(np.float32)
+    fast = path("numba", lowbit.product, x, w)
+    twin = path("numpy", lowbit.product, x, w)
+    assert np.max(np.abs(fast - twin)) <= 1e-6 * K * np.abs(x).max() * np.abs(w.dequantize()).max()
+
+
+@needs_numba
+@pytest.mark.parametrize("bits, storage", [(8, "fp16"), (16, "fp16"), (16, "bf16")])
+@pytest.mark.parametrize("K", [1, 33, 34])
+def test_the_8_and_16_bit_kernels_take_odd_and_even_inputs(path, bits, storage, K):
+    """The 8-bit kernel adds two input rows a pass and the last row alone when K is odd; at each K
+    every kernel reads back every weight exactly and equals the twin."""
+    w = lowbit.quantize(_weight(K, 270, seed=6), bits, 32, storage)
+    assert np.array_equal(path("numba", lowbit.product, np.eye(K, dtype=np.float32), w), w.dequantize())
+    x = np.random.default_rng(7).standard_normal((4, K)).astype(np.float32)
+    fast = path("numba", lowbit.product, x, w)
+    twin = path("numpy", lowbit.product, x, w)
+    assert np.max(np.abs(fast - twin)) <= 1e-6 * K * np.abs(x).max() * np.abs(w.dequantize()).max()
+
+
+@needs_numba
 @pytest.mark.parametrize("storage", ["fp16", "bf16"])
 def test_every_finite_16_bit_pattern_widens_exactly(path, storage):
     bits = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)

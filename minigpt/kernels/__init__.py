@@ -10,6 +10,15 @@ import os
 
 from minigpt.errors import ConfigError
 
+# The kernels run each product on an OpenMP team (Numba's "omp" threading layer). Between two
+# products the main thread does the step's Python and NumPy work for a fraction of a millisecond;
+# by default OpenMP's idle workers spin through that gap, taking the core the main thread (or,
+# on a shared machine, another process) needs, and a product then waits for a worker the kernel
+# scheduler has pushed aside. Passive waiting puts idle workers to sleep at once. Read once, when
+# the OpenMP runtime loads (the first parallel kernel call), so it is set here; an OMP_WAIT_POLICY
+# already in the environment is kept.
+os.environ.setdefault("OMP_WAIT_POLICY", "passive")
+
 CHOICES = ("numpy", "numba")
 AVAILABLE = importlib.util.find_spec("numba") is not None
 
