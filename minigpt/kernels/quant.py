@@ -255,8 +255,31 @@ def product(x, bits: int, data, scale, bf16: bool, M: int):
     x = np.ascontiguousarray(x, dtype=np.float32)
     out = np.empty((x.shape[0], M), np.float32)
     k = kernels()[bits]
-    if bits == 16:
-        k(x, data, bf16, out)
-    else:
-        k(x, data, scale, out)
+    import numba
+
+    # Every core (or NUMBA_NUM_THREADS) for a packed product, whatever the fused training
+    # kernels set for theirs (one thread: kernels/fused.py): a 4-bit decode is bound by its
+    # unpacking arithmetic, which a second core halves.
+    before = numba.get_num_threads()
+    if before != _THREADS:
+        numba.set_num_threads(_THREADS)
+    try:
+        if bits == 16:
+            k(x, data, bf16, out)
+        else:
+            k(x, data, scale, out)
+    finally:
+        if before != _THREADS:
+            numba.set_num_threads(before)
     return out
+
+
+def _max_threads() -> int:
+    if not AVAILABLE:
+        return 1
+    import numba
+
+    return numba.config.NUMBA_NUM_THREADS  # NUMBA_NUM_THREADS, else the cores numba sees
+
+
+_THREADS = _max_threads()
