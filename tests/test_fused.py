@@ -267,3 +267,27 @@ def test_adamw_in_one_pass_equals_numpy_passes(dtype):
     n = params.n_decay
     np.testing.assert_allclose(params.data[:n], 0.95, rtol=1e-6)  # decayed, no gradient
     np.testing.assert_array_equal(params.data[n:], 1.0)
+
+
+@pytest.mark.parametrize("bits", [16, 8, 4])
+def test_packed_weights_prefill_and_decode_under_the_fused_schedule(bits, numba_path):
+    """A packed model's prompt (many tokens: block_forward's MLP, which the fused schedule would
+    otherwise take through a float product) runs its own products, NumPy's passes around them,
+    and counts what the closed form predicts; its logits equal NumPy's path's."""
+    cfg = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=8, vocab_size=40)
+    model = GPT(cfg, init(cfg, np.random.default_rng(0)))
+    q = quant.QuantConfig(bits=bits, group_size=16)
+    model.quant = quant.quantize_model(model.params, cfg, q)
+    idx = np.random.default_rng(1).integers(0, 40, (1, 8))
+    kv = KVCache(cfg, 1)
+    METER.reset()
+    with METER.in_phase("prefill"):
+        fused_logits = model.logits(idx[:, :5], kv, last_only=True)
+    _same(closed_form.predict_forward(cfg, 1, 5, "prefill", quant=q, fused=True), METER.records)
+    METER.reset()
+    with METER.in_phase("decode"):
+        model.logits(idx[:, 5:6], kv)
+    _same(closed_form.predict_decode(cfg, 1, 5, quant=q, fused=True), METER.records)
+    kernels.use("numpy")
+    reference = model.logits(idx[:, :5], KVCache(cfg, 1), last_only=True)
+    np.testing.assert_allclose(fused_logits, reference, rtol=1e-4, atol=1e-5)

@@ -533,7 +533,8 @@ def bias_gelu_backward(dout, cache: BiasGeluCache, db):
 
 
 def mlp_forward(x, p):
-    if fused() and not isinstance(p["mlp.c_fc.weight"], quant.Int8Weight):
+    # quantized weights (int8 or packed) run their own products, then NumPy's passes
+    if fused() and not isinstance(p["mlp.c_fc.weight"], (quant.Int8Weight, lowbit.PackedWeight)):
         C = x.shape[-1]
         x2 = x.reshape(-1, C)  # (N, C)
         with METER.scope(scopes.C_FC):
