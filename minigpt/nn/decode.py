@@ -77,9 +77,11 @@ def _attend(q, k, v, slot, hs, y):
                                  useful_flops=useful).transpose(0, 2, 1, 3)
 
 
-def block_step(x, p, cfg, slots, moe_block: bool):
-    """One block for one new token of each sequence: x (B, C), slots the sequences' layer slots
-    of this block. Returns x (B, C)."""
+def block_step(x, p, cfg, attend, moe_block: bool):
+    """One block for one new token of each sequence: x (B, C). attend(q, k, v, y) runs the
+    attention of the new tokens against the caches: q, k, v (B, H, 1, hs) views, y (B, 1, H, hs)
+    to fill. decode_step's attends each sequence to its own cache; model.block_decode's attends
+    B rows of one cache together. Returns x (B, C)."""
     xp = backend.xp
     B, C = x.shape
     H = cfg.n_head
@@ -91,8 +93,7 @@ def block_step(x, p, cfg, slots, moe_block: bool):
             qkv, _ = nn.linear_forward(h, p["attn.c_attn.weight"], p["attn.c_attn.bias"])  # (B, 3C)
         q, k, v = qkv.reshape(B, 1, 3, H, hs).transpose(2, 0, 3, 1, 4)  # each (B, H, 1, hs)
         y = xp.empty((B, 1, H, hs), dtype=x.dtype)
-        for b, slot in enumerate(slots):
-            _attend(q[b:b + 1], k[b:b + 1], v[b:b + 1], slot, hs, y[b:b + 1])
+        attend(q, k, v, y)
         with METER.scope(scopes.C_PROJ):
             a, _ = nn.linear_forward(y.reshape(B, C), p["attn.c_proj.weight"], p["attn.c_proj.bias"])
     with METER.scope(scopes.RESIDUAL_1):
@@ -112,6 +113,14 @@ def block_step(x, p, cfg, slots, moe_block: bool):
                 m, _ = nn.linear_forward(g, p["mlp.c_proj.weight"], p["mlp.c_proj.bias"])
     with METER.scope(scopes.RESIDUAL_2):
         return nn.residual_forward(x, m)
+
+
+def _each_to_its_cache(slots, hs):
+    """decode_step's attend: sequence b against its own cache's slot."""
+    def attend(q, k, v, y):
+        for b, slot in enumerate(slots):
+            _attend(q[b:b + 1], k[b:b + 1], v[b:b + 1], slot, hs, y[b:b + 1])
+    return attend
 
 
 def decode_step(model, tokens, caches: list):
@@ -137,8 +146,8 @@ def decode_step(model, tokens, caches: list):
         x = embed(model, tokens, positions)
     for i in range(cfg.n_layer):
         with METER.scope(scopes.block(i)):
-            x = block_step(x, model.block_params(i), cfg, [kv.layer(i) for kv in caches],
-                           is_moe_block(cfg, i))
+            attend = _each_to_its_cache([kv.layer(i) for kv in caches], cfg.n_embd // cfg.n_head)
+            x = block_step(x, model.block_params(i), cfg, attend, is_moe_block(cfg, i))
     for kv in caches:
         kv.length += 1
     p = model.params

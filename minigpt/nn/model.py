@@ -118,48 +118,27 @@ def block_decode(x, p, cfg, kv: "_LayerSlot"):
     """block_forward for one new position of each sequence (x (B, 1, C)) with a float KV cache
     and a dense MLP: the same counted helpers of layers.py on the same arrays (so the same
     records), without what a single row never uses (reshapes, the caches a backward reads,
-    dropout, the MoE and int8-cache branches). tests/test_generate.py checks the records and the
-    logits against block_forward's. Why it exists: a decode step of a real-size model is mostly
+    dropout, the MoE and int8-cache branches): nn/decode.py's block_step, attending the B rows of
+    this one cache together. tests/test_generate.py checks the records and the logits against
+    block_forward's. Why it exists: a decode step of a real-size model is mostly
     weight products that leave the CPU's caches cold, so every line of Python between them runs
     slowly, and block_forward's general path costs about 2% of a GPT-2 124M step
     (docs/benchmarks.md). Returns x (B, 1, C)."""
-    xp = backend.xp
     B, _, C = x.shape
-    H = cfg.n_head
-    hs = C // H
-    x = x.reshape(B, C)
-    with METER.scope(scopes.LN_1):
-        h, _, _ = nn.layernorm_normalize(x, p["ln_1.weight"], p["ln_1.bias"])
-    with METER.scope(scopes.ATTN):
-        with METER.scope(scopes.C_ATTN):
-            qkv, _ = nn.linear_forward(h, p["attn.c_attn.weight"], p["attn.c_attn.bias"])  # (B, 3C)
-        q, k, v = qkv.reshape(B, 1, 3, H, hs).transpose(2, 0, 3, 1, 4)  # each (B, H, 1, hs)
+    hs = C // cfg.n_head
+
+    def attend(q, k, v, y):  # the B rows of one cache together
         pos0 = kv.length
         k, v = kv.append(k, v)  # (B, H, pos0 + 1, hs)
-        useful = nn.useful_causal_flops(B, H, 1, pos0, hs)
+        useful = nn.useful_causal_flops(B, cfg.n_head, 1, pos0, hs)
         with METER.scope(scopes.SCORES):
             att = matmul(q, k.swapaxes(-1, -2), op="q@kT", useful_flops=useful)  # (B, H, 1, Tk)
         with METER.scope(scopes.SOFTMAX):
             nn.softmax_causal(att, 1.0 / math.sqrt(hs), None)  # the one query sees every key
-        y = xp.empty((B, 1, H, hs), dtype=x.dtype)
         with METER.scope(scopes.MIX):
             matmul(att, v, op="att@v", useful_flops=useful, out=y.transpose(0, 2, 1, 3))
-        with METER.scope(scopes.C_PROJ):
-            a, _ = nn.linear_forward(y.reshape(B, C), p["attn.c_proj.weight"], p["attn.c_proj.bias"])
-    with METER.scope(scopes.RESIDUAL_1):
-        x = nn.residual_forward(x, a)
-    with METER.scope(scopes.LN_2):
-        h, _, _ = nn.layernorm_normalize(x, p["ln_2.weight"], p["ln_2.bias"])
-    with METER.scope(scopes.MLP):
-        with METER.scope(scopes.C_FC):
-            f, _ = nn.linear_forward(h, p["mlp.c_fc.weight"], p["mlp.c_fc.bias"])  # (B, 4C)
-        with METER.scope(scopes.GELU):
-            g, _ = nn.gelu_tanh(f)
-        with METER.scope(scopes.C_PROJ):
-            m, _ = nn.linear_forward(g, p["mlp.c_proj.weight"], p["mlp.c_proj.bias"])
-    with METER.scope(scopes.RESIDUAL_2):
-        x = nn.residual_forward(x, m)
-    return x.reshape(B, 1, C)
+
+    return batched.block_step(x.reshape(B, C), p, cfg, attend, False).reshape(B, 1, C)
 
 
 def block_backward(dx, cache: BlockCache, p, g, daux: float = 1.0):
