@@ -1,19 +1,20 @@
 """Predicted against measured seconds per step, on shapes the time model was not calibrated on.
 
-    python bench/predict.py [--repeats R] [--measure] [--only NAME,...] [--format table|json]
+    python bench/predict.py [--repeats R] [--measure [--careful]] [--only NAME,...] [--format table|json]
 
 For each case (training steps, prefills and decode steps, from a 2-layer toy to GPT-2 124M's
 shape, spanning well over 100x in FLOPs per step) it builds a GPT-2-initialised model, predicts one
 step with the time model (minigpt.hardware.timing over closed_form.op_calls: what `minigpt costs
---config C --predict` prints), then runs the step R times (after one warm-up; the cases interleaved) and takes
-the best wall seconds, the statistic the calibration takes too (the median is printed beside it): a training step is the trainer's forward, backward, clip and AdamW; a prefill is
+--config C --predict` prints), then runs the step R times (each right after an untimed step of the same case; the
+cases interleaved) and takes the best wall seconds, the statistic the calibration takes too (the median is printed beside it): a training step is the trainer's forward, backward, clip and AdamW; a prefill is
 one forward of seq tokens at batch 1 keeping the last position's logits; a decode step is one
 token at batch 1 with the KV cache holding seq // 2 positions (the mean of DECODE_STEPS steps).
 The calibration shapes (minigpt.train.timing_runs.QUICK_SHAPES, CAREFUL_SHAPES) are all 1- and
 2-layer models; none of these cases is one of them.
 
 The time model is the one a run would use (`minigpt calibrate`'s, else the cached quick one);
---measure takes a fresh quick one first, in this process, just before the cases. The error is
+--measure takes a fresh quick one first (--careful: a careful one, as `minigpt calibrate` takes it),
+in this process, just before the cases. The error is
 (predicted - measured) / measured; the summary gives the largest and the median |error|.
 """
 
@@ -72,22 +73,24 @@ def predicted(tm: timing.TimeModel, mode: str, s: Shape) -> tuple[float, int]:
 
 
 def measured(cases: list[tuple[str, Shape]], repeats: int) -> list[tuple[float, float]]:
-    """(best, median) wall seconds of one step of each case over `repeats` runs after a warm-up,
-    the cases interleaved (A B C A B C ...) so a disturbance from another process spreads over
-    them rather than spoiling one case's every run."""
+    """(best, median) wall seconds of one step of each case over `repeats` runs, the cases
+    interleaved (A B C A B C ...) so a disturbance from another process spreads over them rather
+    than spoiling one case's every run. Each timed step follows an untimed one of its own case, as
+    a run's steps follow each other: what it times is a run's step, its weights and buffers in
+    the state the previous step left them, not the first step after another model's."""
     fns, walls = [], [[] for _ in cases]
     for mode, shape in cases:
         model, opt = timing_runs.build(shape)
         fns.append((timing_runs.step_functions(model, opt, shape)[mode],
                     DECODE_STEPS if mode == "decode" else 1))
     saved = METER.records
-    for sweep in range(repeats + 1):
+    for _ in range(repeats):
         for (fn, per), out in zip(fns, walls):
+            fn()
             METER.reset()
             t0 = time.perf_counter()
             fn()
-            if sweep:
-                out.append((time.perf_counter() - t0) / per)
+            out.append((time.perf_counter() - t0) / per)
     METER.records = saved
     return [(min(w), statistics.median(w)) for w in walls]
 
@@ -96,10 +99,12 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--measure", action="store_true", help="measure a fresh quick time model first")
+    p.add_argument("--careful", action="store_true",
+                   help="with --measure: a careful model (minigpt calibrate's: about a minute)")
     p.add_argument("--only", default="", help="comma-separated case names")
     p.add_argument("--format", choices=("table", "json"), default="table")
     args = p.parse_args(argv)
-    tm = timing_runs.measure(quick=True) if args.measure else timing_runs.time_model()
+    tm = timing_runs.measure(quick=not args.careful) if args.measure else timing_runs.time_model()
     names = [n for n in args.only.split(",") if n] or list(CASES)
     results = []
     times = measured([CASES[n] for n in names], args.repeats)

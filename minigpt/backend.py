@@ -82,6 +82,9 @@ def scatter_add(target, idx, values) -> None:
         xp.add.at(target, idx, values)
 
 
+_memory_kept = False
+
+
 def keep_freed_memory() -> None:
     """Ask glibc to keep freed memory for reuse instead of returning it to the OS.
 
@@ -89,8 +92,13 @@ def keep_freed_memory() -> None:
     big blocks (mmap) and, the top of the heap back to the kernel, so every step
     page-faults its way through fresh memory again: about a quarter of a tiny.toml step on our
     2-core machine. Raising the thresholds keeps those pages mapped; the resident size stays at the
-    step's peak, which it reaches anyway. A no-op where the C library is not glibc.
+    step's peak, which it reaches anyway. A no-op where the C library is not glibc, and after the
+    first call.
     """
+    global _memory_kept
+    if _memory_kept:
+        return
+    _memory_kept = True
     import ctypes
     import ctypes.util
 

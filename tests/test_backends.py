@@ -42,7 +42,7 @@ from minigpt.nn import cuda_kernels, quant
 from minigpt.nn import layers as nn
 from minigpt.nn.model import GPT
 from minigpt.nn.params import FlatBuffer, init
-from minigpt.train.optim import AdamW, clip_grad_norm
+from minigpt.train.optim import AdamW, clip_grad_norm, zero_grad
 from minigpt.train.trainer import Trainer
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "minigpt"
@@ -165,7 +165,7 @@ def train_steps(cfg, params, batches, dropout_seed=None):
     rng = np.random.default_rng(dropout_seed) if dropout_seed is not None else None
     losses, norms = [], []
     for step, (x, y) in enumerate(batches):
-        model.grads.data.fill(0)
+        zero_grad(model.grads.data)
         with METER.in_phase("forward"):
             loss, cache = model.loss(backend.asarray(x), backend.asarray(y), rng)
         with METER.in_phase("backward"):

@@ -46,6 +46,8 @@ def test_the_estimate_adds_its_parts():
                          "largest temporary"]
     p = items[0].nbytes
     assert items[1].nbytes == p and items[2].nbytes == 2 * p
+    assert names[5] == "lm_head product buffer"  # the tied table's gradient product, kept
+    assert items[5].nbytes == cfg.model.vocab_size * cfg.model.n_embd * 4
     bigger = config.load(TINY_TOML, ["train.batch_size=128"])
     acts = {i.name: i.nbytes for i in memory.training_estimate(bigger)}
     assert acts["activations kept for backward"] == 2 * items[3].nbytes  # linear in the batch

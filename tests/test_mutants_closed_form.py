@@ -107,7 +107,8 @@ def test_the_loss_allreduce_is_float64_whatever_the_models_dtype():
 
 
 def test_a_step_without_clipping_predicts_the_update_alone():
-    """grad_clip = 0: no clip records, and AdamW's update reads p, g, m, v and writes p, m, v."""
+    """grad_clip = 0: no clip records, AdamW's update reads p, g, m, v and writes p, m, v, and the
+    gradients' zeroing writes g."""
     model = _model(CFG)
     METER.reset()
     accumulate(model, [(IDX[:, :7], IDX[:, 1:8])], 1)
@@ -115,8 +116,10 @@ def test_a_step_without_clipping_predicts_the_update_alone():
     predicted = closed_form.predict_training_step(CFG, 2, 7, clip=False)
     _same(predicted, METER.records)
     P = closed_form.n_params(CFG)
-    (adamw,) = [r for k, r in predicted.items() if k.phase == "optimizer"]
-    assert (adamw.bytes_read, adamw.bytes_written) == (4 * P * 4, 3 * P * 4)
+    optimizer = {k.kind: r for k, r in predicted.items() if k.phase == "optimizer"}
+    assert sorted(optimizer) == ["adamw", "zero_grad"]
+    assert (optimizer["adamw"].bytes_read, optimizer["adamw"].bytes_written) == (4 * P * 4, 3 * P * 4)
+    assert (optimizer["zero_grad"].bytes_read, optimizer["zero_grad"].bytes_written) == (0, P * 4)
 
 
 def test_backward_records_with_dropout_as_the_config_says():

@@ -19,7 +19,7 @@ from minigpt.counting import closed_form
 from minigpt.counting.meter import METER
 from minigpt.nn import cuda_kernels
 from minigpt.nn.params import FlatBuffer, init
-from minigpt.train.optim import AdamW, clip_grad_norm, lr_at
+from minigpt.train.optim import AdamW, clip_grad_norm, lr_at, zero_grad
 
 # 4 warmup steps, then a cosine over the 10 steps from 4 to 14: lr(4 + s) = 0.1 + 0.45 (1 + cos(pi s / 10))
 SCHEDULE = TrainConfig(learning_rate=1.0, min_lr=0.1, warmup_steps=4, max_steps=14)
@@ -58,8 +58,10 @@ CFG = ModelConfig(n_layer=1, n_head=2, n_embd=8, block_size=4, vocab_size=11)
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_one_optimizer_step_records_the_closed_form(dtype):
     params = init(CFG, np.random.default_rng(0), dtype)
-    g = np.random.default_rng(1).standard_normal(params.size).astype(dtype)
+    g = np.empty(params.size, dtype)
     METER.reset()
+    zero_grad(g)
+    g += np.random.default_rng(1).standard_normal(params.size).astype(dtype)  # a backward's sum
     with METER.in_phase("optimizer"):
         clip_grad_norm(g, 1.0)
         AdamW(params).step(g, 1e-3)

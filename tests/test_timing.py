@@ -67,6 +67,33 @@ def test_a_call_costs_its_fixed_cost_plus_the_slower_of_arithmetic_and_streaming
     assert tm.call_seconds(big) == pytest.approx(12e6 / 1e9)
 
 
+def test_an_elementwise_call_larger_than_the_cache_is_held_to_the_memorys_bandwidth():
+    """Calibrated in the cache at 100 GB/s, an op over 100 MB runs at the memory's 10 GB/s."""
+    tm = timing.TimeModel.constant(flops=1e10, bandwidth=1e11, call_s=1e-6)
+    tm.stream_bandwidth, tm.cache_bytes = 1e10, 1 << 20
+    key = closed_form.RecordKey("clip", "scale", "clip", "optimizer", "float32")
+    in_cache = closed_form.OpCall(key, 0, 250_000, 250_000, None)
+    from_memory = closed_form.OpCall(key, 0, 50_000_000, 50_000_000, None)
+    assert tm.call_seconds(in_cache) == pytest.approx(500_000 / 1e11)
+    assert tm.call_seconds(from_memory) == pytest.approx(100_000_000 / 1e10)
+
+
+def test_building_a_model_keeps_freed_memory_for_reuse(monkeypatch):
+    """Every process that runs a model does so on memory glibc keeps: the calibration's figures
+    are then a run's, not those of a process page-faulting through fresh memory each step."""
+    import numpy as np
+
+    from minigpt import backend
+    from minigpt.nn.model import GPT
+    from minigpt.nn.params import init
+
+    calls = []
+    monkeypatch.setattr(backend, "_memory_kept", False)
+    monkeypatch.setattr(backend, "keep_freed_memory", lambda: calls.append(1))
+    GPT(_cfg(), init(_cfg(), np.random.default_rng(0)))
+    assert calls == [1]
+
+
 # ----------------------------------------------------------------------------- calls and steps
 
 

@@ -28,7 +28,7 @@ from minigpt.nn.model import GPT
 from minigpt.nn.params import FlatBuffer, init
 from minigpt.tokenizers import ByteTokenizer
 from minigpt.train.data import get_batch
-from minigpt.train.optim import AdamW, clip_grad_norm, lr_at
+from minigpt.train.optim import AdamW, clip_grad_norm, lr_at, zero_grad
 
 FABLES = Path(__file__).resolve().parents[1] / "corpora" / "fables.txt"
 TORCH_DTYPE = {"float32": torch.float32, "float64": torch.float64}
@@ -145,7 +145,7 @@ def train_minigpt(params: FlatBuffer, batches, t: TrainConfig) -> tuple[list, li
     opt = AdamW(params, t.beta1, t.beta2, t.eps, t.weight_decay)
     losses, norms = [], []
     for step, (x, y) in enumerate(batches):
-        model.grads.data.fill(0)
+        zero_grad(model.grads.data)
         loss, cache = model.loss(x, y)
         model.backward(cache)
         norms.append(clip_grad_norm(model.grads.data, t.grad_clip))

@@ -48,6 +48,7 @@ from minigpt.counting.scopes import (
     ROUTER,
     SCORES,
     SOFTMAX,
+    ZERO_GRAD,
     block,
     expert,
     join,
@@ -556,6 +557,8 @@ def _training_sheets(cfg, batch, seq, grad_accum=1, clip=True, dtype="float32", 
     drop = cfg.dropout > 0
     fwd, bwd = _sheet("forward", dtype, fused), _sheet("backward", dtype, fused)
     opt = _sheet("optimizer", dtype)  # AdamW's records are the same in both schedules
+    P = n_params(cfg)
+    opt.elementwise(ZERO_GRAD, "zero_grad", "fill", P, 0, P)
     for micro in range(grad_accum):
         r = None if routing is None else routing[micro]
         _forward(fwd, cfg, batch, T, targets=True, dropout=drop, routing=r)
@@ -563,7 +566,6 @@ def _training_sheets(cfg, batch, seq, grad_accum=1, clip=True, dtype="float32", 
     if clip:
         _optimizer(opt, cfg)
     else:
-        P = n_params(cfg)
         opt.elementwise(ADAMW, "adamw", "update", P, 4 * P, 3 * P)
     comm = _sheet("communication", dtype)
     if ranks > 1:

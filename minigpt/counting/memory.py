@@ -6,6 +6,7 @@ AdamW moments):
 
   parameters, gradients         P values each (one flat buffer apiece, nn/params.py)
   optimizer state               2 P (AdamW's m and v)
+  lm_head product buffer        V C: the tied table's gradient product, kept between steps
   activations kept for backward what every layer's forward returns in its cache (nn/layers.py),
                                 per block 20 N C + B H T^2 + 2 N values, plus the final
                                 LayerNorm and the loss's probabilities (N V): the outputs of
@@ -152,7 +153,7 @@ def backward_temporaries(m, B: int, T: int) -> dict[str, int]:
     att = B * H * T * T
     temps = {
         "logits beside the loss probabilities": N * V + 2 * N,
-        "lm_head gradients (V x C product, N x C)": V * C + N * C,
+        "lm_head input gradient (N x C)": N * C,
         "mlp backward (N x 4C gradient, weight product)": (1 + d) * N * C + 4 * N * C + 4 * C * C,
         "attention backward at c_attn": (7 + 2 * d) * N * C + att,
     }
@@ -183,6 +184,8 @@ def training_estimate(cfg, batch: int | None = None, seq: int | None = None) -> 
         Item("activations kept for backward", sum(acts.values()) * s,
              f"batch {B} x {T} tokens: " + ", ".join(f"{k} {v * s / 2**20:,.1f} MiB" for k, v in acts.items())),
         Item("largest temporary", temps[worst] * s, worst),
+        Item("lm_head product buffer", m.vocab_size * m.n_embd * s,
+             "the (V, C) gradient product, kept between steps (GPT._scratch_like)"),
         Item("token batches", batches, f"int64 inputs and targets, 1 + {cfg.eval.batches} eval batches"),
     ]
 

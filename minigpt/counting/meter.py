@@ -53,6 +53,7 @@ FLOPS_PER_ELEMENT = {
     ("dropout", "grad"): 1,  # dout * mask
     ("cross_entropy", "loss"): 5,  # max, subtract, exp, sum, divide (probabilities kept for grad)
     ("cross_entropy", "grad"): 1,  # probs - onehot, / N (counted per logit)
+    ("zero_grad", "fill"): 0,  # a write of every gradient element, no arithmetic
     ("clip", "norm"): 2,  # square and sum over every gradient element
     ("clip", "scale"): 1,  # g *= min(1, max_norm / norm), run every step
     ("quant", "quantize"): 4,  # |x|, row max, divide by the scale, round (clip free)

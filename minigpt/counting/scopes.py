@@ -12,6 +12,7 @@ EMBEDDING = "embedding"  # token + position lookup
 LN_F = "ln_f"  # the final LayerNorm
 LM_HEAD = "lm_head"  # logits, the product with the tied token table
 LOSS = "loss"  # cross-entropy
+ZERO_GRAD = "zero_grad"  # the gradients set to zero before a step's backward passes
 CLIP = "clip"  # gradient clipping
 ADAMW = "adamw"  # the optimizer's update
 DIST = "dist"  # data-parallel allreduces (phase "communication")

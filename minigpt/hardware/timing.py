@@ -21,8 +21,10 @@ would time for each, plus what the meter does not time (Python between the ops):
 - an elementwise op's points are (bytes per call, seconds per call) measured by running the
   model's own layers (minigpt.train.timing_runs); between points the seconds are interpolated
   log-log, above the largest the op keeps its achieved bandwidth there (seconds in proportion to
-  bytes), below the smallest it costs what the smallest did. An op never measured uses "generic",
-  a plain add's points.
+  bytes), below the smallest it costs what the smallest did; a call moving more than the cache
+  holds takes at least its bytes / stream_bandwidth (the calibration's ops fit in the cache, an
+  optimizer step over GPT-2's 124M parameters does not). An op never measured uses "generic", a
+  plain add's points.
 - gap_per_call and gap_per_byte are fitted per mode (train, eval, prefill, decode) to the wall
   seconds of the calibration runs less their metered seconds.
 
@@ -52,10 +54,10 @@ from minigpt.hardware import profiles
 # the sizes of m, of k and of n measured: m = 1 is a decode step's product; k and n start at a
 # head's width (a product with k or n below the grid's first is held at it: a few such products
 # are a decode step's first positions, where the call's fixed cost is all that shows)
-GRID_QUICK = ((1, 16, 128, 1024), (16, 128, 1024), (16, 128, 1024))
+GRID_QUICK = ((1, 16, 64, 256, 1024), (16, 64, 256, 1024), (16, 64, 256, 1024))
 GRID_CAREFUL = ((1, 8, 64, 256, 1024, 2048), (8, 64, 256, 1024, 2048), (8, 64, 256, 1024, 2048))
 MODES = ("train", "eval", "prefill", "decode")
-VERSION = 1
+VERSION = 2  # a file of another version is measured again, not trusted
 
 
 @dataclass
@@ -140,7 +142,10 @@ class TimeModel:
             compute = b * 2 * m * k * n / self.rate(m, k, n)
             stream = nbytes / self.stream_bandwidth if streaming else 0.0
             return self.call_s + max(compute, stream)
-        return self.elementwise_seconds(call.key.kind, call.key.op, nbytes)
+        seconds = self.elementwise_seconds(call.key.kind, call.key.op, nbytes)
+        if nbytes > self.cache_bytes:  # from memory: no faster than the memory delivers
+            seconds = max(seconds, nbytes / self.stream_bandwidth)
+        return seconds
 
     def gap_seconds(self, mode: str, calls: int, nbytes: float) -> float:
         """Unmetered seconds of a step of `calls` calls moving `nbytes` in all."""

@@ -194,6 +194,19 @@ class GPT:
         # set for quantized inference: QuantizedWeights (int8 modes) or lowbit.PackedWeights (--bits)
         self.quant: quant.QuantizedWeights | lowbit.PackedWeights | None = None
         self.routing: dict[int, moe.Routing] = {}  # the last forward's MoE blocks, by index
+        self._scratch = None  # see _scratch_like
+        # every process that runs a model runs it on memory kept for reuse, so a step costs the
+        # same in training, generation, serving and the time model's calibration (no page faults)
+        backend.keep_freed_memory()
+
+    def _scratch_like(self, a):
+        """An array shaped like a, kept between steps: a product that would allocate more than the
+        C library keeps for reuse (the tied table's gradient, 154 MB at GPT-2's size) lands here
+        instead of page-faulting its way through fresh memory every step."""
+        if getattr(self, "_scratch", None) is None or self._scratch.shape != a.shape \
+                or self._scratch.dtype != a.dtype:
+            self._scratch = backend.xp.empty_like(a)
+        return self._scratch
 
     def block_params(self, i: int) -> dict:
         """Block i's parameters by short name; int8 weights in place of the float ones if quantized."""
@@ -294,7 +307,7 @@ class GPT:
         d2 = dlogits.reshape(-1, V)
         with METER.scope(scopes.LM_HEAD):
             dwte = g["transformer.wte.weight"]
-            dwte += matmul(d2.T, x2, op="grad_w")  # (V, C)
+            dwte += matmul(d2.T, x2, op="grad_w", out=self._scratch_like(dwte))  # (V, C)
             dx = matmul(d2, wte, op="grad_x").reshape(B, T, -1)  # (B, T, C)
         with METER.scope(scopes.LN_F):
             dx = nn.layernorm_backward(dx, ln_f, g["transformer.ln_f.weight"], g["transformer.ln_f.bias"])

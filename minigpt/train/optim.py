@@ -18,6 +18,15 @@ def lr_at(step: int, t) -> float:
     return t.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (t.learning_rate - t.min_lr)
 
 
+def zero_grad(g) -> None:
+    """Set the flat gradient g to zero before a step's backward passes add into it: a write of
+    every element (half a gigabyte at GPT-2 124M's size), counted in phase "optimizer" with the
+    rest of the optimizer's work, wherever it is called."""
+    with METER.in_phase("optimizer"), METER.scope(scopes.ZERO_GRAD), METER.op(kind="zero_grad", op="fill") as c:
+        g.fill(0)
+        c.count(elements=g.size, bytes_read=0, bytes_written=g.nbytes, dtype=g.dtype)
+
+
 def clip_grad_norm(g, max_norm: float) -> float:
     """Scale the flat gradient g so its global L2 norm is at most max_norm (as torch's
     clip_grad_norm_: coefficient max_norm / (norm + 1e-6), capped at 1). Returns the norm before."""

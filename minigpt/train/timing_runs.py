@@ -38,7 +38,7 @@ class Shape(NamedTuple):
     vocab: int
 
 
-QUICK_SHAPES = (Shape(1, 32, 2, 32, 2, 256), Shape(1, 128, 4, 128, 4, 1024),
+QUICK_SHAPES = (Shape(2, 32, 2, 32, 2, 256), Shape(1, 128, 4, 128, 4, 1024),
                 Shape(1, 256, 4, 256, 8, 4096))
 CAREFUL_SHAPES = QUICK_SHAPES + (Shape(2, 384, 6, 384, 4, 2048), Shape(1, 512, 8, 512, 4, 8192))
 DECODE_STEPS = 8

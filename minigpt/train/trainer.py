@@ -35,7 +35,7 @@ from minigpt.nn.params import FlatBuffer, init
 from minigpt.train import checkpoint, dist, moe_stats
 from minigpt.train.data import check_length, get_batch, load_corpus, make_tokenizer, read_splits
 from minigpt.train.faults import describe_nonfinite, dict_differences, fingerprint
-from minigpt.train.optim import AdamW, clip_grad_norm, lr_at
+from minigpt.train.optim import AdamW, clip_grad_norm, lr_at, zero_grad
 from minigpt.train.runlock import RunLock
 
 
@@ -48,7 +48,7 @@ def accumulate(model, batches, n: int, rng=None, ranks: int = 1,
     1 / (n * ranks), so their sum over the ranks is the global batch's mean gradient (the loss
     returned is still this rank's mean). on_block_done(i) is called as each block's gradients
     become complete in the last micro-batch's backward pass (data parallelism's buckets)."""
-    model.grads.data.fill(0)
+    zero_grad(model.grads.data)
     loss = 0.0
     for k, (x, y) in enumerate(batches):
         with METER.in_phase("forward"):
