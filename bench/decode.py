@@ -226,10 +226,15 @@ def measure(args) -> dict:
     gpt, cfg = model.gpt, model.config.model
     if args.prompt + args.tokens > cfg.block_size:
         raise SystemExit(f"--prompt {args.prompt} + --tokens {args.tokens} exceed block_size {cfg.block_size}")
+    from minigpt.train import timing_runs
+
+    # found (or measured) before any thread count is imposed: a time model measured on one
+    # thread would be cached and predict every later run from one thread's figures
+    tm = timing_runs.time_model()
     runs = []
     for n in args.blas_threads:
         with blas.threads(n) as applied, numba_threads(n):
-            r = _measure(gpt, cfg, args)
+            r = _measure(gpt, cfg, args, tm)
         r["blas_threads"] = n if applied else blas.current()
         runs.append(r)
     best = max(runs, key=lambda r: r["tokens_per_s"])
@@ -307,7 +312,7 @@ def knee(points: list, peak: float, memory) -> dict:
     return {"knee_batch_predicted": hi, "knee_batch_measured": measured}
 
 
-def _measure(gpt, cfg, args) -> dict:
+def _measure(gpt, cfg, args, tm) -> dict:
     batches = getattr(args, "batch", [1])
     rng = np.random.default_rng(0)
     prompts = {B: rng.integers(0, cfg.vocab_size, size=(B, args.prompt)) for B in batches}
@@ -325,7 +330,7 @@ def _measure(gpt, cfg, args) -> dict:
     copy_bw = roofline.memory_ceiling(measured, 1, 1)  # a copy's mix, for comparison
     read_bw = roofline.memory_ceiling(measured, 1, 0)
     qcfg = gpt.quant.qcfg if gpt.quant is not None else None
-    forecasts = predicted_rates(cfg, qcfg, args, batches)
+    forecasts = predicted_rates(cfg, qcfg, args, batches, tm)
     points = []
     for B in batches:
         prefill_s, decode_s, records, decode_runs = timed[B]
@@ -406,14 +411,13 @@ def _measure(gpt, cfg, args) -> dict:
     return out
 
 
-def predicted_rates(cfg, qcfg, args, batches) -> dict:
+def predicted_rates(cfg, qcfg, args, batches, model) -> dict:
     """The time model's forecast (minigpt.energy.forecast.generation) for this run: {B:
     {"predicted_tokens_per_s"}} for each batch, the prefill rate of one sequence (each is
     prefilled on its own here) and how the forecast treats this run's products."""
     from minigpt.energy import forecast
-    from minigpt.train import timing_runs
+    from minigpt.hardware import timing
 
-    model = timing_runs.time_model()
     out = {}
     for B in batches:
         g = forecast.generation(cfg, model, args.prompt, args.tokens, batch=B, quant=qcfg)
@@ -422,6 +426,10 @@ def predicted_rates(cfg, qcfg, args, batches) -> dict:
     out["prefill_tokens_per_s"] = args.prompt / one.prefill_s
     if qcfg is None:
         out["how"] = "the time model's float32 product rates and stream bandwidth"
+    elif qcfg.bits and model.packed_rate(f"w{qcfg.bits}a32", 1) is not None \
+            and forecast._packed_kernels():
+        out["how"] = (f"the time model's {qcfg.bits}-bit packed-kernel rates (measured streaming a "
+                      f"{timing.PACKED_BYTES >> 20} MiB packed weight) and float32 rates elsewhere")
     else:
         width = f"{qcfg.bits}-bit packed" if qcfg.bits else f"int8 {qcfg.mode}"
         out["how"] = (f"the time model has no rate for {width} products: forecast at its float32 product "

@@ -169,7 +169,7 @@ def _packed_product(sh, scope, op, N, K, M, packed: Packed):
     at the activations' width."""
     Mp, s = packed_columns(M), sh.itemsize
     sh._add(scope, op, "matmul", 2 * N * K * Mp, s * N * K + packed_weight_bytes(K, M, packed),
-            s * N * M, useful=2 * N * K * M, dtype=f"w{packed.bits}a32")
+            s * N * M, useful=2 * N * K * M, dtype=f"w{packed.bits}a32", shape=(1, N, K, Mp))
 
 
 def _visible(T, Tk, pos0):

@@ -96,6 +96,13 @@ def _fused() -> bool:
     return layers.fused()
 
 
+def _packed_kernels() -> bool:
+    """Whether packed-weight products here run on the packed kernels (Numba, on the CPU)."""
+    from minigpt import backend, kernels
+
+    return kernels.active() == "numba" and backend.device == "cpu"
+
+
 def _step(tm: timing.TimeModel, cfg, mode: str, batch: int, seq: int, grad_accum: int = 1):
     calls = closed_form.op_calls(cfg, mode, batch, seq, grad_accum, fused=_fused())
     step = timing.predict_calls(tm, calls, mode)
@@ -251,10 +258,13 @@ def generation(cfg, tm: timing.TimeModel, prompt_tokens: int, steps: int, batch:
                quant=None) -> GenerationForecast:
     """The forecast of a prefill of prompt_tokens and `steps` decode steps after it, for a model
     config (a ModelConfig); quant: the QuantConfig of int8 inference (its products are predicted at
-    the float32 rate: docs/costs.md)."""
+    the float32 rate: docs/costs.md) or of packed weights (--bits: at the packed kernels' measured
+    rates where they run, TimeModel.packed)."""
+    packed = bool(getattr(quant, "bits", None)) and _packed_kernels()
+
     def step(mode, seq):
         calls = closed_form.op_calls(cfg, mode, batch, seq, quant=quant, fused=_fused())
-        return timing.predict_calls(tm, calls, mode)
+        return timing.predict_calls(tm, calls, mode, packed)
 
     pre = step("prefill", prompt_tokens)
     positions = range(prompt_tokens, min(prompt_tokens + steps, cfg.block_size))

@@ -57,6 +57,10 @@ from minigpt.hardware import profiles
 GRID_QUICK = ((1, 16, 64, 256, 1024), (16, 64, 256, 1024), (16, 64, 256, 1024))
 GRID_CAREFUL = ((1, 8, 64, 256, 1024, 2048), (8, 64, 256, 1024, 2048), (8, 64, 256, 1024, 2048))
 MODES = ("train", "eval", "prefill", "decode")
+# the packed-weight kernels (kernels/quant.py) measured: weight widths, and sequences a product
+PACKED_BITS = (16, 8, 4)
+PACKED_M = (1, 4, 16)
+PACKED_BYTES = 64 << 20  # the packed weight each is measured on: twice a 32 MiB last-level cache
 VERSION = 2  # a file of another version is measured again, not trusted
 
 
@@ -78,6 +82,9 @@ class TimeModel:
     cores: int = 1  # logical cores this process may use
     tries: int = 1  # best of this many tries each
     cache_bytes: int = 32 << 20  # the last-level cache: a step moving less stays in it
+    # "w8a32" -> [[m, FLOP/s], ...]: the packed-weight kernels streaming a PACKED_BYTES weight
+    # (measured where Numba runs them; empty elsewhere)
+    packed: dict[str, list[list[float]]] = field(default_factory=dict)
     version: int = VERSION
 
     def to_json(self) -> dict:
@@ -128,17 +135,34 @@ class TimeModel:
                     value += wi * wj * wl * table[i, j, l_]
         return math.exp(value)
 
+    def packed_rate(self, dtype: str, m: int) -> float | None:
+        """FLOP/s of an (m, k) @ packed (k, n) product of this weight width ("w4a32"), log-linear
+        in log m between the measured points and held beyond them; None where not measured."""
+        points = self.packed.get(dtype)
+        if not points or len(points) == 1:
+            return points[0][1] if points else None
+        xs = [math.log(p[0]) for p in points]
+        x = min(max(math.log(max(m, 1)), xs[0]), xs[-1])
+        i = min(max(bisect_left(xs, x) - 1, 0), len(xs) - 2)
+        w = (x - xs[i]) / (xs[i + 1] - xs[i])
+        return math.exp((1 - w) * math.log(points[i][1]) + w * math.log(points[i + 1][1]))
+
     def elementwise_seconds(self, kind: str, op: str, nbytes: float) -> float:
         """Seconds of one call of an elementwise op moving nbytes (see the module's docstring)."""
         points = self.elementwise.get(f"{kind}/{op}") or self.elementwise["generic"]
         return interpolate(points, nbytes)
 
-    def call_seconds(self, call: OpCall, streaming: bool = True) -> float:
+    def call_seconds(self, call: OpCall, streaming: bool = True, packed: bool = False) -> float:
         """What the meter would time for one call; streaming: its operands come from memory (the
-        step moves more than the cache holds), so a product takes at least its bytes' time."""
+        step moves more than the cache holds), so a product takes at least its bytes' time;
+        packed: a product with packed weights runs on the packed kernels (at their measured rate,
+        which includes streaming the weight), not NumPy's float32 product."""
         nbytes = call.bytes_read + call.bytes_written
         if call.shape is not None:
             b, m, k, n = call.shape
+            rate = self.packed_rate(call.key.dtype, m) if packed else None
+            if rate is not None:
+                return self.call_s + b * 2 * m * k * n / rate
             compute = b * 2 * m * k * n / self.rate(m, k, n)
             stream = nbytes / self.stream_bandwidth if streaming else 0.0
             return self.call_s + max(compute, stream)
@@ -197,13 +221,14 @@ class StepTime:
         return sum(self.by_key.values()) + self.unmetered
 
 
-def predict_calls(model: TimeModel, calls: list[OpCall], mode: str) -> StepTime:
-    """The predicted seconds of one step made of these calls (closed_form.op_calls)."""
+def predict_calls(model: TimeModel, calls: list[OpCall], mode: str, packed: bool = False) -> StepTime:
+    """The predicted seconds of one step made of these calls (closed_form.op_calls); packed: its
+    packed-weight products run on the packed kernels (TimeModel.call_seconds)."""
     by_key: dict = {}
     nbytes = sum(c.bytes_read + c.bytes_written for c in calls)
     streaming = nbytes > model.cache_bytes
     for c in calls:
-        by_key[c.key] = by_key.get(c.key, 0.0) + model.call_seconds(c, streaming)
+        by_key[c.key] = by_key.get(c.key, 0.0) + model.call_seconds(c, streaming, packed)
     return StepTime(by_key, model.gap_seconds(mode, len(calls), nbytes), len(calls))
 
 
@@ -251,6 +276,42 @@ def measure_products(grid, tries: int, target_flops: float = 1e7) -> tuple[list,
             stream = max(stream, (x.nbytes + w.nbytes + 16384 * 4) / seconds)
             call_s = min(call_s, _best(lambda: matmul(one, one), 1))
     return rates, stream, call_s
+
+
+def measure_packed(tries: int, nbytes: int = PACKED_BYTES) -> dict[str, list[list[float]]]:
+    """{"w8a32": [[m, FLOP/s], ...], ...}: each packed-weight kernel (kernels/quant.py) on an
+    nbytes packed weight of random values, for m in PACKED_M sequences, the best of `tries`
+    sweeps; {} where the kernels do not run (NumPy's path, no Numba)."""
+    from minigpt import kernels
+
+    if kernels.active() != "numba":
+        return {}
+    from minigpt.kernels import quant
+
+    rng = np.random.default_rng(0)
+    K, W = 1024, quant.TILE
+    weights = {}
+    for bits in PACKED_BITS:
+        T = max(nbytes * 8 // (bits * K * W), 1)
+        if bits == 16:  # fp16 patterns of magnitudes below 2 (no infinities or NaNs)
+            weights[bits] = (rng.integers(0, 0x4000, (T, K, W), dtype=np.uint16), None)
+        elif bits == 8:
+            weights[bits] = (rng.integers(-127, 128, (T, K, W), dtype=np.int8),
+                             rng.random((T, W), dtype=np.float32))
+        else:
+            weights[bits] = (rng.integers(0, 256, (T, K // 2, W), dtype=np.uint8),
+                             rng.random((T, K // 32, W), dtype=np.float32))
+    best = {(bits, m): float("inf") for bits in PACKED_BITS for m in PACKED_M}
+    with METER.paused():
+        for _ in range(tries):  # sweeps, as the grid's
+            for bits, (data, scale) in weights.items():
+                M = data.shape[0] * W
+                for m in PACKED_M:
+                    x = rng.standard_normal((m, K), dtype=np.float32)
+                    s = _best(lambda x=x, d=data, s=scale, b=bits, M=M: quant.product(x, b, d, s, False, M), 1, 0.0)
+                    best[bits, m] = min(best[bits, m], s)
+    return {f"w{bits}a32": [[m, 2 * m * K * weights[bits][0].shape[0] * W / best[bits, m]]
+                            for m in PACKED_M] for bits in PACKED_BITS}
 
 
 def generic_points(tries: int) -> list[list[float]]:

@@ -67,7 +67,8 @@ def build(s: Shape) -> tuple[GPT, AdamW]:
 def step_functions(model: GPT, opt: AdamW, s: Shape) -> dict:
     """mode -> a function running one step of it under the meter: a training step of (batch,
     seq), a validation forward of the same, a prefill of seq tokens (batch 1), and DECODE_STEPS
-    decode steps (batch 1) from position seq // 2."""
+    decode steps (batch 1, GPT.decode_step: generation's and the server's path) from position
+    seq // 2."""
     rng = np.random.default_rng(1)
     x = rng.integers(0, s.vocab, (s.batch, s.seq))
     y = rng.integers(0, s.vocab, (s.batch, s.seq))
@@ -91,11 +92,11 @@ def step_functions(model: GPT, opt: AdamW, s: Shape) -> dict:
         model.logits(half, cache, last_only=True)
     filled = cache.length
 
-    def decode():  # DECODE_STEPS tokens after the same prefix each try
+    def decode():  # DECODE_STEPS tokens after the same prefix each try, as generation steps them
         cache.length = filled
         with METER.in_phase("decode"):
             for t in range(DECODE_STEPS):
-                model.logits(x[:1, t:t + 1], cache)
+                model.decode_step(x[0, t:t + 1], [cache])
 
     return {"train": train, "eval": evaluate, "prefill": prefill, "decode": decode}
 
@@ -135,6 +136,7 @@ def measure(quick: bool = True, shapes: tuple[Shape, ...] | None = None, grid=No
     shapes = shapes or (QUICK_SHAPES if quick else CAREFUL_SHAPES)
     load_before = timing.load_average()
     rates, stream, call_s = timing.measure_products(grid, tries + 1)
+    packed = timing.measure_packed(tries + 1)
     points: dict[str, list] = {"generic": []}
     runs: list[ModeRun] = []
     saved = METER.records, METER.phase, METER.scope_path
@@ -170,7 +172,7 @@ def measure(quick: bool = True, shapes: tuple[Shape, ...] | None = None, grid=No
         gap_per_byte={m: g[1] for m, g in gaps.items()}, busy_cores=busy,
         how="quick" if quick else "calibrate", measured_at=timing.now_iso(),
         load_average=[load_before, timing.load_average()], cores=timing.logical_cores(),
-        tries=tries, cache_bytes=timing.last_level_cache())
+        tries=tries, cache_bytes=timing.last_level_cache(), packed=packed)
 
 
 def cache_key() -> str:
