@@ -1,0 +1,96 @@
+"""The most two data-parallel ranks can gain over one process on this machine, for a config.
+
+    python bench/dist_bound.py [--case tiny --case wide] [--repeats 5] [--format json]
+
+Two ranks on a 2-core machine each run a training step on half the batch with one thread (what
+`mpiexec -n 2 python train.py` does: minigpt.hardware.blas plans a thread per rank), then add
+their gradients. One process runs the whole batch with the libraries' two threads. So, however
+good the communication, two ranks are faster by at most
+
+    bound = step(whole batch, 2 threads) / step(half the batch, 1 thread)
+
+and only by that if the allreduce costs nothing. This script measures the four steps in one
+process (the trainer's forward, backward, clip and AdamW on the case's shape, best of --repeats
+after a warm-up, through minigpt.train.timing_runs) and prints the bound beside what each
+thread count does on its own: where the libraries already run the whole batch nearly twice as
+fast on two threads as on one, two ranks have little left to win (bench/dist.py measures what they
+do win). The cases are bench/dist.py's.
+"""
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from dist import CASES  # noqa: E402
+
+from minigpt import config  # noqa: E402
+from minigpt.hardware import blas  # noqa: E402
+from minigpt.train import timing_runs  # noqa: E402
+from minigpt.train.timing_runs import Shape  # noqa: E402
+
+
+def shape_of(case: str, batch: int | None = None) -> Shape:
+    path, overrides = CASES[case]
+    cfg = config.load(Path(__file__).resolve().parents[1] / path, overrides)
+    m = cfg.model
+    return Shape(m.n_layer, m.n_embd, m.n_head, m.block_size, batch or cfg.train.batch_size,
+                 m.vocab_size)
+
+
+def step_seconds(shape: Shape, threads: int, repeats: int) -> float:
+    """Best wall seconds of one training step of the shape on `threads` BLAS threads."""
+    model, opt = timing_runs.build(shape)
+    step = timing_runs.step_functions(model, opt, shape)["train"]
+    with blas.threads(threads):
+        step()
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            step()
+            best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def measure(case: str, repeats: int) -> dict:
+    whole = shape_of(case)
+    half = whole._replace(batch=whole.batch // 2)
+    s = {(b, n): step_seconds(sh, n, repeats) for b, sh in (("whole", whole), ("half", half))
+         for n in (1, 2)}
+    return {"case": case, "shape": whole._asdict(),
+            "whole_1_thread_s": s["whole", 1], "whole_2_threads_s": s["whole", 2],
+            "half_1_thread_s": s["half", 1], "half_2_threads_s": s["half", 2],
+            "two_thread_speedup": s["whole", 1] / s["whole", 2],
+            "bound": s["whole", 2] / s["half", 1]}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--case", action="append", choices=sorted(CASES),
+                   help="tiny or wide (repeatable; default both)")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--format", choices=("table", "json"), default="table")
+    args = p.parse_args(argv)
+    if args.repeats < 1:
+        p.error("--repeats must be at least 1")
+    results = [measure(c, args.repeats) for c in args.case or ["tiny", "wide"]]
+    if args.format == "json":
+        print(json.dumps(results, indent=1))
+        return 0
+    print(f"{'case':<6} {'batch':>5} {'1 thread s':>11} {'2 threads s':>12} {'2 vs 1':>7} "
+          f"{'half, 1 thread s':>17} {'bound for 2 ranks':>18}")
+    for r in results:
+        print(f"{r['case']:<6} {r['shape']['batch']:>5} {r['whole_1_thread_s']:>11.4f} "
+              f"{r['whole_2_threads_s']:>12.4f} {r['two_thread_speedup']:>6.2f}x "
+              f"{r['half_1_thread_s']:>17.4f} {r['bound']:>17.2f}x")
+    print("bound = one process's step on 2 threads / one rank's (half the batch, 1 thread): what 2 "
+          "ranks gain with a free allreduce")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
