@@ -26,12 +26,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from dist import CASES  # noqa: E402
+from dist import CASES
 
-from minigpt import config  # noqa: E402
-from minigpt.hardware import blas  # noqa: E402
-from minigpt.train import timing_runs  # noqa: E402
-from minigpt.train.timing_runs import Shape  # noqa: E402
+from minigpt import config
+from minigpt.hardware import blas
+from minigpt.train import timing_runs
+from minigpt.train.timing_runs import Shape
 
 
 def shape_of(case: str, batch: int | None = None) -> Shape:
