@@ -2,7 +2,7 @@
 
     python bench/serve.py [--models tiny,gpt2-124m] [--clients 1,4,8,16] [--requests 3] [--repeats 3]
                           [--max-tokens 32] [--prompt-tokens 16] [--max-batch 16]
-                          [--blas-threads 1] [--bits 32|16|8|4] [--format json]
+                          [--blas-threads N] [--bits 32|16|8|4] [--format json]
 
 For each model shape (random GPT-2-initialised weights from `minigpt init`, written once to a
 temporary folder: speed does not depend on what the weights learned) it starts `minigpt serve` as
@@ -190,8 +190,9 @@ def main(argv=None) -> int:
     p.add_argument("--prompt-tokens", type=int, default=16, help="prompt length in tokens")
     p.add_argument("--max-batch", type=int, default=16, help="the server's --max-batch")
     p.add_argument("--max-queue", type=int, default=256, help="the server's --max-queue")
-    p.add_argument("--blas-threads", type=int, default=1,
-                   help="the server's --blas-threads (default 1; 0: OpenBLAS's own count)")
+    p.add_argument("--blas-threads", type=int, default=0,
+                   help="the server's --blas-threads (default 0: none given, the server's own "
+                   "default, OpenBLAS's count)")
     p.add_argument("--bits", type=int, choices=(32, 16, 8, 4), default=32,
                    help="the server's --bits: 32 = float32 weights, 16/8/4 = packed")
     p.add_argument("--runs", default=None, help="keep the run folders here (default: a temp folder)")

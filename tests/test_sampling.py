@@ -86,3 +86,17 @@ def test_temperature_zero_is_the_argmax_without_drawing():
 
     assert sample_next(LOGITS.copy(), temperature=0, rng=NoDraw()) == 3
     assert sample_next(LOGITS[::-1].copy(), temperature=0, top_k=2, rng=NoDraw()) == 0
+
+
+def test_a_generators_draw_is_the_token_its_choice_would_give():
+    """sampling.draw takes a Generator's choice without choice's checks: the same token from the
+    same generator state, draw after draw."""
+    from minigpt.sampling import draw
+
+    p = np.random.default_rng(1).random(50257)
+    p[::7] = 0.0  # tokens filtered out are never drawn
+    p /= p.sum()
+    a, b = np.random.default_rng(5), np.random.default_rng(5)
+    drawn = [draw(a, p) for _ in range(3000)]
+    assert drawn == [int(b.choice(p.size, p=p)) for _ in range(3000)]
+    assert all(p[t] > 0 for t in drawn)
