@@ -13,9 +13,9 @@ would time for each, plus what the meter does not time (Python between the ops):
   call so the per-call cost is left out), interpolated linearly in log(rate) over log(m), log(k), log(n) and
   held at the grid's edge beyond it (products larger than the grid run at its largest rate).
 - stream_bandwidth is the bytes/s of products whose weights come from memory (m = 1, eight
-  distinct 16 MiB weights one after another, as a decode step streams its layers'): a product cannot beat reading its operands, so the bound holds for skinny products, where a
-  step moves more bytes than the last-level cache holds (cache_bytes, from the system's cache
-  description). The grid's products reuse one B, as a layer's weights are reused, so a small
+  distinct 16 MiB weights one after another, as a decode step streams its layers'): a product
+  cannot beat reading its operands, so the bound holds for skinny products, where a step moves
+  more bytes than the last-level cache holds (cache_bytes, from the system's cache description). The grid's products reuse one B, as a layer's weights are reused, so a small
   model's decode step, whose weights stay in the cache, runs at the grid's rates.
 - call_s is the seconds of the smallest counted product, the fixed cost of one call.
 - an elementwise op's points are (bytes per call, seconds per call) measured by running the
