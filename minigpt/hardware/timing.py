@@ -15,8 +15,9 @@ would time for each, plus what the meter does not time (Python between the ops):
 - stream_bandwidth is the bytes/s of products whose weights come from memory (m = 1, eight
   distinct 16 MiB weights one after another, as a decode step streams its layers'): a product
   cannot beat reading its operands, so the bound holds for skinny products, where a step moves
-  more bytes than the last-level cache holds (cache_bytes, from the system's cache description). The grid's products reuse one B, as a layer's weights are reused, so a small
-  model's decode step, whose weights stay in the cache, runs at the grid's rates.
+  more bytes than the last-level cache holds (cache_bytes, from the system's cache description).
+  The grid's products reuse one B, as a layer's weights are reused, so a small model's decode
+  step, whose weights stay in the cache, runs at the grid's rates.
 - call_s is the seconds of the smallest counted product, the fixed cost of one call.
 - an elementwise op's points are (bytes per call, seconds per call) measured by running the
   model's own layers (minigpt.train.timing_runs); between points the seconds are interpolated
