@@ -224,6 +224,7 @@ def measure(args) -> dict:
     kernels.use(getattr(args, "kernels", kernels.active()))
     model = load_model(args)
     gpt, cfg = model.gpt, model.config.model
+    gpt.prepare_decode()
     if args.prompt + args.tokens > cfg.block_size:
         raise SystemExit(f"--prompt {args.prompt} + --tokens {args.tokens} exceed block_size {cfg.block_size}")
     from minigpt.train import timing_runs

@@ -138,3 +138,24 @@ def test_generate_batch_counts_one_decode_pass_per_step_for_all_sequences():
               for ph in ("prefill", "decode")}
     assert passes == {"prefill": 2, "decode": 9}
     assert [g.decode_steps for g in gens] == [9, 9]
+
+
+def test_prepare_decode_keeps_the_logits_and_a_training_step_drops_its_copy():
+    """prepare_decode lays the LM head's weight out row-major: the same logits to float32
+    rounding; a backward pass drops the copy, so the step's update shows in the next logits."""
+    from minigpt.nn.model import GPT
+    from minigpt.nn.params import FlatBuffer
+    from minigpt.train.optim import AdamW
+    from minigpt.train.trainer import accumulate, update
+
+    gpt = model().gpt
+    x, y = np.stack(prompts((8, 8), seed=3)), np.stack(prompts((8, 8), seed=4))
+    before = gpt.logits(x)
+    gpt.prepare_decode()
+    np.testing.assert_allclose(gpt.logits(x), before, rtol=1e-5, atol=1e-6)
+    gpt.grads = FlatBuffer(gpt.cfg)
+    accumulate(gpt, [(x, y)], 1)
+    update(gpt, AdamW(gpt.params), 1e-2, 1.0)
+    fresh = GPT(gpt.cfg, gpt.params)  # the updated weights, no copy
+    assert np.abs(fresh.logits(x) - before).max() > 1e-3  # the update changed the logits
+    np.testing.assert_allclose(gpt.logits(x), fresh.logits(x), rtol=1e-6, atol=1e-7)

@@ -195,9 +195,20 @@ class GPT:
         self.quant: quant.QuantizedWeights | lowbit.PackedWeights | None = None
         self.routing: dict[int, moe.Routing] = {}  # the last forward's MoE blocks, by index
         self._scratch = None  # see _scratch_like
+        self._head = None  # the LM head's weight laid out row-major (prepare_decode), or None
         # every process that runs a model runs it on memory kept for reuse, so a step costs the
         # same in training, generation, serving and the time model's calibration (no page faults)
         backend.keep_freed_memory()
+
+    def prepare_decode(self) -> None:
+        """Keep a row-major copy of the token table's transpose, (C, V), for the LM head: BLAS
+        multiplies a few rows by it faster than by the transposed view (at GPT-2's size, 8 rows
+        in 6.8 ms against 9-11 ms here; docs/benchmarks.md), which a batched decode step does
+        every token. 154 MB more at GPT-2's size, so only for generation and serving; the copy
+        is dropped as soon as a backward pass runs (the weights are about to change). Float
+        weights only: a quantized LM head has its own layout."""
+        if self.quant is None:
+            self._head = backend.xp.ascontiguousarray(self.params["transformer.wte.weight"].T)
 
     def _scratch_like(self, a):
         """An array shaped like a, kept between steps: a product that would allocate more than the
@@ -273,7 +284,8 @@ class GPT:
             elif self.quant is not None:
                 logits = quant.matmul_int8_weight(x2, self.quant.lm_head, op="x@wte.T")  # (B*T, V)
             else:
-                logits = matmul(x2, self.params["transformer.wte.weight"].T, op="x@wte.T")
+                head = self._head if self._head is not None else self.params["transformer.wte.weight"].T
+                logits = matmul(x2, head, op="x@wte.T")
         return logits.reshape(B, T, -1), x2
 
     @property
@@ -296,6 +308,7 @@ class GPT:
         yourself). on_block_done(i), when given, is called as soon as block i's gradients are
         complete (blocks finish last to first; data parallelism starts their allreduce there)."""
         cfg, p = self.cfg, self.params
+        self._head = None  # the weights are about to change: prepare_decode's copy would go stale
         if self.grads is None:
             self.grads = FlatBuffer(cfg, p.data.dtype)
         g = self.grads
