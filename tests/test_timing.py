@@ -67,6 +67,19 @@ def test_a_call_costs_its_fixed_cost_plus_the_slower_of_arithmetic_and_streaming
     assert tm.call_seconds(big) == pytest.approx(12e6 / 1e9)
 
 
+def test_a_product_of_several_rows_streams_at_the_several_rows_bandwidth():
+    """One row streams its weight at stream_bandwidth; two or more at stream_bandwidth_rows (BLAS
+    packs the weight first), where measured."""
+    tm = timing.TimeModel.constant(flops=1e13, bandwidth=4e10, call_s=0.0)
+    key = closed_form.RecordKey("lm_head", "x@wte.T", "matmul", "decode", "float32")
+    one = closed_form.OpCall(key, 2 * 768 * 50257, 4 * 768 * 50257, 0, (1, 1, 768, 50257))
+    eight = one._replace(shape=(1, 8, 768, 50257))
+    assert tm.call_seconds(eight) == pytest.approx(4 * 768 * 50257 / 4e10)  # not measured: one row's
+    tm.stream_bandwidth_rows = 1e10
+    assert tm.call_seconds(one) == pytest.approx(4 * 768 * 50257 / 4e10)
+    assert tm.call_seconds(eight) == pytest.approx(4 * 768 * 50257 / 1e10)
+
+
 def test_an_elementwise_call_larger_than_the_cache_is_held_to_the_memorys_bandwidth():
     """Calibrated in the cache at 100 GB/s, an op over 100 MB runs at the memory's 10 GB/s."""
     tm = timing.TimeModel.constant(flops=1e10, bandwidth=1e11, call_s=1e-6)
@@ -419,7 +432,7 @@ def test_a_real_measurement_has_every_figure_the_predictions_use():
     assert all(len(p) >= 1 and all(s > 0 for _, s in p) for p in tm.elementwise.values())
     assert all(tm.gap_per_call[m] >= 0 and tm.gap_per_byte[m] >= 0 for m in timing.MODES)
     assert all(r > 0 for plane in tm.rates for row in plane for r in row)
-    assert tm.stream_bandwidth > 0 and tm.call_s > 0 and 0 < tm.busy_cores
+    assert tm.stream_bandwidth > 0 and tm.stream_bandwidth_rows > 0 and tm.call_s > 0 and 0 < tm.busy_cores
     assert tm.how == "quick" and tm.measured_at and len(tm.load_average) == 2
     back = timing.TimeModel.from_json(json.loads(json.dumps(tm.to_json())))
     cfg = config.ModelConfig(n_layer=2, n_head=3, n_embd=48, block_size=48, vocab_size=200)

@@ -58,6 +58,7 @@ from minigpt.hardware import profiles
 GRID_QUICK = ((1, 16, 64, 256, 1024), (16, 64, 256, 1024), (16, 64, 256, 1024))
 GRID_CAREFUL = ((1, 8, 64, 256, 1024, 2048), (8, 64, 256, 1024, 2048), (8, 64, 256, 1024, 2048))
 MODES = ("train", "eval", "prefill", "decode")
+STREAM_ROWS = 4  # the rows of the second stream figure: OpenBLAS packs B for any product of 2 or more
 # the packed-weight kernels (kernels/quant.py) measured: weight widths, and sequences a product
 PACKED_BITS = (16, 8, 4)
 PACKED_M = (1, 4, 16)
@@ -86,6 +87,9 @@ class TimeModel:
     # "w8a32" -> [[m, FLOP/s], ...]: the packed-weight kernels streaming a PACKED_BYTES weight
     # (measured where Numba runs them; empty elsewhere)
     packed: dict[str, list[list[float]]] = field(default_factory=dict)
+    # bytes/s of the same weights times STREAM_ROWS rows: BLAS copies each weight into its packed
+    # panels first, so a few rows stream at a fraction of one row's rate (0: not measured)
+    stream_bandwidth_rows: float = 0.0
     version: int = VERSION
 
     def to_json(self) -> dict:
@@ -165,7 +169,8 @@ class TimeModel:
             if rate is not None:
                 return self.call_s + b * 2 * m * k * n / rate
             compute = b * 2 * m * k * n / self.rate(m, k, n)
-            stream = nbytes / self.stream_bandwidth if streaming else 0.0
+            bandwidth = self.stream_bandwidth_rows if m > 1 and self.stream_bandwidth_rows else self.stream_bandwidth
+            stream = nbytes / bandwidth if streaming else 0.0
             return self.call_s + max(compute, stream)
         seconds = self.elementwise_seconds(call.key.kind, call.key.op, nbytes)
         if nbytes > self.cache_bytes:  # from memory: no faster than the memory delivers
@@ -252,9 +257,9 @@ def _best(fn, tries: int, min_s: float = 2e-3) -> float:
     return best
 
 
-def measure_products(grid, tries: int, target_flops: float = 1e7) -> tuple[list, float, float]:
-    """(rates on the grid (sizes of m, of k, of n), stream bandwidth, seconds of the smallest
-    call), each the best of `tries`."""
+def measure_products(grid, tries: int, target_flops: float = 1e7) -> tuple[list, float, float, float]:
+    """(rates on the grid (sizes of m, of k, of n), stream bandwidth of one row, of STREAM_ROWS
+    rows, seconds of the smallest call), each the best of `tries`."""
     rng = np.random.default_rng(0)
     ms, ks, ns = grid
     rates = [[[0.0] * len(ns) for _ in ks] for _ in ms]
@@ -264,12 +269,15 @@ def measure_products(grid, tries: int, target_flops: float = 1e7) -> tuple[list,
     weights = [np.ones((1024, 4096), dtype=np.float32) for _ in range(8)]
     streamed = x.nbytes * len(weights) + sum(w.nbytes + 4096 * 4 for w in weights)
 
-    def stream_pass():
+    def stream_pass(x):
         for w in weights:
             matmul(x, w)
 
+    rows = rng.standard_normal((STREAM_ROWS, 1024), dtype=np.float32)
+    streamed_rows = streamed + (rows.nbytes - x.nbytes + (STREAM_ROWS - 1) * 4096 * 4) * len(weights)
+
     one = np.ones((1, 1), dtype=np.float32)
-    stream, call_s = 0.0, float("inf")
+    stream, stream_rows, call_s = 0.0, 0.0, float("inf")
     with METER.paused():  # the model's own product path, left out of the records
         for _ in range(tries):  # sweeps of everything: a disturbance spoils one try, not all
             for i, m in enumerate(ms):
@@ -281,9 +289,10 @@ def measure_products(grid, tries: int, target_flops: float = 1e7) -> tuple[list,
                         b = rng.standard_normal((k, n), dtype=np.float32)  # reused, as weights are
                         rate = batch * flops / _best(lambda a=a, b=b: matmul(a, b), 1)
                         rates[i][j][l_] = max(rates[i][j][l_], rate)
-            stream = max(stream, streamed / _best(stream_pass, 1, 0.0))
+            stream = max(stream, streamed / _best(lambda: stream_pass(x), 1, 0.0))
+            stream_rows = max(stream_rows, streamed_rows / _best(lambda: stream_pass(rows), 1, 0.0))
             call_s = min(call_s, _best(lambda: matmul(one, one), 1))
-    return rates, stream, call_s
+    return rates, stream, stream_rows, call_s
 
 
 def measure_packed(tries: int, nbytes: int = PACKED_BYTES) -> dict[str, list[list[float]]]:

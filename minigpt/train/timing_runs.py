@@ -135,7 +135,7 @@ def measure(quick: bool = True, shapes: tuple[Shape, ...] | None = None, grid=No
     grid = grid or (timing.GRID_QUICK if quick else timing.GRID_CAREFUL)
     shapes = shapes or (QUICK_SHAPES if quick else CAREFUL_SHAPES)
     load_before = timing.load_average()
-    rates, stream, call_s = timing.measure_products(grid, tries + 1)
+    rates, stream, stream_rows, call_s = timing.measure_products(grid, tries + 1)
     packed = timing.measure_packed(tries + 1)
     points: dict[str, list] = {"generic": []}
     runs: list[ModeRun] = []
@@ -172,7 +172,8 @@ def measure(quick: bool = True, shapes: tuple[Shape, ...] | None = None, grid=No
         gap_per_byte={m: g[1] for m, g in gaps.items()}, busy_cores=busy,
         how="quick" if quick else "calibrate", measured_at=timing.now_iso(),
         load_average=[load_before, timing.load_average()], cores=timing.logical_cores(),
-        tries=tries, cache_bytes=timing.last_level_cache(), packed=packed)
+        tries=tries, cache_bytes=timing.last_level_cache(), packed=packed,
+        stream_bandwidth_rows=stream_rows)
 
 
 def cache_key() -> str:
