@@ -428,7 +428,7 @@ def predicted_rates(cfg, qcfg, args, batches, model) -> dict:
     if qcfg is None:
         out["how"] = "the time model's float32 product rates and stream bandwidth"
     elif qcfg.bits and model.packed_rate(f"w{qcfg.bits}a32", 1) is not None \
-            and forecast._packed_kernels():
+            and forecast.packed_kernels():
         out["how"] = (f"the time model's {qcfg.bits}-bit packed-kernel rates (measured streaming a "
                       f"{timing.PACKED_BYTES >> 20} MiB packed weight) and float32 rates elsewhere")
     else:

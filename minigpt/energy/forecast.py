@@ -96,7 +96,7 @@ def _fused() -> bool:
     return layers.fused()
 
 
-def _packed_kernels() -> bool:
+def packed_kernels() -> bool:
     """Whether packed-weight products here run on the packed kernels (Numba, on the CPU)."""
     from minigpt import backend, kernels
 
@@ -260,7 +260,7 @@ def generation(cfg, tm: timing.TimeModel, prompt_tokens: int, steps: int, batch:
     config (a ModelConfig); quant: the QuantConfig of int8 inference (its products are predicted at
     the float32 rate: docs/costs.md) or of packed weights (--bits: at the packed kernels' measured
     rates where they run, TimeModel.packed)."""
-    packed = bool(getattr(quant, "bits", None)) and _packed_kernels()
+    packed = bool(getattr(quant, "bits", None)) and packed_kernels()
 
     def step(mode, seq):
         calls = closed_form.op_calls(cfg, mode, batch, seq, quant=quant, fused=_fused())
