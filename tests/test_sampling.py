@@ -14,7 +14,7 @@ import math
 import numpy as np
 import pytest
 
-from minigpt.sampling import sample_next
+from minigpt.sampling import BLOCK, draw, sample_next
 
 W = np.array([1.0, 2.0, 3.0, 4.0])
 LOGITS = np.log(W)
@@ -100,3 +100,59 @@ def test_a_generators_draw_is_the_token_its_choice_would_give():
     drawn = [draw(a, p) for _ in range(3000)]
     assert drawn == [int(b.choice(p.size, p=p)) for _ in range(3000)]
     assert all(p[t] > 0 for t in drawn)
+
+
+class FixedUniform(np.random.Generator):
+    """A Generator whose uniforms are chosen: draw's edges, u = 0 and the largest u below 1."""
+
+    def __init__(self, u):
+        super().__init__(np.random.PCG64(0))
+        self.u = u
+
+    def random(self, *args, **kwargs):
+        return self.u
+
+
+def spread_weights() -> np.ndarray:
+    """Weights over several of draw's blocks, the last one partial, with zeros between."""
+    w = np.zeros(3 * BLOCK + 17)
+    w[[0, BLOCK - 1, BLOCK, 2 * BLOCK + 5, 3 * BLOCK + 16]] = [1.0, 2.0, 3.0, 4.0, 5.0]
+    return w
+
+
+def test_draw_across_blocks_follows_the_weights():
+    """Indices in different blocks (one at each side of a block's edge, one in the partial last
+    block): counts within 5 binomial standard deviations, and no zero-weight index ever drawn."""
+    w = spread_weights()
+    rng = np.random.default_rng(7)
+    counts = np.bincount([draw(rng, w) for _ in range(DRAWS)], minlength=w.size)
+    p = w / w.sum()
+    sigma = np.sqrt(DRAWS * p * (1 - p))
+    assert (np.abs(counts - DRAWS * p) <= 5 * sigma).all()
+    assert counts[w == 0].sum() == 0
+
+
+def test_draw_at_its_uniforms_edges_returns_the_first_and_last_weighted_index():
+    w = spread_weights()
+    assert draw(FixedUniform(0.0), w) == 0
+    assert draw(FixedUniform(np.nextafter(1.0, 0.0)), w) == 3 * BLOCK + 16
+    w[-1] = 0.0  # the last block now weightless: u near 1 lands on the last weighted index
+    assert draw(FixedUniform(np.nextafter(1.0, 0.0)), w) == 2 * BLOCK + 5
+    # u exactly at a cumulative boundary: ids 0 and BLOCK - 1 hold 3 of the 8: the next id's turn
+    w = np.zeros(BLOCK + 1)
+    w[[0, BLOCK - 1, BLOCK]] = [1.0, 2.0, 5.0]
+    assert draw(FixedUniform(3.0 / 8.0), w) == BLOCK
+
+
+def test_the_float32_softmax_draw_matches_the_float64_probabilities():
+    """The Generator path without filters (fast_softmax_draw) draws from the same softmax as the
+    float64 path the recorders see: over 50,257 logits of GPT-2's spread, a uniform on a grid
+    lands on the same token in both (inverse CDFs within float32's rounding)."""
+    z = np.random.default_rng(3).normal(0.0, 3.0, 50257).astype(np.float32)
+    p = np.exp((z.astype(np.float64) - z.max()) / 0.7)
+    cdf = np.cumsum(p / p.sum())
+    for u in np.linspace(0.001, 0.999, 41):
+        expected = int(cdf.searchsorted(u, side="right"))
+        got = sample_next(z, temperature=0.7, rng=FixedUniform(u))
+        near_an_edge = min(abs(cdf[expected] - u), abs(cdf[expected - 1] - u)) <= 1e-5
+        assert got == expected or (near_an_edge and abs(got - expected) == 1)
