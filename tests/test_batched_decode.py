@@ -159,3 +159,61 @@ def test_prepare_decode_keeps_the_logits_and_a_training_step_drops_its_copy():
     fresh = GPT(gpt.cfg, gpt.params)  # the updated weights, no copy
     assert np.abs(fresh.logits(x) - before).max() > 1e-3  # the update changed the logits
     np.testing.assert_allclose(gpt.logits(x), fresh.logits(x), rtol=1e-6, atol=1e-7)
+
+
+EXTEND_VARIANTS = {k: VARIANTS[k] for k in ("fp32", "w8a32", "int8 kv")}
+
+
+@pytest.mark.parametrize("variant", list(EXTEND_VARIANTS))
+def test_an_extend_step_gives_each_sequence_what_its_own_forward_gives(variant):
+    """Prompts into fresh caches and decode tokens into filled ones, in one extend_step: each
+    sequence's last logits, and then its cache (a decode step after it), as if run alone."""
+    kwargs, kv_int8 = EXTEND_VARIANTS[variant]
+    gpt = model(**kwargs).gpt
+    filled = prompts((3, 9))
+    new = prompts((5, 1, 11), seed=2)
+    caches = prefilled(gpt, filled, kv_int8) + [KVCache(gpt.cfg, 1, "float32", int8=kv_int8) for _ in new]
+    alone = prefilled(gpt, filled, kv_int8) + [KVCache(gpt.cfg, 1, "float32", int8=kv_int8) for _ in new]
+    lists = [np.array([17]), np.array([4, 250])] + new  # one decode token, two, and three prompts
+    out = gpt.extend_step(lists, caches)
+    ref = np.stack([gpt.logits(t[None], kv, last_only=True)[0, -1] for t, kv in zip(lists, alone)])
+    assert out.shape == (5, 256)
+    assert np.max(np.abs(out - ref)) <= 1e-5 * np.max(np.abs(ref))
+    assert [kv.length for kv in caches] == [4, 11, 5, 1, 11] == [kv.length for kv in alone]
+    nxt = out.argmax(axis=-1)
+    after = gpt.decode_step(nxt, caches)
+    ref = np.stack([gpt.logits(np.array([[t]]), kv)[0, -1] for t, kv in zip(nxt, alone)])
+    assert np.max(np.abs(after - ref)) <= 1e-5 * np.max(np.abs(ref))
+
+
+def test_an_extend_step_counts_what_the_closed_form_predicts():
+    from minigpt.counting import closed_form
+
+    gpt = model().gpt
+    caches = prefilled(gpt, prompts((3, 9))) + [KVCache(gpt.cfg, 1, "float32") for _ in range(2)]
+    METER.reset()
+    with METER.in_phase("prefill"):
+        gpt.extend_step([[1], [2, 3], [4, 5, 6, 7], [8]], caches)
+    predicted = closed_form.predict_extend(gpt.cfg, [(3, 1), (9, 2), (0, 4), (0, 1)], phase="prefill")
+    fields = ("calls", "flops", "useful_flops", "bytes_read", "bytes_written")
+    assert predicted.keys() == METER.records.keys()
+    for k, p in predicted.items():
+        assert [getattr(p, f) for f in fields] == [getattr(METER.records[k], f) for f in fields], k
+    c_fc = next(r for k, r in METER.records.items() if k.scope == "h0.mlp.c_fc" and k.kind == "matmul")
+    C = SMALL["n_embd"]
+    assert c_fc.calls == 1 and c_fc.flops == 2 * 8 * C * 4 * C  # all eight new rows in one product
+    head = next(r for k, r in METER.records.items() if k.scope == "lm_head")
+    assert head.flops == 2 * 4 * C * 256  # one row a sequence
+    # one token a sequence is decode_step's step: the same records as predict_decode_batch's
+    assert closed_form.predict_extend(gpt.cfg, [(3, 1), (5, 1)]).keys() == \
+        closed_form.predict_decode_batch(gpt.cfg, [3, 5]).keys()
+
+
+def test_an_extend_step_refuses_what_does_not_fit():
+    gpt = model().gpt
+    caches = prefilled(gpt, prompts((3, 20)))
+    with pytest.raises(ValueError, match="cache 1 is full"):
+        gpt.extend_step([[1], [1, 2, 3, 4, 5]], caches)
+    with pytest.raises(ValueError, match="no new tokens"):
+        gpt.extend_step([[1], []], caches)
+    assert [kv.length for kv in caches] == [3, 20]  # nothing advanced

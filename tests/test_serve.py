@@ -226,9 +226,9 @@ def test_concurrent_requests_join_one_batch_and_answer_as_alone():
 
 
 def test_a_batched_step_shares_its_joules():
-    """Two jobs admitted together: each prefill's joules go to its own job, each decode step's
-    are split between the two sequences in it; a later lone job pays its steps in full.
-    FixedEnergy: every step the engine times costs 1 J."""
+    """Two jobs admitted together: their prompts (3 tokens each) share one prefill step by
+    their tokens, each decode step's joules are split between the two sequences in it; a later
+    lone job pays its steps in full. FixedEnergy: every step the engine times costs 1 J."""
     model = random_model()
 
     engine = Engine(model.gpt, model.tokenizer, max_batch=4, energy=FixedEnergy(1.0))
@@ -249,16 +249,19 @@ def test_a_batched_step_shares_its_joules():
     finally:
         engine.stop(10)
     for name in "ab":
-        assert done[name].prefill_joules == 2.0  # its prefill, and its own first sample
+        assert done[name].prefill_joules == 1.5  # half the prefill step, its own first sample
         assert done[name].decode_joules == pytest.approx(4 * 0.5)  # 4 steps of 2 sequences
         assert done[name].completion_tokens == 5
     assert done["c"].decode_joules == pytest.approx(2.0)  # 2 steps alone
-    assert done["a"].to_json()["energy"]["joules_per_token"] == pytest.approx((2 + 2) / 5)
+    assert done["c"].prefill_joules == 2.0  # a prefill step of its own
+    assert done["a"].to_json()["energy"]["joules_per_token"] == pytest.approx((1.5 + 2) / 5)
 
 
 def test_the_choices_of_a_prompt_share_one_prefill():
-    """n = 3: one prefill forward, each choice a 1/3 share of it plus its own step (the cache
-    copy it takes, the last choice taking the prefilled cache itself; its first sample)."""
+    """Two prompts of 3 and 2 tokens, n = 3: one prefill step for both (its head one product
+    of two rows), each prompt a 3/5 or 2/5 share of it, each choice a 1/3 share of its prompt's
+    plus its own step (the cache copy it takes, the last choice taking the prefilled cache
+    itself; its first sample)."""
     model = random_model()
     engine = Engine(model.gpt, model.tokenizer, max_batch=4, energy=FixedEnergy(1.0))
     events = []
@@ -272,12 +275,13 @@ def test_the_choices_of_a_prompt_share_one_prefill():
         wait_until(lambda: events and events[-1][0] == "done", what="the job")
     finally:
         engine.stop(10)
-    prefills = sum(r.calls for k, r in METER.records.items()
-                   if k.phase == "prefill" and k.scope == "lm_head")
-    assert prefills == 2  # one per prompt, not one per choice
+    heads = [r for k, r in METER.records.items() if k.phase == "prefill" and k.scope == "lm_head"]
+    assert [r.calls for r in heads] == [1]  # one step for both prompts, not one per choice
+    C, V = model.gpt.cfg.n_embd, model.gpt.cfg.vocab_size
+    assert heads[0].flops == 2 * 2 * C * V  # each prompt's last row
     joules = [s.prefill_joules for s in job.slots]
-    assert joules == pytest.approx([1 / 3 + 1] * 6)
-    assert events[-1][1].prefill_joules == pytest.approx(2 * (1 + 3))  # 2 prefills, 6 own steps
+    assert joules == pytest.approx([3 / 5 / 3 + 1] * 3 + [2 / 5 / 3 + 1] * 3)
+    assert events[-1][1].prefill_joules == pytest.approx(1 + 6)  # 1 prefill step, 6 own steps
     assert all(len(s.ids) == 6 for s in job.slots) and not job.prefilled
     assert len({tuple(s.ids) for s in job.slots}) > 1
 

@@ -367,27 +367,31 @@ def _attention(sh, attn, B, H, T, pos0, hs, kv_int8, dropout):
 
 
 def _forward(sh, cfg, B, T, pos0=0, last_only=False, targets=False, dropout=False, q=None,
-             routing=None, positions=None, decode=False):
+             routing=None, positions=None, decode=False, spans=None):
     """Records of GPT.hidden + lm head (+ loss) for B sequences of T new tokens after pos0.
 
     q: a quant.QuantConfig for quantized inference (outlier_threshold is data-dependent: not
     predicted). routing: {MoE block index: tokens each expert computed}, or None for balanced
     routing. positions: a batched decode step (GPT.decode_step): one new token for each sequence,
     sequence b's at positions[b] (B = len(positions), T = 1); attention then runs per sequence.
+    spans: an extend step (nn/decode.py's extend_step), [(pos0, n)] for each sequence, n new tokens
+    after pos0 cached ones (B = len(spans); T is not used); positions are spans of one token.
     decode: a KV-cached step of one token, whose dense float blocks run model.block_decode (NumPy's
     passes in either schedule)."""
     C, H, V = cfg.n_embd, cfg.n_head, cfg.vocab_size
-    hs, N = C // H, B * T
+    if positions:
+        spans = [(p, 1) for p in positions]
+    hs, N = C // H, (sum(n for _, n in spans) if spans else B * T)
     s = sh.itemsize
     mode = None
     if q is not None:
         mode = Packed(q.bits, q.group_size) if getattr(q, "bits", None) else q.mode
     if q is not None and q.quantize_embedding:
         sh.elementwise(EMBEDDING, "embedding", "lookup_int8", N * C, 0, N * C,
-                       extra_read_bytes=N * INDEX_BYTES + N * (C + 4) + (N if positions else T) * C * s)
+                       extra_read_bytes=N * INDEX_BYTES + N * (C + 4) + (N if spans else T) * C * s)
     else:
         sh.elementwise(EMBEDDING, "embedding", "lookup", N * C, 0, N * C,
-                       extra_read_bytes=N * INDEX_BYTES + (N + (N if positions else T)) * C * s)
+                       extra_read_bytes=N * INDEX_BYTES + (N + (N if spans else T)) * C * s)
     if dropout:
         _dropout_forward(sh, join(EMBEDDING, DROPOUT), N * C)
     kv_int8 = q is not None and q.kv_int8
@@ -397,13 +401,13 @@ def _forward(sh, cfg, B, T, pos0=0, last_only=False, targets=False, dropout=Fals
         attn, mlp = join(h, ATTN), join(h, MLP)
         # NumPy's passes in either schedule: GPT.decode_step's blocks (nn/decode.py), and
         # model.block_decode (a decode step's dense float block without dropout)
-        sh.fused = fused and not positions and not (
+        sh.fused = fused and not spans and not (
             decode and not kv_int8 and not is_moe_block(cfg, i) and not dropout)
         _layernorm_forward(sh, join(h, LN_1), N, C)
         _linear_forward(sh, join(attn, C_ATTN), N, C, 3 * C, mode)
-        if positions:
-            for p in positions:
-                _attention(sh, attn, 1, H, 1, p, hs, kv_int8, False)
+        if spans:
+            for p, n in spans:
+                _attention(sh, attn, 1, H, n, p, hs, kv_int8, False)
         else:
             _attention(sh, attn, B, H, T, pos0, hs, kv_int8, dropout)
         _linear_forward(sh, join(attn, C_PROJ), N, C, C, mode)
@@ -417,7 +421,10 @@ def _forward(sh, cfg, B, T, pos0=0, last_only=False, targets=False, dropout=Fals
         if dropout:
             _dropout_forward(sh, join(mlp, RESID_DROPOUT), N * C)
         sh.elementwise(join(h, RESIDUAL_2), "residual", "add", N * C, 2 * N * C, N * C)
-    sh.fused = fused and not positions  # decode_step's final LayerNorm is NumPy's pass
+    sh.fused = fused and not spans  # decode_step's final LayerNorm is NumPy's pass
+    if spans and N > B:  # extend_step takes each sequence's last row before the LayerNorm
+        sh.elementwise(LN_F, "gather", "last_rows", B * C, B * C, B * C, extra_read_bytes=B * INDEX_BYTES)
+        N = B
     _layernorm_forward(sh, LN_F, N, C)
     M = B if last_only else N
     if mode is None:
@@ -604,6 +611,17 @@ def predict_decode_batch(cfg, positions, dtype: str = "float32", quant=None,
     sh = _sheet("decode", dtype, fused)
     positions = [int(p) for p in positions]
     _forward(sh, cfg, len(positions), 1, q=quant, positions=positions, decode=True)
+    return sh.records
+
+
+def predict_extend(cfg, spans, dtype: str = "float32", quant=None, fused: bool = False,
+                   phase: str = "decode") -> dict:
+    """One extend_step (nn/decode.py): sequence b appends n_b new tokens after pos0_b cached ones,
+    spans = [(pos0_b, n_b)]; the products once over all the new rows, attention per sequence,
+    the LM head on each sequence's last row. phase: the meter's phase it ran under."""
+    sh = _sheet(phase, dtype, fused)
+    spans = [(int(p), int(n)) for p, n in spans]
+    _forward(sh, cfg, len(spans), None, q=quant, spans=spans, decode=True)
     return sh.records
 
 

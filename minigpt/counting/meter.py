@@ -66,6 +66,7 @@ FLOPS_PER_ELEMENT = {
     ("router", "aux_loss"): 1,  # the mean router probability of each expert (per logit)
     ("router", "renormalize_grad"): 4,  # dg * gate, row sum, subtract, divide (per pick)
     ("router", "softmax_grad"): 5,  # + aux-loss gradient, dp * p, row sum, subtract, * p
+    ("gather", "last_rows"): 0,  # an extend step's last row of each sequence, for the head
     ("dispatch", "gather"): 0,  # copy a token's row to its expert: bytes only (per element)
     ("dispatch", "grad"): 1,  # scatter-add the expert's dx into the token's row
     ("combine", "scatter"): 2,  # gate * expert output, added into the token's row

@@ -7,9 +7,16 @@ attention, whose operands (each sequence's cached keys and values) differ per se
 sequence against its own cache. The caches can hold different lengths (ragged): sequence b's token
 sits at position caches[b].length, and each cache advances by one.
 
+`extend_step` is the general case: sequence b appends any number of new tokens (a prompt into a
+fresh cache, or one decode token), all of them stacked into the same products, each sequence's
+queries attending causally to its own cache; it returns each sequence's last position's logits.
+A server prefills the prompts that arrive together in one such step: a prefill of a short prompt
+is bound by its arithmetic, so its products gain from more rows as a decode step's do.
+
 Every product and elementwise pass goes through the same counted helpers as the model's other
 paths (layers.py, quant.py), so the records are the meter's usual ones; the closed form predicts a
-step of B sequences at their lengths (closed_form.predict_decode_batch).
+step of B sequences at their lengths (closed_form.predict_decode_batch), and an extend step of
+any spans (closed_form.predict_extend).
 """
 
 import math
@@ -50,18 +57,21 @@ def embed(model, tokens, positions):
 
 
 def _attend(q, k, v, slot, hs, y):
-    """One sequence's attention for its new token: q, k, v (1, H, 1, hs) views; slot its cache's
-    layer slot (float or int8). Writes the heads' outputs into y (1, 1, H, hs)."""
+    """One sequence's attention for its T new tokens: q, k, v (1, H, T, hs) views; slot its
+    cache's layer slot (float or int8). Writes the heads' outputs into y (1, T, H, hs). A query
+    sees the cached keys and the new ones up to its own (no mask for a lone decode token)."""
     xp = backend.xp
     pos0 = slot.length
-    H = q.shape[1]
-    useful = nn.useful_causal_flops(1, H, 1, pos0, hs)
+    H, T = q.shape[1], q.shape[2]
+    Tk = pos0 + T
+    useful = nn.useful_causal_flops(1, H, T, pos0, hs)
+    mask = nn.causal_mask(T, Tk, pos0, q.dtype) if T > 1 else None
     if not slot.int8:
-        k, v = slot.append(k, v)  # (1, H, pos0 + 1, hs)
+        k, v = slot.append(k, v)  # (1, H, Tk, hs)
         with METER.scope(scopes.SCORES):
-            att = matmul(q, k.swapaxes(-1, -2), op="q@kT", useful_flops=useful)  # (1, H, 1, Tk)
+            att = matmul(q, k.swapaxes(-1, -2), op="q@kT", useful_flops=useful)  # (1, H, T, Tk)
         with METER.scope(scopes.SOFTMAX):
-            nn.softmax_causal(att, 1.0 / math.sqrt(hs), None)  # the one query sees every key
+            nn.softmax_causal(att.reshape(-1, T, Tk), 1.0 / math.sqrt(hs), mask)
         with METER.scope(scopes.MIX):
             matmul(att, v, op="att@v", useful_flops=useful, out=y.transpose(0, 2, 1, 3))
         return
@@ -70,7 +80,7 @@ def _attend(q, k, v, slot, hs, y):
         att = METER.matmul_w8(q, xp.ascontiguousarray(kq.swapaxes(-1, -2)), op="q@kT", useful_flops=useful)
         att = quant.rescale(att, (ks.swapaxes(-1, -2),), att.dtype)  # one scale per key
     with METER.scope(scopes.SOFTMAX):
-        nn.softmax_causal(att, 1.0 / math.sqrt(hs), None)
+        nn.softmax_causal(att.reshape(-1, T, Tk), 1.0 / math.sqrt(hs), mask)
     with METER.scope(scopes.MIX):
         att = quant.rescale(att, (vs.swapaxes(-1, -2),), att.dtype)  # the value scales folded in
         y[...] = METER.matmul_w8(att, xp.ascontiguousarray(vq), op="att@v",
@@ -115,42 +125,74 @@ def block_step(x, p, cfg, attend, moe_block: bool):
         return nn.residual_forward(x, m)
 
 
-def _each_to_its_cache(slots, hs):
-    """decode_step's attend: sequence b against its own cache's slot."""
-    def attend(q, k, v, y):
-        for b, slot in enumerate(slots):
-            _attend(q[b:b + 1], k[b:b + 1], v[b:b + 1], slot, hs, y[b:b + 1])
+def _each_to_its_cache(slots, spans, hs):
+    """The step's attend: sequence b's rows spans[b] = (r0, r1) against its own cache's slot."""
+    def attend(q, k, v, y):  # q, k, v (R, H, 1, hs), y (R, 1, H, hs): one row a new token
+        for slot, (r0, r1) in zip(slots, spans):
+            n = r1 - r0
+            _attend(*(a[r0:r1].transpose(2, 1, 0, 3) for a in (q, k, v)), slot, hs,
+                    y[r0:r1].reshape(1, n, *y.shape[2:]))
     return attend
 
 
 def decode_step(model, tokens, caches: list):
     """Next-token logits (B, V) after tokens (B,) ids, one per sequence, each sequence's KV cache
     (batch 1) in caches; each cache advances by one. See the module's docstring."""
-    cfg = model.cfg
-    B = len(caches)
     if not isinstance(tokens, np.ndarray):  # a list of ids, or an array of the active module
         tokens = backend.to_host(tokens) if hasattr(tokens, "get") else np.asarray(tokens)
-    tokens = backend.asarray(tokens.astype(np.int64, copy=False).reshape(-1))
-    if tokens.shape[0] != B:
-        raise ValueError(f"decode_step: {tokens.shape[0]} tokens for {B} caches")
+    tokens = tokens.astype(np.int64, copy=False).reshape(-1)
+    if tokens.shape[0] != len(caches):
+        raise ValueError(f"decode_step: {tokens.shape[0]} tokens for {len(caches)} caches")
+    return _step(model, tokens, [1] * len(caches), caches, "decode_step")
+
+
+def extend_step(model, token_lists: list, caches: list):
+    """Logits (B, V) at the last new position of each sequence after appending token_lists[b]
+    (one or more ids) to caches[b] (batch 1, any length, room for them); caches advance by their
+    token counts. Sequence b's positions continue from caches[b].length."""
+    if len(token_lists) != len(caches):
+        raise ValueError(f"extend_step: {len(token_lists)} token lists for {len(caches)} caches")
+    counts = [int(np.size(t)) for t in token_lists]
+    if not all(counts):
+        raise ValueError("extend_step: a sequence with no new tokens")
+    tokens = np.concatenate([np.asarray(t.get() if hasattr(t, "get") else t, dtype=np.int64).reshape(-1)
+                             for t in token_lists]) if counts else np.zeros(0, np.int64)
+    return _step(model, tokens, counts, caches, "extend_step")
+
+
+def _step(model, tokens, counts: list[int], caches: list, name: str):
+    """The step itself: tokens (R,) host ids, sequence b's counts[b] of them in order."""
+    cfg = model.cfg
+    B = len(caches)
     if B == 0:
-        raise ValueError("decode_step: no sequences")
-    for b, kv in enumerate(caches):
+        raise ValueError(f"{name}: no sequences")
+    for b, (kv, n) in enumerate(zip(caches, counts)):
         if kv.k.shape[1] != 1:
-            raise ValueError(f"decode_step: cache {b} holds a batch of {kv.k.shape[1]}, not 1")
-        if kv.length >= cfg.block_size:
-            raise ValueError(f"decode_step: cache {b} is full (position {kv.length} exceeds "
-                             f"block_size {cfg.block_size})")
-    positions = backend.asarray(np.array([kv.length for kv in caches], dtype=np.int64))
+            raise ValueError(f"{name}: cache {b} holds a batch of {kv.k.shape[1]}, not 1")
+        room = min(cfg.block_size, kv.capacity)
+        if kv.length + n > room:
+            raise ValueError(f"{name}: cache {b} is full (position {kv.length + n - 1} exceeds "
+                             f"{'block_size ' if room == cfg.block_size else 'its room of '}{room})")
+    ends = np.cumsum(counts)
+    spans = list(zip((ends - counts).tolist(), ends.tolist()))
+    positions = np.concatenate([np.arange(kv.length, kv.length + n) for kv, n in zip(caches, counts)])
+    tokens, positions = backend.asarray(tokens), backend.asarray(positions)
     with METER.scope(scopes.EMBEDDING):
         x = embed(model, tokens, positions)
+    hs = cfg.n_embd // cfg.n_head
     for i in range(cfg.n_layer):
         with METER.scope(scopes.block(i)):
-            attend = _each_to_its_cache([kv.layer(i) for kv in caches], cfg.n_embd // cfg.n_head)
+            attend = _each_to_its_cache([kv.layer(i) for kv in caches], spans, hs)
             x = block_step(x, model.block_params(i), cfg, attend, is_moe_block(cfg, i))
-    for kv in caches:
-        kv.length += 1
+    for kv, n in zip(caches, counts):
+        kv.length += n
     p = model.params
     with METER.scope(scopes.LN_F):
+        if len(x) > B:  # only each sequence's last row goes on to the head
+            last = backend.asarray(ends - 1)
+            with METER.op(kind="gather", op="last_rows") as c:
+                x = x[last]
+                c.count(elements=x.size, bytes_read=x.nbytes + last.nbytes, bytes_written=x.nbytes,
+                        dtype=x.dtype)
         x, _, _ = nn.layernorm_normalize(x, p["transformer.ln_f.weight"], p["transformer.ln_f.bias"])
     return model._lm_head(x.reshape(B, 1, -1))[0].reshape(B, -1)

@@ -233,6 +233,12 @@ def linear_backward(dout, cache, dw, db):
 
 
 @lru_cache(maxsize=16)
+def causal_mask(T, Tk, pos0, dtype):
+    """The (T, Tk) additive causal mask of T queries after pos0 cached keys (below), on the
+    active device; None where every query sees every key."""
+    return _causal_mask(T, Tk, pos0, dtype, backend.device) if pos0 + 1 < Tk else None
+
+
 def _causal_mask(T, Tk, pos0, dtype, device):
     """(T, Tk) additive mask: 0 where query pos0+i may see key j (j <= pos0 + i), else -inf."""
     xp = backend.xp

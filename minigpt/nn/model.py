@@ -268,6 +268,12 @@ class GPT:
         advances by one. Counted under the meter's current phase."""
         return batched.decode_step(self, tokens, caches)
 
+    def extend_step(self, token_lists: list, caches: list) -> object:
+        """Logits (B, V) at the last new position of each sequence after appending
+        token_lists[b] (one or more ids: a prompt into a fresh cache, or a decode token) to
+        caches[b], all the new rows in the same weight products (nn/decode.py)."""
+        return batched.extend_step(self, token_lists, caches)
+
     def logits(self, idx, kv: KVCache | None = None, last_only: bool = False):
         """Next-token logits (B, T, V) for tokens idx (B, T); last_only: just the last position."""
         x, _ = self.hidden(idx, kv)

@@ -108,7 +108,23 @@ class Server:
         req = protocol.parse(body, chat, self.model_name, tok, self.vocab_size, self.block_size)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
-        job = Job(req, tok, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
+
+        def wake(ev):  # from the model's thread
+            loop.call_soon_threadsafe(events.put_nowait, ev)
+
+        texts: dict[int, list[str]] = {}
+        if req.stream:
+            sink = wake
+        else:
+            # a whole answer needs its text only at the end: the model's thread keeps the pieces
+            # rather than waking this loop for every token of every sequence (a wake-up takes the
+            # interpreter lock and a core from the step running beside it)
+            def sink(ev):
+                if ev[0] == "delta":
+                    texts.setdefault(ev[1], []).append(ev[2])
+                else:
+                    wake(ev)
+        job = Job(req, tok, sink)
         self.engine.submit(job)
         self.metrics.add("minigpt_requests_total", endpoint=request.url.path, status=200)
         rid, created = protocol.new_id(chat), protocol.now()
@@ -116,13 +132,13 @@ class Server:
             return StreamingResponse(self._stream(job, events, rid, created),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
-        return await self._whole(request, job, events, rid, created)
+        return await self._whole(request, job, events, texts, rid, created)
 
-    async def _whole(self, request: Request, job: Job, events: asyncio.Queue, rid: str,
-                     created: int) -> Response:
-        """Wait for the job's end, or the client's leaving (then cancel it)."""
+    async def _whole(self, request: Request, job: Job, events: asyncio.Queue,
+                     texts: dict[int, list[str]], rid: str, created: int) -> Response:
+        """Wait for the job's end, or the client's leaving (then cancel it). texts: each
+        choice's pieces, which the job's sink keeps as they come."""
         req = job.request
-        texts = {s.index: [] for s in job.slots}
         reasons = {}
         gone = asyncio.ensure_future(_disconnected(request))
         try:
@@ -134,9 +150,7 @@ class Server:
                     self.engine.cancel(job)
                     return Response(status_code=499)  # nobody is there to read it
                 ev = get.result()
-                if ev[0] == "delta":
-                    texts[ev[1]].append(ev[2])
-                elif ev[0] == "finish":
+                if ev[0] == "finish":
                     reasons[ev[1]] = ev[2]
                 elif ev[0] == "error":
                     raise ApiError(500, ev[1], None, "generation_failed", "server_error")
@@ -150,7 +164,7 @@ class Server:
             gone.cancel()
         choices = []
         for s in job.slots:
-            text = "".join(texts[s.index])
+            text = "".join(texts.get(s.index, ()))
             if req.echo:
                 text = req.prompt_texts[s.index // req.n] + text
             choices.append(protocol.choice(req.chat, s.index, text, reasons[s.index]))
