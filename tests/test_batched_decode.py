@@ -5,7 +5,7 @@ sequence), and sampling.generate_batch against generate."""
 import numpy as np
 import pytest
 
-from minigpt import config, sampling
+from minigpt import config, kernels, sampling
 from minigpt.api import Model
 from minigpt.counting.meter import METER
 from minigpt.nn.model import KVCache
@@ -186,15 +186,25 @@ def test_an_extend_step_gives_each_sequence_what_its_own_forward_gives(variant):
     assert np.max(np.abs(after - ref)) <= 1e-5 * np.max(np.abs(ref))
 
 
-def test_an_extend_step_counts_what_the_closed_form_predicts():
+@pytest.mark.parametrize("schedule", ["numpy", pytest.param("numba", marks=pytest.mark.skipif(
+    not kernels.AVAILABLE, reason="Numba is not installed"))])
+def test_an_extend_step_counts_what_the_closed_form_predicts(schedule):
+    """Record by record, in NumPy's passes and in the fused kernels' schedule (Numba: the
+    LayerNorms, the residual add with ln_2 and c_fc's bias with the GELU, one pass each)."""
     from minigpt.counting import closed_form
 
     gpt = model().gpt
     caches = prefilled(gpt, prompts((3, 9))) + [KVCache(gpt.cfg, 1, "float32") for _ in range(2)]
     METER.reset()
-    with METER.in_phase("prefill"):
-        gpt.extend_step([[1], [2, 3], [4, 5, 6, 7], [8]], caches)
-    predicted = closed_form.predict_extend(gpt.cfg, [(3, 1), (9, 2), (0, 4), (0, 1)], phase="prefill")
+    before = kernels.active()
+    kernels.use(schedule)
+    try:
+        with METER.in_phase("prefill"):
+            gpt.extend_step([[1], [2, 3], [4, 5, 6, 7], [8]], caches)
+    finally:
+        kernels.use(before)
+    predicted = closed_form.predict_extend(gpt.cfg, [(3, 1), (9, 2), (0, 4), (0, 1)], phase="prefill",
+                                           fused=schedule == "numba")
     fields = ("calls", "flops", "useful_flops", "bytes_read", "bytes_written")
     assert predicted.keys() == METER.records.keys()
     for k, p in predicted.items():

@@ -399,17 +399,19 @@ def _forward(sh, cfg, B, T, pos0=0, last_only=False, targets=False, dropout=Fals
     for i in range(cfg.n_layer):
         h = block(i)
         attn, mlp = join(h, ATTN), join(h, MLP)
-        # NumPy's passes in either schedule: GPT.decode_step's blocks (nn/decode.py), and
-        # model.block_decode (a decode step's dense float block without dropout)
-        sh.fused = fused and not spans and not (
-            decode and not kv_int8 and not is_moe_block(cfg, i) and not dropout)
         _layernorm_forward(sh, join(h, LN_1), N, C)
         _linear_forward(sh, join(attn, C_ATTN), N, C, 3 * C, mode)
+        # nn/decode.py's block_step attends with NumPy's softmax pass in either schedule: the
+        # blocks of GPT.decode_step and extend_step, and model.block_decode (a decode step's
+        # dense float block without dropout)
+        sh.fused = fused and not spans and not (
+            decode and not kv_int8 and not is_moe_block(cfg, i) and not dropout)
         if spans:
             for p, n in spans:
                 _attention(sh, attn, 1, H, n, p, hs, kv_int8, False)
         else:
             _attention(sh, attn, B, H, T, pos0, hs, kv_int8, dropout)
+        sh.fused = fused
         _linear_forward(sh, join(attn, C_PROJ), N, C, C, mode)
         if dropout:
             _dropout_forward(sh, join(attn, RESID_DROPOUT), N * C)
@@ -421,7 +423,6 @@ def _forward(sh, cfg, B, T, pos0=0, last_only=False, targets=False, dropout=Fals
         if dropout:
             _dropout_forward(sh, join(mlp, RESID_DROPOUT), N * C)
         sh.elementwise(join(h, RESIDUAL_2), "residual", "add", N * C, 2 * N * C, N * C)
-    sh.fused = fused and not spans  # decode_step's final LayerNorm is NumPy's pass
     if spans and N > B:  # extend_step takes each sequence's last row before the LayerNorm
         sh.elementwise(LN_F, "gather", "last_rows", B * C, B * C, B * C, extra_read_bytes=B * INDEX_BYTES)
         N = B

@@ -91,13 +91,20 @@ def block_step(x, p, cfg, attend, moe_block: bool):
     """One block for one new token of each sequence: x (B, C). attend(q, k, v, y) runs the
     attention of the new tokens against the caches: q, k, v (B, H, 1, hs) views, y (B, 1, H, hs)
     to fill. decode_step's attends each sequence to its own cache; model.block_decode's attends
-    B rows of one cache together. Returns x (B, C)."""
+    B rows of one cache together. The LayerNorms, the residual add before ln_2 and c_fc's bias
+    with the GELU follow the schedule of block_forward (nn.fused(): one compiled pass each, about
+    a microsecond for a row where NumPy's passes take ten); attention runs NumPy's softmax pass.
+    Returns x (B, C)."""
     xp = backend.xp
     B, C = x.shape
     H = cfg.n_head
     hs = C // H
+    fused = nn.fused()
     with METER.scope(scopes.LN_1):
-        h, _, _ = nn.layernorm_normalize(x, p["ln_1.weight"], p["ln_1.bias"])
+        if fused:
+            h, _ = nn.layernorm_forward(x, p["ln_1.weight"], p["ln_1.bias"])
+        else:
+            h, _, _ = nn.layernorm_normalize(x, p["ln_1.weight"], p["ln_1.bias"])
     with METER.scope(scopes.ATTN):
         with METER.scope(scopes.C_ATTN):
             qkv, _ = nn.linear_forward(h, p["attn.c_attn.weight"], p["attn.c_attn.bias"])  # (B, 3C)
@@ -106,14 +113,25 @@ def block_step(x, p, cfg, attend, moe_block: bool):
         attend(q, k, v, y)
         with METER.scope(scopes.C_PROJ):
             a, _ = nn.linear_forward(y.reshape(B, C), p["attn.c_proj.weight"], p["attn.c_proj.bias"])
-    with METER.scope(scopes.RESIDUAL_1):
-        x = nn.residual_forward(x, a)
-    with METER.scope(scopes.LN_2):
-        h, _, _ = nn.layernorm_normalize(x, p["ln_2.weight"], p["ln_2.bias"])
+    if fused:  # the residual add inside ln_2's pass
+        with METER.scope(scopes.LN_2):
+            x, h, _ = nn.residual_layernorm_forward(x, a, p["ln_2.weight"], p["ln_2.bias"])
+    else:
+        with METER.scope(scopes.RESIDUAL_1):
+            x = nn.residual_forward(x, a)
+        with METER.scope(scopes.LN_2):
+            h, _, _ = nn.layernorm_normalize(x, p["ln_2.weight"], p["ln_2.bias"])
     with METER.scope(scopes.MLP):
         if moe_block:
             m, _ = moe.moe_forward(h.reshape(B, 1, C), p, cfg)
             m = m.reshape(B, C)
+        elif nn.fuses_mlp(p):
+            with METER.scope(scopes.C_FC):
+                f = matmul(h, p["mlp.c_fc.weight"], op="x@w")  # (B, 4C), its bias added by the GELU
+            with METER.scope(scopes.GELU):
+                g, _ = nn.bias_gelu_forward(f, p["mlp.c_fc.bias"])
+            with METER.scope(scopes.C_PROJ):
+                m, _ = nn.linear_forward(g, p["mlp.c_proj.weight"], p["mlp.c_proj.bias"])
         else:
             with METER.scope(scopes.C_FC):
                 f, _ = nn.linear_forward(h, p["mlp.c_fc.weight"], p["mlp.c_fc.bias"])  # (B, 4C)
@@ -194,5 +212,8 @@ def _step(model, tokens, counts: list[int], caches: list, name: str):
                 x = x[last]
                 c.count(elements=x.size, bytes_read=x.nbytes + last.nbytes, bytes_written=x.nbytes,
                         dtype=x.dtype)
-        x, _, _ = nn.layernorm_normalize(x, p["transformer.ln_f.weight"], p["transformer.ln_f.bias"])
+        if nn.fused():
+            x, _ = nn.layernorm_forward(x, p["transformer.ln_f.weight"], p["transformer.ln_f.bias"])
+        else:
+            x, _, _ = nn.layernorm_normalize(x, p["transformer.ln_f.weight"], p["transformer.ln_f.bias"])
     return model._lm_head(x.reshape(B, 1, -1))[0].reshape(B, -1)

@@ -538,9 +538,15 @@ def bias_gelu_backward(dout, cache: BiasGeluCache, db):
     return d2
 
 
+def fuses_mlp(p) -> bool:
+    """Whether a block's MLP runs the fused schedule (c_fc's bias added inside the GELU's pass):
+    fused() and float weights. Quantized weights (int8 or packed) run their own products, then
+    NumPy's passes."""
+    return fused() and not isinstance(p["mlp.c_fc.weight"], (quant.Int8Weight, lowbit.PackedWeight))
+
+
 def mlp_forward(x, p):
-    # quantized weights (int8 or packed) run their own products, then NumPy's passes
-    if fused() and not isinstance(p["mlp.c_fc.weight"], (quant.Int8Weight, lowbit.PackedWeight)):
+    if fuses_mlp(p):
         C = x.shape[-1]
         x2 = x.reshape(-1, C)  # (N, C)
         with METER.scope(scopes.C_FC):
