@@ -50,35 +50,86 @@ def test_each_kernel_equals_its_numpy_twin(path, bits, storage, N, K, M):
     fast = path("numba", lowbit.product, x, w)
     twin = path("numpy", lowbit.product, x, w)
     assert fast.shape == twin.shape == (N, M) and fast.dtype == np.float32
+    if bits == 4:  # integer sums, then the same float32 steps in the same order
+        assert np.array_equal(fast, twin)
+        return
     # float32 sums of K terms in two orders: a few ulps of the largest partial sum apart
     bound = 1e-6 * K * np.abs(x).max() * np.abs(w.dequantize()).max()
     assert np.max(np.abs(fast - twin)) <= bound
+
+
+def _int4_values(w):
+    """The 4-bit weight's integers q (K, M) in [-7, 7], from its nibble pairs."""
+    q = np.empty((w.K, w.M), np.int64)
+    q[0::2], q[1::2] = (w.q & 15).astype(np.int64) - 8, (w.q >> 4).astype(np.int64) - 8
+    return q
 
 
 @needs_numba
 @pytest.mark.parametrize("bits, storage", FORMATS)
 def test_a_kernel_reads_back_every_weight_exactly(path, bits, storage):
     """x = the identity: each output row is one input row of the weight, times 1 plus zeros, so
-    the kernel's widening must give the dequantized weight bit for bit."""
+    the kernel's widening must give the dequantized weight bit for bit. At 4 bits the
+    activations are rounded to int8: x = 127 times the identity has scale 1 and xq = 127, so each
+    output is float32(127 q) times its scale, exactly."""
     K, M = 64, 300  # a padded last tile
     w = lowbit.quantize(_weight(K, M, seed=2), bits, 16, storage)
+    if bits == 4:
+        out = path("numba", lowbit.product, 127 * np.eye(K, dtype=np.float32), w)
+        expected = (127 * _int4_values(w)).astype(np.float32) * np.repeat(w.scale, 16, axis=0)
+        assert np.array_equal(out, expected)
+        return
     out = path("numba", lowbit.product, np.eye(K, dtype=np.float32), w)
     assert np.array_equal(out, w.dequantize())
 
 
 @needs_numba
-@pytest.mark.parametrize("group", [2, 6, 8, 10])
-def test_the_4_bit_kernel_takes_odd_and_even_byte_rows_a_group(path, group):
-    """The 4-bit kernel adds two byte rows (four inputs) a pass and the last byte row of a group
-    alone when a group has an odd number of them (G / 2 odd: 2, 6, 10): each case reads back
-    every weight exactly and equals the twin."""
-    K, M = 120, 270
+@pytest.mark.parametrize("group", [2, 6, 8, 10, 48, 64])
+def test_the_4_bit_kernel_takes_any_group_size(path, group):
+    """A group of G inputs sums in chunks of kq.chunk(G) (2, 6, 8, 10, 24 and 32 here): each
+    group size reads back every weight exactly and equals the twin."""
+    K, M = 960, 270
     w = lowbit.quantize(_weight(K, M, seed=4), 4, group)
-    assert np.array_equal(path("numba", lowbit.product, np.eye(K, dtype=np.float32), w), w.dequantize())
+    out = path("numba", lowbit.product, 127 * np.eye(K, dtype=np.float32), w)
+    expected = (127 * _int4_values(w)).astype(np.float32) * np.repeat(w.scale, group, axis=0)
+    assert np.array_equal(out, expected)
     x = np.random.default_rng(5).standard_normal((3, K)).astype(np.float32)
-    fast = path("numba", lowbit.product, x, w)
-    twin = path("numpy", lowbit.product, x, w)
-    assert np.max(np.abs(fast - twin)) <= 1e-6 * K * np.abs(x).max() * np.abs(w.dequantize()).max()
+    assert np.array_equal(path("numba", lowbit.product, x, w), path("numpy", lowbit.product, x, w))
+
+
+@pytest.mark.parametrize("kernel_path", ["numpy", pytest.param("numba", marks=needs_numba)])
+def test_the_4_bit_sums_never_overflow_their_16_bit_lanes(path, kernel_path):
+    """The largest sums a chunk can hold: every weight 7 (or -7) times every activation at 127
+    over groups of 64, which sum in two chunks of 32 (28,448 each; one chunk of 64 would pass
+    16 bits). Exact: 64 * 127 * 7 * scale * (1 / 127) per group, the scales powers of two."""
+    K, M, G = 256, 40, 64
+    w = np.full((K, M), 7.0 * 2.0 ** -6, np.float32)
+    w[:, 1::2] *= -1
+    pw = lowbit.quantize(w, 4, G)
+    assert (_int4_values(pw) == np.where(np.arange(M) % 2, -7, 7)).all()
+    x = np.full((2, K), 2.0 ** -3, np.float32)  # xs = 2**-3 / 127, xq = 127
+    out = path(kernel_path, lowbit.product, x, pw)
+    ref = x.astype(np.float64) @ pw.dequantize().astype(np.float64)
+    np.testing.assert_allclose(out, ref, rtol=1e-6)
+    assert np.abs(out).max() == pytest.approx(K * 2.0 ** -3 * 7 * 2.0 ** -6, rel=1e-6)
+
+
+@needs_numba
+def test_the_4_bit_products_error_is_the_activations_rounding(path):
+    """w4a8 against the float product of x and the dequantized weight: each input is off by at
+    most half its group's activation step xs / 2, so an output by at most the sum over groups of
+    xs / 2 times the group's |w|, plus float32 rounding."""
+    K, M, G = 256, 300, 32
+    w = lowbit.quantize(_weight(K, M, seed=8), 4, G)
+    x = np.random.default_rng(9).standard_normal((4, K)).astype(np.float32)
+    out = path("numba", lowbit.product, x, w)
+    wd = w.dequantize().astype(np.float64)
+    ref = x.astype(np.float64) @ wd
+    xs = np.abs(x.reshape(4, K // G, G)).max(axis=2) / 127  # (4, K / G)
+    per_group = np.abs(wd).reshape(K // G, G, M).sum(axis=1)  # (K / G, M)
+    bound = (xs / 2) @ per_group + 1e-5 * np.abs(ref).max()
+    assert (np.abs(out - ref) <= bound).all()
+    assert np.abs(out - ref).max() > 0  # the activations were rounded: not the float product
 
 
 @needs_numba

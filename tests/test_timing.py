@@ -95,15 +95,15 @@ def test_a_packed_product_runs_at_the_packed_kernels_rate_where_they_run():
     """A 4-bit product at the measured packed rate (log-linear in m between points, held beyond
     them); the same call on NumPy's path, or with no packed figure, at the float32 rate."""
     tm = timing.TimeModel.constant(flops=1e10, bandwidth=1e9, call_s=1e-6)
-    tm.packed = {"w4a32": [[1, 2e10], [16, 8e10]]}
-    key = closed_form.RecordKey("h0.mlp.c_fc", "x@w", "matmul", "decode", "w4a32")
+    tm.packed = {"w4a8": [[1, 2e10], [16, 8e10]]}
+    key = closed_form.RecordKey("h0.mlp.c_fc", "x@w", "matmul", "decode", "w4a8")
     one = closed_form.OpCall(key, 2 * 768 * 3072, 0, 0, (1, 1, 768, 3072))
     four = one._replace(shape=(1, 4, 768, 3072))
     many = one._replace(shape=(1, 64, 768, 3072))
     assert tm.call_seconds(one, False, packed=True) == pytest.approx(1e-6 + 2 * 768 * 3072 / 2e10)
-    assert tm.packed_rate("w4a32", 4) == pytest.approx(4e10)  # halfway in log m
+    assert tm.packed_rate("w4a8", 4) == pytest.approx(4e10)  # halfway in log m
     assert tm.call_seconds(four, False, packed=True) == pytest.approx(1e-6 + 8 * 768 * 3072 / 4e10)
-    assert tm.packed_rate("w4a32", 64) == pytest.approx(8e10)
+    assert tm.packed_rate("w4a8", 64) == pytest.approx(8e10)
     assert tm.call_seconds(many, False, packed=False) == pytest.approx(1e-6 + 128 * 768 * 3072 / 1e10)
     assert tm.packed_rate("w8a32", 1) is None
 
@@ -114,7 +114,7 @@ def test_the_packed_kernels_are_measured_where_numba_runs_them(monkeypatch):
 
     monkeypatch.setattr(kernels, "active", lambda: "numba")
     rates = timing.measure_packed(1, nbytes=1 << 20)
-    assert sorted(rates) == ["w16a32", "w4a32", "w8a32"]
+    assert sorted(rates) == ["w16a32", "w4a8", "w8a32"]
     for points in rates.values():
         assert [m for m, _ in points] == list(timing.PACKED_M) and all(r > 0 for _, r in points)
     monkeypatch.setattr(kernels, "active", lambda: "numpy")

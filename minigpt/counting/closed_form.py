@@ -22,7 +22,7 @@ from typing import NamedTuple
 
 from minigpt.config import expert_capacity, is_moe_block
 from minigpt.counting.meter import FLOPS_PER_ELEMENT as FPE
-from minigpt.counting.meter import INT8, W8A32, Record, RecordKey
+from minigpt.counting.meter import INT8, W8A32, Record, RecordKey, packed_dtype
 from minigpt.counting.scopes import (
     ADAMW,
     ATTN,
@@ -169,7 +169,7 @@ def _packed_product(sh, scope, op, N, K, M, packed: Packed):
     at the activations' width."""
     Mp, s = packed_columns(M), sh.itemsize
     sh._add(scope, op, "matmul", 2 * N * K * Mp, s * N * K + packed_weight_bytes(K, M, packed),
-            s * N * M, useful=2 * N * K * M, dtype=f"w{packed.bits}a32", shape=(1, N, K, Mp))
+            s * N * M, useful=2 * N * K * M, dtype=packed_dtype(packed.bits), shape=(1, N, K, Mp))
 
 
 def _visible(T, Tk, pos0):

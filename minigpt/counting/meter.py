@@ -100,6 +100,13 @@ INT8 = "int8"  # the dtype of an integer product's records: int8 operands, int32
 W8A32 = "w8a32"  # the dtype of a product of float activations and int8 weights
 
 
+def packed_dtype(bits: int) -> str:
+    """The records' dtype of a product with packed `bits`-bit weights (nn/lowbit.py): w16a32 and
+    w8a32 widen the weights to the float32 activations; w4a8 rounds the activations to int8 (one
+    scale per row and group) and multiplies integers (minigpt/kernels/quant.py)."""
+    return "w4a8" if bits == 4 else f"w{bits}a32"
+
+
 class RecordKey(NamedTuple):
     """Where the work happened and what it was (see the module's docstring)."""
 

@@ -48,7 +48,7 @@ import numpy as np
 
 from minigpt import safeio
 from minigpt.counting.closed_form import OpCall
-from minigpt.counting.meter import METER, matmul
+from minigpt.counting.meter import METER, matmul, packed_dtype
 from minigpt.errors import ConfigError
 from minigpt.hardware import profiles
 
@@ -63,7 +63,7 @@ STREAM_ROWS = 4  # the rows of the second stream figure: OpenBLAS packs B for an
 PACKED_BITS = (16, 8, 4)
 PACKED_M = (1, 4, 16)
 PACKED_BYTES = 64 << 20  # the packed weight each is measured on: twice a 32 MiB last-level cache
-VERSION = 2  # a file of another version is measured again, not trusted
+VERSION = 3  # a file of another version is measured again, not trusted
 
 
 @dataclass
@@ -141,7 +141,7 @@ class TimeModel:
         return math.exp(value)
 
     def packed_rate(self, dtype: str, m: int) -> float | None:
-        """FLOP/s of an (m, k) @ packed (k, n) product of this weight width ("w4a32"), log-linear
+        """FLOP/s of an (m, k) @ packed (k, n) product of this weight width ("w4a8"), log-linear
         in log m between the measured points and held beyond them; None where not measured."""
         points = self.packed.get(dtype)
         if not points or len(points) == 1:
@@ -296,7 +296,7 @@ def measure_products(grid, tries: int, target_flops: float = 1e7) -> tuple[list,
 
 
 def measure_packed(tries: int, nbytes: int = PACKED_BYTES) -> dict[str, list[list[float]]]:
-    """{"w8a32": [[m, FLOP/s], ...], ...}: each packed-weight kernel (kernels/quant.py) on an
+    """{"w8a32": [[m, FLOP/s], ...], ...} (keys: meter.packed_dtype): each packed-weight kernel (kernels/quant.py) on an
     nbytes packed weight of random values, for m in PACKED_M sequences, the best of `tries`
     sweeps; {} where the kernels do not run (NumPy's path, no Numba)."""
     from minigpt import kernels
@@ -327,7 +327,7 @@ def measure_packed(tries: int, nbytes: int = PACKED_BYTES) -> dict[str, list[lis
                     x = rng.standard_normal((m, K), dtype=np.float32)
                     s = _best(lambda x=x, d=data, s=scale, b=bits, M=M: quant.product(x, b, d, s, False, M), 1, 0.0)
                     best[bits, m] = min(best[bits, m], s)
-    return {f"w{bits}a32": [[m, 2 * m * K * weights[bits][0].shape[0] * W / best[bits, m]]
+    return {packed_dtype(bits): [[m, 2 * m * K * weights[bits][0].shape[0] * W / best[bits, m]]
                             for m in PACKED_M] for bits in PACKED_BITS}
 
 

@@ -15,17 +15,23 @@ cache, and the innermost loop, over the W channels of a row, is the one the comp
 - 4 bits: two weights a byte (row 2i in the low nibble, 2i + 1 in the high), stored as q + 8 with
   q in [-7, 7]; one float32 scale per group of G consecutive inputs of each output channel:
   w[k, j] = q[k, j] * scale[k // G, j]. Tiles (M_pad / W, K / 2, W) and scales (M_pad / W, K / G, W).
+  The activations are rounded to int8 too, one float32 scale per row and group (xs = max |x| /
+  127, xq = rint(x / xs)), and the product runs in integers: widening a nibble to float32 and a
+  float multiply-add for every weight held this kernel at 30 GB/s of packed weight on two cores,
+  below the memory's 40-50, where 16-bit integer multiply-adds, twice as many to an instruction,
+  keep up with it (the scheme llama.cpp's 4-bit formats use on CPUs). A chunk of `chunk(G)`
+  inputs (32 at most) sums in 16-bit integers exactly (|xq| <= 127, |q| <= 7: at most 28,448),
+  then joins the float32 accumulator as float(sum) * (scale * xs); chunks in order.
 - 16 bits: IEEE half (fp16) or bfloat16 bit patterns as uint16, no scales. bf16 widens by a shift;
   fp16 by the compiler's own half-to-float conversion (LLVM's fpext, one F16C instruction for eight
   weights on x86-64 since 2013), exact for every finite half, subnormals included.
 
 The sums run over k in a fixed order in float32 (in order, except that each pass over the
-accumulators adds two inputs' products in the 8-bit kernel, four in the 4-bit one, before they join
-the sum), so a result is the same on any number of threads. The 8- and 4-bit kernels let the
-compiler fuse a multiply and the add after it into one instruction (`fastmath={"contract"}`: one
-rounding instead of two, and half the arithmetic instructions; the 4-bit kernel, which is bound by
-that arithmetic, streams GPT-2's weights 15-20% faster); nothing is reordered. minigpt.nn.lowbit
-holds the NumPy twins the tests compare against, and calls these through the meter. Without Numba this module still packs
+accumulators adds two inputs' products in the 8-bit kernel before they join the sum), so a result
+is the same on any number of threads. The 8-bit kernel lets the compiler fuse a multiply and the
+add after it into one instruction (`fastmath={"contract"}`: one rounding instead of two, and half
+the arithmetic instructions); nothing is reordered. minigpt.nn.lowbit holds the NumPy twins the
+tests compare against (the 4-bit one equal bit for bit), and calls these through the meter. Without Numba this module still packs
 (pure NumPy) and `KERNELS` is None.
 """
 
@@ -35,6 +41,14 @@ from minigpt.kernels import AVAILABLE
 
 TILE = 256  # output channels a tile: wide enough to keep a core's loads streaming
 CONTRACT = {"contract"}  # a * b + c may be one fused multiply-add (module docstring)
+CHUNK = 32  # the most inputs a 4-bit chunk sums in 16-bit integers (module docstring)
+TINY = np.float32(np.finfo(np.float32).tiny)  # the least activation scale: never zero
+
+
+def chunk(G: int) -> int:
+    """Inputs a 4-bit chunk sums in 16-bit integers for groups of G (even): the largest even
+    divisor of G up to CHUNK, so that a chunk never straddles two groups' scales."""
+    return max(c for c in range(2, min(G, CHUNK) + 1, 2) if G % c == 0)
 
 
 def tile_width(M: int) -> int:
@@ -151,64 +165,55 @@ def _build():
                 for j in range(min(W, M - j0)):
                     out[n, j0 + j] = acc[n, j] * st[j]
 
-    @njit(parallel=True, cache=True, fastmath=CONTRACT)
-    def w4(x, q, scale, out):
+    @njit(parallel=True, cache=True)
+    def w4(x, q, scale, chunk, out):
         N, K = x.shape
         T, _, W = q.shape
         n_groups = scale.shape[1]
-        half = K // n_groups // 2  # bytes of a group, per channel
+        G = K // n_groups
         M = out.shape[1]
+        xq = np.empty((N, K), np.int16)  # the activations' int8 values
+        xs = np.empty((N, n_groups), np.float32)  # and their scales
+        for n in range(N):
+            for g in range(n_groups):
+                m = np.float32(0.0)
+                for k in range(g * G, (g + 1) * G):
+                    m = max(m, abs(x[n, k]))
+                s = max(m / np.float32(127.0), TINY) if m > 0 else np.float32(1.0)
+                xs[n, g] = s
+                for k in range(g * G, (g + 1) * G):
+                    xq[n, k] = np.int16(np.rint(x[n, k] / s))
+        rows = chunk // 2  # byte rows a chunk
+        per_group = G // chunk
         for t in prange(T):
             acc = np.zeros((N, W), np.float32)
-            part = np.empty((N, W), np.float32)
-            # two byte rows' four weights a channel, as int8 in [-8, 7]: each pass over the
-            # partial sums adds four inputs' products, so they are loaded and stored half as often
-            lo0 = np.empty(W, np.int8)
-            hi0 = np.empty(W, np.int8)
-            lo1 = np.empty(W, np.int8)
-            hi1 = np.empty(W, np.int8)
+            part = np.empty((N, W), np.int16)
+            lo = np.empty(W, np.int8)
+            hi = np.empty(W, np.int8)
             qt = q[t]
             for g in range(n_groups):
-                part[:] = 0.0
-                i, end = g * half, (g + 1) * half
-                while i + 1 < end:
-                    r0 = qt[i]
-                    r1 = qt[i + 1]
-                    for j in range(W):
-                        b0 = r0[j]
-                        b1 = r1[j]
-                        lo0[j] = np.int8(b0 & np.uint8(15)) - np.int8(8)
-                        hi0[j] = np.int8(b0 >> np.uint8(4)) - np.int8(8)
-                        lo1[j] = np.int8(b1 & np.uint8(15)) - np.int8(8)
-                        hi1[j] = np.int8(b1 >> np.uint8(4)) - np.int8(8)
-                    for n in range(N):
-                        x0 = x[n, 2 * i]
-                        x1 = x[n, 2 * i + 1]
-                        x2 = x[n, 2 * i + 2]
-                        x3 = x[n, 2 * i + 3]
-                        p = part[n]
-                        for j in range(W):
-                            p[j] += ((x0 * np.float32(lo0[j]) + x1 * np.float32(hi0[j]))
-                                     + (x2 * np.float32(lo1[j]) + x3 * np.float32(hi1[j])))
-                    i += 2
-                if i < end:  # an odd number of byte rows a group: the last one alone
-                    row = qt[i]
-                    for j in range(W):
-                        b = row[j]
-                        lo0[j] = np.int8(b & np.uint8(15)) - np.int8(8)
-                        hi0[j] = np.int8(b >> np.uint8(4)) - np.int8(8)
-                    for n in range(N):
-                        x0 = x[n, 2 * i]
-                        x1 = x[n, 2 * i + 1]
-                        p = part[n]
-                        for j in range(W):
-                            p[j] += x0 * np.float32(lo0[j]) + x1 * np.float32(hi0[j])
                 sg = scale[t, g]
-                for n in range(N):
-                    a = acc[n]
-                    p = part[n]
-                    for j in range(W):
-                        a[j] += p[j] * sg[j]
+                for c in range(per_group):
+                    part[:] = 0
+                    i0 = (g * per_group + c) * rows
+                    for i in range(i0, i0 + rows):
+                        r = qt[i]
+                        for j in range(W):  # the byte row's two weights a channel, in [-8, 7]
+                            b = r[j]
+                            lo[j] = np.int8(b & np.uint8(15)) - np.int8(8)
+                            hi[j] = np.int8(b >> np.uint8(4)) - np.int8(8)
+                        for n in range(N):
+                            x0 = xq[n, 2 * i]
+                            x1 = xq[n, 2 * i + 1]
+                            p = part[n]
+                            for j in range(W):  # 16-bit lanes: the sum fits (module docstring)
+                                p[j] += x0 * np.int16(lo[j]) + x1 * np.int16(hi[j])
+                    for n in range(N):
+                        a = acc[n]
+                        p = part[n]
+                        sx = xs[n, g]
+                        for j in range(W):
+                            a[j] += np.float32(p[j]) * (sg[j] * sx)
             j0 = t * W
             for n in range(N):
                 for j in range(min(W, M - j0)):
@@ -262,16 +267,18 @@ def product(x, bits: int, data, scale, bf16: bool, M: int):
     import numba
 
     # Every core (or NUMBA_NUM_THREADS) for a packed product, whatever the fused training
-    # kernels set for theirs (one thread: kernels/fused.py): a 4-bit decode is bound by its
-    # unpacking arithmetic, which a second core halves.
+    # kernels set for theirs (one thread: kernels/fused.py): a decode step streams the weights,
+    # which one core alone cannot read at the memory's bandwidth.
     before = numba.get_num_threads()
     if before != _THREADS:
         numba.set_num_threads(_THREADS)
     try:
         if bits == 16:
             k(x, data, bf16, out)
-        else:
+        elif bits == 8:
             k(x, data, scale, out)
+        else:
+            k(x, data, scale, chunk(x.shape[1] // scale.shape[1]), out)
     finally:
         if before != _THREADS:
             numba.set_num_threads(before)

@@ -12,14 +12,20 @@ Quantization (symmetric, absmax, float32 scales):
 Every linear layer of every block and the LM head (x @ wte.T, quantized per vocabulary entry, or per
 group of each entry's inputs) are quantized: the head is a third of GPT-2 124M's weights. The token
 embedding lookup and the position table stay float32 (a step reads one row of each per sequence).
-Activations stay float32 ("w4a32" and so on): the weight is widened to float32 inside the product.
+With 16- and 8-bit weights the activations stay float32 ("w16a32", "w8a32"): the weight is widened
+to float32 inside the product. With 4-bit weights the product rounds the activations to int8 as
+well, one scale per row and group of G inputs (xs = max |x| / 127, xq = rint(x / xs)), and
+multiplies integers ("w4a8"; why: minigpt/kernels/quant.py): each output is the sum over chunks of
+inputs (groups of up to 32) of float(sum of xq * q) * (scale * xs).
 
 The product runs the Numba kernel of minigpt.kernels.quant (kernels.active() == "numba") or its
-NumPy twin (dequantize, then the float product), and is recorded once, as the kernel moves it:
-FLOPs 2 N K M_pad (the kernel computes the tile padding too; useful_flops leave it out), bytes read
-x plus the packed weight plus its scales, bytes written the (N, M) output, dtype "w{bits}a32". The
-twin is the reference for results, not for traffic: it writes and reads a widened float32 copy that
-the record does not show.
+NumPy twin (16 and 8 bits: dequantize, then the float product; 4 bits: the same integer sums and
+float steps, bit for bit), and is recorded once, as the kernel moves it: FLOPs 2 N K M_pad (the
+kernel computes the tile padding too; useful_flops leave it out), bytes read x plus the packed
+weight plus its scales, bytes written the (N, M) output, dtype meter.packed_dtype(bits). The
+4-bit kernel's int8 activations (N x K, in the first-level cache) are not in it. The twin is the
+reference for results, not for traffic: it writes and reads widened copies that the record does
+not show.
 """
 
 from dataclasses import dataclass
@@ -27,7 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from minigpt import backend, kernels
-from minigpt.counting.meter import METER, matmul
+from minigpt.counting.meter import METER, matmul, packed_dtype
 from minigpt.errors import ConfigError
 from minigpt.kernels import quant as packed_kernels
 
@@ -39,8 +45,8 @@ FP16_MAX = 65504.0
 
 
 def dtype_name(bits: int) -> str:
-    """The records' dtype of a product with `bits`-bit weights and float32 activations."""
-    return f"w{bits}a32"
+    """The records' dtype of a product with `bits`-bit weights: w16a32, w8a32, w4a8."""
+    return packed_dtype(bits)
 
 
 def check(bits: int, group_size: int, storage16: str) -> None:
@@ -155,14 +161,38 @@ def from_stored(bits: int, K: int, M: int, q, scale, group_size: int, bf16: bool
 
 
 def _run(x2, w: PackedWeight):
-    """The product itself: the Numba kernel, or the NumPy twin (float32 arithmetic either way;
-    the result in x2's dtype)."""
+    """The product itself: the Numba kernel, or the NumPy twin (the result in x2's dtype)."""
     if kernels.active() == "numba" and backend.xp is np:
         out = packed_kernels.product(x2, w.bits, w.data, w.tile_scale, w.bf16, w.M)
         return out.astype(x2.dtype, copy=False)
-    with METER.paused():  # the twin's float product is not what the record describes
-        out = matmul(x2.astype("float32", copy=False), backend.asarray(w.dequantize()))
+    with METER.paused():  # the twin's products are not what the record describes
+        x2f = x2.astype("float32", copy=False)
+        out = int_activations_product(x2f, w) if w.bits == 4 else matmul(x2f, backend.asarray(w.dequantize()))
         return out.astype(x2.dtype, copy=False)
+
+
+def int_activations_product(x2, w: PackedWeight):
+    """The 4-bit product as the kernel computes it (module docstring), in NumPy: x2 (N, K) float32
+    -> (N, M) float32, equal to the kernel's bit for bit. The integer sums run exactly on the
+    float64 BLAS (|sum| <= 28,448); then the same float32 steps in the same order."""
+    xp = backend.xp
+    N, K = x2.shape
+    G = w.group_size
+    Q = packed_kernels.chunk(G)
+    groups = x2.reshape(N, K // G, G)
+    m = xp.abs(groups).max(axis=2)  # (N, K / G)
+    xs = xp.where(m > 0, xp.maximum(m / xp.float32(127.0), packed_kernels.TINY), 1.0).astype(xp.float32)
+    xq = xp.rint(groups / xs[:, :, None]).reshape(N, K).astype(xp.float64)
+    q = xp.empty((K, w.M), xp.float64)  # the weights' integers
+    nib = backend.asarray(w.q)
+    q[0::2], q[1::2] = (nib & 15).astype(xp.float64) - 8, (nib >> 4).astype(xp.float64) - 8
+    scale = backend.asarray(w.scale)
+    out = xp.zeros((N, w.M), xp.float32)
+    for c in range(K // Q):
+        g = c * Q // G
+        part = matmul(xq[:, c * Q:(c + 1) * Q], q[c * Q:(c + 1) * Q]).astype(xp.float32)  # (unmetered: _run)
+        out += part * (scale[g][None, :] * xs[:, g][:, None])
+    return out
 
 
 def product(x2, w: PackedWeight, op: str = "x@w"):

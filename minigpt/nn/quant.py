@@ -174,7 +174,7 @@ class QuantConfig:
 
     @property
     def name(self) -> str:
-        """What the model runs: the int8 mode, or w16a32 / w8a32 / w4a32 for packed weights."""
+        """What the model runs: the int8 mode, or w16a32 / w8a32 / w4a8 for packed weights."""
         return self.mode if self.bits is None else lowbit.dtype_name(self.bits)
 
 
