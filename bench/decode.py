@@ -65,7 +65,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import minigpt
 from minigpt import kernels
 from minigpt.counting import closed_form as cost_model
-from minigpt.counting.meter import METER, matmul
+from minigpt.counting.meter import METER, matmul, packed_dtype
 from minigpt.evaluate import weight_bytes
 from minigpt.hardware import bandwidth, blas, calibrate, roofline
 from minigpt.nn import quant
@@ -427,7 +427,7 @@ def predicted_rates(cfg, qcfg, args, batches, model) -> dict:
     out["prefill_tokens_per_s"] = args.prompt / one.prefill_s
     if qcfg is None:
         out["how"] = "the time model's float32 product rates and stream bandwidth"
-    elif qcfg.bits and model.packed_rate(f"w{qcfg.bits}a32", 1) is not None \
+    elif qcfg.bits and model.packed_rate(packed_dtype(qcfg.bits), 1) is not None \
             and forecast.packed_kernels():
         out["how"] = (f"the time model's {qcfg.bits}-bit packed-kernel rates (measured streaming a "
                       f"{timing.PACKED_BYTES >> 20} MiB packed weight) and float32 rates elsewhere")

@@ -178,6 +178,11 @@ def test_floor_dtypes_and_unknowns():
     assert accounting.floor_joules([_row(1e12, 0, "float64")], s) == pytest.approx(2.3)  # fp32 bound
     assert accounting.floor_joules([_row(1e12, 0, "int8")], s) == pytest.approx(0.115)
     assert accounting.floor_joules([_row(1e12, 0, "w8a32")], s) == pytest.approx(2.3)
+    # packed weights: 16 and 8 bits widen into float32 products; 4 bits multiplies int8 values
+    from minigpt.counting.meter import packed_dtype
+
+    floors = [accounting.floor_joules([_row(1e12, 0, packed_dtype(b))], s) for b in (16, 8, 4)]
+    assert floors == pytest.approx([2.3, 2.3, 0.115])
     layer = accounting.floor_layer([_row(1, 1, "complex64")], s)
     assert layer.joules is None and "complex64" in layer.basis
 

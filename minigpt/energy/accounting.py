@@ -33,9 +33,11 @@ from minigpt.units import PJ, kwh, si
 
 # a record's dtype -> the 45 nm per-FLOP energy used for its floor (float64 has no published
 # figure: fp32's is used, a lower bound, since a 64-bit operation costs more than a 32-bit one;
-# w8a32 is int8 weights widened into a float32 product, so float32 arithmetic)
+# w8a32 and w16a32 are narrow weights widened into a float32 product, so float32 arithmetic;
+# w4a8 multiplies int8 activations by 4-bit weights in integers: int8 arithmetic)
 FLOP_ENERGY_OF_DTYPE = {"float32": "fp32", "float64": "fp32", "float16": "fp16",
-                        "bfloat16": "fp16", "int8": "int8", "int32": "int8", "w8a32": "fp32"}
+                        "bfloat16": "fp16", "int8": "int8", "int32": "int8", "w8a32": "fp32",
+                        "w16a32": "fp32", "w4a8": "int8"}
 
 
 @dataclass
