@@ -10,7 +10,7 @@ script can loop over widths). --batch B decodes B sequences together (GPT.decode
 cache each, each prompt --prompt random tokens): tokens/s counts all sequences; bytes and FLOPs
 per step are the meter's; the bandwidth ceiling is B x bandwidth / bytes per step, the bandwidth
 being the STREAM figure that fits that batch's own read/write mix (below), and the compute ceiling
-B x matmul peak / FLOPs per step; the lower binds ("bound", and "ceiling" names it). A list (1,8,64) sweeps: the
+B x matmul peak / FLOPs per step (4 bits: the w4a8 kernel's own peak, int4_peak); the lower binds ("bound", and "ceiling" names it). A list (1,8,64) sweeps: the
 table gains a row per batch, and the batch at which decode turns compute-bound is predicted from
 the closed form and, with three or more batches, measured (knee()). The first batch is the
 headline of every other figure. Numba's kernels run on as many threads as OpenBLAS in each
@@ -200,6 +200,24 @@ def int8_split(gpt, repeats: int = 3) -> dict | None:
     return {"widen_s": widen, "float_products_s": product, "int8_bytes": sum(q.nbytes for q in tables)}
 
 
+def int4_peak(rows: int = 64, n: int = 1024) -> float:
+    """FLOP/s of the 4-bit kernel computing rather than streaming: `rows` rows against one packed
+    (n, n) weight small enough to stay in cache, best of 5. Its integer multiply-adds (w4a8) are
+    not bounded by the float32 matmul peak, so the 4-bit compute ceiling is this."""
+    from minigpt.nn import lowbit
+
+    rng = np.random.default_rng(0)
+    w = lowbit.quantize(rng.standard_normal((n, n), dtype=np.float32), 4)
+    x = rng.standard_normal((rows, n), dtype=np.float32)
+    best = float("inf")
+    with METER.paused():
+        for _ in range(6):  # the first loads the kernel
+            t0 = time.perf_counter()
+            lowbit.product(x, w)
+            best = min(best, time.perf_counter() - t0)
+    return 2 * rows * n * n / best
+
+
 def bandwidths() -> dict:
     """Every STREAM figure ("read.all_cores" -> StreamFigure): 256 MiB arrays, best of 5."""
     return {f.key: f for f in bandwidth.measure_stream()}
@@ -325,7 +343,12 @@ def _measure(gpt, cfg, args, tm) -> dict:
     plain2_s = plain_matvec_two_threads(gpt, args.tokens) if gpt.quant is None else None
     after = bandwidths()
     peak = calibrate.matmul_flops("float32", 2048, 3)
+    peak_name = "float32 matmul peak"
     peak_how = "calibrate.matmul_flops: float32 2048 x 2048 products, best of 3, in this process"
+    if gpt.quant is not None and gpt.quant.qcfg.bits == 4 and kernels.active() == "numba":
+        peak = int4_peak()
+        peak_name = "4-bit kernel peak"
+        peak_how = "int4_peak: the w4a8 kernel, 64 rows against a 1024 x 1024 weight in cache, best of 5"
     means = {k: (before[k].bytes_per_s + after[k].bytes_per_s) / 2 for k in before}
     measured = bandwidth.as_profile(means, {k: f.method() for k, f in before.items()})
     copy_bw = roofline.memory_ceiling(measured, 1, 1)  # a copy's mix, for comparison
@@ -356,7 +379,7 @@ def _measure(gpt, cfg, args, tm) -> dict:
             "bandwidth_ceiling_tokens_per_s": bw_ceiling, "compute_ceiling_tokens_per_s": compute_ceiling,
             "ceiling_tokens_per_s": ceiling, "fraction_of_ceiling": tokens_per_s / ceiling,
             "bound": bound,
-            "ceiling": memory.name if bound == "bandwidth" else "float32 matmul peak",
+            "ceiling": memory.name if bound == "bandwidth" else peak_name,
             "ceiling_how": memory.how if bound == "bandwidth" else peak_how,
             **forecasts[B],
             "overhead_per_step_s": max(0.0, step_s - dec["seconds"] / steps),
@@ -395,7 +418,7 @@ def _measure(gpt, cfg, args, tm) -> dict:
         "predicted_how": forecasts["how"],
         "prefill_tokens_per_s": prefill_tokens / first["prefill_s"],
         "prefill_flops_per_token": prefill_flops_per_token,
-        "matmul_peak_flops": peak,
+        "matmul_peak_flops": peak, "compute_peak": peak_name, "compute_peak_how": peak_how,
         "prefill_ceiling_tokens_per_s": peak / prefill_flops_per_token,
         "prefill_fraction_of_ceiling": (prefill_tokens / first["prefill_s"]) / (peak / prefill_flops_per_token),
         "environment": calibrate._environment(),
@@ -458,7 +481,7 @@ def print_table(r: dict) -> None:
           f"   ceiling {r['ceiling_tokens_per_s']:8.2f} tokens/s   achieved {100 * r['fraction_of_ceiling']:5.1f}%")
     print(f"          compute ceiling {r['compute_ceiling_tokens_per_s']:.2f} tokens/s "
           f"({r['flops_per_step'] / 1e9:.3f} GFLOP a step at the {r['matmul_peak_flops'] / 1e9:.0f} GFLOP/s "
-          f"matmul peak): {r['bound']}-bound; {1e3 * r['overhead_per_step_s']:.2f} ms a step outside "
+          f"{r['compute_peak']}): {r['bound']}-bound; {1e3 * r['overhead_per_step_s']:.2f} ms a step outside "
           "the metered ops (Python between them)")
     if r["repeats"] > 1:
         runs = ", ".join(f"{t:.2f}" for t in r["decode_runs_tokens_per_s"])
@@ -506,7 +529,7 @@ def print_table(r: dict) -> None:
               "line through the two largest batches')")
     print(f"prefill   {r['prefill_tokens_per_s']:10.1f} tokens/s   {r['prefill_flops_per_token'] / 1e9:9.3f} "
           f"GFLOP/token       ceiling {r['prefill_ceiling_tokens_per_s']:8.1f} tokens/s   achieved "
-          f"{100 * r['prefill_fraction_of_ceiling']:5.1f}%  (matmul peak {r['matmul_peak_flops'] / 1e9:.0f} GFLOP/s)")
+          f"{100 * r['prefill_fraction_of_ceiling']:5.1f}%  ({r['compute_peak']} {r['matmul_peak_flops'] / 1e9:.0f} GFLOP/s)")
     print()
     if len(r["by_blas_threads"]) > 1:
         print("by OpenBLAS thread count (the headline above is the fastest decode):")
