@@ -13,8 +13,8 @@ being the STREAM figure that fits that batch's own read/write mix (below), and t
 B x matmul peak / FLOPs per step (4 bits: the w4a8 kernel's own peak, int4_peak); the lower binds ("bound", and "ceiling" names it). A list (1,8,64) sweeps: the
 table gains a row per batch, and the batch at which decode turns compute-bound is predicted from
 the closed form and, with three or more batches, measured (knee()). The first batch is the
-headline of every other figure. Numba's kernels run on as many threads as OpenBLAS in each
---blas-threads pass.
+headline of every other figure. The packed-weight kernels run on as many threads as OpenBLAS in
+each --blas-threads pass (kernels/quant.threads); the fused kernels keep their own one thread.
 
 Generating one token at batch 1 reads every weight once and does two FLOPs per weight: far too
 little arithmetic to keep the cores busy, so its speed is bounded by memory bandwidth. The ceiling
@@ -68,6 +68,7 @@ from minigpt.counting import closed_form as cost_model
 from minigpt.counting.meter import METER, matmul, packed_dtype
 from minigpt.evaluate import weight_bytes
 from minigpt.hardware import bandwidth, blas, calibrate, roofline
+from minigpt.kernels import quant as packed_kernels
 from minigpt.nn import quant
 from minigpt.nn.model import KVCache
 from minigpt.units import rows_text
@@ -252,7 +253,7 @@ def measure(args) -> dict:
     tm = timing_runs.time_model()
     runs = []
     for n in args.blas_threads:
-        with blas.threads(n) as applied, numba_threads(n):
+        with blas.threads(n) as applied, packed_kernels.threads(n):
             r = _measure(gpt, cfg, args, tm)
         r["blas_threads"] = n if applied else blas.current()
         runs.append(r)
@@ -262,29 +263,6 @@ def measure(args) -> dict:
                                                   "plain_matvec_tokens_per_s")} for r in runs]
     best["int8_split"] = int8_split(gpt)
     return best
-
-
-class numba_threads:
-    """`with numba_threads(n):` the Numba kernels run on n threads (at most what Numba has)."""
-
-    def __init__(self, n: int):
-        self.n = n
-
-    def __enter__(self):
-        self.outer = None
-        if kernels.active() == "numba":
-            import numba
-
-            self.outer = numba.get_num_threads()
-            numba.set_num_threads(max(1, min(self.n, numba.config.NUMBA_NUM_THREADS)))
-        return self
-
-    def __exit__(self, *exc):
-        if self.outer is not None:
-            import numba
-
-            numba.set_num_threads(self.outer)
-        return False
 
 
 KNEE_SEARCH_LIMIT = 1024

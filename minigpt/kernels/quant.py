@@ -35,6 +35,8 @@ tests compare against (the 4-bit one equal bit for bit), and calls these through
 (pure NumPy) and `KERNELS` is None.
 """
 
+from contextlib import contextmanager
+
 import numpy as np
 
 from minigpt.kernels import AVAILABLE
@@ -283,6 +285,18 @@ def product(x, bits: int, data, scale, bf16: bool, M: int):
         if before != _THREADS:
             numba.set_num_threads(before)
     return out
+
+
+@contextmanager
+def threads(n: int):
+    """`with threads(n):` packed products run on n threads (at most Numba's) inside the block;
+    Numba's own setting, which the fused training kernels use, is left alone."""
+    global _THREADS
+    outer, _THREADS = _THREADS, max(1, min(n, _max_threads()))
+    try:
+        yield
+    finally:
+        _THREADS = outer
 
 
 def _max_threads() -> int:
