@@ -10,8 +10,8 @@ script can loop over widths). --batch B decodes B sequences together (GPT.decode
 cache each, each prompt --prompt random tokens): tokens/s counts all sequences; bytes and FLOPs
 per step are the meter's; the bandwidth ceiling is B x bandwidth / bytes per step, the bandwidth
 being the STREAM figure that fits that batch's own read/write mix (below), and the compute ceiling
-B x matmul peak / FLOPs per step (4 bits: the w4a8 kernel's own peak, int4_peak); the lower binds ("bound", and "ceiling" names it). A list (1,8,64) sweeps: the
-table gains a row per batch, and the batch at which decode turns compute-bound is predicted from
+B x matmul peak / FLOPs per step (4 bits: the w4a8 kernel's own peak, int4_peak); the lower
+binds ("bound", and "ceiling" names it). A list (1,8,64) sweeps: the table gains a row per batch, and the batch at which decode turns compute-bound is predicted from
 the closed form and, with three or more batches, measured (knee()). The first batch is the
 headline of every other figure. The packed-weight kernels run on as many threads as OpenBLAS in
 each --blas-threads pass (kernels/quant.threads); the fused kernels keep their own one thread.
@@ -203,8 +203,9 @@ def int8_split(gpt, repeats: int = 3) -> dict | None:
 
 def int4_peak(rows: int = 64, n: int = 4096) -> float:
     """FLOP/s of the 4-bit kernel computing rather than streaming: `rows` rows against one packed
-    (n, n) weight that stays in the last-level cache (8 MiB packed), best of 5. Its integer multiply-adds (w4a8) are
-    not bounded by the float32 matmul peak, so the 4-bit compute ceiling is this."""
+    (n, n) weight that stays in the last-level cache (8 MiB packed), best of 5. Its integer
+    multiply-adds (w4a8) are not bounded by the float32 matmul peak, so the 4-bit compute
+    ceiling is this."""
     from minigpt.nn import lowbit
 
     rng = np.random.default_rng(0)
