@@ -11,8 +11,9 @@ cache each, each prompt --prompt random tokens): tokens/s counts all sequences; 
 per step are the meter's; the bandwidth ceiling is B x bandwidth / bytes per step, the bandwidth
 being the STREAM figure that fits that batch's own read/write mix (below), and the compute ceiling
 B x matmul peak / FLOPs per step (4 bits: the w4a8 kernel's own peak, int4_peak); the lower
-binds ("bound", and "ceiling" names it). A list (1,8,64) sweeps: the table gains a row per batch, and the batch at which decode turns compute-bound is predicted from
-the closed form and, with three or more batches, measured (knee()). The first batch is the
+binds ("bound", and "ceiling" names it). A list (1,8,64) sweeps: the table gains a row per
+batch, and the batch at which decode turns compute-bound is predicted from the closed form and,
+with three or more batches, measured (knee()). The first batch is the
 headline of every other figure. The packed-weight kernels run on as many threads as OpenBLAS in
 each --blas-threads pass (kernels/quant.threads); the fused kernels keep their own one thread.
 
