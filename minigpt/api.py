@@ -23,7 +23,7 @@ from collections.abc import Callable, Generator, Iterator
 
 import numpy as np
 
-from minigpt import backend, sampling, tracking
+from minigpt import backend, kernels, sampling, tracking
 from minigpt import config as config_mod
 from minigpt.errors import CheckpointError, ConfigError
 from minigpt.nn import lowbit, quant
@@ -336,6 +336,7 @@ def stream_tokens(run: Callable) -> Generator[int, None, None]:
             raise _Stop
 
     def work() -> None:
+        kernels.fused_threads_here()
         try:
             run(on_token)
             handed.put(("done", None))

@@ -65,6 +65,19 @@ def test_stream_yields_what_generate_returns(model):
     assert ids == model.generate([5, 6, 7], max_new_tokens=8, seed=4).tolist()
 
 
+def test_a_stream_generates_with_the_fused_kernels_on_one_thread(monkeypatch):
+    """The stream's worker thread takes the fused kernels' thread count (one), as the model's
+    thread in the server does (kernels.fused_threads_here): a new thread starts at every core."""
+    numba = pytest.importorskip("numba")
+    monkeypatch.delenv("NUMBA_NUM_THREADS", raising=False)
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("one core: a thread starts at one anyway")
+    seen = []
+    pieces = api.stream_tokens(lambda on_token: [on_token(seen.append(numba.get_num_threads()) or t)
+                                                 for t in (5, 6)])
+    assert list(pieces) == [5, 6] and seen == [1, 1]
+
+
 def test_a_stream_stopped_early_stops_its_generation(model, monkeypatch):
     chosen = []
     real = sampling.generate

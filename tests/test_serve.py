@@ -225,6 +225,35 @@ def test_concurrent_requests_join_one_batch_and_answer_as_alone():
     assert hist[1] > counts[0], "no decode step ever ran more than one sequence"
 
 
+def test_the_model_thread_runs_the_fused_kernels_on_one_thread(monkeypatch):
+    """Numba's thread count is per thread and a new one starts at every core: the engine's
+    thread takes the fused kernels' one (kernels.fused_threads_here), or each decode step's
+    LayerNorms would wake a second OpenMP thread beside OpenBLAS's."""
+    numba = pytest.importorskip("numba")
+    monkeypatch.delenv("NUMBA_NUM_THREADS", raising=False)
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("one core: a thread starts at one anyway")
+    model = random_model()
+    seen = []
+    step = default_step(model.gpt)
+
+    def watched(m, tokens, caches):
+        seen.append(numba.get_num_threads())
+        return step(m, tokens, caches)
+
+    engine = Engine(model.gpt, model.tokenizer, step=watched, energy=FixedEnergy(1.0))
+    done = []
+    req = GenerationRequest(False, ((1, 2, 3),), ("",), 1, Sampling(3, 0.0, None, (), None), False,
+                            False, False)
+    engine.submit(Job(req, model.tokenizer, lambda ev: ev[0] == "done" and done.append(ev)))
+    engine.start()
+    try:
+        wait_until(lambda: done, what="the job")
+    finally:
+        engine.stop(10)
+    assert seen and set(seen) == {1}
+
+
 def test_a_batched_step_shares_its_joules():
     """Two jobs admitted together: their prompts (3 tokens each) share one prefill step by
     their tokens, each decode step's joules are split between the two sequences in it; a later

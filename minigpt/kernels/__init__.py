@@ -54,3 +54,15 @@ def active() -> str:
 
 def numba_on() -> bool:
     return _active == "numba"
+
+
+def fused_threads_here() -> None:
+    """Give the calling thread the fused kernels' thread count (kernels/fused.py: one, unless
+    NUMBA_NUM_THREADS is set). Numba's count is per thread and a new thread starts at every core:
+    a thread that runs the model (the server's engine, a streamed generation) calls this first,
+    or each decode step's LayerNorms and GELUs wake a second OpenMP thread beside OpenBLAS's (the
+    server's one-client tokens/s fell by a fifth to two fifths, its CPU time per token doubled)."""
+    if AVAILABLE and "NUMBA_NUM_THREADS" not in os.environ:
+        import numba
+
+        numba.set_num_threads(1)

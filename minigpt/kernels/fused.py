@@ -30,13 +30,14 @@ import numba  # after the variable OpenMP reads (set above)
 import numpy as np
 from numba import njit, prange
 
+from minigpt.kernels import fused_threads_here
+
 # One thread unless NUMBA_NUM_THREADS says otherwise: beside OpenBLAS's threads on a 2-core
 # machine a training step ran faster with these kernels on one thread than on two, and Numba's
 # second thread slowed the step's matrix products several times over (docs/benchmarks.md), though
 # each kernel alone runs faster on two. The packed decode kernels (kernels/quant.py) take every
 # core for their own calls.
-if "NUMBA_NUM_THREADS" not in os.environ:
-    numba.set_num_threads(1)
+fused_threads_here()  # this thread's; other threads that run the model call it themselves
 
 # Reassociation lets the compiler vectorise sums (row means, dot products): results change in the
 # last bits only. No "no NaNs / no infinities" assumptions: a softmax starts its max at -inf.

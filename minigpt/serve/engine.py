@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from minigpt import backend
+from minigpt import backend, kernels
 from minigpt.counting.meter import METER
 from minigpt.hardware import blas
 from minigpt.hardware.counters import SAMPLE_INTERVAL_S
@@ -231,6 +231,7 @@ class Engine:
     # ---- the model's thread --------------------------------------------------------------------
 
     def _loop(self) -> None:
+        kernels.fused_threads_here()
         with blas.threads(self.blas_threads or 0):
             self._steps()
 
