@@ -99,12 +99,8 @@ def block_step(x, p, cfg, attend, moe_block: bool):
     B, C = x.shape
     H = cfg.n_head
     hs = C // H
-    fused = nn.fused()
     with METER.scope(scopes.LN_1):
-        if fused:
-            h, _ = nn.layernorm_forward(x, p["ln_1.weight"], p["ln_1.bias"])
-        else:
-            h, _, _ = nn.layernorm_normalize(x, p["ln_1.weight"], p["ln_1.bias"])
+        h, _ = nn.layernorm_forward(x, p["ln_1.weight"], p["ln_1.bias"])
     with METER.scope(scopes.ATTN):
         with METER.scope(scopes.C_ATTN):
             qkv, _ = nn.linear_forward(h, p["attn.c_attn.weight"], p["attn.c_attn.bias"])  # (B, 3C)
@@ -113,14 +109,7 @@ def block_step(x, p, cfg, attend, moe_block: bool):
         attend(q, k, v, y)
         with METER.scope(scopes.C_PROJ):
             a, _ = nn.linear_forward(y.reshape(B, C), p["attn.c_proj.weight"], p["attn.c_proj.bias"])
-    if fused:  # the residual add inside ln_2's pass
-        with METER.scope(scopes.LN_2):
-            x, h, _ = nn.residual_layernorm_forward(x, a, p["ln_2.weight"], p["ln_2.bias"])
-    else:
-        with METER.scope(scopes.RESIDUAL_1):
-            x = nn.residual_forward(x, a)
-        with METER.scope(scopes.LN_2):
-            h, _, _ = nn.layernorm_normalize(x, p["ln_2.weight"], p["ln_2.bias"])
+    x, h, _ = nn.block_residual_norm(x, a, p["ln_2.weight"], p["ln_2.bias"])
     with METER.scope(scopes.MLP):
         if moe_block:
             m, _ = moe.moe_forward(h.reshape(B, 1, C), p, cfg)
@@ -212,8 +201,5 @@ def _step(model, tokens, counts: list[int], caches: list, name: str):
                 x = x[last]
                 c.count(elements=x.size, bytes_read=x.nbytes + last.nbytes, bytes_written=x.nbytes,
                         dtype=x.dtype)
-        if nn.fused():
-            x, _ = nn.layernorm_forward(x, p["transformer.ln_f.weight"], p["transformer.ln_f.bias"])
-        else:
-            x, _, _ = nn.layernorm_normalize(x, p["transformer.ln_f.weight"], p["transformer.ln_f.bias"])
+        x, _ = nn.layernorm_forward(x, p["transformer.ln_f.weight"], p["transformer.ln_f.bias"])
     return model._lm_head(x.reshape(B, 1, -1))[0].reshape(B, -1)

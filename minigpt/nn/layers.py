@@ -140,6 +140,19 @@ def _layernorm_fused(x2, a2, w, b, eps, shape):
     return out.reshape(shape), FusedNormCache(x2, w, mean, rstd)
 
 
+def block_residual_norm(x, branch, w, b):
+    """A block's first residual add and its ln_2, in the RESIDUAL_1 and LN_2 scopes: one pass
+    in the fused schedule (the add inside the norm's), two in NumPy's. (stream, out, cache)."""
+    if fused():
+        with METER.scope(scopes.LN_2):
+            return residual_layernorm_forward(x, branch, w, b)
+    with METER.scope(scopes.RESIDUAL_1):
+        x = residual_forward(x, branch)
+    with METER.scope(scopes.LN_2):
+        out, cache = layernorm_forward(x, w, b)
+    return x, out, cache
+
+
 def residual_layernorm_forward(x, branch, w, b, eps=LAYERNORM_EPS):
     """x + branch (written over branch, as residual_forward) and the LayerNorm of that sum, in one
     pass: (stream, out, cache). Fused schedule only (fused())."""

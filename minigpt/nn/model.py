@@ -95,14 +95,7 @@ def block_forward(x, p, cfg, kv=None, rng=None):
     with METER.scope(scopes.ATTN):
         a, attn = nn.attention_forward(h, p, cfg.n_head, kv, drop, rng)
     a, d_1 = _maybe_dropout(a, drop, rng, scopes.join(scopes.ATTN, scopes.RESID_DROPOUT))
-    if nn.fused():  # the residual add inside ln_2's pass
-        with METER.scope(scopes.LN_2):
-            x, h, ln_2 = nn.residual_layernorm_forward(x, a, p["ln_2.weight"], p["ln_2.bias"])
-    else:
-        with METER.scope(scopes.RESIDUAL_1):
-            x = nn.residual_forward(x, a)
-        with METER.scope(scopes.LN_2):
-            h, ln_2 = nn.layernorm_forward(x, p["ln_2.weight"], p["ln_2.bias"])
+    x, h, ln_2 = nn.block_residual_norm(x, a, p["ln_2.weight"], p["ln_2.bias"])
     with METER.scope(scopes.MLP):
         if "mlp.router.weight" in p:  # a mixture-of-experts block (config.is_moe_block)
             m, mlp = moe.moe_forward(h, p, cfg)
