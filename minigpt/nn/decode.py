@@ -88,15 +88,15 @@ def _attend(q, k, v, slot, hs, y):
 
 
 def block_step(x, p, cfg, attend, moe_block: bool):
-    """One block for one new token of each sequence: x (B, C). attend(q, k, v, y) runs the
-    attention of the new tokens against the caches: q, k, v (B, H, 1, hs) views, y (B, 1, H, hs)
-    to fill. decode_step's attends each sequence to its own cache; model.block_decode's attends
-    B rows of one cache together. The LayerNorms, the residual add before ln_2 and c_fc's bias
-    with the GELU follow the schedule of block_forward (nn.fused(): one compiled pass each, about
-    a microsecond for a row where NumPy's passes take ten); attention runs NumPy's softmax pass.
-    Returns x (B, C)."""
+    """One block for the step's new tokens, one row each: x (R, C). attend(q, k, v, y) runs the
+    attention of the new tokens against the caches: q, k, v (R, H, 1, hs) views, y (R, 1, H, hs)
+    to fill. decode_step's and extend_step's attend each sequence's rows to its own cache;
+    model.block_decode's attends B rows of one cache together. The LayerNorms, the residual add
+    before ln_2 and c_fc's bias with the GELU follow the schedule of block_forward (nn.fused():
+    one compiled pass each, about a microsecond for a row where NumPy's passes take ten);
+    attention runs NumPy's softmax pass. Returns x (R, C)."""
     xp = backend.xp
-    B, C = x.shape
+    B, C = x.shape  # B: the rows
     H = cfg.n_head
     hs = C // H
     with METER.scope(scopes.LN_1):
