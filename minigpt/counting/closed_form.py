@@ -376,8 +376,8 @@ def _forward(sh, cfg, B, T, pos0=0, last_only=False, targets=False, dropout=Fals
     sequence b's at positions[b] (B = len(positions), T = 1); attention then runs per sequence.
     spans: an extend step (nn/decode.py's extend_step), [(pos0, n)] for each sequence, n new tokens
     after pos0 cached ones (B = len(spans); T is not used); positions are spans of one token.
-    decode: a KV-cached step of one token, whose dense float blocks run model.block_decode (NumPy's
-    passes in either schedule)."""
+    decode: a KV-cached step of one token, whose dense float blocks run model.block_decode (its
+    attention's softmax NumPy's pass in either schedule)."""
     C, H, V = cfg.n_embd, cfg.n_head, cfg.vocab_size
     if positions:
         spans = [(p, 1) for p in positions]
