@@ -36,6 +36,7 @@ tests compare against (the 4-bit one equal bit for bit), and calls these through
 """
 
 from contextlib import contextmanager
+from functools import cache
 
 import numpy as np
 
@@ -47,6 +48,7 @@ CHUNK = 32  # the most inputs a 4-bit chunk sums in 16-bit integers (module docs
 TINY = np.float32(np.finfo(np.float32).tiny)  # the least activation scale: never zero
 
 
+@cache  # called for every 4-bit product of a decode step
 def chunk(G: int) -> int:
     """Inputs a 4-bit chunk sums in 16-bit integers for groups of G (even): the largest even
     divisor of G up to CHUNK, so that a chunk never straddles two groups' scales."""
