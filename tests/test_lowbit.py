@@ -60,9 +60,7 @@ def test_each_kernel_equals_its_numpy_twin(path, bits, storage, N, K, M):
 
 def _int4_values(w):
     """The 4-bit weight's integers q (K, M) in [-7, 7], from its nibble pairs."""
-    q = np.empty((w.K, w.M), np.int64)
-    q[0::2], q[1::2] = (w.q & 15).astype(np.int64) - 8, (w.q >> 4).astype(np.int64) - 8
-    return q
+    return lowbit.int4_values(w.q).astype(np.int64)
 
 
 @needs_numba

@@ -95,11 +95,17 @@ class PackedWeight:
             return u.view(np.float16).astype(np.float32)
         if self.bits == 8:
             return self.q.astype(np.float32) * self.scale
-        lo = (self.q & 15).astype(np.int8) - 8
-        hi = (self.q >> 4).astype(np.int8) - 8
-        q = np.empty((self.K, self.M), np.float32)
-        q[0::2], q[1::2] = lo, hi
+        q = int4_values(self.q).astype(np.float32)
         return q * np.repeat(self.scale, self.group_size, axis=0)
+
+
+def int4_values(nibbles) -> np.ndarray:
+    """The 4-bit weight's integers (K, M) int8 in [-8, 7] (the stored ones in [-7, 7]) from its
+    nibble pairs (K / 2, M) uint8: row 2i the low nibble, 2i + 1 the high, each biased by 8."""
+    q = np.empty((2 * nibbles.shape[0], nibbles.shape[1]), np.int8)
+    q[0::2] = (nibbles & 15).astype(np.int8) - 8
+    q[1::2] = (nibbles >> 4).astype(np.int8) - 8
+    return q
 
 
 def _absmax_scale(absmax, levels: int):
@@ -152,9 +158,7 @@ def from_stored(bits: int, K: int, M: int, q, scale, group_size: int, bf16: bool
     if bits == 8:
         data, ts = packed_kernels.pack_int8(q, scale)
     elif bits == 4:
-        b = np.empty((K, M), np.uint8)
-        b[0::2], b[1::2] = q & 15, q >> 4
-        data, ts = packed_kernels.pack_int4(b.astype(np.int8) - 8, scale)
+        data, ts = packed_kernels.pack_int4(int4_values(q), scale)
     else:
         data, ts = packed_kernels.pack_16(q), None
     return PackedWeight(bits, K, M, q, scale, data, ts, group_size, bf16)
@@ -183,9 +187,7 @@ def int_activations_product(x2, w: PackedWeight):
     m = xp.abs(groups).max(axis=2)  # (N, K / G)
     xs = xp.where(m > 0, xp.maximum(m / xp.float32(127.0), packed_kernels.TINY), 1.0).astype(xp.float32)
     xq = xp.rint(groups / xs[:, :, None]).reshape(N, K).astype(xp.float64)
-    q = xp.empty((K, w.M), xp.float64)  # the weights' integers
-    nib = backend.asarray(w.q)
-    q[0::2], q[1::2] = (nib & 15).astype(xp.float64) - 8, (nib >> 4).astype(xp.float64) - 8
+    q = backend.asarray(int4_values(w.q)).astype(xp.float64)  # the weights' integers
     scale = backend.asarray(w.scale)
     out = xp.zeros((N, w.M), xp.float32)
     for c in range(K // Q):
