@@ -20,8 +20,11 @@ cache, and the innermost loop, over the W channels of a row, is the one the comp
   float multiply-add for every weight held this kernel at 30 GB/s of packed weight on two cores,
   below the memory's 40-50, where 16-bit integer multiply-adds, twice as many to an instruction,
   keep up with it (the scheme llama.cpp's 4-bit formats use on CPUs). A chunk of `chunk(G)`
-  inputs (32 at most) sums in 16-bit integers exactly (|xq| <= 127, |q| <= 7: at most 28,448),
-  then joins the float32 accumulator as float(sum) * (scale * xs); chunks in order.
+  inputs (32 at most) sums in 16-bit integers, then joins the float32 accumulator as float(sum) *
+  (scale * xs); chunks in order. The sum runs over the stored nibbles u = q + 8 as they are (no
+  subtraction per weight) and takes 8 x sum(xq) off once a chunk; its 16-bit lanes may wrap on the
+  way, but wrapping is arithmetic modulo 2**16, and the true sum fits in int16 (|xq| <= 127,
+  |q| <= 7: at most 28,448), so what is left after the bias comes off is exact.
 - 16 bits: IEEE half (fp16) or bfloat16 bit patterns as uint16, no scales. bf16 widens by a shift;
   fp16 by the compiler's own half-to-float conversion (LLVM's fpext, one F16C instruction for eight
   weights on x86-64 since 2013), exact for every finite half, subnormals included.
@@ -187,37 +190,58 @@ def _build():
                 xs[n, g] = s
                 for k in range(g * G, (g + 1) * G):
                     xq[n, k] = np.int16(np.rint(x[n, k] / s))
+        n_chunks = K // chunk
+        bias = np.empty((N, n_chunks), np.int32)  # 8 x each chunk's sum of xq: the nibbles' bias
+        for n in range(N):
+            for c in range(n_chunks):
+                total = 0
+                for k in range(c * chunk, (c + 1) * chunk):
+                    total += xq[n, k]
+                bias[n, c] = 8 * total
         rows = chunk // 2  # byte rows a chunk
         per_group = G // chunk
         for t in prange(T):
             acc = np.zeros((N, W), np.float32)
             part = np.empty((N, W), np.int16)
-            lo = np.empty(W, np.int8)
-            hi = np.empty(W, np.int8)
             qt = q[t]
             for g in range(n_groups):
                 sg = scale[t, g]
                 for c in range(per_group):
                     part[:] = 0
-                    i0 = (g * per_group + c) * rows
-                    for i in range(i0, i0 + rows):
-                        r = qt[i]
-                        for j in range(W):  # the byte row's two weights a channel, in [-8, 7]
-                            b = r[j]
-                            lo[j] = np.int8(b & np.uint8(15)) - np.int8(8)
-                            hi[j] = np.int8(b >> np.uint8(4)) - np.int8(8)
+                    ci = g * per_group + c
+                    i = ci * rows
+                    end = i + rows
+                    while i + 1 < end:  # two byte rows (four inputs) a pass over the sums
+                        r0 = qt[i]
+                        r1 = qt[i + 1]
+                        for n in range(N):
+                            x0 = xq[n, 2 * i]
+                            x1 = xq[n, 2 * i + 1]
+                            x2 = xq[n, 2 * i + 2]
+                            x3 = xq[n, 2 * i + 3]
+                            p = part[n]
+                            for j in range(W):  # the biased nibbles, in [0, 15]; wraps mod 2**16
+                                u = np.int16(r0[j])
+                                v = np.int16(r1[j])
+                                p[j] += (x0 * (u & np.int16(15)) + x1 * (u >> np.int16(4))
+                                         + x2 * (v & np.int16(15)) + x3 * (v >> np.int16(4)))
+                        i += 2
+                    if i < end:  # an odd number of byte rows a chunk: the last alone
+                        r0 = qt[i]
                         for n in range(N):
                             x0 = xq[n, 2 * i]
                             x1 = xq[n, 2 * i + 1]
                             p = part[n]
-                            for j in range(W):  # 16-bit lanes: the sum fits (module docstring)
-                                p[j] += x0 * np.int16(lo[j]) + x1 * np.int16(hi[j])
+                            for j in range(W):
+                                u = np.int16(r0[j])
+                                p[j] += x0 * (u & np.int16(15)) + x1 * (u >> np.int16(4))
                     for n in range(N):
                         a = acc[n]
                         p = part[n]
+                        b = bias[n, ci]
                         sx = xs[n, g]
-                        for j in range(W):
-                            a[j] += np.float32(p[j]) * (sg[j] * sx)
+                        for j in range(W):  # the bias off, the exact sum back in int16
+                            a[j] += np.float32(np.int16(p[j] - b)) * (sg[j] * sx)
             j0 = t * W
             for n in range(N):
                 for j in range(min(W, M - j0)):
