@@ -136,10 +136,10 @@ def test_cli_train_in_process_leaves_the_thread_count_when_nothing_is_set(tmp_pa
     assert "threads:" not in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("given, want", [(None, ("passive", "2000")), ("50", ("passive", "50"))])
+@pytest.mark.parametrize("given, want", [(None, ("passive", "10000")), ("50", ("passive", "50"))])
 def test_openmp_workers_sleep_after_a_short_spin_unless_told_otherwise(given, want):
     """The kernels' OpenMP workers sleep between kernels (passive) after a short spin, which
-    bridges the few microseconds between a packed decode step's products; a GOMP_SPINCOUNT
+    bridges the gaps between a packed decode step's products; a GOMP_SPINCOUNT
     already set is kept."""
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     if given is not None:

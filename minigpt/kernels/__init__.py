@@ -18,12 +18,14 @@ from minigpt.errors import ConfigError
 # the OpenMP runtime loads (the first parallel kernel call), so it is set here; an OMP_WAIT_POLICY
 # already in the environment is kept.
 os.environ.setdefault("OMP_WAIT_POLICY", "passive")
-# But not at once: GNU OpenMP's workers spin this many rounds first (about 20 microseconds; it
+# But not at once: GNU OpenMP's workers spin this many rounds first (about 100 microseconds; it
 # overrides the passive policy's 0). A decode step with packed weights runs some fifty parallel
-# products a few microseconds apart, and waking a sleeping worker for each cost about 25
-# microseconds: a 4-bit GPT-2 decode ran at 168 tokens/s, 230 with the workers kept this awake
-# (docs/benchmarks.md). Training's gaps are longer and its kernels run on one thread.
-os.environ.setdefault("GOMP_SPINCOUNT", "2000")
+# products, most a few microseconds apart, and waking a sleeping worker for one cost about 25
+# microseconds: a 4-bit GPT-2 decode ran at 168 tokens/s, 230 with the workers kept awake 20
+# microseconds. The longest gap, a layer's attention between its two projections, takes 30-60
+# microseconds, and bridging it too took each c_proj from 41 to 18 microseconds (docs/benchmarks.md).
+# Training's gaps are longer and its kernels run on one thread.
+os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
 CHOICES = ("numpy", "numba")
 AVAILABLE = importlib.util.find_spec("numba") is not None
