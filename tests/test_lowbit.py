@@ -181,9 +181,26 @@ def test_quantization_error_is_at_most_half_a_step(bits, group):
     step = p.scale if bits == 8 else np.repeat(p.scale, group, axis=0)
     assert np.all(np.abs(w - p.dequantize()) <= step / 2 * (1 + 1e-6))
     levels = 127 if bits == 8 else 7
-    assert np.abs(p.dequantize()).max() == pytest.approx(np.abs(w).max(), rel=1e-6)
+    rel = 1e-6 if bits == 8 else 2.0 ** -11  # 4 bits: the scale rounded to fp16
+    assert np.abs(p.dequantize()).max() == pytest.approx(np.abs(w).max(), rel=rel)
     assert p.nbytes == cost_model.packed_weight_bytes(64, 70, cost_model.Packed(bits, group))
-    assert levels * step.max() == pytest.approx(np.abs(w).max(), rel=1e-6)
+    assert levels * step.max() == pytest.approx(np.abs(w).max(), rel=rel)
+
+
+def test_4_bit_scales_are_fp16_and_the_kernel_reads_two_bytes_each():
+    """Each group's scale is absmax / 7 rounded to fp16 (the least normal fp16 at the smallest),
+    and the packed scales are its fp16 bits: half the bytes of float32 ones."""
+    w = _weight(64, 300, seed=6)
+    w[:32, 0] = 0.0  # an all-zero group: scale 1
+    w[:32, 1] *= 1e-9  # a group below fp16's least normal scale
+    p = lowbit.quantize(w, 4, 32)
+    absmax = np.abs(w.reshape(2, 32, 300)).max(axis=1)
+    want = np.where(absmax > 0, absmax / 7, 1.0)
+    want = np.maximum(want, np.finfo(np.float16).tiny).astype(np.float16)
+    assert np.array_equal(p.scale, want.astype(np.float32))
+    assert p.tile_scale.dtype == np.uint16
+    assert np.array_equal(kq.unpack(p.tile_scale, 300).view(np.float16), want)
+    assert p.nbytes == p.data.nbytes + 2 * 2 * kq.padded(300)
 
 
 def test_16_bit_rounds_to_nearest():

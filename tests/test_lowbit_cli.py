@@ -9,6 +9,7 @@ import pytest
 from conftest import run_cli
 
 import minigpt
+from minigpt.errors import ConfigError
 from minigpt.nn import lowbit
 from minigpt.train import checkpoint
 
@@ -48,6 +49,35 @@ def test_a_damaged_bits_checkpoint_is_refused_in_one_line(trained_run, tmp_path)
     r = run_cli("generate.py", out, "--prompt", "a", "--max-new-tokens", "2")
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert name in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_4_bit_scales_saved_as_float32_load_rounded_to_fp16_and_inf_is_refused(trained_run, tmp_path):
+    """A checkpoint whose 4-bit scales are not fp16 values (an older minigpt's float32 ones)
+    loads with them rounded as quantize rounds them; a scale fp16 cannot hold is one line."""
+    out = tmp_path / "q4"
+    assert run_cli("-m", "minigpt", "quantize", trained_run, "-o", out, "--bits", "4",
+                   "--group-size", "16").returncode == 0
+    meta, arrays = checkpoint.load(out)
+    name = "scale/transformer.h.0.mlp.c_fc.weight"
+    saved = arrays[name].copy()
+    assert np.array_equal(saved.astype(np.float16).astype(np.float32), saved)  # fp16 values
+    arrays[name] = saved * np.float32(1 + 2.0 ** -14)  # float32 values between two fp16s
+    checkpoint.save(out / "ckpt.npz", meta, arrays, fmt=checkpoint.INT8_FORMAT)
+    w = minigpt.load(out).gpt.quant.weights["transformer.h.0.mlp.c_fc.weight"]
+    assert np.array_equal(w.scale, saved)
+    arrays[name] = saved.copy()
+    arrays[name][0, 0] = np.inf
+    checkpoint.save(out / "ckpt.npz", meta, arrays, fmt=checkpoint.INT8_FORMAT)
+    r = run_cli("generate.py", out, "--prompt", "a", "--max-new-tokens", "2")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "4-bit scales" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_a_4_bit_scale_beyond_fp16_is_one_clear_line():
+    w = np.ones((32, 8), np.float32)
+    w[3, 5] = 1e6  # absmax / 7 above 65504
+    with pytest.raises(ConfigError, match="fp16"):
+        lowbit.quantize(w, 4, 32)
 
 
 def test_generate_decodes_several_prompts_and_samples_together(trained_run):

@@ -161,7 +161,7 @@ def packed_weight_bytes(K: int, M: int, packed: Packed) -> int:
         return 2 * K * Mp
     if packed.bits == 8:
         return K * Mp + 4 * Mp  # int8, one float32 scale per channel
-    return K // 2 * Mp + 4 * (K // packed.group_size) * Mp  # two a byte, a scale per group
+    return K // 2 * Mp + 2 * (K // packed.group_size) * Mp  # two a byte, an fp16 scale a group
 
 
 def _packed_product(sh, scope, op, N, K, M, packed: Packed):

@@ -13,8 +13,11 @@ cache, and the innermost loop, over the W channels of a row, is the one the comp
 
 - 8 bits: int8, one float32 scale per output channel: w[k, j] = q[k, j] * scale[j].
 - 4 bits: two weights a byte (row 2i in the low nibble, 2i + 1 in the high), stored as q + 8 with
-  q in [-7, 7]; one float32 scale per group of G consecutive inputs of each output channel:
-  w[k, j] = q[k, j] * scale[k // G, j]. Tiles (M_pad / W, K / 2, W) and scales (M_pad / W, K / G, W).
+  q in [-7, 7]; one fp16 scale per group of G consecutive inputs of each output channel (half a
+  float32's bytes: at G = 32 the scales are a fifth of the bytes a product reads, and the kernel
+  keeps up with the memory, so every byte is time), widened in the kernel as the 16-bit weights
+  are: w[k, j] = q[k, j] * scale[k // G, j]. Tiles (M_pad / W, K / 2, W) and scales
+  (M_pad / W, K / G, W).
   The activations are rounded to int8 too, one float32 scale per row and group (xs = max |x| /
   127, xq = rint(x / xs)), and the product runs in integers: widening a nibble to float32 and a
   float multiply-add for every weight held this kernel at 30 GB/s of packed weight on two cores,
@@ -49,6 +52,7 @@ TILE = 256  # output channels a tile: wide enough to keep a core's loads streami
 CONTRACT = {"contract"}  # a * b + c may be one fused multiply-add (module docstring)
 CHUNK = 32  # the most inputs a 4-bit chunk sums in 16-bit integers (module docstring)
 TINY = np.float32(np.finfo(np.float32).tiny)  # the least activation scale: never zero
+FP16_ONE = np.float16(1.0).view(np.uint16)  # the bits of a padding channel's 4-bit scale
 
 
 @cache  # called for every 4-bit product of a decode step
@@ -93,13 +97,13 @@ def pack_int8(q, scale):
 
 
 def pack_int4(q, scale):
-    """q (K, M) int8 in [-7, 7], scale (K / G, M) float32 -> tiles (T, K / 2, W) uint8 (two
-    weights a byte, biased by 8), scales (T, K / G, W) float32."""
+    """q (K, M) int8 in [-7, 7], scale (K / G, M) (values fp16 holds) -> tiles (T, K / 2, W)
+    uint8 (two weights a byte, biased by 8), scales (T, K / G, W) uint16: their fp16 bits."""
     M = q.shape[1]
     W, M_pad = tile_width(M), padded(M)
     b = _pad((q.astype(np.int16) + 8).astype(np.uint8), M_pad, 8)  # padding decodes to 0
     nibbles = (b[0::2] | (b[1::2] << 4)).astype(np.uint8)  # (K / 2, M_pad)
-    s = _pad(np.asarray(scale, np.float32), M_pad, 1.0)
+    s = _pad(np.asarray(scale, np.float16).view(np.uint16), M_pad, FP16_ONE)
     return _tiles(nibbles, W), _tiles(s, W)
 
 
@@ -205,7 +209,7 @@ def _build():
             part = np.empty((N, W), np.int16)
             qt = q[t]
             for g in range(n_groups):
-                sg = scale[t, g]
+                sg = scale[t, g]  # fp16 bits
                 for c in range(per_group):
                     part[:] = 0
                     ci = g * per_group + c
@@ -241,7 +245,7 @@ def _build():
                         b = bias[n, ci]
                         sx = xs[n, g]
                         for j in range(W):  # the bias off, the exact sum back in int16
-                            a[j] += np.float32(np.int16(p[j] - b)) * (sg[j] * sx)
+                            a[j] += np.float32(np.int16(p[j] - b)) * (half_as_float32(sg[j]) * sx)
             j0 = t * W
             for n in range(N):
                 for j in range(min(W, M - j0)):

@@ -214,7 +214,7 @@ def _check_arrays(path, meta, arrays) -> None:
 # stored as x @ w reads it, (K, M): the token table as the LM head's (C, V). "int8/<name>" then
 # holds 8 bits: int8 (K, M) and "scale/<name>" (M,); 4 bits: uint8 (K / 2, M), two weights a byte
 # (row 2i low nibble, 2i + 1 high, each biased by 8), and "scale/<name>" (K / G, M) for group size
-# G = meta["quant"]["group_size"]; 16 bits: uint16 (K, M) fp16 or bf16 patterns (meta["quant"]
+# G = meta["quant"]["group_size"], float32 holding fp16 values (what the kernel reads); 16 bits: uint16 (K, M) fp16 or bf16 patterns (meta["quant"]
 # ["storage16"]) and no scales.
 
 
