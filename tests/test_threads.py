@@ -71,17 +71,21 @@ def _clean_env(**extra) -> dict:
 
 @pytest.mark.skipif(blas.current() is None, reason="NumPy's BLAS is not OpenBLAS")
 def test_apply_sets_openblas_and_numbas_threads_after_numpy_has_loaded():
-    code = ("import json, os, numpy; from minigpt.hardware import blas; "
+    """The plan reaches both libraries, and the variables reach the processes this one starts;
+    NUMBA_NUM_THREADS only while Numba has not read it yet (minigpt's kernels import Numba)."""
+    code = ("import json, os, sys, numpy; from minigpt.hardware import blas; "
+            "loaded = 'numba' in sys.modules; "
             "before = blas.current(); took = blas.apply(blas.plan(4, 4)); "
             "import numba; "
-            "print(json.dumps([before, took, blas.current(), numba.get_num_threads(), "
-            "{k: os.environ[k] for k in ('OMP_NUM_THREADS', 'OPENBLAS_NUM_THREADS', "
+            "print(json.dumps([before, took, blas.current(), numba.get_num_threads(), loaded, "
+            "{k: os.environ.get(k) for k in ('OMP_NUM_THREADS', 'OPENBLAS_NUM_THREADS', "
             "'NUMBA_NUM_THREADS')}]))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env=_clean_env(), cwd=ROOT, check=True)
-    _, took, after, numba_threads, env = json.loads(out.stdout)
+    _, took, after, numba_threads, loaded, env = json.loads(out.stdout)
     assert took is True and after == 1 and numba_threads == 1
-    assert env == {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "1"}
+    assert env == {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
+                   "NUMBA_NUM_THREADS": None if loaded else "1"}
 
 
 def test_apply_after_numba_is_imported_sets_its_threads():
@@ -93,6 +97,20 @@ def test_apply_after_numba_is_imported_sets_its_threads():
                          env=_clean_env(NUMBA_NUM_THREADS="2"), cwd=ROOT, check=True)
     assert out.stdout.strip() == "1"
     assert numba.config.NUMBA_NUM_THREADS >= 1
+
+
+def test_numba_compiles_after_apply_with_numba_imported_and_a_fresh_cache(tmp_path):
+    """minigpt's kernels import Numba, which reads NUMBA_NUM_THREADS then and again at every
+    compile: apply must not change the variable under it, or a rank's first compile on a fresh
+    install (no cached kernels) fails (`mpiexec -n 2 python train.py` did)."""
+    pytest.importorskip("numba")
+    code = ("import numba, minigpt.kernels.quant; from minigpt.hardware import blas; "
+            "blas.apply(blas.plan(2, 2)); "
+            "f = numba.njit(lambda x: x + 1); print(f(1), numba.get_num_threads())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=_clean_env(NUMBA_CACHE_DIR=str(tmp_path)), cwd=ROOT, check=False)
+    assert out.returncode == 0, out.stderr[-500:]
+    assert out.stdout.split() == ["2", "1"]
 
 
 def _train(tmp_path, **env) -> subprocess.CompletedProcess:

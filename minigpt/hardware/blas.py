@@ -164,17 +164,23 @@ def plan(processes: int, cores: int | None = None, environ=None) -> Plan:
 def apply(p: Plan) -> bool:
     """Set this process's threads to the plan, before any product runs: OpenBLAS's count through
     its C function (NumPy has loaded it already; its idle workers sleep), and Numba's through
-    NUMBA_NUM_THREADS before Numba is imported (numba.set_num_threads once it is). The thread
-    variables not set are set to the plan, for any process this one starts (MINIGPT_THREADS sets
-    them all). Returns whether OpenBLAS took the setting."""
+    NUMBA_NUM_THREADS before Numba is imported (numba.set_num_threads once it is, and the variable
+    is then left as Numba read it). The thread variables not set are set to the plan, for any
+    process this one starts (MINIGPT_THREADS sets them all). Returns whether OpenBLAS took the setting."""
     fns = _openblas()
     if fns is not None:
         fns[0](p.blas)
     wanted = {"OPENBLAS_NUM_THREADS": p.blas, "OMP_NUM_THREADS": p.blas, "NUMBA_NUM_THREADS": p.numba}
+    numba_loaded = "numba" in sys.modules
+    if numba_loaded:
+        # Numba has read NUMBA_NUM_THREADS already (its thread pool's size) and reads it again
+        # each time it compiles: a different value there then stops the compile with an error
+        # (a fresh install's first kernel, in every rank). Its own call sets this process's count.
+        del wanted["NUMBA_NUM_THREADS"]
     for name, n in wanted.items():
         if p.blas_from.startswith("MINIGPT_THREADS") or name not in os.environ:
             os.environ[name] = str(n)
-    if "numba" in sys.modules:
+    if numba_loaded:
         import numba
 
         numba.set_num_threads(max(1, min(p.numba, numba.config.NUMBA_NUM_THREADS)))
