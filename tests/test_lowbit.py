@@ -203,6 +203,16 @@ def test_4_bit_scales_are_fp16_and_the_kernel_reads_two_bytes_each():
     assert p.nbytes == p.data.nbytes + 2 * 2 * kq.padded(300)
 
 
+@needs_numba
+def test_the_4_bit_kernel_refuses_float32_scales():
+    """Numba would compile the kernel for float32 scales too and read their bytes as fp16."""
+    w = lowbit.quantize(_weight(64, 40, seed=7), 4, 32)
+    x = np.ones((1, 64), np.float32)
+    with pytest.raises(TypeError, match="fp16"):
+        kq.product(x, 4, w.data, kq.unpack(w.tile_scale, 40).view(np.float16).astype(np.float32)[None],
+                   False, 40)
+
+
 def test_16_bit_rounds_to_nearest():
     w = _weight(32, 40, seed=5)
     w[0, :8] = [1e-7, -3e-6, 6e-5, 2.0 ** -24, 0.0, 1.0 + 2.0 ** -11, 1.0 + 3 * 2.0 ** -11, 65504.0]

@@ -316,8 +316,8 @@ def measure_packed(tries: int, nbytes: int = PACKED_BYTES) -> dict[str, list[lis
             weights[bits] = (rng.integers(-127, 128, (T, K, W), dtype=np.int8),
                              rng.random((T, W), dtype=np.float32))
         else:
-            weights[bits] = (rng.integers(0, 256, (T, K // 2, W), dtype=np.uint8),
-                             rng.random((T, K // 32, W), dtype=np.float32))
+            weights[bits] = (rng.integers(0, 256, (T, K // 2, W), dtype=np.uint8),  # fp16 scales
+                             rng.random((T, K // 32, W), dtype=np.float32).astype(np.float16).view(np.uint16))
     best = {(bits, m): float("inf") for bits in PACKED_BITS for m in PACKED_M}
     with METER.paused():
         for _ in range(tries):  # sweeps, as the grid's

@@ -293,6 +293,8 @@ def kernels() -> dict:
 
 def product(x, bits: int, data, scale, bf16: bool, M: int):
     """x (N, K) float32 @ the packed weight -> (N, M) float32, by the Numba kernel for `bits`."""
+    if bits == 4 and scale.dtype != np.uint16:  # Numba would compile it, and read garbage
+        raise TypeError(f"4-bit scales are fp16 bits (uint16, pack_int4), not {scale.dtype}")
     x = np.ascontiguousarray(x, dtype=np.float32)
     out = np.empty((x.shape[0], M), np.float32)
     k = kernels()[bits]
