@@ -260,10 +260,13 @@ def _dropout_backward(sh, scope, n):
 
 
 def _mlp_forward(sh, scope, N, C, mode=None):
-    """The fused schedule (float weights) adds c_fc's bias inside the GELU's pass and keeps the
-    product before it, where NumPy's keeps the tanh."""
-    if sh.fused and mode is None:
-        sh.product(join(scope, C_FC), "x@w", 1, N, C, 4 * C, N * C, C * 4 * C)
+    """The fused schedule (float or packed weights) adds c_fc's bias inside the GELU's pass and
+    keeps the product before it, where NumPy's keeps the tanh."""
+    if sh.fused and (mode is None or isinstance(mode, Packed)):
+        if mode is None:
+            sh.product(join(scope, C_FC), "x@w", 1, N, C, 4 * C, N * C, C * 4 * C)
+        else:
+            _packed_product(sh, join(scope, C_FC), "x@w", N, C, 4 * C, mode)
         sh.elementwise(join(scope, GELU), "gelu", "bias_tanh", 4 * N * C, 4 * N * C + 4 * C, 4 * N * C)
     else:
         _linear_forward(sh, join(scope, C_FC), N, C, 4 * C, mode)

@@ -116,7 +116,7 @@ def block_step(x, p, cfg, attend, moe_block: bool):
             m = m.reshape(B, C)
         elif nn.fuses_mlp(p):
             with METER.scope(scopes.C_FC):
-                f = matmul(h, p["mlp.c_fc.weight"], op="x@w")  # (B, 4C), its bias added by the GELU
+                f = nn.weight_product(h, p["mlp.c_fc.weight"])  # (B, 4C), its bias added by the GELU
             with METER.scope(scopes.GELU):
                 g, _ = nn.bias_gelu_forward(f, p["mlp.c_fc.bias"])
             with METER.scope(scopes.C_PROJ):

@@ -553,9 +553,17 @@ def bias_gelu_backward(dout, cache: BiasGeluCache, db):
 
 def fuses_mlp(p) -> bool:
     """Whether a block's MLP runs the fused schedule (c_fc's bias added inside the GELU's pass):
-    fused() and float weights. Quantized weights (int8 or packed) run their own products, then
-    NumPy's passes."""
-    return fused() and not isinstance(p["mlp.c_fc.weight"], (quant.Int8Weight, lowbit.PackedWeight))
+    fused() and float or packed weights (lowbit: their own product, then the same pass). int8
+    weights (quant.Int8Weight) run their product, then NumPy's passes."""
+    return fused() and not isinstance(p["mlp.c_fc.weight"], quant.Int8Weight)
+
+
+def weight_product(x2, w):
+    """x2 (N, C) @ w with no bias, counted as "x@w": a float weight's matmul or a packed one's
+    product (lowbit.product), for a bias a fused pass adds."""
+    if isinstance(w, lowbit.PackedWeight):
+        return lowbit.product(x2, w)
+    return matmul(x2, w, op="x@w")
 
 
 def mlp_forward(x, p):
@@ -563,7 +571,7 @@ def mlp_forward(x, p):
         C = x.shape[-1]
         x2 = x.reshape(-1, C)  # (N, C)
         with METER.scope(scopes.C_FC):
-            h = matmul(x2, p["mlp.c_fc.weight"], op="x@w")  # (N, 4C), its bias added by the GELU
+            h = weight_product(x2, p["mlp.c_fc.weight"])  # (N, 4C), its bias added by the GELU
         with METER.scope(scopes.GELU):
             h, gelu = bias_gelu_forward(h, p["mlp.c_fc.bias"])
         with METER.scope(scopes.C_PROJ):
