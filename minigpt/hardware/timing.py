@@ -63,7 +63,7 @@ STREAM_ROWS = 4  # the rows of the second stream figure: OpenBLAS packs B for an
 PACKED_BITS = (16, 8, 4)
 PACKED_M = (1, 4, 16)
 PACKED_BYTES = 64 << 20  # the packed weight each is measured on: twice a 32 MiB last-level cache
-VERSION = 4  # a file of another version is measured again, not trusted (4: a faster 4-bit kernel)
+VERSION = 4  # a file of another version is measured again, not trusted
 
 
 @dataclass

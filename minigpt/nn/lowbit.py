@@ -7,7 +7,7 @@ Quantization (symmetric, absmax):
   default), scale[g, j] = max over the group of |w| / 7 rounded to fp16 (at least fp16's least
   normal number), q = round(w / scale) in [-7, 7]. Small groups follow the weights' local range (an
   outlier spoils only its own group) at 2 / G bytes of scale per weight; fp16's 11 significant
-  bits put the scale within 1/4096 of the absmax's, far inside the step (scale / 2) the rounding
+  bits put the scale within 1/2048 of absmax / 7, far inside the step (scale / 2) the rounding
   to 4 bits already costs, and a weight stays within half a step of its value as at 8 bits.
 - 16 bits: the weight rounded to IEEE half (fp16: 10 mantissa bits, |w| <= 65504) or bfloat16
   (7 mantissa bits, float32's range), round to nearest even; no scales.
@@ -172,7 +172,7 @@ def from_stored(bits: int, K: int, M: int, q, scale, group_size: int, bf16: bool
         data, ts = packed_kernels.pack_int8(q, scale)
     elif bits == 4:
         # fp16 values as saved; an older minigpt saved float32 scales, rounded here as
-        # quantize rounds them (a change within 1/4096 of each)
+        # quantize rounds them (a change within 1/2048 of each)
         scale = np.asarray(scale, np.float32)
         if not np.isfinite(scale).all() or np.abs(scale).max(initial=0.0) > FP16_MAX:
             raise ValueError(f"4-bit scales must be finite and at most fp16's {FP16_MAX:g}")
