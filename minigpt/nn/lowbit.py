@@ -117,13 +117,18 @@ def _absmax_scale(absmax, levels: int):
     return np.maximum(scale, np.finfo(np.float32).tiny)
 
 
+def _fp16_values(a):
+    """a rounded to the nearest fp16 values, kept as float32 (what the 4-bit kernel widens back)."""
+    return np.asarray(a, np.float32).astype(np.float16).astype(np.float32)
+
+
 def _group_scale(absmax, name: str):
     """4 bits: absmax / 7 rounded to fp16, as float32 (the kernel reads the fp16 bits)."""
     scale = np.where(absmax > 0, absmax / 7, 1.0)
     if scale.max(initial=0.0) > FP16_MAX:
         raise ConfigError(f"{name}: |w| up to {absmax.max():.6g} needs a 4-bit scale above fp16's "
                           f"{FP16_MAX:g}; use --bits 8")
-    return np.maximum(scale, FP16_TINY).astype(np.float16).astype(np.float32)
+    return _fp16_values(np.maximum(scale, FP16_TINY))
 
 
 def quantize(w, bits: int, group_size: int = DEFAULT_GROUP_SIZE, storage16: str = "fp16",
@@ -176,7 +181,7 @@ def from_stored(bits: int, K: int, M: int, q, scale, group_size: int, bf16: bool
         scale = np.asarray(scale, np.float32)
         if not np.isfinite(scale).all() or np.abs(scale).max(initial=0.0) > FP16_MAX:
             raise ValueError(f"4-bit scales must be finite and at most fp16's {FP16_MAX:g}")
-        scale = scale.astype(np.float16).astype(np.float32)
+        scale = _fp16_values(scale)
         data, ts = packed_kernels.pack_int4(int4_values(q), scale)
     else:
         data, ts = packed_kernels.pack_16(q), None
