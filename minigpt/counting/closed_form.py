@@ -370,7 +370,7 @@ def _attention(sh, attn, B, H, T, pos0, hs, kv_int8, dropout):
 
 
 def _forward(sh, cfg, B, T, pos0=0, last_only=False, targets=False, dropout=False, q=None,
-             routing=None, positions=None, decode=False, spans=None):
+             routing=None, positions=None, spans=None):
     """Records of GPT.hidden + lm head (+ loss) for B sequences of T new tokens after pos0.
 
     q: a quant.QuantConfig for quantized inference (outlier_threshold is data-dependent: not
@@ -379,8 +379,7 @@ def _forward(sh, cfg, B, T, pos0=0, last_only=False, targets=False, dropout=Fals
     sequence b's at positions[b] (B = len(positions), T = 1); attention then runs per sequence.
     spans: an extend step (nn/decode.py's extend_step), [(pos0, n)] for each sequence, n new tokens
     after pos0 cached ones (B = len(spans); T is not used); positions are spans of one token.
-    decode: a KV-cached step of one token, whose dense float blocks run model.block_decode (its
-    attention's softmax NumPy's pass in either schedule)."""
+    A KV-cached step of one token (model.block_decode) has block_forward's records."""
     C, H, V = cfg.n_embd, cfg.n_head, cfg.vocab_size
     if positions:
         spans = [(p, 1) for p in positions]
@@ -398,23 +397,16 @@ def _forward(sh, cfg, B, T, pos0=0, last_only=False, targets=False, dropout=Fals
     if dropout:
         _dropout_forward(sh, join(EMBEDDING, DROPOUT), N * C)
     kv_int8 = q is not None and q.kv_int8
-    fused = sh.fused
     for i in range(cfg.n_layer):
         h = block(i)
         attn, mlp = join(h, ATTN), join(h, MLP)
         _layernorm_forward(sh, join(h, LN_1), N, C)
         _linear_forward(sh, join(attn, C_ATTN), N, C, 3 * C, mode)
-        # nn/decode.py's block_step attends with NumPy's softmax pass in either schedule: the
-        # blocks of GPT.decode_step and extend_step, and model.block_decode (a decode step's
-        # dense float block without dropout)
-        sh.fused = fused and not spans and not (
-            decode and not kv_int8 and not is_moe_block(cfg, i) and not dropout)
         if spans:
             for p, n in spans:
                 _attention(sh, attn, 1, H, n, p, hs, kv_int8, False)
         else:
             _attention(sh, attn, B, H, T, pos0, hs, kv_int8, dropout)
-        sh.fused = fused
         _linear_forward(sh, join(attn, C_PROJ), N, C, C, mode)
         if dropout:
             _dropout_forward(sh, join(attn, RESID_DROPOUT), N * C)
@@ -595,9 +587,8 @@ def predict_forward(cfg, batch: int, seq: int, phase: str = "forward", targets: 
 def _forward_sheet(cfg, batch, seq, phase="forward", targets=False, dtype="float32", quant=None,
                    routing=None, pos0=0, fused=False) -> _Sheet:
     sh = _sheet(phase, dtype, fused)
-    # A one-token step through the KV cache runs as a decode step does (GPT.hidden).
     _forward(sh, cfg, batch, seq, pos0=pos0, last_only=phase == "prefill", targets=targets, q=quant,
-             routing=routing, decode=seq == 1 and phase in ("prefill", "decode"))
+             routing=routing)
     return sh
 
 
@@ -614,7 +605,7 @@ def predict_decode_batch(cfg, positions, dtype: str = "float32", quant=None,
     (ragged): the weight products once over all rows, attention per sequence."""
     sh = _sheet("decode", dtype, fused)
     positions = [int(p) for p in positions]
-    _forward(sh, cfg, len(positions), 1, q=quant, positions=positions, decode=True)
+    _forward(sh, cfg, len(positions), 1, q=quant, positions=positions)
     return sh.records
 
 
@@ -625,7 +616,7 @@ def predict_extend(cfg, spans, dtype: str = "float32", quant=None, fused: bool =
     the LM head on each sequence's last row. phase: the meter's phase it ran under."""
     sh = _sheet(phase, dtype, fused)
     spans = [(int(p), int(n)) for p, n in spans]
-    _forward(sh, cfg, len(spans), None, q=quant, spans=spans, decode=True)
+    _forward(sh, cfg, len(spans), None, q=quant, spans=spans)
     return sh.records
 
 
@@ -634,8 +625,7 @@ def forward_records(cfg, batch: int, seq: int, pos0: int = 0, last_only: bool = 
     """A forward of `seq` new tokens after `pos0` cached ones (the general case of the above; a
     KV-cached decode step if seq is 1 and pos0 > 0)."""
     sh = _sheet("forward", "float32", fused)
-    _forward(sh, cfg, batch, seq, pos0=pos0, last_only=last_only, targets=targets, routing=routing,
-             decode=seq == 1 and pos0 > 0)
+    _forward(sh, cfg, batch, seq, pos0=pos0, last_only=last_only, targets=targets, routing=routing)
     return sh.records
 
 

@@ -97,7 +97,8 @@ def _fused() -> bool:
 
 
 def packed_kernels() -> bool:
-    """Whether packed-weight products here run on the packed kernels (Numba, on the CPU)."""
+    """Whether packed-weight products here run on the packed kernels, and a decode step's few-row
+    float32 ones on the tiled kernel (Numba, on the CPU)."""
     from minigpt import backend, kernels
 
     return kernels.active() == "numba" and backend.device == "cpu"
@@ -259,12 +260,15 @@ def generation(cfg, tm: timing.TimeModel, prompt_tokens: int, steps: int, batch:
     """The forecast of a prefill of prompt_tokens and `steps` decode steps after it, for a model
     config (a ModelConfig); quant: the QuantConfig of int8 inference (its products are predicted at
     the float32 rate: docs/costs.md) or of packed weights (--bits: at the packed kernels' measured
-    rates where they run, TimeModel.packed)."""
+    rates where they run, TimeModel.packed). Float32 weights: a decode step's products of 2 to
+    32 rows at the tiled kernel's rates where it runs (GPT.prepare_decode, which generation,
+    serving and bench/decode.py call)."""
     packed = bool(getattr(quant, "bits", None)) and packed_kernels()
+    tiled = quant is None and packed_kernels()
 
     def step(mode, seq):
         calls = closed_form.op_calls(cfg, mode, batch, seq, quant=quant, fused=_fused())
-        return timing.predict_calls(tm, calls, mode, packed)
+        return timing.predict_calls(tm, calls, mode, packed or (tiled and mode == "decode"))
 
     pre = step("prefill", prompt_tokens)
     positions = range(prompt_tokens, min(prompt_tokens + steps, cfg.block_size))

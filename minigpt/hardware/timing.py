@@ -51,6 +51,7 @@ from minigpt.counting.closed_form import OpCall
 from minigpt.counting.meter import METER, matmul, packed_dtype
 from minigpt.errors import ConfigError
 from minigpt.hardware import profiles
+from minigpt.kernels import tiles
 
 # the sizes of m, of k and of n measured: m = 1 is a decode step's product; k and n start at a
 # head's width (a product with k or n below the grid's first is held at it: a few such products
@@ -62,8 +63,9 @@ STREAM_ROWS = 4  # the rows of the second stream figure: OpenBLAS packs B for an
 # the packed-weight kernels (kernels/quant.py) measured: weight widths, and sequences a product
 PACKED_BITS = (16, 8, 4)
 PACKED_M = (1, 4, 16)
+TILED_M = (2, 8, 32)  # rows of the float32 tiled kernel measured (kernels/tiles.py: 2 to 32 rows)
 PACKED_BYTES = 64 << 20  # the packed weight each is measured on: twice a 32 MiB last-level cache
-VERSION = 4  # a file of another version is measured again, not trusted
+VERSION = 5  # a file of another version is measured again, not trusted
 
 
 @dataclass
@@ -84,8 +86,8 @@ class TimeModel:
     cores: int = 1  # logical cores this process may use
     tries: int = 1  # best of this many tries each
     cache_bytes: int = 32 << 20  # the last-level cache: a step moving less stays in it
-    # "w8a32" -> [[m, FLOP/s], ...]: the packed-weight kernels streaming a PACKED_BYTES weight
-    # (measured where Numba runs them; empty elsewhere)
+    # "w8a32" -> [[m, FLOP/s], ...]: the packed-weight kernels streaming a PACKED_BYTES weight,
+    # and "float32" the tiled float32 kernel's (measured where Numba runs them; empty elsewhere)
     packed: dict[str, list[list[float]]] = field(default_factory=dict)
     # bytes/s of the same weights times STREAM_ROWS rows: BLAS copies each weight into its packed
     # panels first, so a few rows stream at a fraction of one row's rate (0: not measured)
@@ -160,12 +162,14 @@ class TimeModel:
     def call_seconds(self, call: OpCall, streaming: bool = True, packed: bool = False) -> float:
         """What the meter would time for one call; streaming: its operands come from memory (the
         step moves more than the cache holds), so a product takes at least its bytes' time;
-        packed: a product with packed weights runs on the packed kernels (at their measured rate,
-        which includes streaming the weight), not NumPy's float32 product."""
+        packed: the step runs on the decode kernels: a product with packed weights on the packed
+        kernels, a float32 weight product of 2 to 32 rows on the tiled one (nn/tiled.py; at
+        their measured rates, which include streaming the weight), not on NumPy's product."""
         nbytes = call.bytes_read + call.bytes_written
         if call.shape is not None:
             b, m, k, n = call.shape
-            rate = self.packed_rate(call.key.dtype, m) if packed else None
+            kernel = call.key.dtype != "float32" or (b == 1 and m in tiles.ROWS)
+            rate = self.packed_rate(call.key.dtype, m) if packed and kernel else None
             if rate is not None:
                 return self.call_s + b * 2 * m * k * n / rate
             compute = b * 2 * m * k * n / self.rate(m, k, n)
@@ -296,9 +300,10 @@ def measure_products(grid, tries: int, target_flops: float = 1e7) -> tuple[list,
 
 
 def measure_packed(tries: int, nbytes: int = PACKED_BYTES) -> dict[str, list[list[float]]]:
-    """{"w8a32": [[m, FLOP/s], ...], ...} (keys: meter.packed_dtype): each packed-weight kernel (kernels/quant.py) on an
-    nbytes packed weight of random values, for m in PACKED_M sequences, the best of `tries`
-    sweeps; {} where the kernels do not run (NumPy's path, no Numba)."""
+    """{"w8a32": [[m, FLOP/s], ...], ...} (keys: meter.packed_dtype): each packed-weight kernel
+    (kernels/quant.py) on an nbytes packed weight of random values, for m in PACKED_M sequences,
+    and "float32": the tiled float32 kernel (kernels/tiles.py) for m in TILED_M; the best of
+    `tries` sweeps; {} where the kernels do not run (NumPy's path, no Numba)."""
     from minigpt import kernels
 
     if kernels.active() != "numba":
@@ -319,6 +324,8 @@ def measure_packed(tries: int, nbytes: int = PACKED_BYTES) -> dict[str, list[lis
             weights[bits] = (rng.integers(0, 256, (T, K // 2, W), dtype=np.uint8),  # fp16 scales
                              rng.random((T, K // 32, W), dtype=np.float32).astype(np.float16).view(np.uint16))
     best = {(bits, m): float("inf") for bits in PACKED_BITS for m in PACKED_M}
+    tiles_f32 = tiles.pack(rng.standard_normal((K, nbytes // (4 * K)), dtype=np.float32))
+    best.update({(32, m): float("inf") for m in TILED_M})
     with METER.paused():
         for _ in range(tries):  # sweeps, as the grid's
             for bits, (data, scale) in weights.items():
@@ -327,8 +334,13 @@ def measure_packed(tries: int, nbytes: int = PACKED_BYTES) -> dict[str, list[lis
                     x = rng.standard_normal((m, K), dtype=np.float32)
                     s = _best(lambda x=x, d=data, s=scale, b=bits, M=M: quant.product(x, b, d, s, False, M), 1, 0.0)
                     best[bits, m] = min(best[bits, m], s)
-    return {packed_dtype(bits): [[m, 2 * m * K * weights[bits][0].shape[0] * W / best[bits, m]]
-                            for m in PACKED_M] for bits in PACKED_BITS}
+            for m in TILED_M:
+                x = rng.standard_normal((m, K), dtype=np.float32)
+                best[32, m] = min(best[32, m], _best(lambda x=x: tiles.product(x, *tiles_f32), 1, 0.0))
+    rates = {packed_dtype(bits): [[m, 2 * m * K * weights[bits][0].shape[0] * W / best[bits, m]]
+                                  for m in PACKED_M] for bits in PACKED_BITS}
+    rates["float32"] = [[m, 2 * m * K * (nbytes // (4 * K)) / best[32, m]] for m in TILED_M]
+    return rates
 
 
 def generic_points(tries: int) -> list[list[float]]:

@@ -298,24 +298,28 @@ def product(x, bits: int, data, scale, bf16: bool, M: int):
     x = np.ascontiguousarray(x, dtype=np.float32)
     out = np.empty((x.shape[0], M), np.float32)
     k = kernels()[bits]
+    if bits == 16:
+        on_threads(k, x, data, bf16, out)
+    elif bits == 8:
+        on_threads(k, x, data, scale, out)
+    else:
+        on_threads(k, x, data, scale, chunk(x.shape[1] // scale.shape[1]), out)
+    return out
+
+
+def on_threads(kernel, *args) -> None:
+    """kernel(*args) on every core (or NUMBA_NUM_THREADS; `threads` below), whatever the fused
+    training kernels set for theirs (one thread: kernels/fused.py): a decode step streams the
+    weights, which one core alone cannot read at the memory's bandwidth."""
     get, set_ = _thread_count_calls()
-    # Every core (or NUMBA_NUM_THREADS) for a packed product, whatever the fused training
-    # kernels set for theirs (one thread: kernels/fused.py): a decode step streams the weights,
-    # which one core alone cannot read at the memory's bandwidth.
     before = get()
     if before != _THREADS:
         set_(_THREADS)
     try:
-        if bits == 16:
-            k(x, data, bf16, out)
-        elif bits == 8:
-            k(x, data, scale, out)
-        else:
-            k(x, data, scale, chunk(x.shape[1] // scale.shape[1]), out)
+        kernel(*args)
     finally:
         if before != _THREADS:
             set_(before)
-    return out
 
 
 @cache

@@ -26,7 +26,7 @@ import numpy as np
 from minigpt import backend
 from minigpt.config import is_moe_block
 from minigpt.counting import scopes
-from minigpt.counting.meter import METER, matmul
+from minigpt.counting.meter import METER
 from minigpt.nn import layers as nn
 from minigpt.nn import moe, quant
 
@@ -59,28 +59,21 @@ def embed(model, tokens, positions):
 def _attend(q, k, v, slot, hs, y):
     """One sequence's attention for its T new tokens: q, k, v (1, H, T, hs) views; slot its
     cache's layer slot (float or int8). Writes the heads' outputs into y (1, T, H, hs). A query
-    sees the cached keys and the new ones up to its own (no mask for a lone decode token)."""
+    sees the cached keys and the new ones up to its own."""
     xp = backend.xp
     pos0 = slot.length
     H, T = q.shape[1], q.shape[2]
-    Tk = pos0 + T
-    useful = nn.useful_causal_flops(1, H, T, pos0, hs)
-    mask = nn.causal_mask(T, Tk, pos0, q.dtype) if T > 1 else None
     if not slot.int8:
-        k, v = slot.append(k, v)  # (1, H, Tk, hs)
-        with METER.scope(scopes.SCORES):
-            att = matmul(q, k.swapaxes(-1, -2), op="q@kT", useful_flops=useful)  # (1, H, T, Tk)
-        with METER.scope(scopes.SOFTMAX):
-            nn.softmax_causal(att.reshape(-1, T, Tk), 1.0 / math.sqrt(hs), mask)
-        with METER.scope(scopes.MIX):
-            matmul(att, v, op="att@v", useful_flops=useful, out=y.transpose(0, 2, 1, 3))
+        slot.append(k, v)
+        nn.cached_attention(q, *slot.arrays(), pos0 + T, y)
         return
+    useful = nn.useful_causal_flops(1, H, T, pos0, hs)
     kq, ks, vq, vs = slot.append(k, v)  # int8 (1, H, Tk, hs) and their scales (1, H, Tk, 1)
     with METER.scope(scopes.SCORES):
         att = METER.matmul_w8(q, xp.ascontiguousarray(kq.swapaxes(-1, -2)), op="q@kT", useful_flops=useful)
         att = quant.rescale(att, (ks.swapaxes(-1, -2),), att.dtype)  # one scale per key
     with METER.scope(scopes.SOFTMAX):
-        nn.softmax_causal(att.reshape(-1, T, Tk), 1.0 / math.sqrt(hs), mask)
+        nn.causal_softmax_forward(att, 1.0 / math.sqrt(hs), pos0)
     with METER.scope(scopes.MIX):
         att = quant.rescale(att, (vs.swapaxes(-1, -2),), att.dtype)  # the value scales folded in
         y[...] = METER.matmul_w8(att, xp.ascontiguousarray(vq), op="att@v",
@@ -92,9 +85,9 @@ def block_step(x, p, cfg, attend, moe_block: bool):
     attention of the new tokens against the caches: q, k, v (R, H, 1, hs) views, y (R, 1, H, hs)
     to fill. decode_step's and extend_step's attend each sequence's rows to its own cache;
     model.block_decode's attends B rows of one cache together. The LayerNorms, the residual add
-    before ln_2 and c_fc's bias with the GELU follow the schedule of block_forward (nn.fused():
-    one compiled pass each, about a microsecond for a row where NumPy's passes take ten);
-    attention runs NumPy's softmax pass. Returns x (R, C)."""
+    before ln_2, c_fc's bias with the GELU and attention's softmax follow the schedule of
+    block_forward (nn.fused(): one compiled pass each, about a microsecond for a row where
+    NumPy's passes take ten). Returns x (R, C)."""
     xp = backend.xp
     B, C = x.shape  # B: the rows
     H = cfg.n_head
@@ -190,7 +183,7 @@ def _step(model, tokens, counts: list[int], caches: list, name: str):
     for i in range(cfg.n_layer):
         with METER.scope(scopes.block(i)):
             attend = _each_to_its_cache([kv.layer(i) for kv in caches], spans, hs)
-            x = block_step(x, model.block_params(i), cfg, attend, is_moe_block(cfg, i))
+            x = block_step(x, model.decode_params(i), cfg, attend, is_moe_block(cfg, i))
     for kv, n in zip(caches, counts):
         kv.length += n
     p = model.params

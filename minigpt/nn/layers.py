@@ -20,7 +20,7 @@ from typing import NamedTuple
 from minigpt import backend, kernels
 from minigpt.counting import scopes
 from minigpt.counting.meter import METER, matmul
-from minigpt.nn import cuda_kernels, lowbit, quant
+from minigpt.nn import cuda_kernels, lowbit, quant, tiled
 
 if kernels.AVAILABLE:
     from minigpt.kernels import fused as fk
@@ -214,11 +214,13 @@ def _layernorm_backward_fused(dout, cache, dw, db, into):
 def linear_forward(x, w, b):
     """x (..., C) @ w (C, OC) + b (OC,), under the caller's scope (e.g. h3.attn.c_attn).
     An int8 weight (quant.Int8Weight) or a packed one (lowbit.PackedWeight) runs the quantized
-    product instead (inference only)."""
+    product instead, a tiled one (tiled.TiledWeight) the batched decode's (inference only)."""
     if isinstance(w, quant.Int8Weight):
         return quant.linear_forward(x, w, b)
     if isinstance(w, lowbit.PackedWeight):
         return lowbit.linear_forward(x, w, b)
+    if isinstance(w, tiled.TiledWeight):
+        return tiled.linear_forward(x, w, b)
     C, OC = w.shape
     x2 = x.reshape(-1, C)  # (N, C)
     out = matmul(x2, w, op="x@w")  # (N, OC)
@@ -399,6 +401,26 @@ def attention_forward(x, p, n_head, kv=None, dropout=0.0, rng=None):
     return out, AttentionCache(c_attn, q, k, v, probs, att, drop, c_proj)
 
 
+def cached_attention(q, keys, values, Tk, y):
+    """The counted attention of T new queries against the first Tk positions of a float KV cache
+    that already holds their keys and values (query i sees positions up to Tk - T + i): q
+    (B, H, T, hs), any strides; keys, values a layer's cache arrays (B, Tmax, H, hs); y
+    (B, T, H, hs) receives the heads' outputs. The decode steps' attention (nn/decode.py,
+    model.block_decode), with attention_forward's records: its products on the cache as it
+    lies (BLAS takes rows H * hs apart) and causal_softmax_forward (the fused schedule's one pass:
+    a few microseconds for a decode step's row of scores, where NumPy's passes take seven)."""
+    B, H, T, hs = q.shape
+    pos0 = Tk - T
+    useful = useful_causal_flops(B, H, T, pos0, hs)
+    k, v = keys[:, :Tk].swapaxes(1, 2), values[:, :Tk].swapaxes(1, 2)  # (B, H, Tk, hs) views
+    with METER.scope(scopes.SCORES):
+        att = matmul(q, k.swapaxes(-1, -2), op="q@kT", useful_flops=useful)  # (B, H, T, Tk)
+    with METER.scope(scopes.SOFTMAX):
+        causal_softmax_forward(att, 1.0 / math.sqrt(hs), pos0)
+    with METER.scope(scopes.MIX):
+        matmul(att, v, op="att@v", useful_flops=useful, out=y.transpose(0, 2, 1, 3))
+
+
 def _attention_int8_kv(q, k, v, kv, p, B, T, C, n_head):
     """Cached attention with keys and values stored in int8 (one scale per vector): the products
     read the cache at one byte an element and apply the scales to their float side."""
@@ -559,10 +581,12 @@ def fuses_mlp(p) -> bool:
 
 
 def weight_product(x2, w):
-    """x2 (N, C) @ w with no bias, counted as "x@w": a float weight's matmul or a packed one's
-    product (lowbit.product), for a bias a fused pass adds."""
+    """x2 (N, C) @ w with no bias, counted as "x@w": a float weight's matmul, a packed one's
+    product (lowbit.product) or a tiled one's (tiled.product), for a bias a fused pass adds."""
     if isinstance(w, lowbit.PackedWeight):
         return lowbit.product(x2, w)
+    if isinstance(w, tiled.TiledWeight):
+        return tiled.product(x2, w)
     return matmul(x2, w, op="x@w")
 
 

@@ -4,7 +4,6 @@ The forward runs the layer pairs of layers.py in order, keeping each one's cache
 runs them in reverse (llm.c's gpt2_backward, read as the forward in reverse).
 """
 
-import math
 from typing import NamedTuple
 
 from minigpt import backend
@@ -13,7 +12,7 @@ from minigpt.counting import scopes
 from minigpt.counting.meter import METER, matmul
 from minigpt.nn import decode as batched
 from minigpt.nn import layers as nn
-from minigpt.nn import lowbit, moe, quant
+from minigpt.nn import lowbit, moe, quant, tiled
 from minigpt.nn.params import FlatBuffer
 
 
@@ -75,6 +74,10 @@ class _LayerSlot:
         c.v[i, :, t0:t1], c.v_scale[i, :, t0:t1] = quant.quantize_vectors(v)
         return tuple(a[i, :, :t1].swapaxes(1, 2) for a in (c.k, c.k_scale, c.v, c.v_scale))
 
+    def arrays(self):
+        """This layer's float keys and values as the cache holds them, (B, Tmax, H, hs) each."""
+        return self.cache.k[self.i], self.cache.v[self.i]
+
 
 class BlockCache(NamedTuple):
     """What block_forward keeps for block_backward: each layer's cache, in forward order."""
@@ -118,18 +121,11 @@ def block_decode(x, p, cfg, kv: "_LayerSlot"):
     slowly, and block_forward's general path costs about 2% of a GPT-2 124M step
     (docs/benchmarks.md). Returns x (B, 1, C)."""
     B, _, C = x.shape
-    hs = C // cfg.n_head
 
     def attend(q, k, v, y):  # the B rows of one cache together
         pos0 = kv.length
-        k, v = kv.append(k, v)  # (B, H, pos0 + 1, hs)
-        useful = nn.useful_causal_flops(B, cfg.n_head, 1, pos0, hs)
-        with METER.scope(scopes.SCORES):
-            att = matmul(q, k.swapaxes(-1, -2), op="q@kT", useful_flops=useful)  # (B, H, 1, Tk)
-        with METER.scope(scopes.SOFTMAX):
-            nn.softmax_causal(att, 1.0 / math.sqrt(hs), None)  # the one query sees every key
-        with METER.scope(scopes.MIX):
-            matmul(att, v, op="att@v", useful_flops=useful, out=y.transpose(0, 2, 1, 3))
+        kv.append(k, v)
+        nn.cached_attention(q, *kv.arrays(), pos0 + 1, y)
 
     return batched.block_step(x.reshape(B, C), p, cfg, attend, False).reshape(B, 1, C)
 
@@ -188,20 +184,30 @@ class GPT:
         self.quant: quant.QuantizedWeights | lowbit.PackedWeights | None = None
         self.routing: dict[int, moe.Routing] = {}  # the last forward's MoE blocks, by index
         self._scratch = None  # see _scratch_like
-        self._head = None  # the LM head's weight laid out row-major (prepare_decode), or None
+        self._head = None  # the LM head's weight as prepare_decode laid it out, or None
+        self._tiled = None  # each block's {name: tiled.TiledWeight} (prepare_decode), or None
         # every process that runs a model runs it on memory kept for reuse, so a step costs the
         # same in training, generation, serving and the time model's calibration (no page faults)
         backend.keep_freed_memory()
 
     def prepare_decode(self) -> None:
-        """Keep a row-major copy of the token table's transpose, (C, V), for the LM head: BLAS
-        multiplies a few rows by it faster than by the transposed view (at GPT-2's size, 8 rows
-        in 6.8 ms against 9-11 ms here; docs/benchmarks.md), which a batched decode step does
-        every token. 154 MB more at GPT-2's size, so only for generation and serving; the copy
-        is dropped as soon as a backward pass runs (the weights are about to change). Float
-        weights only: a quantized LM head has its own layout."""
-        if self.quant is None:
-            self._head = backend.xp.ascontiguousarray(self.params["transformer.wte.weight"].T)
+        """Lay the weights out for decoding, in a copy: each block's linear weights and the LM
+        head in the column tiles of minigpt/kernels/tiles.py (nn/tiled.py), whose products of 2
+        to 32 rows (a batched decode step) run two to three times faster than BLAS's, which
+        copies the whole weight on every call (docs/benchmarks.md). Where that kernel cannot run
+        (no Numba, float64), the head's transpose laid out row-major, which BLAS multiplies a few
+        rows by faster than the transposed view (8 rows in 6.8 ms against 9-11). As many bytes
+        again as the weights (497 MB at GPT-2 124M's size; the head alone 154 MB), so only for
+        generation and serving; dropped as soon as a backward pass runs (the weights are about to
+        change). Float weights only: packed and int8 weights have their own layouts."""
+        if self.quant is not None:
+            return
+        wte_t = self.params["transformer.wte.weight"].T
+        if tiled.usable(self.params.data.dtype):
+            self._tiled = [tiled.tile_block(self.params.block(i)) for i in range(self.cfg.n_layer)]
+            self._head = tiled.tile(wte_t)
+        else:
+            self._head = backend.xp.ascontiguousarray(wte_t)
 
     def _scratch_like(self, a):
         """An array shaped like a, kept between steps: a product that would allocate more than the
@@ -216,6 +222,11 @@ class GPT:
         """Block i's parameters by short name; int8 weights in place of the float ones if quantized."""
         p = self.params.block(i)
         return p if self.quant is None else {**p, **self.quant.blocks[i]}
+
+    def decode_params(self, i: int) -> dict:
+        """block_params(i) for a decode step: the tiled weights once prepare_decode has run."""
+        p = self.block_params(i)
+        return p if self._tiled is None else {**p, **self._tiled[i]}
 
     def hidden(self, idx, kv: KVCache | None = None, rng=None):
         """The final LayerNorm's output (B, T, C) for tokens idx (B, T), and the caches.
@@ -240,7 +251,7 @@ class GPT:
         for i in range(cfg.n_layer):
             with METER.scope(scopes.block(i)):
                 if T == 1 and kv is not None and not kv.int8 and not is_moe_block(cfg, i) and drop == 0.0:
-                    x = block_decode(x, self.block_params(i), cfg, kv.layer(i))  # a decode step
+                    x = block_decode(x, self.decode_params(i), cfg, kv.layer(i))  # a decode step
                     blocks.append(None)
                     continue
                 x, cache = block_forward(x, self.block_params(i), cfg, kv.layer(i) if kv else None, rng)
@@ -284,7 +295,10 @@ class GPT:
                 logits = quant.matmul_int8_weight(x2, self.quant.lm_head, op="x@wte.T")  # (B*T, V)
             else:
                 head = self._head if self._head is not None else self.params["transformer.wte.weight"].T
-                logits = matmul(x2, head, op="x@wte.T")
+                if isinstance(head, tiled.TiledWeight):
+                    logits = tiled.product(x2, head, op="x@wte.T")
+                else:
+                    logits = matmul(x2, head, op="x@wte.T")
         return logits.reshape(B, T, -1), x2
 
     @property
@@ -307,7 +321,7 @@ class GPT:
         yourself). on_block_done(i), when given, is called as soon as block i's gradients are
         complete (blocks finish last to first; data parallelism starts their allreduce there)."""
         cfg, p = self.cfg, self.params
-        self._head = None  # the weights are about to change: prepare_decode's copy would go stale
+        self._head = self._tiled = None  # the weights are about to change: prepare_decode's copies would go stale
         if self.grads is None:
             self.grads = FlatBuffer(cfg, p.data.dtype)
         g = self.grads

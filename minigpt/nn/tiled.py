@@ -1,0 +1,80 @@
+"""Float32 weights laid out for a batched decode step's few-row products (minigpt/kernels/tiles.py).
+
+GPT.prepare_decode (generation, serving, bench/decode.py) wraps every block's linear weights and
+the LM head in a TiledWeight: the float weight itself, and a copy in the kernel's column tiles
+(as many bytes again: 497 MB at GPT-2 124M's size, so only for decoding; the copy goes when a
+backward pass runs). The decode steps' products then take the kernel for tiles.ROWS rows (a
+batch of sequences, one new token each) and NumPy's product otherwise: one row is a
+matrix-vector product, which OpenBLAS already streams at the memory's pace, and many rows (a
+batch of prompts) are arithmetic-bound, where OpenBLAS's copy pays for itself.
+
+Either way the record is the one np.matmul's product carries (dtype float32, 2 N K M FLOPs, x and
+the K x M weight read, the output written): the tiles pad nothing, so the meter and the closed
+form do not depend on which ran.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from minigpt import backend, kernels
+from minigpt.counting.meter import METER, matmul
+from minigpt.kernels import tiles
+
+WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+@dataclass
+class TiledWeight:
+    """w (K, M) as x @ w sees it (a float32 array, any strides), and its tiles for the kernel."""
+
+    w: object
+    tiles: np.ndarray
+    rest: np.ndarray
+
+    @property
+    def shape(self):
+        return self.w.shape
+
+
+def usable(dtype) -> bool:
+    """Whether weights of this dtype can be tiled here: float32 in host memory, Numba installed."""
+    return kernels.AVAILABLE and backend.device == "cpu" and np.dtype(dtype) == np.float32
+
+
+def tile(w) -> TiledWeight:
+    return TiledWeight(w, *tiles.pack(w))
+
+
+def tile_block(p: dict) -> dict:
+    """A block's parameter views -> {name: TiledWeight} for those of its linear weights it has (a
+    mixture-of-experts block has no dense MLP)."""
+    return {name: tile(p[name]) for name in WEIGHTS if name in p}
+
+
+def product(x2, w: TiledWeight, op: str = "x@w"):
+    """x2 (N, K) @ w -> (N, M), recorded as np.matmul's product is (module docstring)."""
+    if not (x2.shape[0] in tiles.ROWS and kernels.numba_on() and x2.dtype == np.float32):
+        return matmul(x2, w.w, op=op)
+    if not METER.enabled:
+        return tiles.product(x2, w.tiles, w.rest)
+    t0 = METER.clock()
+    out = tiles.product(x2, w.tiles, w.rest)
+    seconds = METER.clock() - t0
+    N, K = x2.shape
+    M = out.shape[1]
+    METER.add(kind="matmul", op=op, dtype=out.dtype, flops=2 * N * K * M,
+              bytes_read=x2.nbytes + K * M * out.itemsize, bytes_written=out.nbytes, seconds=seconds)
+    return out
+
+
+def linear_forward(x, w: TiledWeight, b):
+    """x (..., K) @ w + b: layers.linear_forward's records, the product by `product`."""
+    K, M = w.shape
+    x2 = x.reshape(-1, K)
+    out = product(x2, w)
+    with METER.op(kind="bias", op="add") as c:
+        out += b
+        c.count(elements=out.size, bytes_read=out.nbytes + b.nbytes, bytes_written=out.nbytes,
+                dtype=out.dtype)
+    return out.reshape(*x.shape[:-1], M), (x2, w.w)
