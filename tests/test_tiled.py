@@ -99,9 +99,9 @@ def test_a_prepared_model_decodes_as_an_unprepared_one_with_the_same_records(bat
     ref, ref_records = _decode(plain, batch)
     assert not calls  # unprepared: NumPy's products
     out, records = _decode(prepared, batch)
-    # one row a step stays NumPy's matrix-vector product; 3 and 8 rows take the kernel for the
-    # four weights of each block and the head
-    assert calls == ([] if batch == 1 else [batch] * 3 * (4 * 2 + 1))
+    # each prefill's head (its last row), then the four weights of each block and the head in
+    # every decode step
+    assert calls == [1] * batch + [batch] * 3 * (4 * 2 + 1)
     np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5)
     assert records.keys() == ref_records.keys()
     for k, r in records.items():
@@ -114,9 +114,25 @@ def test_a_backward_pass_drops_the_tiles_and_trains_on_the_weights():
     gpt.prepare_decode()
     rng = np.random.default_rng(0)
     idx = rng.integers(0, 256, (2, 6))
-    loss, cache = gpt.loss(idx, rng.integers(0, 256, (2, 6)))
+    _, cache = gpt.loss(idx, rng.integers(0, 256, (2, 6)))
     gpt.backward(cache)
     assert gpt._tiled is None and gpt._head is None
     assert "mlp.c_fc.weight" in gpt.decode_params(0) and not isinstance(
         gpt.decode_params(0)["mlp.c_fc.weight"], tiled.TiledWeight)
     assert np.abs(gpt.grads.data).sum() > 0
+
+
+def test_more_rows_than_the_kernel_takes_run_numpys_product(monkeypatch):
+    """Past tiles.ROWS (a batch of prompts) the product is NumPy's, with the same record."""
+    from minigpt.kernels import tiles
+
+    kernels.use("numba")
+    monkeypatch.setattr(tiles, "product", lambda *a: pytest.fail("the kernel ran"))
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((24, 70), dtype=np.float32)
+    tw = tiled.TiledWeight(w, *tiles.pack(w))
+    x = rng.standard_normal((max(tiles.ROWS) + 1, 24), dtype=np.float32)
+    METER.reset()
+    np.testing.assert_array_equal(tiled.product(x, tw), x @ w)
+    (record,) = METER.records.values()
+    assert record.flops == 2 * x.shape[0] * 24 * 70 and record.bytes_read == x.nbytes + w.nbytes

@@ -1,12 +1,14 @@
-"""Products of a few float32 rows and a float32 weight laid out in column tiles: a batched decode
-step's products, where BLAS is slow.
+"""Products of a few float32 rows and a float32 weight laid out in column tiles: a decode step's
+products, where BLAS is slow.
 
 For x (N, K) @ w (K, M) with N from 2 to a few dozen, OpenBLAS copies (packs) the whole weight
 into its own layout on every call, as for any matrix product; a decode step's weights come from
 memory once a step, so the copy costs as much again as the product's own reading: GPT-2 124M's
 products at 8 rows ran at 17-18 GB/s of weight on our 2-core machine, a third of the memory's
-bandwidth (docs/benchmarks.md). Here the weight is laid out once, when a model is prepared for
-decoding (nn/tiled.py), the way the product reads it:
+bandwidth (docs/benchmarks.md). Its matrix-vector product (one row) does not copy, but reads a
+row-major weight more slowly than this kernel reads its tiles (a GPT-2 step's products 14.4
+against 8.6 ms). Here the weight is laid out once, when a model is prepared for decoding
+(nn/tiled.py), the way the product reads it:
 
 - Tiles of WIDTH = 32 output channels, each stored whole, row k after row k - 1:
   (M // 32, K, 32), so a tile streams from memory front to back. The M % 32 channels left over
@@ -33,11 +35,11 @@ import numpy as np
 from minigpt.kernels import AVAILABLE
 
 WIDTH = 32  # output channels a tile: two 16-float vectors
-# rows a decode step's product takes this kernel for (nn/tiled.py): one row is a matrix-vector
-# product OpenBLAS streams at the memory's pace; from 64 OpenBLAS's copy pays for itself (GPT-2
-# 124M's decode steps on our 2-core machine: equal at 1 row, 2.1x at 2, 1.6x at 8, 1.1x at 32, 0.87x
-# at 64; docs/benchmarks.md)
-ROWS = range(2, 33)
+# rows a decode step's product takes this kernel for (nn/tiled.py): up to 32; from 64 OpenBLAS's
+# copy pays for itself. GPT-2 124M's decode steps on our 2-core machine, against OpenBLAS: 1.66x
+# at 1 row (its matrix-vector product streams the weight more slowly), 3.0x at 2, 1.5-1.7x at 8,
+# 1.5x at 32, 0.8x at 64 (docs/benchmarks.md)
+ROWS = range(1, 33)
 VECTOR = 16  # floats a vector register holds (AVX-512; LLVM splits it where vectors are narrower)
 
 
@@ -118,7 +120,7 @@ def _build():
         N, K = x.shape
         T = tiles.shape[0]
         r = rest.shape[1]
-        for t in prange(T + (1 if r else 0)):
+        for t in prange(T + min(r, 1)):  # the rest, if any, as one more
             if t < T:  # a tile: rows in register blocks of 8, then 4, 2, 1
                 tile = tiles[t]
                 n = 0

@@ -4,9 +4,8 @@ GPT.prepare_decode (generation, serving, bench/decode.py) wraps every block's li
 the LM head in a TiledWeight: the float weight itself, and a copy in the kernel's column tiles
 (as many bytes again: 497 MB at GPT-2 124M's size, so only for decoding; the copy goes when a
 backward pass runs). The decode steps' products then take the kernel for tiles.ROWS rows (a
-batch of sequences, one new token each) and NumPy's product otherwise: one row is a
-matrix-vector product, which OpenBLAS already streams at the memory's pace, and many rows (a
-batch of prompts) are arithmetic-bound, where OpenBLAS's copy pays for itself.
+batch of sequences, one new token each) and NumPy's product otherwise: many rows (a batch of
+prompts) are arithmetic-bound, where OpenBLAS's copy of the weight pays for itself.
 
 Either way the record is the one np.matmul's product carries (dtype float32, 2 N K M FLOPs, x and
 the K x M weight read, the output written): the tiles pad nothing, so the meter and the closed
