@@ -65,7 +65,7 @@ PACKED_BITS = (16, 8, 4)
 PACKED_M = (1, 4, 16)
 TILED_M = (1, 8, 32)  # rows of the float32 tiled kernel measured (kernels/tiles.py: 1 to 32 rows)
 PACKED_BYTES = 64 << 20  # the packed weight each is measured on: twice a 32 MiB last-level cache
-VERSION = 5  # a file of another version is measured again, not trusted
+VERSION = 6  # a file of another version is measured again, not trusted
 
 
 @dataclass
@@ -311,9 +311,10 @@ def measure_packed(tries: int, nbytes: int = PACKED_BYTES) -> dict[str, list[lis
     from minigpt.kernels import quant
 
     rng = np.random.default_rng(0)
-    K, W = 1024, quant.TILE
+    K = 1024
     weights = {}
     for bits in PACKED_BITS:
+        W = quant.tile_width(1 << 20, bits)
         T = max(nbytes * 8 // (bits * K * W), 1)
         if bits == 16:  # fp16 patterns of magnitudes below 2 (no infinities or NaNs)
             weights[bits] = (rng.integers(0, 0x4000, (T, K, W), dtype=np.uint16), None)
@@ -329,7 +330,7 @@ def measure_packed(tries: int, nbytes: int = PACKED_BYTES) -> dict[str, list[lis
     with METER.paused():
         for _ in range(tries):  # sweeps, as the grid's
             for bits, (data, scale) in weights.items():
-                M = data.shape[0] * W
+                M = data.shape[0] * data.shape[2]
                 for m in PACKED_M:
                     x = rng.standard_normal((m, K), dtype=np.float32)
                     s = _best(lambda x=x, d=data, s=scale, b=bits, M=M: quant.product(x, b, d, s, False, M), 1, 0.0)
@@ -337,8 +338,8 @@ def measure_packed(tries: int, nbytes: int = PACKED_BYTES) -> dict[str, list[lis
             for m in TILED_M:
                 x = rng.standard_normal((m, K), dtype=np.float32)
                 best[32, m] = min(best[32, m], _best(lambda x=x: tiles.product(x, *tiles_f32), 1, 0.0))
-    rates = {packed_dtype(bits): [[m, 2 * m * K * weights[bits][0].shape[0] * W / best[bits, m]]
-                                  for m in PACKED_M] for bits in PACKED_BITS}
+    rates = {packed_dtype(bits): [[m, 2 * m * K * weights[bits][0].shape[0] * weights[bits][0].shape[2]
+                                   / best[bits, m]] for m in PACKED_M] for bits in PACKED_BITS}
     rates["float32"] = [[m, 2 * m * K * (nbytes // (4 * K)) / best[32, m]] for m in TILED_M]
     return rates
 

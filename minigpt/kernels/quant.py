@@ -6,18 +6,25 @@ first (four bytes written and read back for every one it saves). These kernels r
 bytes and widen them in registers.
 
 Layout (what `pack_*` returns and the kernels read): the weight (K, M) of x (N, K) @ w is cut into
-column tiles of W = tile_width(M) output channels, zero-padded to a whole number of tiles, and each
-tile stored contiguously, row k after row k - 1: (M_pad / W, K, W). One thread takes one tile at a
-time and streams it front to back; its N x W float32 accumulators stay in the core's first-level
-cache, and the innermost loop, over the W channels of a row, is the one the compiler vectorizes.
+column tiles of W = tile_width(M, bits) output channels, zero-padded to a whole number of tiles,
+and each tile stored contiguously, row k after row k - 1: (M_pad / W, K, W). One thread takes one
+tile at a time and streams it front to back.
 
+- 16 and 8 bits: tiles of minigpt/kernels/tiles.py's WIDTH (32) channels, and its kernels: up to
+  8 rows' 32 sums held in registers over the whole pass over k, each weight widened to float32 in
+  a register as it is read (one multiply-add a row), the 8-bit channel scales applied once at the
+  end. Against the loops below, whose sums live in the first-level cache: 8 rows of 16-bit
+  weights 19 -> 9 ms a GPT-2 step's products, one row of 8-bit 3.3 -> 2.6-3.1 ms
+  (docs/benchmarks.md).
 - 8 bits: int8, one float32 scale per output channel: w[k, j] = q[k, j] * scale[j].
 - 4 bits: two weights a byte (row 2i in the low nibble, 2i + 1 in the high), stored as q + 8 with
   q in [-7, 7]; one fp16 scale per group of G consecutive inputs of each output channel (half a
   float32's bytes: at G = 32 the scales are a fifth of the bytes a product reads, and the kernel
   keeps up with the memory, so every byte is time), widened in the kernel as the 16-bit weights
-  are: w[k, j] = q[k, j] * scale[k // G, j]. Tiles (M_pad / W, K / 2, W) and scales
-  (M_pad / W, K / G, W).
+  are: w[k, j] = q[k, j] * scale[k // G, j]. Tiles of TILE (256) channels, (M_pad / W, K / 2, W),
+  and scales (M_pad / W, K / G, W); the kernel below keeps its N x W float32 sums in the core's
+  first-level cache, and the innermost loop, over the W channels of a row, is the one the
+  compiler vectorizes.
   The activations are rounded to int8 too, one float32 scale per row and group (xs = max |x| /
   127, xq = rint(x / xs)), and the product runs in integers: widening a nibble to float32 and a
   float multiply-add for every weight held this kernel at 30 GB/s of packed weight on two cores,
@@ -32,13 +39,10 @@ cache, and the innermost loop, over the W channels of a row, is the one the comp
   fp16 by the compiler's own half-to-float conversion (LLVM's fpext, one F16C instruction for eight
   weights on x86-64 since 2013), exact for every finite half, subnormals included.
 
-The sums run over k in a fixed order in float32 (in order, except that each pass over the
-accumulators adds two inputs' products in the 8-bit kernel before they join the sum), so a result
-is the same on any number of threads. The 8-bit kernel lets the compiler fuse a multiply and the
-add after it into one instruction (`fastmath={"contract"}`: one rounding instead of two, and half
-the arithmetic instructions); nothing is reordered. minigpt.nn.lowbit holds the NumPy twins the
-tests compare against (the 4-bit one equal bit for bit), and calls these through the meter. Without Numba this module still packs
-(pure NumPy) and `KERNELS` is None.
+The sums run over k in a fixed order in float32 (16 and 8 bits: one fused multiply-add a weight,
+in order), so a result is the same on any number of threads. minigpt.nn.lowbit holds the NumPy
+twins the tests compare against (the 4-bit one equal bit for bit), and calls these through the
+meter. Without Numba this module still packs (pure NumPy) and `kernels()` refuses.
 """
 
 from contextlib import contextmanager
@@ -46,10 +50,9 @@ from functools import cache
 
 import numpy as np
 
-from minigpt.kernels import AVAILABLE
+from minigpt.kernels import AVAILABLE, tiles
 
-TILE = 256  # output channels a tile: wide enough to keep a core's loads streaming
-CONTRACT = {"contract"}  # a * b + c may be one fused multiply-add (module docstring)
+TILE = 256  # output channels a 4-bit tile: wide enough to keep a core's loads streaming
 CHUNK = 32  # the most inputs a 4-bit chunk sums in 16-bit integers (module docstring)
 TINY = np.float32(np.finfo(np.float32).tiny)  # the least activation scale: never zero
 FP16_ONE = np.float16(1.0).view(np.uint16)  # the bits of a padding channel's 4-bit scale
@@ -62,14 +65,17 @@ def chunk(G: int) -> int:
     return max(c for c in range(2, min(G, CHUNK) + 1, 2) if G % c == 0)
 
 
-def tile_width(M: int) -> int:
-    """Output channels per tile for a weight with M of them: TILE, or M rounded up to 8 if fewer."""
+def tile_width(M: int, bits: int) -> int:
+    """Output channels per tile for a `bits`-bit weight with M of them: 16 and 8 bits
+    tiles.WIDTH; 4 bits TILE, or M rounded up to 8 if fewer."""
+    if bits != 4:
+        return tiles.WIDTH
     return TILE if M >= TILE else -(-M // 8) * 8
 
 
-def padded(M: int) -> int:
+def padded(M: int, bits: int) -> int:
     """M rounded up to a whole number of tiles."""
-    W = tile_width(M)
+    W = tile_width(M, bits)
     return -(-M // W) * W
 
 
@@ -91,7 +97,7 @@ def _pad(a, M_pad, fill=0):
 def pack_int8(q, scale):
     """q (K, M) int8 and scale (M,) float32 -> tiles (T, K, W) int8, scales (T, W) float32."""
     M = q.shape[1]
-    W, M_pad = tile_width(M), padded(M)
+    W, M_pad = tile_width(M, 8), padded(M, 8)
     s = _pad(np.asarray(scale, np.float32).reshape(1, M), M_pad, 1.0)
     return _tiles(_pad(q, M_pad), W), s.reshape(M_pad // W, W).copy()
 
@@ -100,7 +106,7 @@ def pack_int4(q, scale):
     """q (K, M) int8 in [-7, 7], scale (K / G, M) (values fp16 holds) -> tiles (T, K / 2, W)
     uint8 (two weights a byte, biased by 8), scales (T, K / G, W) uint16: their fp16 bits."""
     M = q.shape[1]
-    W, M_pad = tile_width(M), padded(M)
+    W, M_pad = tile_width(M, 4), padded(M, 4)
     b = _pad((q.astype(np.int16) + 8).astype(np.uint8), M_pad, 8)  # padding decodes to 0
     nibbles = (b[0::2] | (b[1::2] << 4)).astype(np.uint8)  # (K / 2, M_pad)
     s = _pad(np.asarray(scale, np.float16).view(np.uint16), M_pad, FP16_ONE)
@@ -110,7 +116,7 @@ def pack_int4(q, scale):
 def pack_16(bits):
     """bits (K, M) uint16 (fp16 or bf16 patterns) -> tiles (T, K, W) uint16."""
     M = bits.shape[1]
-    return _tiles(_pad(bits, padded(M)), tile_width(M))
+    return _tiles(_pad(bits, padded(M, 16)), tile_width(M, 16))
 
 
 def unpack(tiles, M):
@@ -120,18 +126,12 @@ def unpack(tiles, M):
 
 
 def _build():
-    """The Numba kernels, compiled on first use and cached on disk."""
+    """The Numba kernels, compiled on first use and cached on disk: the 4-bit one here, the 16-
+    and 8-bit ones kernels/tiles.py's."""
     from llvmlite import ir
     from numba import njit, prange
     from numba.core import types
     from numba.extending import intrinsic
-
-    @intrinsic
-    def as_float32(typingctx, u):
-        """The float32 whose bits are the uint32 u (a register move, which vectorizes)."""
-        def codegen(context, builder, signature, args):
-            return builder.bitcast(args[0], ir.FloatType())
-        return types.float32(types.uint32), codegen
 
     @intrinsic
     def half_as_float32(typingctx, u):
@@ -140,41 +140,8 @@ def _build():
             return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
         return types.float32(types.uint16), codegen
 
-    # The innermost loops read the packed row (an integer type) and accumulate into float32: the
-    # compiler can tell by type that the two never overlap, and vectorizes. A float32 scratch row
-    # read in those loops would defeat that, so each loop widens the packed value itself.
-
-    @njit(parallel=True, cache=True, fastmath=CONTRACT)
-    def w8(x, q, scale, out):
-        N, K = x.shape
-        T, _, W = q.shape
-        M = out.shape[1]
-        for t in prange(T):
-            acc = np.zeros((N, W), np.float32)
-            qt = q[t]
-            k = 0
-            while k + 1 < K:  # two rows a pass over the accumulators (see the 4-bit kernel)
-                r0 = qt[k]
-                r1 = qt[k + 1]
-                for n in range(N):
-                    x0 = x[n, k]
-                    x1 = x[n, k + 1]
-                    a = acc[n]
-                    for j in range(W):
-                        a[j] += x0 * np.float32(r0[j]) + x1 * np.float32(r1[j])
-                k += 2
-            if k < K:  # an odd K: the last row alone
-                row = qt[k]
-                for n in range(N):
-                    xk = x[n, k]
-                    a = acc[n]
-                    for j in range(W):
-                        a[j] += xk * np.float32(row[j])
-            j0 = t * W
-            st = scale[t]
-            for n in range(N):
-                for j in range(min(W, M - j0)):
-                    out[n, j0 + j] = acc[n, j] * st[j]
+    # The innermost loops read the packed row (an integer type) and accumulate into integers or
+    # float32: the compiler can tell by type that the two never overlap, and vectorizes.
 
     @njit(parallel=True, cache=True)
     def w4(x, q, scale, chunk, out):
@@ -251,31 +218,7 @@ def _build():
                 for j in range(min(W, M - j0)):
                     out[n, j0 + j] = acc[n, j]
 
-    @njit(parallel=True, cache=True)
-    def w16(x, q, bf16, out):
-        N, K = x.shape
-        T, _, W = q.shape
-        M = out.shape[1]
-        for t in prange(T):
-            acc = np.zeros((N, W), np.float32)
-            qt = q[t]
-            for k in range(K):
-                row = qt[k]
-                for n in range(N):
-                    xk = x[n, k]
-                    a = acc[n]
-                    if bf16:
-                        for j in range(W):
-                            a[j] += xk * as_float32(np.uint32(row[j]) << np.uint32(16))
-                    else:
-                        for j in range(W):
-                            a[j] += xk * half_as_float32(row[j])
-            j0 = t * W
-            for n in range(N):
-                for j in range(min(W, M - j0)):
-                    out[n, j0 + j] = acc[n, j]
-
-    return {8: w8, 4: w4, 16: w16}
+    return {4: w4, **{bits: tiles.kernels()[bits] for bits in (8, 16)}}
 
 
 _KERNELS: dict | None = None

@@ -53,22 +53,40 @@ def pack(w):
 
 
 def _build():
-    """The Numba kernel, compiled on first use and cached on disk."""
+    """The Numba kernels, compiled on first use and cached on disk: {"f32": float32 tiles (and
+    the rest), 8: int8 tiles with their channels' scales, 16: fp16 or bf16 tiles}."""
     from llvmlite import ir
     from numba import njit, prange
     from numba.core import cgutils, types
     from numba.extending import intrinsic
 
-    def register_block(R: int):
-        """block(x, n0, tile, out, c0): out[n0 + r, c0:c0 + WIDTH] = x[n0 + r] @ tile for r < R,
-        x (N, K), tile (K, WIDTH), out (N, M) C-contiguous float32; the sums in registers."""
+    i64, i32 = ir.IntType(64), ir.IntType(32)
+    vec = ir.VectorType(ir.FloatType(), VECTOR)
+
+    def widen(builder, kind, ptr):
+        """The VECTOR weights at ptr (of the tile's element type) as float32s: exact for each."""
+        if kind == "f32":
+            return builder.load(builder.bitcast(ptr, vec.as_pointer()), align=4)
+        if kind == "f16":  # LLVM's half to float: one F16C conversion on x86-64
+            half = ir.VectorType(ir.HalfType(), VECTOR)
+            return builder.fpext(builder.load(builder.bitcast(ptr, half.as_pointer()), align=2), vec)
+        if kind == "bf16":  # the top half of a float32: shift the bits up
+            bits = builder.load(builder.bitcast(ptr, ir.VectorType(ir.IntType(16), VECTOR).as_pointer()), align=2)
+            wide = builder.shl(builder.zext(bits, ir.VectorType(i32, VECTOR)), ir.Constant(ir.VectorType(i32, VECTOR), [16] * VECTOR))
+            return builder.bitcast(wide, vec)
+        q = builder.load(builder.bitcast(ptr, ir.VectorType(ir.IntType(8), VECTOR).as_pointer()), align=1)
+        return builder.sitofp(q, vec)  # int8
+
+    def register_block(R: int, kind: str):
+        """block(x, n0, tile, out, c0, scale): out[n0 + r, c0:c0 + WIDTH] = x[n0 + r] @ tile for
+        r < R (times scale[0:WIDTH], int8's channel scales, for kind "i8"; other kinds ignore it),
+        x (N, K), tile (K, WIDTH), out (N, M) C-contiguous; the sums in registers."""
 
         @intrinsic
-        def block(typingctx, x, n0, tile, out, c0):
+        def block(typingctx, x, n0, tile, out, c0, scale):
             def codegen(context, builder, signature, args):
-                i64, i32 = ir.IntType(64), ir.IntType(32)
-                vec = ir.VectorType(ir.FloatType(), VECTOR)
-                xa, ta, oa = (context.make_array(signature.args[i])(context, builder, args[i]) for i in (0, 2, 3))
+                xa, ta, oa, sa = (context.make_array(signature.args[i])(context, builder, args[i])
+                                  for i in (0, 2, 3, 5))
                 n0v, c0v = (builder.sext(args[i], i64) if args[i].type.width < 64 else args[i] for i in (1, 4))
                 K = cgutils.unpack_tuple(builder, xa.shape, 2)[1]
                 M = cgutils.unpack_tuple(builder, oa.shape, 2)[1]
@@ -76,65 +94,117 @@ def _build():
                     builder.module, ir.FunctionType(vec, [vec, vec, vec]), f"llvm.fma.v{VECTOR}f32")
                 rows = [builder.add(n0v, ir.Constant(i64, r)) for r in range(R)]
                 x_rows = [builder.gep(xa.data, [builder.mul(n, K)]) for n in rows]
+                splat = ir.Constant(ir.VectorType(i32, VECTOR), [0] * VECTOR)
+
+                def step(k, sums):  # the sums after input k: one multiply-add a row and vector
+                    w_row = builder.gep(ta.data, [builder.mul(k, ir.Constant(i64, WIDTH))])
+                    w = [widen(builder, kind, builder.gep(w_row, [ir.Constant(i64, VECTOR * h)])) for h in range(2)]
+                    new = []
+                    for r in range(R):
+                        xk = builder.load(builder.gep(x_rows[r], [k]))
+                        xv = builder.insert_element(ir.Constant(vec, ir.Undefined), xk, ir.Constant(i32, 0))
+                        xv = builder.shuffle_vector(xv, ir.Constant(vec, ir.Undefined), splat)
+                        new += [builder.call(fma, [xv, w[h], sums[2 * r + h]]) for h in range(2)]
+                    return new
+
+                # U sets of sums, set u taking the inputs k = u (mod U) of the first K - K % U,
+                # set 0 the rest; added in order at the end. U * 2R chains of multiply-adds in
+                # flight: one row's two would wait on each addition's latency (4 cycles), and
+                # narrow weights arrive faster than that
+                U = max(1, 4 // R)
+                zero = ir.Constant(vec, [0.0] * VECTOR)
                 entry = builder.block
-                loop = builder.append_basic_block("tile.k")
+                main = builder.append_basic_block("tile.k")
+                tail = builder.append_basic_block("tile.tail")
+                tail_step = builder.append_basic_block("tile.tail_k")
                 done = builder.append_basic_block("tile.done")
-                builder.branch(loop)
-                builder.position_at_end(loop)
+                K_main = builder.sub(K, builder.srem(K, ir.Constant(i64, U)))
+                builder.cbranch(builder.icmp_signed(">", K_main, ir.Constant(i64, 0)), main, tail)
+                builder.position_at_end(main)
                 k = builder.phi(i64)
                 k.add_incoming(ir.Constant(i64, 0), entry)
-                sums = [builder.phi(vec) for _ in range(R * 2)]
-                for s in sums:
-                    s.add_incoming(ir.Constant(vec, [0.0] * VECTOR), entry)
-                w_row = builder.gep(ta.data, [builder.mul(k, ir.Constant(i64, WIDTH))])
-                w = [builder.load(builder.bitcast(builder.gep(w_row, [ir.Constant(i64, VECTOR * h)]),
-                                                  vec.as_pointer()), align=4) for h in range(2)]
-                new = []
-                for r in range(R):
-                    xk = builder.load(builder.gep(x_rows[r], [k]))
-                    xv = builder.insert_element(ir.Constant(vec, ir.Undefined), xk, ir.Constant(i32, 0))
-                    xv = builder.shuffle_vector(xv, ir.Constant(vec, ir.Undefined),
-                                                ir.Constant(ir.VectorType(i32, VECTOR), [0] * VECTOR))
-                    new += [builder.call(fma, [xv, w[h], sums[2 * r + h]]) for h in range(2)]
-                k_next = builder.add(k, ir.Constant(i64, 1))
-                for s, v in zip(sums, new):
-                    s.add_incoming(v, builder.block)
+                sets = [[builder.phi(vec) for _ in range(2 * R)] for _ in range(U)]
+                for phis in sets:
+                    for phi in phis:
+                        phi.add_incoming(zero, entry)
+                stepped = [step(builder.add(k, ir.Constant(i64, u)), sets[u]) for u in range(U)]
+                k_next = builder.add(k, ir.Constant(i64, U))
+                for phis, values in zip(sets, stepped):
+                    for phi, v in zip(phis, values):
+                        phi.add_incoming(v, builder.block)
                 k.add_incoming(k_next, builder.block)
-                builder.cbranch(builder.icmp_signed("<", k_next, K), loop, done)
+                main_end = builder.block
+                builder.cbranch(builder.icmp_signed("<", k_next, K_main), main, tail)
+                builder.position_at_end(tail)
+                kt = builder.phi(i64)
+                kt.add_incoming(ir.Constant(i64, 0), entry)
+                kt.add_incoming(K_main, main_end)
+                tail_sets = [[builder.phi(vec) for _ in range(2 * R)] for _ in range(U)]
+                for u in range(U):
+                    for phi, v in zip(tail_sets[u], stepped[u]):
+                        phi.add_incoming(zero, entry)
+                        phi.add_incoming(v, main_end)
+                builder.cbranch(builder.icmp_signed("<", kt, K), tail_step, done)
+                builder.position_at_end(tail_step)
+                last = step(kt, tail_sets[0])
+                for u in range(U):
+                    for phi, v in zip(tail_sets[u], last if u == 0 else tail_sets[u]):
+                        phi.add_incoming(v, tail_step)
+                kt.add_incoming(builder.add(kt, ir.Constant(i64, 1)), tail_step)
+                builder.branch(tail)
                 builder.position_at_end(done)
+                new = list(tail_sets[0])
+                for u in range(1, U):
+                    new = [builder.fadd(a, b) for a, b in zip(new, tail_sets[u])]
+                scales = [builder.load(builder.bitcast(builder.gep(sa.data, [ir.Constant(i64, VECTOR * h)]),
+                                                       vec.as_pointer()), align=4)
+                          for h in range(2)] if kind == "i8" else None
                 for r in range(R):
                     o_row = builder.gep(oa.data, [builder.add(builder.mul(rows[r], M), c0v)])
                     for h in range(2):
-                        builder.store(new[2 * r + h], builder.bitcast(
-                            builder.gep(o_row, [ir.Constant(i64, VECTOR * h)]), vec.as_pointer()), align=4)
+                        v = new[2 * r + h] if scales is None else builder.fmul(new[2 * r + h], scales[h])
+                        builder.store(v, builder.bitcast(builder.gep(o_row, [ir.Constant(i64, VECTOR * h)]),
+                                                         vec.as_pointer()), align=4)
                 return context.get_dummy_value()
 
-            return types.void(x, n0, tile, out, c0), codegen
+            return types.void(x, n0, tile, out, c0, scale), codegen
 
         return block
 
-    block8, block4, block2, block1 = (register_block(R) for R in (8, 4, 2, 1))
+    def rows_of(kind: str):
+        """all_rows(x, tile, out, c0, scale): every row of x against one tile, in register blocks
+        of 8 rows, then 4, 2 and 1."""
+        b8, b4, b2, b1 = (register_block(R, kind) for R in (8, 4, 2, 1))
+
+        @njit(inline="always")
+        def all_rows(x, tile, out, c0, scale):
+            N = x.shape[0]
+            n = 0
+            while n + 8 <= N:
+                b8(x, n, tile, out, c0, scale)
+                n += 8
+            if n + 4 <= N:
+                b4(x, n, tile, out, c0, scale)
+                n += 4
+            if n + 2 <= N:
+                b2(x, n, tile, out, c0, scale)
+                n += 2
+            if n < N:
+                b1(x, n, tile, out, c0, scale)
+
+        return all_rows
+
+    f32_rows, f16_rows, bf16_rows, i8_rows = (rows_of(kind) for kind in ("f32", "f16", "bf16", "i8"))
 
     @njit(parallel=True, cache=True, fastmath={"contract"})
     def product(x, tiles, rest, out):
         N, K = x.shape
         T = tiles.shape[0]
         r = rest.shape[1]
+        none = np.empty(0, np.float32)
         for t in prange(T + min(r, 1)):  # the rest, if any, as one more
-            if t < T:  # a tile: rows in register blocks of 8, then 4, 2, 1
-                tile = tiles[t]
-                n = 0
-                while n + 8 <= N:
-                    block8(x, n, tile, out, t * WIDTH)
-                    n += 8
-                if n + 4 <= N:
-                    block4(x, n, tile, out, t * WIDTH)
-                    n += 4
-                if n + 2 <= N:
-                    block2(x, n, tile, out, t * WIDTH)
-                    n += 2
-                if n < N:
-                    block1(x, n, tile, out, t * WIDTH)
+            if t < T:
+                f32_rows(x, tiles[t], out, t * WIDTH, none)
             else:  # the last M % WIDTH channels, in order over k as the tiles sum
                 c0 = T * WIDTH
                 for n in range(N):
@@ -147,22 +217,64 @@ def _build():
                     for j in range(r):
                         out[n, c0 + j] = acc[j]
 
-    return product
+    # The packed weights' tiles (kernels/quant.py) are padded to whole tiles: a tile whose
+    # channels run past M sums into a scratch block, and its real channels are copied out.
+
+    @njit(parallel=True, cache=True)
+    def w8(x, q, scale, out):
+        N = x.shape[0]
+        M = out.shape[1]
+        for t in prange(q.shape[0]):
+            c0 = t * WIDTH
+            if c0 + WIDTH <= M:
+                i8_rows(x, q[t], out, c0, scale[t])
+            else:
+                part = np.empty((N, WIDTH), np.float32)
+                i8_rows(x, q[t], part, 0, scale[t])
+                for n in range(N):
+                    for j in range(M - c0):
+                        out[n, c0 + j] = part[n, j]
+
+    @njit(parallel=True, cache=True)
+    def w16(x, q, bf16, out):
+        N = x.shape[0]
+        M = out.shape[1]
+        none = np.empty(0, np.float32)
+        for t in prange(q.shape[0]):
+            c0 = t * WIDTH
+            whole = c0 + WIDTH <= M
+            part = out if whole else np.empty((N, WIDTH), np.float32)
+            at = c0 if whole else 0
+            if bf16:
+                bf16_rows(x, q[t], part, at, none)
+            else:
+                f16_rows(x, q[t], part, at, none)
+            if not whole:
+                for n in range(N):
+                    for j in range(M - c0):
+                        out[n, c0 + j] = part[n, j]
+
+    return {"f32": product, 8: w8, 16: w16}
 
 
-_KERNEL = None
+_KERNELS: dict | None = None
+
+
+def kernels() -> dict:
+    """_build's kernels, compiled (or loaded from Numba's cache) on first call; needs Numba."""
+    global _KERNELS
+    if _KERNELS is None:
+        if not AVAILABLE:
+            raise RuntimeError("the tiled kernels need Numba")
+        _KERNELS = _build()
+    return _KERNELS
 
 
 def product(x, tiles, rest):
     """x (N, K) float32 @ the tiled weight -> (N, M) float32 (Numba needed)."""
-    global _KERNEL
-    if _KERNEL is None:
-        if not AVAILABLE:
-            raise RuntimeError("the tiled float32 kernel needs Numba")
-        _KERNEL = _build()
     from minigpt.kernels import quant
 
     x = np.ascontiguousarray(x, dtype=np.float32)
     out = np.empty((x.shape[0], tiles.shape[0] * WIDTH + rest.shape[1]), np.float32)
-    quant.on_threads(_KERNEL, x, tiles, rest, out)
+    quant.on_threads(kernels()["f32"], x, tiles, rest, out)
     return out
