@@ -201,7 +201,7 @@ def test_4_bit_scales_are_fp16_and_the_kernel_reads_two_bytes_each():
     assert np.array_equal(p.scale, want.astype(np.float32))
     assert p.tile_scale.dtype == np.uint16
     assert np.array_equal(kq.unpack(p.tile_scale, 300).view(np.float16), want)
-    assert p.nbytes == p.data.nbytes + 2 * 2 * kq.padded(300, 4)
+    assert p.nbytes == p.data.nbytes + 2 * 2 * kq.padded(300)
 
 
 @needs_numba
@@ -264,7 +264,7 @@ def test_a_quantized_batched_step_counts_what_the_closed_form_predicts(path, bit
         assert [getattr(p, f) for f in FIELDS] == [getattr(METER.records[k], f) for f in FIELDS], k
     head = next(r for k, r in METER.records.items() if k.scope == "lm_head")
     assert head.bytes_read == 4 * len(positions) * 32 + cost_model.packed_weight_bytes(32, 300, cost_model.Packed(bits, 16))
-    assert head.flops == 2 * len(positions) * 32 * kq.padded(300, bits) and head.useful_flops == 2 * len(positions) * 32 * 300
+    assert head.flops == 2 * len(positions) * 32 * kq.padded(300) and head.useful_flops == 2 * len(positions) * 32 * 300
 
 
 @pytest.mark.parametrize("positions", [[5], [3, 7, 1]])
@@ -289,10 +289,10 @@ def test_a_float_batched_step_counts_what_the_closed_form_predicts(positions):
 def test_the_closed_forms_tile_is_the_kernels():
     for bits in (16, 8, 4):
         for M in (1, 7, 8, 9, 31, 32, 33, 255, 256, 257, 300, 50257):
-            assert cost_model.packed_columns(M, bits) == kq.padded(M, bits)
-            assert lowbit.quantize(np.ones((64, M), np.float32), bits).data.shape[0] * \
-                kq.tile_width(M, bits) == kq.padded(M, bits)
-    assert cost_model.PACK_TILE == kq.TILE and cost_model.PACK_TILE_NARROW == kt.WIDTH
+            assert cost_model.packed_columns(M) == kq.padded(M)
+            data = lowbit.quantize(np.ones((64, M), np.float32), bits).data
+            assert data.shape[0] * data.shape[2] == kq.padded(M)
+    assert cost_model.PACK_TILE == kt.WIDTH
 
 
 @pytest.mark.parametrize("bits", [16, 8, 4])

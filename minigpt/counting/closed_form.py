@@ -145,22 +145,17 @@ class Packed(NamedTuple):
     group_size: int
 
 
-PACK_TILE = 256  # output channels a 4-bit tile (minigpt/kernels/quant.py's TILE)
-PACK_TILE_NARROW = 32  # a 16- or 8-bit tile's (minigpt/kernels/tiles.py's WIDTH)
+PACK_TILE = 32  # output channels a tile of the packed layout (minigpt/kernels/tiles.py's WIDTH)
 
 
-def packed_columns(M: int, bits: int) -> int:
+def packed_columns(M: int) -> int:
     """M output channels padded to whole tiles, as kernels/quant.py lays a packed weight out."""
-    if bits != 4:
-        W = PACK_TILE_NARROW
-    else:
-        W = PACK_TILE if M >= PACK_TILE else -(-M // 8) * 8
-    return -(-M // W) * W
+    return -(-M // PACK_TILE) * PACK_TILE
 
 
 def packed_weight_bytes(K: int, M: int, packed: Packed) -> int:
     """Bytes of a packed (K, M) weight with its scales: what one product reads of it."""
-    Mp = packed_columns(M, packed.bits)
+    Mp = packed_columns(M)
     if packed.bits == 16:
         return 2 * K * Mp
     if packed.bits == 8:
@@ -171,7 +166,7 @@ def packed_weight_bytes(K: int, M: int, packed: Packed) -> int:
 def _packed_product(sh, scope, op, N, K, M, packed: Packed):
     """x (N, K) @ a packed weight: the kernel computes the padded channels too; x and the output
     at the activations' width."""
-    Mp, s = packed_columns(M, packed.bits), sh.itemsize
+    Mp, s = packed_columns(M), sh.itemsize
     sh._add(scope, op, "matmul", 2 * N * K * Mp, s * N * K + packed_weight_bytes(K, M, packed),
             s * N * M, useful=2 * N * K * M, dtype=packed_dtype(packed.bits), shape=(1, N, K, Mp))
 

@@ -314,7 +314,7 @@ def measure_packed(tries: int, nbytes: int = PACKED_BYTES) -> dict[str, list[lis
     K = 1024
     weights = {}
     for bits in PACKED_BITS:
-        W = quant.tile_width(1 << 20, bits)
+        W = tiles.WIDTH
         T = max(nbytes * 8 // (bits * K * W), 1)
         if bits == 16:  # fp16 patterns of magnitudes below 2 (no infinities or NaNs)
             weights[bits] = (rng.integers(0, 0x4000, (T, K, W), dtype=np.uint16), None)

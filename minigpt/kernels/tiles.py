@@ -1,5 +1,6 @@
-"""Products of a few float32 rows and a float32 weight laid out in column tiles: a decode step's
-products, where BLAS is slow.
+"""Products of a few float32 rows and a weight laid out in column tiles: a decode step's products.
+The float32 weights' (nn/tiled.py), where BLAS is slow, and the packed 16-, 8- and 4-bit weights'
+(kernels/quant.py: their formats and layouts).
 
 For x (N, K) @ w (K, M) with N from 2 to a few dozen, OpenBLAS copies (packs) the whole weight
 into its own layout on every call, as for any matrix product; a decode step's weights come from
@@ -59,6 +60,8 @@ def _build():
     from numba import njit, prange
     from numba.core import cgutils, types
     from numba.extending import intrinsic
+
+    from minigpt.kernels.quant import TINY
 
     i64, i32 = ir.IntType(64), ir.IntType(32)
     vec = ir.VectorType(ir.FloatType(), VECTOR)
@@ -196,6 +199,102 @@ def _build():
 
     f32_rows, f16_rows, bf16_rows, i8_rows = (rows_of(kind) for kind in ("f32", "f16", "bf16", "i8"))
 
+    short, half32 = ir.VectorType(ir.IntType(16), WIDTH), ir.VectorType(ir.HalfType(), WIDTH)
+    wide = ir.VectorType(ir.FloatType(), WIDTH)  # one tile's channels: two float registers
+
+    def int4_block(R: int):
+        """block(xq, bias, xs, tile, tile_scale, out, n0, c0, chunk): out[n0 + r, c0:c0 + WIDTH]
+        for r < R, kernels/quant.py's 4-bit product of the rounded activations xq (N, K) int16
+        (their scales xs (N, K / G), each chunk's nibble bias (N, K / chunk) int32) and one tile
+        of nibble pairs (K / 2, WIDTH) uint8 with its fp16 scales (K / G, WIDTH): each row's
+        chunk sums in one register of 16-bit lanes, its float32 sums in two, for the whole tile;
+        the same integer and float steps as the loop it replaced, so the same bits."""
+
+        @intrinsic
+        def block(typingctx, xq, bias, xs, tile, tile_scale, out, n0, c0, chunk):
+            def codegen(context, builder, signature, args):
+                xa, ba, sa, ta, ga, oa = (context.make_array(signature.args[i])(context, builder, args[i])
+                                          for i in range(6))
+                n0v, c0v, cv = (builder.sext(a, i64) if a.type.width < 64 else a for a in args[6:9])
+                K = cgutils.unpack_tuple(builder, xa.shape, 2)[1]
+                n_chunks = cgutils.unpack_tuple(builder, ba.shape, 2)[1]
+                n_groups = cgutils.unpack_tuple(builder, sa.shape, 2)[1]
+                M = cgutils.unpack_tuple(builder, oa.shape, 2)[1]
+                G = builder.sdiv(K, n_groups)
+                byte_rows = builder.sdiv(cv, ir.Constant(i64, 2))
+                rows = [builder.add(n0v, ir.Constant(i64, r)) for r in range(R)]
+
+                def splat(value, vtype):
+                    v = builder.insert_element(ir.Constant(vtype, ir.Undefined), value, ir.Constant(i32, 0))
+                    return builder.shuffle_vector(v, ir.Constant(vtype, ir.Undefined),
+                                                  ir.Constant(ir.VectorType(i32, WIDTH), [0] * WIDTH))
+
+                def at(array, row, col, ncols):  # &array[row, col] of a C-contiguous 2-D array
+                    return builder.gep(array.data, [builder.add(builder.mul(row, ncols), col)])
+
+                entry = builder.block
+                chunk_loop = builder.append_basic_block("int4.chunk")
+                row_loop = builder.append_basic_block("int4.row")
+                chunk_end = builder.append_basic_block("int4.chunk_end")
+                done = builder.append_basic_block("int4.done")
+                builder.branch(chunk_loop)
+                builder.position_at_end(chunk_loop)
+                ci = builder.phi(i64)
+                ci.add_incoming(ir.Constant(i64, 0), entry)
+                accs = [builder.phi(wide) for _ in range(R)]
+                for a in accs:
+                    a.add_incoming(ir.Constant(wide, [0.0] * WIDTH), entry)
+                i0 = builder.mul(ci, byte_rows)
+                builder.branch(row_loop)
+                builder.position_at_end(row_loop)
+                i = builder.phi(i64)
+                i.add_incoming(i0, chunk_loop)
+                sums = [builder.phi(short) for _ in range(R)]
+                for s in sums:
+                    s.add_incoming(ir.Constant(short, [0] * WIDTH), chunk_loop)
+                byte_ptr = builder.gep(ta.data, [builder.mul(i, ir.Constant(i64, WIDTH))])
+                u = builder.zext(builder.load(builder.bitcast(byte_ptr, ir.VectorType(ir.IntType(8), WIDTH).as_pointer()),
+                                              align=1), short)
+                lo = builder.and_(u, ir.Constant(short, [15] * WIDTH))
+                hi = builder.lshr(u, ir.Constant(short, [4] * WIDTH))
+                k0 = builder.mul(i, ir.Constant(i64, 2))
+                new_sums = []
+                for r in range(R):  # the biased nibbles, in [0, 15], times xq; wraps mod 2**16
+                    x0 = splat(builder.load(at(xa, rows[r], k0, K)), short)
+                    x1 = splat(builder.load(at(xa, rows[r], builder.add(k0, ir.Constant(i64, 1)), K)), short)
+                    new_sums.append(builder.add(sums[r], builder.add(builder.mul(lo, x0), builder.mul(hi, x1))))
+                i_next = builder.add(i, ir.Constant(i64, 1))
+                for s, v in zip(sums, new_sums):
+                    s.add_incoming(v, row_loop)
+                i.add_incoming(i_next, row_loop)
+                builder.cbranch(builder.icmp_signed("<", i_next, builder.add(i0, byte_rows)), row_loop, chunk_end)
+                builder.position_at_end(chunk_end)
+                g = builder.sdiv(builder.mul(ci, cv), G)
+                scale_ptr = builder.gep(ga.data, [builder.mul(g, ir.Constant(i64, WIDTH))])
+                scale = builder.fpext(builder.load(builder.bitcast(scale_ptr, half32.as_pointer()), align=2), wide)
+                new_accs = []
+                for r in range(R):  # the bias off, the exact sum back in int16, into float32
+                    b = builder.trunc(builder.load(at(ba, rows[r], ci, n_chunks)), ir.IntType(16))
+                    exact = builder.sub(new_sums[r], splat(b, short))
+                    sx = builder.load(at(sa, rows[r], g, n_groups))
+                    step = builder.fmul(builder.sitofp(exact, wide), builder.fmul(scale, splat(sx, wide)))
+                    new_accs.append(builder.fadd(accs[r], step))
+                ci_next = builder.add(ci, ir.Constant(i64, 1))
+                for a, v in zip(accs, new_accs):
+                    a.add_incoming(v, chunk_end)
+                ci.add_incoming(ci_next, chunk_end)
+                builder.cbranch(builder.icmp_signed("<", ci_next, n_chunks), chunk_loop, done)
+                builder.position_at_end(done)
+                for r in range(R):
+                    builder.store(new_accs[r], builder.bitcast(at(oa, rows[r], c0v, M), wide.as_pointer()), align=4)
+                return context.get_dummy_value()
+
+            return types.void(xq, bias, xs, tile, tile_scale, out, n0, c0, chunk), codegen
+
+        return block
+
+    int4_4, int4_2, int4_1 = (int4_block(R) for R in (4, 2, 1))
+
     @njit(parallel=True, cache=True, fastmath={"contract"})
     def product(x, tiles, rest, out):
         N, K = x.shape
@@ -254,7 +353,51 @@ def _build():
                     for j in range(M - c0):
                         out[n, c0 + j] = part[n, j]
 
-    return {"f32": product, 8: w8, 16: w16}
+    @njit(parallel=True, cache=True)
+    def w4(x, q, scale, chunk, out):
+        N, K = x.shape
+        n_groups = scale.shape[1]
+        G = K // n_groups
+        M = out.shape[1]
+        xq = np.empty((N, K), np.int16)  # the activations' int8 values
+        xs = np.empty((N, n_groups), np.float32)  # and their scales
+        for n in range(N):
+            for g in range(n_groups):
+                m = np.float32(0.0)
+                for k in range(g * G, (g + 1) * G):
+                    m = max(m, abs(x[n, k]))
+                s = max(m / np.float32(127.0), TINY) if m > 0 else np.float32(1.0)
+                xs[n, g] = s
+                for k in range(g * G, (g + 1) * G):
+                    xq[n, k] = np.int16(np.rint(x[n, k] / s))
+        n_chunks = K // chunk
+        bias = np.empty((N, n_chunks), np.int32)  # 8 x each chunk's sum of xq: the nibbles' bias
+        for n in range(N):
+            for c in range(n_chunks):
+                total = 0
+                for k in range(c * chunk, (c + 1) * chunk):
+                    total += xq[n, k]
+                bias[n, c] = 8 * total
+        for t in prange(q.shape[0]):
+            c0 = t * WIDTH
+            whole = c0 + WIDTH <= M
+            part = out if whole else np.empty((N, WIDTH), np.float32)
+            at = c0 if whole else 0
+            n = 0
+            while n + 4 <= N:
+                int4_4(xq, bias, xs, q[t], scale[t], part, n, at, chunk)
+                n += 4
+            if n + 2 <= N:
+                int4_2(xq, bias, xs, q[t], scale[t], part, n, at, chunk)
+                n += 2
+            if n < N:
+                int4_1(xq, bias, xs, q[t], scale[t], part, n, at, chunk)
+            if not whole:
+                for n in range(N):
+                    for j in range(M - c0):
+                        out[n, c0 + j] = part[n, j]
+
+    return {"f32": product, 8: w8, 16: w16, 4: w4}
 
 
 _KERNELS: dict | None = None
