@@ -13,15 +13,16 @@ as a fraction of the read bandwidth; the "step" row weights each shape by the ca
 again, so their rows can pass the memory's read bandwidth; the head (19 to 77 MB) cannot.
 
 Steps (with RUN, e.g. `minigpt init configs/gpt2-124m.toml out/gpt2-124m`): GPT.decode_step on
-RUN at float32 and at each width, for each batch: the step's best time with the meter on and off,
-its packed products alone (the same calls, no model around them), the rest (the step without the
+RUN at float32 and at each width, each model prepared as generation prepares it (GPT.prepare_decode:
+float32 weights in the tiled kernel's layout, nn/tiled.py), for each batch: the step's best time with the meter on and off,
+its packed (or float32 tiled) products alone (the same calls, no model around them), the rest (the step without the
 meter less its products: Python, attention, layer norms, GELU, dispatch), tokens/s, and the
 fraction of the read ceiling (batch x read bandwidth / the meter's bytes per step).
 
 Everything runs interleaved in one process, round by round (A B A B ...), best of --rounds, so that
 a slow moment of a shared machine hits every variant alike. The read bandwidth is
 minigpt.kernels.stream.read over 256 MiB on 1 and on --threads threads, best of 5; the higher is
-the ceiling. --threads sets Numba's threads (default: all it has).
+the ceiling. --threads sets the products' threads (default: all Numba has).
 """
 
 import argparse
@@ -37,7 +38,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from minigpt import kernels  # (sets the OpenMP wait policy before Numba loads)
 from minigpt.counting.meter import METER
 from minigpt.kernels import quant as kq
-from minigpt.kernels import stream
+from minigpt.kernels import stream, tiles
 from minigpt.nn import lowbit
 from minigpt.units import rows_text
 
@@ -102,6 +103,7 @@ def steps(run, bits_list, batches, rounds, n_steps) -> list:
         m = minigpt.load(run)
         if b != 32:
             m.quantize(bits=b, group_size=32, storage16="fp16", kv_int8=False)
+        m.gpt.prepare_decode()  # float32: the tiled weights (nn/tiled.py), as generate and serve run
         models[b] = m.gpt
 
     def decode(gpt, B, meter):
@@ -121,6 +123,13 @@ def steps(run, bits_list, batches, rounds, n_steps) -> list:
         return s, moved
 
     def products_alone(gpt, B):
+        if gpt.quant is None:  # float32: the tiled weights' products
+            ws = [w for block in gpt._tiled for w in block.values()] + [gpt._head]
+            xs = {w.shape[0]: np.ones((B, w.shape[0]), np.float32) for w in ws}
+            t0 = time.perf_counter()
+            for w in ws:
+                tiles.product(xs[w.shape[0]], w.tiles, w.rest)
+            return time.perf_counter() - t0
         ws = list(gpt.quant.weights.values())
         xs = {w.K: np.ones((B, w.K), np.float32) for w in ws}
         t0 = time.perf_counter()
@@ -137,7 +146,7 @@ def steps(run, bits_list, batches, rounds, n_steps) -> list:
                     best[b, B, meter] = min(best.get((b, B, meter), float("inf")), s)
                     if meter:
                         moved[b, B] = nbytes
-                if b != 32:
+                if b != 32 or gpt._tiled is not None:
                     best[b, B, "p"] = min(best.get((b, B, "p"), float("inf")), products_alone(gpt, B))
     return [{"bits": b, "batch": B, "step_s_meter": best[b, B, True], "step_s": best[b, B, False],
              "products_s": best.get((b, B, "p")), "bytes_per_step": moved[b, B]}
@@ -164,13 +173,14 @@ def main(argv=None) -> int:
     if not kernels.AVAILABLE:
         ap.error("the packed-weight kernels need Numba")
     import numba
-    if args.threads:
-        numba.set_num_threads(max(1, min(args.threads, numba.config.NUMBA_NUM_THREADS)))
-    threads = numba.get_num_threads()
+    # the packed and tiled products' thread count (kq.threads), not this thread's Numba count,
+    # which minigpt's fused training kernels set to one on import
+    threads = max(1, min(args.threads or numba.config.NUMBA_NUM_THREADS, numba.config.NUMBA_NUM_THREADS))
     kernels.use("numba")
-    bw = read_bandwidth(threads)
-    prod = products(bits_list, batches, args.rounds)
-    step_rows = steps(args.run, bits_list, batches, args.rounds, args.steps) if args.run else []
+    with kq.threads(threads):
+        bw = read_bandwidth(threads)
+        prod = products(bits_list, batches, args.rounds)
+        step_rows = steps(args.run, bits_list, batches, args.rounds, args.steps) if args.run else []
     for r in prod:
         r["gb_per_s"] = r["bytes"] / r["seconds"] / 1e9
         r["fraction_of_read"] = r["bytes"] / r["seconds"] / bw
