@@ -26,9 +26,13 @@ against 8.6 ms). Here the weight is laid out once, when a model is prepared for 
 The register block is written in LLVM's own terms (an llvmlite intrinsic: a loop whose 2 R
 vector sums are carried in registers), since Numba's compiler vectorizes only innermost loops,
 and an innermost loop over the tile's channels reloads and stores every sum at every k. Each sum
-runs over k in order, one fused multiply-add a step (one rounding where x * w + s has two), so a
-result is the same on any number of threads; it differs from BLAS's (whose order is its own) in
-the last bits. np.matmul is the reference: tests/test_tiled.py compares them.
+runs over k in order, one fused multiply-add a step (one rounding where x * w + s has two); for 1
+and 2 rows the inputs are dealt round-robin to 4 / R such sums, added in order at the end (one
+row's two chains of multiply-adds would each wait on the last one's latency, and a narrow weight
+arrives faster than that). So a result is the same on any number of threads; it differs from
+BLAS's (whose order is its own) in the last bits. np.matmul is the reference:
+tests/test_tiled.py compares them. The 4-bit block (int4_block) keeps its integer chunk sums in
+registers too, and its float steps are kernels/quant.py's, exactly.
 """
 
 import numpy as np
@@ -55,7 +59,8 @@ def pack(w):
 
 def _build():
     """The Numba kernels, compiled on first use and cached on disk: {"f32": float32 tiles (and
-    the rest), 8: int8 tiles with their channels' scales, 16: fp16 or bf16 tiles}."""
+    the rest), 8: int8 tiles with their channels' scales, 16: fp16 or bf16 tiles, 4: nibble
+    pairs with fp16 group scales}."""
     from llvmlite import ir
     from numba import njit, prange
     from numba.core import cgutils, types
