@@ -127,7 +127,7 @@ def cmd_generate(argv) -> int:
                           "--num-samples (bench/decode.py --batch measures batched decode)")
     model = minigpt.load(args.run, device=args.device)
     apply_int8(model, args)
-    model.gpt.prepare_decode()  # the LM head's weight laid out for decode steps
+    model.gpt.prepare_decode()  # float32 weights laid out for the decode kernels (nn/tiled.py)
     if args.prompt_ids is not None:  # "" too: an empty list of ids is not a request for "\n"
         ids = _prompt_ids(args.prompt_ids, model)
         if not ids:

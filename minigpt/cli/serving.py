@@ -76,7 +76,7 @@ def cmd_serve(argv) -> int:
     energy = StepEnergy(args.watts)
     model = minigpt.load(args.run, device=args.device)
     apply_int8(model, args)
-    model.gpt.prepare_decode()  # the LM head's weight laid out for batched steps
+    model.gpt.prepare_decode()  # float32 weights laid out for the decode kernels (nn/tiled.py)
     name = args.model_name or Path(args.run).resolve().name
     if Path(args.run).is_file():
         name = args.model_name or Path(args.run).resolve().parent.name

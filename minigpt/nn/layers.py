@@ -6,15 +6,14 @@ Every matrix product goes through minigpt.counting.meter.matmul (the int8 ones t
 and METER.matmul_w8) and every elementwise pass is counted with METER.op, under the scope the
 caller has set. Arrays come from backend.xp (NumPy or CuPy).
 
-The counted passes a decode step also runs (layernorm_normalize, softmax_causal, gelu_tanh) are
-functions of their own, on rows, so model.block_decode calls them as the general forwards do and
-each op's sizes are written once. Each hands rows that fit one block (a decode step's) to its row
+The counted passes a decode step also runs (layernorm_normalize, causal_softmax_forward through
+cached_attention, gelu_tanh) are functions of their own, on rows, so the decode steps
+(nn/decode.py) call them as the general forwards do and each op's sizes are written once. Each hands rows that fit one block (a decode step's) to its row
 kernel directly, as backend.by_rows would, without that call: on one row the call costs as much
 as a few of the kernel's own NumPy passes.
 """
 
 import math
-from functools import lru_cache
 from typing import NamedTuple
 
 from minigpt import backend, kernels
@@ -214,7 +213,7 @@ def _layernorm_backward_fused(dout, cache, dw, db, into):
 def linear_forward(x, w, b):
     """x (..., C) @ w (C, OC) + b (OC,), under the caller's scope (e.g. h3.attn.c_attn).
     An int8 weight (quant.Int8Weight) or a packed one (lowbit.PackedWeight) runs the quantized
-    product instead, a tiled one (tiled.TiledWeight) the batched decode's (inference only)."""
+    product instead, a tiled one (tiled.TiledWeight) a decode step's (inference only)."""
     if isinstance(w, quant.Int8Weight):
         return quant.linear_forward(x, w, b)
     if isinstance(w, lowbit.PackedWeight):
@@ -245,13 +244,6 @@ def linear_backward(dout, cache, dw, db):
 
 
 # ----------------------------------------------------------------------------- attention
-
-
-@lru_cache(maxsize=16)
-def causal_mask(T, Tk, pos0, dtype):
-    """The (T, Tk) additive causal mask of T queries after pos0 cached keys (below), on the
-    active device; None where every query sees every key."""
-    return _causal_mask(T, Tk, pos0, dtype, backend.device) if pos0 + 1 < Tk else None
 
 
 def _causal_mask(T, Tk, pos0, dtype, device):
