@@ -122,17 +122,20 @@ def test_a_backward_pass_drops_the_tiles_and_trains_on_the_weights():
     assert np.abs(gpt.grads.data).sum() > 0
 
 
-def test_more_rows_than_the_kernel_takes_run_numpys_product(monkeypatch):
-    """Past tiles.ROWS (a batch of prompts) the product is NumPy's, with the same record."""
+def test_numpys_path_runs_numpys_product_with_the_same_record(monkeypatch):
+    """A tiled weight on NumPy's path (--kernels numpy) or with float64 rows: np.matmul on the
+    weight itself, recorded as the kernel's product is."""
     from minigpt.kernels import tiles
 
-    kernels.use("numba")
     monkeypatch.setattr(tiles, "product", lambda *a: pytest.fail("the kernel ran"))
     rng = np.random.default_rng(5)
     w = rng.standard_normal((24, 70), dtype=np.float32)
     tw = tiled.TiledWeight(w, *tiles.pack(w))
-    x = rng.standard_normal((max(tiles.ROWS) + 1, 24), dtype=np.float32)
+    x = rng.standard_normal((40, 24), dtype=np.float32)
     METER.reset()
     np.testing.assert_array_equal(tiled.product(x, tw), x @ w)
     (record,) = METER.records.values()
     assert record.flops == 2 * x.shape[0] * 24 * 70 and record.bytes_read == x.nbytes + w.nbytes
+    kernels.use("numba")
+    x64 = x.astype(np.float64)
+    np.testing.assert_array_equal(tiled.product(x64, tw), x64 @ w)

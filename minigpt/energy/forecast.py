@@ -260,8 +260,8 @@ def generation(cfg, tm: timing.TimeModel, prompt_tokens: int, steps: int, batch:
     """The forecast of a prefill of prompt_tokens and `steps` decode steps after it, for a model
     config (a ModelConfig); quant: the QuantConfig of int8 inference (its products are predicted at
     the float32 rate: docs/costs.md) or of packed weights (--bits: at the packed kernels' measured
-    rates where they run, TimeModel.packed). Float32 weights: a decode step's products of 1 to
-    32 rows at the tiled kernel's rates where it runs (GPT.prepare_decode, which generation,
+    rates where they run, TimeModel.packed). Float32 weights: a decode step's weight products
+    at the tiled kernel's rates where it runs (GPT.prepare_decode, which generation,
     serving and bench/decode.py call)."""
     packed = bool(getattr(quant, "bits", None)) and packed_kernels()
     tiled = quant is None and packed_kernels()

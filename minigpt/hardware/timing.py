@@ -63,7 +63,7 @@ STREAM_ROWS = 4  # the rows of the second stream figure: OpenBLAS packs B for an
 # the packed-weight kernels (kernels/quant.py) measured: weight widths, and sequences a product
 PACKED_BITS = (16, 8, 4)
 PACKED_M = (1, 4, 16)
-TILED_M = (1, 8, 32)  # rows of the float32 tiled kernel measured (kernels/tiles.py: 1 to 32 rows)
+TILED_M = (1, 8, 32)  # rows of the float32 tiled kernel measured (kernels/tiles.py), held beyond
 PACKED_BYTES = 64 << 20  # the packed weight each is measured on: twice a 32 MiB last-level cache
 VERSION = 6  # a file of another version is measured again, not trusted
 
@@ -163,12 +163,12 @@ class TimeModel:
         """What the meter would time for one call; streaming: its operands come from memory (the
         step moves more than the cache holds), so a product takes at least its bytes' time;
         packed: the step runs on the decode kernels: a product with packed weights on the packed
-        kernels, a float32 weight product of 1 to 32 rows on the tiled one (nn/tiled.py; at
+        kernels, a float32 weight product on the tiled one (nn/tiled.py; at
         their measured rates, which include streaming the weight), not on NumPy's product."""
         nbytes = call.bytes_read + call.bytes_written
         if call.shape is not None:
             b, m, k, n = call.shape
-            kernel = call.key.dtype != "float32" or (b == 1 and m in tiles.ROWS)
+            kernel = call.key.dtype != "float32" or b == 1  # a weight's product, not attention's
             rate = self.packed_rate(call.key.dtype, m) if packed and kernel else None
             if rate is not None:
                 return self.call_s + b * 2 * m * k * n / rate

@@ -192,10 +192,10 @@ class GPT:
 
     def prepare_decode(self) -> None:
         """Lay the weights out for decoding, in a copy: each block's linear weights and the LM
-        head in the column tiles of minigpt/kernels/tiles.py (nn/tiled.py), whose products of 1
-        to 32 rows (a decode step of that many sequences) stream the weights faster than BLAS's:
-        1.7x for one row, 1.5 to 3x for more, where BLAS copies the whole weight on every call
-        (docs/benchmarks.md). Where that kernel cannot run
+        head in the column tiles of minigpt/kernels/tiles.py (nn/tiled.py), whose products (a
+        decode step of any number of sequences) ran faster than BLAS's at every row count
+        measured: 1.7x for one row, 3x for eight (BLAS copies the whole weight on every call of
+        two or more), 1.1x for 512 (docs/benchmarks.md). Where that kernel cannot run
         (no Numba, float64), the head's transpose laid out row-major, which BLAS multiplies a few
         rows by faster than the transposed view (8 rows in 6.8 ms against 9-11). As many bytes
         again as the weights (497 MB at GPT-2 124M's size; the head alone 154 MB), so only for
