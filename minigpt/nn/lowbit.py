@@ -236,18 +236,6 @@ def product(x2, w: PackedWeight, op: str = "x@w"):
     return out
 
 
-def linear_forward(x, w: PackedWeight, b):
-    """x (..., K) @ w + b with a packed weight."""
-    x2 = x.reshape(-1, w.K)
-    out = product(x2, w)
-    if b is not None:
-        with METER.op(kind="bias", op="add") as c:
-            out += b
-            c.count(elements=out.size, bytes_read=out.nbytes + b.nbytes, bytes_written=out.nbytes,
-                    dtype=out.dtype)
-    return out.reshape(*x.shape[:-1], w.M), None
-
-
 class PackedWeights:
     """A model's packed weights: every block's linear layers, and the LM head (wte.T)."""
 

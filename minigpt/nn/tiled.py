@@ -66,15 +66,3 @@ def product(x2, w: TiledWeight, op: str = "x@w"):
     METER.add(kind="matmul", op=op, dtype=out.dtype, flops=2 * N * K * M,
               bytes_read=x2.nbytes + K * M * out.itemsize, bytes_written=out.nbytes, seconds=seconds)
     return out
-
-
-def linear_forward(x, w: TiledWeight, b):
-    """x (..., K) @ w + b: layers.linear_forward's records, the product by `product`."""
-    K, M = w.shape
-    x2 = x.reshape(-1, K)
-    out = product(x2, w)
-    with METER.op(kind="bias", op="add") as c:
-        out += b
-        c.count(elements=out.size, bytes_read=out.nbytes + b.nbytes, bytes_written=out.nbytes,
-                dtype=out.dtype)
-    return out.reshape(*x.shape[:-1], M), (x2, w.w)
