@@ -13,7 +13,7 @@ being the STREAM figure that fits that batch's own read/write mix (below), and t
 B x matmul peak / FLOPs per step (4 bits: the w4a8 kernel's own peak, int4_peak); the lower
 binds ("bound", and "ceiling" names it). A list (1,8,64) sweeps: the table gains a row per
 batch, and the batch at which decode turns compute-bound is predicted from the closed form and,
-with three or more batches, measured (knee()). The first batch is the
+with two or more batches, measured (knee()). The first batch is the
 headline of every other figure. The packed-weight kernels run on as many threads as OpenBLAS in
 each --blas-threads pass (kernels/quant.threads); the fused kernels keep their own one thread.
 
@@ -279,10 +279,15 @@ def knee(points: list, peak: float, memory) -> dict:
     grow with B (the closed form's counts: FLOPs by 2 per weight per sequence, bytes by the
     activations and KV caches only), so it is found by doubling then bisecting on the closed form.
     None if it is still bandwidth-bound at KNEE_SEARCH_LIMIT sequences.
-    Measured: where the flat line of the batch-1 step time meets the line through the two largest
-    batches' step times (the time each further sequence adds once the step is compute-bound), at
-    least 1 (a line that meets it below batch 1: compute-bound from the first batch on); None with
-    fewer than three batches."""
+    Measured: the same crossing on the measured step times. Below the knee a step takes the first
+    batch's time, whatever its batch (every weight read once); past it, the time its arithmetic
+    takes, in proportion to the batch: the largest batch's step time over its batch is that cost
+    per sequence. Their crossing, first step time / (largest step time / largest batch), at
+    least 1 (compute-bound from the first batch on). None with one batch, or where the crossing
+    is above half the largest batch: that batch's time is then not mostly arithmetic (at the knee
+    itself it is still the first batch's time), so a larger batch is needed to locate it.
+    (A line through the two largest batches' times, used before, put a bandwidth-bound second
+    largest batch on the compute line: with batches 1, 8, 64 it could not find a knee above 8.)"""
     cfg, pos, quant_cfg = points[0]["_cfg"], points[0]["_position"], points[0]["_quant"]
 
     def compute_bound(B):
@@ -303,11 +308,12 @@ def knee(points: list, peak: float, memory) -> dict:
     else:
         hi = None  # the activations' and caches' bytes grow as fast as the FLOPs: never
     measured = None
-    if len(points) >= 3:
-        (_, t1), (ba, ta), (bb, tb) = [(p["batch"], p["step_s"]) for p in (points[0], *points[-2:])]
-        slope = (tb - ta) / (bb - ba)
-        if slope > 0:  # where t1 = ta + slope * (B - ba); below 1: compute-bound from batch 1 on
-            measured = max(1.0, ba - (ta - t1) / slope)
+    if len(points) >= 2:
+        t1 = points[0]["step_s"]
+        largest = max(points, key=lambda p: p["batch"])
+        crossing = t1 / (largest["step_s"] / largest["batch"])
+        if crossing <= largest["batch"] / 2:
+            measured = max(1.0, crossing)
     return {"knee_batch_predicted": hi, "knee_batch_measured": measured}
 
 
@@ -505,8 +511,8 @@ def print_table(r: dict) -> None:
         print(f"decode turns compute-bound at batch "
               f"{f'> {KNEE_SEARCH_LIMIT}' if predicted is None else predicted} (predicted: the closed form's "
               f"FLOPs and bytes against the peak and the STREAM bandwidth of each batch's mix); measured "
-              f"{'-' if measured is None else f'{measured:.1f}'} (where the batch-1 step time meets the "
-              "line through the two largest batches')")
+              f"{'-' if measured is None else f'{measured:.1f}'} (where the first batch's step time meets "
+              "the largest batch's time per sequence times the batch)")
     print(f"prefill   {r['prefill_tokens_per_s']:10.1f} tokens/s   {r['prefill_flops_per_token'] / 1e9:9.3f} "
           f"GFLOP/token       ceiling {r['prefill_ceiling_tokens_per_s']:8.1f} tokens/s   achieved "
           f"{100 * r['prefill_fraction_of_ceiling']:5.1f}%  ({r['compute_peak']} {r['matmul_peak_flops'] / 1e9:.0f} GFLOP/s)")
@@ -539,7 +545,7 @@ def main(argv=None) -> int:
     ap.add_argument("--group-size", type=int, default=32, help="--bits 4: inputs sharing a scale (default 32)")
     ap.add_argument("--storage16", choices=("fp16", "bf16"), default="fp16", help="--bits 16: the format")
     ap.add_argument("--batch", default="1",
-                    help="sequences decoded together, comma-separated to sweep (e.g. 1,8,64; three or "
+                    help="sequences decoded together, comma-separated to sweep (e.g. 1,8,64; two or "
                     "more give a measured knee); the first is the headline (default 1)")
     ap.add_argument("--kernels", choices=kernels.CHOICES, default=kernels.active(),
                     help=f"the packed products' path (default {kernels.active()})")

@@ -156,10 +156,18 @@ def test_the_measured_knee_is_where_the_two_lines_meet():
     bench = _bench()
     cfg = minigpt_config()
     points = [{"batch": b, "step_s": t, "_cfg": cfg, "_position": 4, "_quant": None}
-              for b, t in ((1, 0.010), (8, 0.011), (32, 0.030), (64, 0.060))]
-    # flat at 10 ms; then 30 ms at 32 rising 0.9375 ms a sequence: they meet at 32 - 20 / 0.9375
-    assert bench.knee(points, 1e11, 8e9)["knee_batch_measured"] == pytest.approx(32 - 20 / 0.9375)
+              for b, t in ((1, 0.010), (8, 0.011), (64, 0.040))]
+    # flat at 10 ms (batch 8 a little above it, still bandwidth-bound); 40 ms at 64 is 0.625 ms
+    # a sequence: that line reaches 10 ms at batch 16. A line through batches 8 and 64 would meet
+    # it below 8.
+    assert bench.knee(points, 1e11, 8e9)["knee_batch_measured"] == pytest.approx(16)
+    assert bench.knee(points[::2], 1e11, 8e9)["knee_batch_measured"] == pytest.approx(16)  # two batches do
+    assert bench.knee(points[:1], 1e11, 8e9)["knee_batch_measured"] is None
+    # still bandwidth-bound at the largest batch (11 ms at 8 against 10 at 1): the crossing, 7.3,
+    # is not below half of it, so nothing is measured
     assert bench.knee(points[:2], 1e11, 8e9)["knee_batch_measured"] is None
+    twice = [points[0], dict(points[2], step_s=0.020)]  # 32 exactly half of 64: still located
+    assert bench.knee(twice, 1e11, 8e9)["knee_batch_measured"] == pytest.approx(32)
     steep = [dict(p, step_s=0.010 * p["batch"]) for p in points]  # time grows from batch 1 on
     assert bench.knee(steep, 1e11, 8e9)["knee_batch_measured"] == 1.0
     # this model's weights are tiny beside its activations: never compute-bound at 1e11 / 8e9

@@ -368,6 +368,20 @@ def _attention(sh, attn, B, H, T, pos0, hs, kv_int8, dropout):
         sh.product(join(attn, MIX), "att@v", B * H, T, Tk, hs, n_att, B * H * Tk * hs, useful)
 
 
+def _decode_attention(sh, attn, H, hs, B, lengths):
+    """Attention of B sequences' one new token each against their own float caches of lengths[b]
+    positions (the new one included), in one call per operation (kernels/attend.py): the
+    per-sequence records summed. Shapes for the time model: the H heads' one query against all
+    the sequences' keys laid end to end (the FLOPs exactly)."""
+    s, n = sh.itemsize, sum(lengths)
+    flops = 2 * H * hs * n
+    sh._add(join(attn, SCORES), "q@kT", "matmul", flops, B * H * hs * s + H * n * hs * s, H * n * s,
+            shape=(H, 1, hs, n))
+    sh.elementwise(join(attn, SOFTMAX), "softmax", "causal_fused", H * n, H * n, H * n)
+    sh._add(join(attn, MIX), "att@v", "matmul", flops, H * n * s + H * n * hs * s, B * H * hs * s,
+            shape=(H, 1, n, hs))
+
+
 def _forward(sh, cfg, B, T, pos0=0, last_only=False, targets=False, dropout=False, q=None,
              routing=None, positions=None, spans=None):
     """Records of GPT.hidden + lm head (+ loss) for B sequences of T new tokens after pos0.
@@ -375,7 +389,9 @@ def _forward(sh, cfg, B, T, pos0=0, last_only=False, targets=False, dropout=Fals
     q: a quant.QuantConfig for quantized inference (outlier_threshold is data-dependent: not
     predicted). routing: {MoE block index: tokens each expert computed}, or None for balanced
     routing. positions: a batched decode step (GPT.decode_step): one new token for each sequence,
-    sequence b's at positions[b] (B = len(positions), T = 1); attention then runs per sequence.
+    sequence b's at positions[b] (B = len(positions), T = 1); attention then runs per sequence,
+    or (the fused schedule, a float cache, one new token each) for all of them in one call per
+    operation (_decode_attention).
     spans: an extend step (nn/decode.py's extend_step), [(pos0, n)] for each sequence, n new tokens
     after pos0 cached ones (B = len(spans); T is not used); positions are spans of one token.
     A KV-cached step of one token (model.block_decode) has block_forward's records."""
@@ -401,7 +417,9 @@ def _forward(sh, cfg, B, T, pos0=0, last_only=False, targets=False, dropout=Fals
         attn, mlp = join(h, ATTN), join(h, MLP)
         _layernorm_forward(sh, join(h, LN_1), N, C)
         _linear_forward(sh, join(attn, C_ATTN), N, C, 3 * C, mode)
-        if spans:
+        if spans and sh.fused and not kv_int8 and N == B:
+            _decode_attention(sh, attn, H, hs, B, [p + 1 for p, _ in spans])
+        elif spans:
             for p, n in spans:
                 _attention(sh, attn, 1, H, n, p, hs, kv_int8, False)
         else:
@@ -601,7 +619,8 @@ def predict_decode(cfg, batch: int, position: int, dtype: str = "float32", quant
 def predict_decode_batch(cfg, positions, dtype: str = "float32", quant=None,
                          fused: bool = False) -> dict:
     """One GPT.decode_step over len(positions) sequences, sequence b's new token at positions[b]
-    (ragged): the weight products once over all rows, attention per sequence."""
+    (ragged): the weight products once over all rows, attention per sequence (one call for all
+    of them on the fused schedule with a float cache: _decode_attention)."""
     sh = _sheet("decode", dtype, fused)
     positions = [int(p) for p in positions]
     _forward(sh, cfg, len(positions), 1, q=quant, positions=positions)

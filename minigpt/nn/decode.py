@@ -4,8 +4,10 @@ A decode step of a real-size model is mostly weight products, and a weight produ
 each weight once, however many rows it has. So the step stacks the sequences' new tokens into one
 (B, C) activation and runs every linear layer, the MLP and the LM head once over all of them; only
 attention, whose operands (each sequence's cached keys and values) differ per sequence, runs per
-sequence against its own cache. The caches can hold different lengths (ragged): sequence b's token
-sits at position caches[b].length, and each cache advances by one.
+sequence against its own cache: on NumPy's path one sequence at a time, on the compiled kernels
+(nn.fused()) all of them in one call per operation (kernels/attend.py; _each_in_one_call). The
+caches can hold different lengths (ragged): sequence b's token sits at position caches[b].length,
+and each cache advances by one.
 
 `extend_step` is the general case: sequence b appends any number of new tokens (a prompt into a
 fresh cache, or one decode token), all of them stacked into the same products, each sequence's
@@ -19,6 +21,7 @@ step of B sequences at their lengths (closed_form.predict_decode_batch), and an 
 any spans (closed_form.predict_extend).
 """
 
+import functools
 import math
 
 import numpy as np
@@ -135,6 +138,66 @@ def _each_to_its_cache(slots, spans, hs):
     return attend
 
 
+PARALLEL_KEY_BYTES = 2 << 20  # a layer's keys, over all sequences: below it, one thread
+
+
+def _all_in_one_call(caches, counts) -> bool:
+    """Whether the step's attention runs for every sequence in one call per operation
+    (_each_in_one_call): the compiled kernels are on (nn.fused(): Numba, host memory), every
+    sequence adds one token, and every cache holds floats. Otherwise each sequence runs its own."""
+    return nn.fused() and all(n == 1 for n in counts) and not any(kv.int8 for kv in caches)
+
+
+def _each_in_one_call(caches, hs):
+    """The step's attend for layer i, attend(i, q, k, v, y), with every sequence's one new token
+    against its own float cache in three compiled calls (kernels/attend.py: the scores, which also
+    store the new key and value, the softmax, the mix). Records: the per-sequence path's
+    (nn.cached_attention's, summed over the sequences), one call each."""
+    from numba.typed import List
+
+    from minigpt.kernels import attend as kernel
+    from minigpt.kernels.fused import fast
+    from minigpt.kernels.quant import on_threads
+
+    keys, values = List(), List()
+    for kv in caches:
+        keys.append(kv.k)
+        values.append(kv.v)
+    lengths = np.array([kv.length + 1 for kv in caches], dtype=np.int64)  # the new token's included
+    longest, n = int(lengths.max()), int(lengths.sum())
+    # The kernels run sequences in parallel, on every core only where the keys to read are many.
+    # Inside GPT-2 steps on our 2-core machine, 8 sequences of 24 positions (0.6 MB of keys a
+    # layer) took 46-70, 10 and 30 microseconds for the three calls on this thread (fused.py's
+    # count) and 79-84, 51-64 and 65-76 on two, waiting on the second thread; at 32 sequences
+    # (2.4 MB) two threads began to win, and at 64 (4.7 MB) took 202, 52-60 and 160 against 290,
+    # 48 and 217-226 (docs/benchmarks.md).
+    key_bytes = n * caches[0].k[0, 0, 0].nbytes
+    run = on_threads if key_bytes >= PARALLEL_KEY_BYTES else (lambda f, *args: f(*args))
+
+    def attend(i, q, k, v, y):  # q, k, v (B, H, 1, hs) views, y (B, 1, H, hs)
+        B, H = q.shape[:2]
+        q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]  # (B, H, hs) views into c_attn's output
+        q = np.ascontiguousarray(q)  # unit strides known when compiled: the dot products vectorise (3x)
+        s = q.itemsize
+        att = np.empty((B, H, longest), dtype=q.dtype)
+        flops = 2 * H * hs * n
+        with METER.scope(scopes.SCORES):
+            t0 = METER.clock()
+            run(kernel.scores, q, k, v, keys, values, i, lengths, att)
+            METER.add(kind="matmul", op="q@kT", dtype=att.dtype, flops=flops, seconds=METER.clock() - t0,
+                      bytes_read=q.nbytes + H * n * hs * s, bytes_written=H * n * s)
+        with METER.scope(scopes.SOFTMAX), METER.op(kind="softmax", op="causal_fused") as c:
+            run(kernel.softmax, att, lengths, 1.0 / math.sqrt(hs), fast(att))
+            c.count(elements=H * n, bytes_read=H * n * s, bytes_written=H * n * s, dtype=att.dtype)
+        with METER.scope(scopes.MIX):
+            t0 = METER.clock()
+            out = y.reshape(B, H, hs)
+            run(kernel.mix, att, values, i, lengths, out)
+            METER.add(kind="matmul", op="att@v", dtype=att.dtype, flops=flops, seconds=METER.clock() - t0,
+                      bytes_read=H * n * s + H * n * hs * s, bytes_written=out.nbytes)
+    return attend
+
+
 def decode_step(model, tokens, caches: list):
     """Next-token logits (B, V) after tokens (B,) ids, one per sequence, each sequence's KV cache
     (batch 1) in caches; each cache advances by one. See the module's docstring."""
@@ -180,9 +243,13 @@ def _step(model, tokens, counts: list[int], caches: list, name: str):
     with METER.scope(scopes.EMBEDDING):
         x = embed(model, tokens, positions)
     hs = cfg.n_embd // cfg.n_head
+    one_call = _each_in_one_call(caches, hs) if _all_in_one_call(caches, counts) else None
     for i in range(cfg.n_layer):
         with METER.scope(scopes.block(i)):
-            attend = _each_to_its_cache([kv.layer(i) for kv in caches], spans, hs)
+            if one_call is not None:
+                attend = functools.partial(one_call, i)
+            else:
+                attend = _each_to_its_cache([kv.layer(i) for kv in caches], spans, hs)
             x = block_step(x, model.decode_params(i), cfg, attend, is_moe_block(cfg, i))
     for kv, n in zip(caches, counts):
         kv.length += n
