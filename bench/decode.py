@@ -68,7 +68,7 @@ from minigpt import kernels
 from minigpt.counting import closed_form as cost_model
 from minigpt.counting.meter import METER, matmul, packed_dtype
 from minigpt.evaluate import weight_bytes
-from minigpt.hardware import bandwidth, blas, calibrate, roofline
+from minigpt.hardware import bandwidth, blas, calibrate, cpu_power, roofline
 from minigpt.kernels import quant as packed_kernels
 from minigpt.nn import quant
 from minigpt.nn.model import KVCache
@@ -78,32 +78,34 @@ from minigpt.units import rows_text
 def decode_run(gpt, prompt: np.ndarray, tokens: int, kv_int8: bool):
     """Prefill each prompt (a row of prompt (B, P), or prompt (P,) for one) into its own KV
     cache, then `tokens` greedy decode steps of GPT.decode_step over all B sequences;
-    (prefill seconds for all of them, decode seconds)."""
+    (prefill seconds for all of them, decode seconds, the CPU seconds this process spent in
+    the decode: over the decode seconds, the cores it kept busy)."""
     prompts = prompt.reshape(-1, prompt.shape[-1])
     caches = [KVCache(gpt.cfg, 1, gpt.params.data.dtype, int8=kv_int8) for _ in prompts]
     t0 = time.perf_counter()
     with METER.in_phase("prefill"):
         logits = np.stack([gpt.logits(p[None, :], kv, last_only=True)[0, -1] for p, kv in zip(prompts, caches)])
-    t1 = time.perf_counter()
+    t1, cpu1 = cpu_power.usage_now()
     with METER.in_phase("decode"):
         for _ in range(tokens):
             logits = gpt.decode_step(logits.argmax(axis=-1), caches)
-    return t1 - t0, time.perf_counter() - t1
+    t2, cpu2 = cpu_power.usage_now()
+    return t1 - t0, t2 - t1, cpu2 - cpu1
 
 
 def best_run(gpt, prompt: np.ndarray, tokens: int, kv_int8: bool, repeats: int):
     """decode_run `repeats` times; (fastest prefill seconds, fastest decode seconds, the meter's
-    records of the fastest decode's run, every run's decode seconds). The counts are the same in
-    every run; only the seconds differ."""
-    prefills, decodes, best_records = [], [], None
+    records of the fastest decode's run, every run's decode seconds, the fastest decode's CPU
+    seconds). The counts are the same in every run; only the seconds differ."""
+    prefills, decodes, best_records, best_cpu = [], [], None, None
     for _ in range(repeats):
         METER.reset()
-        prefill_s, decode_s = decode_run(gpt, prompt, tokens, kv_int8)
+        prefill_s, decode_s, cpu_s = decode_run(gpt, prompt, tokens, kv_int8)
         if not decodes or decode_s < min(decodes):
-            best_records = METER.records
+            best_records, best_cpu = METER.records, cpu_s
         prefills.append(prefill_s)
         decodes.append(decode_s)
-    return min(prefills), min(decodes), best_records, decodes
+    return min(prefills), min(decodes), best_records, decodes, best_cpu
 
 
 def phase_totals(records: dict, phase: str) -> dict:
@@ -343,7 +345,7 @@ def _measure(gpt, cfg, args, tm) -> dict:
     forecasts = predicted_rates(cfg, qcfg, args, batches, tm)
     points = []
     for B in batches:
-        prefill_s, decode_s, records, decode_runs = timed[B]
+        prefill_s, decode_s, records, decode_runs, cpu_s = timed[B]
         pre, dec = phase_totals(records, "prefill"), phase_totals(records, "decode")
         steps = args.tokens
         step_s = decode_s / steps
@@ -371,6 +373,7 @@ def _measure(gpt, cfg, args, tm) -> dict:
             "overhead_per_step_s": max(0.0, step_s - dec["seconds"] / steps),
             "decode_metered_fraction": dec["seconds"] / decode_s,
             "decode_runs_tokens_per_s": [B * steps / s for s in decode_runs],
+            "busy_cores": cpu_s / decode_s,  # CPU seconds over wall seconds, the fastest run's
             "decode_seconds_by_kind": {k: v / steps for k, v in sorted(
                 dec["by_kind"].items(), key=lambda kv: -kv[1])},
             "prefill_s": prefill_s, "_pre": pre,

@@ -11,7 +11,9 @@ x step seconds / batch. The bandwidth ceiling is bench/decode.py's: the in-proce
 nearest the point's read/write mix (the read bandwidth for a decode step), so "of ceiling" and "of
 read bw" agree wherever the point is bandwidth-bound on the read figure.
 Watts: --watts, else the energy module's power figure for this machine (a calibrated profile's
-power_watts); with neither, J/token is left out. Per width, the predicted and measured batch at
+power_watts), else each point's own estimate from the CPU's rated power and the cores its decode
+kept busy (minigpt.hardware.cpu_power, as `minigpt serve` and train.py estimate theirs where the
+machine has no power counters); the table's header says which. Per width, the predicted and measured batch at
 which decode turns compute-bound follow the table.
 """
 
@@ -44,6 +46,17 @@ def power_watts(watts: float | None) -> float | None:
     return accounting.power_figure(prof, None, None, True).watts
 
 
+def point_watts(fixed: float | None, p: dict) -> tuple[float, str]:
+    """(watts, basis) for a grid point: the fixed figure if there is one, else the CPU-time
+    estimate from the point's busy cores (bench/decode.py's busy_cores of its fastest run)."""
+    if fixed is not None:
+        return fixed, "given"
+    from minigpt.hardware import cpu_power
+
+    est = cpu_power.estimate(p["busy_cores"], 1.0)
+    return est.watts, est.basis
+
+
 def grid(args) -> dict:
     bench = _decode_bench()
     watts = power_watts(args.watts)
@@ -56,6 +69,7 @@ def grid(args) -> dict:
         r = bench.measure(ns)
         by_bits[bits] = r
         for p in r["batches"]:
+            w, basis = point_watts(watts, p)
             rows.append({"bits": bits, "batch": p["batch"], "tokens_per_s": p["tokens_per_s"],
                          "predicted_tokens_per_s": p["predicted_tokens_per_s"],
                          "bytes_per_token": p["bytes_per_token"],
@@ -63,7 +77,7 @@ def grid(args) -> dict:
                          "fraction_of_ceiling": p["fraction_of_ceiling"],
                          "fraction_of_read_ceiling": p["tokens_per_s"] * p["bytes_per_token"] / r["read_bandwidth"],
                          "bound": p["bound"], "overhead_per_step_s": p["overhead_per_step_s"],
-                         "j_per_token": watts * p["step_s"] / p["batch"] if watts else None,
+                         "watts": w, "power_basis": basis, "j_per_token": w * p["step_s"] / p["batch"],
                          "threads": r["blas_threads"]})
     fp32 = {row["batch"]: row["tokens_per_s"] for row in rows if row["bits"] == 32}
     for row in rows:
@@ -79,20 +93,23 @@ def grid(args) -> dict:
 
 
 def print_table(g: dict) -> None:
+    if g["watts"]:
+        power = f"J/token at {g['watts']} W"
+    else:  # each row's own estimate: say its basis once, less the busy cores that differ by row
+        basis = g["rows"][0]["power_basis"].rsplit(", ", 1)[0]
+        power = f"J/token at each row's W: {basis}, scaled by the cores its decode kept busy"
     print(f"{g['run']}: decode by weight width and batch ({g['environment']}; kernels: {g['kernels']}; "
-          f"J/token at {g['watts']} W)" if g["watts"] else
-          f"{g['run']}: decode by weight width and batch ({g['environment']}; kernels: {g['kernels']}; "
-          "no power figure: pass --watts for J/token)")
+          f"{power})")
     cells = [(str(r["bits"]), str(r["batch"]), f"{r['tokens_per_s']:.1f}", f"{r['predicted_tokens_per_s']:.1f}",
               "-" if r["speedup_over_fp32"] is None else f"{r['speedup_over_fp32']:.2f}x",
               f"{r['bytes_per_token'] / 1e6:.2f}", f"{r['ceiling_tokens_per_s']:.1f}", r["ceiling"],
               f"{100 * r['fraction_of_ceiling']:.1f}%", f"{100 * r['fraction_of_read_ceiling']:.1f}%",
               r["bound"], f"{1e3 * r['overhead_per_step_s']:.2f}",
-              "-" if r["j_per_token"] is None else f"{r['j_per_token']:.3g}", str(r["threads"]))
+              f"{r['watts']:.1f}", f"{r['j_per_token']:.3g}", str(r["threads"]))
              for r in g["rows"]]
     print("\n".join(rows_text(("bits", "batch", "tokens/s", "predicted", "vs fp32", "MB/token", "ceiling",
                                "ceiling is", "of ceiling",
-                               "of read bw", "bound", "ms outside ops", "J/token", "threads"), cells)))
+                               "of read bw", "bound", "ms outside ops", "W", "J/token", "threads"), cells)))
     for bits, k in g["knees"].items():
         measured = "-" if k["measured"] is None else f"{k['measured']:.1f}"
         predicted = "beyond the search" if k["predicted"] is None else k["predicted"]

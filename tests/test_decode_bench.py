@@ -216,3 +216,11 @@ def test_the_grid_reports_every_bits_and_batch_point(trained_run, monkeypatch, c
     assert by[8, 1]["bytes_per_token"] < by[32, 1]["bytes_per_token"] / 2
     grid.print_table(g)
     assert "J/token at 10.0 W" in capsys.readouterr().out
+    # no --watts and no profile's figure: each point's own CPU-time estimate (cpu_power)
+    monkeypatch.setattr(grid, "power_watts", lambda watts: None)
+    g = grid.grid(argparse.Namespace(**{**vars(args), "bits": [32], "batch": [1], "watts": None}))
+    (r,) = g["rows"]
+    assert r["power_basis"].startswith("estimated") and r["watts"] > 0
+    assert r["j_per_token"] == pytest.approx(r["watts"] / r["tokens_per_s"])
+    grid.print_table(g)
+    assert "J/token at each row's W: estimated" in capsys.readouterr().out
