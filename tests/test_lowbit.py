@@ -59,6 +59,27 @@ def test_each_kernel_equals_its_numpy_twin(path, bits, storage, N, K, M):
     assert np.max(np.abs(fast - twin)) <= bound
 
 
+@needs_numba
+@pytest.mark.parametrize("bits, storage", FORMATS)
+@pytest.mark.parametrize("N, K, M", [(1, 64, 300), (3, 96, 50), (8, 32, 256), (13, 128, 520)])
+def test_a_kernel_adds_the_bias_as_a_float32_add_after_it(path, bits, storage, N, K, M):
+    """A linear layer's bias, added by the kernel to each tile's outputs (the last tile's real
+    channels only): the product's result plus the bias, rounded once, on both paths; one record."""
+    w = lowbit.quantize(_weight(K, M), bits, 32, storage)
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((N, K)).astype(np.float32)
+    b = rng.standard_normal(M).astype(np.float32)
+    for name in ("numba", "numpy"):
+        plain = path(name, lowbit.product, x, w)
+        METER.reset()
+        with_bias = path(name, lowbit.product, x, w, "x@w", b)
+        assert np.array_equal(with_bias, plain + b), name
+        (key, record), = METER.records.items()
+        M_pad = w.data.shape[0] * w.data.shape[2]
+        assert key.op == "x@w+b" and record.flops == 2 * N * K * M_pad + N * M
+        assert record.bytes_read == x.nbytes + w.nbytes + b.nbytes and record.bytes_written == 4 * N * M
+
+
 def _int4_values(w):
     """The 4-bit weight's integers q (K, M) in [-7, 7], from its nibble pairs."""
     return lowbit.int4_values(w.q).astype(np.int64)

@@ -163,12 +163,14 @@ def packed_weight_bytes(K: int, M: int, packed: Packed) -> int:
     return K // 2 * Mp + 2 * (K // packed.group_size) * Mp  # two a byte, an fp16 scale a group
 
 
-def _packed_product(sh, scope, op, N, K, M, packed: Packed):
+def _packed_product(sh, scope, op, N, K, M, packed: Packed, bias: bool = False):
     """x (N, K) @ a packed weight: the kernel computes the padded channels too; x and the output
-    at the activations' width."""
+    at the activations' width. bias: the kernel adds the layer's bias (op "x@w+b": N M adds, M
+    floats read; lowbit.product)."""
     Mp, s = packed_columns(M), sh.itemsize
-    sh._add(scope, op, "matmul", 2 * N * K * Mp, s * N * K + packed_weight_bytes(K, M, packed),
-            s * N * M, useful=2 * N * K * M, dtype=packed_dtype(packed.bits), shape=(1, N, K, Mp))
+    adds, bias_bytes, op = (N * M, M * s, op + "+b") if bias else (0, 0, op)
+    sh._add(scope, op, "matmul", 2 * N * K * Mp + adds, s * N * K + packed_weight_bytes(K, M, packed) + bias_bytes,
+            s * N * M, useful=2 * N * K * M + adds, dtype=packed_dtype(packed.bits), shape=(1, N, K, Mp))
 
 
 def _visible(T, Tk, pos0):
@@ -181,8 +183,9 @@ def _visible(T, Tk, pos0):
 def _linear_forward(sh, scope, N, C, OC, mode=None):
     if mode is None:
         sh.product(scope, "x@w", 1, N, C, OC, N * C, C * OC)
-    elif isinstance(mode, Packed):
-        _packed_product(sh, scope, "x@w", N, C, OC, mode)
+    elif isinstance(mode, Packed):  # the kernel adds the bias
+        _packed_product(sh, scope, "x@w", N, C, OC, mode, bias=True)
+        return
     else:
         _int8_product(sh, scope, "x@w", N, C, OC, mode)
     sh.elementwise(scope, "bias", "add", N * OC, N * OC + OC, N * OC)

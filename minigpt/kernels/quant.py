@@ -122,19 +122,24 @@ def kernels() -> dict:
     return tiles.kernels()
 
 
-def product(x, bits: int, data, scale, bf16: bool, M: int):
-    """x (N, K) float32 @ the packed weight -> (N, M) float32, by the Numba kernel for `bits`."""
+_NO_BIAS = np.empty(0, np.float32)
+
+
+def product(x, bits: int, data, scale, bf16: bool, M: int, bias=None):
+    """x (N, K) float32 @ the packed weight (+ bias (M,) float32, added by the kernel) -> (N, M)
+    float32, by the Numba kernel for `bits`."""
     if bits == 4 and scale.dtype != np.uint16:  # Numba would compile it, and read garbage
         raise TypeError(f"4-bit scales are fp16 bits (uint16, pack_int4), not {scale.dtype}")
     x = np.ascontiguousarray(x, dtype=np.float32)
+    bias = _NO_BIAS if bias is None else np.ascontiguousarray(bias, dtype=np.float32)
     out = np.empty((x.shape[0], M), np.float32)
     k = kernels()[bits]
     if bits == 16:
-        on_threads(k, x, data, bf16, out)
+        on_threads(k, x, data, bf16, bias, out)
     elif bits == 8:
-        on_threads(k, x, data, scale, out)
+        on_threads(k, x, data, scale, bias, out)
     else:
-        on_threads(k, x, data, scale, chunk(x.shape[1] // scale.shape[1]), out)
+        on_threads(k, x, data, scale, chunk(x.shape[1] // scale.shape[1]), bias, out)
     return out
 
 

@@ -319,10 +319,19 @@ def _build():
                         out[n, c0 + j] = acc[j]
 
     # The packed weights' tiles (kernels/quant.py) are padded to whole tiles: a tile whose
-    # channels run past M sums into a scratch block, and its real channels are copied out.
+    # channels run past M sums into a scratch block, and its real channels are copied out. A
+    # layer's bias (M floats; none: an empty array) is added to the tile's outputs as they stand
+    # in the first-level cache, rounded once as a separate float32 add rounds it.
+
+    @njit(inline="always")
+    def add_bias(out, c0, bias):
+        if bias.shape[0] > 0:
+            for n in range(out.shape[0]):
+                for j in range(c0, min(c0 + WIDTH, out.shape[1])):
+                    out[n, j] += bias[j]
 
     @njit(parallel=True, cache=True)
-    def w8(x, q, scale, out):
+    def w8(x, q, scale, bias, out):
         N = x.shape[0]
         M = out.shape[1]
         for t in prange(q.shape[0]):
@@ -335,9 +344,10 @@ def _build():
                 for n in range(N):
                     for j in range(M - c0):
                         out[n, c0 + j] = part[n, j]
+            add_bias(out, c0, bias)
 
     @njit(parallel=True, cache=True)
-    def w16(x, q, bf16, out):
+    def w16(x, q, bf16, bias, out):
         N = x.shape[0]
         M = out.shape[1]
         none = np.empty(0, np.float32)
@@ -354,9 +364,10 @@ def _build():
                 for n in range(N):
                     for j in range(M - c0):
                         out[n, c0 + j] = part[n, j]
+            add_bias(out, c0, bias)
 
     @njit(parallel=True, cache=True)
-    def w4(x, q, scale, chunk, out):
+    def w4(x, q, scale, chunk, bias, out):
         N, K = x.shape
         n_groups = scale.shape[1]
         G = K // n_groups
@@ -373,13 +384,13 @@ def _build():
                 for k in range(g * G, (g + 1) * G):
                     xq[n, k] = np.int16(np.rint(x[n, k] / s))
         n_chunks = K // chunk
-        bias = np.empty((N, n_chunks), np.int32)  # 8 x each chunk's sum of xq: the nibbles' bias
+        nibble_bias = np.empty((N, n_chunks), np.int32)  # 8 x each chunk's sum of xq
         for n in range(N):
             for c in range(n_chunks):
                 total = 0
                 for k in range(c * chunk, (c + 1) * chunk):
                     total += xq[n, k]
-                bias[n, c] = 8 * total
+                nibble_bias[n, c] = 8 * total
         for t in prange(q.shape[0]):
             c0 = t * WIDTH
             whole = c0 + WIDTH <= M
@@ -387,17 +398,18 @@ def _build():
             at = c0 if whole else 0
             n = 0
             while n + 4 <= N:
-                int4_4(xq, bias, xs, q[t], scale[t], part, n, at, chunk)
+                int4_4(xq, nibble_bias, xs, q[t], scale[t], part, n, at, chunk)
                 n += 4
             if n + 2 <= N:
-                int4_2(xq, bias, xs, q[t], scale[t], part, n, at, chunk)
+                int4_2(xq, nibble_bias, xs, q[t], scale[t], part, n, at, chunk)
                 n += 2
             if n < N:
-                int4_1(xq, bias, xs, q[t], scale[t], part, n, at, chunk)
+                int4_1(xq, nibble_bias, xs, q[t], scale[t], part, n, at, chunk)
             if not whole:
                 for n in range(N):
                     for j in range(M - c0):
                         out[n, c0 + j] = part[n, j]
+            add_bias(out, c0, bias)
 
     return {"f32": product, 8: w8, 16: w16, 4: w4}
 

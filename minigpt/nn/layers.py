@@ -213,21 +213,22 @@ def _layernorm_backward_fused(dout, cache, dw, db, into):
 def linear_forward(x, w, b):
     """x (..., C) @ w (C, OC) + b (OC,), under the caller's scope (e.g. h3.attn.c_attn).
     An int8 weight (quant.Int8Weight) runs its quantized layer instead; a packed one
-    (lowbit.PackedWeight) or a tiled one (tiled.TiledWeight) its own product (weight_product),
-    then the same bias add (inference only: a packed weight keeps no cache, a tiled one the
-    float weight's)."""
+    (lowbit.PackedWeight) its kernel, which adds the bias too (one "x@w+b" record: a decode
+    step's bias adds were a twelfth of its calls); a tiled one (tiled.TiledWeight) its own
+    product (weight_product), then the bias add as a float weight's (inference only: a packed
+    weight keeps no cache, a tiled one the float weight's)."""
     if isinstance(w, quant.Int8Weight):
         return quant.linear_forward(x, w, b)
     C, OC = w.shape
     x2 = x.reshape(-1, C)  # (N, C)
+    if isinstance(w, lowbit.PackedWeight):
+        return lowbit.product(x2, w, bias=b).reshape(*x.shape[:-1], OC), None
     out = weight_product(x2, w)  # (N, OC)
     if b is not None:
         with METER.op(kind="bias", op="add") as c:
             out += b
             c.count(elements=out.size, bytes_read=out.nbytes + b.nbytes, bytes_written=out.nbytes,
                     dtype=out.dtype)
-    if isinstance(w, lowbit.PackedWeight):
-        return out.reshape(*x.shape[:-1], OC), None
     return out.reshape(*x.shape[:-1], OC), (x2, w.w if isinstance(w, tiled.TiledWeight) else w)
 
 

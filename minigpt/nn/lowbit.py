@@ -26,7 +26,8 @@ NumPy twin (16 and 8 bits: dequantize, then the float product; 4 bits: the same 
 float steps, bit for bit), and is recorded once, as the kernel moves it: FLOPs 2 N K M_pad (the
 kernel computes the tile padding too; useful_flops leave it out), bytes read x plus the packed
 weight plus its scales, bytes written the (N, M) output, dtype meter.packed_dtype(bits). The
-4-bit kernel's int8 activations (N x K, in the first-level cache) are not in it. The twin is the
+4-bit kernel's int8 activations (N x K, in the first-level cache) are not in it. A linear
+layer's bias is added by the same call (op "x@w+b": N M more FLOPs, M floats more read). The twin is the
 reference for results, not for traffic: it writes and reads widened copies that the record does
 not show.
 """
@@ -188,14 +189,17 @@ def from_stored(bits: int, K: int, M: int, q, scale, group_size: int, bf16: bool
     return PackedWeight(bits, K, M, q, scale, data, ts, group_size, bf16)
 
 
-def _run(x2, w: PackedWeight):
-    """The product itself: the Numba kernel, or the NumPy twin (the result in x2's dtype)."""
+def _run(x2, w: PackedWeight, bias=None):
+    """The product itself (+ bias): the Numba kernel, or the NumPy twin (the result in x2's
+    dtype; the bias added to the float32 product, as the kernel adds it)."""
     if kernels.active() == "numba" and backend.xp is np:
-        out = packed_kernels.product(x2, w.bits, w.data, w.tile_scale, w.bf16, w.M)
+        out = packed_kernels.product(x2, w.bits, w.data, w.tile_scale, w.bf16, w.M, bias)
         return out.astype(x2.dtype, copy=False)
     with METER.paused():  # the twin's products are not what the record describes
         x2f = x2.astype("float32", copy=False)
         out = int_activations_product(x2f, w) if w.bits == 4 else matmul(x2f, backend.asarray(w.dequantize()))
+        if bias is not None:
+            out += bias.astype("float32", copy=False)
         return out.astype(x2.dtype, copy=False)
 
 
@@ -221,18 +225,21 @@ def int_activations_product(x2, w: PackedWeight):
     return out
 
 
-def product(x2, w: PackedWeight, op: str = "x@w"):
-    """x2 (N, K) @ w -> (N, M) in x2's dtype, counted as the kernel moves it (module docstring)."""
+def product(x2, w: PackedWeight, op: str = "x@w", bias=None):
+    """x2 (N, K) @ w -> (N, M) in x2's dtype, counted as the kernel moves it (module docstring).
+    bias (M,): a linear layer's, added by the kernel to each tile's outputs as they come (the
+    record, op "x@w+b", then counts its N M additions and its M floats read)."""
     if not METER.enabled:
-        return _run(x2, w)
+        return _run(x2, w, bias)
     t0 = METER.clock()
-    out = _run(x2, w)
+    out = _run(x2, w, bias)
     seconds = METER.clock() - t0
     N, K = x2.shape
     M_pad = w.data.shape[0] * w.data.shape[2]
-    METER.add(kind="matmul", op=op, dtype=dtype_name(w.bits), flops=2 * N * K * M_pad,
-              useful_flops=2 * N * K * w.M, bytes_read=x2.nbytes + w.nbytes,
-              bytes_written=out.nbytes, seconds=seconds)
+    adds, bias_bytes = (0, 0) if bias is None else (N * w.M, bias.nbytes)
+    METER.add(kind="matmul", op=op if bias is None else op + "+b", dtype=dtype_name(w.bits),
+              flops=2 * N * K * M_pad + adds, useful_flops=2 * N * K * w.M + adds,
+              bytes_read=x2.nbytes + w.nbytes + bias_bytes, bytes_written=out.nbytes, seconds=seconds)
     return out
 
 
