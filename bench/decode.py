@@ -10,7 +10,8 @@ script can loop over widths). --batch B decodes B sequences together (GPT.decode
 cache each, each prompt --prompt random tokens): tokens/s counts all sequences; bytes and FLOPs
 per step are the meter's; the bandwidth ceiling is B x bandwidth / bytes per step, the bandwidth
 being the STREAM figure that fits that batch's own read/write mix (below), and the compute ceiling
-B x matmul peak / FLOPs per step (4 bits: the w4a8 kernel's own peak, int4_peak); the lower
+B x peak / FLOPs per step, the peak being that of the kernel the products run on (kernel_peak:
+the tiled float32 kernel or the packed ones; OpenBLAS's matmul peak on NumPy's path); the lower
 binds ("bound", and "ceiling" names it). A list (1,8,64) sweeps: the table gains a row per
 batch, and the batch at which decode turns compute-bound is predicted from the closed form and,
 with two or more batches, measured (knee()). The first batch is the
@@ -204,21 +205,35 @@ def int8_split(gpt, repeats: int = 3) -> dict | None:
     return {"widen_s": widen, "float_products_s": product, "int8_bytes": sum(q.nbytes for q in tables)}
 
 
-def int4_peak(rows: int = 64, n: int = 4096) -> float:
-    """FLOP/s of the 4-bit kernel computing rather than streaming: `rows` rows against one packed
-    (n, n) weight that stays in the last-level cache (8 MiB packed), best of 5. Its integer
-    multiply-adds (w4a8) are not bounded by the float32 matmul peak, so the 4-bit compute
-    ceiling is this."""
+PEAK_N = {32: 2048, 16: 2048, 8: 4096, 4: 4096}  # a weight of 16 MiB or less: in the last-level cache
+
+
+def kernel_peak(bits: int, rows: int = 64, n: int | None = None) -> float:
+    """FLOP/s of the kernel that runs a decode step's products at `bits` (32: the tiled float32
+    kernel of a prepared model, nn/tiled.py; 16, 8, 4: the packed kernels, nn/lowbit.py)
+    computing rather than streaming: `rows` rows against one (n, n) weight that stays in the
+    last-level cache (n = PEAK_N[bits] unless given), best of 5. A decode step's products run on this
+    kernel, not on OpenBLAS, so this is their compute ceiling: the w4a8 kernel's integer
+    multiply-adds are not bounded by the float32 matmul peak, and OpenBLAS's own peak halves
+    under OPENBLAS_CORETYPE=Haswell where these kernels' does not."""
+    from minigpt.kernels import tiles
     from minigpt.nn import lowbit
 
+    n = PEAK_N[bits] if n is None else n
     rng = np.random.default_rng(0)
-    w = lowbit.quantize(rng.standard_normal((n, n), dtype=np.float32), 4)
+    w = rng.standard_normal((n, n), dtype=np.float32)
     x = rng.standard_normal((rows, n), dtype=np.float32)
+    if bits == 32:
+        packed = tiles.pack(w)
+        run = lambda: tiles.product(x, *packed)
+    else:
+        packed = lowbit.quantize(w, bits)
+        run = lambda: lowbit.product(x, packed)
     best = float("inf")
     with METER.paused():
         for _ in range(6):  # the first loads the kernel
             t0 = time.perf_counter()
-            lowbit.product(x, w)
+            run()
             best = min(best, time.perf_counter() - t0)
     return 2 * rows * n * n / best
 
@@ -330,13 +345,18 @@ def _measure(gpt, cfg, args, tm) -> dict:
     plain_s = plain_matvec(gpt, args.tokens, args.repeats) if gpt.quant is None else None
     plain2_s = plain_matvec_two_threads(gpt, args.tokens) if gpt.quant is None else None
     after = bandwidths()
-    peak = calibrate.matmul_flops("float32", 2048, 3)
-    peak_name = "float32 matmul peak"
-    peak_how = "calibrate.matmul_flops: float32 2048 x 2048 products, best of 3, in this process"
-    if gpt.quant is not None and gpt.quant.qcfg.bits == 4 and kernels.active() == "numba":
-        peak = int4_peak()
-        peak_name = "4-bit kernel peak"
-        peak_how = "int4_peak: the w4a8 kernel, 64 rows against a 4096 x 4096 weight in cache, best of 5"
+    bits = 8 if args.int8 else getattr(args, "bits", 32)
+    blas_peak = calibrate.matmul_flops("float32", 2048, 3)
+    blas_name = "float32 matmul peak"
+    blas_how = "calibrate.matmul_flops: float32 2048 x 2048 products, best of 3, in this process"
+    peak, peak_name, peak_how = blas_peak, blas_name, blas_how
+    if kernels.active() == "numba" and not args.int8:  # the products run on our kernels
+        n = PEAK_N[bits]
+        peak = kernel_peak(bits)
+        peak_name = f"{bits}-bit kernel peak"
+        peak_how = f"kernel_peak: the {bits}-bit decode kernel, 64 rows against a {n} x {n} weight in cache, best of 5"
+    # a float32 prefill's block products run on OpenBLAS (only decode steps take the tiles)
+    prefill_peak, prefill_name = (blas_peak, blas_name) if bits == 32 else (peak, peak_name)
     means = {k: (before[k].bytes_per_s + after[k].bytes_per_s) / 2 for k in before}
     measured = bandwidth.as_profile(means, {k: f.method() for k, f in before.items()})
     copy_bw = roofline.memory_ceiling(measured, 1, 1)  # a copy's mix, for comparison
@@ -387,7 +407,6 @@ def _measure(gpt, cfg, args, tm) -> dict:
     tokens_per_s = first["tokens_per_s"]
     bytes_per_token = first["bytes_per_token"]
     here_bytes = bytes_per_token + widened_bytes(gpt) / B
-    bits = 8 if args.int8 else getattr(args, "bits", 32)
     out = {
         "run": str(args.run), "mode": args.int8 or (qcfg.name if qcfg is not None else "fp32"),
         "kv_int8": args.kv_int8, "bits": bits, "batch": B, "kernels": kernels.active(),
@@ -408,8 +427,9 @@ def _measure(gpt, cfg, args, tm) -> dict:
         "prefill_tokens_per_s": prefill_tokens / first["prefill_s"],
         "prefill_flops_per_token": prefill_flops_per_token,
         "matmul_peak_flops": peak, "compute_peak": peak_name, "compute_peak_how": peak_how,
-        "prefill_ceiling_tokens_per_s": peak / prefill_flops_per_token,
-        "prefill_fraction_of_ceiling": (prefill_tokens / first["prefill_s"]) / (peak / prefill_flops_per_token),
+        "prefill_peak_flops": prefill_peak, "prefill_compute_peak": prefill_name,
+        "prefill_ceiling_tokens_per_s": prefill_peak / prefill_flops_per_token,
+        "prefill_fraction_of_ceiling": (prefill_tokens / first["prefill_s"]) / (prefill_peak / prefill_flops_per_token),
         "environment": calibrate._environment(),
         "plain_matvec_tokens_per_s": 1 / plain_s if plain_s else None,
         "fraction_of_plain_matvec": tokens_per_s / B * plain_s if plain_s else None,
@@ -518,7 +538,7 @@ def print_table(r: dict) -> None:
               "the largest batch's time per sequence times the batch)")
     print(f"prefill   {r['prefill_tokens_per_s']:10.1f} tokens/s   {r['prefill_flops_per_token'] / 1e9:9.3f} "
           f"GFLOP/token       ceiling {r['prefill_ceiling_tokens_per_s']:8.1f} tokens/s   achieved "
-          f"{100 * r['prefill_fraction_of_ceiling']:5.1f}%  ({r['compute_peak']} {r['matmul_peak_flops'] / 1e9:.0f} GFLOP/s)")
+          f"{100 * r['prefill_fraction_of_ceiling']:5.1f}%  ({r['prefill_compute_peak']} {r['prefill_peak_flops'] / 1e9:.0f} GFLOP/s)")
     print()
     if len(r["by_blas_threads"]) > 1:
         print("by OpenBLAS thread count (the headline above is the fastest decode):")

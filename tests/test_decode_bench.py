@@ -75,6 +75,41 @@ def test_w8a32_reports_what_the_widening_moves(trained_run, monkeypatch):
     assert split["widen_s"] > 0 and split["float_products_s"] > 0
 
 
+@pytest.mark.parametrize("bits", [32, 4])
+def test_the_compute_ceiling_is_the_peak_of_the_kernel_the_products_run_on(trained_run, monkeypatch, bits):
+    """On the compiled kernels, a decode step's products run on the tiled or packed kernel, not on
+    OpenBLAS: their peak (kernel_peak) is the decode's compute ceiling; a float32 prefill's block
+    products stay on OpenBLAS and keep its peak. On NumPy's path both are OpenBLAS's."""
+    from minigpt import kernels
+
+    if not kernels.AVAILABLE:
+        pytest.skip("Numba is not installed")
+    bench = _bench()
+    monkeypatch.setattr(bandwidth, "measure_stream", _fake_stream)
+    monkeypatch.setattr(calibrate, "matmul_flops", lambda *a: 1e11)
+    monkeypatch.setattr(bench, "kernel_peak", lambda b, rows=64, n=None: 3e11 + b)
+    args = argparse.Namespace(run=trained_run, tokens=2, prompt=4, int8=None, kv_int8=False, blas_threads=[1],
+                              repeats=1, bits=bits, group_size=16, storage16="fp16", batch=[1], kernels="numba")
+    r = bench.measure(args)
+    assert r["matmul_peak_flops"] == 3e11 + bits and r["compute_peak"] == f"{bits}-bit kernel peak"
+    assert r["prefill_peak_flops"] == (1e11 if bits == 32 else 3e11 + bits)
+    assert r["prefill_ceiling_tokens_per_s"] == pytest.approx(r["prefill_peak_flops"] / r["prefill_flops_per_token"])
+    assert r["compute_ceiling_tokens_per_s"] == pytest.approx((3e11 + bits) / r["flops_per_step"])
+    r = bench.measure(argparse.Namespace(**{**vars(args), "kernels": "numpy"}))
+    assert r["matmul_peak_flops"] == r["prefill_peak_flops"] == 1e11 and r["compute_peak"] == "float32 matmul peak"
+
+
+def test_the_kernel_peak_measures_each_width():
+    from minigpt import kernels
+
+    if not kernels.AVAILABLE:
+        pytest.skip("Numba is not installed")
+    bench = _bench()
+    kernels.use("numba")
+    for bits in (32, 16, 8, 4):
+        assert bench.kernel_peak(bits, rows=2, n=256) > 1e8  # FLOP/s, however slow the machine
+
+
 def test_blas_threads_sets_and_restores():
     before = blas.current()
     if before is None:
