@@ -269,8 +269,9 @@ class GPT:
         """Next-token logits (B, V) after one new token per sequence: tokens (B,) ids, caches B
         KVCaches of batch 1, each with its own length (ragged). The weight products (the linear
         layers, the MLP, the LM head) run once over all B rows, so each weight is read once a
-        step for every sequence; attention runs per sequence against its own cache. Each cache
-        advances by one. Counted under the meter's current phase."""
+        step for every sequence; attention runs per sequence against its own cache (all of them
+        in one call per operation on the compiled kernels: nn/decode.py). Each cache advances by
+        one. Counted under the meter's current phase."""
         return batched.decode_step(self, tokens, caches)
 
     def extend_step(self, token_lists: list, caches: list) -> object:
