@@ -148,6 +148,16 @@ def test_a_step_through_the_kernels_counts_what_the_closed_form_predicts():
         scores.flops, scores.bytes_read, scores.bytes_written]
 
 
+def test_a_paused_meter_records_nothing_from_the_kernels():
+    kernels.use("numba")
+    gpt = _model()
+    caches = _prefilled(gpt, (3, 5))
+    METER.reset()
+    with METER.paused():
+        gpt.decode_step([1, 2], caches)
+    assert METER.records == {}
+
+
 def test_an_int8_cache_or_several_new_tokens_attend_one_sequence_at_a_time():
     kernels.use("numba")
     gpt = _model()
