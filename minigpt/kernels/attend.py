@@ -37,6 +37,7 @@ def scores(q, k_new, v_new, keys, values, layer, lengths, att):  # pragma: no co
     keys[b], values[b]; then att[b, h, t] = q[b, h] . keys[b][layer, 0, t, h] for t < lengths[b].
     q (B, H, hs); att (B, H, Tmax) with Tmax >= max(lengths)."""
     B, H, hs = q.shape
+    zero = np.zeros(1, att.dtype)[0]  # sums in the arrays' dtype
     for b in prange(B):
         k, v, n = keys[np.int64(b)], values[np.int64(b)], lengths[b]  # prange counts unsigned
         for h in range(H):
@@ -45,8 +46,8 @@ def scores(q, k_new, v_new, keys, values, layer, lengths, att):  # pragma: no co
                 v[layer, 0, n - 1, h, d] = v_new[b, h, d]
         for t in range(n):
             for h in range(H):
-                s = q[b, h, 0] * k[layer, 0, t, h, 0]  # the arrays' dtype from the first term on
-                for d in range(1, hs):
+                s = zero  # from 0 over all hs terms: a whole number of vectors, no scalar remainder
+                for d in range(hs):
                     s += q[b, h, d] * k[layer, 0, t, h, d]
                 att[b, h, t] = s
 
