@@ -213,8 +213,8 @@ def _layernorm_backward_fused(dout, cache, dw, db, into):
 def linear_forward(x, w, b):
     """x (..., C) @ w (C, OC) + b (OC,), under the caller's scope (e.g. h3.attn.c_attn).
     An int8 weight (quant.Int8Weight) runs its quantized layer instead; a packed one
-    (lowbit.PackedWeight) its kernel, which adds the bias too (one "x@w+b" record: a decode
-    step's bias adds were a twelfth of its calls); a tiled one (tiled.TiledWeight) its own
+    (lowbit.PackedWeight) its kernel, which adds the bias too (one "x@w+b" record: the bias
+    adds were three of a decode step's fourteen calls a layer); a tiled one (tiled.TiledWeight) its own
     product (weight_product), then the bias add as a float weight's (inference only: a packed
     weight keeps no cache, a tiled one the float weight's)."""
     if isinstance(w, quant.Int8Weight):
