@@ -259,3 +259,21 @@ def test_the_grid_reports_every_bits_and_batch_point(trained_run, monkeypatch, c
     assert r["j_per_token"] == pytest.approx(r["watts"] / r["tokens_per_s"])
     grid.print_table(g)
     assert "J/token at each row's W: estimated" in capsys.readouterr().out
+
+
+def test_the_compiled_step_gives_the_models_logits(trained_run):
+    """bench/step_floor.py's compiled step calls the model's kernels in the model's order: its
+    logits equal decode_step's bit for bit (it stops with a message where they do not)."""
+    from minigpt import kernels
+
+    if not kernels.AVAILABLE:
+        pytest.skip("Numba is not installed")
+    spec = importlib.util.spec_from_file_location("bench_step_floor", ROOT / "bench" / "step_floor.py")
+    floor = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(floor)
+    args = argparse.Namespace(run=trained_run, bits=[32, 4], group_size=16, prompt=3, tokens=2, rounds=1, threads=2)
+    rows = floor.measure(args)
+    assert [r["bits"] for r in rows] == [32, 4]
+    for r in rows:
+        assert r["python_s"] == pytest.approx(r["model_step_s"] - r["compiled_step_s"])
+        assert r["compiled_vs_fp32"] > 0
