@@ -160,6 +160,20 @@ configs = st.builds(
 )
 
 
+def test_a_paused_meter_records_nothing_whichever_way_it_is_told():
+    """matmul, op and add alike (add serves kernels that time themselves: nn/tiled.py,
+    nn/lowbit.py, the batched attention of nn/decode.py)."""
+    METER.reset()
+    with METER.paused():
+        METER.matmul(np.ones((2, 2)), np.ones((2, 2)))
+        with METER.op(kind="bias", op="add") as c:
+            c.count(elements=1, bytes_read=4, bytes_written=4, dtype=np.float32)
+        METER.add(kind="matmul", op="x@w", dtype=np.float32, flops=8, bytes_read=4, bytes_written=4, seconds=0.0)
+    assert METER.records == {}
+    METER.add(kind="matmul", op="x@w", dtype=np.float32, flops=8, bytes_read=4, bytes_written=4, seconds=0.0)
+    assert [r.flops for r in METER.records.values()] == [8]
+
+
 @pytest.mark.parametrize("path", PATHS)
 @settings(max_examples=25, deadline=None)
 @given(cfg=configs, batch=st.integers(1, 3), data=st.data())

@@ -241,9 +241,11 @@ class Meter:
     def add(self, *, kind: str, op: str, dtype, flops: int, bytes_read: int, bytes_written: int,
             seconds: float, useful_flops: int | None = None) -> None:
         """Add one call's counts to the record of (the current scope, op, kind, the current phase,
-        dtype): for work that is neither a product nor an elementwise block (an allreduce)."""
-        self._record(op, kind, dtype_name(dtype), flops, bytes_read, bytes_written, seconds,
-                     useful_flops)
+        dtype): for work that is neither a product nor an elementwise block (an allreduce), or a
+        kernel that times itself. Nothing while the meter is paused, as for matmul and op."""
+        if self.enabled:
+            self._record(op, kind, dtype_name(dtype), flops, bytes_read, bytes_written, seconds,
+                         useful_flops)
 
     def _record(self, op: str, kind: str, dtype: str, flops: int, bytes_read: int,
                 bytes_written: int, seconds: float, useful_flops: int | None) -> None:

@@ -184,9 +184,8 @@ def _each_in_one_call(caches, hs):
         with METER.scope(scopes.SCORES):
             t0 = METER.clock()
             run(kernel.scores, q, k, v, keys, values, i, lengths, att)
-            if METER.enabled:  # (METER.add records whatever the meter's state)
-                METER.add(kind="matmul", op="q@kT", dtype=att.dtype, flops=flops, seconds=METER.clock() - t0,
-                          bytes_read=q.nbytes + H * n * hs * s, bytes_written=H * n * s)
+            METER.add(kind="matmul", op="q@kT", dtype=att.dtype, flops=flops, seconds=METER.clock() - t0,
+                      bytes_read=q.nbytes + H * n * hs * s, bytes_written=H * n * s)
         with METER.scope(scopes.SOFTMAX), METER.op(kind="softmax", op="causal_fused") as c:
             run(kernel.softmax, att, lengths, 1.0 / math.sqrt(hs), fast(att))
             c.count(elements=H * n, bytes_read=H * n * s, bytes_written=H * n * s, dtype=att.dtype)
@@ -194,9 +193,8 @@ def _each_in_one_call(caches, hs):
             t0 = METER.clock()
             out = y.reshape(B, H, hs)
             run(kernel.mix, att, values, i, lengths, out)
-            if METER.enabled:
-                METER.add(kind="matmul", op="att@v", dtype=att.dtype, flops=flops, seconds=METER.clock() - t0,
-                          bytes_read=H * n * s + H * n * hs * s, bytes_written=out.nbytes)
+            METER.add(kind="matmul", op="att@v", dtype=att.dtype, flops=flops, seconds=METER.clock() - t0,
+                      bytes_read=H * n * s + H * n * hs * s, bytes_written=out.nbytes)
     return attend
 
 
