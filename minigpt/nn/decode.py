@@ -165,12 +165,9 @@ def _each_in_one_call(caches, hs):
         values.append(kv.v)
     lengths = np.array([kv.length + 1 for kv in caches], dtype=np.int64)  # the new token's included
     longest, n = int(lengths.max()), int(lengths.sum())
-    # The kernels run sequences in parallel, on every core only where the keys to read are many.
-    # Inside GPT-2 steps on our 2-core machine, 8 sequences of 24 positions (0.6 MB of keys a
-    # layer) took 46-70, 10 and 30 microseconds for the three calls on this thread (fused.py's
-    # count) and 79-84, 51-64 and 65-76 on two, waiting on the second thread; at 32 sequences
-    # (2.4 MB) two threads began to win, and at 64 (4.7 MB) took 202, 52-60 and 160 against 290,
-    # 48 and 217-226 (docs/benchmarks.md).
+    # The kernels run sequences in parallel, on every core only where the keys to read are many:
+    # in GPT-2 steps a second thread cost more than it gave below about 2 MB of keys a layer
+    # (PARALLEL_KEY_BYTES; the timings: docs/benchmarks.md, "Many sequences' attention").
     key_bytes = n * caches[0].k[0, 0, 0].nbytes
     run = on_threads if key_bytes >= PARALLEL_KEY_BYTES else (lambda f, *args: f(*args))
 
