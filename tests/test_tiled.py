@@ -88,6 +88,9 @@ def _decode(gpt, batch, steps=3):
 @pytest.mark.parametrize("batch", [1, 3, 8])
 def test_a_prepared_model_decodes_as_an_unprepared_one_with_the_same_records(batch, monkeypatch):
     kernels.use("numba")  # conftest puts NumPy's path back after the test
+    from minigpt.nn import compiled
+
+    monkeypatch.setattr(compiled, "ENABLED", False)  # the Python step's calls (the compiled one's: test_step.py)
     plain, prepared = _model(), _model()
     prepared.prepare_decode()
     assert isinstance(prepared.decode_params(0)["mlp.c_fc.weight"], tiled.TiledWeight)

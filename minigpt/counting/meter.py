@@ -247,6 +247,16 @@ class Meter:
             self._record(op, kind, dtype_name(dtype), flops, bytes_read, bytes_written, seconds,
                          useful_flops)
 
+    def record(self, scope: str, op: str, kind: str, dtype: str) -> Record:
+        """The record of (scope, op, kind, the current phase, dtype), made if new: for a caller
+        that adds many ops' counts at once (the compiled decode step, nn/compiled.py). scope is
+        the whole path."""
+        key = RecordKey(scope, op, kind, self.phase, dtype)
+        r = self.records.get(key)
+        if r is None:
+            r = self.records[key] = Record()
+        return r
+
     def _record(self, op: str, kind: str, dtype: str, flops: int, bytes_read: int,
                 bytes_written: int, seconds: float, useful_flops: int | None) -> None:
         """add() with positional arguments and dtype already a name: the counted primitives' path,

@@ -30,8 +30,8 @@ from minigpt import backend
 from minigpt.config import is_moe_block
 from minigpt.counting import scopes
 from minigpt.counting.meter import METER
+from minigpt.nn import compiled, moe, quant
 from minigpt.nn import layers as nn
-from minigpt.nn import moe, quant
 
 
 def embed(model, tokens, positions):
@@ -175,23 +175,22 @@ def _each_in_one_call(caches, hs):
         B, H = q.shape[:2]
         q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]  # (B, H, hs) views into c_attn's output
         q = np.ascontiguousarray(q)  # unit strides known when compiled: the dot products vectorise (3x)
-        s = q.itemsize
         att = np.empty((B, H, longest), dtype=q.dtype)
-        flops = 2 * H * hs * n
+        out = y.reshape(B, H, hs)
+        scores, softmax, mix = nn.many_caches_attention_sizes(q, n, out)
         with METER.scope(scopes.SCORES):
             t0 = METER.clock()
             run(kernel.scores, q, k, v, keys, values, i, lengths, att)
-            METER.add(kind="matmul", op="q@kT", dtype=att.dtype, flops=flops, seconds=METER.clock() - t0,
-                      bytes_read=q.nbytes + H * n * hs * s, bytes_written=H * n * s)
+            METER.add(kind="matmul", op="q@kT", dtype=att.dtype, flops=scores[0], seconds=METER.clock() - t0,
+                      bytes_read=scores[1], bytes_written=scores[2])
         with METER.scope(scopes.SOFTMAX), METER.op(kind="softmax", op="causal_fused") as c:
             run(kernel.softmax, att, lengths, 1.0 / math.sqrt(hs), fast(att))
-            c.count(elements=H * n, bytes_read=H * n * s, bytes_written=H * n * s, dtype=att.dtype)
+            c.count(*softmax, dtype=att.dtype)
         with METER.scope(scopes.MIX):
             t0 = METER.clock()
-            out = y.reshape(B, H, hs)
             run(kernel.mix, att, values, i, lengths, out)
-            METER.add(kind="matmul", op="att@v", dtype=att.dtype, flops=flops, seconds=METER.clock() - t0,
-                      bytes_read=H * n * s + H * n * hs * s, bytes_written=out.nbytes)
+            METER.add(kind="matmul", op="att@v", dtype=att.dtype, flops=mix[0], seconds=METER.clock() - t0,
+                      bytes_read=mix[1], bytes_written=mix[2])
     return attend
 
 
@@ -239,6 +238,11 @@ def _step(model, tokens, counts: list[int], caches: list, name: str):
     tokens, positions = backend.asarray(tokens), backend.asarray(positions)
     with METER.scope(scopes.EMBEDDING):
         x = embed(model, tokens, positions)
+    if compiled.usable(model, caches, counts):  # the rest in one compiled call (nn/compiled.py)
+        logits = compiled.decode_step(model, x, caches)
+        for kv in caches:
+            kv.length += 1
+        return logits
     hs = cfg.n_embd // cfg.n_head
     one_call = _each_in_one_call(caches, hs) if _all_in_one_call(caches, counts) else None
     for i in range(cfg.n_layer):

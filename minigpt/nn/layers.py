@@ -133,10 +133,16 @@ def _layernorm_fused(x2, a2, w, b, eps, shape):
         else:
             fk.residual_layernorm_forward(x2, a2, w, b, eps, out, mean, rstd)
             x2 = a2  # the stream after the add: what the backward normalises again
-        read = x2.nbytes * (1 if a2 is None else 2) + w.nbytes + b.nbytes
-        written = out.nbytes * (1 if a2 is None else 2) + mean.nbytes + rstd.nbytes
-        c.count(elements=x2.size, bytes_read=read, bytes_written=written, dtype=x2.dtype)
+        c.count(*fused_norm_sizes(x2, a2 is not None, w, b, out, mean, rstd), dtype=x2.dtype)
     return out.reshape(shape), FusedNormCache(x2, w, mean, rstd)
+
+
+def fused_norm_sizes(x2, residual: bool, w, b, out, mean, rstd) -> tuple:
+    """(elements, bytes read, bytes written) of the fused LayerNorm of rows x2 into out, with the
+    residual add (x2 and the branch read, the stream written back) or without: its record's sizes,
+    for this path and the compiled decode step's (nn/compiled.py)."""
+    n = 2 if residual else 1
+    return x2.size, n * x2.nbytes + w.nbytes + b.nbytes, n * out.nbytes + mean.nbytes + rstd.nbytes
 
 
 def block_residual_norm(x, branch, w, b):
@@ -227,9 +233,13 @@ def linear_forward(x, w, b):
     if b is not None:
         with METER.op(kind="bias", op="add") as c:
             out += b
-            c.count(elements=out.size, bytes_read=out.nbytes + b.nbytes, bytes_written=out.nbytes,
-                    dtype=out.dtype)
+            c.count(*bias_add_sizes(out, b), dtype=out.dtype)
     return out.reshape(*x.shape[:-1], OC), (x2, w.w if isinstance(w, tiled.TiledWeight) else w)
+
+
+def bias_add_sizes(out, b) -> tuple:
+    """(elements, bytes read, bytes written) of out += b (a row bias over out's rows)."""
+    return out.size, out.nbytes + b.nbytes, out.nbytes
 
 
 def linear_backward(dout, cache, dw, db):
@@ -415,6 +425,20 @@ def cached_attention(q, keys, values, Tk, y):
         matmul(att, v, op="att@v", useful_flops=useful, out=y.transpose(0, 2, 1, 3))
 
 
+def many_caches_attention_sizes(q, n: int, y) -> tuple:
+    """The sizes of the three records of a decode step's attention over many caches in one call
+    each (kernels/attend.py, from nn/decode.py and nn/compiled.py): queries q (B, H, hs) against
+    n cached positions in all (the new ones included), into y (B, H, hs). The scores' and the
+    mix's (FLOPs, bytes read, bytes written), the softmax's (elements, bytes read, bytes
+    written): each position's key is read once per head (hs values) and its score written once;
+    the mix reads each score and value once and writes y."""
+    H, hs = q.shape[1:]
+    s = q.itemsize
+    flops = 2 * H * hs * n
+    return ((flops, q.nbytes + H * n * hs * s, H * n * s), (H * n, H * n * s, H * n * s),
+            (flops, H * n * s + H * n * hs * s, y.nbytes))
+
+
 def _attention_int8_kv(q, k, v, kv, p, B, T, C, n_head):
     """Cached attention with keys and values stored in int8 (one scale per vector): the products
     read the cache at one byte an element and apply the scales to their float side."""
@@ -551,8 +575,13 @@ def bias_gelu_forward(h, b):
     out = backend.xp.empty(h.shape, h.dtype)
     with METER.op(kind="gelu", op="bias_tanh") as c:
         fk.bias_gelu_forward(h, b, out, fk.fast(h))
-        c.count(elements=h.size, bytes_read=h.nbytes + b.nbytes, bytes_written=out.nbytes, dtype=h.dtype)
+        c.count(*bias_gelu_sizes(h, b, out), dtype=h.dtype)
     return out, BiasGeluCache(h, b)
+
+
+def bias_gelu_sizes(h, b, out) -> tuple:
+    """(elements, bytes read, bytes written) of out = gelu(h + b)."""
+    return h.size, h.nbytes + b.nbytes, out.nbytes
 
 
 def bias_gelu_backward(dout, cache: BiasGeluCache, db):
@@ -629,8 +658,13 @@ def residual_forward(x, branch):
     kept by the layer that read it, for its backward)."""
     with METER.op(kind="residual", op="add") as c:
         out = backend.xp.add(x, branch, out=branch)
-        c.count(elements=x.size, bytes_read=2 * x.nbytes, bytes_written=out.nbytes, dtype=x.dtype)
+        c.count(*residual_sizes(x, out), dtype=x.dtype)
     return out
+
+
+def residual_sizes(x, out) -> tuple:
+    """(elements, bytes read, bytes written) of out = x + branch."""
+    return x.size, 2 * x.nbytes, out.nbytes
 
 
 def residual_backward(dx, dbranch):

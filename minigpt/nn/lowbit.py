@@ -234,13 +234,20 @@ def product(x2, w: PackedWeight, op: str = "x@w", bias=None):
     t0 = METER.clock()
     out = _run(x2, w, bias)
     seconds = METER.clock() - t0
+    op, flops, useful, read, written = product_counts(x2, w, out, bias, op)
+    METER.add(kind="matmul", op=op, dtype=dtype_name(w.bits), flops=flops, useful_flops=useful,
+              bytes_read=read, bytes_written=written, seconds=seconds)
+    return out
+
+
+def product_counts(x2, w: PackedWeight, out, bias, op: str) -> tuple:
+    """(op, FLOPs, useful FLOPs, bytes read, bytes written) of out = x2 @ w (+ bias): the record
+    of product (module docstring), for it and for the compiled decode step (nn/compiled.py)."""
     N, K = x2.shape
     M_pad = w.data.shape[0] * w.data.shape[2]
     adds, bias_bytes = (0, 0) if bias is None else (N * w.M, bias.nbytes)
-    METER.add(kind="matmul", op=op if bias is None else op + "+b", dtype=dtype_name(w.bits),
-              flops=2 * N * K * M_pad + adds, useful_flops=2 * N * K * w.M + adds,
-              bytes_read=x2.nbytes + w.nbytes + bias_bytes, bytes_written=out.nbytes, seconds=seconds)
-    return out
+    return (op if bias is None else op + "+b", 2 * N * K * M_pad + adds, 2 * N * K * w.M + adds,
+            x2.nbytes + w.nbytes + bias_bytes, out.nbytes)
 
 
 class PackedWeights:

@@ -225,9 +225,10 @@ class GPT:
         return p if self.quant is None else {**p, **self.quant.blocks[i]}
 
     def decode_params(self, i: int) -> dict:
-        """block_params(i) for a decode step: the tiled weights once prepare_decode has run."""
+        """block_params(i) for a decode step: the tiled weights once prepare_decode has run,
+        unless the model has been quantized since (its own weights then)."""
         p = self.block_params(i)
-        return p if self._tiled is None else {**p, **self._tiled[i]}
+        return p if self._tiled is None or self.quant is not None else {**p, **self._tiled[i]}
 
     def hidden(self, idx, kv: KVCache | None = None, rng=None):
         """The final LayerNorm's output (B, T, C) for tokens idx (B, T), and the caches.

@@ -61,8 +61,15 @@ def product(x2, w: TiledWeight, op: str = "x@w"):
     t0 = METER.clock()
     out = tiles.product(x2, w.tiles, w.rest)
     seconds = METER.clock() - t0
+    flops, read, written = product_counts(x2, out)
+    METER.add(kind="matmul", op=op, dtype=out.dtype, flops=flops, bytes_read=read, bytes_written=written,
+              seconds=seconds)
+    return out
+
+
+def product_counts(x2, out) -> tuple:
+    """(FLOPs, bytes read, bytes written) of out = x2 @ w, the K x M weight read once: the record
+    of product, for it and for the compiled decode step (nn/compiled.py)."""
     N, K = x2.shape
     M = out.shape[1]
-    METER.add(kind="matmul", op=op, dtype=out.dtype, flops=2 * N * K * M,
-              bytes_read=x2.nbytes + K * M * out.itemsize, bytes_written=out.nbytes, seconds=seconds)
-    return out
+    return 2 * N * K * M, x2.nbytes + K * M * out.itemsize, out.nbytes
