@@ -11,7 +11,7 @@ from minigpt import config, kernels
 from minigpt.api import Model
 from minigpt.counting import closed_form
 from minigpt.counting.meter import METER
-from minigpt.nn import decode
+from minigpt.nn import decode, layers
 from minigpt.nn.model import KVCache
 
 pytestmark = pytest.mark.skipif(not kernels.AVAILABLE, reason="Numba is not installed")
@@ -41,7 +41,7 @@ def _reference(q, keys, values, layer, lengths):
     return np.stack(out)  # (B, H, hs)
 
 
-def _attend(q, k_new, v_new, keys, values, layer, lengths, threads=1):
+def _attend(q, k_new, v_new, keys, values, layer, lengths, threads=1, parts=1):
     from numba.typed import List
 
     from minigpt.kernels import attend, quant
@@ -51,21 +51,22 @@ def _attend(q, k_new, v_new, keys, values, layer, lengths, threads=1):
     att = np.full((len(keys), H, int(lengths.max())), np.nan, dtype=q.dtype)
     y = np.empty(q.shape, dtype=q.dtype)
     with quant.threads(threads):
-        quant.on_threads(attend.scores, q, k_new, v_new, kl, vl, layer, lengths, att)
+        quant.on_threads(attend.scores, q, k_new, v_new, kl, vl, layer, lengths, att, parts)
         quant.on_threads(attend.softmax, att, lengths, 1.0 / np.sqrt(HS), q.dtype == np.float32)
-        quant.on_threads(attend.mix, att, vl, layer, lengths, y)
+        quant.on_threads(attend.mix, att, vl, layer, lengths, y, parts)
     return att, y
 
 
+@pytest.mark.parametrize("parts", [1, 2, 3])  # each sequence's heads in parts (3: uneven runs of H = 4)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("lengths", [[1], [5], [3, 9, 1, 20], [7, 7]])
-def test_the_kernels_attend_each_sequence_to_its_own_length(lengths, dtype):
+def test_the_kernels_attend_each_sequence_to_its_own_length(lengths, dtype, parts):
     rng = np.random.default_rng(len(lengths) * 100 + lengths[0])
     keys, values = _caches(lengths, dtype, rng)
     before_k, before_v = [k.copy() for k in keys], [v.copy() for v in values]
     B, layer = len(lengths), 1
     q, k_new, v_new = (rng.standard_normal((B, H, HS)).astype(dtype) for _ in range(3))
-    att, y = _attend(q, k_new, v_new, keys, values, layer, lengths)
+    att, y = _attend(q, k_new, v_new, keys, values, layer, lengths, threads=2, parts=parts)
     for b, n in enumerate(lengths):
         # the new key and value land at the last position of this layer and nowhere else
         np.testing.assert_array_equal(keys[b][layer, 0, n - 1], k_new[b])
@@ -86,8 +87,9 @@ def test_the_result_does_not_depend_on_the_thread_count():
     keys, values = _caches(lengths, np.float32, rng)
     q, k_new, v_new = (rng.standard_normal((len(lengths), H, HS)).astype(np.float32) for _ in range(3))
     _, one = _attend(q, k_new, v_new, keys, values, 2, lengths, threads=1)
-    _, two = _attend(q, k_new, v_new, keys, values, 2, lengths, threads=2)
-    np.testing.assert_array_equal(one, two)
+    for threads, parts in ((2, 1), (2, 2), (1, 3)):  # the heads' parts change no sum's order
+        _, other = _attend(q, k_new, v_new, keys, values, 2, lengths, threads=threads, parts=parts)
+        np.testing.assert_array_equal(one, other)
 
 
 def _model():
@@ -107,7 +109,7 @@ def _prefilled(gpt, lengths):
 def test_a_step_through_the_kernels_gives_each_sequence_its_own_logits(parallel, monkeypatch):
     """Ragged caches (3, 7, 1, 12 positions), five steps, on one thread and on every core."""
     kernels.use("numba")  # conftest puts NumPy's path back after the test
-    monkeypatch.setattr(decode, "PARALLEL_KEY_BYTES", 0 if parallel else 1 << 40)
+    monkeypatch.setattr(layers, "PARALLEL_KEY_BYTES", 0 if parallel else 1 << 40)
     gpt = _model()
     lengths = (3, 7, 1, 12)
     batched, alone = _prefilled(gpt, lengths), _prefilled(gpt, lengths)

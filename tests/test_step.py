@@ -199,3 +199,15 @@ def test_the_plan_follows_the_models_weights():
     assert gpt._compiled_plans[1] is not first and gpt._compiled_plans[1].quant is gpt.quant
     assert np.array_equal(steps["compiled"], steps["fresh"])
     assert np.array_equal(steps["python"], steps["fresh"])
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+def test_the_attention_on_one_thread_or_every_core_gives_the_same_step(parallel, monkeypatch):
+    from minigpt.nn import layers
+
+    monkeypatch.setattr(layers, "PARALLEL_KEY_BYTES", 0 if parallel else 1 << 40)
+    gpt = _model("4")
+    prompts = [np.arange(n) + b for b, n in enumerate((2, 11, 6, 1))]
+    ref, _, _ = _decode(gpt, prompts, compiled_on=False)
+    out, _, _ = _decode(gpt, prompts, compiled_on=True)
+    assert np.array_equal(out, ref)

@@ -32,20 +32,23 @@ from minigpt.kernels.fused import FAST, exp_fast
 
 
 @njit(parallel=True, cache=True, fastmath=FAST)
-def scores(q, k_new, v_new, keys, values, layer, lengths, att):  # pragma: no cover - compiled
+def scores(q, k_new, v_new, keys, values, layer, lengths, att, parts):  # pragma: no cover - compiled
     """Store k_new[b], v_new[b] (B, H, hs) at position lengths[b] - 1 of layer `layer` of caches
     keys[b], values[b]; then att[b, h, t] = q[b, h] . keys[b][layer, 0, t, h] for t < lengths[b].
-    q (B, H, hs); att (B, H, Tmax) with Tmax >= max(lengths)."""
+    q (B, H, hs); att (B, H, Tmax) with Tmax >= max(lengths). parts: each sequence's heads are
+    split into this many runs of heads, a task each (threads beyond the sequences get work)."""
     B, H, hs = q.shape
     zero = np.zeros(1, att.dtype)[0]  # sums in the arrays' dtype
-    for b in prange(B):
+    for task in prange(B * parts):
+        b, part = task // parts, task % parts
+        h0, h1 = part * H // parts, (part + 1) * H // parts
         k, v, n = keys[np.int64(b)], values[np.int64(b)], lengths[b]  # prange counts unsigned
-        for h in range(H):
+        for h in range(h0, h1):
             for d in range(hs):
                 k[layer, 0, n - 1, h, d] = k_new[b, h, d]
                 v[layer, 0, n - 1, h, d] = v_new[b, h, d]
         for t in range(n):
-            for h in range(H):
+            for h in range(h0, h1):
                 s = zero  # from 0 over all hs terms: a whole number of vectors, no scalar remainder
                 for d in range(hs):
                     s += q[b, h, d] * k[layer, 0, t, h, d]
@@ -74,17 +77,20 @@ def softmax(att, lengths, scale, fast):  # pragma: no cover - compiled
 
 
 @njit(parallel=True, cache=True, fastmath=FAST)
-def mix(att, values, layer, lengths, y):  # pragma: no cover - compiled
-    """y[b, h] = sum over t < lengths[b] of att[b, h, t] * values[b][layer, 0, t, h]. y (B, H, hs)."""
+def mix(att, values, layer, lengths, y, parts):  # pragma: no cover - compiled
+    """y[b, h] = sum over t < lengths[b] of att[b, h, t] * values[b][layer, 0, t, h]. y (B, H, hs);
+    parts: as scores'."""
     B, H, hs = y.shape
-    for b in prange(B):
+    for task in prange(B * parts):
+        b, part = task // parts, task % parts
+        h0, h1 = part * H // parts, (part + 1) * H // parts
         v, n = values[np.int64(b)], lengths[b]
-        acc = np.zeros((H, hs), y.dtype)  # the sums stay here, apart from y and the cache
+        acc = np.zeros((h1 - h0, hs), y.dtype)  # the sums stay here, apart from y and the cache
         for t in range(n):
-            for h in range(H):
+            for h in range(h0, h1):
                 a = att[b, h, t]
                 for d in range(hs):
-                    acc[h, d] += a * v[layer, 0, t, h, d]
-        for h in range(H):
+                    acc[h - h0, d] += a * v[layer, 0, t, h, d]
+        for h in range(h0, h1):
             for d in range(hs):
-                y[b, h, d] = acc[h, d]
+                y[b, h, d] = acc[h - h0, d]

@@ -158,6 +158,16 @@ def on_threads(kernel, *args) -> None:
             set_(before)
 
 
+def product_threads() -> int:
+    """The thread count on_threads runs kernels on (every core, or what `threads` set)."""
+    return _THREADS
+
+
+def own_threads() -> int:
+    """The calling thread's own Numba thread count (what kernels called directly run on)."""
+    return _thread_count_calls()[0]()
+
+
 @cache
 def _thread_count_calls():
     """(get, set) of this thread's Numba thread count. numba.get_num_threads and set_num_threads

@@ -129,7 +129,7 @@ def _add_bias(out, b):  # pragma: no cover - compiled
 
 @njit(cache=True)
 def decode_step(x, weights, scales, biases, norms, bf16, bias_apart, eps, n_head, keys, values,
-                lengths, head, head_scale, threads, attention_threads, h, qkv, q, att, y, a, f, g,
+                lengths, head, head_scale, threads, attention_threads, parts, h, qkv, q, att, y, a, f, g,
                 m, mean, rstd, logits, seconds):  # pragma: no cover - compiled
     """One decode step of B sequences, one new token each, after the embedding: x (B, C) float32,
     the embedded tokens (the residual stream, overwritten). weights, scales, biases: typed lists
@@ -138,8 +138,8 @@ def decode_step(x, weights, scales, biases, norms, bf16, bias_apart, eps, n_head
     block's ln_1 w, b, ln_2 w, b, then ln_f's w, b. bf16: 16-bit weights are bfloat16.
     bias_apart: the products add no bias (float32 tiles), so it is added here, timed apart.
     keys, values, lengths: kernels/attend.py's (each sequence's cache; its length with the new
-    token). head, head_scale: the LM head's weight. threads: the products'; attention_threads:
-    the attention kernels'. h, a, m (B, C), qkv (B, 3C), q, y (B, H, hs), att (B, H, Tmax), f, g
+    token). head, head_scale: the LM head's weight. threads: the products'; attention_threads,
+    parts: the attention kernels' (kernels/attend.py). h, a, m (B, C), qkv (B, 3C), q, y (B, H, hs), att (B, H, Tmax), f, g
     (B, 4C), mean, rstd (B,): scratch; logits (B, V) receives the head's output. seconds
     (n_layer + 1, len(SLOTS)) int64: each op's nanoseconds, added."""
     B, C = x.shape
@@ -164,11 +164,11 @@ def decode_step(x, weights, scales, biases, norms, bf16, bias_apart, eps, n_head
         q[...] = qkv_heads[:, 0]  # contiguous, as the Python step copies it (untimed there too)
         _set_threads(attention_threads)
         t = _now_ns()
-        attend.scores(q, qkv_heads[:, 1], qkv_heads[:, 2], keys, values, i, lengths, att)
+        attend.scores(q, qkv_heads[:, 1], qkv_heads[:, 2], keys, values, i, lengths, att, parts)
         t = _lap(seconds, i, SCORES, t)
         attend.softmax(att, lengths, scale, True)
         t = _lap(seconds, i, SOFTMAX, t)
-        attend.mix(att, values, i, lengths, y)
+        attend.mix(att, values, i, lengths, y, parts)
         t = _lap(seconds, i, MIX, t)
         _set_threads(threads)
         product(y2, weights[w0 + 1], scales[w0 + 1], bf16, biases[w0 + 1], a)

@@ -26,6 +26,7 @@ import numpy as np
 from minigpt.config import is_moe_block
 from minigpt.counting import scopes
 from minigpt.counting.meter import FLOPS_PER_ELEMENT, METER, packed_dtype
+from minigpt.kernels import quant as packed_kernels
 from minigpt.nn import layers as nn
 from minigpt.nn import lowbit, tiled
 from minigpt.nn.layers import LAYERNORM_EPS
@@ -55,24 +56,20 @@ def decode_step(model, x, caches):
     """The blocks, the final LayerNorm and the head for x (B, C), the step's embedded tokens
     (one a sequence, after nn/decode.py's embed), each caches[b] receiving sequence b's key and
     value at its length (the caller advances the lengths). Returns the logits (B, V)."""
-    from minigpt.kernels import quant as packed_kernels
-
     B = len(caches)
     plan = _plan(model, B)
     keys, values = plan.lists(caches)
     lengths = np.array([kv.length + 1 for kv in caches], dtype=np.int64)  # the new token's included
     n = int(lengths.sum())
-    get_threads = packed_kernels._thread_count_calls()[0]
-    threads = packed_kernels._THREADS
-    # the attention on every core only where its keys are many, as nn/decode.py's step decides
-    from minigpt.nn.decode import PARALLEL_KEY_BYTES
-    attention_threads = threads if n * plan.key_row_bytes >= PARALLEL_KEY_BYTES else get_threads()
+    threads = packed_kernels.product_threads()
+    attention_threads, parts = nn.attention_threads(B, n * plan.key_row_bytes, threads,
+                                                     packed_kernels.own_threads())
     logits = np.empty((B, plan.V), np.float32)
     seconds = np.zeros((model.cfg.n_layer + 1, len(plan.step.SLOTS)), np.int64)
     s = plan.scratch
     plan.step.decode_step(np.ascontiguousarray(x, np.float32), plan.weights, plan.scales, plan.biases,
                           plan.norms, plan.bf16, plan.bias_apart, LAYERNORM_EPS, model.cfg.n_head,
-                          keys, values, lengths, plan.head, plan.head_scale, threads, attention_threads,
+                          keys, values, lengths, plan.head, plan.head_scale, threads, attention_threads, parts,
                           s["h"], s["qkv"], s["q"], s["att"], s["y"], s["a"], s["f"], s["g"], s["m"],
                           s["mean"], s["rstd"], logits, seconds)
     if METER.enabled:

@@ -138,9 +138,6 @@ def _each_to_its_cache(slots, spans, hs):
     return attend
 
 
-PARALLEL_KEY_BYTES = 2 << 20  # a layer's keys, over all sequences: below it, one thread
-
-
 def _all_in_one_call(caches, counts) -> bool:
     """Whether the step's attention runs for every sequence in one call per operation
     (_each_in_one_call): the compiled kernels are on (nn.fused(): Numba, host memory), every
@@ -156,8 +153,8 @@ def _each_in_one_call(caches, hs):
     from numba.typed import List
 
     from minigpt.kernels import attend as kernel
+    from minigpt.kernels import quant as quant_kernels
     from minigpt.kernels.fused import fast
-    from minigpt.kernels.quant import on_threads
 
     keys, values = List(), List()
     for kv in caches:
@@ -165,11 +162,12 @@ def _each_in_one_call(caches, hs):
         values.append(kv.v)
     lengths = np.array([kv.length + 1 for kv in caches], dtype=np.int64)  # the new token's included
     longest, n = int(lengths.max()), int(lengths.sum())
-    # The kernels run sequences in parallel, on every core only where the keys to read are many:
-    # in GPT-2 steps a second thread cost more than it gave below about 2 MB of keys a layer
-    # (PARALLEL_KEY_BYTES; the timings: docs/benchmarks.md, "Many sequences' attention").
-    key_bytes = n * caches[0].k[0, 0, 0].nbytes
-    run = on_threads if key_bytes >= PARALLEL_KEY_BYTES else (lambda f, *args: f(*args))
+    # The kernels run sequences (or parts of their heads) in parallel, on every core where that
+    # gains (layers.attention_threads; the timings: docs/benchmarks.md).
+    every = quant_kernels.product_threads()
+    threads, parts = nn.attention_threads(len(caches), n * caches[0].k[0, 0, 0].nbytes, every,
+                                          quant_kernels.own_threads())
+    run = quant_kernels.on_threads if threads == every else (lambda f, *args: f(*args))
 
     def attend(i, q, k, v, y):  # q, k, v (B, H, 1, hs) views, y (B, 1, H, hs)
         B, H = q.shape[:2]
@@ -180,7 +178,7 @@ def _each_in_one_call(caches, hs):
         scores, softmax, mix = nn.many_caches_attention_sizes(q, n, out)
         with METER.scope(scopes.SCORES):
             t0 = METER.clock()
-            run(kernel.scores, q, k, v, keys, values, i, lengths, att)
+            run(kernel.scores, q, k, v, keys, values, i, lengths, att, parts)
             METER.add(kind="matmul", op="q@kT", dtype=att.dtype, flops=scores[0], seconds=METER.clock() - t0,
                       bytes_read=scores[1], bytes_written=scores[2])
         with METER.scope(scopes.SOFTMAX), METER.op(kind="softmax", op="causal_fused") as c:
@@ -188,7 +186,7 @@ def _each_in_one_call(caches, hs):
             c.count(*softmax, dtype=att.dtype)
         with METER.scope(scopes.MIX):
             t0 = METER.clock()
-            run(kernel.mix, att, values, i, lengths, out)
+            run(kernel.mix, att, values, i, lengths, out, parts)
             METER.add(kind="matmul", op="att@v", dtype=att.dtype, flops=mix[0], seconds=METER.clock() - t0,
                       bytes_read=mix[1], bytes_written=mix[2])
     return attend

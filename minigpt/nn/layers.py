@@ -425,6 +425,23 @@ def cached_attention(q, keys, values, Tk, y):
         matmul(att, v, op="att@v", useful_flops=useful, out=y.transpose(0, 2, 1, 3))
 
 
+# The decode attention over many caches (kernels/attend.py) runs on every core from this many
+# bytes of keys a layer, over all sequences: below it, a second thread's wait cost more than it
+# gave at 8 GPT-2 sequences (docs/benchmarks.md, "Many sequences' attention").
+PARALLEL_KEY_BYTES = 2 << 20
+
+
+def attention_threads(B: int, key_bytes: int, threads: int, own: int) -> tuple:
+    """(threads, parts) for the decode attention of B sequences over key_bytes of keys a layer,
+    with `threads` for the products and `own` the caller's count: fewer sequences than threads
+    split each sequence's heads into threads // B parts on every core (one GPT-2 sequence: 210 ->
+    164 us a step's attention on two cores); otherwise one part a sequence, on every core from
+    PARALLEL_KEY_BYTES of keys, else on the caller's count."""
+    if B < threads:
+        return threads, threads // B
+    return (threads if key_bytes >= PARALLEL_KEY_BYTES else own), 1
+
+
 def many_caches_attention_sizes(q, n: int, y) -> tuple:
     """The sizes of the three records of a decode step's attention over many caches in one call
     each (kernels/attend.py, from nn/decode.py and nn/compiled.py): queries q (B, H, hs) against
