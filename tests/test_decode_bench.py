@@ -261,9 +261,9 @@ def test_the_grid_reports_every_bits_and_batch_point(trained_run, monkeypatch, c
     assert "J/token at each row's W: estimated" in capsys.readouterr().out
 
 
-def test_the_compiled_step_gives_the_models_logits(trained_run):
-    """bench/step_floor.py's compiled step calls the model's kernels in the model's order: its
-    logits equal decode_step's bit for bit (it stops with a message where they do not)."""
+def test_the_step_floor_bench_compares_the_two_steps(trained_run):
+    """bench/step_floor.py times the Python step and the compiled one (it stops with a message
+    where their logits differ), and the compiled call inside the model's step."""
     from minigpt import kernels
 
     if not kernels.AVAILABLE:
@@ -275,5 +275,6 @@ def test_the_compiled_step_gives_the_models_logits(trained_run):
     rows = floor.measure(args)
     assert [r["bits"] for r in rows] == [32, 4]
     for r in rows:
-        assert r["python_s"] == pytest.approx(r["model_step_s"] - r["compiled_step_s"])
-        assert r["compiled_vs_fp32"] > 0
+        assert 0 < r["call_s"] < r["model_step_s"]
+        assert r["outside_s"] == pytest.approx(r["model_step_s"] - r["call_s"])
+        assert r["model_vs_fp32"] > 0 and r["python_vs_fp32"] > 0

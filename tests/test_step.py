@@ -211,3 +211,35 @@ def test_the_attention_on_one_thread_or_every_core_gives_the_same_step(parallel,
     ref, _, _ = _decode(gpt, prompts, compiled_on=False)
     out, _, _ = _decode(gpt, prompts, compiled_on=True)
     assert np.array_equal(out, ref)
+
+
+def test_two_threads_stepping_one_model_get_their_own_logits():
+    """The compiled call lets go of the GIL, and a plan's scratch is one: its lock keeps two
+    threads' steps apart (without it, one thread's LayerNorm overwrites the other's rows)."""
+    import threading
+
+    gpt = _model("4")
+    prompts = [np.arange(4), np.arange(7) + 50]
+    expected = [_decode(gpt, [p], compiled_on=True, steps=8)[0] for p in prompts]
+    results = [None, None]
+    METER.enabled = False  # the meter's records are one dict, not for two threads at once
+    try:
+        def work(j):
+            kv = [KVCache(gpt.cfg, 1)]
+            gpt.logits(np.asarray(prompts[j])[None], kv[0], last_only=True)
+            tokens, outs = np.array([3]), []  # as _decode starts one sequence
+            for _ in range(8):
+                outs.append(gpt.decode_step(tokens, kv))
+                tokens = outs[-1].argmax(axis=-1)
+            results[j] = np.stack(outs)
+
+        for _ in range(5):
+            threads = [threading.Thread(target=work, args=(j,)) for j in range(2)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            for j in range(2):
+                assert np.array_equal(results[j], expected[j])
+    finally:
+        METER.enabled = True

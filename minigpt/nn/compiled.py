@@ -19,6 +19,7 @@ with the FLOPs and bytes the Python step's own helpers count from the arrays the
 predicts them as it predicts the Python step's (tests/test_step.py compares both steps' records).
 """
 
+import threading
 import time
 
 import numpy as np
@@ -67,11 +68,12 @@ def decode_step(model, x, caches):
     logits = np.empty((B, plan.V), np.float32)
     seconds = np.zeros((model.cfg.n_layer + 1, len(plan.step.SLOTS)), np.int64)
     s = plan.scratch
-    plan.step.decode_step(np.ascontiguousarray(x, np.float32), plan.weights, plan.scales, plan.biases,
-                          plan.norms, plan.bf16, plan.bias_apart, LAYERNORM_EPS, model.cfg.n_head,
-                          keys, values, lengths, plan.head, plan.head_scale, threads, attention_threads, parts,
-                          s["h"], s["qkv"], s["q"], s["att"], s["y"], s["a"], s["f"], s["g"], s["m"],
-                          s["mean"], s["rstd"], logits, seconds)
+    with plan.lock:  # the scratch is the plan's: one step at a time (the call lets go of the GIL)
+        plan.step.decode_step(np.ascontiguousarray(x, np.float32), plan.weights, plan.scales, plan.biases,
+                              plan.norms, plan.bf16, plan.bias_apart, LAYERNORM_EPS, model.cfg.n_head,
+                              keys, values, lengths, plan.head, plan.head_scale, threads, attention_threads,
+                              parts, s["h"], s["qkv"], s["q"], s["att"], s["y"], s["a"], s["f"], s["g"],
+                              s["m"], s["mean"], s["rstd"], logits, seconds)
     if METER.enabled:
         plan.record(seconds, n)
     return logits
@@ -135,6 +137,7 @@ class _Plan:
             "att": np.empty((B, H, cfg.block_size), f32), "f": np.empty((B, 4 * C), f32),
             "g": np.empty((B, 4 * C), f32), "mean": np.empty(B, f32), "rstd": np.empty(B, f32)}
         self.key_row_bytes = H * hs * 4  # one position's keys, every head
+        self.lock = threading.Lock()
         self._cached_lists = (None, None, None)
         # The records: (row, slot, scope, op, kind, dtype, FLOPs, useful FLOPs, read, written).
         x, logits = np.empty((B, C), f32), np.empty((B, self.V), f32)  # the stream's and the head's shapes
