@@ -222,7 +222,9 @@ def test_two_threads_stepping_one_model_get_their_own_logits():
     prompts = [np.arange(4), np.arange(7) + 50]
     expected = [_decode(gpt, [p], compiled_on=True, steps=8)[0] for p in prompts]
     results = [None, None]
-    METER.enabled = False  # the meter's records are one dict, not for two threads at once
+    # The meter is one per process (its records, its scope path), not for two threads at once:
+    # off, and its scope path put back after (the threads' scopes interleave).
+    METER.enabled = False
     try:
         def work(j):
             kv = [KVCache(gpt.cfg, 1)]
@@ -243,3 +245,4 @@ def test_two_threads_stepping_one_model_get_their_own_logits():
                 assert np.array_equal(results[j], expected[j])
     finally:
         METER.enabled = True
+        METER.scope_path = ""
