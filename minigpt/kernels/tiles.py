@@ -366,6 +366,20 @@ def _build():
                         out[n, c0 + j] = part[n, j]
             add_bias(out, c0, bias)
 
+    @njit(inline="always")
+    def round_group(x, n, g, G, xq, xs):
+        """Row n's group g of G inputs rounded to int8 values (xq) and their scale (xs). On
+        slices indexed from 0 the division vectorises: 3072 inputs in 0.9 us, where indexing
+        the rows from g * G took 2.9 (and a constant G of 32, fully unrolled, 2.7)."""
+        row, qrow = x[n, g * G:(g + 1) * G], xq[n, g * G:(g + 1) * G]
+        m = np.float32(0.0)
+        for k in range(G):
+            m = max(m, abs(row[k]))
+        s = max(m / np.float32(127.0), TINY) if m > 0 else np.float32(1.0)
+        xs[n, g] = s
+        for k in range(G):
+            qrow[k] = np.int16(np.rint(row[k] / s))
+
     @njit(parallel=True, cache=True)
     def w4(x, q, scale, chunk, bias, out):
         N, K = x.shape
@@ -376,20 +390,15 @@ def _build():
         xs = np.empty((N, n_groups), np.float32)  # and their scales
         for n in range(N):
             for g in range(n_groups):
-                m = np.float32(0.0)
-                for k in range(g * G, (g + 1) * G):
-                    m = max(m, abs(x[n, k]))
-                s = max(m / np.float32(127.0), TINY) if m > 0 else np.float32(1.0)
-                xs[n, g] = s
-                for k in range(g * G, (g + 1) * G):
-                    xq[n, k] = np.int16(np.rint(x[n, k] / s))
+                round_group(x, n, g, G, xq, xs)
         n_chunks = K // chunk
         nibble_bias = np.empty((N, n_chunks), np.int32)  # 8 x each chunk's sum of xq
         for n in range(N):
             for c in range(n_chunks):
+                part = xq[n, c * chunk:(c + 1) * chunk]  # a slice from 0, as round_group's
                 total = 0
-                for k in range(c * chunk, (c + 1) * chunk):
-                    total += xq[n, k]
+                for k in range(chunk):
+                    total += part[k]
                 nibble_bias[n, c] = 8 * total
         for t in prange(q.shape[0]):
             c0 = t * WIDTH
