@@ -246,3 +246,43 @@ def test_two_threads_stepping_one_model_get_their_own_logits():
     finally:
         METER.enabled = True
         METER.scope_path = ""
+
+
+def _steps_with_reads(gpt, compiled_on: bool):
+    """Decode steps read after each; steps in phases "decode", "eval", "decode" and under a scope
+    with no read between them; a swap of the meter's table (as a tracker does) with no read
+    before it: what each read saw."""
+    compiled.ENABLED = compiled_on
+    try:
+        caches = [KVCache(gpt.cfg, 1) for _ in range(2)]
+        for kv, n in zip(caches, (3, 6)):
+            gpt.logits(np.arange(n)[None], kv)
+        METER.reset()
+        seen = []
+        tokens = np.array([4, 5])
+        for _ in range(2):
+            with METER.in_phase("decode"):
+                gpt.decode_step(tokens, caches)
+            seen.append(_counts(METER.records))
+        table = METER.records
+        for phase in ("decode", "eval", "decode"):
+            with METER.in_phase(phase):
+                gpt.decode_step(tokens, caches)
+        with METER.in_phase("decode"), METER.scope("outer"):  # the last step's phase, a scope
+            gpt.decode_step(tokens, caches)
+        METER.records = {}  # no read since those steps
+        seen.append(_counts(table))
+        with METER.in_phase("decode"), METER.scope("outer"):  # as before the swap: only the table differs
+            gpt.decode_step(tokens, caches)
+        seen += [_counts(table), _counts(METER.records), list(METER.records)]
+        return seen
+    finally:
+        compiled.ENABLED = True
+
+
+def test_counts_held_back_are_there_whenever_the_records_are_read():
+    """The compiled step adds its counts to the records lazily (METER.hold): every read, phase
+    change and swap of the table sees exactly what the Python step's records say, in the
+    Python step's order."""
+    gpt = _model("4")
+    assert _steps_with_reads(gpt, True) == _steps_with_reads(gpt, False)

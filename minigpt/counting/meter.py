@@ -186,14 +186,48 @@ class _Scope:
 
 class Meter:
     def __init__(self):
-        self.records: dict[RecordKey, Record] = {}
+        self._records: dict[RecordKey, Record] = {}
+        self._held: list = []  # sources of counts not yet added (hold)
         self.scope_path = ""
         self.phase = "forward"
         self.enabled = True
         self.clock = time.perf_counter  # a GPU profiling mode swaps in a synchronizing clock
 
+    @property
+    def records(self) -> dict:
+        """The table of records, {RecordKey: Record}, every count held back (hold) added first."""
+        if self._held:
+            self.flush()
+        return self._records
+
+    @records.setter
+    def records(self, table: dict) -> None:
+        """Swap in another table (a tracker's fresh one, the outer one back): the counts held
+        back go into the table they were counted for first."""
+        if self._held:
+            self.flush()
+        self._records = table
+
     def reset(self) -> None:
         self.records = {}
+
+    def context(self) -> tuple:
+        """(the current table, phase, scope path): where counts added now would go."""
+        return self._records, self.phase, self.scope_path
+
+    def hold(self, source) -> None:
+        """Let source keep counts back and add them later: source.flush() adds them into Record
+        objects it holds, before anyone reads or swaps the records. For a caller that adds the
+        same records many times a second (the compiled decode step, nn/compiled.py: one
+        addition a step in place of some 170 records' six each)."""
+        if not any(h is source for h in self._held):
+            self._held.append(source)
+
+    def flush(self) -> None:
+        """Add every count held back (hold)."""
+        held, self._held = self._held, []
+        for source in held:
+            source.flush()
 
     def scope(self, name: str) -> _Scope:
         return _Scope(self, name)
@@ -252,9 +286,9 @@ class Meter:
         that adds many ops' counts at once (the compiled decode step, nn/compiled.py). scope is
         the whole path."""
         key = RecordKey(scope, op, kind, self.phase, dtype)
-        r = self.records.get(key)
+        r = self._records.get(key)
         if r is None:
-            r = self.records[key] = Record()
+            r = self._records[key] = Record()
         return r
 
     def _record(self, op: str, kind: str, dtype: str, flops: int, bytes_read: int,
@@ -262,9 +296,9 @@ class Meter:
         """add() with positional arguments and dtype already a name: the counted primitives' path,
         a few hundred calls a decode step."""
         key = (self.scope_path, op, kind, self.phase, dtype)
-        r = self.records.get(key)  # a plain tuple finds its RecordKey: they hash and compare alike
+        r = self._records.get(key)  # a plain tuple finds its RecordKey: they hash and compare alike
         if r is None:
-            r = self.records[RecordKey(*key)] = Record()
+            r = self._records[RecordKey(*key)] = Record()
         r.calls += 1
         r.flops += flops
         r.useful_flops += flops if useful_flops is None else useful_flops

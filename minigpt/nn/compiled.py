@@ -188,11 +188,16 @@ class _Plan:
                     nn.fused_norm_sizes(x, False, self.norms[-2], self.norms[-1], s["h"], mean, rstd))
         product(L, 1, scopes.LM_HEAD, s["h"], head, logits, None, "x@wte.T")
         slots = len(k.SLOTS)
-        self.static_at = np.array([i * slots + slot for i, slot, *_ in static])
+        # seconds' entries of the static ops, then the attention's, in the records' order
+        self._at = np.array([i * slots + slot for i, slot, *_ in static + self.attention])
         self.static_counts = [tuple(r[6:]) for r in static]
-        self.attention_at = np.array([i * slots + slot for i, slot, *_ in self.attention])
-        self._keys = ([r[2:6] for r in static], [r[2:5] for r in self.attention])
-        self._records = (None, None, None, None)
+        self._keys = [r[2:6] for r in static] + [(*r[2:5], "float32") for r in self.attention]
+        self._records = (None, None)
+        # the counts held back (record, flush): steps, each op's nanoseconds, the attention's
+        # (FLOPs or elements, bytes read, bytes written) of scores, softmax and mix
+        self._steps, self._context = 0, None
+        self._seconds = np.zeros(len(self._at), np.int64)
+        self._attention = np.zeros((3, 3), np.int64)
 
     def lists(self, caches):
         """The caches' key and value arrays as the typed lists the attention kernels take, made
@@ -206,42 +211,69 @@ class _Plan:
             self._cached_lists = (arrays, keys, values)
         return keys, values
 
-    def _meter_records(self):
-        """The meter's Record objects of the step's ops, under the current scope and phase: found
-        (or made) once while the meter keeps the same records, phase and scope."""
-        held, phase, outer, recs = self._records
-        if held is not METER.records or phase != METER.phase or outer != METER.scope_path:
-            join = (lambda scope: f"{METER.scope_path}.{scope}") if METER.scope_path else (lambda scope: scope)
-            static_keys, attention_keys = self._keys
-            recs = ([METER.record(join(scope), op, kind, dtype) for scope, op, kind, dtype in static_keys],
-                    [METER.record(join(scope), op, kind, "float32") for scope, op, kind in attention_keys])
-            self._records = (METER.records, METER.phase, METER.scope_path, recs)
+    def _meter_records(self, context):
+        """The meter's Record objects of the step's ops in `context` (METER.context(): table,
+        phase, scope), static ops' then the attention's; made in the order the ops run (as the
+        Python step makes them), once while the meter keeps the same context."""
+        held, recs = self._records
+        if not _same(held, context):
+            outer = context[2]
+            keys = self._keys
+            recs = [None] * len(keys)
+            for i in np.argsort(self._at, kind="stable").tolist():
+                scope, op, kind, dtype = keys[i]
+                recs[i] = METER.record(f"{outer}.{scope}" if outer else scope, op, kind, dtype)
+            self._records = (context, recs)
         return recs
 
     def record(self, seconds, n: int) -> None:
-        """Add the step's records: its ops' times (seconds, nanoseconds from the compiled step) and
-        counts, the attention's from n, the cached positions over all sequences."""
-        static_recs, attention_recs = self._meter_records()
-        flat = seconds.reshape(-1) * 1e-9
-        for r, (flops, useful, read, written), t in zip(static_recs, self.static_counts,
-                                                        flat[self.static_at].tolist()):
-            r.calls += 1
-            r.flops += flops
-            r.useful_flops += useful
-            r.bytes_read += read
-            r.bytes_written += written
-            r.seconds += t
+        """Count the step: its ops' times (seconds, nanoseconds from the compiled step) and
+        counts, the attention's from n, the cached positions over all sequences. Held back
+        (METER.hold) and added by flush: one NumPy addition a step, where adding some 170
+        records' six counts each took 30-90 us after a step had streamed the caches cold."""
+        context = METER.context()
+        if self._steps and not _same(self._context, context):
+            self.flush()  # the meter moved on (another table, phase or scope): close the old counts
+        if not self._steps:
+            self._context = context
+            self._meter_records(context)  # made now, in the table and order the Python step makes them
+            METER.hold(self)
+        self._steps += 1
+        self._seconds += seconds.reshape(-1)[self._at]
         s = self.scratch
-        scores, softmax, mix = nn.many_caches_attention_sizes(s["q"], n, s["y"])
-        softmax_flops = FLOPS_PER_ELEMENT["softmax", "causal_fused"] * softmax[0]
-        counts = ((scores[0], scores[1], scores[2]), (softmax_flops, softmax[1], softmax[2]),
-                  (mix[0], mix[1], mix[2]))
-        for j, (r, t) in enumerate(zip(attention_recs, flat[self.attention_at].tolist())):
-            flops, read, written = counts[j % 3]
-            r.calls += 1
+        self._attention += nn.many_caches_attention_sizes(s["q"], n, s["y"])
+
+    def flush(self) -> None:
+        """Add the counts held since the last flush to the meter's records (METER.flush)."""
+        steps = self._steps
+        if not steps:
+            return
+        recs = self._meter_records(self._context)
+        static_recs, attention_recs = recs[:len(self.static_counts)], recs[len(self.static_counts):]
+        seconds = (self._seconds * 1e-9).tolist()
+        for r, (flops, useful, read, written), t in zip(static_recs, self.static_counts, seconds):
+            r.calls += steps
+            r.flops += steps * flops
+            r.useful_flops += steps * useful
+            r.bytes_read += steps * read
+            r.bytes_written += steps * written
+            r.seconds += t
+        (scores, softmax, mix) = self._attention.tolist()  # summed over the steps
+        softmax = [FLOPS_PER_ELEMENT["softmax", "causal_fused"] * softmax[0], softmax[1], softmax[2]]
+        for j, (r, t) in enumerate(zip(attention_recs, seconds[len(static_recs):])):
+            flops, read, written = (scores, softmax, mix)[j % 3]
+            r.calls += steps
             r.flops += flops
             r.useful_flops += flops
             r.bytes_read += read
             r.bytes_written += written
             r.seconds += t
+        self._steps = 0
+        self._seconds[:] = 0
+        self._attention[:] = 0
+        self._context = None
 
+
+def _same(context, other) -> bool:
+    """Whether two METER.context() values name the same table (the same object), phase and scope."""
+    return context is not None and context[0] is other[0] and context[1:] == other[1:]
