@@ -201,15 +201,18 @@ def test_the_plan_follows_the_models_weights():
     assert np.array_equal(steps["python"], steps["fresh"])
 
 
-@pytest.mark.parametrize("parallel", [False, True])
-def test_the_attention_on_one_thread_or_every_core_gives_the_same_step(parallel, monkeypatch):
-    from minigpt.nn import layers
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("sequences", [1, 4])
+def test_the_step_on_one_thread_or_every_core_is_the_python_steps(threads, sequences):
+    """The compiled step runs its products and attention on the products' threads (one sequence
+    on two: its heads in two parts); the Python step on its own choice: the same logits."""
+    from minigpt.kernels import quant as kq
 
-    monkeypatch.setattr(layers, "PARALLEL_KEY_BYTES", 0 if parallel else 1 << 40)
     gpt = _model("4")
-    prompts = [np.arange(n) + b for b, n in enumerate((2, 11, 6, 1))]
+    prompts = [np.arange(n) + b for b, n in enumerate((2, 11, 6, 1)[:sequences])]
     ref, _, _ = _decode(gpt, prompts, compiled_on=False)
-    out, _, _ = _decode(gpt, prompts, compiled_on=True)
+    with kq.threads(threads):
+        out, _, _ = _decode(gpt, prompts, compiled_on=True)
     assert np.array_equal(out, ref)
 
 

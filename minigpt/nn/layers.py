@@ -425,9 +425,10 @@ def cached_attention(q, keys, values, Tk, y):
         matmul(att, v, op="att@v", useful_flops=useful, out=y.transpose(0, 2, 1, 3))
 
 
-# The decode attention over many caches (kernels/attend.py) runs on every core from this many
-# bytes of keys a layer, over all sequences: below it, a second thread's wait cost more than it
-# gave at 8 GPT-2 sequences (docs/benchmarks.md, "Many sequences' attention").
+# The Python decode step's attention over many caches (kernels/attend.py) runs on every core
+# from this many bytes of keys a layer, over all sequences: below it, waking a second thread cost
+# more than it gave at 8 GPT-2 sequences (docs/benchmarks.md, "Many sequences' attention"). The
+# compiled step (nn/compiled.py) always takes every core: its threads are still awake.
 PARALLEL_KEY_BYTES = 2 << 20
 
 
