@@ -154,13 +154,8 @@ def decode_step(x, weights, scales, biases, norms, bf16, bias_apart, eps, n_head
         t = _now_ns()
         fk.layernorm_forward(x, norms[w0], norms[w0 + 1], eps, h, mean, rstd)
         t = _lap(seconds, i, LN_1, t)
-        _set_threads(threads)
-        product(h, weights[w0], scales[w0], bf16, biases[w0], qkv)
-        _set_threads(own)
-        t = _lap(seconds, i, C_ATTN, t)
-        if bias_apart:
-            _add_bias(qkv, biases[w0])
-            t = _lap(seconds, i, C_ATTN_BIAS, t)
+        t = _linear(h, weights[w0], scales[w0], bf16, biases[w0], qkv, bias_apart, threads, own, seconds,
+                    i, C_ATTN, t)
         q[...] = qkv_heads[:, 0]  # contiguous, as the Python step copies it (untimed there too)
         _set_threads(attention_threads)
         t = _now_ns()
@@ -170,28 +165,17 @@ def decode_step(x, weights, scales, biases, norms, bf16, bias_apart, eps, n_head
         t = _lap(seconds, i, SOFTMAX, t)
         attend.mix(att, values, i, lengths, y, parts)
         t = _lap(seconds, i, MIX, t)
-        _set_threads(threads)
-        product(y2, weights[w0 + 1], scales[w0 + 1], bf16, biases[w0 + 1], a)
         _set_threads(own)
-        t = _lap(seconds, i, ATTN_C_PROJ, t)
-        if bias_apart:
-            _add_bias(a, biases[w0 + 1])
-            t = _lap(seconds, i, ATTN_C_PROJ_BIAS, t)
+        t = _linear(y2, weights[w0 + 1], scales[w0 + 1], bf16, biases[w0 + 1], a, bias_apart, threads, own,
+                    seconds, i, ATTN_C_PROJ, t)
         fk.residual_layernorm_forward(x, a, norms[w0 + 2], norms[w0 + 3], eps, h, mean, rstd)  # a = x + a
         t = _lap(seconds, i, LN_2, t)
-        _set_threads(threads)
-        product(h, weights[w0 + 2], scales[w0 + 2], bf16, no_bias, f)
-        _set_threads(own)
-        t = _lap(seconds, i, C_FC, t)
+        t = _linear(h, weights[w0 + 2], scales[w0 + 2], bf16, no_bias, f, bias_apart, threads, own, seconds,
+                    i, C_FC, t)  # its bias: the GELU's
         fk.bias_gelu_forward(f, biases[w0 + 2], g, True)
         t = _lap(seconds, i, GELU, t)
-        _set_threads(threads)
-        product(g, weights[w0 + 3], scales[w0 + 3], bf16, biases[w0 + 3], m)
-        _set_threads(own)
-        t = _lap(seconds, i, MLP_C_PROJ, t)
-        if bias_apart:
-            _add_bias(m, biases[w0 + 3])
-            t = _lap(seconds, i, MLP_C_PROJ_BIAS, t)
+        t = _linear(g, weights[w0 + 3], scales[w0 + 3], bf16, biases[w0 + 3], m, bias_apart, threads, own,
+                    seconds, i, MLP_C_PROJ, t)
         for b in range(B):  # the stream after the MLP: (x + attention) + mlp, as residual_forward adds
             for j in range(C):
                 x[b, j] = a[b, j] + m[b, j]
@@ -200,10 +184,22 @@ def decode_step(x, weights, scales, biases, norms, bf16, bias_apart, eps, n_head
     t = _now_ns()
     fk.layernorm_forward(x, norms[last], norms[last + 1], eps, h, mean, rstd)
     t = _lap(seconds, top, 0, t)
+    _linear(h, head, head_scale, bf16, no_bias, logits, bias_apart, threads, own, seconds, top, 1, t)
+
+
+@njit(inline="always")
+def _linear(x, w, scale, bf16, bias, out, bias_apart, threads, own, seconds, i, slot, t):  # pragma: no cover
+    """out = x @ w (+ bias) on `threads`, timed into seconds[i, slot]; where the product adds no
+    bias (bias_apart), the bias added after it, timed into slot + 1 (none: an empty bias).
+    Returns the clock's reading."""
     _set_threads(threads)
-    product(h, head, head_scale, bf16, no_bias, logits)
+    product(x, w, scale, bf16, bias, out)
     _set_threads(own)
-    _lap(seconds, top, 1, t)
+    t = _lap(seconds, i, slot, t)
+    if bias_apart and bias.shape[0] > 0:
+        _add_bias(out, bias)
+        t = _lap(seconds, i, slot + 1, t)
+    return t
 
 
 @njit(inline="always")
