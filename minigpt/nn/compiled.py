@@ -139,7 +139,6 @@ class _Plan:
             "qkv": np.empty((B, 3 * C), f32), "q": np.empty((B, H, hs), f32), "y": np.empty((B, H, hs), f32),
             "att": np.empty((B, H, cfg.block_size), f32), "f": np.empty((B, 4 * C), f32),
             "g": np.empty((B, 4 * C), f32), "mean": np.empty(B, f32), "rstd": np.empty(B, f32)}
-        self.key_row_bytes = H * hs * 4  # one position's keys, every head
         self.lock = threading.Lock()
         self._cached_lists = (None, None, None)
         # The records: (row, slot, scope, op, kind, dtype, FLOPs, useful FLOPs, read, written).

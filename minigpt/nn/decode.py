@@ -15,6 +15,10 @@ queries attending causally to its own cache; it returns each sequence's last pos
 A server prefills the prompts that arrive together in one such step: a prefill of a short prompt
 is bound by its arithmetic, so its products gain from more rows as a decode step's do.
 
+Where the step would run only compiled kernels (packed or prepared float32 weights, one new token
+per sequence, float caches), everything after the embedding runs in one compiled call instead
+(nn/compiled.py, kernels/step.py): the same kernels in the same order, the same logits and records.
+
 Every product and elementwise pass goes through the same counted helpers as the model's other
 paths (layers.py, quant.py), so the records are the meter's usual ones; the closed form predicts a
 step of B sequences at their lengths (closed_form.predict_decode_batch), and an extend step of
