@@ -36,7 +36,10 @@ def scores(q, k_new, v_new, keys, values, layer, lengths, att, parts):  # pragma
     """Store k_new[b], v_new[b] (B, H, hs) at position lengths[b] - 1 of layer `layer` of caches
     keys[b], values[b]; then att[b, h, t] = q[b, h] . keys[b][layer, 0, t, h] for t < lengths[b].
     q (B, H, hs); att (B, H, Tmax) with Tmax >= max(lengths). parts: each sequence's heads are
-    split into this many runs of heads, a task each (threads beyond the sequences get work)."""
+    split into this many runs of heads, a task each (threads beyond the sequences get work).
+    Four positions at a time: four independent sums per head, where one alone waits on its own
+    reduction (64 GPT-2 sequences, 70 positions: 6.3 -> 4.7 ms a step, against 4.1 for reading
+    the keys alone); each sum runs as before."""
     B, H, hs = q.shape
     zero = np.zeros(1, att.dtype)[0]  # sums in the arrays' dtype
     for task in prange(B * parts):
@@ -47,12 +50,27 @@ def scores(q, k_new, v_new, keys, values, layer, lengths, att, parts):  # pragma
             for d in range(hs):
                 k[layer, 0, n - 1, h, d] = k_new[b, h, d]
                 v[layer, 0, n - 1, h, d] = v_new[b, h, d]
-        for t in range(n):
+        kl = k[layer, 0]  # (Tmax, H, hs)
+        t = 0
+        while t + 4 <= n:
             for h in range(h0, h1):
-                s = zero  # from 0 over all hs terms: a whole number of vectors, no scalar remainder
+                qh, r0, r1, r2, r3 = q[b, h], kl[t, h], kl[t + 1, h], kl[t + 2, h], kl[t + 3, h]
+                s0 = s1 = s2 = s3 = zero  # from 0 over all hs terms: whole vectors, no remainder
                 for d in range(hs):
-                    s += q[b, h, d] * k[layer, 0, t, h, d]
-                att[b, h, t] = s
+                    s0 += qh[d] * r0[d]
+                    s1 += qh[d] * r1[d]
+                    s2 += qh[d] * r2[d]
+                    s3 += qh[d] * r3[d]
+                att[b, h, t], att[b, h, t + 1], att[b, h, t + 2], att[b, h, t + 3] = s0, s1, s2, s3
+            t += 4
+        while t < n:
+            for h in range(h0, h1):
+                qh, r0 = q[b, h], kl[t, h]
+                s0 = zero
+                for d in range(hs):
+                    s0 += qh[d] * r0[d]
+                att[b, h, t] = s0
+            t += 1
 
 
 @njit(parallel=True, cache=True, fastmath=FAST)
@@ -79,18 +97,30 @@ def softmax(att, lengths, scale, fast):  # pragma: no cover - compiled
 @njit(parallel=True, cache=True, fastmath=FAST)
 def mix(att, values, layer, lengths, y, parts):  # pragma: no cover - compiled
     """y[b, h] = sum over t < lengths[b] of att[b, h, t] * values[b][layer, 0, t, h]. y (B, H, hs);
-    parts: as scores'."""
+    parts: as scores'. Four positions a pass over each head's sums, added in order (the same
+    sums; each sum loaded and stored once for four: 64 sequences 5.8 -> 5.1 ms a step)."""
     B, H, hs = y.shape
     for task in prange(B * parts):
         b, part = task // parts, task % parts
         h0, h1 = part * H // parts, (part + 1) * H // parts
         v, n = values[np.int64(b)], lengths[b]
+        vl = v[layer, 0]  # (Tmax, H, hs)
         acc = np.zeros((h1 - h0, hs), y.dtype)  # the sums stay here, apart from y and the cache
-        for t in range(n):
+        t = 0
+        while t + 4 <= n:
             for h in range(h0, h1):
-                a = att[b, h, t]
+                a0, a1, a2, a3 = att[b, h, t], att[b, h, t + 1], att[b, h, t + 2], att[b, h, t + 3]
+                r0, r1, r2, r3 = vl[t, h], vl[t + 1, h], vl[t + 2, h], vl[t + 3, h]
+                ah = acc[h - h0]
                 for d in range(hs):
-                    acc[h - h0, d] += a * v[layer, 0, t, h, d]
+                    ah[d] = (((ah[d] + a0 * r0[d]) + a1 * r1[d]) + a2 * r2[d]) + a3 * r3[d]
+            t += 4
+        while t < n:
+            for h in range(h0, h1):
+                a, r0, ah = att[b, h, t], vl[t, h], acc[h - h0]
+                for d in range(hs):
+                    ah[d] += a * r0[d]
+            t += 1
         for h in range(h0, h1):
             for d in range(hs):
                 y[b, h, d] = acc[h - h0, d]

@@ -127,7 +127,10 @@ def _add_bias(out, b):  # pragma: no cover - compiled
             out[n, j] += b[j]
 
 
-@njit(cache=True, nogil=True)  # other Python threads (a server's event loop) run during a step
+# nogil: other Python threads (a server's event loop) run during a step. Numba's disk cache checks
+# this file only: after editing a kernel it calls (attend.py, fused.py, tiles.py), delete
+# minigpt/kernels/__pycache__/step.*.nb* or it keeps running the old one (an install replaces all).
+@njit(cache=True, nogil=True)
 def decode_step(x, weights, scales, biases, norms, bf16, bias_apart, eps, n_head, keys, values,
                 lengths, head, head_scale, threads, attention_threads, parts, h, qkv, q, att, y, a, f, g,
                 m, mean, rstd, logits, seconds):  # pragma: no cover - compiled
