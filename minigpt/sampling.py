@@ -36,11 +36,41 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, rng=None) -> in
     p = np.exp(z - z.max())
     p /= p.sum()
     if top_p is not None and top_p < 1.0:
-        order = np.argsort(-p, kind="stable")
-        before = np.cumsum(p[order]) - p[order]  # probability mass ahead of each token
-        p[order[before >= top_p]] = 0.0  # the most likely token always stays
+        p[nucleus_dropped(p, top_p)] = 0.0  # the most likely token always stays
         p /= p.sum()
     return draw(rng, p)
+
+
+NUCLEUS_CANDIDATES = 64  # tokens nucleus_dropped sorts first; more only if their mass falls short
+
+
+def nucleus_dropped(p, top_p: float):
+    """Which ids top-p drops from probabilities p (V,), a boolean mask: in order of p, likeliest first and ties by
+    the lower id (a stable sort of -p), every token whose mass ahead reaches top_p.
+
+    A full stable sort of GPT-2's 50,257 probabilities took 4.7 ms a token, twice a 4-bit decode
+    step. The nucleus is nearly always a few dozen tokens, so this sorts only the candidates:
+    every token at least as likely as the NUCLEUS_CANDIDATES-th likeliest (ties all in, so the
+    order among them is the full sort's), and is done if their mass reaches top_p; else it
+    takes four times as many. The mass ahead is the same running sum over the same tokens in the
+    same order, so the tokens dropped are exactly the full sort's (tests/test_sampling.py)."""
+    V = p.size
+    k = NUCLEUS_CANDIDATES
+    while k < V:
+        least = np.partition(p, V - k)[V - k]  # the k-th likeliest's probability
+        ids = np.flatnonzero(p >= least)  # ascending ids: a stable sort keeps ties in id order
+        order = ids[np.argsort(-p[ids], kind="stable")]
+        before = np.cumsum(p[order]) - p[order]  # probability mass ahead of each candidate
+        if before[-1] >= top_p:  # the nucleus ends among the candidates: every other id goes too
+            dropped = np.ones(V, dtype=bool)
+            dropped[order[before < top_p]] = False
+            return dropped
+        k *= 4
+    order = np.argsort(-p, kind="stable")
+    before = np.cumsum(p[order]) - p[order]
+    dropped = np.zeros(V, dtype=bool)
+    dropped[order[before >= top_p]] = True
+    return dropped
 
 
 def fast_softmax_draw(logits, temperature: float, rng: np.random.Generator) -> int:

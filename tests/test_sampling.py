@@ -156,3 +156,29 @@ def test_the_float32_softmax_draw_matches_the_float64_probabilities():
         got = sample_next(z, temperature=0.7, rng=FixedUniform(u))
         near_an_edge = min(abs(cdf[expected] - u), abs(cdf[expected - 1] - u)) <= 1e-5
         assert got == expected or (near_an_edge and abs(got - expected) == 1)
+
+
+def _full_sort_dropped(p, top_p):
+    """top-p's dropped ids by a stable sort of all of p: the definition nucleus_dropped keeps."""
+    order = np.argsort(-p, kind="stable")
+    before = np.cumsum(p[order]) - p[order]
+    return np.sort(order[before >= top_p])
+
+
+@pytest.mark.parametrize("V", [5, 64, 300, 50257])
+@pytest.mark.parametrize("shape", ["peaked", "flat", "ties"])
+def test_the_nucleus_is_the_full_sorts(V, shape):
+    """nucleus_dropped sorts only the likeliest candidates (more when their mass falls short):
+    the same ids dropped as a stable sort of every probability, ties by the lower id, whether the
+    nucleus is a few tokens or most of the vocabulary."""
+    from minigpt.sampling import nucleus_dropped
+
+    rng = np.random.default_rng(V)
+    for trial in range(6):
+        z = rng.standard_normal(V) * {"peaked": 4.0, "flat": 0.05, "ties": 1.0}[shape]
+        if shape == "ties":
+            z = np.round(z * 2) / 2  # a few distinct values, each shared by many ids
+        p = np.exp(z - z.max())
+        p /= p.sum()
+        for top_p in (1e-9, 0.3, 0.9, 0.95, 0.999):
+            np.testing.assert_array_equal(np.flatnonzero(nucleus_dropped(p, top_p)), _full_sort_dropped(p, top_p))
