@@ -182,3 +182,22 @@ def test_the_nucleus_is_the_full_sorts(V, shape):
         p /= p.sum()
         for top_p in (1e-9, 0.3, 0.9, 0.95, 0.999):
             np.testing.assert_array_equal(np.flatnonzero(nucleus_dropped(p, top_p)), _full_sort_dropped(p, top_p))
+
+
+def test_the_sampling_bench_times_every_setting():
+    """bench/sampling.py: one row a setting, the full-sort comparison last, all timed."""
+    import argparse
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "sampling.py"
+    spec = importlib.util.spec_from_file_location("bench_sampling", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    from minigpt import sampling
+
+    kept = sampling.nucleus_dropped
+    rows = bench.measure(argparse.Namespace(run=None, vocab=3000, calls=3, rounds=1))
+    assert [r["setting"] for r in rows] == [s[0] for s in bench.SETTINGS] + ["top-p 0.95, t 0.8, full sort"]
+    assert all(r["us_per_call"] > 0 for r in rows)
+    assert sampling.nucleus_dropped is kept  # the comparison put the sampler back
