@@ -13,9 +13,9 @@ The meter still gets every op: the function reads the clock (CLOCK_MONOTONIC, th
 library's clock_gettime, the clock time.perf_counter reads on Linux) before and after each op and
 writes the nanoseconds into `seconds[layer, slot]` (SLOTS below; the last row holds the final
 LayerNorm's and the head's), and nn/compiled.py adds each op's record, its FLOPs and bytes counted
-from these same arrays by the helpers the Python step counts with. What each op runs on is the
-Python step's too: the products on `threads`, the attention on `attention_threads`, everything
-else on the caller's own count.
+from these same arrays by the helpers the Python step counts with. The products run on `threads`,
+the attention on `attention_threads` (nn/compiled.py passes every core for both: inside the call
+the workers are still awake), everything else on the caller's own count, as in the Python step.
 """
 
 import numpy as np
@@ -142,9 +142,9 @@ def decode_step(x, weights, scales, biases, norms, bf16, bias_apart, eps, n_head
     bias_apart: the products add no bias (float32 tiles), so it is added here, timed apart.
     keys, values, lengths: kernels/attend.py's (each sequence's cache; its length with the new
     token). head, head_scale: the LM head's weight. threads: the products'; attention_threads,
-    parts: the attention kernels' (kernels/attend.py). h, a, m (B, C), qkv (B, 3C), q, y (B, H, hs), att (B, H, Tmax), f, g
-    (B, 4C), mean, rstd (B,): scratch; logits (B, V) receives the head's output. seconds
-    (n_layer + 1, len(SLOTS)) int64: each op's nanoseconds, added."""
+    parts: the attention kernels' (kernels/attend.py). h, a, m (B, C), qkv (B, 3C), q, y
+    (B, H, hs), att (B, H, Tmax), f, g (B, 4C), mean, rstd (B,): scratch; logits (B, V) receives
+    the head's output. seconds (n_layer + 1, len(SLOTS)) int64: each op's nanoseconds, added."""
     B, C = x.shape
     hs = C // n_head
     own = _get_threads()
