@@ -326,3 +326,54 @@ def test_a_quantized_model_stays_close_to_fp32(bits):
     err = np.max(np.abs(out - ref)) / np.max(np.abs(ref))
     assert err <= {16: 1e-3, 8: 2e-2, 4: 0.2}[bits]
     assert err > 0  # the quantized weights really are the ones in use
+
+
+@needs_numba
+@pytest.mark.parametrize("group", [2, 6, 8, 12, 16, 32, 64])
+def test_the_4_bit_dot_block_gives_the_generic_blocks_bits(group):
+    """kernels/tiles.py's int4_block(dot=True) (AVX-512 VNNI: four inputs a 32-bit lane, after a byte
+    permutation) against int4_block (16-bit lanes, one byte row at a time) and the NumPy twin:
+    the same bits for every register block (1 to 9 rows: blocks of 4, 2 and 1), a padded last
+    tile, and group sizes whose chunks take four inputs at a time or not (2, 6: int4_block)."""
+    if not kt.dot_instructions():
+        pytest.skip("this CPU lacks AVX-512 VNNI and VBMI")
+    K, M = 384, 100
+    w = lowbit.quantize(_weight(K, M, seed=6), 4, group)
+    rng = np.random.default_rng(7)
+    chunk = kq.chunk(group)
+    for N in range(1, 10):
+        x = rng.standard_normal((N, K)).astype(np.float32)
+        outs = []
+        for vnni in (False, True):
+            out = np.empty((N, M), np.float32)
+            kt.kernels(vnni)[4](x, w.data, w.tile_scale, chunk, np.empty(0, np.float32), out)
+            outs.append(out)
+        assert np.array_equal(outs[0], outs[1]), (group, N)
+        kernels.use("numpy")
+        try:
+            assert np.array_equal(outs[1], lowbit.product(x, w)), (group, N)
+        finally:
+            kernels.use("numba")
+
+
+@needs_numba
+def test_the_4_bit_kernel_takes_the_dot_block_only_where_the_cpu_has_it(monkeypatch):
+    """The default kernels use the VNNI block exactly where Numba compiles for a CPU with VNNI
+    and VBMI; asking for it elsewhere is one clear error, not an illegal instruction. A CPU
+    named to Numba (NUMBA_CPU_NAME) counts only through the features it is told."""
+    from numba.core import config
+
+    has = kt.dot_instructions()
+    assert kt.kernels() is kt.kernels(has)
+    monkeypatch.setattr(kt, "dot_instructions", lambda: False)
+    with pytest.raises(RuntimeError, match="VNNI"):
+        kt.kernels(True)
+    monkeypatch.undo()
+    probe = kt.dot_instructions.__wrapped__
+    monkeypatch.setattr(config, "CPU_FEATURES", "+avx512f,+avx512bw,+avx512vnni,+avx512vbmi")
+    assert probe()
+    monkeypatch.setattr(config, "CPU_FEATURES", "+avx512f,+avx512bw,+avx512vnni")
+    assert not probe()
+    monkeypatch.setattr(config, "CPU_FEATURES", None)
+    monkeypatch.setattr(config, "CPU_NAME", "generic")
+    assert not probe()
