@@ -489,3 +489,46 @@ def test_an_int8_generation_forecast_reads_fewer_weight_bytes():
     fp32 = forecast.generation(cfg, tm, 8, 8)
     w8 = forecast.generation(cfg, tm, 8, 8, quant=quant.QuantConfig("w8a32", False, False, None))
     assert w8.tokens_per_s > 1.5 * fp32.tokens_per_s
+
+
+def test_a_decode_steps_unmetered_bytes_stop_at_the_cache():
+    """timing.gap_bytes: a decode step's unmetered seconds grow with its bytes up to the
+    last-level cache's and no further (fitted on steps of a few MB, the uncapped term put tens of
+    milliseconds of Python into each step of GPT-2 124M); other modes' grow with all of them.
+    The fit counts the calibration's bytes the same way, step by step."""
+    from minigpt.train import timing_runs
+
+    tm = timing.TimeModel.constant(2e10, 5e9, 3e-6, gap_per_call=1e-6)
+    tm.cache_bytes = 1 << 20
+    tm.gap_per_byte = dict.fromkeys(timing.MODES, 1e-9)
+    assert tm.gap_seconds("decode", 10, 8 << 20) == pytest.approx(10e-6 + 1e-9 * (1 << 20))
+    assert tm.gap_seconds("decode", 10, 1 << 19) == pytest.approx(10e-6 + 1e-9 * (1 << 19))
+    assert tm.gap_seconds("train", 10, 8 << 20) == pytest.approx(10e-6 + 1e-9 * (8 << 20))
+    # three decode runs of 8 steps: 2 us a call and 1 ns a byte of each step's first MiB
+    runs = [timing_runs.ModeRun("decode", 0.0, 0.0, calls, 8 * per_step, 8) for calls, per_step in
+            ((100, 1 << 18), (300, 1 << 20), (200, 4 << 20))]
+    runs = [r._replace(wall=2e-6 * r.calls + 1e-9 * 8 * min(r.nbytes / 8, 1 << 20)) for r in runs]
+    a, b = timing_runs._fit_gap(runs, 1 << 20)
+    assert a == pytest.approx(2e-6) and b == pytest.approx(1e-9)
+
+
+def test_the_decode_calibration_runs_the_step_generation_runs(monkeypatch):
+    """Decode is calibrated on a model prepared as generation prepares it, so (with Numba) on the
+    compiled step (kernels/step.py), not on the Python step no generation runs."""
+    from minigpt import kernels
+    from minigpt.kernels import step
+    from minigpt.train import timing_runs
+
+    if not kernels.AVAILABLE:
+        pytest.skip("the compiled step needs Numba")
+    shape = timing_runs.Shape(1, 32, 2, 32, 2, 128)
+    calls = []
+    kernel = step.decode_step
+    monkeypatch.setattr(step, "decode_step", lambda *a: (calls.append(1), kernel(*a)))
+    before = kernels.active()
+    kernels.use("numba")
+    try:
+        timing_runs.step_functions(*timing_runs.build(shape), shape)["decode"]()
+    finally:
+        kernels.use(before)
+    assert len(calls) == timing_runs.DECODE_STEPS

@@ -7,6 +7,7 @@ would time for each, plus what the meter does not time (Python between the ops):
                                (the second only when the step moves more than the cache holds)
     elementwise (kind, op):    seconds(bytes per call), interpolated in that op's measured points
     unmetered, per step:       gap_per_call[mode] * calls + gap_per_byte[mode] * bytes
+                               (a decode step's bytes up to cache_bytes: gap_bytes)
 
 - rate(m, k, n) is the FLOP/s of one (m, k) @ (k, n) float32 product measured on a grid of sizes
   (GRID_QUICK or GRID_CAREFUL: sizes of m, of k and of n, each point measured inside a batched
@@ -27,7 +28,9 @@ would time for each, plus what the meter does not time (Python between the ops):
   optimizer step over GPT-2's 124M parameters does not). An op never measured uses "generic", a
   plain add's points.
 - gap_per_call and gap_per_byte are fitted per mode (train, eval, prefill, decode) to the wall
-  seconds of the calibration runs less their metered seconds.
+  seconds of the calibration runs less their metered seconds; decode is calibrated on a model
+  prepared as generation prepares it (GPT.prepare_decode), so on the compiled step where
+  generation runs one (nn/compiled.py).
 
 Known limits (docs/costs.md): float32 products only (int8 and float64 products use the float32
 rate); one thread count (the one calibrated); cache effects beyond what the grid and the points
@@ -65,7 +68,7 @@ PACKED_BITS = (16, 8, 4)
 PACKED_M = (1, 4, 16)
 TILED_M = (1, 8, 32)  # rows of the float32 tiled kernel measured (kernels/tiles.py), held beyond
 PACKED_BYTES = 64 << 20  # the packed weight each is measured on: twice a 32 MiB last-level cache
-VERSION = 6  # a file of another version is measured again, not trusted
+VERSION = 7  # a file of another version is measured again, not trusted
 
 
 @dataclass
@@ -182,8 +185,20 @@ class TimeModel:
         return seconds
 
     def gap_seconds(self, mode: str, calls: int, nbytes: float) -> float:
-        """Unmetered seconds of a step of `calls` calls moving `nbytes` in all."""
-        return self.gap_per_call[mode] * calls + self.gap_per_byte[mode] * nbytes
+        """Unmetered seconds of a step of `calls` calls moving `nbytes` in all (a decode step's
+        bytes counted up to the cache's: gap_bytes)."""
+        return self.gap_per_call[mode] * calls + self.gap_per_byte[mode] * gap_bytes(self, mode, nbytes)
+
+
+def gap_bytes(model: TimeModel, mode: str, nbytes: float) -> float:
+    """The bytes of a step that its unmetered seconds grow with. A decode step allocates nothing
+    the size of its weights; what grows with its bytes is the Python between its kernels (or
+    around its one compiled call) finding the caches flushed by what the kernels streamed, and
+    a step can flush no more than the whole last-level cache: so its bytes count up to
+    cache_bytes. Fitted on steps of 0.2-8 MB, the uncapped term put 5-40 ms of Python into
+    each step of GPT-2 124M (500 MB at float32), where it spends 0.2-0.4 (bench/step_floor.py).
+    Other modes' unmetered work (allocating and zeroing arrays) grows with all their bytes."""
+    return min(nbytes, model.cache_bytes) if mode == "decode" else nbytes
 
 
 def interpolate(points: list[list[float]], nbytes: float) -> float:

@@ -45,13 +45,15 @@ DECODE_STEPS = 8
 
 
 class ModeRun(NamedTuple):
-    """One mode of one calibration shape, its best try: wall and metered seconds, calls, bytes."""
+    """One mode of one calibration shape, its best try: wall and metered seconds, calls, bytes,
+    and the steps they were made in."""
 
     mode: str
     wall: float
     metered: float
     calls: int
     nbytes: int
+    steps: int = 1
 
 
 def build(s: Shape) -> tuple[GPT, AdamW]:
@@ -87,16 +89,20 @@ def step_functions(model: GPT, opt: AdamW, s: Shape) -> dict:
         with METER.in_phase("prefill"):
             model.logits(prompt, KVCache(model.cfg, 1), last_only=True)
 
+    # decode on the same weights, laid out as generation lays them out (its own GPT: the
+    # training step's backward pass drops the layout), so on the step generation runs
+    decoder = GPT(model.cfg, model.params)
+    decoder.prepare_decode()
     cache = KVCache(model.cfg, 1)
     with METER.paused():
-        model.logits(half, cache, last_only=True)
+        decoder.logits(half, cache, last_only=True)
     filled = cache.length
 
     def decode():  # DECODE_STEPS tokens after the same prefix each try, as generation steps them
         cache.length = filled
         with METER.in_phase("decode"):
             for t in range(DECODE_STEPS):
-                model.decode_step(x[0, t:t + 1], [cache])
+                decoder.decode_step(x[0, t:t + 1], [cache])
 
     return {"train": train, "eval": evaluate, "prefill": prefill, "decode": decode}
 
@@ -109,10 +115,13 @@ def _run_once(fn) -> tuple[float, dict]:
     return time.perf_counter() - t0, METER.records
 
 
-def _fit_gap(runs: list[ModeRun]) -> tuple[float, float]:
-    """Unmetered seconds = a * calls + b * bytes, least squares with a, b >= 0."""
+def _fit_gap(runs: list[ModeRun], cache_bytes: int) -> tuple[float, float]:
+    """Unmetered seconds = a * calls + b * bytes, least squares with a, b >= 0; each step's
+    bytes as the time model counts them (timing.gap_bytes: a decode step's up to cache_bytes)."""
     gaps = [max(r.wall - r.metered, 0.0) for r in runs]
-    xs = [(float(r.calls), float(r.nbytes)) for r in runs]
+    counted = timing.TimeModel.constant(1.0, 1.0, 0.0)
+    counted.cache_bytes = cache_bytes
+    xs = [(float(r.calls), r.steps * timing.gap_bytes(counted, r.mode, r.nbytes / r.steps)) for r in runs]
     saa = sum(a * a for a, _ in xs)
     sbb = sum(b * b for _, b in xs)
     sab = sum(a * b for a, b in xs)
@@ -159,20 +168,22 @@ def measure(quick: bool = True, shapes: tuple[Shape, ...] | None = None, grid=No
         for (_, mode), (wall, records) in best.items():
             runs.append(ModeRun(mode, wall, sum(r.seconds for r in records.values()),
                                 sum(r.calls for r in records.values()),
-                                sum(r.bytes_read + r.bytes_written for r in records.values())))
+                                sum(r.bytes_read + r.bytes_written for r in records.values()),
+                                DECODE_STEPS if mode == "decode" else 1))
     finally:
         METER.records, METER.phase, METER.scope_path = saved
     busy = (time.process_time() - cpu0) / max(time.perf_counter() - wall0, 1e-9)
     elementwise = {k: timing.tidy_points(v) for k, v in points.items() if k != "generic"}
     elementwise["generic"] = timing.generic_points(tries)
-    gaps = {mode: _fit_gap([r for r in runs if r.mode == mode]) for mode in timing.MODES}
+    cache_bytes = timing.last_level_cache()
+    gaps = {mode: _fit_gap([r for r in runs if r.mode == mode], cache_bytes) for mode in timing.MODES}
     return timing.TimeModel(
         grid=[list(g) for g in grid], rates=rates, stream_bandwidth=stream, call_s=call_s,
         elementwise=elementwise, gap_per_call={m: g[0] for m, g in gaps.items()},
         gap_per_byte={m: g[1] for m, g in gaps.items()}, busy_cores=busy,
         how="quick" if quick else "calibrate", measured_at=timing.now_iso(),
         load_average=[load_before, timing.load_average()], cores=timing.logical_cores(),
-        tries=tries, cache_bytes=timing.last_level_cache(), packed=packed,
+        tries=tries, cache_bytes=cache_bytes, packed=packed,
         stream_bandwidth_rows=stream_rows)
 
 
