@@ -10,9 +10,12 @@ script can loop over widths). --batch B decodes B sequences together (GPT.decode
 cache each, each prompt --prompt random tokens): tokens/s counts all sequences; bytes and FLOPs
 per step are the meter's; the bandwidth ceiling is B x bandwidth / bytes per step, the bandwidth
 being the STREAM figure that fits that batch's own read/write mix (below), and the compute ceiling
-B x peak / FLOPs per step, the peak being that of the kernel the products run on (kernel_peak:
-the tiled float32 kernel or the packed ones; OpenBLAS's matmul peak on NumPy's path); the lower
-binds ("bound", and "ceiling" names it). A list (1,8,64) sweeps: the table gains a row per
+B x peak(B) / FLOPs per step, the peak being that of the kernel the products run on at B rows
+(kernel_peaks: the tiled float32 kernel or the packed ones, measured at 2 to 64 rows; OpenBLAS's
+matmul peak on NumPy's path); the lower binds ("bound", and "ceiling" names it). Our kernels
+multiply up to 8 rows (4 at 4 bits) at each pass over a weight tile, each row with its own
+per-row work, so a few rows compute at a fraction of 64 rows' rate (our 2-core AMD EPYC: 4 bits,
+2 rows 610-890 GFLOP/s and 64 rows 1,260; float32, 220-330 and 450-540). A list (1,8,64) sweeps: the table gains a row per
 batch, and the batch at which decode turns compute-bound is predicted from the closed form and,
 with two or more batches, measured (knee()). The first batch is the
 headline of every other figure. The packed-weight kernels run on as many threads as OpenBLAS in
@@ -55,7 +58,9 @@ moves here, and where the decode step's time went (the meter's seconds by op kin
 """
 
 import argparse
+import bisect
 import json
+import math
 import pathlib
 import sys
 import time
@@ -206,16 +211,23 @@ def int8_split(gpt, repeats: int = 3) -> dict | None:
 
 
 PEAK_N = {32: 2048, 16: 2048, 8: 4096, 4: 4096}  # a weight of 16 MiB or less: in the last-level cache
+# kernel_peaks' row counts. Not 1: one row's call reads the weight from the cache in 50-80 us,
+# and that call measured 15 to 172 GFLOP/s (16 bits) from one process to the next, as worker
+# threads woke or not; one row is held at two rows' rate, a ceiling that never binds (one row is
+# bandwidth-bound at every width by a factor of 2 or more)
+PEAK_ROWS = (2, 4, 8, 16, 32, 64)
 
 
 def kernel_peak(bits: int, rows: int = 64, n: int | None = None) -> float:
     """FLOP/s of the kernel that runs a decode step's products at `bits` (32: the tiled float32
     kernel of a prepared model, nn/tiled.py; 16, 8, 4: the packed kernels, nn/lowbit.py)
     computing rather than streaming: `rows` rows against one (n, n) weight that stays in the
-    last-level cache (n = PEAK_N[bits] unless given), best of 5. A decode step's products run on this
-    kernel, not on OpenBLAS, so this is their compute ceiling: the w4a8 kernel's integer
-    multiply-adds are not bounded by the float32 matmul peak, and OpenBLAS's own peak halves
-    under OPENBLAS_CORETYPE=Haswell where these kernels' does not."""
+    last-level cache (n = PEAK_N[bits] unless given), the best of 5 tries of 10 ms each. A
+    decode step's products run on this kernel, not on OpenBLAS, so this is their compute
+    ceiling: the w4a8 kernel's integer multiply-adds are not bounded by the float32 matmul peak,
+    and OpenBLAS's own peak halves under OPENBLAS_CORETYPE=Haswell where these kernels' does
+    not. (At one row the weight's read from the cache, not the arithmetic, may set the rate: a
+    ceiling all the same, above the memory's.)"""
     from minigpt.kernels import tiles
     from minigpt.nn import lowbit
 
@@ -231,11 +243,39 @@ def kernel_peak(bits: int, rows: int = 64, n: int | None = None) -> float:
         run = lambda: lowbit.product(x, packed)
     best = float("inf")
     with METER.paused():
-        for _ in range(6):  # the first loads the kernel
-            t0 = time.perf_counter()
-            run()
-            best = min(best, time.perf_counter() - t0)
+        run()  # loads the kernel and brings the weight into the cache
+        for _ in range(5):  # each try repeats the call for 10 ms: a few rows take 0.1 ms a call
+            reps, t0 = 0, time.perf_counter()
+            while (elapsed := time.perf_counter() - t0) < 0.01:
+                run()
+                reps += 1
+            best = min(best, elapsed / reps)
     return 2 * rows * n * n / best
+
+
+def kernel_peaks(bits: int) -> list:
+    """[[rows, FLOP/s]] of kernel_peak at each of PEAK_ROWS, the better of two sweeps over them:
+    the kernel's compute ceiling at each batch (peak_at; below 2 rows, 2 rows'). For a tenth
+    of a second after the STREAM figures free their 256 MiB arrays, the first row count ran at
+    a third of its rate (16 bits, 2 rows: 121 against 320-340 GFLOP/s)."""
+    sweeps = [[kernel_peak(bits, rows) for rows in PEAK_ROWS] for _ in range(2)]
+    return [[rows, max(flops)] for rows, flops in zip(PEAK_ROWS, zip(*sweeps))]
+
+
+def peak_at(peak, rows: float) -> float:
+    """The compute peak at `rows` rows: peak itself where it is one figure (OpenBLAS's), else
+    kernel_peaks' points interpolated log-log in rows and held beyond the first and last."""
+    if isinstance(peak, (int, float)):
+        return float(peak)
+    measured = {r: f for r, f in peak}
+    rows = min(max(rows, peak[0][0]), peak[-1][0])
+    if rows in measured:
+        return measured[rows]
+    xs = [math.log(r) for r, _ in peak]
+    x = math.log(rows)
+    i = min(max(bisect.bisect_left(xs, x) - 1, 0), len(xs) - 2)
+    w = (x - xs[i]) / (xs[i + 1] - xs[i])
+    return math.exp((1 - w) * math.log(peak[i][1]) + w * math.log(peak[i + 1][1]))
 
 
 def bandwidths() -> dict:
@@ -287,32 +327,47 @@ def measure(args) -> dict:
 KNEE_SEARCH_LIMIT = 1024
 
 
-def knee(points: list, peak: float, memory) -> dict:
-    """The batch at which decode turns compute-bound.
+def knee(points: list, peak, memory) -> dict:
+    """The batch at which decode turns compute-bound: past it, a step's time grows with its
+    sequences' own work; below it, it is the weights' one read, whatever the batch.
 
+    peak: a FLOP/s figure, or kernel_peaks' points (each batch's ceiling: peak_at).
     memory: a bandwidth in bytes/s, or a profile (bandwidth.as_profile) whose STREAM figure
-    nearest each batch's read/write mix is that batch's bandwidth (roofline.memory_ceiling).
-    Predicted: the smallest batch B whose step FLOPs / peak reach its step bytes / bandwidth; both
-    grow with B (the closed form's counts: FLOPs by 2 per weight per sequence, bytes by the
-    activations and KV caches only), so it is found by doubling then bisecting on the closed form.
-    None if it is still bandwidth-bound at KNEE_SEARCH_LIMIT sequences.
+    nearest the step's read/write mix is the bandwidth (roofline.memory_ceiling).
+    Predicted, from the closed form's counts of a step at 1 and 2 sequences: a sequence adds its
+    FLOPs (2 a weight) and its own bytes (its KV cache, its activations); the rest of a step's
+    bytes, the weights, are read once whatever the batch. The knee is the smallest batch B at
+    which B sequences' own work, their FLOPs at the kernel's peak at B rows plus their bytes at
+    the bandwidth, takes as long as reading the weights: doubling, then bisecting. None if not
+    by KNEE_SEARCH_LIMIT sequences. (Counting a sequence's KV cache as its own work, not as the
+    step's bandwidth: every sequence reads its own cache, so the cache's time grows with the
+    batch as the arithmetic's does. Comparing all of a step's FLOPs with all of its bytes, as
+    before, put GPT-2's 4-bit knee at 14-30 sequences where it measured 3.4-3.8: at 64
+    sequences the caches are 380 MB a step against 78 MB of weights.)
     Measured: the same crossing on the measured step times. Below the knee a step takes the first
-    batch's time, whatever its batch (every weight read once); past it, the time its arithmetic
-    takes, in proportion to the batch: the largest batch's step time over its batch is that cost
-    per sequence. Their crossing, first step time / (largest step time / largest batch), at
-    least 1 (compute-bound from the first batch on). None with one batch, or where the crossing
-    is above half the largest batch: that batch's time is then not mostly arithmetic (at the knee
-    itself it is still the first batch's time), so a larger batch is needed to locate it.
-    (A line through the two largest batches' times, used before, put a bandwidth-bound second
-    largest batch on the compute line: with batches 1, 8, 64 it could not find a knee above 8.)"""
+    batch's time, whatever its batch (every weight read once); past it, the time its sequences'
+    own work takes, in proportion to the batch: the largest batch's step time over its batch is
+    that cost per sequence. Their crossing, first step time / (largest step time / largest
+    batch), at least 1 (compute-bound from the first batch on). None with one batch, or where the
+    crossing is above half the largest batch: that batch's time is then not mostly its
+    sequences' own (at the knee itself it is still the first batch's time), so a larger batch is
+    needed to locate it. (A line through the two largest batches' times, used before, put a
+    bandwidth-bound second largest batch on the compute line: with batches 1, 8, 64 it could not
+    find a knee above 8.)"""
     cfg, pos, quant_cfg = points[0]["_cfg"], points[0]["_position"], points[0]["_quant"]
 
-    def compute_bound(B):
+    def counts(B):
         recs = cost_model.predict_decode_batch(cfg, [pos] * B, quant=quant_cfg).values()
-        flops = sum(r.flops for r in recs)
-        read, written = sum(r.bytes_read for r in recs), sum(r.bytes_written for r in recs)
-        bw = memory if isinstance(memory, (int, float)) else roofline.memory_ceiling(memory, read, written).value
-        return flops / peak >= (read + written) / bw
+        return (sum(r.flops for r in recs), sum(r.bytes_read for r in recs),
+                sum(r.bytes_written for r in recs))
+
+    (f1, r1, w1), (f2, r2, w2) = counts(1), counts(2)
+    flops_each, bytes_each = f2 - f1, (r2 + w2) - (r1 + w1)  # what each sequence adds
+    weights = r1 + w1 - bytes_each
+    bw = memory if isinstance(memory, (int, float)) else roofline.memory_ceiling(memory, r1, w1).value
+
+    def compute_bound(B):
+        return B * (flops_each / peak_at(peak, B) + bytes_each / bw) >= weights / bw
 
     hi = 1
     while not compute_bound(hi) and hi < KNEE_SEARCH_LIMIT:
@@ -323,7 +378,7 @@ def knee(points: list, peak: float, memory) -> dict:
             mid = (lo + hi) // 2
             lo, hi = (lo, mid) if compute_bound(mid) else (mid, hi)
     else:
-        hi = None  # the activations' and caches' bytes grow as fast as the FLOPs: never
+        hi = None
     measured = None
     if len(points) >= 2:
         t1 = points[0]["step_s"]
@@ -352,11 +407,12 @@ def _measure(gpt, cfg, args, tm) -> dict:
     peak, peak_name, peak_how = blas_peak, blas_name, blas_how
     if kernels.active() == "numba" and not args.int8:  # the products run on our kernels
         n = PEAK_N[bits]
-        peak = kernel_peak(bits)
+        peak = kernel_peaks(bits)
         peak_name = f"{bits}-bit kernel peak"
-        peak_how = f"kernel_peak: the {bits}-bit decode kernel, 64 rows against a {n} x {n} weight in cache, best of 5"
+        peak_how = (f"kernel_peaks: the {bits}-bit decode kernel at the batch's rows (measured at "
+                    f"{', '.join(map(str, PEAK_ROWS))}) against a {n} x {n} weight in cache, best of 5")
     # a float32 prefill's block products run on OpenBLAS (only decode steps take the tiles)
-    prefill_peak, prefill_name = (blas_peak, blas_name) if bits == 32 else (peak, peak_name)
+    prefill_peak, prefill_name = (blas_peak, blas_name) if bits == 32 else (peak_at(peak, 64), peak_name)
     means = {k: (before[k].bytes_per_s + after[k].bytes_per_s) / 2 for k in before}
     measured = bandwidth.as_profile(means, {k: f.method() for k, f in before.items()})
     copy_bw = roofline.memory_ceiling(measured, 1, 1)  # a copy's mix, for comparison
@@ -373,7 +429,7 @@ def _measure(gpt, cfg, args, tm) -> dict:
         # this batch's own read/write mix picks the STREAM kind (more sequences: more written)
         memory = roofline.memory_ceiling(measured, dec["bytes_read"], dec["bytes_written"])
         bw_ceiling = B * memory.value / bytes_per_step  # tokens/s over all sequences
-        compute_ceiling = B * peak / flops_per_step
+        compute_ceiling = B * peak_at(peak, B) / flops_per_step
         tokens_per_s = B * steps / decode_s
         ceiling = min(bw_ceiling, compute_ceiling)
         bound = "bandwidth" if bw_ceiling <= compute_ceiling else "compute"
@@ -385,6 +441,7 @@ def _measure(gpt, cfg, args, tm) -> dict:
             "flops_per_step": flops_per_step,
             "bandwidth_ceiling": memory.name, "bandwidth": memory.value,
             "bandwidth_ceiling_tokens_per_s": bw_ceiling, "compute_ceiling_tokens_per_s": compute_ceiling,
+            "peak_flops": peak_at(peak, B),
             "ceiling_tokens_per_s": ceiling, "fraction_of_ceiling": tokens_per_s / ceiling,
             "bound": bound,
             "ceiling": memory.name if bound == "bandwidth" else peak_name,
@@ -426,7 +483,8 @@ def _measure(gpt, cfg, args, tm) -> dict:
         "predicted_how": forecasts["how"],
         "prefill_tokens_per_s": prefill_tokens / first["prefill_s"],
         "prefill_flops_per_token": prefill_flops_per_token,
-        "matmul_peak_flops": peak, "compute_peak": peak_name, "compute_peak_how": peak_how,
+        "matmul_peak_flops": first["peak_flops"], "compute_peak": peak_name, "compute_peak_how": peak_how,
+        "kernel_peaks": None if isinstance(peak, (int, float)) else peak,
         "prefill_peak_flops": prefill_peak, "prefill_compute_peak": prefill_name,
         "prefill_ceiling_tokens_per_s": prefill_peak / prefill_flops_per_token,
         "prefill_fraction_of_ceiling": (prefill_tokens / first["prefill_s"]) / (prefill_peak / prefill_flops_per_token),
@@ -533,7 +591,8 @@ def print_table(r: dict) -> None:
         predicted = r["knee_batch_predicted"]
         print(f"decode turns compute-bound at batch "
               f"{f'> {KNEE_SEARCH_LIMIT}' if predicted is None else predicted} (predicted: the closed form's "
-              f"FLOPs and bytes against the peak and the STREAM bandwidth of each batch's mix); measured "
+              f"FLOPs and each sequence's own bytes against the weights' read, at the kernel's peak at that batch and "
+              f"the STREAM bandwidth); measured "
               f"{'-' if measured is None else f'{measured:.1f}'} (where the first batch's step time meets "
               "the largest batch's time per sequence times the batch)")
     print(f"prefill   {r['prefill_tokens_per_s']:10.1f} tokens/s   {r['prefill_flops_per_token'] / 1e9:9.3f} "

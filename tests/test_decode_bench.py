@@ -99,6 +99,39 @@ def test_the_compute_ceiling_is_the_peak_of_the_kernel_the_products_run_on(train
     assert r["matmul_peak_flops"] == r["prefill_peak_flops"] == 1e11 and r["compute_peak"] == "float32 matmul peak"
 
 
+def test_each_batchs_compute_ceiling_is_the_kernels_peak_at_its_rows(trained_run, monkeypatch):
+    """A kernel that computes faster the more rows it has (it reuses each weight for more of them):
+    each batch's compute ceiling is its own rows' peak, and the predicted knee weighs each
+    batch at its own; OpenBLAS's one figure serves every batch on NumPy's path."""
+    from minigpt import kernels
+
+    if not kernels.AVAILABLE:
+        pytest.skip("Numba is not installed")
+    bench = _bench()
+    monkeypatch.setattr(bandwidth, "measure_stream", _fake_stream)
+    monkeypatch.setattr(calibrate, "matmul_flops", lambda *a: 1e11)
+    monkeypatch.setattr(bench, "kernel_peak", lambda b, rows=64, n=None: 1e9 * rows)
+    args = argparse.Namespace(run=trained_run, tokens=2, prompt=4, int8=None, kv_int8=False, blas_threads=[1],
+                              repeats=1, bits=4, group_size=16, storage16="fp16", batch=[1, 3, 8], kernels="numba")
+    r = bench.measure(args)
+    assert r["kernel_peaks"] == [[rows, 1e9 * rows] for rows in bench.PEAK_ROWS]
+    for p in r["batches"]:  # 3: between 2 and 4, log-log; 1: held at 2 rows' (not measured)
+        assert p["peak_flops"] == pytest.approx(1e9 * max(p["batch"], 2))
+        assert p["compute_ceiling_tokens_per_s"] == pytest.approx(p["batch"] * p["peak_flops"] / p["flops_per_step"])
+    assert r["matmul_peak_flops"] == pytest.approx(2e9)  # the headline batch's
+    assert r["prefill_peak_flops"] == pytest.approx(64e9)
+
+
+def test_the_peak_between_and_beyond_its_rows():
+    bench = _bench()
+    table = [[1, 1e9], [4, 4e9], [64, 16e9]]
+    assert bench.peak_at(table, 2) == pytest.approx(2e9)  # log-log: halfway in log rows
+    assert bench.peak_at(table, 16) == pytest.approx(8e9)
+    assert bench.peak_at(table, 0.5) == pytest.approx(bench.peak_at(table, 1)) and bench.peak_at(table, 1) == 1e9
+    assert bench.peak_at(table, 512) == pytest.approx(16e9)
+    assert bench.peak_at(3e11, 7) == 3e11
+
+
 def test_the_kernel_peak_measures_each_width():
     from minigpt import kernels
 
@@ -171,14 +204,20 @@ def test_a_batch_sweep_reports_each_batch_against_both_ceilings(trained_run, mon
     assert r["predicted_tokens_per_s"] == r["batches"][0]["predicted_tokens_per_s"]
     assert r["ceiling"] == r["batches"][0]["ceiling"] and r["bandwidth"] == r["batches"][0]["bandwidth"]
     assert r["fraction_of_read_ceiling"] == pytest.approx(r["tokens_per_s"] * r["bytes_per_token"] / 8e9)
-    # the predicted knee: compute-bound there, bandwidth-bound one batch before
+    # the predicted knee: B sequences' own work (FLOPs at the peak, their own bytes at the
+    # bandwidth) as long as the weights' read there, shorter one batch before
     k = r["knee_batch_predicted"]
 
-    def compute_bound(B):
+    def counts(B):
         recs = cost_model.predict_decode_batch(cfg, [args.prompt + args.tokens // 2] * B, quant=qcfg)
-        read = sum(x.bytes_read for x in recs.values())
-        nbytes = sum(x.bytes_read + x.bytes_written for x in recs.values())
-        return sum(x.flops for x in recs.values()) / 1e11 >= nbytes / FIGURES[roofline.stream_kind(read, nbytes - read)][1]
+        return (sum(x.flops for x in recs.values()), sum(x.bytes_read for x in recs.values()),
+                sum(x.bytes_written for x in recs.values()))
+
+    def compute_bound(B):
+        (f1, r1, w1), (f3, r3, w3) = counts(1), counts(3)
+        flops_each, bytes_each = (f3 - f1) / 2, (r3 + w3 - r1 - w1) / 2
+        bw = FIGURES[roofline.stream_kind(r1, w1)][1]
+        return B * (flops_each / 1e11 + bytes_each / bw) >= (r1 + w1 - bytes_each) / bw
 
     if k is None:
         assert not compute_bound(bench.KNEE_SEARCH_LIMIT)
@@ -205,18 +244,29 @@ def test_the_measured_knee_is_where_the_two_lines_meet():
     assert bench.knee(twice, 1e11, 8e9)["knee_batch_measured"] == pytest.approx(32)
     steep = [dict(p, step_s=0.010 * p["batch"]) for p in points]  # time grows from batch 1 on
     assert bench.knee(steep, 1e11, 8e9)["knee_batch_measured"] == 1.0
-    # this model's weights are tiny beside its activations: never compute-bound at 1e11 / 8e9
-    assert bench.knee(points, 1e11, 8e9)["knee_batch_predicted"] is None
+    # this model's weights (4.6 KB a step) are not twice a sequence's own bytes (2.8 KB: its
+    # activations and cache): two sequences' own work outlasts the weights' read
+    assert bench.knee(points, 1e11, 8e9)["knee_batch_predicted"] == 2
     # at 1e5 FLOP/s compute binds from batch 1
     assert bench.knee(points, 1e5, 8e9)["knee_batch_predicted"] == 1
     # GPT-2 124M's shape: 2 FLOPs a weight a sequence against ~4 bytes a weight a step: at 1e11
-    # FLOP/s and 2e10 B/s the step's 0.5 GB takes 25 ms, a sequence's 0.25 GFLOP 2.5 ms: about 10
+    # FLOP/s and 2e10 B/s the weights' 0.5 GB take 25 ms, a sequence's 0.25 GFLOP 2.5 ms and its
+    # 4.7 MB KV cache 0.24: about 10
     from minigpt import config
 
     gpt2 = config.load(str(ROOT / "configs" / "gpt2-124m.toml"), []).model
     big = [dict(p, _cfg=gpt2, _position=64) for p in points]
     k = bench.knee(big, 1e11, 2e10)["knee_batch_predicted"]
     assert 8 <= k <= 14
+    # a kernel at a quarter of that rate below 8 rows, the full rate from 8 on: compute-bound
+    # from about a quarter of the batch (each batch judged at its own rows' peak)
+    slow = [[1, 2.5e10], [4, 2.5e10], [8, 1e11], [64, 1e11]]
+    k_slow = bench.knee(big, slow, 2e10)["knee_batch_predicted"]
+    assert 2 <= k_slow <= 4
+    # the caches count as the sequences' own work: at a bandwidth that makes each cache's read
+    # as long as its arithmetic, the knee comes at about half the batch
+    k_caches = bench.knee([dict(p, _position=1000) for p in big], 1e11, 2e10)["knee_batch_predicted"]
+    assert k_caches < 0.75 * k
 
 
 def minigpt_config():
