@@ -10,7 +10,9 @@ through minigpt.kernels.quant.product (the kernel and its call, nothing else). A
 call's best time, the GB/s of packed weight it streams (the bytes the meter counts for it) and that
 as a fraction of the read bandwidth; the "step" row weights each shape by the calls a step makes
 (12 blocks, one head). The small matrices fit in the last-level cache when one is called again and
-again, so their rows can pass the memory's read bandwidth; the head (19 to 77 MB) cannot.
+again, so their rows can pass the memory's read bandwidth; the head (19 to 77 MB) cannot. Where
+the CPU has AVX-512 VNNI (the 4-bit kernel then multiplies four inputs a lane: kernels/tiles.py),
+rows "4 lanes" time the same 4-bit products on the 16-bit lanes other CPUs run.
 
 Steps (with RUN, e.g. `minigpt init configs/gpt2-124m.toml out/gpt2-124m`): GPT.decode_step on
 RUN at float32 and at each width, each model prepared as generation prepares it (GPT.prepare_decode:
@@ -61,21 +63,39 @@ def read_bandwidth(threads: int) -> float:
     return max(a.nbytes / s for s in best.values())
 
 
+LANES = "4 lanes"  # the 4-bit kernel on its 16-bit lanes, where it would take the VNNI blocks
+
+
+def lanes_product(x, w):
+    """x @ the 4-bit weight w on the 16-bit lanes (kernels/tiles.py's int4_block without dot), as
+    kq.product runs the default kernel: for comparison on a CPU with AVX-512 VNNI."""
+    out = np.empty((x.shape[0], w.M), np.float32)
+    kq.on_threads(tiles.kernels(vnni=False)[4], x, w.data, w.tile_scale,
+                  kq.chunk(x.shape[1] // w.tile_scale.shape[1]), np.empty(0, np.float32), out)
+    return out
+
+
 def products(bits_list, batches, rounds) -> list:
     rng = np.random.default_rng(0)
     ws = {(b, K, M): lowbit.quantize(rng.standard_normal((K, M), dtype=np.float32) * 0.02, b)
           for b in bits_list for _, K, M in SHAPES}
     xs = {(N, K): rng.standard_normal((N, K), dtype=np.float32) for N in batches for _, K, _ in SHAPES}
+    run = {(b, K, M): (lambda x, w=w, b=b, M=M: kq.product(x, b, w.data, w.tile_scale, w.bf16, M))
+           for (b, K, M), w in ws.items()}
+    if 4 in bits_list and tiles.dot_instructions():  # the default takes the VNNI blocks: both
+        run |= {(LANES, K, M): (lambda x, w=ws[4, K, M]: lanes_product(x, w)) for _, K, M in SHAPES}
+        ws |= {(LANES, K, M): ws[4, K, M] for _, K, M in SHAPES}
+        bits_list = [*bits_list, LANES]
     best = {}
     for _ in range(rounds):
-        for (b, K, M), w in ws.items():
+        for (b, K, M), product in run.items():
             for N in batches:
                 x = xs[N, K]
                 reps = 3 if M > 10000 else 30
-                kq.product(x, b, w.data, w.tile_scale, w.bf16, M)
+                product(x)
                 t0 = time.perf_counter()
                 for _ in range(reps):
-                    kq.product(x, b, w.data, w.tile_scale, w.bf16, M)
+                    product(x)
                 s = (time.perf_counter() - t0) / reps
                 best[b, N, K, M] = min(best.get((b, N, K, M), float("inf")), s)
     rows = []

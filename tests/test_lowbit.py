@@ -331,7 +331,7 @@ def test_a_quantized_model_stays_close_to_fp32(bits):
 @needs_numba
 @pytest.mark.parametrize("group", [2, 6, 8, 12, 16, 32, 64])
 def test_the_4_bit_dot_block_gives_the_generic_blocks_bits(group):
-    """kernels/tiles.py's int4_block(dot=True) (AVX-512 VNNI: four inputs a 32-bit lane, after a byte
+    """kernels/tiles.py's int4_block(vnni=True) (AVX-512 VNNI: four inputs a 32-bit lane, after a byte
     permutation) against int4_block (16-bit lanes, one byte row at a time) and the NumPy twin:
     the same bits for every register block (1 to 9 rows: blocks of 4, 2 and 1), a padded last
     tile, and group sizes whose chunks take four inputs at a time or not (2, 6: int4_block)."""

@@ -65,7 +65,7 @@ def pack(w):
 @cache
 def dot_instructions() -> bool:
     """Whether Numba compiles for a CPU with AVX-512 VNNI and VBMI (Intel since Ice Lake, AMD
-    since Zen 4), whose instructions the 4-bit kernel's dot blocks use (int4_block(dot=True)).
+    since Zen 4), whose instructions the 4-bit kernel's dot blocks use (int4_block(vnni=True)).
     Where Numba is told another CPU than this one (NUMBA_CPU_NAME), only NUMBA_CPU_FEATURES
     counts."""
     from llvmlite import binding
@@ -83,7 +83,7 @@ def dot_instructions() -> bool:
 def _build(vnni: bool):
     """The Numba kernels, compiled on first use and cached on disk: {"f32": float32 tiles (and
     the rest), 8: int8 tiles with their channels' scales, 16: fp16 or bf16 tiles, 4: nibble
-    pairs with fp16 group scales}. vnni: the 4-bit kernel uses int4_block(dot=True) where it can
+    pairs with fp16 group scales}. vnni: the 4-bit kernel uses int4_block(vnni=True) where it can
     (only where dot_instructions(); otherwise LLVM cannot compile it)."""
     from llvmlite import ir
     from numba import njit, prange
@@ -234,7 +234,7 @@ def _build(vnni: bool):
     bytes64 = ir.VectorType(ir.IntType(8), 2 * WIDTH)
     ints16 = ir.VectorType(i32, VECTOR)
 
-    def int4_block(R: int, dot: bool = False):
+    def int4_block(R: int, vnni: bool = False):
         """block(xq, bias, xs, tile, tile_scale, out, n0, c0, chunk): out[n0 + r, c0:c0 + WIDTH]
         for r < R, kernels/quant.py's 4-bit product of the rounded activations xq (N, K) int8
         (their scales xs (N, K / G), each chunk's nibble bias (N, K / chunk) int32) and one tile
@@ -243,15 +243,15 @@ def _build(vnni: bool):
         the same integer and float steps as the loop it replaced, so the same bits.
 
         The chunk sums: one byte row (inputs 2i, 2i + 1 of the 32 channels) at a time into 16-bit
-        lanes, one register a row, two multiplies and adds a row. dot (AVX-512 VNNI and VBMI;
+        lanes, one register a row, two multiplies and adds a row. vnni (AVX-512 VNNI and VBMI;
         the dot block): two byte rows at a time as 64 bytes, their nibbles split and laid by
         one byte permutation a 16 channels (vpermt2b) so that each channel's four nibbles stand
         side by side in input order, as the activations' four int8 values stand in memory; then
         one vpdpbusd a 16 channels multiplies the four pairs and adds them into a 32-bit lane
         (exact: at most 32 x 15 x 127 a chunk). Some 14 instructions for 128 weights of one row,
         where the 16-bit lanes take 18 for 64."""
-        step = 2 if dot else 1  # byte rows an iteration
-        sum_types = [ints16] * 2 if dot else [short]  # one row's chunk sums
+        step = 2 if vnni else 1  # byte rows an iteration
+        sum_types = [ints16] * 2 if vnni else [short]  # one row's chunk sums
 
         @intrinsic
         def block(typingctx, xq, bias, xs, tile, tile_scale, out, n0, c0, chunk):
@@ -289,7 +289,7 @@ def _build(vnni: bool):
                         new.append(builder.add(sums[r], builder.add(builder.mul(lo, x0), builder.mul(hi, x1))))
                     return new
 
-                if dot:
+                if vnni:
                     dpbusd = cgutils.get_or_insert_function(  # (its <16 x i32> form: LLVM upgrades it)
                         builder.module, ir.FunctionType(ints16, [ints16] * 3), "llvm.x86.avx512.vpdpbusd.512")
                     # channel c's four nibbles: row i's low and high, row i + 1's low and high (of
@@ -332,7 +332,7 @@ def _build(vnni: bool):
                 sums = [builder.phi(t) for _ in range(R) for t in sum_types]
                 for s in sums:
                     s.add_incoming(ir.Constant(s.type, [0] * s.type.count), chunk_loop)
-                new_sums = (four_at_a_time if dot else sixteen_bit)(i, sums)
+                new_sums = (four_at_a_time if vnni else sixteen_bit)(i, sums)
                 i_next = builder.add(i, ir.Constant(i64, step))
                 for s, v in zip(sums, new_sums):
                     s.add_incoming(v, row_loop)
@@ -346,7 +346,7 @@ def _build(vnni: bool):
                 new_accs = []
                 for r in range(R):  # the bias off, the exact sum back, into float32
                     b = builder.load(at(ba, rows[r], ci, n_chunks))
-                    if dot:  # the row's two registers of 16 channels as one of 32
+                    if vnni:  # the row's two registers of 16 channels as one of 32
                         total = builder.shuffle_vector(new_sums[2 * r], new_sums[2 * r + 1], both)
                     else:
                         total, b = new_sums[r], builder.trunc(b, ir.IntType(16))
@@ -368,10 +368,10 @@ def _build(vnni: bool):
 
         return block
 
-    def int4_rows(dot: bool):
+    def int4_rows(vnni: bool):
         """all_rows(xq, bias, xs, tile, tile_scale, out, c0, chunk): every row against one tile,
         in register blocks of 4 rows, then 2 and 1."""
-        b4, b2, b1 = (int4_block(R, dot) for R in (4, 2, 1))
+        b4, b2, b1 = (int4_block(R, vnni) for R in (4, 2, 1))
 
         @njit(inline="always")
         def all_rows(xq, bias, xs, tile, tile_scale, out, c0, chunk):
