@@ -304,7 +304,9 @@ def measure(args) -> dict:
     gpt, cfg = model.gpt, model.config.model
     gpt.prepare_decode()
     if args.prompt + args.tokens > cfg.block_size:
-        raise SystemExit(f"--prompt {args.prompt} + --tokens {args.tokens} exceed block_size {cfg.block_size}")
+        print(f"error: --prompt {args.prompt} + --tokens {args.tokens} exceed {args.run}'s block_size "
+              f"{cfg.block_size}", file=sys.stderr)
+        raise SystemExit(2)  # bad input: exit 2, as argparse's errors
     from minigpt.train import timing_runs
 
     # found (or measured) before any thread count is imposed: a time model measured on one

@@ -328,3 +328,14 @@ def test_the_step_floor_bench_compares_the_two_steps(trained_run):
         assert 0 < r["call_s"] < r["model_step_s"]
         assert r["outside_s"] == pytest.approx(r["model_step_s"] - r["call_s"])
         assert r["model_vs_fp32"] > 0 and r["python_vs_fp32"] > 0
+
+def test_a_prompt_past_the_context_is_one_line_and_exit_2(trained_run, capsys):
+    """--prompt + --tokens beyond the run's context: one line naming both and the run, exit 2."""
+    bench = _bench()
+    args = argparse.Namespace(run=trained_run, tokens=8, prompt=10_000, int8=None, kv_int8=False,
+                              blas_threads=[1], repeats=1, bits=32, batch=[1], kernels="numpy")
+    with pytest.raises(SystemExit) as stop:
+        bench.measure(args)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--prompt 10000" in err and str(trained_run) in err
