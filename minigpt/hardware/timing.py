@@ -187,10 +187,10 @@ class TimeModel:
     def gap_seconds(self, mode: str, calls: int, nbytes: float) -> float:
         """Unmetered seconds of a step of `calls` calls moving `nbytes` in all (a decode step's
         bytes counted up to the cache's: gap_bytes)."""
-        return self.gap_per_call[mode] * calls + self.gap_per_byte[mode] * gap_bytes(self, mode, nbytes)
+        return self.gap_per_call[mode] * calls + self.gap_per_byte[mode] * gap_bytes(mode, nbytes, self.cache_bytes)
 
 
-def gap_bytes(model: TimeModel, mode: str, nbytes: float) -> float:
+def gap_bytes(mode: str, nbytes: float, cache_bytes: int) -> float:
     """The bytes of a step that its unmetered seconds grow with. A decode step allocates nothing
     the size of its weights; what grows with its bytes is the Python between its kernels (or
     around its one compiled call) finding the caches flushed by what the kernels streamed, and
@@ -198,7 +198,7 @@ def gap_bytes(model: TimeModel, mode: str, nbytes: float) -> float:
     cache_bytes. Fitted on steps of 0.2-8 MB, the uncapped term put 5-40 ms of Python into
     each step of GPT-2 124M (500 MB at float32), where it spends 0.2-0.4 (bench/step_floor.py).
     Other modes' unmetered work (allocating and zeroing arrays) grows with all their bytes."""
-    return min(nbytes, model.cache_bytes) if mode == "decode" else nbytes
+    return min(nbytes, cache_bytes) if mode == "decode" else nbytes
 
 
 def interpolate(points: list[list[float]], nbytes: float) -> float:

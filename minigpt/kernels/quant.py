@@ -28,9 +28,9 @@ rows 19 -> 9 ms at 16 bits and 7.9 -> 5.3 ms at 4, of one row 3.3 -> 2.6-3.1 ms 
   below the memory's 40-50, where 16-bit integer multiply-adds, twice as many to an instruction,
   keep up with it (the scheme llama.cpp's 4-bit formats use on CPUs). A chunk of `chunk(G)`
   inputs (32 at most) sums in 16-bit integers (one register of 32 lanes a row; with AVX-512
-  VNNI, four inputs at a time into 32-bit lanes: tiles.py's int4_block with vnni, the same sums), then
-  joins the float32 accumulator as float(sum) * (scale * xs), a multiply and an add (not fused);
-  chunks in order. The sum runs over the stored nibbles u = q + 8 as they are (no
+  VNNI, four inputs at a time into 32-bit lanes: tiles.py's int4_block with vnni, the same
+  sums), then joins the float32 accumulator as float(sum) * (scale * xs), a multiply and an add
+  (not fused); chunks in order. The sum runs over the stored nibbles u = q + 8 as they are (no
   subtraction per weight) and takes 8 x sum(xq) off once a chunk; its 16-bit lanes may wrap on the
   way, but wrapping is arithmetic modulo 2**16, and the true sum fits in int16 (|xq| <= 127,
   |q| <= 7: at most 28,448), so what is left after the bias comes off is exact.

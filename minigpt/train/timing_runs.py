@@ -119,9 +119,7 @@ def _fit_gap(runs: list[ModeRun], cache_bytes: int) -> tuple[float, float]:
     """Unmetered seconds = a * calls + b * bytes, least squares with a, b >= 0; each step's
     bytes as the time model counts them (timing.gap_bytes: a decode step's up to cache_bytes)."""
     gaps = [max(r.wall - r.metered, 0.0) for r in runs]
-    counted = timing.TimeModel.constant(1.0, 1.0, 0.0)
-    counted.cache_bytes = cache_bytes
-    xs = [(float(r.calls), r.steps * timing.gap_bytes(counted, r.mode, r.nbytes / r.steps)) for r in runs]
+    xs = [(float(r.calls), r.steps * timing.gap_bytes(r.mode, r.nbytes / r.steps, cache_bytes)) for r in runs]
     saa = sum(a * a for a, _ in xs)
     sbb = sum(b * b for _, b in xs)
     sab = sum(a * b for a, b in xs)
