@@ -142,3 +142,33 @@ def test_numpys_path_runs_numpys_product_with_the_same_record(monkeypatch):
     kernels.use("numba")
     x64 = x.astype(np.float64)
     np.testing.assert_array_equal(tiled.product(x64, tw), x64 @ w)
+
+
+def test_a_second_process_loads_the_decode_kernels_from_numbas_cache(tmp_path):
+    """kernels/tiles.py builds its kernels in closures, and Numba's disk cache finds a kernel by
+    a hash of its pickled closure: with a random uuid in each intrinsic's pickle and llvmlite's
+    types caching their text once used, every process compiled them again (the 4-bit kernel
+    1.7 s before its first product) and wrote one more cache file. A second process, same
+    cache folder, loads every kernel it runs and saves none."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    script = ("import numpy as np; from minigpt import kernels; kernels.use('numba')\n"
+              "from minigpt.kernels import tiles; from minigpt.nn import lowbit\n"
+              "x = np.ones((3, 64), np.float32)\n"
+              "for bits in (16, 8, 4): lowbit.product(x, lowbit.quantize(np.ones((64, 70), np.float32), bits))\n"
+              "tiles.product(x, *tiles.pack(np.ones((64, 70), np.float32)))\n")
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path), "NUMBA_DEBUG_CACHE": "1"}
+
+    def run():
+        out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True,
+                             text=True, timeout=300, check=True).stdout
+        return [line for line in out.splitlines() if "tiles._build" in line and "data " in line]
+
+    first = run()
+    assert first and all("data saved" in line for line in first)
+    second = run()
+    assert len(second) == len(first) and all("data loaded" in line for line in second), second

@@ -92,8 +92,26 @@ def _build(vnni: bool):
 
     from minigpt.kernels.quant import TINY
 
-    i64, i32 = ir.IntType(64), ir.IntType(32)
-    vec = ir.VectorType(ir.FloatType(), VECTOR)
+    def named(obj, name: str):
+        """obj (an intrinsic or a Numba function the kernels call) under a fixed name. Numba
+        pickles such an object with a random uuid1 of its own, and its disk cache finds a
+        kernel by a hash of the kernel's pickled closure, which holds them: so every process
+        missed the cache, compiled the 4-bit kernel again (1.7 s before its first product) and
+        wrote one more file (112 of w4's here). Named, the closure pickles the same in every
+        process. (Numba's own _set_uuid; where a Numba lacks it, the cache misses as before.)"""
+        if hasattr(obj, "_set_uuid"):
+            obj._set_uuid(f"minigpt.kernels.tiles.{'vnni' if vnni else 'lanes'}.{name}")
+        return obj
+
+    def llvm_type(t):
+        """t with its text made now: llvmlite keeps an ir type's str() once asked, which would
+        change how the kernels' closures pickle between a process's first call and its cache
+        save (named, above)."""
+        str(t)
+        return t
+
+    i64, i32 = llvm_type(ir.IntType(64)), llvm_type(ir.IntType(32))
+    vec = llvm_type(ir.VectorType(ir.FloatType(), VECTOR))
 
     def widen(builder, kind, ptr):
         """The VECTOR weights at ptr (of the tile's element type) as float32s: exact for each."""
@@ -201,7 +219,7 @@ def _build(vnni: bool):
 
             return types.void(x, n0, tile, out, c0, scale), codegen
 
-        return block
+        return named(block, f"block.{R}.{kind}")
 
     def rows_of(kind: str):
         """all_rows(x, tile, out, c0, scale): every row of x against one tile, in register blocks
@@ -224,15 +242,15 @@ def _build(vnni: bool):
             if n < N:
                 b1(x, n, tile, out, c0, scale)
 
-        return all_rows
+        return named(all_rows, f"rows.{kind}")
 
     f32_rows, f16_rows, bf16_rows, i8_rows = (rows_of(kind) for kind in ("f32", "f16", "bf16", "i8"))
 
-    short, half32 = ir.VectorType(ir.IntType(16), WIDTH), ir.VectorType(ir.HalfType(), WIDTH)
-    wide = ir.VectorType(ir.FloatType(), WIDTH)  # one tile's channels: two float registers
+    short, half32 = llvm_type(ir.VectorType(ir.IntType(16), WIDTH)), llvm_type(ir.VectorType(ir.HalfType(), WIDTH))
+    wide = llvm_type(ir.VectorType(ir.FloatType(), WIDTH))  # one tile's channels: two float registers
 
-    bytes64 = ir.VectorType(ir.IntType(8), 2 * WIDTH)
-    ints16 = ir.VectorType(i32, VECTOR)
+    bytes64 = llvm_type(ir.VectorType(ir.IntType(8), 2 * WIDTH))
+    ints16 = llvm_type(ir.VectorType(i32, VECTOR))
 
     def int4_block(R: int, vnni: bool = False):
         """block(xq, bias, xs, tile, tile_scale, out, n0, c0, chunk): out[n0 + r, c0:c0 + WIDTH]
@@ -367,7 +385,7 @@ def _build(vnni: bool):
 
             return types.void(xq, bias, xs, tile, tile_scale, out, n0, c0, chunk), codegen
 
-        return block
+        return named(block, f"int4.{R}.{vnni}")
 
     def int4_rows(vnni: bool):
         """all_rows(xq, bias, xs, tile, tile_scale, out, c0, chunk): every row against one tile,
@@ -387,7 +405,7 @@ def _build(vnni: bool):
             if n < N:
                 b1(xq, bias, xs, tile, tile_scale, out, n, c0, chunk)
 
-        return all_rows
+        return named(all_rows, f"int4_rows.{vnni}")
 
     sixteen_bit_rows = int4_rows(False)
     # the dot blocks only where the CPU has their instructions (w4 calls them only where vnni)
@@ -425,6 +443,8 @@ def _build(vnni: bool):
             for n in range(out.shape[0]):
                 for j in range(c0, min(c0 + WIDTH, out.shape[1])):
                     out[n, j] += bias[j]
+
+    named(add_bias, "add_bias")
 
     @njit(parallel=True, cache=True)
     def w8(x, q, scale, bias, out):
@@ -475,6 +495,8 @@ def _build(vnni: bool):
         xs[n, g] = s
         for k in range(G):
             qrow[k] = np.int8(np.rint(row[k] / s))
+
+    named(round_group, "round_group")
 
     @njit(parallel=True, cache=True)
     def w4(x, q, scale, chunk, bias, out):
