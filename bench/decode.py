@@ -15,8 +15,8 @@ B x peak(B) / FLOPs per step, the peak being that of the kernel the products run
 matmul peak on NumPy's path); the lower binds ("bound", and "ceiling" names it). Our kernels
 multiply up to 8 rows (4 at 4 bits) at each pass over a weight tile, each row with its own
 per-row work, so a few rows compute at a fraction of 64 rows' rate (our 2-core AMD EPYC: 4 bits,
-2 rows 610-890 GFLOP/s and 64 rows 1,260; float32, 220-330 and 450-540). A list (1,8,64) sweeps: the table gains a row per
-batch, and the batch at which decode turns compute-bound is predicted from the closed form and,
+2 rows 610-890 GFLOP/s and 64 rows 1,260; float32, 220-330 and 450-540). A list (1,8,64)
+sweeps: the table gains a row per batch, and the batch at which decode turns compute-bound is predicted from the closed form and,
 with two or more batches, measured (knee()). The first batch is the
 headline of every other figure. The packed-weight kernels run on as many threads as OpenBLAS in
 each --blas-threads pass (kernels/quant.threads); the fused kernels keep their own one thread.
@@ -58,9 +58,7 @@ moves here, and where the decode step's time went (the meter's seconds by op kin
 """
 
 import argparse
-import bisect
 import json
-import math
 import pathlib
 import sys
 import time
@@ -74,7 +72,7 @@ from minigpt import kernels
 from minigpt.counting import closed_form as cost_model
 from minigpt.counting.meter import METER, matmul, packed_dtype
 from minigpt.evaluate import weight_bytes
-from minigpt.hardware import bandwidth, blas, calibrate, cpu_power, roofline
+from minigpt.hardware import bandwidth, blas, calibrate, cpu_power, roofline, timing
 from minigpt.kernels import quant as packed_kernels
 from minigpt.nn import quant
 from minigpt.nn.model import KVCache
@@ -267,15 +265,9 @@ def peak_at(peak, rows: float) -> float:
     kernel_peaks' points interpolated log-log in rows and held beyond the first and last."""
     if isinstance(peak, (int, float)):
         return float(peak)
-    measured = {r: f for r, f in peak}
     rows = min(max(rows, peak[0][0]), peak[-1][0])
-    if rows in measured:
-        return measured[rows]
-    xs = [math.log(r) for r, _ in peak]
-    x = math.log(rows)
-    i = min(max(bisect.bisect_left(xs, x) - 1, 0), len(xs) - 2)
-    w = (x - xs[i]) / (xs[i + 1] - xs[i])
-    return math.exp((1 - w) * math.log(peak[i][1]) + w * math.log(peak[i + 1][1]))
+    measured = {r: f for r, f in peak}
+    return measured[rows] if rows in measured else timing.log_linear(peak, rows)  # a point: exactly it
 
 
 def bandwidths() -> dict:
@@ -509,7 +501,6 @@ def predicted_rates(cfg, qcfg, args, batches, model) -> dict:
     {"predicted_tokens_per_s"}} for each batch, the prefill rate of one sequence (each is
     prefilled on its own here) and how the forecast treats this run's products."""
     from minigpt.energy import forecast
-    from minigpt.hardware import timing
 
     out = {}
     for B in batches:

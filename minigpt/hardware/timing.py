@@ -149,13 +149,7 @@ class TimeModel:
         """FLOP/s of an (m, k) @ packed (k, n) product of this weight width ("w4a8"), log-linear
         in log m between the measured points and held beyond them; None where not measured."""
         points = self.packed.get(dtype)
-        if not points or len(points) == 1:
-            return points[0][1] if points else None
-        xs = [math.log(p[0]) for p in points]
-        x = min(max(math.log(max(m, 1)), xs[0]), xs[-1])
-        i = min(max(bisect_left(xs, x) - 1, 0), len(xs) - 2)
-        w = (x - xs[i]) / (xs[i + 1] - xs[i])
-        return math.exp((1 - w) * math.log(points[i][1]) + w * math.log(points[i + 1][1]))
+        return log_linear(points, max(m, 1)) if points else None
 
     def elementwise_seconds(self, kind: str, op: str, nbytes: float) -> float:
         """Seconds of one call of an elementwise op moving nbytes (see the module's docstring)."""
@@ -199,6 +193,18 @@ def gap_bytes(mode: str, nbytes: float, cache_bytes: int) -> float:
     each step of GPT-2 124M (500 MB at float32), where it spends 0.2-0.4 (bench/step_floor.py).
     Other modes' unmetered work (allocating and zeroing arrays) grows with all their bytes."""
     return min(nbytes, cache_bytes) if mode == "decode" else nbytes
+
+
+def log_linear(points: list[list[float]], x: float) -> float:
+    """y at x from sorted [x, y] points (x > 0, y > 0): linear in log y over log x between them,
+    held at the first and last beyond them."""
+    if len(points) == 1:
+        return points[0][1]
+    xs = [math.log(p[0]) for p in points]
+    lx = min(max(math.log(x), xs[0]), xs[-1])
+    i = min(max(bisect_left(xs, lx) - 1, 0), len(xs) - 2)
+    w = (lx - xs[i]) / (xs[i + 1] - xs[i])
+    return math.exp((1 - w) * math.log(points[i][1]) + w * math.log(points[i + 1][1]))
 
 
 def interpolate(points: list[list[float]], nbytes: float) -> float:
